@@ -1,0 +1,134 @@
+//! Who is calling: the facts Tessera learns about a local process that
+//! connects to one of its Unix sockets, without the process presenting any
+//! secret.
+//!
+//! The flow for one connection:
+//! 1. [`PeerInfo::from_socket`] captures the kernel's `SO_PEERCRED` and pins the
+//!    process with a pidfd (`SO_PEERPIDFD`, or `pidfd_open` on older kernels).
+//! 2. [`WorkloadAttestor::attest`] records the process start time, runs every
+//!    configured [`Attestor`] (the Unix one reads `/proc`), then re-checks that
+//!    the pinned process is still the same one. A process that exited, or a PID
+//!    now owned by another process, gets no selectors.
+//! 3. The selectors are cached per connection by the caller, and
+//!    [`AttestedPeer::check_alive`] is repeated on every RPC.
+
+#![forbid(unsafe_code)]
+
+mod liveness;
+mod peer;
+mod procfs;
+mod selector;
+mod unix;
+
+pub use liveness::{LivenessError, ProcessPin};
+pub use peer::{PeerError, PeerInfo};
+pub use procfs::{ProcError, ProcRoot};
+pub use selector::{Selector, SelectorError, SelectorSet};
+pub use unix::{UnixAttestor, UnixAttestorConfig};
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// Why a caller could not be attested.
+#[derive(Debug, thiserror::Error)]
+pub enum AttestError {
+    #[error("caller has no visible PID (is the agent in the host PID namespace?)")]
+    NoPid,
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    #[error(transparent)]
+    Liveness(#[from] LivenessError),
+    #[error("attestor {attestor}: {message}")]
+    Attestor {
+        attestor: &'static str,
+        message: String,
+    },
+}
+
+/// A boxed future, so attestors can be stored as trait objects.
+pub type AttestFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<Selector>, AttestError>> + Send + 'a>>;
+
+/// The process an attestor looks at.
+#[derive(Debug, Clone)]
+pub struct ProcessRef {
+    pub pid: i32,
+    /// Kernel-reported credentials at `connect()` time.
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One source of selectors (Unix facts, Kubernetes pod facts, ...).
+///
+/// Attestors only read; they must not trust anything the workload can forge
+/// when a kernel-controlled source exists.
+pub trait Attestor: Send + Sync {
+    /// The selector prefix this attestor produces, e.g. `unix`.
+    fn name(&self) -> &'static str;
+    /// Produce selectors for the process. Slow work (hashing, network) should
+    /// not block the async runtime.
+    fn attest<'a>(&'a self, process: &'a ProcessRef, proc_root: &'a ProcRoot) -> AttestFuture<'a>;
+}
+
+/// Runs the attestors for a connected peer with PID-reuse protection.
+#[derive(Clone)]
+pub struct WorkloadAttestor {
+    proc_root: ProcRoot,
+    attestors: Vec<Arc<dyn Attestor>>,
+}
+
+/// A caller whose selectors are known, with the pin used to re-check that it is
+/// still the same process.
+#[derive(Debug)]
+pub struct AttestedPeer {
+    pub process: ProcessRef,
+    pub selectors: SelectorSet,
+    pin: ProcessPin,
+}
+
+impl AttestedPeer {
+    /// Fails if the attested process exited or its PID now names another process.
+    pub fn check_alive(&self) -> Result<(), LivenessError> {
+        self.pin.check_alive()
+    }
+}
+
+impl WorkloadAttestor {
+    pub fn new(proc_root: ProcRoot, attestors: Vec<Arc<dyn Attestor>>) -> Self {
+        Self {
+            proc_root,
+            attestors,
+        }
+    }
+
+    pub fn proc_root(&self) -> &ProcRoot {
+        &self.proc_root
+    }
+
+    /// Attest a peer: pin it, collect selectors from every attestor, re-check.
+    ///
+    /// If any attestor fails the whole attestation fails: a partial selector set
+    /// could match a broader entry than the caller deserves.
+    pub async fn attest(&self, peer: &PeerInfo) -> Result<AttestedPeer, AttestError> {
+        let pid = peer.pid.filter(|p| *p > 0).ok_or(AttestError::NoPid)?;
+        let process = ProcessRef {
+            pid,
+            uid: peer.uid,
+            gid: peer.gid,
+        };
+        let pin = ProcessPin::new(&self.proc_root, pid, peer.uid, peer.pidfd.clone())?;
+        let mut selectors = Vec::new();
+        for attestor in &self.attestors {
+            selectors.extend(attestor.attest(&process, &self.proc_root).await?);
+        }
+        // The facts above were read from /proc/<pid>; they only describe the
+        // caller if <pid> still names the process that connected.
+        pin.check_alive()?;
+        Ok(AttestedPeer {
+            process,
+            selectors: SelectorSet::new(selectors),
+            pin,
+        })
+    }
+}

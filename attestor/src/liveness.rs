@@ -1,0 +1,168 @@
+//! PID-reuse protection: a pin on the process that connected, re-checked after
+//! every read of /proc and on every RPC.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+use crate::procfs::{ProcError, ProcRoot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LivenessError {
+    #[error("the calling process {pid} has exited")]
+    Exited { pid: i32 },
+    #[error("PID {pid} now names a different process than the caller")]
+    Replaced { pid: i32 },
+    #[error("the calling process {pid} changed its user id since connecting")]
+    UidChanged { pid: i32 },
+    #[error("the calling process {pid} executed another program since connecting")]
+    Executed { pid: i32 },
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+}
+
+/// The identity of one process over time: PID, start time, pidfd, and the
+/// executable's inode (an `exec` keeps PID and start time but changes it).
+#[derive(Debug)]
+pub struct ProcessPin {
+    proc_root: ProcRoot,
+    pid: i32,
+    uid: u32,
+    start_time: u64,
+    exe_inode: Option<(u64, u64)>,
+    pidfd: Option<Arc<OwnedFd>>,
+}
+
+impl ProcessPin {
+    /// Pins `pid`, whose kernel-reported uid at connect time was `uid`.
+    pub fn new(
+        proc_root: &ProcRoot,
+        pid: i32,
+        uid: u32,
+        pidfd: Option<Arc<OwnedFd>>,
+    ) -> Result<Self, LivenessError> {
+        let pin = Self {
+            proc_root: proc_root.clone(),
+            pid,
+            uid,
+            start_time: proc_root.start_time(pid)?,
+            exe_inode: exe_inode(proc_root, pid),
+            pidfd,
+        };
+        pin.check_alive()?;
+        Ok(pin)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Fails closed if the process exited, its PID was reused, it changed its
+    /// effective uid, or it executed another binary.
+    pub fn check_alive(&self) -> Result<(), LivenessError> {
+        let pid = self.pid;
+        if let Some(pidfd) = &self.pidfd {
+            // A pidfd polls readable once its process has exited.
+            let mut fds = [rustix::event::PollFd::new(
+                pidfd.as_ref(),
+                rustix::event::PollFlags::IN,
+            )];
+            let zero = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            match rustix::event::poll(&mut fds, Some(&zero)) {
+                Ok(0) => {}
+                _ => return Err(LivenessError::Exited { pid }),
+            }
+        }
+        let start_time = self
+            .proc_root
+            .start_time(pid)
+            .map_err(|_| LivenessError::Exited { pid })?;
+        if start_time != self.start_time {
+            return Err(LivenessError::Replaced { pid });
+        }
+        let status = self
+            .proc_root
+            .status(pid)
+            .map_err(|_| LivenessError::Exited { pid })?;
+        if status.effective_uid != self.uid {
+            return Err(LivenessError::UidChanged { pid });
+        }
+        if self.exe_inode.is_some() && exe_inode(&self.proc_root, pid) != self.exe_inode {
+            return Err(LivenessError::Executed { pid });
+        }
+        Ok(())
+    }
+}
+
+/// (device, inode) of the running executable, when the agent may see it.
+fn exe_inode(proc_root: &ProcRoot, pid: i32) -> Option<(u64, u64)> {
+    let meta = std::fs::metadata(proc_root.pid_path(pid, "exe")).ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_that_exits_fails_the_check() {
+        let root = ProcRoot::default();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep(1) is available");
+        let pid = child.id() as i32;
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap();
+        let uid = nix::unistd::geteuid().as_raw();
+        let pin = ProcessPin::new(&root, pid, uid, Some(Arc::new(pidfd))).unwrap();
+        pin.check_alive().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(matches!(
+            pin.check_alive(),
+            Err(LivenessError::Exited { .. })
+        ));
+    }
+
+    #[test]
+    fn a_different_start_time_means_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let proc_dir = dir.path().join("77");
+        std::fs::create_dir(&proc_dir).unwrap();
+        let stat = |t: u64| format!("77 (w) S 1 77 77 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {t} 0 0");
+        std::fs::write(proc_dir.join("stat"), stat(100)).unwrap();
+        std::fs::write(
+            proc_dir.join("status"),
+            "Uid:\t5\t5\t5\t5\nGid:\t5\t5\t5\t5\n",
+        )
+        .unwrap();
+        let root = ProcRoot::new(dir.path());
+        let pin = ProcessPin::new(&root, 77, 5, None).unwrap();
+        std::fs::write(proc_dir.join("stat"), stat(200)).unwrap();
+        assert!(matches!(
+            pin.check_alive(),
+            Err(LivenessError::Replaced { .. })
+        ));
+        std::fs::write(proc_dir.join("stat"), stat(100)).unwrap();
+        std::fs::write(
+            proc_dir.join("status"),
+            "Uid:\t0\t0\t0\t0\nGid:\t5\t5\t5\t5\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            pin.check_alive(),
+            Err(LivenessError::UidChanged { .. })
+        ));
+        assert!(
+            ProcessPin::new(&root, 77, 5, None).is_err(),
+            "a pin refuses a process whose uid differs from SO_PEERCRED"
+        );
+    }
+}

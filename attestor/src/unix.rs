@@ -1,0 +1,238 @@
+//! The Unix attestor: user, group and executable facts from /proc.
+//!
+//! Selectors: `unix:uid`, `unix:user`, `unix:gid`, `unix:group`,
+//! `unix:supplementary_gid`, `unix:supplementary_group`, and with path
+//! discovery `unix:path` and `unix:sha256`.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, Mutex};
+
+use crate::{AttestError, AttestFuture, Attestor, ProcRoot, ProcessRef, Selector};
+
+#[derive(Debug, Clone)]
+pub struct UnixAttestorConfig {
+    /// Emit `unix:path` and `unix:sha256` (reading another user's `exe` needs
+    /// CAP_SYS_PTRACE; without it those selectors are simply absent).
+    pub discover_workload_path: bool,
+    /// Executables larger than this are not hashed (no `unix:sha256`), so a
+    /// caller cannot make the agent read gigabytes. 0 disables hashing.
+    pub workload_size_limit: u64,
+}
+
+impl Default for UnixAttestorConfig {
+    fn default() -> Self {
+        Self {
+            discover_workload_path: true,
+            workload_size_limit: 128 * 1024 * 1024,
+        }
+    }
+}
+
+/// Identity of a file's content as far as hashing is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+/// Hash cache size bound: executables on a node are few; if this fills up the
+/// cache is simply cleared.
+const HASH_CACHE_LIMIT: usize = 4096;
+
+#[derive(Clone)]
+pub struct UnixAttestor {
+    config: UnixAttestorConfig,
+    hashes: Arc<Mutex<HashMap<FileKey, Arc<str>>>>,
+}
+
+impl UnixAttestor {
+    pub fn new(config: UnixAttestorConfig) -> Self {
+        Self {
+            config,
+            hashes: Arc::default(),
+        }
+    }
+
+    fn collect(
+        &self,
+        process: &ProcessRef,
+        proc_root: &ProcRoot,
+    ) -> Result<Vec<Selector>, AttestError> {
+        let status = proc_root.status(process.pid)?;
+        let mut out = Vec::with_capacity(8);
+        out.push(Selector::new("unix:uid", status.effective_uid.to_string()));
+        if let Ok(Some(user)) = nix::unistd::User::from_uid(status.effective_uid.into()) {
+            out.push(Selector::new("unix:user", user.name));
+        }
+        out.push(Selector::new("unix:gid", status.effective_gid.to_string()));
+        if let Some(name) = group_name(status.effective_gid) {
+            out.push(Selector::new("unix:group", name));
+        }
+        for gid in &status.supplementary_gids {
+            out.push(Selector::new("unix:supplementary_gid", gid.to_string()));
+            if let Some(name) = group_name(*gid) {
+                out.push(Selector::new("unix:supplementary_group", name));
+            }
+        }
+        if self.config.discover_workload_path {
+            match proc_root.exe_path(process.pid) {
+                Ok(path) => {
+                    out.push(Selector::new("unix:path", path.to_string_lossy()));
+                    if let Some(hash) = self.exe_sha256(process.pid, proc_root) {
+                        out.push(Selector::new("unix:sha256", hash.to_string()));
+                    }
+                }
+                Err(e) => tracing::debug!(pid = process.pid, error = %e, "no unix:path selector"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn exe_sha256(&self, pid: i32, proc_root: &ProcRoot) -> Option<Arc<str>> {
+        let limit = self.config.workload_size_limit;
+        if limit == 0 {
+            return None;
+        }
+        let mut file = proc_root.open_exe(pid).ok()?;
+        let meta = file.metadata().ok()?;
+        let key = FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        };
+        if let Some(hit) = self.hashes.lock().ok()?.get(&key) {
+            return Some(hit.clone());
+        }
+        if key.size > limit {
+            tracing::debug!(pid, size = key.size, limit, "executable too large to hash");
+            return None;
+        }
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut remaining = limit + 1;
+        loop {
+            let n = file.read(&mut buf).ok()?;
+            if n == 0 {
+                break;
+            }
+            remaining = remaining.checked_sub(n as u64)?; // grew past the limit while reading
+            ctx.update(&buf[..n]);
+        }
+        let hash: Arc<str> = hex::encode(ctx.finish()).into();
+        let mut cache = self.hashes.lock().ok()?;
+        if cache.len() >= HASH_CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(key, hash.clone());
+        Some(hash)
+    }
+}
+
+fn group_name(gid: u32) -> Option<String> {
+    nix::unistd::Group::from_gid(gid.into())
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+}
+
+impl Attestor for UnixAttestor {
+    fn name(&self) -> &'static str {
+        "unix"
+    }
+
+    fn attest<'a>(&'a self, process: &'a ProcessRef, proc_root: &'a ProcRoot) -> AttestFuture<'a> {
+        let this = self.clone();
+        let process = process.clone();
+        let proc_root = proc_root.clone();
+        // /proc reads, NSS lookups and hashing block; keep them off the runtime.
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || this.collect(&process, &proc_root))
+                .await
+                .map_err(|e| AttestError::Attestor {
+                    attestor: "unix",
+                    message: e.to_string(),
+                })?
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> ProcessRef {
+        ProcessRef {
+            pid: std::process::id() as i32,
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+        }
+    }
+
+    #[tokio::test]
+    async fn selectors_for_this_process() {
+        let attestor = UnixAttestor::new(UnixAttestorConfig::default());
+        let sels = attestor.attest(&me(), &ProcRoot::default()).await.unwrap();
+        let set = crate::SelectorSet::new(sels);
+        let uid = nix::unistd::geteuid().as_raw().to_string();
+        assert!(set.contains(&Selector::new("unix:uid", uid)));
+        let exe = std::env::current_exe().unwrap();
+        assert!(set.contains(&Selector::new("unix:path", exe.to_string_lossy())));
+        // Independent check of the hash: sha256sum(1) from coreutils.
+        let out = std::process::Command::new("sha256sum")
+            .arg(&exe)
+            .output()
+            .unwrap();
+        let expected = String::from_utf8(out.stdout).unwrap();
+        let expected = expected.split_whitespace().next().unwrap();
+        assert!(set.contains(&Selector::new("unix:sha256", expected)));
+    }
+
+    #[tokio::test]
+    async fn hashing_respects_the_size_limit() {
+        let attestor = UnixAttestor::new(UnixAttestorConfig {
+            discover_workload_path: true,
+            workload_size_limit: 1024,
+        });
+        let sels = attestor.attest(&me(), &ProcRoot::default()).await.unwrap();
+        assert!(sels.iter().all(|s| s.kind() != "unix:sha256"));
+        assert!(sels.iter().any(|s| s.kind() == "unix:path"));
+    }
+
+    #[tokio::test]
+    async fn fake_proc_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("4000");
+        std::fs::create_dir(&p).unwrap();
+        std::fs::write(
+            p.join("status"),
+            "Uid:\t4321\t4321\t4321\t4321\nGid:\t99\t98\t99\t99\nGroups:\t7\n",
+        )
+        .unwrap();
+        let attestor = UnixAttestor::new(UnixAttestorConfig::default());
+        let process = ProcessRef {
+            pid: 4000,
+            uid: 4321,
+            gid: 99,
+        };
+        let set = crate::SelectorSet::new(
+            attestor
+                .attest(&process, &ProcRoot::new(dir.path()))
+                .await
+                .unwrap(),
+        );
+        assert!(set.contains(&Selector::new("unix:uid", "4321")));
+        assert!(set.contains(&Selector::new("unix:gid", "98")));
+        assert!(set.contains(&Selector::new("unix:supplementary_gid", "7")));
+        assert!(
+            !set.iter().any(|s| s.kind() == "unix:path"),
+            "no exe link in the fake tree"
+        );
+    }
+}

@@ -1,0 +1,121 @@
+//! The SPIFFE Workload API protocol as Tessera speaks it: the generated gRPC
+//! code (committed under `src/gen`, checked for drift by a test), the security
+//! header rule and the conversion of JWT claims to a protobuf `Struct`.
+//!
+//! This crate knows nothing about attestation or certificates; the agent crate
+//! implements the service trait.
+
+#![forbid(unsafe_code)]
+
+#[allow(clippy::all, missing_docs, rust_2018_idioms)]
+mod generated {
+    include!("gen/_.rs");
+}
+
+pub use generated::*;
+
+/// Server-side types for implementing the Workload API.
+pub mod server {
+    pub use crate::generated::spiffe_workload_api_server::{
+        SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+    };
+}
+
+/// Client-side types (used by the `tessera api` and `tessera healthcheck` CLI).
+pub mod client {
+    pub use crate::generated::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+}
+
+/// The encoded `FileDescriptorSet` of `workload.proto`, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/workload_descriptor.bin");
+
+/// Fully-qualified gRPC service name. There is no proto package on purpose.
+pub const SERVICE_NAME: &str = "SpiffeWorkloadAPI";
+
+/// The metadata key every Workload API request must carry with value `true`.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// Checks the SPIFFE security header: exactly one value, exactly `true`
+/// (case-sensitive). The spec requires InvalidArgument otherwise.
+pub fn check_security_header(metadata: &tonic::metadata::MetadataMap) -> Result<(), tonic::Status> {
+    let mut values = metadata.get_all(SECURITY_HEADER).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) if v.as_bytes() == b"true" => Ok(()),
+        _ => Err(tonic::Status::invalid_argument(
+            "security header missing from request",
+        )),
+    }
+}
+
+/// Adds the security header to an outgoing client request.
+pub fn with_security_header<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        SECURITY_HEADER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    request
+}
+
+/// Converts a JSON object (JWT claims) into a protobuf `Struct`.
+/// JSON numbers become `f64`, as protobuf's `Value` only has doubles.
+pub fn json_object_to_struct(
+    object: &serde_json::Map<String, serde_json::Value>,
+) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: object
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_value(v)))
+            .collect(),
+    }
+}
+
+fn json_to_value(value: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(map) => Kind::StructValue(json_object_to_struct(map)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_must_be_exactly_true() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        assert_eq!(
+            check_security_header(&md).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        md.insert(SECURITY_HEADER, "TRUE".parse().unwrap());
+        assert!(check_security_header(&md).is_err());
+        md.insert(SECURITY_HEADER, "true".parse().unwrap());
+        assert!(check_security_header(&md).is_ok());
+        md.append(SECURITY_HEADER, "true".parse().unwrap());
+        assert!(
+            check_security_header(&md).is_err(),
+            "two values are rejected"
+        );
+    }
+
+    #[test]
+    fn claims_convert_to_struct() {
+        let claims = serde_json::json!({"sub": "spiffe://td/a", "aud": ["x"], "exp": 5, "n": null});
+        let s = json_object_to_struct(claims.as_object().unwrap());
+        use prost_types::value::Kind;
+        assert_eq!(s.fields["exp"].kind, Some(Kind::NumberValue(5.0)));
+        assert!(
+            matches!(s.fields["aud"].kind, Some(Kind::ListValue(ref l)) if l.values.len() == 1)
+        );
+        assert_eq!(s.fields["n"].kind, Some(Kind::NullValue(0)));
+    }
+}
