@@ -109,6 +109,15 @@ impl SelectorSet {
             .map(|s| s.value.as_str())
     }
 
+    /// The first value (in sorted order) of a selector type.
+    pub fn first_value(&self, kind: &str) -> Option<&str> {
+        let start = self.selectors.partition_point(|s| s.kind.as_str() < kind);
+        self.selectors
+            .get(start)
+            .filter(|s| s.kind == kind)
+            .map(|s| s.value.as_str())
+    }
+
     /// Does a requirement from an entry hold? A requirement with an empty value
     /// only needs the type to be present.
     pub fn satisfies(&self, requirement: &Selector) -> bool {

@@ -7,13 +7,13 @@ pub struct X509svidResponse {
     #[prost(message, repeated, tag = "1")]
     pub svids: ::prost::alloc::vec::Vec<X509svid>,
     /// Optional. DER-encoded certificate revocation lists.
-    #[prost(bytes = "vec", repeated, tag = "2")]
-    pub crl: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    pub crl: ::prost::alloc::vec::Vec<::prost::bytes::Bytes>,
     /// Optional. Trust domain ID -> concatenated DER CA certificates.
     #[prost(map = "string, bytes", tag = "3")]
     pub federated_bundles: ::std::collections::HashMap<
         ::prost::alloc::string::String,
-        ::prost::alloc::vec::Vec<u8>,
+        ::prost::bytes::Bytes,
     >,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -22,14 +22,14 @@ pub struct X509svid {
     #[prost(string, tag = "1")]
     pub spiffe_id: ::prost::alloc::string::String,
     /// Required. DER certificate chain, leaf first.
-    #[prost(bytes = "vec", tag = "2")]
-    pub x509_svid: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub x509_svid: ::prost::bytes::Bytes,
     /// Required. Unencrypted PKCS#8 DER private key for the leaf.
-    #[prost(bytes = "vec", tag = "3")]
-    pub x509_svid_key: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub x509_svid_key: ::prost::bytes::Bytes,
     /// Required. Concatenated DER CA certificates of the SVID's trust domain.
-    #[prost(bytes = "vec", tag = "4")]
-    pub bundle: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "bytes", tag = "4")]
+    pub bundle: ::prost::bytes::Bytes,
     /// Optional. Operator-chosen name that tells SVIDs apart.
     #[prost(string, tag = "5")]
     pub hint: ::prost::alloc::string::String,
@@ -39,13 +39,13 @@ pub struct X509BundlesRequest {}
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct X509BundlesResponse {
     /// Optional. DER-encoded certificate revocation lists.
-    #[prost(bytes = "vec", repeated, tag = "1")]
-    pub crl: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    #[prost(bytes = "bytes", repeated, tag = "1")]
+    pub crl: ::prost::alloc::vec::Vec<::prost::bytes::Bytes>,
     /// Required. Trust domain ID -> concatenated DER CA certificates.
     #[prost(map = "string, bytes", tag = "2")]
     pub bundles: ::std::collections::HashMap<
         ::prost::alloc::string::String,
-        ::prost::alloc::vec::Vec<u8>,
+        ::prost::bytes::Bytes,
     >,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -83,7 +83,7 @@ pub struct JwtBundlesResponse {
     #[prost(map = "string, bytes", tag = "1")]
     pub bundles: ::std::collections::HashMap<
         ::prost::alloc::string::String,
-        ::prost::alloc::vec::Vec<u8>,
+        ::prost::bytes::Bytes,
     >,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -1,0 +1,451 @@
+//! The daemon's configuration: TOML on disk, validated into typed values.
+//!
+//! Unknown keys are rejected (serde `deny_unknown_fields`); toml's error names
+//! the key and the line. Semantic errors (an invalid SPIFFE ID, a bad
+//! duration) also name the key and line, using spans kept while parsing.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::entries::{Entry, EntrySet, IdTemplate};
+use tessera_attestor::Selector;
+
+/// Shortest TTL accepted at all; TTLs under [`SHORT_TTL_WARNING`] get a warning.
+const MIN_TTL: Duration = Duration::from_secs(2);
+const SHORT_TTL_WARNING: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {source}")]
+    Parse {
+        file: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{file}:{line}: `{key}`: {message}")]
+    Invalid {
+        file: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    trust_domain: Spanned<String>,
+    socket_path: Spanned<PathBuf>,
+    data_dir: Spanned<PathBuf>,
+    #[serde(default)]
+    svid: RawSvid,
+    #[serde(default)]
+    authority: RawAuthority,
+    #[serde(default)]
+    attestor: RawAttestor,
+    #[serde(default)]
+    entries: Vec<RawEntry>,
+    admin: Option<RawAdmin>,
+    exchange: Option<toml::Table>,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSvid {
+    x509_ttl: Option<Spanned<String>>,
+    jwt_ttl: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthority {
+    ca_ttl: Option<Spanned<String>>,
+    jwt_key_ttl: Option<Spanned<String>>,
+    ca_cert_file: Option<PathBuf>,
+    ca_key_file: Option<PathBuf>,
+    persist: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAttestor {
+    proc_root: Option<PathBuf>,
+    #[serde(default)]
+    unix: RawUnixAttestor,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUnixAttestor {
+    discover_workload_path: Option<bool>,
+    workload_size_limit: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntry {
+    spiffe_id: Spanned<String>,
+    selectors: Spanned<Vec<Spanned<String>>>,
+    hint: Option<Spanned<String>>,
+    x509_ttl: Option<Spanned<String>>,
+    jwt_ttl: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Spanned<String>>,
+    socket_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<usize>,
+    shutdown_grace: Option<Spanned<String>>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub trust_domain: spiffe::TrustDomain,
+    pub socket_path: PathBuf,
+    pub data_dir: PathBuf,
+    pub x509_ttl: Duration,
+    pub jwt_ttl: Duration,
+    pub authority: AuthorityConfig,
+    pub proc_root: PathBuf,
+    pub unix_attestor: tessera_attestor::UnixAttestorConfig,
+    pub entries: EntrySet,
+    pub admin_listen: Option<SocketAddr>,
+    pub admin_socket_path: Option<PathBuf>,
+    pub log: LogConfig,
+    pub shutdown_grace: Duration,
+    /// Keys of the `[exchange]` table, accepted for forward compatibility.
+    pub exchange_keys: Vec<String>,
+    /// Warnings to log once logging is set up (e.g. very short TTLs).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthorityConfig {
+    pub ca_ttl: Duration,
+    pub jwt_key_ttl: Duration,
+    /// Operator-provided CA (both or neither).
+    pub ca_files: Option<(PathBuf, PathBuf)>,
+    /// Persist the generated CA and JWT keys under `data_dir` (0600).
+    pub persist: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LogConfig {
+    pub level: Option<String>,
+    pub json: bool,
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line(&self, span: std::ops::Range<usize>) -> usize {
+        self.text[..span.start.min(self.text.len())]
+            .bytes()
+            .filter(|b| *b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn invalid<T>(&self, key: &str, spanned: &Spanned<T>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            line: self.line(spanned.span()),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn ttl(&self, key: &str, value: &Option<Spanned<String>>, default: Duration, warnings: &mut Vec<String>) -> Result<Duration, ConfigError> {
+        let Some(value) = value else { return Ok(default) };
+        let d = humantime::parse_duration(value.get_ref())
+            .map_err(|e| self.invalid(key, value, format!("not a duration ({e}); use e.g. \"90s\", \"1h\"")))?;
+        if d < MIN_TTL {
+            return Err(self.invalid(key, value, format!("must be at least {}", humantime::format_duration(MIN_TTL))));
+        }
+        if d < SHORT_TTL_WARNING {
+            warnings.push(format!("{}:{}: `{key}` = {:?} is very short; fine for tests and demos, not for production", self.file, self.line(value.span()), value.get_ref()));
+        }
+        Ok(d)
+    }
+}
+
+impl Config {
+    /// Load and validate a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    /// Parse config text; `file` names the source in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            file: file.to_string(),
+            source,
+        })?;
+        let cx = Ctx { file, text };
+        let mut warnings = Vec::new();
+
+        let trust_domain = spiffe::TrustDomain::new(raw.trust_domain.get_ref())
+            .map_err(|e| cx.invalid("trust_domain", &raw.trust_domain, format!("invalid trust domain: {e}")))?;
+        let x509_ttl = cx.ttl("svid.x509_ttl", &raw.svid.x509_ttl, Duration::from_secs(3600), &mut warnings)?;
+        let jwt_ttl = cx.ttl("svid.jwt_ttl", &raw.svid.jwt_ttl, Duration::from_secs(300), &mut warnings)?;
+        let ca_ttl = cx.ttl("authority.ca_ttl", &raw.authority.ca_ttl, Duration::from_secs(24 * 3600), &mut warnings)?;
+        let jwt_key_ttl = cx.ttl("authority.jwt_key_ttl", &raw.authority.jwt_key_ttl, Duration::from_secs(24 * 3600), &mut warnings)?;
+
+        let mut entries = Vec::with_capacity(raw.entries.len());
+        for (i, e) in raw.entries.iter().enumerate() {
+            let key = |k: &str| format!("entries[{i}].{k}");
+            let template = IdTemplate::parse(e.spiffe_id.get_ref())
+                .map_err(|m| cx.invalid(&key("spiffe_id"), &e.spiffe_id, m))?;
+            if template.trust_domain() != trust_domain.as_str() {
+                return Err(cx.invalid(&key("spiffe_id"), &e.spiffe_id, format!(
+                    "trust domain {:?} differs from the agent's {:?}; this agent signs only its own trust domain",
+                    template.trust_domain(), trust_domain.as_str()
+                )));
+            }
+            if e.selectors.get_ref().is_empty() {
+                return Err(cx.invalid(&key("selectors"), &e.selectors, "an entry needs at least one selector"));
+            }
+            let mut selectors = Vec::new();
+            for s in e.selectors.get_ref() {
+                selectors.push(Selector::parse(s.get_ref()).map_err(|err| cx.invalid(&key("selectors"), s, err.to_string()))?);
+            }
+            let hint = match &e.hint {
+                Some(h) if h.get_ref().len() > 1024 => return Err(cx.invalid(&key("hint"), h, "hints are limited to 1024 bytes")),
+                Some(h) => Some(h.get_ref().clone()),
+                None => None,
+            };
+            let entry_x509 = cx.ttl(&key("x509_ttl"), &e.x509_ttl, x509_ttl, &mut warnings)?;
+            let entry_jwt = cx.ttl(&key("jwt_ttl"), &e.jwt_ttl, jwt_ttl, &mut warnings)?;
+            entries.push(Entry { template, selectors, hint, x509_ttl: entry_x509, jwt_ttl: entry_jwt });
+        }
+
+        let (admin_listen, admin_socket_path) = match &raw.admin {
+            None => (None, None),
+            Some(a) => {
+                let listen = match &a.listen {
+                    None => None,
+                    Some(l) => Some(l.get_ref().parse::<SocketAddr>().map_err(|e| {
+                        cx.invalid("admin.listen", l, format!("not an address like 127.0.0.1:9090 ({e})"))
+                    })?),
+                };
+                (listen, a.socket_path.clone())
+            }
+        };
+        let socket_path = raw.socket_path.get_ref().clone();
+        if let (Some(admin), Some(sock_dir)) = (&admin_socket_path, socket_path.parent()) {
+            if admin.starts_with(sock_dir) && !sock_dir.as_os_str().is_empty() {
+                return Err(cx.invalid("admin.socket_path", &raw.socket_path, "the admin socket must not live in the workload socket directory (workloads can reach everything there)"));
+            }
+        }
+
+        let ca_files = match (&raw.authority.ca_cert_file, &raw.authority.ca_key_file) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => return Err(ConfigError::Invalid {
+                file: file.to_string(),
+                line: 1,
+                key: "authority.ca_cert_file".into(),
+                message: "set both ca_cert_file and ca_key_file, or neither".into(),
+            }),
+        };
+
+        let json = match &raw.log.format {
+            None => false,
+            Some(f) => match f.get_ref().as_str() {
+                "json" => true,
+                "text" => false,
+                _ => return Err(cx.invalid("log.format", f, "must be \"text\" or \"json\"")),
+            },
+        };
+        let shutdown_grace = match &raw.limits.shutdown_grace {
+            None => Duration::from_secs(5),
+            Some(g) => humantime::parse_duration(g.get_ref()).map_err(|e| cx.invalid("limits.shutdown_grace", g, e.to_string()))?,
+        };
+        let _ = raw.limits.max_connections;
+
+        let exchange_keys = raw.exchange.map(|t| t.keys().cloned().collect()).unwrap_or_default();
+
+        Ok(Config {
+            trust_domain,
+            socket_path,
+            data_dir: raw.data_dir.get_ref().clone(),
+            x509_ttl,
+            jwt_ttl,
+            authority: AuthorityConfig {
+                ca_ttl,
+                jwt_key_ttl,
+                ca_files,
+                persist: raw.authority.persist.unwrap_or(true),
+            },
+            proc_root: raw.attestor.proc_root.unwrap_or_else(|| PathBuf::from("/proc")),
+            unix_attestor: tessera_attestor::UnixAttestorConfig {
+                discover_workload_path: raw.attestor.unix.discover_workload_path.unwrap_or(true),
+                workload_size_limit: raw.attestor.unix.workload_size_limit.unwrap_or(128 * 1024 * 1024),
+            },
+            entries: EntrySet::new(entries),
+            admin_listen,
+            admin_socket_path,
+            log: LogConfig { level: raw.log.level, json },
+            shutdown_grace,
+            exchange_keys,
+            warnings,
+        })
+    }
+
+    /// The embedded `--dev` configuration: trust domain `example.org`, state
+    /// under `base` (normally `./.tessera`), and one entry giving the invoking
+    /// user's uid the ID `spiffe://example.org/user/<name>`.
+    pub fn dev(base: &Path) -> Result<Self, ConfigError> {
+        let uid = nix::unistd::geteuid();
+        let name = nix::unistd::User::from_uid(uid)
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_else(|| format!("uid-{uid}"));
+        let text = dev_config_text(base, uid.as_raw(), &sanitize_segment(&name));
+        Self::parse(&text, "<embedded --dev config>")
+    }
+}
+
+/// The embedded development configuration (also shown by `--print-config`).
+pub fn dev_config_text(base: &Path, uid: u32, user_segment: &str) -> String {
+    let base = base.display();
+    format!(
+        r#"trust_domain = "example.org"
+socket_path  = "{base}/agent.sock"
+data_dir     = "{base}"
+
+[svid]
+x509_ttl = "1h"
+jwt_ttl  = "5m"
+
+[[entries]]
+spiffe_id = "spiffe://example.org/user/{user_segment}"
+selectors = ["unix:uid:{uid}"]
+hint      = "dev"
+
+[admin]
+listen = "127.0.0.1:0"
+"#
+    )
+}
+
+/// Make a string usable as one SPIFFE ID path segment (`[A-Za-z0-9._-]`).
+pub fn sanitize_segment(s: &str) -> String {
+    let out: String = s
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+        .collect();
+    match out.as_str() {
+        "" | "." | ".." => format!("_{out}"),
+        _ => out,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "trust_domain = \"example.org\"\nsocket_path = \"/tmp/x/agent.sock\"\ndata_dir = \"/tmp/x\"\n";
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "t.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_config_has_defaults() {
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(c.trust_domain.as_str(), "example.org");
+        assert_eq!(c.x509_ttl, Duration::from_secs(3600));
+        assert_eq!(c.jwt_ttl, Duration::from_secs(300));
+        assert!(c.entries.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = err(&format!("{MINIMAL}\n[svid]\nx509_tl = \"1h\"\n"));
+        assert!(e.contains("x509_tl") && e.contains("line 6"), "{e}");
+    }
+
+    #[test]
+    fn invalid_spiffe_id_is_rejected_with_line() {
+        for bad in ["spiffe://example.org/a//b", "spiffe://Example.org/a", "http://example.org/a", "spiffe://example.org/a/", "spiffe://example.org/%41", "spiffe://example.org/a/../b"] {
+            let e = err(&format!("{MINIMAL}[[entries]]\nspiffe_id = \"{bad}\"\nselectors = [\"unix:uid:1\"]\n"));
+            assert!(e.contains("t.toml:5") && e.contains("entries[0].spiffe_id"), "{bad}: {e}");
+        }
+        let e = err(&format!("{MINIMAL}[[entries]]\nspiffe_id = \"spiffe://other.org/a\"\nselectors = [\"unix:uid:1\"]\n"));
+        assert!(e.contains("trust domain"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        assert!(err(&MINIMAL.replace("example.org", "EXAMPLE.org")).contains("trust_domain"));
+        assert!(err(&format!("{MINIMAL}[svid]\nx509_ttl = \"soon\"\n")).contains("svid.x509_ttl"));
+        assert!(err(&format!("{MINIMAL}[svid]\nx509_ttl = \"1s\"\n")).contains("at least"));
+        assert!(err(&format!("{MINIMAL}[[entries]]\nspiffe_id = \"spiffe://example.org/a\"\nselectors = [\"uid\"]\n")).contains("entries[0].selectors"));
+        assert!(err(&format!("{MINIMAL}[[entries]]\nspiffe_id = \"spiffe://example.org/a\"\nselectors = []\n")).contains("at least one selector"));
+        assert!(err(&format!("{MINIMAL}[admin]\nlisten = \"localhost\"\n")).contains("admin.listen"));
+        assert!(err(&format!("{MINIMAL}[admin]\nsocket_path = \"/tmp/x/admin.sock\"\n")).contains("admin socket"));
+        assert!(err("trust_domain = \"example.org\"\n").contains("socket_path"));
+    }
+
+    #[test]
+    fn short_ttls_warn() {
+        let c = Config::parse(&format!("{MINIMAL}[svid]\nx509_ttl = \"10s\"\n"), "t.toml").unwrap();
+        assert_eq!(c.x509_ttl, Duration::from_secs(10));
+        assert_eq!(c.warnings.len(), 1);
+    }
+
+    #[test]
+    fn dev_config_parses() {
+        let c = Config::dev(Path::new("/tmp/dev")).unwrap();
+        assert_eq!(c.socket_path, Path::new("/tmp/dev/agent.sock"));
+        assert_eq!(c.entries.len(), 1);
+        assert_eq!(sanitize_segment("a@b c"), "a_b_c");
+        assert_eq!(sanitize_segment(".."), "_..");
+    }
+
+    #[test]
+    fn example_config_file_parses() {
+        let text = include_str!("../../examples/tessera.toml");
+        let c = Config::parse(text, "examples/tessera.toml").unwrap();
+        assert!(c.entries.len() >= 2);
+    }
+}

@@ -1,0 +1,243 @@
+//! Registration entries: which selector sets get which SPIFFE IDs.
+//!
+//! An entry matches a workload when every one of its selectors holds (a
+//! selector without a value only requires the type to be present). Entries
+//! are checked in config order; every matching entry yields an identity, the
+//! first one is the workload's default. Templates such as
+//! `spiffe://td/ns/{k8s:ns}/sa/{k8s:sa}` fill placeholders from the
+//! workload's selectors; a placeholder whose selector is missing or whose
+//! value is not a valid path segment makes the entry not match.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_attestor::{Selector, SelectorSet};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Placeholder(String),
+}
+
+/// A SPIFFE ID with optional `{selector-type}` placeholders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdTemplate {
+    parts: Vec<Part>,
+    trust_domain: String,
+}
+
+impl IdTemplate {
+    /// Parse and validate: with every placeholder replaced by a plain segment
+    /// the result must be a valid SPIFFE ID with a non-root path.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            let close = rest[open..]
+                .find('}')
+                .map(|c| open + c)
+                .ok_or_else(|| format!("unclosed '{{' in {text:?}"))?;
+            if open > 0 {
+                parts.push(Part::Literal(rest[..open].to_string()));
+            }
+            let kind = &rest[open + 1..close];
+            let sel = Selector::parse(kind).map_err(|_| format!("placeholder {{{kind}}} must name a selector type such as {{k8s:ns}}"))?;
+            if !sel.value().is_empty() {
+                return Err(format!("placeholder {{{kind}}} must be a selector type without a value"));
+            }
+            parts.push(Part::Placeholder(sel.kind().to_string()));
+            rest = &rest[close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("unmatched '}}' in {text:?}"));
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Literal(rest.to_string()));
+        }
+        let sample = render_with(&parts, |_| Some("x"));
+        let id = spiffe::SpiffeId::new(&sample).map_err(|e| format!("invalid SPIFFE ID {text:?}: {e}"))?;
+        if id.path().is_empty() {
+            return Err(format!("{text:?} has no path; workload SPIFFE IDs need one"));
+        }
+        if sample.len() > 2048 {
+            return Err("SPIFFE IDs are limited to 2048 bytes".into());
+        }
+        if let Some(Part::Literal(first)) = parts.first() {
+            let after_scheme = first.strip_prefix("spiffe://").unwrap_or("");
+            if !after_scheme.contains('/') {
+                return Err("placeholders are only allowed in the path".into());
+            }
+        }
+        Ok(Self {
+            trust_domain: id.trust_domain_name().to_string(),
+            parts,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Render for a workload; `None` if a placeholder cannot be filled or the
+    /// result is not a valid SPIFFE ID.
+    pub fn render(&self, selectors: &SelectorSet) -> Option<spiffe::SpiffeId> {
+        let text = render_with(&self.parts, |kind| selectors.first_value(kind));
+        spiffe::SpiffeId::new(&text).ok()
+    }
+
+    fn placeholders(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Placeholder(k) => Some(k.as_str()),
+            Part::Literal(_) => None,
+        })
+    }
+}
+
+fn render_with<'v>(parts: &[Part], mut value: impl FnMut(&str) -> Option<&'v str>) -> String {
+    let mut out = String::new();
+    for part in parts {
+        match part {
+            Part::Literal(s) => out.push_str(s),
+            Part::Placeholder(kind) => match value(kind) {
+                // A value with '/' would add path segments; refuse it.
+                Some(v) if !v.is_empty() && !v.contains('/') => out.push_str(v),
+                _ => out.push_str("//invalid"),
+            },
+        }
+    }
+    out
+}
+
+/// One registration entry.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub template: IdTemplate,
+    pub selectors: Vec<Selector>,
+    pub hint: Option<String>,
+    pub x509_ttl: Duration,
+    pub jwt_ttl: Duration,
+}
+
+/// An identity a workload is entitled to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub spiffe_id: spiffe::SpiffeId,
+    pub hint: Option<String>,
+    pub x509_ttl: Duration,
+    pub jwt_ttl: Duration,
+}
+
+/// The ordered set of entries in force.
+#[derive(Debug, Clone, Default)]
+pub struct EntrySet {
+    entries: Arc<[Entry]>,
+}
+
+impl EntrySet {
+    pub fn new(entries: Vec<Entry>) -> Self {
+        Self {
+            entries: entries.into(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.iter()
+    }
+
+    /// Identities for a workload, default first. An ID produced by several
+    /// entries appears once (first entry wins); so does a non-empty hint,
+    /// since hints must be unique within a response.
+    pub fn identities_for(&self, selectors: &SelectorSet) -> Vec<Identity> {
+        let mut out: Vec<Identity> = Vec::new();
+        for entry in self.entries.iter() {
+            if !entry.selectors.iter().all(|s| selectors.satisfies(s)) {
+                continue;
+            }
+            if entry.template.placeholders().any(|k| selectors.first_value(k).is_none()) {
+                continue;
+            }
+            let Some(spiffe_id) = entry.template.render(selectors) else {
+                tracing::debug!(template = ?entry.template, "selector value not usable in a SPIFFE ID; entry skipped");
+                continue;
+            };
+            if out.iter().any(|i| i.spiffe_id == spiffe_id) {
+                continue;
+            }
+            let hint = entry
+                .hint
+                .clone()
+                .filter(|h| !out.iter().any(|i| i.hint.as_deref() == Some(h.as_str())));
+            out.push(Identity {
+                spiffe_id,
+                hint,
+                x509_ttl: entry.x509_ttl,
+                jwt_ttl: entry.jwt_ttl,
+            });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, sels: &[&str], hint: Option<&str>) -> Entry {
+        Entry {
+            template: IdTemplate::parse(id).unwrap(),
+            selectors: sels.iter().map(|s| Selector::parse(s).unwrap()).collect(),
+            hint: hint.map(str::to_string),
+            x509_ttl: Duration::from_secs(3600),
+            jwt_ttl: Duration::from_secs(300),
+        }
+    }
+
+    fn workload(sels: &[&str]) -> SelectorSet {
+        SelectorSet::new(sels.iter().map(|s| Selector::parse(s).unwrap()).collect())
+    }
+
+    #[test]
+    fn templates_fill_from_selectors() {
+        let set = EntrySet::new(vec![entry("spiffe://example.org/ns/{k8s:ns}/sa/{k8s:sa}", &["k8s:ns"], None)]);
+        let ids = set.identities_for(&workload(&["k8s:ns:prod", "k8s:sa:api"]));
+        assert_eq!(ids.len(), 1);
+        assert_eq!(ids[0].spiffe_id.to_string(), "spiffe://example.org/ns/prod/sa/api");
+        assert!(set.identities_for(&workload(&["k8s:ns:prod"])).is_empty(), "missing sa");
+        assert!(set.identities_for(&workload(&["k8s:ns:a/b", "k8s:sa:x"])).is_empty(), "slash in value");
+        assert!(set.identities_for(&workload(&["k8s:ns:..", "k8s:sa:x"])).is_empty(), "dot-dot segment");
+    }
+
+    #[test]
+    fn all_selectors_must_match_and_order_is_kept() {
+        let set = EntrySet::new(vec![
+            entry("spiffe://example.org/a", &["unix:uid:1000", "unix:gid:1000"], Some("a")),
+            entry("spiffe://example.org/b", &["unix:uid:1000"], Some("a")),
+            entry("spiffe://example.org/a", &["unix:uid"], None),
+            entry("spiffe://example.org/c", &["unix:uid:0"], None),
+        ]);
+        let ids = set.identities_for(&workload(&["unix:uid:1000", "unix:gid:1000"]));
+        let names: Vec<_> = ids.iter().map(|i| i.spiffe_id.to_string()).collect();
+        assert_eq!(names, ["spiffe://example.org/a", "spiffe://example.org/b"]);
+        assert_eq!(ids[0].hint.as_deref(), Some("a"));
+        assert_eq!(ids[1].hint, None, "duplicate hint dropped");
+        let ids = set.identities_for(&workload(&["unix:uid:1000"]));
+        assert_eq!(ids[0].spiffe_id.to_string(), "spiffe://example.org/b");
+    }
+
+    #[test]
+    fn template_validation() {
+        assert!(IdTemplate::parse("spiffe://example.org").is_err(), "no path");
+        assert!(IdTemplate::parse("spiffe://example.org/{k8s:ns").is_err());
+        assert!(IdTemplate::parse("spiffe://example.org/{k8s:ns:x}").is_err());
+        assert!(IdTemplate::parse("spiffe://{k8s:ns}/x").is_err());
+        assert!(IdTemplate::parse("spiffe://example.org/u-{unix:uid}").is_ok());
+    }
+}

@@ -1,0 +1,199 @@
+//! ES256 JSON Web Signatures in compact form, for JWT-SVIDs.
+//!
+//! ring signs ECDSA in the fixed r||s form JWS needs (rcgen and most X.509
+//! code use DER signatures instead).
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use ring::signature::{self, EcdsaKeyPair, KeyPair};
+use serde_json::{Map, Value};
+
+/// Algorithms the JWT-SVID spec allows. Tessera signs only ES256, and so can
+/// only verify ES256 against its own bundle; the rest are recognised so the
+/// error says "no key" rather than "forbidden algorithm".
+const ALLOWED_ALGS: &[&str] = &[
+    "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512",
+];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum JwtError {
+    #[error("token is not a JWS compact serialization")]
+    Malformed,
+    #[error("token header is invalid: {0}")]
+    Header(&'static str),
+    #[error("token algorithm {0:?} is not allowed for JWT-SVIDs")]
+    Algorithm(String),
+    #[error("token header missing key id")]
+    MissingKid,
+    #[error("no key {0:?} in the trust bundle")]
+    UnknownKey(String),
+    #[error("token signature is invalid")]
+    Signature,
+    #[error("token claims are invalid: {0}")]
+    Claims(&'static str),
+    #[error("token has expired")]
+    Expired,
+    #[error("expected audience {0:?} is not in the token's aud claim")]
+    Audience(String),
+}
+
+/// Public half of an ES256 key, as published in a JWKS.
+#[derive(Debug, Clone)]
+pub struct PublicJwk {
+    pub kid: String,
+    /// Uncompressed SEC1 point, 0x04 || x || y.
+    pub point: Vec<u8>,
+}
+
+impl PublicJwk {
+    pub fn to_json(&self, key_use: &str) -> Value {
+        serde_json::json!({
+            "kty": "EC",
+            "crv": "P-256",
+            "x": B64.encode(&self.point[1..33]),
+            "y": B64.encode(&self.point[33..65]),
+            "kid": self.kid,
+            "use": key_use,
+        })
+    }
+}
+
+/// A private ES256 key with its key id.
+pub struct Es256Signer {
+    kid: String,
+    key: EcdsaKeyPair,
+    rng: ring::rand::SystemRandom,
+}
+
+impl std::fmt::Debug for Es256Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Es256Signer").field("kid", &self.kid).finish_non_exhaustive()
+    }
+}
+
+impl Es256Signer {
+    pub fn from_pkcs8(kid: String, pkcs8: &[u8]) -> Result<Self, ring::error::KeyRejected> {
+        let rng = ring::rand::SystemRandom::new();
+        let key = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8, &rng)?;
+        Ok(Self { kid, key, rng })
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    pub fn public_jwk(&self) -> PublicJwk {
+        PublicJwk {
+            kid: self.kid.clone(),
+            point: self.key.public_key().as_ref().to_vec(),
+        }
+    }
+
+    /// Signs `claims` with header `{"alg":"ES256","kid":..,"typ":typ}`.
+    pub fn sign(&self, typ: &str, claims: &Value) -> Result<String, ring::error::Unspecified> {
+        let header = serde_json::json!({"alg": "ES256", "kid": self.kid, "typ": typ});
+        let mut out = B64.encode(header.to_string());
+        out.push('.');
+        out.push_str(&B64.encode(claims.to_string()));
+        let sig = self.key.sign(&self.rng, out.as_bytes())?;
+        out.push('.');
+        out.push_str(&B64.encode(sig.as_ref()));
+        Ok(out)
+    }
+}
+
+/// A token whose signature checked out, with its decoded parts.
+#[derive(Debug, Clone)]
+pub struct VerifiedJwt {
+    pub header: Map<String, Value>,
+    pub claims: Map<String, Value>,
+}
+
+/// Verifies a compact JWS against `keys` (by `kid`). Claims are not checked here.
+pub fn verify<'a>(token: &str, keys: impl IntoIterator<Item = &'a PublicJwk>) -> Result<VerifiedJwt, JwtError> {
+    let mut parts = token.split('.');
+    let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(JwtError::Malformed);
+    };
+    let header: Map<String, Value> = decode_json(h).ok_or(JwtError::Header("not base64url JSON"))?;
+    for name in header.keys() {
+        if !matches!(name.as_str(), "alg" | "kid" | "typ") {
+            return Err(JwtError::Header("only alg, kid and typ are allowed"));
+        }
+    }
+    let alg = header.get("alg").and_then(Value::as_str).ok_or(JwtError::Header("alg missing"))?;
+    if !ALLOWED_ALGS.contains(&alg) {
+        return Err(JwtError::Algorithm(alg.to_string()));
+    }
+    match header.get("typ") {
+        None => {}
+        Some(Value::String(t)) if t == "JWT" || t == "JOSE" => {}
+        Some(_) => return Err(JwtError::Header("typ must be JWT or JOSE")),
+    }
+    let kid = header.get("kid").and_then(Value::as_str).ok_or(JwtError::MissingKid)?;
+    let key = keys
+        .into_iter()
+        .find(|k| k.kid == kid)
+        .ok_or_else(|| JwtError::UnknownKey(kid.to_string()))?;
+    if alg != "ES256" {
+        return Err(JwtError::UnknownKey(kid.to_string()));
+    }
+    let sig = B64.decode(s).map_err(|_| JwtError::Malformed)?;
+    let signed_len = h.len() + 1 + c.len();
+    signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &key.point)
+        .verify(&token.as_bytes()[..signed_len], &sig)
+        .map_err(|_| JwtError::Signature)?;
+    let claims = decode_json(c).ok_or(JwtError::Claims("not base64url JSON"))?;
+    Ok(VerifiedJwt { header, claims })
+}
+
+fn decode_json(part: &str) -> Option<Map<String, Value>> {
+    let bytes = B64.decode(part).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Random key id: 128 bits, base64url.
+pub fn random_kid() -> String {
+    let mut b = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("system RNG");
+    B64.encode(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer() -> Es256Signer {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        Es256Signer::from_pkcs8("k1".into(), pkcs8.as_ref()).unwrap()
+    }
+
+    #[test]
+    fn sign_then_verify_and_tamper() {
+        let s = signer();
+        let token = s.sign("JWT", &serde_json::json!({"sub": "spiffe://td/x"})).unwrap();
+        let jwk = s.public_jwk();
+        let v = verify(&token, [&jwk]).unwrap();
+        assert_eq!(v.claims["sub"], "spiffe://td/x");
+        let mut bad = token.clone();
+        bad.replace_range(bad.len() - 4.., "AAAA");
+        assert_eq!(verify(&bad, [&jwk]).unwrap_err(), JwtError::Signature);
+        assert_eq!(verify("a.b", [&jwk]).unwrap_err(), JwtError::Malformed);
+        let other = signer();
+        let other_jwk = PublicJwk { kid: "k1".into(), point: other.public_jwk().point };
+        assert_eq!(verify(&token, [&other_jwk]).unwrap_err(), JwtError::Signature);
+    }
+
+    #[test]
+    fn rejects_forbidden_headers() {
+        let jwk = signer().public_jwk();
+        let tok = |h: &str| format!("{}.{}.AAAA", B64.encode(h), B64.encode("{}"));
+        assert!(matches!(verify(&tok(r#"{"alg":"none","kid":"k1"}"#), [&jwk]), Err(JwtError::Algorithm(_))));
+        assert!(matches!(verify(&tok(r#"{"alg":"HS256","kid":"k1"}"#), [&jwk]), Err(JwtError::Algorithm(_))));
+        assert_eq!(verify(&tok(r#"{"alg":"ES256"}"#), [&jwk]).unwrap_err(), JwtError::MissingKid);
+        assert!(matches!(verify(&tok(r#"{"alg":"ES256","kid":"k1","jku":"x"}"#), [&jwk]), Err(JwtError::Header(_))));
+        assert!(matches!(verify(&tok(r#"{"alg":"ES256","kid":"k1","typ":"at+jwt"}"#), [&jwk]), Err(JwtError::Header(_))));
+        assert!(matches!(verify(&tok(r#"{"alg":"RS256","kid":"k1"}"#), [&jwk]), Err(JwtError::UnknownKey(_))));
+    }
+}

@@ -1,0 +1,147 @@
+//! Prometheus metrics. Recording is a few atomic operations, so the Workload
+//! API path never waits on metrics; gauges that are derived from state (expiry,
+//! cached identities) are computed at scrape time instead of on the hot path.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub method: &'static str,
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub rpcs: Family<RpcLabels, Counter>,
+    pub rpc_seconds: Family<MethodLabels, Histogram>,
+    pub open_streams: Family<MethodLabels, Gauge>,
+    pub svids_issued_x509: Counter,
+    pub svids_issued_jwt: Counter,
+    pub rotations: Counter,
+    pub attestations: Family<ResultLabels, Counter>,
+    pub ca_expiry_seconds: Gauge,
+    pub svid_expiry_seconds: Gauge,
+    pub cached_identities: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tessera");
+        let rpcs = Family::<RpcLabels, Counter>::default();
+        registry.register("workload_api_requests", "Workload API calls by method and gRPC status code", rpcs.clone());
+        let rpc_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0])
+        });
+        registry.register(
+            "workload_api_request_duration_seconds",
+            "Time to answer a unary call, or to send the first message of a stream",
+            rpc_seconds.clone(),
+        );
+        let open_streams = Family::<MethodLabels, Gauge>::default();
+        registry.register("workload_api_open_streams", "Workload API streams currently open", open_streams.clone());
+        let svids_issued = Family::<MethodLabels, Counter>::default();
+        let svids_issued_x509 = svids_issued.get_or_create(&MethodLabels { method: "x509" }).clone();
+        let svids_issued_jwt = svids_issued.get_or_create(&MethodLabels { method: "jwt" }).clone();
+        registry.register("svids_issued", "SVIDs signed, by type (label method = x509|jwt)", svids_issued);
+        let rotations = Counter::default();
+        registry.register("svid_rotations", "X509-SVIDs renewed by the rotation worker", rotations.clone());
+        let attestations = Family::<ResultLabels, Counter>::default();
+        registry.register("attestations", "Caller attestations by result", attestations.clone());
+        let ca_expiry_seconds = Gauge::default();
+        registry.register("ca_expiry_seconds", "Seconds until the signing CA expires", ca_expiry_seconds.clone());
+        let svid_expiry_seconds = Gauge::default();
+        registry.register("svid_expiry_seconds", "Seconds until the soonest cached X509-SVID expires (0 if none)", svid_expiry_seconds.clone());
+        let cached_identities = Gauge::default();
+        registry.register("cached_identities", "SPIFFE IDs with a cached X509-SVID", cached_identities.clone());
+        Self {
+            registry,
+            rpcs,
+            rpc_seconds,
+            open_streams,
+            svids_issued_x509,
+            svids_issued_jwt,
+            rotations,
+            attestations,
+            ca_expiry_seconds,
+            svid_expiry_seconds,
+            cached_identities,
+        }
+    }
+
+    pub fn record_rpc(&self, method: &'static str, code: tonic::Code, started: std::time::Instant) {
+        self.rpcs.get_or_create(&RpcLabels { method, code: code_name(code) }).inc();
+        if code == tonic::Code::Ok {
+            self.rpc_seconds.get_or_create(&MethodLabels { method }).observe(started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A guard that keeps a stream counted as open until dropped.
+pub struct OpenStream {
+    gauge: Gauge,
+}
+
+impl OpenStream {
+    pub fn new(metrics: &Metrics, method: &'static str) -> Self {
+        let gauge = metrics.open_streams.get_or_create(&MethodLabels { method }).clone();
+        gauge.inc();
+        Self { gauge }
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}

@@ -1,0 +1,301 @@
+//! X509-SVIDs cached per SPIFFE ID, rotated by one worker, fanned out to every
+//! stream through `watch` channels; JWT-SVIDs cached per (ID, audience set).
+//!
+//! Workloads that share a SPIFFE ID share one certificate and key (as in SPIRE
+//! and ztunnel); streams hold `Arc`s, never copies. An identity nobody
+//! subscribes to any more is dropped at its next refresh time instead of being
+//! renewed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, OnceCell, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::authority::{Authority, AuthorityError, JwtSvid, X509Svid};
+use crate::clock::{Clock, until};
+use crate::metrics::Metrics;
+
+/// Retry delay when issuance fails (the still-valid SVID keeps being served).
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// Upper bound on cached JWT-SVIDs; past it expired ones are purged, then all.
+const JWT_CACHE_LIMIT: usize = 10_000;
+
+struct Slot {
+    ttl: Duration,
+    tx: watch::Sender<Option<Arc<X509Svid>>>,
+    first_issue: OnceCell<()>,
+    refresh_at: Mutex<SystemTime>,
+}
+
+type JwtKey = (String, Vec<String>);
+
+pub struct SvidCache {
+    authority: Arc<Authority>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    jwts: Mutex<HashMap<JwtKey, JwtSvid>>,
+    wake: Notify,
+}
+
+impl SvidCache {
+    pub fn new(authority: Arc<Authority>, clock: Arc<dyn Clock>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            authority,
+            clock,
+            metrics,
+            slots: Mutex::default(),
+            jwts: Mutex::default(),
+            wake: Notify::new(),
+        })
+    }
+
+    pub fn authority(&self) -> &Arc<Authority> {
+        &self.authority
+    }
+
+    /// A receiver that always holds the current SVID for `id`, issuing it
+    /// first if nobody held it yet.
+    pub async fn subscribe(&self, id: &spiffe::SpiffeId, ttl: Duration) -> Result<watch::Receiver<Option<Arc<X509Svid>>>, AuthorityError> {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots
+                .entry(id.to_string())
+                .or_insert_with(|| {
+                    Arc::new(Slot {
+                        ttl,
+                        tx: watch::Sender::new(None),
+                        first_issue: OnceCell::new(),
+                        refresh_at: Mutex::new(SystemTime::UNIX_EPOCH),
+                    })
+                })
+                .clone()
+        };
+        let rx = slot.tx.subscribe();
+        slot.first_issue
+            .get_or_try_init(|| async {
+                self.issue_into(id, &slot)?;
+                self.wake.notify_one();
+                Ok::<(), AuthorityError>(())
+            })
+            .await?;
+        Ok(rx)
+    }
+
+    fn issue_into(&self, id: &spiffe::SpiffeId, slot: &Slot) -> Result<(), AuthorityError> {
+        let svid = self.authority.issue_x509(id, slot.ttl)?;
+        let refresh = refresh_time(svid.issued_at, svid.not_after);
+        *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner()) = refresh;
+        slot.tx.send_replace(Some(Arc::new(svid)));
+        self.metrics.svids_issued_x509.inc();
+        Ok(())
+    }
+
+    /// Number of SPIFFE IDs with a cached X509-SVID.
+    pub fn cached_identities(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Earliest expiry among cached X509-SVIDs.
+    pub fn soonest_expiry(&self) -> Option<SystemTime> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .values()
+            .filter_map(|s| s.tx.borrow().as_ref().map(|svid| svid.not_after))
+            .min()
+    }
+
+    /// Re-issues every cached SVID now (used after a forced CA change and by
+    /// benchmarks of fan-out).
+    pub fn rotate_all_now(&self) {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        for slot in slots.values() {
+            *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner()) = SystemTime::UNIX_EPOCH;
+        }
+        drop(slots);
+        self.wake.notify_one();
+    }
+
+    /// A JWT-SVID for (id, audience), reused while more than half its life is left.
+    pub fn jwt(&self, id: &spiffe::SpiffeId, audience: &[String], ttl: Duration) -> Result<JwtSvid, AuthorityError> {
+        let mut aud = audience.to_vec();
+        aud.sort();
+        aud.dedup();
+        let key = (id.to_string(), aud);
+        let now = self.clock.now();
+        {
+            let cache = self.jwts.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(hit) = cache.get(&key) {
+                if now < refresh_time(hit.issued_at, hit.expires_at) {
+                    return Ok(hit.clone());
+                }
+            }
+        }
+        // Keep the caller's audience order in the token (first = primary).
+        let svid = self.authority.mint_jwt(id, audience, ttl)?;
+        self.metrics.svids_issued_jwt.inc();
+        let mut cache = self.jwts.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= JWT_CACHE_LIMIT {
+            cache.retain(|_, v| v.expires_at > now);
+            if cache.len() >= JWT_CACHE_LIMIT {
+                cache.clear();
+            }
+        }
+        cache.insert(key, svid.clone());
+        Ok(svid)
+    }
+
+    /// The rotation worker: renews SVIDs at about half their life, drops
+    /// unused identities, and drives CA/JWT key rollover. Runs until cancelled.
+    pub async fn run_rotation(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let now = self.clock.now();
+            let mut next = now + Duration::from_secs(3600);
+            match self.authority.rotate() {
+                Ok(Some(t)) => next = next.min(t),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "authority key rollover failed; retrying");
+                    next = next.min(now + RETRY_AFTER_FAILURE);
+                }
+            }
+            let due: Vec<(String, Arc<Slot>)> = {
+                let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+                // Unused identities are forgotten instead of renewed.
+                slots.retain(|_, slot| {
+                    let due = *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner()) <= now;
+                    !(due && slot.tx.receiver_count() == 0 && slot.first_issue.initialized())
+                });
+                slots
+                    .iter()
+                    .filter(|(_, s)| s.first_issue.initialized())
+                    .filter_map(|(id, s)| {
+                        let at = *s.refresh_at.lock().unwrap_or_else(|e| e.into_inner());
+                        if at <= now {
+                            Some((id.clone(), s.clone()))
+                        } else {
+                            next = next.min(at);
+                            None
+                        }
+                    })
+                    .collect()
+            };
+            for (id, slot) in due {
+                let Ok(spiffe_id) = spiffe::SpiffeId::new(&id) else { continue };
+                match self.issue_into(&spiffe_id, &slot) {
+                    Ok(()) => {
+                        self.metrics.rotations.inc();
+                        let at = *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner());
+                        next = next.min(at);
+                    }
+                    Err(e) => {
+                        tracing::error!(spiffe_id = %id, error = %e, "SVID renewal failed; serving the current one");
+                        *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner()) = now + RETRY_AFTER_FAILURE;
+                        next = next.min(now + RETRY_AFTER_FAILURE);
+                    }
+                }
+            }
+            let sleep = until(self.clock.now(), next);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(sleep) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+}
+
+/// Half-way through the validity, with up to ±10 % jitter of the lifetime so a
+/// mass deployment does not renew in lock-step.
+fn refresh_time(issued_at: SystemTime, not_after: SystemTime) -> SystemTime {
+    let life = until(issued_at, not_after);
+    let mut b = [0u8; 2];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    let r = u16::from_le_bytes(b) as f64 / u16::MAX as f64; // 0..=1
+    let fraction = 0.4 + 0.2 * r;
+    issued_at + life.mul_f64(fraction)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authority::AuthoritySettings;
+    use crate::clock::TokioClock;
+
+    fn cache(clock: Arc<dyn Clock>) -> Arc<SvidCache> {
+        let authority = Authority::load(
+            AuthoritySettings {
+                trust_domain: spiffe::TrustDomain::new("example.org").unwrap(),
+                ca_ttl: Duration::from_secs(24 * 3600),
+                jwt_key_ttl: Duration::from_secs(24 * 3600),
+                state_dir: None,
+                ca_files: None,
+            },
+            clock.clone(),
+        )
+        .unwrap();
+        SvidCache::new(authority, clock, Arc::new(Metrics::new()))
+    }
+
+    #[test]
+    fn refresh_is_half_life_with_jitter() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        for _ in 0..100 {
+            let r = until(t0, refresh_time(t0, t0 + Duration::from_secs(100)));
+            assert!((40..=60).contains(&r.as_secs()), "{r:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rotates_at_half_life_and_pushes_to_subscribers() {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new());
+        let cache = cache(clock.clone());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cache.clone().run_rotation(shutdown.clone()));
+        let id = spiffe::SpiffeId::new("spiffe://example.org/w").unwrap();
+        let mut rx = cache.subscribe(&id, Duration::from_secs(100)).await.unwrap();
+        let first = rx.borrow_and_update().clone().unwrap();
+        // Shared: a second subscriber gets the very same certificate.
+        let rx2 = cache.subscribe(&id, Duration::from_secs(100)).await.unwrap();
+        assert!(Arc::ptr_eq(&first, rx2.borrow().as_ref().unwrap()));
+        tokio::time::advance(Duration::from_secs(39)).await;
+        tokio::task::yield_now().await;
+        assert!(!rx.has_changed().unwrap(), "no renewal before 40% of life");
+        tokio::time::timeout(Duration::from_secs(22), rx.changed()).await.expect("renewed by 60% of life").unwrap();
+        let second = rx.borrow_and_update().clone().unwrap();
+        assert_ne!(first.chain_der, second.chain_der);
+        assert!(second.not_after > first.not_after);
+        // Each SVID verifies with the spiffe crate.
+        spiffe::X509Svid::parse_from_der(&second.chain_der, &second.key_pkcs8).unwrap();
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unused_identities_are_dropped_not_renewed() {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new());
+        let cache = cache(clock.clone());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cache.clone().run_rotation(shutdown.clone()));
+        let id = spiffe::SpiffeId::new("spiffe://example.org/w").unwrap();
+        drop(cache.subscribe(&id, Duration::from_secs(100)).await.unwrap());
+        assert_eq!(cache.cached_identities(), 1);
+        tokio::time::sleep(Duration::from_secs(70)).await;
+        assert_eq!(cache.cached_identities(), 0);
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jwt_cache_reuses_until_half_life() {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new());
+        let cache = cache(clock);
+        let id = spiffe::SpiffeId::new("spiffe://example.org/w").unwrap();
+        let a = cache.jwt(&id, &["x".into(), "y".into()], Duration::from_secs(300)).unwrap();
+        let b = cache.jwt(&id, &["y".into(), "x".into()], Duration::from_secs(300)).unwrap();
+        assert_eq!(a.token, b.token, "same audience set, same token");
+        tokio::time::advance(Duration::from_secs(200)).await;
+        let c = cache.jwt(&id, &["x".into(), "y".into()], Duration::from_secs(300)).unwrap();
+        assert_ne!(a.token, c.token);
+    }
+}
