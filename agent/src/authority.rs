@@ -101,7 +101,12 @@ impl<K> KeyRing<K> {
 
     /// Prunes expired keys and, if the newest key is half-way through its
     /// life, creates its successor with `make(times)`.
-    fn tick(&mut self, now: u64, ttl: Duration, mut make: impl FnMut(KeyTimes) -> Result<K, AuthorityError>) -> Result<RingChange, AuthorityError> {
+    fn tick(
+        &mut self,
+        now: u64,
+        ttl: Duration,
+        mut make: impl FnMut(KeyTimes) -> Result<K, AuthorityError>,
+    ) -> Result<RingChange, AuthorityError> {
         let mut change = RingChange::default();
         let before = self.keys.len();
         self.keys.retain(|(t, _)| t.not_after > now);
@@ -131,7 +136,9 @@ impl<K> KeyRing<K> {
         let mut next = self.keys.iter().map(|(t, _)| t.not_after).min();
         if self.rotates {
             if let Some((t, _)) = self.keys.last() {
-                next = Some(next.map_or(t.prepare_successor_at(), |n| n.min(t.prepare_successor_at())));
+                next = Some(next.map_or(t.prepare_successor_at(), |n| {
+                    n.min(t.prepare_successor_at())
+                }));
             }
         }
         next
@@ -249,10 +256,19 @@ struct PersistedKey {
 
 impl Authority {
     /// Loads persisted or operator keys, or creates new ones.
-    pub fn load(settings: AuthoritySettings, clock: Arc<dyn Clock>) -> Result<Arc<Self>, AuthorityError> {
+    pub fn load(
+        settings: AuthoritySettings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, AuthorityError> {
         let now = unix_seconds(clock.now());
-        let mut cas = KeyRing { keys: Vec::new(), rotates: settings.ca_files.is_none() };
-        let mut jwt = KeyRing { keys: Vec::new(), rotates: true };
+        let mut cas = KeyRing {
+            keys: Vec::new(),
+            rotates: settings.ca_files.is_none(),
+        };
+        let mut jwt = KeyRing {
+            keys: Vec::new(),
+            rotates: true,
+        };
 
         if let Some((cert_path, key_path)) = &settings.ca_files {
             let ca = load_operator_ca(cert_path, key_path, &settings.trust_domain)?;
@@ -268,13 +284,23 @@ impl Authority {
                         for k in persisted.cas {
                             let cert = B64.decode(&k.cert).map_err(|e| file_err(&path, e))?;
                             let key = B64.decode(&k.key).map_err(|e| file_err(&path, e))?;
-                            cas.keys.push((k.times, Arc::new(ca_from_parts(cert, key).map_err(|e| file_err(&path, e))?)));
+                            cas.keys.push((
+                                k.times,
+                                Arc::new(ca_from_parts(cert, key).map_err(|e| file_err(&path, e))?),
+                            ));
                         }
                     }
                     for k in persisted.jwt_keys {
                         let key = B64.decode(&k.key).map_err(|e| file_err(&path, e))?;
-                        let signer = Es256Signer::from_pkcs8(k.kid, &key).map_err(|e| file_err(&path, e))?;
-                        jwt.keys.push((k.times, Arc::new(JwtKey { signer, key_pkcs8: key })));
+                        let signer =
+                            Es256Signer::from_pkcs8(k.kid, &key).map_err(|e| file_err(&path, e))?;
+                        jwt.keys.push((
+                            k.times,
+                            Arc::new(JwtKey {
+                                signer,
+                                key_pkcs8: key,
+                            }),
+                        ));
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -318,8 +344,12 @@ impl Authority {
         let now = unix_seconds(self.clock.now());
         let td = self.settings.trust_domain.clone();
         let mut state = self.lock();
-        let a = state.cas.tick(now, self.settings.ca_ttl, |t| new_ca(&td, t))?;
-        let b = state.jwt.tick(now, self.settings.jwt_key_ttl, new_jwt_key)?;
+        let a = state
+            .cas
+            .tick(now, self.settings.ca_ttl, |t| new_ca(&td, t))?;
+        let b = state
+            .jwt
+            .tick(now, self.settings.jwt_key_ttl, new_jwt_key)?;
         if a.published {
             tracing::info!("prepared a new CA; published in the bundle before it signs");
         }
@@ -360,11 +390,18 @@ impl Authority {
     }
 
     /// Issues an X509-SVID with a fresh P-256 key.
-    pub fn issue_x509(&self, id: &spiffe::SpiffeId, ttl: Duration) -> Result<X509Svid, AuthorityError> {
+    pub fn issue_x509(
+        &self,
+        id: &spiffe::SpiffeId,
+        ttl: Duration,
+    ) -> Result<X509Svid, AuthorityError> {
         let now = self.clock.now();
         let (times, ca) = {
             let state = self.lock();
-            let (t, ca) = state.cas.active(unix_seconds(now)).ok_or(AuthorityError::NoKey)?;
+            let (t, ca) = state
+                .cas
+                .active(unix_seconds(now))
+                .ok_or(AuthorityError::NoKey)?;
             (*t, ca.clone())
         };
         let ca_end = SystemTime::UNIX_EPOCH + Duration::from_secs(times.not_after);
@@ -380,8 +417,14 @@ impl Authority {
         dn.push(DnType::OrganizationalUnitName, id.trust_domain_name());
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyAgreement];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyAgreement,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &ca.issuer)?;
         Ok(X509Svid {
@@ -394,11 +437,19 @@ impl Authority {
     }
 
     /// Signs a JWT-SVID for `id` and `audience` (must be non-empty).
-    pub fn mint_jwt(&self, id: &spiffe::SpiffeId, audience: &[String], ttl: Duration) -> Result<JwtSvid, AuthorityError> {
+    pub fn mint_jwt(
+        &self,
+        id: &spiffe::SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+    ) -> Result<JwtSvid, AuthorityError> {
         let now = self.clock.now();
         let (times, key) = {
             let state = self.lock();
-            let (t, k) = state.jwt.active(unix_seconds(now)).ok_or(AuthorityError::NoKey)?;
+            let (t, k) = state
+                .jwt
+                .active(unix_seconds(now))
+                .ok_or(AuthorityError::NoKey)?;
             (*t, k.clone())
         };
         let iat = unix_seconds(now);
@@ -409,7 +460,10 @@ impl Authority {
             "exp": exp,
             "iat": iat,
         });
-        let token = key.signer.sign("JWT", &claims).map_err(|_| AuthorityError::Crypto)?;
+        let token = key
+            .signer
+            .sign("JWT", &claims)
+            .map_err(|_| AuthorityError::Crypto)?;
         Ok(JwtSvid {
             token,
             issued_at: SystemTime::UNIX_EPOCH + Duration::from_secs(iat),
@@ -420,23 +474,36 @@ impl Authority {
     /// Verifies a JWT-SVID per the spec: signature by a key in our bundle,
     /// `sub` a SPIFFE ID of our trust domain, `aud` containing `audience`, not
     /// expired. Returns the SPIFFE ID and all claims.
-    pub fn validate_jwt(&self, token: &str, audience: &str) -> Result<(spiffe::SpiffeId, serde_json::Map<String, serde_json::Value>), jws::JwtError> {
+    pub fn validate_jwt(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<(spiffe::SpiffeId, serde_json::Map<String, serde_json::Value>), jws::JwtError> {
         use jws::JwtError;
         let bundle = self.bundle();
         let verified = jws::verify(token, bundle.jwt_keys.iter())?;
         let claims = verified.claims;
-        let sub = claims.get("sub").and_then(|v| v.as_str()).ok_or(JwtError::Claims("sub missing"))?;
-        let id = spiffe::SpiffeId::new(sub).map_err(|_| JwtError::Claims("sub is not a SPIFFE ID"))?;
+        let sub = claims
+            .get("sub")
+            .and_then(|v| v.as_str())
+            .ok_or(JwtError::Claims("sub missing"))?;
+        let id =
+            spiffe::SpiffeId::new(sub).map_err(|_| JwtError::Claims("sub is not a SPIFFE ID"))?;
         if !id.is_member_of(&self.settings.trust_domain) {
             return Err(JwtError::Claims("sub is not in this trust domain"));
         }
-        let exp = claims.get("exp").and_then(|v| v.as_f64()).ok_or(JwtError::Claims("exp missing"))?;
+        let exp = claims
+            .get("exp")
+            .and_then(|v| v.as_f64())
+            .ok_or(JwtError::Claims("exp missing"))?;
         if exp <= unix_seconds(self.clock.now()) as f64 {
             return Err(JwtError::Expired);
         }
         let aud_ok = match claims.get("aud") {
             Some(serde_json::Value::String(a)) => a == audience,
-            Some(serde_json::Value::Array(list)) if !list.is_empty() => list.iter().any(|a| a.as_str() == Some(audience)),
+            Some(serde_json::Value::Array(list)) if !list.is_empty() => {
+                list.iter().any(|a| a.as_str() == Some(audience))
+            }
             _ => return Err(JwtError::Claims("aud missing or empty")),
         };
         if !aud_ok {
@@ -446,30 +513,43 @@ impl Authority {
     }
 
     fn persist(&self) -> Result<(), AuthorityError> {
-        let Some(dir) = &self.settings.state_dir else { return Ok(()) };
+        let Some(dir) = &self.settings.state_dir else {
+            return Ok(());
+        };
         let state = self.lock();
         let persisted = PersistedState {
             version: 1,
             cas: if self.settings.ca_files.is_some() {
                 Vec::new() // operator keys stay where the operator put them
             } else {
-                state.cas.keys.iter().map(|(t, k)| PersistedKey {
-                    times: *t,
-                    cert: B64.encode(&k.cert_der),
-                    kid: String::new(),
-                    key: B64.encode(&k.key_pkcs8),
-                }).collect()
+                state
+                    .cas
+                    .keys
+                    .iter()
+                    .map(|(t, k)| PersistedKey {
+                        times: *t,
+                        cert: B64.encode(&k.cert_der),
+                        kid: String::new(),
+                        key: B64.encode(&k.key_pkcs8),
+                    })
+                    .collect()
             },
-            jwt_keys: state.jwt.keys.iter().map(|(t, k)| PersistedKey {
-                times: *t,
-                cert: String::new(),
-                kid: k.signer.kid().to_string(),
-                key: B64.encode(&k.key_pkcs8),
-            }).collect(),
+            jwt_keys: state
+                .jwt
+                .keys
+                .iter()
+                .map(|(t, k)| PersistedKey {
+                    times: *t,
+                    cert: String::new(),
+                    kid: k.signer.kid().to_string(),
+                    key: B64.encode(&k.key_pkcs8),
+                })
+                .collect(),
         };
         drop(state);
         let json = serde_json::to_vec_pretty(&persisted).map_err(|e| file_err(dir, e))?;
-        crate::fsutil::write_private_atomic(&dir.join(STATE_FILE), &json).map_err(|e| file_err(&dir.join(STATE_FILE), e))
+        crate::fsutil::write_private_atomic(&dir.join(STATE_FILE), &json)
+            .map_err(|e| file_err(&dir.join(STATE_FILE), e))
     }
 }
 
@@ -484,7 +564,8 @@ fn random_serial() -> SerialNumber {
 fn new_ca(td: &spiffe::TrustDomain, times: KeyTimes) -> Result<CaKey, AuthorityError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
-    params.not_before = (SystemTime::UNIX_EPOCH + Duration::from_secs(times.created) - BACKDATE).into();
+    params.not_before =
+        (SystemTime::UNIX_EPOCH + Duration::from_secs(times.created) - BACKDATE).into();
     params.not_after = (SystemTime::UNIX_EPOCH + Duration::from_secs(times.not_after)).into();
     params.serial_number = Some(random_serial());
     params.subject_alt_names = vec![SanType::URI(td.id_string().try_into()?)];
@@ -493,7 +574,11 @@ fn new_ca(td: &spiffe::TrustDomain, times: KeyTimes) -> Result<CaKey, AuthorityE
     dn.push(DnType::CommonName, format!("Tessera CA {}", td.as_str()));
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     params.use_authority_key_identifier_extension = false;
     let cert = params.self_signed(&key)?;
     ca_from_parts(cert.der().to_vec(), key.serialize_der()).map_err(|_| AuthorityError::Crypto)
@@ -501,7 +586,8 @@ fn new_ca(td: &spiffe::TrustDomain, times: KeyTimes) -> Result<CaKey, AuthorityE
 
 fn ca_from_parts(cert_der: Vec<u8>, key_pkcs8: Vec<u8>) -> Result<CaKey, String> {
     let key = KeyPair::try_from(key_pkcs8.as_slice()).map_err(|e| format!("CA key: {e}"))?;
-    let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key).map_err(|e| format!("CA certificate: {e}"))?;
+    let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key)
+        .map_err(|e| format!("CA certificate: {e}"))?;
     Ok(CaKey {
         cert_der: Bytes::from(cert_der),
         issuer,
@@ -511,10 +597,17 @@ fn ca_from_parts(cert_der: Vec<u8>, key_pkcs8: Vec<u8>) -> Result<CaKey, String>
 
 fn new_jwt_key(_: KeyTimes) -> Result<JwtKey, AuthorityError> {
     let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(&ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+    let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &rng,
+    )
+    .map_err(|_| AuthorityError::Crypto)?;
+    let signer = Es256Signer::from_pkcs8(jws::random_kid(), pkcs8.as_ref())
         .map_err(|_| AuthorityError::Crypto)?;
-    let signer = Es256Signer::from_pkcs8(jws::random_kid(), pkcs8.as_ref()).map_err(|_| AuthorityError::Crypto)?;
-    Ok(JwtKey { signer, key_pkcs8: pkcs8.as_ref().to_vec() })
+    Ok(JwtKey {
+        signer,
+        key_pkcs8: pkcs8.as_ref().to_vec(),
+    })
 }
 
 fn build_bundle(cas: &KeyRing<CaKey>, jwt: &KeyRing<JwtKey>, sequence: u64) -> TrustBundle {
@@ -522,7 +615,11 @@ fn build_bundle(cas: &KeyRing<CaKey>, jwt: &KeyRing<JwtKey>, sequence: u64) -> T
     for (_, ca) in &cas.keys {
         x509.extend_from_slice(&ca.cert_der);
     }
-    let jwt_keys: Vec<PublicJwk> = jwt.keys.iter().map(|(_, k)| k.signer.public_jwk()).collect();
+    let jwt_keys: Vec<PublicJwk> = jwt
+        .keys
+        .iter()
+        .map(|(_, k)| k.signer.public_jwk())
+        .collect();
     let jwks = serde_json::json!({
         "keys": jwt_keys.iter().map(|k| k.to_json("jwt-svid")).collect::<Vec<_>>(),
     });
@@ -536,31 +633,52 @@ fn build_bundle(cas: &KeyRing<CaKey>, jwt: &KeyRing<JwtKey>, sequence: u64) -> T
 
 /// Loads an operator CA: a PEM certificate and a PEM P-256 key in PKCS#8
 /// (`BEGIN PRIVATE KEY`) or SEC1 (`BEGIN EC PRIVATE KEY`) form.
-fn load_operator_ca(cert_path: &Path, key_path: &Path, td: &spiffe::TrustDomain) -> Result<(KeyTimes, CaKey), AuthorityError> {
+fn load_operator_ca(
+    cert_path: &Path,
+    key_path: &Path,
+    td: &spiffe::TrustDomain,
+) -> Result<(KeyTimes, CaKey), AuthorityError> {
     let cert_pem = std::fs::read_to_string(cert_path).map_err(|e| file_err(cert_path, e))?;
     let key_pem = std::fs::read_to_string(key_path).map_err(|e| file_err(key_path, e))?;
-    let cert_der = pem_block(&cert_pem, "CERTIFICATE").ok_or_else(|| file_err(cert_path, "no `BEGIN CERTIFICATE` block"))?;
+    let cert_der = pem_block(&cert_pem, "CERTIFICATE")
+        .ok_or_else(|| file_err(cert_path, "no `BEGIN CERTIFICATE` block"))?;
     let key_pkcs8 = if let Some(der) = pem_block(&key_pem, "PRIVATE KEY") {
         der
     } else if let Some(sec1) = pem_block(&key_pem, "EC PRIVATE KEY") {
         sec1_to_pkcs8(&sec1)
     } else {
-        return Err(file_err(key_path, "expected a `BEGIN PRIVATE KEY` (PKCS#8) or `BEGIN EC PRIVATE KEY` (SEC1) P-256 key"));
+        return Err(file_err(
+            key_path,
+            "expected a `BEGIN PRIVATE KEY` (PKCS#8) or `BEGIN EC PRIVATE KEY` (SEC1) P-256 key",
+        ));
     };
-    let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der).map_err(|e| file_err(cert_path, format!("not an X.509 certificate: {e}")))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der)
+        .map_err(|e| file_err(cert_path, format!("not an X.509 certificate: {e}")))?;
     match parsed.basic_constraints() {
         Ok(Some(bc)) if bc.value.ca => {}
-        _ => return Err(file_err(cert_path, "certificate is not a CA (basicConstraints cA=true required)")),
+        _ => {
+            return Err(file_err(
+                cert_path,
+                "certificate is not a CA (basicConstraints cA=true required)",
+            ));
+        }
     }
     let times = KeyTimes {
         created: parsed.validity().not_before.timestamp().max(0) as u64,
         activate_at: 0,
         not_after: parsed.validity().not_after.timestamp().max(0) as u64,
     };
-    let key = KeyPair::try_from(key_pkcs8.as_slice())
-        .map_err(|e| file_err(key_path, format!("unsupported key (Tessera signs with ECDSA P-256): {e}")))?;
+    let key = KeyPair::try_from(key_pkcs8.as_slice()).map_err(|e| {
+        file_err(
+            key_path,
+            format!("unsupported key (Tessera signs with ECDSA P-256): {e}"),
+        )
+    })?;
     if key.public_key_raw() != parsed.public_key().subject_public_key.data.as_ref() {
-        return Err(file_err(key_path, "the key does not match the CA certificate"));
+        return Err(file_err(
+            key_path,
+            "the key does not match the CA certificate",
+        ));
     }
     tracing::info!(trust_domain = td.as_str(), cert = %cert_path.display(), "using operator-provided CA");
     let ca = ca_from_parts(cert_der, key_pkcs8).map_err(|e| file_err(cert_path, e))?;

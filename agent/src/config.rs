@@ -178,7 +178,12 @@ impl Ctx<'_> {
             + 1
     }
 
-    fn invalid<T>(&self, key: &str, spanned: &Spanned<T>, message: impl Into<String>) -> ConfigError {
+    fn invalid<T>(
+        &self,
+        key: &str,
+        spanned: &Spanned<T>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         ConfigError::Invalid {
             file: self.file.to_string(),
             line: self.line(spanned.span()),
@@ -187,15 +192,37 @@ impl Ctx<'_> {
         }
     }
 
-    fn ttl(&self, key: &str, value: &Option<Spanned<String>>, default: Duration, warnings: &mut Vec<String>) -> Result<Duration, ConfigError> {
-        let Some(value) = value else { return Ok(default) };
-        let d = humantime::parse_duration(value.get_ref())
-            .map_err(|e| self.invalid(key, value, format!("not a duration ({e}); use e.g. \"90s\", \"1h\"")))?;
+    fn ttl(
+        &self,
+        key: &str,
+        value: &Option<Spanned<String>>,
+        default: Duration,
+        warnings: &mut Vec<String>,
+    ) -> Result<Duration, ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let d = humantime::parse_duration(value.get_ref()).map_err(|e| {
+            self.invalid(
+                key,
+                value,
+                format!("not a duration ({e}); use e.g. \"90s\", \"1h\""),
+            )
+        })?;
         if d < MIN_TTL {
-            return Err(self.invalid(key, value, format!("must be at least {}", humantime::format_duration(MIN_TTL))));
+            return Err(self.invalid(
+                key,
+                value,
+                format!("must be at least {}", humantime::format_duration(MIN_TTL)),
+            ));
         }
         if d < SHORT_TTL_WARNING {
-            warnings.push(format!("{}:{}: `{key}` = {:?} is very short; fine for tests and demos, not for production", self.file, self.line(value.span()), value.get_ref()));
+            warnings.push(format!(
+                "{}:{}: `{key}` = {:?} is very short; fine for tests and demos, not for production",
+                self.file,
+                self.line(value.span()),
+                value.get_ref()
+            ));
         }
         Ok(d)
     }
@@ -221,12 +248,37 @@ impl Config {
         let cx = Ctx { file, text };
         let mut warnings = Vec::new();
 
-        let trust_domain = spiffe::TrustDomain::new(raw.trust_domain.get_ref())
-            .map_err(|e| cx.invalid("trust_domain", &raw.trust_domain, format!("invalid trust domain: {e}")))?;
-        let x509_ttl = cx.ttl("svid.x509_ttl", &raw.svid.x509_ttl, Duration::from_secs(3600), &mut warnings)?;
-        let jwt_ttl = cx.ttl("svid.jwt_ttl", &raw.svid.jwt_ttl, Duration::from_secs(300), &mut warnings)?;
-        let ca_ttl = cx.ttl("authority.ca_ttl", &raw.authority.ca_ttl, Duration::from_secs(24 * 3600), &mut warnings)?;
-        let jwt_key_ttl = cx.ttl("authority.jwt_key_ttl", &raw.authority.jwt_key_ttl, Duration::from_secs(24 * 3600), &mut warnings)?;
+        let trust_domain = spiffe::TrustDomain::new(raw.trust_domain.get_ref()).map_err(|e| {
+            cx.invalid(
+                "trust_domain",
+                &raw.trust_domain,
+                format!("invalid trust domain: {e}"),
+            )
+        })?;
+        let x509_ttl = cx.ttl(
+            "svid.x509_ttl",
+            &raw.svid.x509_ttl,
+            Duration::from_secs(3600),
+            &mut warnings,
+        )?;
+        let jwt_ttl = cx.ttl(
+            "svid.jwt_ttl",
+            &raw.svid.jwt_ttl,
+            Duration::from_secs(300),
+            &mut warnings,
+        )?;
+        let ca_ttl = cx.ttl(
+            "authority.ca_ttl",
+            &raw.authority.ca_ttl,
+            Duration::from_secs(24 * 3600),
+            &mut warnings,
+        )?;
+        let jwt_key_ttl = cx.ttl(
+            "authority.jwt_key_ttl",
+            &raw.authority.jwt_key_ttl,
+            Duration::from_secs(24 * 3600),
+            &mut warnings,
+        )?;
 
         let mut entries = Vec::with_capacity(raw.entries.len());
         for (i, e) in raw.entries.iter().enumerate() {
@@ -240,20 +292,35 @@ impl Config {
                 )));
             }
             if e.selectors.get_ref().is_empty() {
-                return Err(cx.invalid(&key("selectors"), &e.selectors, "an entry needs at least one selector"));
+                return Err(cx.invalid(
+                    &key("selectors"),
+                    &e.selectors,
+                    "an entry needs at least one selector",
+                ));
             }
             let mut selectors = Vec::new();
             for s in e.selectors.get_ref() {
-                selectors.push(Selector::parse(s.get_ref()).map_err(|err| cx.invalid(&key("selectors"), s, err.to_string()))?);
+                selectors.push(
+                    Selector::parse(s.get_ref())
+                        .map_err(|err| cx.invalid(&key("selectors"), s, err.to_string()))?,
+                );
             }
             let hint = match &e.hint {
-                Some(h) if h.get_ref().len() > 1024 => return Err(cx.invalid(&key("hint"), h, "hints are limited to 1024 bytes")),
+                Some(h) if h.get_ref().len() > 1024 => {
+                    return Err(cx.invalid(&key("hint"), h, "hints are limited to 1024 bytes"));
+                }
                 Some(h) => Some(h.get_ref().clone()),
                 None => None,
             };
             let entry_x509 = cx.ttl(&key("x509_ttl"), &e.x509_ttl, x509_ttl, &mut warnings)?;
             let entry_jwt = cx.ttl(&key("jwt_ttl"), &e.jwt_ttl, jwt_ttl, &mut warnings)?;
-            entries.push(Entry { template, selectors, hint, x509_ttl: entry_x509, jwt_ttl: entry_jwt });
+            entries.push(Entry {
+                template,
+                selectors,
+                hint,
+                x509_ttl: entry_x509,
+                jwt_ttl: entry_jwt,
+            });
         }
 
         let (admin_listen, admin_socket_path) = match &raw.admin {
@@ -262,7 +329,11 @@ impl Config {
                 let listen = match &a.listen {
                     None => None,
                     Some(l) => Some(l.get_ref().parse::<SocketAddr>().map_err(|e| {
-                        cx.invalid("admin.listen", l, format!("not an address like 127.0.0.1:9090 ({e})"))
+                        cx.invalid(
+                            "admin.listen",
+                            l,
+                            format!("not an address like 127.0.0.1:9090 ({e})"),
+                        )
                     })?),
                 };
                 (listen, a.socket_path.clone())
@@ -278,12 +349,14 @@ impl Config {
         let ca_files = match (&raw.authority.ca_cert_file, &raw.authority.ca_key_file) {
             (Some(c), Some(k)) => Some((c.clone(), k.clone())),
             (None, None) => None,
-            _ => return Err(ConfigError::Invalid {
-                file: file.to_string(),
-                line: 1,
-                key: "authority.ca_cert_file".into(),
-                message: "set both ca_cert_file and ca_key_file, or neither".into(),
-            }),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    file: file.to_string(),
+                    line: 1,
+                    key: "authority.ca_cert_file".into(),
+                    message: "set both ca_cert_file and ca_key_file, or neither".into(),
+                });
+            }
         };
 
         let json = match &raw.log.format {
@@ -296,11 +369,15 @@ impl Config {
         };
         let shutdown_grace = match &raw.limits.shutdown_grace {
             None => Duration::from_secs(5),
-            Some(g) => humantime::parse_duration(g.get_ref()).map_err(|e| cx.invalid("limits.shutdown_grace", g, e.to_string()))?,
+            Some(g) => humantime::parse_duration(g.get_ref())
+                .map_err(|e| cx.invalid("limits.shutdown_grace", g, e.to_string()))?,
         };
         let _ = raw.limits.max_connections;
 
-        let exchange_keys = raw.exchange.map(|t| t.keys().cloned().collect()).unwrap_or_default();
+        let exchange_keys = raw
+            .exchange
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default();
 
         Ok(Config {
             trust_domain,
@@ -314,15 +391,25 @@ impl Config {
                 ca_files,
                 persist: raw.authority.persist.unwrap_or(true),
             },
-            proc_root: raw.attestor.proc_root.unwrap_or_else(|| PathBuf::from("/proc")),
+            proc_root: raw
+                .attestor
+                .proc_root
+                .unwrap_or_else(|| PathBuf::from("/proc")),
             unix_attestor: tessera_attestor::UnixAttestorConfig {
                 discover_workload_path: raw.attestor.unix.discover_workload_path.unwrap_or(true),
-                workload_size_limit: raw.attestor.unix.workload_size_limit.unwrap_or(128 * 1024 * 1024),
+                workload_size_limit: raw
+                    .attestor
+                    .unix
+                    .workload_size_limit
+                    .unwrap_or(128 * 1024 * 1024),
             },
             entries: EntrySet::new(entries),
             admin_listen,
             admin_socket_path,
-            log: LogConfig { level: raw.log.level, json },
+            log: LogConfig {
+                level: raw.log.level,
+                json,
+            },
             shutdown_grace,
             exchange_keys,
             warnings,
@@ -371,7 +458,13 @@ listen = "127.0.0.1:0"
 pub fn sanitize_segment(s: &str) -> String {
     let out: String = s
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     match out.as_str() {
         "" | "." | ".." => format!("_{out}"),
@@ -406,11 +499,25 @@ mod tests {
 
     #[test]
     fn invalid_spiffe_id_is_rejected_with_line() {
-        for bad in ["spiffe://example.org/a//b", "spiffe://Example.org/a", "http://example.org/a", "spiffe://example.org/a/", "spiffe://example.org/%41", "spiffe://example.org/a/../b"] {
-            let e = err(&format!("{MINIMAL}[[entries]]\nspiffe_id = \"{bad}\"\nselectors = [\"unix:uid:1\"]\n"));
-            assert!(e.contains("t.toml:5") && e.contains("entries[0].spiffe_id"), "{bad}: {e}");
+        for bad in [
+            "spiffe://example.org/a//b",
+            "spiffe://Example.org/a",
+            "http://example.org/a",
+            "spiffe://example.org/a/",
+            "spiffe://example.org/%41",
+            "spiffe://example.org/a/../b",
+        ] {
+            let e = err(&format!(
+                "{MINIMAL}[[entries]]\nspiffe_id = \"{bad}\"\nselectors = [\"unix:uid:1\"]\n"
+            ));
+            assert!(
+                e.contains("t.toml:5") && e.contains("entries[0].spiffe_id"),
+                "{bad}: {e}"
+            );
         }
-        let e = err(&format!("{MINIMAL}[[entries]]\nspiffe_id = \"spiffe://other.org/a\"\nselectors = [\"unix:uid:1\"]\n"));
+        let e = err(&format!(
+            "{MINIMAL}[[entries]]\nspiffe_id = \"spiffe://other.org/a\"\nselectors = [\"unix:uid:1\"]\n"
+        ));
         assert!(e.contains("trust domain"), "{e}");
     }
 
@@ -420,9 +527,21 @@ mod tests {
         assert!(err(&format!("{MINIMAL}[svid]\nx509_ttl = \"soon\"\n")).contains("svid.x509_ttl"));
         assert!(err(&format!("{MINIMAL}[svid]\nx509_ttl = \"1s\"\n")).contains("at least"));
         assert!(err(&format!("{MINIMAL}[[entries]]\nspiffe_id = \"spiffe://example.org/a\"\nselectors = [\"uid\"]\n")).contains("entries[0].selectors"));
-        assert!(err(&format!("{MINIMAL}[[entries]]\nspiffe_id = \"spiffe://example.org/a\"\nselectors = []\n")).contains("at least one selector"));
-        assert!(err(&format!("{MINIMAL}[admin]\nlisten = \"localhost\"\n")).contains("admin.listen"));
-        assert!(err(&format!("{MINIMAL}[admin]\nsocket_path = \"/tmp/x/admin.sock\"\n")).contains("admin socket"));
+        assert!(
+            err(&format!(
+                "{MINIMAL}[[entries]]\nspiffe_id = \"spiffe://example.org/a\"\nselectors = []\n"
+            ))
+            .contains("at least one selector")
+        );
+        assert!(
+            err(&format!("{MINIMAL}[admin]\nlisten = \"localhost\"\n")).contains("admin.listen")
+        );
+        assert!(
+            err(&format!(
+                "{MINIMAL}[admin]\nsocket_path = \"/tmp/x/admin.sock\"\n"
+            ))
+            .contains("admin socket")
+        );
         assert!(err("trust_domain = \"example.org\"\n").contains("socket_path"));
     }
 

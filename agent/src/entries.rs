@@ -41,9 +41,13 @@ impl IdTemplate {
                 parts.push(Part::Literal(rest[..open].to_string()));
             }
             let kind = &rest[open + 1..close];
-            let sel = Selector::parse(kind).map_err(|_| format!("placeholder {{{kind}}} must name a selector type such as {{k8s:ns}}"))?;
+            let sel = Selector::parse(kind).map_err(|_| {
+                format!("placeholder {{{kind}}} must name a selector type such as {{k8s:ns}}")
+            })?;
             if !sel.value().is_empty() {
-                return Err(format!("placeholder {{{kind}}} must be a selector type without a value"));
+                return Err(format!(
+                    "placeholder {{{kind}}} must be a selector type without a value"
+                ));
             }
             parts.push(Part::Placeholder(sel.kind().to_string()));
             rest = &rest[close + 1..];
@@ -55,9 +59,12 @@ impl IdTemplate {
             parts.push(Part::Literal(rest.to_string()));
         }
         let sample = render_with(&parts, |_| Some("x"));
-        let id = spiffe::SpiffeId::new(&sample).map_err(|e| format!("invalid SPIFFE ID {text:?}: {e}"))?;
+        let id = spiffe::SpiffeId::new(&sample)
+            .map_err(|e| format!("invalid SPIFFE ID {text:?}: {e}"))?;
         if id.path().is_empty() {
-            return Err(format!("{text:?} has no path; workload SPIFFE IDs need one"));
+            return Err(format!(
+                "{text:?} has no path; workload SPIFFE IDs need one"
+            ));
         }
         if sample.len() > 2048 {
             return Err("SPIFFE IDs are limited to 2048 bytes".into());
@@ -161,7 +168,11 @@ impl EntrySet {
             if !entry.selectors.iter().all(|s| selectors.satisfies(s)) {
                 continue;
             }
-            if entry.template.placeholders().any(|k| selectors.first_value(k).is_none()) {
+            if entry
+                .template
+                .placeholders()
+                .any(|k| selectors.first_value(k).is_none())
+            {
                 continue;
             }
             let Some(spiffe_id) = entry.template.render(selectors) else {
@@ -206,19 +217,41 @@ mod tests {
 
     #[test]
     fn templates_fill_from_selectors() {
-        let set = EntrySet::new(vec![entry("spiffe://example.org/ns/{k8s:ns}/sa/{k8s:sa}", &["k8s:ns"], None)]);
+        let set = EntrySet::new(vec![entry(
+            "spiffe://example.org/ns/{k8s:ns}/sa/{k8s:sa}",
+            &["k8s:ns"],
+            None,
+        )]);
         let ids = set.identities_for(&workload(&["k8s:ns:prod", "k8s:sa:api"]));
         assert_eq!(ids.len(), 1);
-        assert_eq!(ids[0].spiffe_id.to_string(), "spiffe://example.org/ns/prod/sa/api");
-        assert!(set.identities_for(&workload(&["k8s:ns:prod"])).is_empty(), "missing sa");
-        assert!(set.identities_for(&workload(&["k8s:ns:a/b", "k8s:sa:x"])).is_empty(), "slash in value");
-        assert!(set.identities_for(&workload(&["k8s:ns:..", "k8s:sa:x"])).is_empty(), "dot-dot segment");
+        assert_eq!(
+            ids[0].spiffe_id.to_string(),
+            "spiffe://example.org/ns/prod/sa/api"
+        );
+        assert!(
+            set.identities_for(&workload(&["k8s:ns:prod"])).is_empty(),
+            "missing sa"
+        );
+        assert!(
+            set.identities_for(&workload(&["k8s:ns:a/b", "k8s:sa:x"]))
+                .is_empty(),
+            "slash in value"
+        );
+        assert!(
+            set.identities_for(&workload(&["k8s:ns:..", "k8s:sa:x"]))
+                .is_empty(),
+            "dot-dot segment"
+        );
     }
 
     #[test]
     fn all_selectors_must_match_and_order_is_kept() {
         let set = EntrySet::new(vec![
-            entry("spiffe://example.org/a", &["unix:uid:1000", "unix:gid:1000"], Some("a")),
+            entry(
+                "spiffe://example.org/a",
+                &["unix:uid:1000", "unix:gid:1000"],
+                Some("a"),
+            ),
             entry("spiffe://example.org/b", &["unix:uid:1000"], Some("a")),
             entry("spiffe://example.org/a", &["unix:uid"], None),
             entry("spiffe://example.org/c", &["unix:uid:0"], None),
@@ -234,7 +267,10 @@ mod tests {
 
     #[test]
     fn template_validation() {
-        assert!(IdTemplate::parse("spiffe://example.org").is_err(), "no path");
+        assert!(
+            IdTemplate::parse("spiffe://example.org").is_err(),
+            "no path"
+        );
         assert!(IdTemplate::parse("spiffe://example.org/{k8s:ns").is_err());
         assert!(IdTemplate::parse("spiffe://example.org/{k8s:ns:x}").is_err());
         assert!(IdTemplate::parse("spiffe://{k8s:ns}/x").is_err());

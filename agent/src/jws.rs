@@ -67,14 +67,17 @@ pub struct Es256Signer {
 
 impl std::fmt::Debug for Es256Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Es256Signer").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("Es256Signer")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
 impl Es256Signer {
     pub fn from_pkcs8(kid: String, pkcs8: &[u8]) -> Result<Self, ring::error::KeyRejected> {
         let rng = ring::rand::SystemRandom::new();
-        let key = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8, &rng)?;
+        let key =
+            EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8, &rng)?;
         Ok(Self { kid, key, rng })
     }
 
@@ -110,18 +113,27 @@ pub struct VerifiedJwt {
 }
 
 /// Verifies a compact JWS against `keys` (by `kid`). Claims are not checked here.
-pub fn verify<'a>(token: &str, keys: impl IntoIterator<Item = &'a PublicJwk>) -> Result<VerifiedJwt, JwtError> {
+pub fn verify<'a>(
+    token: &str,
+    keys: impl IntoIterator<Item = &'a PublicJwk>,
+) -> Result<VerifiedJwt, JwtError> {
     let mut parts = token.split('.');
-    let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(h), Some(c), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(JwtError::Malformed);
     };
-    let header: Map<String, Value> = decode_json(h).ok_or(JwtError::Header("not base64url JSON"))?;
+    let header: Map<String, Value> =
+        decode_json(h).ok_or(JwtError::Header("not base64url JSON"))?;
     for name in header.keys() {
         if !matches!(name.as_str(), "alg" | "kid" | "typ") {
             return Err(JwtError::Header("only alg, kid and typ are allowed"));
         }
     }
-    let alg = header.get("alg").and_then(Value::as_str).ok_or(JwtError::Header("alg missing"))?;
+    let alg = header
+        .get("alg")
+        .and_then(Value::as_str)
+        .ok_or(JwtError::Header("alg missing"))?;
     if !ALLOWED_ALGS.contains(&alg) {
         return Err(JwtError::Algorithm(alg.to_string()));
     }
@@ -130,7 +142,10 @@ pub fn verify<'a>(token: &str, keys: impl IntoIterator<Item = &'a PublicJwk>) ->
         Some(Value::String(t)) if t == "JWT" || t == "JOSE" => {}
         Some(_) => return Err(JwtError::Header("typ must be JWT or JOSE")),
     }
-    let kid = header.get("kid").and_then(Value::as_str).ok_or(JwtError::MissingKid)?;
+    let kid = header
+        .get("kid")
+        .and_then(Value::as_str)
+        .ok_or(JwtError::MissingKid)?;
     let key = keys
         .into_iter()
         .find(|k| k.kid == kid)
@@ -165,14 +180,17 @@ mod tests {
 
     fn signer() -> Es256Signer {
         let rng = ring::rand::SystemRandom::new();
-        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .unwrap();
         Es256Signer::from_pkcs8("k1".into(), pkcs8.as_ref()).unwrap()
     }
 
     #[test]
     fn sign_then_verify_and_tamper() {
         let s = signer();
-        let token = s.sign("JWT", &serde_json::json!({"sub": "spiffe://td/x"})).unwrap();
+        let token = s
+            .sign("JWT", &serde_json::json!({"sub": "spiffe://td/x"}))
+            .unwrap();
         let jwk = s.public_jwk();
         let v = verify(&token, [&jwk]).unwrap();
         assert_eq!(v.claims["sub"], "spiffe://td/x");
@@ -181,19 +199,43 @@ mod tests {
         assert_eq!(verify(&bad, [&jwk]).unwrap_err(), JwtError::Signature);
         assert_eq!(verify("a.b", [&jwk]).unwrap_err(), JwtError::Malformed);
         let other = signer();
-        let other_jwk = PublicJwk { kid: "k1".into(), point: other.public_jwk().point };
-        assert_eq!(verify(&token, [&other_jwk]).unwrap_err(), JwtError::Signature);
+        let other_jwk = PublicJwk {
+            kid: "k1".into(),
+            point: other.public_jwk().point,
+        };
+        assert_eq!(
+            verify(&token, [&other_jwk]).unwrap_err(),
+            JwtError::Signature
+        );
     }
 
     #[test]
     fn rejects_forbidden_headers() {
         let jwk = signer().public_jwk();
         let tok = |h: &str| format!("{}.{}.AAAA", B64.encode(h), B64.encode("{}"));
-        assert!(matches!(verify(&tok(r#"{"alg":"none","kid":"k1"}"#), [&jwk]), Err(JwtError::Algorithm(_))));
-        assert!(matches!(verify(&tok(r#"{"alg":"HS256","kid":"k1"}"#), [&jwk]), Err(JwtError::Algorithm(_))));
-        assert_eq!(verify(&tok(r#"{"alg":"ES256"}"#), [&jwk]).unwrap_err(), JwtError::MissingKid);
-        assert!(matches!(verify(&tok(r#"{"alg":"ES256","kid":"k1","jku":"x"}"#), [&jwk]), Err(JwtError::Header(_))));
-        assert!(matches!(verify(&tok(r#"{"alg":"ES256","kid":"k1","typ":"at+jwt"}"#), [&jwk]), Err(JwtError::Header(_))));
-        assert!(matches!(verify(&tok(r#"{"alg":"RS256","kid":"k1"}"#), [&jwk]), Err(JwtError::UnknownKey(_))));
+        assert!(matches!(
+            verify(&tok(r#"{"alg":"none","kid":"k1"}"#), [&jwk]),
+            Err(JwtError::Algorithm(_))
+        ));
+        assert!(matches!(
+            verify(&tok(r#"{"alg":"HS256","kid":"k1"}"#), [&jwk]),
+            Err(JwtError::Algorithm(_))
+        ));
+        assert_eq!(
+            verify(&tok(r#"{"alg":"ES256"}"#), [&jwk]).unwrap_err(),
+            JwtError::MissingKid
+        );
+        assert!(matches!(
+            verify(&tok(r#"{"alg":"ES256","kid":"k1","jku":"x"}"#), [&jwk]),
+            Err(JwtError::Header(_))
+        ));
+        assert!(matches!(
+            verify(&tok(r#"{"alg":"ES256","kid":"k1","typ":"at+jwt"}"#), [&jwk]),
+            Err(JwtError::Header(_))
+        ));
+        assert!(matches!(
+            verify(&tok(r#"{"alg":"RS256","kid":"k1"}"#), [&jwk]),
+            Err(JwtError::UnknownKey(_))
+        ));
     }
 }

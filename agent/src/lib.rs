@@ -5,11 +5,17 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod authority;
+pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
+pub mod daemon;
 pub mod entries;
 pub mod fsutil;
 pub mod jws;
 pub mod metrics;
+pub mod peer_conn;
+pub mod service;
 pub mod svid_cache;

@@ -49,9 +49,15 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tessera");
         let rpcs = Family::<RpcLabels, Counter>::default();
-        registry.register("workload_api_requests", "Workload API calls by method and gRPC status code", rpcs.clone());
+        registry.register(
+            "workload_api_requests",
+            "Workload API calls by method and gRPC status code",
+            rpcs.clone(),
+        );
         let rpc_seconds = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0])
+            Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+            ])
         });
         registry.register(
             "workload_api_request_duration_seconds",
@@ -59,21 +65,53 @@ impl Metrics {
             rpc_seconds.clone(),
         );
         let open_streams = Family::<MethodLabels, Gauge>::default();
-        registry.register("workload_api_open_streams", "Workload API streams currently open", open_streams.clone());
+        registry.register(
+            "workload_api_open_streams",
+            "Workload API streams currently open",
+            open_streams.clone(),
+        );
         let svids_issued = Family::<MethodLabels, Counter>::default();
-        let svids_issued_x509 = svids_issued.get_or_create(&MethodLabels { method: "x509" }).clone();
-        let svids_issued_jwt = svids_issued.get_or_create(&MethodLabels { method: "jwt" }).clone();
-        registry.register("svids_issued", "SVIDs signed, by type (label method = x509|jwt)", svids_issued);
+        let svids_issued_x509 = svids_issued
+            .get_or_create(&MethodLabels { method: "x509" })
+            .clone();
+        let svids_issued_jwt = svids_issued
+            .get_or_create(&MethodLabels { method: "jwt" })
+            .clone();
+        registry.register(
+            "svids_issued",
+            "SVIDs signed, by type (label method = x509|jwt)",
+            svids_issued,
+        );
         let rotations = Counter::default();
-        registry.register("svid_rotations", "X509-SVIDs renewed by the rotation worker", rotations.clone());
+        registry.register(
+            "svid_rotations",
+            "X509-SVIDs renewed by the rotation worker",
+            rotations.clone(),
+        );
         let attestations = Family::<ResultLabels, Counter>::default();
-        registry.register("attestations", "Caller attestations by result", attestations.clone());
+        registry.register(
+            "attestations",
+            "Caller attestations by result",
+            attestations.clone(),
+        );
         let ca_expiry_seconds = Gauge::default();
-        registry.register("ca_expiry_seconds", "Seconds until the signing CA expires", ca_expiry_seconds.clone());
+        registry.register(
+            "ca_expiry_seconds",
+            "Seconds until the signing CA expires",
+            ca_expiry_seconds.clone(),
+        );
         let svid_expiry_seconds = Gauge::default();
-        registry.register("svid_expiry_seconds", "Seconds until the soonest cached X509-SVID expires (0 if none)", svid_expiry_seconds.clone());
+        registry.register(
+            "svid_expiry_seconds",
+            "Seconds until the soonest cached X509-SVID expires (0 if none)",
+            svid_expiry_seconds.clone(),
+        );
         let cached_identities = Gauge::default();
-        registry.register("cached_identities", "SPIFFE IDs with a cached X509-SVID", cached_identities.clone());
+        registry.register(
+            "cached_identities",
+            "SPIFFE IDs with a cached X509-SVID",
+            cached_identities.clone(),
+        );
         Self {
             registry,
             rpcs,
@@ -90,9 +128,16 @@ impl Metrics {
     }
 
     pub fn record_rpc(&self, method: &'static str, code: tonic::Code, started: std::time::Instant) {
-        self.rpcs.get_or_create(&RpcLabels { method, code: code_name(code) }).inc();
+        self.rpcs
+            .get_or_create(&RpcLabels {
+                method,
+                code: code_name(code),
+            })
+            .inc();
         if code == tonic::Code::Ok {
-            self.rpc_seconds.get_or_create(&MethodLabels { method }).observe(started.elapsed().as_secs_f64());
+            self.rpc_seconds
+                .get_or_create(&MethodLabels { method })
+                .observe(started.elapsed().as_secs_f64());
         }
     }
 
@@ -111,7 +156,10 @@ pub struct OpenStream {
 
 impl OpenStream {
     pub fn new(metrics: &Metrics, method: &'static str) -> Self {
-        let gauge = metrics.open_streams.get_or_create(&MethodLabels { method }).clone();
+        let gauge = metrics
+            .open_streams
+            .get_or_create(&MethodLabels { method })
+            .clone();
         gauge.inc();
         Self { gauge }
     }

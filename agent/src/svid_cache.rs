@@ -41,7 +41,11 @@ pub struct SvidCache {
 }
 
 impl SvidCache {
-    pub fn new(authority: Arc<Authority>, clock: Arc<dyn Clock>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        authority: Arc<Authority>,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             authority,
             clock,
@@ -58,7 +62,11 @@ impl SvidCache {
 
     /// A receiver that always holds the current SVID for `id`, issuing it
     /// first if nobody held it yet.
-    pub async fn subscribe(&self, id: &spiffe::SpiffeId, ttl: Duration) -> Result<watch::Receiver<Option<Arc<X509Svid>>>, AuthorityError> {
+    pub async fn subscribe(
+        &self,
+        id: &spiffe::SpiffeId,
+        ttl: Duration,
+    ) -> Result<watch::Receiver<Option<Arc<X509Svid>>>, AuthorityError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             slots
@@ -119,7 +127,12 @@ impl SvidCache {
     }
 
     /// A JWT-SVID for (id, audience), reused while more than half its life is left.
-    pub fn jwt(&self, id: &spiffe::SpiffeId, audience: &[String], ttl: Duration) -> Result<JwtSvid, AuthorityError> {
+    pub fn jwt(
+        &self,
+        id: &spiffe::SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+    ) -> Result<JwtSvid, AuthorityError> {
         let mut aud = audience.to_vec();
         aud.sort();
         aud.dedup();
@@ -183,7 +196,9 @@ impl SvidCache {
                     .collect()
             };
             for (id, slot) in due {
-                let Ok(spiffe_id) = spiffe::SpiffeId::new(&id) else { continue };
+                let Ok(spiffe_id) = spiffe::SpiffeId::new(&id) else {
+                    continue;
+                };
                 match self.issue_into(&spiffe_id, &slot) {
                     Ok(()) => {
                         self.metrics.rotations.inc();
@@ -192,7 +207,8 @@ impl SvidCache {
                     }
                     Err(e) => {
                         tracing::error!(spiffe_id = %id, error = %e, "SVID renewal failed; serving the current one");
-                        *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner()) = now + RETRY_AFTER_FAILURE;
+                        *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner()) =
+                            now + RETRY_AFTER_FAILURE;
                         next = next.min(now + RETRY_AFTER_FAILURE);
                     }
                 }
@@ -255,15 +271,24 @@ mod tests {
         let shutdown = CancellationToken::new();
         tokio::spawn(cache.clone().run_rotation(shutdown.clone()));
         let id = spiffe::SpiffeId::new("spiffe://example.org/w").unwrap();
-        let mut rx = cache.subscribe(&id, Duration::from_secs(100)).await.unwrap();
+        let mut rx = cache
+            .subscribe(&id, Duration::from_secs(100))
+            .await
+            .unwrap();
         let first = rx.borrow_and_update().clone().unwrap();
         // Shared: a second subscriber gets the very same certificate.
-        let rx2 = cache.subscribe(&id, Duration::from_secs(100)).await.unwrap();
+        let rx2 = cache
+            .subscribe(&id, Duration::from_secs(100))
+            .await
+            .unwrap();
         assert!(Arc::ptr_eq(&first, rx2.borrow().as_ref().unwrap()));
         tokio::time::advance(Duration::from_secs(39)).await;
         tokio::task::yield_now().await;
         assert!(!rx.has_changed().unwrap(), "no renewal before 40% of life");
-        tokio::time::timeout(Duration::from_secs(22), rx.changed()).await.expect("renewed by 60% of life").unwrap();
+        tokio::time::timeout(Duration::from_secs(22), rx.changed())
+            .await
+            .expect("renewed by 60% of life")
+            .unwrap();
         let second = rx.borrow_and_update().clone().unwrap();
         assert_ne!(first.chain_der, second.chain_der);
         assert!(second.not_after > first.not_after);
@@ -279,7 +304,12 @@ mod tests {
         let shutdown = CancellationToken::new();
         tokio::spawn(cache.clone().run_rotation(shutdown.clone()));
         let id = spiffe::SpiffeId::new("spiffe://example.org/w").unwrap();
-        drop(cache.subscribe(&id, Duration::from_secs(100)).await.unwrap());
+        drop(
+            cache
+                .subscribe(&id, Duration::from_secs(100))
+                .await
+                .unwrap(),
+        );
         assert_eq!(cache.cached_identities(), 1);
         tokio::time::sleep(Duration::from_secs(70)).await;
         assert_eq!(cache.cached_identities(), 0);
@@ -291,11 +321,17 @@ mod tests {
         let clock: Arc<dyn Clock> = Arc::new(TokioClock::new());
         let cache = cache(clock);
         let id = spiffe::SpiffeId::new("spiffe://example.org/w").unwrap();
-        let a = cache.jwt(&id, &["x".into(), "y".into()], Duration::from_secs(300)).unwrap();
-        let b = cache.jwt(&id, &["y".into(), "x".into()], Duration::from_secs(300)).unwrap();
+        let a = cache
+            .jwt(&id, &["x".into(), "y".into()], Duration::from_secs(300))
+            .unwrap();
+        let b = cache
+            .jwt(&id, &["y".into(), "x".into()], Duration::from_secs(300))
+            .unwrap();
         assert_eq!(a.token, b.token, "same audience set, same token");
         tokio::time::advance(Duration::from_secs(200)).await;
-        let c = cache.jwt(&id, &["x".into(), "y".into()], Duration::from_secs(300)).unwrap();
+        let c = cache
+            .jwt(&id, &["x".into(), "y".into()], Duration::from_secs(300))
+            .unwrap();
         assert_ne!(a.token, c.token);
     }
 }

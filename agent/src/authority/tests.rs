@@ -22,17 +22,25 @@ fn id(path: &str) -> spiffe::SpiffeId {
 #[test]
 fn x509_svid_passes_the_spiffe_crate_validator() {
     let a = Authority::load(settings(None), Arc::new(crate::clock::SystemClock)).unwrap();
-    let svid = a.issue_x509(&id("/workload"), Duration::from_secs(3600)).unwrap();
+    let svid = a
+        .issue_x509(&id("/workload"), Duration::from_secs(3600))
+        .unwrap();
     // Independent judge: rust-spiffe's X509-SVID parser enforces the leaf rules.
     let parsed = spiffe::X509Svid::parse_from_der(&svid.chain_der, &svid.key_pkcs8).unwrap();
-    assert_eq!(parsed.spiffe_id().to_string(), "spiffe://example.org/workload");
+    assert_eq!(
+        parsed.spiffe_id().to_string(),
+        "spiffe://example.org/workload"
+    );
     // The bundle parses as X.509 CA certificates for the trust domain.
     let bundle = spiffe::X509Bundle::parse_from_der(td(), &a.bundle().x509).unwrap();
     assert_eq!(bundle.authorities().len(), 1);
 
     let (_, cert) = x509_parser::parse_x509_certificate(&svid.chain_der).unwrap();
     let bc = cert.basic_constraints().unwrap().unwrap();
-    assert!(bc.critical && !bc.value.ca, "basicConstraints critical, cA=false");
+    assert!(
+        bc.critical && !bc.value.ca,
+        "basicConstraints critical, cA=false"
+    );
     let ku = cert.key_usage().unwrap().unwrap();
     assert!(ku.critical && ku.value.digital_signature() && !ku.value.key_cert_sign());
     let eku = cert.extended_key_usage().unwrap().unwrap();
@@ -40,8 +48,13 @@ fn x509_svid_passes_the_spiffe_crate_validator() {
     let san = cert.subject_alternative_name().unwrap().unwrap();
     assert_eq!(san.value.general_names.len(), 1);
     let backdate = unix_seconds(SystemTime::now()) as i64 - cert.validity().not_before.timestamp();
-    assert!((20..=40).contains(&backdate), "NotBefore backdated ~30s, got {backdate}");
-    let other = a.issue_x509(&id("/workload"), Duration::from_secs(3600)).unwrap();
+    assert!(
+        (20..=40).contains(&backdate),
+        "NotBefore backdated ~30s, got {backdate}"
+    );
+    let other = a
+        .issue_x509(&id("/workload"), Duration::from_secs(3600))
+        .unwrap();
     let (_, other) = x509_parser::parse_x509_certificate(&other.chain_der).unwrap();
     assert_ne!(cert.raw_serial(), other.raw_serial(), "serials are random");
 }
@@ -49,14 +62,18 @@ fn x509_svid_passes_the_spiffe_crate_validator() {
 #[test]
 fn svid_never_outlives_its_ca() {
     let a = Authority::load(settings(None), Arc::new(crate::clock::SystemClock)).unwrap();
-    let svid = a.issue_x509(&id("/w"), Duration::from_secs(100_000)).unwrap();
+    let svid = a
+        .issue_x509(&id("/w"), Duration::from_secs(100_000))
+        .unwrap();
     assert!(svid.not_after <= a.active_ca_expiry().unwrap());
 }
 
 #[test]
 fn jwt_svid_passes_the_spiffe_crate_validator() {
     let a = Authority::load(settings(None), Arc::new(crate::clock::SystemClock)).unwrap();
-    let jwt = a.mint_jwt(&id("/w"), &["db".to_string()], Duration::from_secs(300)).unwrap();
+    let jwt = a
+        .mint_jwt(&id("/w"), &["db".to_string()], Duration::from_secs(300))
+        .unwrap();
     let bundle = spiffe::JwtBundle::from_jwt_authorities(td(), &a.bundle().jwks).unwrap();
     let mut set = spiffe::JwtBundleSet::new();
     set.add_bundle(bundle);
@@ -64,7 +81,10 @@ fn jwt_svid_passes_the_spiffe_crate_validator() {
     assert_eq!(parsed.spiffe_id().to_string(), "spiffe://example.org/w");
     // Our own validator agrees, and rejects the wrong audience.
     assert!(a.validate_jwt(&jwt.token, "db").is_ok());
-    assert!(matches!(a.validate_jwt(&jwt.token, "other"), Err(jws::JwtError::Audience(_))));
+    assert!(matches!(
+        a.validate_jwt(&jwt.token, "other"),
+        Err(jws::JwtError::Audience(_))
+    ));
 }
 
 #[tokio::test(start_paused = true)]
@@ -79,12 +99,16 @@ async fn keys_are_published_before_they_sign_and_kept_until_expiry() {
     let b = a.bundle();
     assert_eq!(b.jwt_keys.len(), 2);
     assert!(b.x509.len() > first_ca.len());
-    let jwt = a.mint_jwt(&id("/w"), &["x".into()], Duration::from_secs(60)).unwrap();
+    let jwt = a
+        .mint_jwt(&id("/w"), &["x".into()], Duration::from_secs(60))
+        .unwrap();
     assert_eq!(jwt_kid(&jwt.token), first_kid);
     // At two thirds the successor signs; the old key is still published.
     tokio::time::advance(Duration::from_secs(100)).await;
     a.rotate().unwrap();
-    let jwt = a.mint_jwt(&id("/w"), &["x".into()], Duration::from_secs(60)).unwrap();
+    let jwt = a
+        .mint_jwt(&id("/w"), &["x".into()], Duration::from_secs(60))
+        .unwrap();
     assert_ne!(jwt_kid(&jwt.token), first_kid);
     assert_eq!(a.bundle().jwt_keys.len(), 2);
     // After the old key expires it leaves the bundle.
@@ -96,7 +120,9 @@ async fn keys_are_published_before_they_sign_and_kept_until_expiry() {
 
 fn jwt_kid(token: &str) -> String {
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let header = URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap();
+    let header = URL_SAFE_NO_PAD
+        .decode(token.split('.').next().unwrap())
+        .unwrap();
     let header: serde_json::Value = serde_json::from_slice(&header).unwrap();
     header["kid"].as_str().unwrap().to_string()
 }
@@ -105,14 +131,29 @@ fn jwt_kid(token: &str) -> String {
 fn state_persists_privately_and_reloads() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let a = Authority::load(settings(Some(dir.path())), Arc::new(crate::clock::SystemClock)).unwrap();
-    let mode = std::fs::metadata(dir.path().join(STATE_FILE)).unwrap().permissions().mode();
+    let a = Authority::load(
+        settings(Some(dir.path())),
+        Arc::new(crate::clock::SystemClock),
+    )
+    .unwrap();
+    let mode = std::fs::metadata(dir.path().join(STATE_FILE))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
-    let b = Authority::load(settings(Some(dir.path())), Arc::new(crate::clock::SystemClock)).unwrap();
+    let b = Authority::load(
+        settings(Some(dir.path())),
+        Arc::new(crate::clock::SystemClock),
+    )
+    .unwrap();
     assert_eq!(a.bundle().x509, b.bundle().x509);
     assert_eq!(a.bundle().jwks, b.bundle().jwks);
     std::fs::write(dir.path().join(STATE_FILE), b"{not json").unwrap();
-    let err = Authority::load(settings(Some(dir.path())), Arc::new(crate::clock::SystemClock)).unwrap_err();
+    let err = Authority::load(
+        settings(Some(dir.path())),
+        Arc::new(crate::clock::SystemClock),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("corrupt authority state"), "{err}");
 }
 
@@ -121,34 +162,105 @@ fn state_persists_privately_and_reloads() {
 fn operator_ca_pkcs8_and_sec1() {
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl").args(args).current_dir(dir.path()).output()
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
             .expect("openssl(1) is required for this test (apt-get install openssl)");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    run(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sec1.pem"]);
-    run(&["pkcs8", "-topk8", "-nocrypt", "-in", "sec1.pem", "-out", "pkcs8.pem"]);
-    run(&["req", "-x509", "-new", "-key", "sec1.pem", "-subj", "/O=Ops/CN=Ops CA", "-days", "30",
-          "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-          "-out", "ca.pem"]);
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "sec1.pem",
+    ]);
+    run(&[
+        "pkcs8",
+        "-topk8",
+        "-nocrypt",
+        "-in",
+        "sec1.pem",
+        "-out",
+        "pkcs8.pem",
+    ]);
+    run(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "sec1.pem",
+        "-subj",
+        "/O=Ops/CN=Ops CA",
+        "-days",
+        "30",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-out",
+        "ca.pem",
+    ]);
     for key in ["sec1.pem", "pkcs8.pem"] {
         let mut s = settings(None);
         s.ca_files = Some((dir.path().join("ca.pem"), dir.path().join(key)));
-        let a = Authority::load(s, Arc::new(crate::clock::SystemClock)).unwrap_or_else(|e| panic!("{key}: {e}"));
+        let a = Authority::load(s, Arc::new(crate::clock::SystemClock))
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
         let svid = a.issue_x509(&id("/ops"), Duration::from_secs(600)).unwrap();
         spiffe::X509Svid::parse_from_der(&svid.chain_der, &svid.key_pkcs8).unwrap();
         // openssl verifies the leaf against the operator CA.
         let leaf = dir.path().join(format!("leaf-{key}.der"));
         std::fs::write(&leaf, &svid.chain_der).unwrap();
-        run(&["x509", "-inform", "DER", "-in", leaf.to_str().unwrap(), "-out", "leaf.pem"]);
-        run(&["verify", "-CAfile", "ca.pem", "-purpose", "sslclient", "leaf.pem"]);
+        run(&[
+            "x509",
+            "-inform",
+            "DER",
+            "-in",
+            leaf.to_str().unwrap(),
+            "-out",
+            "leaf.pem",
+        ]);
+        run(&[
+            "verify",
+            "-CAfile",
+            "ca.pem",
+            "-purpose",
+            "sslclient",
+            "leaf.pem",
+        ]);
     }
     // A mismatched key and a garbage key are clear errors.
-    run(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "other.pem"]);
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "other.pem",
+    ]);
     let mut s = settings(None);
     s.ca_files = Some((dir.path().join("ca.pem"), dir.path().join("other.pem")));
-    assert!(Authority::load(s, Arc::new(crate::clock::SystemClock)).unwrap_err().to_string().contains("does not match"));
+    assert!(
+        Authority::load(s, Arc::new(crate::clock::SystemClock))
+            .unwrap_err()
+            .to_string()
+            .contains("does not match")
+    );
     std::fs::write(dir.path().join("junk.pem"), "hello").unwrap();
     let mut s = settings(None);
     s.ca_files = Some((dir.path().join("ca.pem"), dir.path().join("junk.pem")));
-    assert!(Authority::load(s, Arc::new(crate::clock::SystemClock)).unwrap_err().to_string().contains("PKCS#8"));
+    assert!(
+        Authority::load(s, Arc::new(crate::clock::SystemClock))
+            .unwrap_err()
+            .to_string()
+            .contains("PKCS#8")
+    );
 }

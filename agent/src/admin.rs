@@ -1,0 +1,80 @@
+//! Admin HTTP: `/healthz` (the process answers), `/readyz` (the Workload API
+//! is serving and a CA can sign) and `/metrics` (Prometheus text).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::service::AgentState;
+
+#[derive(Clone)]
+struct AdminState {
+    agent: Arc<AgentState>,
+    clock: Arc<dyn Clock>,
+}
+
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    agent: Arc<AgentState>,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(AdminState { agent, clock });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
+    let ca_ok = s
+        .agent
+        .cache
+        .authority()
+        .active_ca_expiry()
+        .is_some_and(|t| t > s.clock.now());
+    if s.agent.ready.load(Ordering::Acquire) && ca_ok && !s.agent.shutdown.is_cancelled() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    let m = &s.agent.metrics;
+    let now = s.clock.now();
+    let secs_until = |t: std::time::SystemTime| {
+        t.duration_since(now)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    };
+    m.ca_expiry_seconds.set(
+        s.agent
+            .cache
+            .authority()
+            .active_ca_expiry()
+            .map(secs_until)
+            .unwrap_or(0),
+    );
+    m.svid_expiry_seconds
+        .set(s.agent.cache.soonest_expiry().map(secs_until).unwrap_or(0));
+    m.cached_identities
+        .set(s.agent.cache.cached_identities() as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+}

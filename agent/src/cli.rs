@@ -1,0 +1,390 @@
+//! The `tessera` command line. Exit code 0 on success; otherwise a one-line
+//! error on stderr and a non-zero code.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tessera_workload_api as pb;
+
+use crate::client;
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(name = "tessera", version, about = "SPIFFE workload identity agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node daemon.
+    Run(RunArgs),
+    /// Talk to a running agent over the Workload API.
+    #[command(subcommand)]
+    Api(ApiCommand),
+    /// Exit 0 if the agent answers on its socket.
+    Healthcheck {
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Config file (TOML).
+    #[arg(long, conflicts_with = "dev", required_unless_present = "dev")]
+    config: Option<PathBuf>,
+    /// Run with the embedded development config (state under ./.tessera/).
+    #[arg(long)]
+    dev: bool,
+    /// Log format; overrides `[log] format`.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum ApiCommand {
+    /// Fetch SVIDs.
+    #[command(subcommand)]
+    Fetch(FetchCommand),
+    /// Validate through the agent.
+    #[command(subcommand)]
+    Validate(ValidateCommand),
+    /// Stream X.509 SVID updates as they rotate.
+    Watch {
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FetchCommand {
+    /// Fetch X509-SVIDs and print ID, expiry and chain summary.
+    X509 {
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Write svid.N.pem, svid.N.key and bundle.N.pem into this directory.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+    /// Fetch and print JWT-SVIDs.
+    Jwt {
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+        #[arg(long)]
+        spiffe_id: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ValidateCommand {
+    /// Validate a JWT-SVID for an audience.
+    Jwt {
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(long)]
+        audience: String,
+        #[arg(long)]
+        svid: String,
+    },
+}
+
+/// Entry point used by `main.rs`; returns the process exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+        .replace('\n', " ")
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => run(args).await,
+        Command::Healthcheck { socket } => {
+            let path = client::socket_path(socket.as_deref())?;
+            let mut c = client::connect(&path).await?;
+            // Any gRPC answer (even PermissionDenied) proves the agent serves.
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                c.fetch_x509_bundles(pb::with_security_header(pb::X509BundlesRequest {})),
+            )
+            .await
+            .context("agent did not answer within 5s")?;
+            match r {
+                Ok(_) => {}
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                    ) => {}
+                Err(s) => bail!("agent answered {:?}: {}", s.code(), s.message()),
+            }
+            println!("agent is healthy");
+            Ok(())
+        }
+        Command::Api(ApiCommand::Fetch(FetchCommand::X509 { socket, write })) => {
+            let path = client::socket_path(socket.as_deref())?;
+            let mut c = client::connect(&path).await?;
+            let mut stream = c
+                .fetch_x509svid(pb::with_security_header(pb::X509svidRequest {}))
+                .await
+                .map_err(status)?
+                .into_inner();
+            let resp = stream
+                .message()
+                .await
+                .map_err(status)?
+                .context("the agent closed the stream without an answer")?;
+            print_x509(&resp)?;
+            if let Some(dir) = write {
+                write_x509(&dir, &resp)?;
+            }
+            Ok(())
+        }
+        Command::Api(ApiCommand::Fetch(FetchCommand::Jwt {
+            socket,
+            audience,
+            spiffe_id,
+        })) => {
+            let path = client::socket_path(socket.as_deref())?;
+            let mut c = client::connect(&path).await?;
+            let resp = c
+                .fetch_jwtsvid(pb::with_security_header(pb::JwtsvidRequest {
+                    audience,
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            for svid in resp.svids {
+                println!("token({}):\n\t{}", svid.spiffe_id, svid.svid);
+                if !svid.hint.is_empty() {
+                    println!("hint: {}", svid.hint);
+                }
+            }
+            Ok(())
+        }
+        Command::Api(ApiCommand::Validate(ValidateCommand::Jwt {
+            socket,
+            audience,
+            svid,
+        })) => {
+            let path = client::socket_path(socket.as_deref())?;
+            let mut c = client::connect(&path).await?;
+            let resp = c
+                .validate_jwtsvid(pb::with_security_header(pb::ValidateJwtsvidRequest {
+                    audience,
+                    svid,
+                }))
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("SVID is valid.");
+            println!("SPIFFE ID : {}", resp.spiffe_id);
+            let claims = resp.claims.map(struct_to_json).unwrap_or_default();
+            println!("Claims    : {}", serde_json::Value::Object(claims));
+            Ok(())
+        }
+        Command::Api(ApiCommand::Watch { socket }) => {
+            let path = client::socket_path(socket.as_deref())?;
+            let mut c = client::connect(&path).await?;
+            let mut stream = c
+                .fetch_x509svid(pb::with_security_header(pb::X509svidRequest {}))
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("Watching X.509 SVID updates (Ctrl-C to stop)");
+            while let Some(resp) = stream.message().await.map_err(status)? {
+                println!(
+                    "--- update at {}",
+                    humantime::format_rfc3339_seconds(SystemTime::now())
+                );
+                print_x509(&resp)?;
+            }
+            bail!("the agent closed the stream")
+        }
+    }
+}
+
+fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (config, config_path) = match (&args.config, args.dev) {
+        (Some(path), _) => (Config::load(path)?, Some(path.clone())),
+        (None, _) => {
+            let base = std::env::current_dir()?.join(".tessera");
+            (Config::dev(&base)?, None)
+        }
+    };
+    let json = match args.log_format {
+        Some(LogFormat::Json) => true,
+        Some(LogFormat::Text) => false,
+        None => config.log.json,
+    };
+    init_logging(config.log.level.as_deref(), json);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    if !config.exchange_keys.is_empty() {
+        tracing::warn!(keys = ?config.exchange_keys, "[exchange] is accepted but token exchange is not served by this build yet");
+    }
+    let agent = crate::daemon::start(config, Arc::new(crate::clock::SystemClock)).await?;
+    if args.dev {
+        println!(
+            "Tessera dev agent: Workload API on {}",
+            agent.socket_path.display()
+        );
+        println!(
+            "export SPIFFE_ENDPOINT_SOCKET=unix://{}",
+            agent.socket_path.display()
+        );
+        if let Some(a) = agent.admin_addr {
+            println!("admin: http://{a}/healthz /readyz /metrics");
+        }
+    }
+    crate::daemon::run_until_signalled(agent, config_path).await
+}
+
+fn init_logging(level: Option<&str>, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level.unwrap_or("info")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn print_x509(resp: &pb::X509svidResponse) -> anyhow::Result<()> {
+    println!("Received {} svid(s)", resp.svids.len());
+    for svid in &resp.svids {
+        println!();
+        println!("SPIFFE ID:\t\t{}", svid.spiffe_id);
+        if !svid.hint.is_empty() {
+            println!("Hint:\t\t\t{}", svid.hint);
+        }
+        let chain = split_der_certs(&svid.x509_svid)?;
+        if let Some(leaf) = chain.first() {
+            let (_, c) = x509_parser::parse_x509_certificate(leaf).context("unparsable SVID")?;
+            println!("SVID Valid After:\t{}", c.validity().not_before);
+            println!("SVID Valid Until:\t{}", c.validity().not_after);
+            println!("Serial:\t\t\t{}", c.raw_serial_as_string());
+        }
+        for (i, ca) in split_der_certs(&svid.bundle)?.iter().enumerate() {
+            let (_, c) = x509_parser::parse_x509_certificate(ca).context("unparsable bundle")?;
+            println!("CA #{} Valid After:\t{}", i + 1, c.validity().not_before);
+            println!("CA #{} Valid Until:\t{}", i + 1, c.validity().not_after);
+        }
+    }
+    Ok(())
+}
+
+/// Splits concatenated DER certificates.
+pub fn split_der_certs(mut der: &[u8]) -> anyhow::Result<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    while !der.is_empty() {
+        let (rest, _) =
+            x509_parser::parse_x509_certificate(der).context("malformed DER certificate")?;
+        let len = der.len() - rest.len();
+        out.push(&der[..len]);
+        der = rest;
+    }
+    Ok(out)
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn write_x509(dir: &Path, resp: &pb::X509svidResponse) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (i, svid) in resp.svids.iter().enumerate() {
+        let certs: String = split_der_certs(&svid.x509_svid)?
+            .iter()
+            .map(|c| pem("CERTIFICATE", c))
+            .collect();
+        let bundle: String = split_der_certs(&svid.bundle)?
+            .iter()
+            .map(|c| pem("CERTIFICATE", c))
+            .collect();
+        std::fs::write(dir.join(format!("svid.{i}.pem")), certs)?;
+        crate::fsutil::write_private_atomic(
+            &dir.join(format!("svid.{i}.key")),
+            pem("PRIVATE KEY", &svid.x509_svid_key).as_bytes(),
+        )?;
+        std::fs::write(dir.join(format!("bundle.{i}.pem")), bundle)?;
+        println!(
+            "Wrote svid.{i}.pem, svid.{i}.key (0600) and bundle.{i}.pem to {}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn struct_to_json(s: prost_types::Struct) -> serde_json::Map<String, serde_json::Value> {
+    s.fields
+        .into_iter()
+        .map(|(k, v)| (k, value_to_json(v)))
+        .collect()
+}
+
+fn value_to_json(v: prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => b.into(),
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(n)
+            .map(serde_json::Value::Number)
+            .unwrap_or_default(),
+        Some(Kind::StringValue(s)) => s.into(),
+        Some(Kind::ListValue(l)) => l.values.into_iter().map(value_to_json).collect(),
+        Some(Kind::StructValue(s)) => serde_json::Value::Object(struct_to_json(s)),
+    }
+}

@@ -1,0 +1,71 @@
+//! A Workload API client over a Unix socket, for the CLI.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use hyper_util::rt::TokioIo;
+use tessera_workload_api::client::SpiffeWorkloadApiClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Resolves the socket: `--socket PATH` wins, else `SPIFFE_ENDPOINT_SOCKET`
+/// (`unix:///abs/path` or `unix:/abs/path`).
+pub fn socket_path(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = flag {
+        return Ok(p.to_path_buf());
+    }
+    let value = std::env::var("SPIFFE_ENDPOINT_SOCKET")
+        .context("no --socket given and SPIFFE_ENDPOINT_SOCKET is not set")?;
+    parse_endpoint(&value)
+}
+
+/// Parses a SPIFFE endpoint address. Only Unix sockets are supported.
+pub fn parse_endpoint(value: &str) -> anyhow::Result<PathBuf> {
+    let path = value
+        .strip_prefix("unix://")
+        .or_else(|| value.strip_prefix("unix:"))
+        .with_context(|| {
+            format!("SPIFFE_ENDPOINT_SOCKET {value:?} must be unix:///absolute/path")
+        })?;
+    if !path.starts_with('/') {
+        bail!(
+            "SPIFFE_ENDPOINT_SOCKET {value:?} must name an absolute path (unix:///path); a host part is not allowed"
+        );
+    }
+    Ok(PathBuf::from(path))
+}
+
+pub async fn connect(path: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
+    let path = path.to_path_buf();
+    let shown = path.display().to_string();
+    // The URI is required by tonic but unused: the connector dials the socket.
+    let channel = Endpoint::try_from("http://localhost")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .with_context(|| format!("cannot connect to the Workload API at {shown}"))?;
+    Ok(SpiffeWorkloadApiClient::new(channel))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_forms() {
+        assert_eq!(
+            parse_endpoint("unix:///run/a.sock").unwrap(),
+            Path::new("/run/a.sock")
+        );
+        assert_eq!(
+            parse_endpoint("unix:/run/a.sock").unwrap(),
+            Path::new("/run/a.sock")
+        );
+        assert!(parse_endpoint("/run/a.sock").is_err());
+        assert!(parse_endpoint("unix://host/run/a.sock").is_err());
+        assert!(parse_endpoint("tcp://127.0.0.1:1").is_err());
+    }
+}

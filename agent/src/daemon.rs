@@ -1,0 +1,233 @@
+//! Wiring of a running agent: sockets, authority, cache and rotation worker,
+//! the gRPC server, the admin server, reload and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, bail};
+use tessera_attestor::{ProcRoot, UnixAttestor, WorkloadAttestor};
+use tessera_workload_api as pb;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::authority::{Authority, AuthoritySettings};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::entries::EntrySet;
+use crate::metrics::Metrics;
+use crate::service::{AgentState, WorkloadApi};
+use crate::svid_cache::SvidCache;
+
+/// A started agent. Dropping it does not stop it; call [`RunningAgent::shutdown`].
+pub struct RunningAgent {
+    pub socket_path: PathBuf,
+    pub admin_addr: Option<SocketAddr>,
+    pub state: Arc<AgentState>,
+    entries: watch::Sender<EntrySet>,
+    shutdown: CancellationToken,
+    server: JoinHandle<anyhow::Result<()>>,
+    grace: std::time::Duration,
+}
+
+impl RunningAgent {
+    /// Replaces the registration entries; open streams re-evaluate at once.
+    pub fn set_entries(&self, entries: EntrySet) {
+        self.entries.send_replace(entries);
+    }
+
+    /// Begins graceful shutdown.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Stops the agent: every stream ends (Unavailable), the server drains
+    /// within the grace period, the socket file is removed.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits for the server to end (after [`Self::shutdown`]).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let result = match tokio::time::timeout(self.grace, self.server).await {
+            Ok(joined) => joined.context("server task panicked")?,
+            Err(_) => {
+                tracing::warn!("connections did not drain within the grace period; closing");
+                Ok(())
+            }
+        };
+        let _ = std::fs::remove_file(&self.socket_path);
+        result
+    }
+}
+
+/// Starts the agent described by `config` and returns once its sockets are listening.
+pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<RunningAgent> {
+    create_private_dir(&config.data_dir)?;
+    let authority = Authority::load(
+        AuthoritySettings {
+            trust_domain: config.trust_domain.clone(),
+            ca_ttl: config.authority.ca_ttl,
+            jwt_key_ttl: config.authority.jwt_key_ttl,
+            state_dir: config.authority.persist.then(|| config.data_dir.clone()),
+            ca_files: config.authority.ca_files.clone(),
+        },
+        clock.clone(),
+    )
+    .context("loading the signing authority")?;
+
+    let listener = bind_workload_socket(&config.socket_path)?;
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    let cache = SvidCache::new(authority, clock.clone(), metrics.clone());
+    tokio::spawn(cache.clone().run_rotation(shutdown.clone()));
+
+    let attestor = WorkloadAttestor::new(
+        ProcRoot::new(&config.proc_root),
+        vec![Arc::new(UnixAttestor::new(config.unix_attestor.clone()))],
+    );
+    let (entries_tx, entries_rx) = watch::channel(config.entries.clone());
+    let state = Arc::new(AgentState {
+        attestor,
+        entries: entries_rx,
+        cache,
+        metrics,
+        ready: AtomicBool::new(false),
+        shutdown: shutdown.clone(),
+    });
+
+    let admin_addr = match config.admin_listen {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding admin listener {addr}"))?;
+            let local = listener.local_addr()?;
+            tracing::info!(address = %local, "admin HTTP listening (/healthz /readyz /metrics)");
+            let (state, clock, shutdown) = (state.clone(), clock.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::admin::serve(listener, state, clock, shutdown).await {
+                    tracing::error!(error = %e, "admin server failed");
+                }
+            });
+            Some(local)
+        }
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<pb::server::SpiffeWorkloadApiServer<WorkloadApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let api = pb::server::SpiffeWorkloadApiServer::new(WorkloadApi::new(state.clone()));
+    let incoming = crate::peer_conn::incoming(listener);
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(api)
+            .serve_with_incoming_shutdown(incoming, server_shutdown.cancelled_owned())
+            .await
+            .context("Workload API server failed")
+    });
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(
+        socket = %config.socket_path.display(),
+        trust_domain = config.trust_domain.as_str(),
+        entries = config.entries.len(),
+        "Workload API serving"
+    );
+    Ok(RunningAgent {
+        socket_path: config.socket_path.clone(),
+        admin_addr,
+        state,
+        entries: entries_tx,
+        shutdown,
+        server,
+        grace: config.shutdown_grace,
+    })
+}
+
+/// Runs until SIGTERM/SIGINT. SIGHUP reloads the entries from `config_path`.
+pub async fn run_until_signalled(
+    agent: RunningAgent,
+    config_path: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match &config_path {
+                None => tracing::info!("SIGHUP ignored: the embedded config has nothing to reload"),
+                Some(path) => match Config::load(path) {
+                    Ok(c) => {
+                        tracing::info!(entries = c.entries.len(), "reloaded entries from {}", path.display());
+                        agent.set_entries(c.entries);
+                    }
+                    Err(e) => tracing::error!(error = %e, "reload rejected; keeping the current entries"),
+                },
+            },
+        }
+    }
+    tracing::info!("shutting down");
+    agent.stop().await
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating data_dir {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Binds the Workload API socket. A stale socket file left by a dead agent is
+/// replaced; a live agent on the same path makes this one refuse to start; any
+/// other kind of file is never deleted.
+fn bind_workload_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating socket directory {}", dir.display()))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!(
+                    "another agent is already serving on {}; refusing to start",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
+            tracing::info!(socket = %path.display(), "replaced a stale socket file");
+        }
+        Ok(_) => bail!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    // Anyone may connect: callers are identified by kernel credentials, and a
+    // caller without an entry gets nothing.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+    Ok(listener)
+}

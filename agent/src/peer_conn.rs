@@ -1,0 +1,108 @@
+//! The Workload API's accepted connections: a `UnixStream` wrapper that
+//! carries the caller's kernel credentials into every request, and caches the
+//! attestation result for the life of the connection.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tessera_attestor::{AttestedPeer, PeerInfo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::OnceCell;
+
+/// Per-connection facts, available in every request's extensions.
+#[derive(Clone, Debug)]
+pub struct PeerConnection {
+    pub peer: PeerInfo,
+    /// Filled by the first RPC on this connection (attestation is lazy so the
+    /// accept loop never waits on /proc or hashing).
+    pub attested: Arc<OnceCell<Arc<AttestedPeer>>>,
+}
+
+/// An accepted Unix stream plus its [`PeerConnection`].
+pub struct PeerStream {
+    inner: UnixStream,
+    info: PeerConnection,
+}
+
+impl tonic::transport::server::Connected for PeerStream {
+    type ConnectInfo = PeerConnection;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts connections forever, reading peer credentials for each. Accept
+/// errors (e.g. out of file descriptors) are logged and retried after a pause
+/// rather than ending the server; a connection whose credentials cannot be
+/// read is dropped.
+pub fn incoming(
+    listener: UnixListener,
+) -> impl futures_util::Stream<Item = io::Result<PeerStream>> {
+    futures_util::stream::unfold(listener, |listener| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => match PeerInfo::from_socket(&stream) {
+                    Ok(peer) => {
+                        let info = PeerConnection {
+                            peer,
+                            attested: Arc::new(OnceCell::new()),
+                        };
+                        return Some((
+                            Ok(PeerStream {
+                                inner: stream,
+                                info,
+                            }),
+                            listener,
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "dropping connection without peer credentials")
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; pausing");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,493 @@
+//! The SPIFFE Workload API service: header check → caller attestation (once
+//! per connection, liveness re-checked per call) → entries → SVID cache →
+//! response. Status codes follow the spec and are chosen here only:
+//!
+//! | condition | code |
+//! |---|---|
+//! | missing/incorrect `workload.spiffe.io` header, empty mandatory field, bad token | InvalidArgument |
+//! | no entry matches the caller (also mid-stream after an entry change) | PermissionDenied |
+//! | agent starting/stopping, attestation could not run | Unavailable |
+//! | the caller process exited or changed since it connected | Unauthenticated |
+//! | WIT-SVID profile | Unimplemented |
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use futures_util::Stream;
+use tessera_attestor::{AttestError, AttestedPeer, WorkloadAttestor};
+use tessera_workload_api as pb;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::authority::{TrustBundle, X509Svid};
+use crate::entries::{EntrySet, Identity};
+use crate::metrics::{Metrics, OpenStream};
+use crate::peer_conn::PeerConnection;
+use crate::svid_cache::SvidCache;
+
+/// Shared state of a running agent that the API needs.
+pub struct AgentState {
+    pub attestor: WorkloadAttestor,
+    pub entries: watch::Receiver<EntrySet>,
+    pub cache: Arc<SvidCache>,
+    pub metrics: Arc<Metrics>,
+    pub ready: AtomicBool,
+    pub shutdown: CancellationToken,
+}
+
+impl AgentState {
+    /// Attests the caller of `request` (cached per connection) and re-checks
+    /// that the process is still the one that connected.
+    pub async fn caller<T>(&self, request: &Request<T>) -> Result<Arc<AttestedPeer>, Status> {
+        if !self.ready.load(Ordering::Acquire) || self.shutdown.is_cancelled() {
+            return Err(Status::unavailable("agent is not ready"));
+        }
+        let conn = request
+            .extensions()
+            .get::<PeerConnection>()
+            .ok_or_else(|| Status::internal("missing peer information"))?;
+        let attested = conn
+            .attested
+            .get_or_try_init(|| async {
+                let result = self.attestor.attest(&conn.peer).await;
+                let label = if result.is_ok() { "ok" } else { "error" };
+                self.metrics.attestations.get_or_create(&crate::metrics::ResultLabels { result: label }).inc();
+                result.map(Arc::new)
+            })
+            .await
+            .map_err(|e| match e {
+                AttestError::Liveness(e) => {
+                    tracing::info!(pid = ?conn.peer.pid, error = %e, "caller failed liveness check");
+                    Status::unauthenticated("could not verify existence of the original caller")
+                }
+                e => {
+                    tracing::warn!(pid = ?conn.peer.pid, error = %e, "workload attestation failed");
+                    Status::unavailable(format!("workload attestation failed: {e}"))
+                }
+            })?
+            .clone();
+        attested.check_alive().map_err(|e| {
+            tracing::info!(pid = attested.process.pid, error = %e, "caller failed liveness check");
+            Status::unauthenticated("could not verify existence of the original caller")
+        })?;
+        Ok(attested)
+    }
+
+    fn identities(&self, peer: &AttestedPeer) -> Vec<Identity> {
+        self.entries.borrow().identities_for(&peer.selectors)
+    }
+}
+
+fn no_identity() -> Status {
+    Status::permission_denied("no identity issued")
+}
+
+pub struct WorkloadApi {
+    state: Arc<AgentState>,
+}
+
+impl WorkloadApi {
+    pub fn new(state: Arc<AgentState>) -> Self {
+        Self { state }
+    }
+
+    fn record<T>(&self, method: &'static str, started: Instant, result: &Result<T, Status>) {
+        let code = match result {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.state.metrics.record_rpc(method, code, started);
+    }
+
+    /// Runs `body` as a stream task: it gets a sender and must send the first
+    /// message as soon as it can. The stream ends only with an error status
+    /// (client gone aside): PermissionDenied when identities vanish,
+    /// Unavailable on shutdown.
+    fn spawn_stream<M, F, Fut>(
+        &self,
+        method: &'static str,
+        body: F,
+    ) -> ReceiverStream<Result<M, Status>>
+    where
+        M: Send + 'static,
+        F: FnOnce(StreamSender<M>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(2);
+        let guard = OpenStream::new(&self.state.metrics, method);
+        let fut = body(StreamSender {
+            tx,
+            shutdown: self.state.shutdown.clone(),
+        });
+        tokio::spawn(async move {
+            fut.await;
+            drop(guard);
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+/// Sends stream messages, giving up when the client leaves or the agent stops.
+pub struct StreamSender<M> {
+    tx: mpsc::Sender<Result<M, Status>>,
+    shutdown: CancellationToken,
+}
+
+impl<M> StreamSender<M> {
+    /// False when the stream is over (client gone or shutdown).
+    async fn send(&self, item: Result<M, Status>) -> bool {
+        tokio::select! {
+            r = self.tx.send(item) => r.is_ok(),
+            _ = self.shutdown.cancelled() => {
+                let _ = self.tx.try_send(Err(Status::unavailable("agent is shutting down")));
+                false
+            }
+        }
+    }
+
+    /// Waits until the stream should end, returning whether to send a final
+    /// shutdown status.
+    async fn ended(&self) {
+        tokio::select! {
+            _ = self.tx.closed() => {}
+            _ = self.shutdown.cancelled() => {
+                let _ = self.tx.try_send(Err(Status::unavailable("agent is shutting down")));
+            }
+        }
+    }
+}
+
+type BoxStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
+
+/// What woke a stream task.
+enum Wake {
+    Ended,
+    Entries,
+    Update,
+}
+
+fn x509_response(
+    identities: &[Identity],
+    svids: &[Arc<X509Svid>],
+    bundle: &TrustBundle,
+) -> pb::X509svidResponse {
+    pb::X509svidResponse {
+        svids: identities
+            .iter()
+            .zip(svids)
+            .map(|(ident, svid)| pb::X509svid {
+                spiffe_id: ident.spiffe_id.to_string(),
+                x509_svid: svid.chain_der.clone(),
+                x509_svid_key: svid.key_pkcs8.clone(),
+                bundle: bundle.x509.clone(),
+                hint: ident.hint.clone().unwrap_or_default(),
+            })
+            .collect(),
+        crl: Vec::new(),
+        federated_bundles: HashMap::new(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::server::SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = BoxStream<pb::X509svidResponse>;
+    type FetchX509BundlesStream = BoxStream<pb::X509BundlesResponse>;
+    type FetchJWTBundlesStream = BoxStream<pb::JwtBundlesResponse>;
+    type FetchWITSVIDStream = BoxStream<pb::WitsvidResponse>;
+    type FetchWITBundlesStream = BoxStream<pb::WitBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let started = Instant::now();
+        let result = async {
+            pb::check_security_header(request.metadata())?;
+            let peer = self.state.caller(&request).await?;
+            if self.state.identities(&peer).is_empty() {
+                return Err(no_identity());
+            }
+            let state = self.state.clone();
+            Ok(self.spawn_stream("FetchX509SVID", move |out| {
+                x509_svid_stream(state, peer, out, started)
+            }))
+        }
+        .await;
+        self.record("FetchX509SVID", started, &result);
+        result.map(|s| Response::new(Box::pin(s) as Self::FetchX509SVIDStream))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let started = Instant::now();
+        let result = async {
+            pb::check_security_header(request.metadata())?;
+            let peer = self.state.caller(&request).await?;
+            if self.state.identities(&peer).is_empty() {
+                return Err(no_identity());
+            }
+            let state = self.state.clone();
+            Ok(self.spawn_stream("FetchX509Bundles", move |out| {
+                bundle_stream(state, peer, out, |td, b| pb::X509BundlesResponse {
+                    crl: Vec::new(),
+                    bundles: HashMap::from([(td, b.x509.clone())]),
+                })
+            }))
+        }
+        .await;
+        self.record("FetchX509Bundles", started, &result);
+        result.map(|s| Response::new(Box::pin(s) as Self::FetchX509BundlesStream))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let started = Instant::now();
+        let result = async {
+            pb::check_security_header(request.metadata())?;
+            let peer = self.state.caller(&request).await?;
+            if self.state.identities(&peer).is_empty() {
+                return Err(no_identity());
+            }
+            let state = self.state.clone();
+            Ok(self.spawn_stream("FetchJWTBundles", move |out| {
+                bundle_stream(state, peer, out, |td, b| pb::JwtBundlesResponse {
+                    bundles: HashMap::from([(td, b.jwks.clone())]),
+                })
+            }))
+        }
+        .await;
+        self.record("FetchJWTBundles", started, &result);
+        result.map(|s| Response::new(Box::pin(s) as Self::FetchJWTBundlesStream))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        let started = Instant::now();
+        let result = async {
+            pb::check_security_header(request.metadata())?;
+            let peer = self.state.caller(&request).await?;
+            let req = request.get_ref();
+            if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
+                return Err(Status::invalid_argument("audience must be specified"));
+            }
+            let wanted = match req.spiffe_id.as_str() {
+                "" => None,
+                id => Some(
+                    spiffe::SpiffeId::new(id)
+                        .map_err(|e| Status::invalid_argument(format!("invalid spiffe_id: {e}")))?,
+                ),
+            };
+            let mut identities = self.state.identities(&peer);
+            if let Some(wanted) = &wanted {
+                identities.retain(|i| &i.spiffe_id == wanted);
+            }
+            if identities.is_empty() {
+                return Err(no_identity());
+            }
+            let mut svids = Vec::with_capacity(identities.len());
+            for ident in identities {
+                let jwt = self
+                    .state
+                    .cache
+                    .jwt(&ident.spiffe_id, &req.audience, ident.jwt_ttl)
+                    .map_err(|e| Status::unavailable(format!("could not sign JWT-SVID: {e}")))?;
+                svids.push(pb::Jwtsvid {
+                    spiffe_id: ident.spiffe_id.to_string(),
+                    svid: jwt.token,
+                    hint: ident.hint.unwrap_or_default(),
+                });
+            }
+            Ok(Response::new(pb::JwtsvidResponse { svids }))
+        }
+        .await;
+        self.record("FetchJWTSVID", started, &result);
+        result
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        let started = Instant::now();
+        let result = async {
+            pb::check_security_header(request.metadata())?;
+            self.state.caller(&request).await?;
+            let req = request.get_ref();
+            if req.audience.is_empty() {
+                return Err(Status::invalid_argument("audience must be specified"));
+            }
+            if req.svid.is_empty() {
+                return Err(Status::invalid_argument("svid must be specified"));
+            }
+            let (id, claims) = self
+                .state
+                .cache
+                .authority()
+                .validate_jwt(&req.svid, &req.audience)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Ok(Response::new(pb::ValidateJwtsvidResponse {
+                spiffe_id: id.to_string(),
+                claims: Some(pb::json_object_to_struct(&claims)),
+            }))
+        }
+        .await;
+        self.record("ValidateJWTSVID", started, &result);
+        result
+    }
+
+    async fn fetch_witsvid(
+        &self,
+        request: Request<pb::WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        pb::check_security_header(request.metadata())?;
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ))
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        request: Request<pb::WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        pb::check_security_header(request.metadata())?;
+        Err(Status::unimplemented(
+            "the WIT-SVID profile is not supported",
+        ))
+    }
+}
+
+/// Waits for whichever comes first: stream end, an entry change, or a change
+/// of any SVID or the bundle.
+async fn next_wake<M>(
+    out: &StreamSender<M>,
+    entries: &mut watch::Receiver<EntrySet>,
+    bundle: &mut watch::Receiver<Arc<TrustBundle>>,
+    svids: &mut [watch::Receiver<Option<Arc<X509Svid>>>],
+) -> Wake {
+    let any_svid = async {
+        if svids.is_empty() {
+            std::future::pending::<()>().await;
+        }
+        let changes = svids.iter_mut().map(|rx| Box::pin(rx.changed()));
+        let _ = futures_util::future::select_all(changes).await;
+    };
+    tokio::select! {
+        _ = out.ended() => Wake::Ended,
+        r = entries.changed() => if r.is_ok() { Wake::Entries } else { Wake::Ended },
+        r = bundle.changed() => if r.is_ok() { Wake::Update } else { Wake::Ended },
+        _ = any_svid => Wake::Update,
+    }
+}
+
+async fn x509_svid_stream(
+    state: Arc<AgentState>,
+    peer: Arc<AttestedPeer>,
+    out: StreamSender<pb::X509svidResponse>,
+    started: Instant,
+) {
+    let mut entries = state.entries.clone();
+    let mut bundle_rx = state.cache.authority().subscribe_bundle();
+    let mut first = true;
+    'identities: loop {
+        let identities = entries.borrow_and_update().identities_for(&peer.selectors);
+        if identities.is_empty() {
+            out.send(Err(no_identity())).await;
+            return;
+        }
+        let mut rxs = Vec::with_capacity(identities.len());
+        for ident in &identities {
+            match state
+                .cache
+                .subscribe(&ident.spiffe_id, ident.x509_ttl)
+                .await
+            {
+                Ok(rx) => rxs.push(rx),
+                Err(e) => {
+                    out.send(Err(Status::unavailable(format!(
+                        "could not issue X509-SVID: {e}"
+                    ))))
+                    .await;
+                    return;
+                }
+            }
+        }
+        loop {
+            let svids: Vec<Arc<X509Svid>> = rxs
+                .iter_mut()
+                .filter_map(|rx| rx.borrow_and_update().clone())
+                .collect();
+            if svids.len() != identities.len() {
+                out.send(Err(Status::unavailable("SVID not yet available")))
+                    .await;
+                return;
+            }
+            let bundle = bundle_rx.borrow_and_update().clone();
+            if !out
+                .send(Ok(x509_response(&identities, &svids, &bundle)))
+                .await
+            {
+                return;
+            }
+            if first {
+                first = false;
+                state
+                    .metrics
+                    .rpc_seconds
+                    .get_or_create(&crate::metrics::MethodLabels {
+                        method: "FetchX509SVID.first",
+                    })
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            match next_wake(&out, &mut entries, &mut bundle_rx, &mut rxs).await {
+                Wake::Ended => return,
+                Wake::Entries => continue 'identities,
+                Wake::Update => {}
+            }
+        }
+    }
+}
+
+async fn bundle_stream<M: Send + PartialEq + 'static>(
+    state: Arc<AgentState>,
+    peer: Arc<AttestedPeer>,
+    out: StreamSender<M>,
+    build: impl Fn(String, &TrustBundle) -> M,
+) {
+    let mut entries = state.entries.clone();
+    let mut bundle_rx = state.cache.authority().subscribe_bundle();
+    let td = state.cache.authority().trust_domain().id_string();
+    let mut last: Option<M> = None;
+    loop {
+        if entries
+            .borrow_and_update()
+            .identities_for(&peer.selectors)
+            .is_empty()
+        {
+            out.send(Err(no_identity())).await;
+            return;
+        }
+        let message = build(td.clone(), &bundle_rx.borrow_and_update());
+        // Identical consecutive bundles are not re-sent.
+        if last.as_ref() != Some(&message) {
+            let copy = build(td.clone(), &bundle_rx.borrow());
+            if !out.send(Ok(message)).await {
+                return;
+            }
+            last = Some(copy);
+        }
+        if let Wake::Ended = next_wake(&out, &mut entries, &mut bundle_rx, &mut []).await {
+            return;
+        }
+    }
+}
