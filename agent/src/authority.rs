@@ -134,12 +134,12 @@ impl<K> KeyRing<K> {
     /// The next time `tick` has something to do.
     fn next_event(&self) -> Option<u64> {
         let mut next = self.keys.iter().map(|(t, _)| t.not_after).min();
-        if self.rotates {
-            if let Some((t, _)) = self.keys.last() {
-                next = Some(next.map_or(t.prepare_successor_at(), |n| {
-                    n.min(t.prepare_successor_at())
-                }));
-            }
+        if self.rotates
+            && let Some((t, _)) = self.keys.last()
+        {
+            next = Some(next.map_or(t.prepare_successor_at(), |n| {
+                n.min(t.prepare_successor_at())
+            }));
         }
         next
     }
@@ -232,6 +232,14 @@ pub struct Authority {
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
     bundle: watch::Sender<Arc<TrustBundle>>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("trust_domain", &self.settings.trust_domain.as_str())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Serialize, Deserialize)]

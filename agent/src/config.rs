@@ -255,6 +255,13 @@ impl Config {
                 format!("invalid trust domain: {e}"),
             )
         })?;
+        if trust_domain.as_str() != raw.trust_domain.get_ref() {
+            return Err(cx.invalid(
+                "trust_domain",
+                &raw.trust_domain,
+                "must be a bare, lowercase trust domain name such as \"example.org\"",
+            ));
+        }
         let x509_ttl = cx.ttl(
             "svid.x509_ttl",
             &raw.svid.x509_ttl,
@@ -340,10 +347,11 @@ impl Config {
             }
         };
         let socket_path = raw.socket_path.get_ref().clone();
-        if let (Some(admin), Some(sock_dir)) = (&admin_socket_path, socket_path.parent()) {
-            if admin.starts_with(sock_dir) && !sock_dir.as_os_str().is_empty() {
-                return Err(cx.invalid("admin.socket_path", &raw.socket_path, "the admin socket must not live in the workload socket directory (workloads can reach everything there)"));
-            }
+        if let (Some(admin), Some(sock_dir)) = (&admin_socket_path, socket_path.parent())
+            && admin.starts_with(sock_dir)
+            && !sock_dir.as_os_str().is_empty()
+        {
+            return Err(cx.invalid("admin.socket_path", &raw.socket_path, "the admin socket must not live in the workload socket directory (workloads can reach everything there)"));
         }
 
         let ca_files = match (&raw.authority.ca_cert_file, &raw.authority.ca_key_file) {

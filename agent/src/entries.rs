@@ -70,9 +70,16 @@ impl IdTemplate {
             return Err("SPIFFE IDs are limited to 2048 bytes".into());
         }
         if let Some(Part::Literal(first)) = parts.first() {
-            let after_scheme = first.strip_prefix("spiffe://").unwrap_or("");
-            if !after_scheme.contains('/') {
+            let after_scheme = first
+                .strip_prefix("spiffe://")
+                .ok_or_else(|| format!("{text:?} must start with lowercase \"spiffe://\""))?;
+            let Some((td, _)) = after_scheme.split_once('/') else {
                 return Err("placeholders are only allowed in the path".into());
+            };
+            // Parsers normalise case; a config must already be canonical so the
+            // ID it shows is the ID that is issued.
+            if td != id.trust_domain_name() {
+                return Err(format!("trust domain {td:?} must be lowercase"));
             }
         }
         Ok(Self {

@@ -140,10 +140,10 @@ impl SvidCache {
         let now = self.clock.now();
         {
             let cache = self.jwts.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(hit) = cache.get(&key) {
-                if now < refresh_time(hit.issued_at, hit.expires_at) {
-                    return Ok(hit.clone());
-                }
+            if let Some(hit) = cache.get(&key)
+                && now < refresh_time(hit.issued_at, hit.expires_at)
+            {
+                return Ok(hit.clone());
             }
         }
         // Keep the caller's audience order in the token (first = primary).

@@ -1,1 +1,94 @@
-fn main() {}
+//! Helpers for end-to-end tests: an in-process agent on a temporary socket,
+//! configured from TOML text, and clients that are not ours (the `spiffe`
+//! crate) to judge what it serves.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tessera_agent::config::Config;
+use tessera_agent::daemon::{self, RunningAgent};
+
+pub struct TestAgent {
+    pub dir: tempfile::TempDir,
+    pub agent: Option<RunningAgent>,
+}
+
+/// The uid of this test process, which is what the agent attests.
+pub fn my_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+impl TestAgent {
+    /// Starts an agent whose config is `body` appended to the required keys
+    /// (trust domain example.org, socket and data dir in a temp dir).
+    pub async fn start(body: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let text = Self::config_text(dir.path(), body);
+        let config = Config::parse(&text, "test.toml").expect("test config is valid");
+        let agent = daemon::start(config, Arc::new(tessera_agent::clock::SystemClock))
+            .await
+            .expect("agent starts");
+        Self {
+            dir,
+            agent: Some(agent),
+        }
+    }
+
+    pub fn config_text(dir: &Path, body: &str) -> String {
+        format!(
+            "trust_domain = \"example.org\"\nsocket_path = \"{}/sock/agent.sock\"\ndata_dir = \"{}/data\"\n{body}",
+            dir.display(),
+            dir.display()
+        )
+    }
+
+    /// An entry giving this process `spiffe://example.org/<path>`.
+    pub fn entry_for_me(path: &str, hint: &str) -> String {
+        format!(
+            "[[entries]]\nspiffe_id = \"spiffe://example.org/{path}\"\nselectors = [\"unix:uid:{}\"]\nhint = \"{hint}\"\n",
+            my_uid()
+        )
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("sock/agent.sock")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    pub fn running(&self) -> &RunningAgent {
+        self.agent.as_ref().unwrap()
+    }
+
+    pub async fn spiffe_client(&self) -> spiffe::WorkloadApiClient {
+        spiffe::WorkloadApiClient::connect_to(self.endpoint())
+            .await
+            .expect("spiffe client connects")
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(a) = self.agent.take() {
+            a.stop().await.unwrap();
+        }
+    }
+}
+
+/// A raw tonic channel to the agent socket (for requests the `spiffe` crate
+/// will not send, such as ones without the security header).
+pub async fn raw_channel(socket: &Path) -> tonic::transport::Channel {
+    let path = socket.to_path_buf();
+    tonic::transport::Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}
