@@ -195,7 +195,11 @@ class WorkloadApiInteropTest {
     void fetchJwtSvidForForeignSubjectFails() {
         SpiffeId other = SpiffeId.parse("spiffe://example.org/not-this-workload");
         JwtSvidException e = assertThrows(JwtSvidException.class, () -> client.fetchJwtSvid(other, AUDIENCE));
-        assertNotNull(grpcStatus(e), "expected a gRPC error from the agent, got " + e);
+        Status status = grpcStatus(e);
+        assertNotNull(status, "expected a gRPC error from the agent, got " + e);
+        // What the Workload API spec (and SPIRE) answer when the caller is not
+        // entitled to the requested identity.
+        assertEquals(Status.Code.PERMISSION_DENIED, status.getCode(), "agent status: " + status);
     }
 
     @Test
