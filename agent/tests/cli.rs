@@ -1,0 +1,238 @@
+//! The `tessera` binary as a user runs it: exit codes, one-line errors, the
+//! `--dev` quickstart, `api fetch --write` output checked with openssl(1).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+
+fn tessera(args: &[&str], socket: &Path) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", socket.display()),
+        )
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(args: &[&str], cwd: &Path, socket: PathBuf) -> Self {
+        let child = Command::new(BIN)
+            .args(args)
+            .current_dir(cwd)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "agent did not create {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, socket }
+    }
+
+    fn terminate(mut self) -> Output {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if self.child.try_wait().unwrap().is_some() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "agent did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = self.child.wait_with_output().unwrap();
+        assert!(!self.socket.exists(), "socket removed after SIGTERM");
+        out
+    }
+}
+
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let uid = nix::unistd::geteuid().as_raw();
+    let text = format!(
+        "trust_domain = \"example.org\"\nsocket_path = \"{d}/sock/agent.sock\"\ndata_dir = \"{d}/data\"\n\
+         [[entries]]\nspiffe_id = \"spiffe://example.org/cli\"\nselectors = [\"unix:uid:{uid}\"]\n{extra}",
+        d = dir.display()
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn invalid_config_is_a_one_line_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "[svid]\nx509_ttl = \"forever\"\n");
+    let out = Command::new(BIN)
+        .args(["run", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("svid.x509_ttl") && err.contains("agent.toml:8"),
+        "{err}"
+    );
+
+    let path = write_config(dir.path(), "bogus_key = 1\n");
+    let out = Command::new(BIN)
+        .args(["run", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("bogus_key"), "{}", stderr(&out));
+}
+
+#[test]
+fn fetch_write_validate_healthcheck_and_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let socket = dir.path().join("sock/agent.sock");
+    let daemon = Daemon::start(
+        &["run", "--config", config.to_str().unwrap()],
+        dir.path(),
+        socket.clone(),
+    );
+
+    let out = tessera(&["healthcheck"], &socket);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let certs = dir.path().join("certs");
+    let out = tessera(
+        &["api", "fetch", "x509", "--write", certs.to_str().unwrap()],
+        &socket,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("spiffe://example.org/cli"));
+    use std::os::unix::fs::PermissionsExt;
+    let key_mode = std::fs::metadata(certs.join("svid.0.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600, "private key written 0600");
+    // openssl(1) checks the written chain against the written bundle and the key pair.
+    let verify = Command::new("openssl")
+        .args([
+            "verify",
+            "-CAfile",
+            "bundle.0.pem",
+            "-purpose",
+            "sslserver",
+            "svid.0.pem",
+        ])
+        .current_dir(&certs)
+        .output()
+        .expect("openssl(1) is required for this test");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let pubkey = |args: &[&str]| {
+        Command::new("openssl")
+            .args(args)
+            .current_dir(&certs)
+            .output()
+            .unwrap()
+            .stdout
+    };
+    assert_eq!(
+        pubkey(&["x509", "-in", "svid.0.pem", "-noout", "-pubkey"]),
+        pubkey(&["pkey", "-in", "svid.0.key", "-pubout"])
+    );
+
+    let out = tessera(&["api", "fetch", "jwt", "--audience", "db"], &socket);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = stdout(&out).lines().nth(1).unwrap().trim().to_string();
+    let ok = tessera(
+        &[
+            "api",
+            "validate",
+            "jwt",
+            "--audience",
+            "db",
+            "--svid",
+            &token,
+        ],
+        &socket,
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(stdout(&ok).contains("spiffe://example.org/cli"));
+    let bad = tessera(
+        &[
+            "api",
+            "validate",
+            "jwt",
+            "--audience",
+            "web",
+            "--svid",
+            &token,
+        ],
+        &socket,
+    );
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("InvalidArgument"), "{}", stderr(&bad));
+
+    let out = daemon.terminate();
+    assert!(
+        out.status.success(),
+        "clean exit on SIGTERM: {}",
+        stderr(&out)
+    );
+    let out = tessera(&["healthcheck"], &socket);
+    assert!(!out.status.success(), "healthcheck fails without an agent");
+    assert!(stderr(&out).starts_with("error: "), "{}", stderr(&out));
+}
+
+#[test]
+fn dev_mode_prints_the_socket_and_export_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join(".tessera/agent.sock");
+    let daemon = Daemon::start(&["run", "--dev"], dir.path(), socket.clone());
+    let out = tessera(&["api", "fetch", "x509"], &socket);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .unwrap()
+        .unwrap()
+        .name;
+    assert!(
+        stdout(&out).contains(&format!("spiffe://example.org/user/{user}")),
+        "{}",
+        stdout(&out)
+    );
+    let printed = stdout(&daemon.terminate());
+    assert!(
+        printed.contains(&format!(
+            "export SPIFFE_ENDPOINT_SOCKET=unix://{}",
+            socket.display()
+        )),
+        "{printed}"
+    );
+    assert!(printed.contains("admin: http://127.0.0.1:"), "{printed}");
+}
