@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod entries;
 pub mod fsutil;
+pub mod h2_authority;
 pub mod jws;
 pub mod metrics;
 pub mod peer_conn;

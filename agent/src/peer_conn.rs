@@ -12,6 +12,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::OnceCell;
 
+use crate::h2_authority::AuthorityRewriter;
+
 /// Per-connection facts, available in every request's extensions.
 #[derive(Clone, Debug)]
 pub struct PeerConnection {
@@ -21,10 +23,14 @@ pub struct PeerConnection {
     pub attested: Arc<OnceCell<Arc<AttestedPeer>>>,
 }
 
-/// An accepted Unix stream plus its [`PeerConnection`].
+/// An accepted Unix stream plus its [`PeerConnection`]. Inbound bytes pass
+/// through an [`AuthorityRewriter`] so clients that send the socket path as
+/// `:authority` are served (see `h2_authority`).
 pub struct PeerStream {
     inner: UnixStream,
     info: PeerConnection,
+    inbound: AuthorityRewriter,
+    eof: bool,
 }
 
 impl tonic::transport::server::Connected for PeerStream {
@@ -40,7 +46,29 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        loop {
+            let ready = this.inbound.ready();
+            if !ready.is_empty() {
+                let n = ready.len().min(buf.remaining());
+                buf.put_slice(&ready[..n]);
+                this.inbound.consume(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            let mut scratch = [0u8; 8192];
+            let mut read = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                    this.eof = true;
+                    this.inbound.finish();
+                }
+                Poll::Ready(Ok(())) => this.inbound.feed(read.filled()),
+                other => return other,
+            }
+        }
     }
 }
 
@@ -90,6 +118,8 @@ pub fn incoming(
                             Ok(PeerStream {
                                 inner: stream,
                                 info,
+                                inbound: AuthorityRewriter::new(),
+                                eof: false,
                             }),
                             listener,
                         ));
