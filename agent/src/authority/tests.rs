@@ -1,5 +1,5 @@
 use super::*;
-use crate::clock::TokioClock;
+use crate::clock::{TokioClock, until};
 
 fn td() -> spiffe::TrustDomain {
     spiffe::TrustDomain::new("example.org").unwrap()
@@ -263,4 +263,24 @@ fn operator_ca_pkcs8_and_sec1() {
             .to_string()
             .contains("PKCS#8")
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_jwt_is_rejected_and_ttl_is_clamped_to_the_key() {
+    let clock = Arc::new(TokioClock::new());
+    let a = Authority::load(settings(None), clock.clone()).unwrap();
+    let jwt = a
+        .mint_jwt(&id("/w"), &["db".into()], Duration::from_secs(60))
+        .unwrap();
+    assert!(a.validate_jwt(&jwt.token, "db").is_ok());
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert_eq!(
+        a.validate_jwt(&jwt.token, "db").unwrap_err(),
+        jws::JwtError::Expired
+    );
+    // A requested lifetime beyond the signing key's is cut to the key's expiry.
+    let long = a
+        .mint_jwt(&id("/w"), &["db".into()], Duration::from_secs(100_000))
+        .unwrap();
+    assert!(until(long.issued_at, long.expires_at) <= Duration::from_secs(600));
 }
