@@ -14,12 +14,17 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cgroup;
+mod k8s;
+pub mod kubelet;
 mod liveness;
 mod peer;
+pub mod pods;
 mod procfs;
 mod selector;
 mod unix;
 
+pub use k8s::{K8sAttestor, K8sAttestorConfig};
 pub use liveness::{LivenessError, ProcessPin};
 pub use peer::{PeerError, PeerInfo};
 pub use procfs::{ProcError, ProcRoot};

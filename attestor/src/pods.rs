@@ -1,0 +1,147 @@
+//! The slice of the kubelet's `/pods` PodList that attestation needs, and the
+//! `k8s:` selectors derived from one pod and container. A small typed model:
+//! unknown fields are ignored, missing ones default.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::Selector;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct PodList {
+    pub items: Vec<Pod>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Pod {
+    pub metadata: ObjectMeta,
+    pub spec: PodSpec,
+    pub status: PodStatus,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ObjectMeta {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    pub labels: BTreeMap<String, String>,
+    pub owner_references: Vec<OwnerReference>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct OwnerReference {
+    pub kind: String,
+    pub name: String,
+    pub uid: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct PodSpec {
+    pub service_account_name: String,
+    pub node_name: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct PodStatus {
+    pub container_statuses: Vec<ContainerStatus>,
+    pub init_container_statuses: Vec<ContainerStatus>,
+    pub ephemeral_container_statuses: Vec<ContainerStatus>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ContainerStatus {
+    pub name: String,
+    pub image: String,
+    #[serde(rename = "imageID")]
+    pub image_id: String,
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+}
+
+impl ContainerStatus {
+    /// The bare ID of `containerd://<id>`, `cri-o://<id>`, `docker://<id>`.
+    pub fn bare_id(&self) -> &str {
+        self.container_id
+            .split_once("://")
+            .map_or(self.container_id.as_str(), |(_, id)| id)
+    }
+}
+
+impl Pod {
+    fn statuses(&self) -> impl Iterator<Item = &ContainerStatus> {
+        self.status
+            .container_statuses
+            .iter()
+            .chain(&self.status.init_container_statuses)
+            .chain(&self.status.ephemeral_container_statuses)
+    }
+}
+
+impl PodList {
+    /// The pod and container running `container_id` (and, when known, in the
+    /// pod with `pod_uid`).
+    pub fn find(
+        &self,
+        pod_uid: Option<&str>,
+        container_id: &str,
+    ) -> Option<(&Pod, &ContainerStatus)> {
+        self.items
+            .iter()
+            .filter(|p| pod_uid.is_none_or(|u| p.metadata.uid == u))
+            .find_map(|p| {
+                p.statuses()
+                    .find(|c| c.bare_id() == container_id)
+                    .map(|c| (p, c))
+            })
+    }
+}
+
+/// `k8s:` selectors for a container of a pod.
+pub fn selectors(pod: &Pod, container: &ContainerStatus) -> Vec<Selector> {
+    let m = &pod.metadata;
+    let mut out = vec![
+        Selector::new("k8s:ns", &m.namespace),
+        Selector::new("k8s:sa", &pod.spec.service_account_name),
+        Selector::new("k8s:pod-uid", &m.uid),
+        Selector::new("k8s:pod-name", &m.name),
+        Selector::new("k8s:container-name", &container.name),
+    ];
+    if !pod.spec.node_name.is_empty() {
+        out.push(Selector::new("k8s:node-name", &pod.spec.node_name));
+    }
+    for (k, v) in &m.labels {
+        out.push(Selector::new("k8s:pod-label", format!("{k}:{v}")));
+    }
+    for o in &m.owner_references {
+        out.push(Selector::new(
+            "k8s:pod-owner",
+            format!("{}:{}", o.kind, o.name),
+        ));
+        out.push(Selector::new(
+            "k8s:pod-owner-uid",
+            format!("{}:{}", o.kind, o.uid),
+        ));
+    }
+    for c in pod.statuses() {
+        for image in [&c.image, &c.image_id] {
+            if !image.is_empty() {
+                out.push(Selector::new("k8s:pod-image", image.as_str()));
+            }
+        }
+    }
+    for image in [&container.image, &container.image_id] {
+        if !image.is_empty() {
+            out.push(Selector::new("k8s:container-image", image.as_str()));
+        }
+    }
+    out.retain(|s| !s.value().is_empty());
+    out
+}
