@@ -86,6 +86,23 @@ struct RawAttestor {
     proc_root: Option<PathBuf>,
     #[serde(default)]
     unix: RawUnixAttestor,
+    k8s: Option<RawK8sAttestor>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawK8sAttestor {
+    enabled: Option<bool>,
+    kubelet_host: Option<String>,
+    kubelet_host_env: Option<Spanned<String>>,
+    kubelet_port: Option<u16>,
+    read_only_port: Option<u16>,
+    token_path: Option<PathBuf>,
+    kubelet_ca_path: Option<PathBuf>,
+    skip_kubelet_verification: Option<bool>,
+    poll_attempts: Option<u32>,
+    poll_interval: Option<Spanned<String>>,
+    request_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -137,6 +154,8 @@ pub struct Config {
     pub authority: AuthorityConfig,
     pub proc_root: PathBuf,
     pub unix_attestor: tessera_attestor::UnixAttestorConfig,
+    /// Kubernetes attestation, when `[attestor.k8s] enabled = true`.
+    pub k8s_attestor: Option<tessera_attestor::K8sAttestorConfig>,
     pub entries: EntrySet,
     pub admin_listen: Option<SocketAddr>,
     pub admin_socket_path: Option<PathBuf>,
@@ -382,6 +401,11 @@ impl Config {
         };
         let _ = raw.limits.max_connections;
 
+        let k8s_attestor = match &raw.attestor.k8s {
+            Some(k) if k.enabled.unwrap_or(true) => Some(Self::k8s_config(&cx, k)?),
+            _ => None,
+        };
+
         let exchange_keys = raw
             .exchange
             .map(|t| t.keys().cloned().collect())
@@ -411,6 +435,7 @@ impl Config {
                     .workload_size_limit
                     .unwrap_or(128 * 1024 * 1024),
             },
+            k8s_attestor,
             entries: EntrySet::new(entries),
             admin_listen,
             admin_socket_path,
@@ -421,6 +446,59 @@ impl Config {
             shutdown_grace,
             exchange_keys,
             warnings,
+        })
+    }
+
+    fn k8s_config(
+        cx: &Ctx<'_>,
+        k: &RawK8sAttestor,
+    ) -> Result<tessera_attestor::K8sAttestorConfig, ConfigError> {
+        let duration = |key: &str, v: &Option<Spanned<String>>, default: Duration| match v {
+            None => Ok(default),
+            Some(v) => humantime::parse_duration(v.get_ref())
+                .map_err(|e| cx.invalid(key, v, e.to_string())),
+        };
+        let host = match (&k.kubelet_host, &k.kubelet_host_env) {
+            (Some(h), _) => h.clone(),
+            (None, Some(var)) => std::env::var(var.get_ref()).map_err(|_| {
+                cx.invalid(
+                    "attestor.k8s.kubelet_host_env",
+                    var,
+                    format!("environment variable {} is not set", var.get_ref()),
+                )
+            })?,
+            (None, None) => "127.0.0.1".to_string(),
+        };
+        let sa = PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount");
+        let (port, read_only) = match k.read_only_port {
+            Some(p) => (p, true),
+            None => (k.kubelet_port.unwrap_or(10250), false),
+        };
+        Ok(tessera_attestor::K8sAttestorConfig {
+            kubelet: tessera_attestor::kubelet::KubeletConfig {
+                host,
+                port,
+                read_only,
+                token_path: Some(k.token_path.clone().unwrap_or_else(|| sa.join("token"))),
+                ca_path: Some(
+                    k.kubelet_ca_path
+                        .clone()
+                        .unwrap_or_else(|| sa.join("ca.crt")),
+                ),
+                skip_verification: k.skip_kubelet_verification.unwrap_or(false),
+                timeout: duration(
+                    "attestor.k8s.request_timeout",
+                    &k.request_timeout,
+                    Duration::from_secs(10),
+                )?,
+            },
+            poll_attempts: k.poll_attempts.unwrap_or(60).max(1),
+            poll_interval: duration(
+                "attestor.k8s.poll_interval",
+                &k.poll_interval,
+                Duration::from_millis(500),
+            )?,
+            cache_max_age: Duration::from_secs(5),
         })
     }
 
@@ -558,6 +636,52 @@ mod tests {
         let c = Config::parse(&format!("{MINIMAL}[svid]\nx509_ttl = \"10s\"\n"), "t.toml").unwrap();
         assert_eq!(c.x509_ttl, Duration::from_secs(10));
         assert_eq!(c.warnings.len(), 1);
+    }
+
+    #[test]
+    fn k8s_attestor_table() {
+        let c = Config::parse(
+            &format!(
+                "{MINIMAL}[attestor.k8s]\nkubelet_host = \"10.0.0.5\"\npoll_interval = \"250ms\"\n"
+            ),
+            "t.toml",
+        )
+        .unwrap();
+        let k = c.k8s_attestor.unwrap();
+        assert_eq!(
+            (k.kubelet.host.as_str(), k.kubelet.port, k.kubelet.read_only),
+            ("10.0.0.5", 10250, false)
+        );
+        assert_eq!(k.poll_interval, Duration::from_millis(250));
+        assert!(
+            k.kubelet
+                .token_path
+                .unwrap()
+                .ends_with("serviceaccount/token")
+        );
+        let c = Config::parse(
+            &format!("{MINIMAL}[attestor.k8s]\nread_only_port = 10255\n"),
+            "t.toml",
+        )
+        .unwrap();
+        let k = c.k8s_attestor.unwrap();
+        assert_eq!((k.kubelet.port, k.kubelet.read_only), (10255, true));
+        let c = Config::parse(
+            &format!("{MINIMAL}[attestor.k8s]\nenabled = false\n"),
+            "t.toml",
+        )
+        .unwrap();
+        assert!(c.k8s_attestor.is_none());
+        let e = err(&format!(
+            "{MINIMAL}[attestor.k8s]\nkubelet_host_env = \"TESSERA_TEST_SURELY_UNSET\"\n"
+        ));
+        assert!(
+            e.contains("attestor.k8s.kubelet_host_env") && e.contains("TESSERA_TEST_SURELY_UNSET"),
+            "{e}"
+        );
+        assert!(
+            err(&format!("{MINIMAL}[attestor.k8s]\nkubelet_prot = 1\n")).contains("kubelet_prot")
+        );
     }
 
     #[test]

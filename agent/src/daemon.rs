@@ -86,10 +86,13 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let cache = SvidCache::new(authority, clock.clone(), metrics.clone());
     tokio::spawn(cache.clone().run_rotation(shutdown.clone()));
 
-    let attestor = WorkloadAttestor::new(
-        ProcRoot::new(&config.proc_root),
-        vec![Arc::new(UnixAttestor::new(config.unix_attestor.clone()))],
-    );
+    let mut attestors: Vec<Arc<dyn tessera_attestor::Attestor>> =
+        vec![Arc::new(UnixAttestor::new(config.unix_attestor.clone()))];
+    if let Some(k8s) = &config.k8s_attestor {
+        tracing::info!(kubelet = %format!("{}:{}", k8s.kubelet.host, k8s.kubelet.port), read_only = k8s.kubelet.read_only, "Kubernetes attestation enabled");
+        attestors.push(Arc::new(tessera_attestor::K8sAttestor::new(k8s.clone())));
+    }
+    let attestor = WorkloadAttestor::new(ProcRoot::new(&config.proc_root), attestors);
     let (entries_tx, entries_rx) = watch::channel(config.entries.clone());
     let state = Arc::new(AgentState {
         attestor,

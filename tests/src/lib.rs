@@ -92,3 +92,4 @@ pub async fn raw_channel(socket: &Path) -> tonic::transport::Channel {
         .await
         .unwrap()
 }
+pub mod fake_kubelet;

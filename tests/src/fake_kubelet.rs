@@ -1,0 +1,197 @@
+//! A fake kubelet for tests: HTTPS on 127.0.0.1 with an openssl(1)-made
+//! certificate, serving real-shaped PodList JSON, checking bearer tokens and
+//! counting requests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+
+/// A file from the attestor's fixtures (`attestor/tests/fixtures`).
+pub fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/../attestor/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl(1) is required for this test");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`<ca_name>`, `ca.key`) and a kubelet serving certificate for
+/// 127.0.0.1 (`server.pem`, `server.key`) in `dir`.
+pub fn make_pki(dir: &Path, ca_name: &str) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    args.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        ca_name,
+        "-subj",
+        "/CN=kubelet-ca",
+        "-days",
+        "1",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ]);
+    openssl(dir, &args);
+    let mut args = vec!["req"];
+    args.extend(ec);
+    args.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=node-a",
+    ]);
+    openssl(dir, &args);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            ca_name,
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+}
+
+#[derive(Default)]
+pub struct KubeletState {
+    /// Served body per request number (the last one repeats).
+    pub bodies: Vec<String>,
+    pub requests: usize,
+    pub tokens_seen: Vec<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+pub struct FakeKubelet {
+    pub port: u16,
+    pub state: Arc<Mutex<KubeletState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeKubelet {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn fake_kubelet(
+    dir: &Path,
+    listener: Option<tokio::net::TcpListener>,
+    state: KubeletState,
+) -> FakeKubelet {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(dir.join("server.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = match listener {
+        Some(l) => l,
+        None => tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let port = listener.local_addr().unwrap().port();
+    let state = Arc::new(Mutex::new(state));
+    let shared = state.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, state) = (acceptor.clone(), shared.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let state = state.clone();
+                        async move {
+                            let mut st = state.lock().unwrap();
+                            st.requests += 1;
+                            let auth = req
+                                .headers()
+                                .get("authorization")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_string();
+                            st.tokens_seen.push(auth.clone());
+                            let expected = st.token_file.as_ref().map(|p| {
+                                format!("Bearer {}", std::fs::read_to_string(p).unwrap().trim())
+                            });
+                            let (status, body) = if req.uri().path() != "/pods" {
+                                (404, String::new())
+                            } else if expected.is_some_and(|e| e != auth) {
+                                (401, "Unauthorized".to_string())
+                            } else {
+                                let i = (st.requests - 1).min(st.bodies.len() - 1);
+                                (200, st.bodies[i].clone())
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from(body)))
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    FakeKubelet { port, state, task }
+}
