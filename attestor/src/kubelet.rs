@@ -111,18 +111,18 @@ impl KubeletClient {
         let mut request = hyper::Request::get("/pods")
             .header(hyper::header::HOST, &self.config.host)
             .header(hyper::header::ACCEPT, "application/json");
-        if !self.config.read_only {
-            if let Some(path) = &self.config.token_path {
-                // Re-read every time: projected tokens rotate.
-                let token = std::fs::read_to_string(path).map_err(|source| KubeletError::File {
-                    path: path.clone(),
-                    source,
-                })?;
-                request = request.header(
-                    hyper::header::AUTHORIZATION,
-                    format!("Bearer {}", token.trim()),
-                );
-            }
+        if !self.config.read_only
+            && let Some(path) = &self.config.token_path
+        {
+            // Re-read every time: projected tokens rotate.
+            let token = std::fs::read_to_string(path).map_err(|source| KubeletError::File {
+                path: path.clone(),
+                source,
+            })?;
+            request = request.header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", token.trim()),
+            );
         }
         let request = request
             .body(Empty::<Bytes>::new())
