@@ -26,6 +26,8 @@ enum Command {
     /// Talk to a running agent over the Workload API.
     #[command(subcommand)]
     Api(ApiCommand),
+    /// Load-test the agent over its real socket (starts its own agent unless --socket).
+    Bench(BenchArgs),
     /// Exit 0 if the agent answers on its socket.
     Healthcheck {
         #[arg(long)]
@@ -44,6 +46,34 @@ struct RunArgs {
     /// Log format; overrides `[log] format`.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Scenarios to run (default: all): x509-first, x509-cold, jwt-fetch,
+    /// jwt-validate, fanout, exchange, idle-memory.
+    scenarios: Vec<String>,
+    /// One JSON object per line per scenario instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Concurrent clients (x509-first, jwt-*).
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    /// Open streams (fanout, idle-memory).
+    #[arg(long, default_value_t = 1000)]
+    streams: usize,
+    /// Distinct identities (x509-cold: issued per round; idle-memory: cached).
+    #[arg(long, default_value_t = 100)]
+    identities: usize,
+    /// Cedar policies loaded (exchange).
+    #[arg(long, default_value_t = 1000)]
+    policies: usize,
+    /// How long each closed-loop scenario runs.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Target a running agent instead of starting one.
+    #[arg(long)]
+    socket: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -134,6 +164,17 @@ fn one_line(e: &anyhow::Error) -> String {
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run(args).await,
+        Command::Bench(b) => {
+            let params = crate::bench::BenchParams {
+                clients: b.clients.max(1),
+                streams: b.streams.max(1),
+                identities: b.identities,
+                policies: b.policies,
+                duration: b.duration,
+                socket: b.socket,
+            };
+            crate::bench::run(&b.scenarios, params, b.json).await
+        }
         Command::Healthcheck { socket } => {
             let path = client::socket_path(socket.as_deref())?;
             let mut c = client::connect(&path).await?;

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod authority;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod clock;

@@ -1,0 +1,651 @@
+//! `tessera bench`: a load generator over the agent's real Unix socket.
+//!
+//! By default every scenario starts its own agent (this binary, `tessera run`,
+//! as a child process with a config made for the scenario) in a temporary
+//! directory, so one command gives the numbers and `agent_rss_bytes` is the
+//! agent's own memory. `--socket` targets a running agent instead (scenarios
+//! that need a special config are then skipped with a note).
+//!
+//! The bench process is the workload: entries select it by uid and executable
+//! path. Where a scenario needs a second workload (identities cached by
+//! someone else), a copy of this binary started from another path runs
+//! `tessera api watch`, which the agent sees as a different program.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tessera_workload_api as pb;
+use tessera_workload_api::client::SpiffeWorkloadApiClient;
+use tonic::transport::Channel;
+
+use crate::client;
+
+pub const SCENARIOS: &[&str] = &[
+    "x509-first",
+    "x509-cold",
+    "jwt-fetch",
+    "jwt-validate",
+    "fanout",
+    "exchange",
+    "idle-memory",
+];
+
+#[derive(Debug, Clone)]
+pub struct BenchParams {
+    pub clients: usize,
+    pub streams: usize,
+    pub identities: usize,
+    pub policies: usize,
+    pub duration: Duration,
+    pub socket: Option<PathBuf>,
+}
+
+/// One scenario's figures.
+#[derive(Debug, Default)]
+pub struct BenchResult {
+    pub scenario: String,
+    pub params: serde_json::Map<String, serde_json::Value>,
+    pub ops: u64,
+    pub seconds: f64,
+    pub latencies: Vec<Duration>,
+    pub agent_rss_bytes: Option<u64>,
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl BenchResult {
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return 0.0;
+        }
+        let idx = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies[idx].as_secs_f64() * 1000.0
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut o = serde_json::Map::new();
+        o.insert("scenario".into(), self.scenario.clone().into());
+        o.insert(
+            "params".into(),
+            serde_json::Value::Object(self.params.clone()),
+        );
+        o.insert("ops".into(), self.ops.into());
+        o.insert("seconds".into(), round3(self.seconds).into());
+        o.insert("ops_per_sec".into(), round3(self.ops_per_sec()).into());
+        for (k, p) in [
+            ("p50_ms", 0.5),
+            ("p90_ms", 0.9),
+            ("p99_ms", 0.99),
+            ("max_ms", 1.0),
+        ] {
+            o.insert(k.into(), round3(self.percentile_ms(p)).into());
+        }
+        o.insert(
+            "agent_rss_bytes".into(),
+            self.agent_rss_bytes
+                .map_or(serde_json::Value::Null, Into::into),
+        );
+        o.extend(self.extra.clone());
+        serde_json::Value::Object(o)
+    }
+
+    fn ops_per_sec(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.ops as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Runs the named scenarios (all if empty), printing a table or JSON lines.
+pub async fn run(names: &[String], params: BenchParams, json: bool) -> anyhow::Result<()> {
+    let names: Vec<&str> = if names.is_empty() {
+        SCENARIOS.to_vec()
+    } else {
+        names.iter().map(String::as_str).collect()
+    };
+    for n in &names {
+        if !SCENARIOS.contains(n) {
+            bail!(
+                "unknown scenario {n:?}; choose from {}",
+                SCENARIOS.join(", ")
+            );
+        }
+    }
+    if !json {
+        println!(
+            "{:<13} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10}  notes",
+            "scenario", "ops", "ops/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "agent RSS"
+        );
+    }
+    for name in names {
+        let results = match name {
+            "x509-first" => vec![x509_first(&params).await?],
+            "x509-cold" => x509_cold(&params).await?,
+            "jwt-fetch" => vec![
+                jwt_fetch(&params, false).await?,
+                jwt_fetch(&params, true).await?,
+            ],
+            "jwt-validate" => vec![jwt_validate(&params).await?],
+            "fanout" => fanout(&params).await?,
+            "idle-memory" => idle_memory(&params).await?,
+            "exchange" => {
+                eprintln!(
+                    "exchange: skipped; the token exchange endpoint is not part of this build"
+                );
+                vec![]
+            }
+            _ => unreachable!(),
+        };
+        for mut r in results {
+            r.latencies.sort();
+            if json {
+                println!("{}", r.to_json());
+            } else {
+                let rss = r.agent_rss_bytes.map_or("-".to_string(), |b| {
+                    format!("{:.1} MiB", b as f64 / 1048576.0)
+                });
+                let notes: Vec<String> = r
+                    .params
+                    .iter()
+                    .chain(r.extra.iter())
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                println!(
+                    "{:<13} {:>9} {:>11.0} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>10}  {}",
+                    r.scenario,
+                    r.ops,
+                    r.ops_per_sec(),
+                    r.percentile_ms(0.5),
+                    r.percentile_ms(0.9),
+                    r.percentile_ms(0.99),
+                    r.percentile_ms(1.0),
+                    rss,
+                    notes.join(" ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An agent started for one scenario.
+struct BenchAgent {
+    child: Child,
+    /// Keeps the agent's directory alive for as long as the agent runs.
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl BenchAgent {
+    /// `entries` is TOML for `[[entries]]`; `svid` the `[svid]` table body.
+    fn start(entries: &str, svid: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let socket = dir.path().join("agent.sock");
+        let config = format!(
+            "trust_domain = \"example.org\"\nsocket_path = \"{}\"\ndata_dir = \"{}/data\"\n[authority]\npersist = false\n[svid]\n{svid}\n[log]\nlevel = \"warn\"\n{entries}",
+            socket.display(),
+            dir.path().display()
+        );
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, config)?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the agent")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if Instant::now() > deadline {
+                bail!("the bench agent did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self {
+            child,
+            _dir: dir,
+            socket,
+        })
+    }
+
+    fn rss_bytes(&self) -> Option<u64> {
+        rss_of(self.child.id())
+    }
+}
+
+impl Drop for BenchAgent {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// An entry that selects this bench process.
+fn entry_for_me(id: &str) -> anyhow::Result<String> {
+    let exe = std::env::current_exe()?;
+    Ok(format!(
+        "[[entries]]\nspiffe_id = \"spiffe://example.org/{id}\"\nselectors = [\"unix:uid:{}\", \"unix:path:{}\"]\n",
+        nix::unistd::geteuid(),
+        exe.display()
+    ))
+}
+
+/// The socket to use: `--socket`, or a fresh agent with `entries`.
+fn target(
+    params: &BenchParams,
+    entries: &str,
+    svid: &str,
+) -> anyhow::Result<(Option<BenchAgent>, PathBuf)> {
+    match &params.socket {
+        Some(s) => Ok((None, s.clone())),
+        None => {
+            let agent = BenchAgent::start(entries, svid)?;
+            let socket = agent.socket.clone();
+            Ok((Some(agent), socket))
+        }
+    }
+}
+
+async fn first_x509(
+    c: &mut SpiffeWorkloadApiClient<Channel>,
+) -> anyhow::Result<pb::X509svidResponse> {
+    let mut stream = c
+        .fetch_x509svid(pb::with_security_header(pb::X509svidRequest {}))
+        .await?
+        .into_inner();
+    stream
+        .message()
+        .await?
+        .context("stream ended without a message")
+}
+
+fn params_map(pairs: &[(&str, serde_json::Value)]) -> serde_json::Map<String, serde_json::Value> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+/// Runs `clients` tasks for `duration`; each calls `op` in a loop and the
+/// latency of every call is recorded.
+async fn closed_loop<F, Fut>(
+    clients: usize,
+    duration: Duration,
+    op: F,
+) -> anyhow::Result<(Vec<Duration>, f64)>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let op = Arc::new(op);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::with_capacity(clients);
+    for i in 0..clients {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                op(i).await?;
+                lat.push(t.elapsed());
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok((all, started.elapsed().as_secs_f64()))
+}
+
+async fn x509_first(p: &BenchParams) -> anyhow::Result<BenchResult> {
+    let (agent, socket) = target(p, &entry_for_me("bench/x509")?, "")?;
+    // Warm the cache: the scenario measures a cached identity.
+    first_x509(&mut client::connect(&socket).await?).await?;
+    let socket = Arc::new(socket);
+    let (latencies, seconds) = closed_loop(p.clients, p.duration, move |_| {
+        let socket = socket.clone();
+        async move {
+            // A new workload each time: connect, attest, first message.
+            let mut c = client::connect(&socket).await?;
+            first_x509(&mut c).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    Ok(BenchResult {
+        scenario: "x509-first".into(),
+        params: params_map(&[
+            ("clients", p.clients.into()),
+            ("duration_s", p.duration.as_secs_f64().into()),
+        ]),
+        ops: latencies.len() as u64,
+        seconds,
+        latencies,
+        agent_rss_bytes: agent.as_ref().and_then(BenchAgent::rss_bytes),
+        extra: Default::default(),
+    })
+}
+
+async fn x509_cold(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
+    if p.socket.is_some() {
+        eprintln!(
+            "x509-cold: skipped with --socket (needs an agent configured with K fresh entries)"
+        );
+        return Ok(vec![]);
+    }
+    let k = p.identities.max(1);
+    let mut entries = String::new();
+    for i in 0..k {
+        entries.push_str(&entry_for_me(&format!("bench/cold-{i}"))?);
+    }
+    const ROUNDS: usize = 3;
+    let mut latencies = Vec::new();
+    let mut total = 0.0;
+    let mut rss = None;
+    for _ in 0..ROUNDS {
+        let agent = BenchAgent::start(&entries, "")?;
+        let mut c = client::connect(&agent.socket).await?;
+        // Attest first (a rejected validation), so only issuance is timed.
+        let _ = c
+            .validate_jwtsvid(pb::with_security_header(pb::ValidateJwtsvidRequest {
+                audience: "x".into(),
+                svid: "x".into(),
+            }))
+            .await;
+        let t = Instant::now();
+        let resp = first_x509(&mut c).await?;
+        let took = t.elapsed();
+        if resp.svids.len() != k {
+            bail!("expected {k} SVIDs, got {}", resp.svids.len());
+        }
+        latencies.push(took);
+        total += took.as_secs_f64();
+        rss = agent.rss_bytes();
+    }
+    // The raw cost in this process: key generation + signing, same code.
+    let authority = crate::authority::Authority::load(
+        crate::authority::AuthoritySettings {
+            trust_domain: spiffe::TrustDomain::new("example.org")?,
+            ca_ttl: Duration::from_secs(86400),
+            jwt_key_ttl: Duration::from_secs(86400),
+            state_dir: None,
+            ca_files: None,
+        },
+        Arc::new(crate::clock::SystemClock),
+    )?;
+    let raw_n = (k * ROUNDS).max(200);
+    let t = Instant::now();
+    for i in 0..raw_n {
+        let id = spiffe::SpiffeId::new(format!("spiffe://example.org/raw/{i}"))?;
+        std::hint::black_box(authority.issue_x509(&id, Duration::from_secs(3600))?);
+    }
+    let raw_rate = raw_n as f64 / t.elapsed().as_secs_f64();
+    let rate = (k * ROUNDS) as f64 / total;
+    let mut extra = serde_json::Map::new();
+    extra.insert("raw_ops_per_sec".into(), round3(raw_rate).into());
+    extra.insert("ratio_to_raw".into(), round3(rate / raw_rate).into());
+    Ok(vec![BenchResult {
+        scenario: "x509-cold".into(),
+        params: params_map(&[("identities", k.into()), ("rounds", ROUNDS.into())]),
+        ops: (k * ROUNDS) as u64,
+        seconds: total,
+        latencies,
+        agent_rss_bytes: rss,
+        extra,
+    }])
+}
+
+async fn jwt_fetch(p: &BenchParams, unique_audiences: bool) -> anyhow::Result<BenchResult> {
+    let (agent, socket) = target(p, &entry_for_me("bench/jwt")?, "")?;
+    let mut clients = Vec::new();
+    for _ in 0..p.clients {
+        clients.push(client::connect(&socket).await?);
+    }
+    let clients = Arc::new(clients);
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (latencies, seconds) = closed_loop(p.clients, p.duration, move |i| {
+        let mut c = clients[i].clone();
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            let audience = if unique_audiences {
+                format!("bench-{n}")
+            } else {
+                "bench".to_string()
+            };
+            let r = c
+                .fetch_jwtsvid(pb::with_security_header(pb::JwtsvidRequest {
+                    audience: vec![audience],
+                    spiffe_id: String::new(),
+                }))
+                .await?;
+            anyhow::ensure!(!r.get_ref().svids.is_empty(), "no JWT-SVID");
+            Ok(())
+        }
+    })
+    .await?;
+    Ok(BenchResult {
+        scenario: "jwt-fetch".into(),
+        params: params_map(&[
+            ("clients", p.clients.into()),
+            (
+                "audiences",
+                if unique_audiences { "unique" } else { "cached" }.into(),
+            ),
+        ]),
+        ops: latencies.len() as u64,
+        seconds,
+        latencies,
+        agent_rss_bytes: agent.as_ref().and_then(BenchAgent::rss_bytes),
+        extra: Default::default(),
+    })
+}
+
+async fn jwt_validate(p: &BenchParams) -> anyhow::Result<BenchResult> {
+    let (agent, socket) = target(p, &entry_for_me("bench/jwt")?, "")?;
+    let mut first = client::connect(&socket).await?;
+    let token = first
+        .fetch_jwtsvid(pb::with_security_header(pb::JwtsvidRequest {
+            audience: vec!["bench".into()],
+            spiffe_id: String::new(),
+        }))
+        .await?
+        .into_inner()
+        .svids
+        .first()
+        .context("no JWT-SVID")?
+        .svid
+        .clone();
+    let mut clients = Vec::new();
+    for _ in 0..p.clients {
+        clients.push(client::connect(&socket).await?);
+    }
+    let clients = Arc::new(clients);
+    let token = Arc::new(token);
+    let (latencies, seconds) = closed_loop(p.clients, p.duration, move |i| {
+        let mut c = clients[i].clone();
+        let token = token.clone();
+        async move {
+            c.validate_jwtsvid(pb::with_security_header(pb::ValidateJwtsvidRequest {
+                audience: "bench".into(),
+                svid: token.to_string(),
+            }))
+            .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    Ok(BenchResult {
+        scenario: "jwt-validate".into(),
+        params: params_map(&[("clients", p.clients.into())]),
+        ops: latencies.len() as u64,
+        seconds,
+        latencies,
+        agent_rss_bytes: agent.as_ref().and_then(BenchAgent::rss_bytes),
+        extra: Default::default(),
+    })
+}
+
+/// Streams per HTTP/2 connection (below common max-concurrent-streams limits).
+const STREAMS_PER_CONNECTION: usize = 100;
+
+/// Opens `n` FetchX509SVID streams and waits for each first message; returns
+/// the streams and the time it took.
+async fn open_streams(
+    socket: &Path,
+    n: usize,
+) -> anyhow::Result<(Vec<tonic::Streaming<pb::X509svidResponse>>, Duration)> {
+    let t = Instant::now();
+    let mut conns = Vec::new();
+    for _ in 0..n.div_ceil(STREAMS_PER_CONNECTION) {
+        conns.push(client::connect(socket).await?);
+    }
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut c = conns[i / STREAMS_PER_CONNECTION].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = c
+                .fetch_x509svid(pb::with_security_header(pb::X509svidRequest {}))
+                .await?
+                .into_inner();
+            s.message().await?.context("no first message")?;
+            Ok::<_, anyhow::Error>(s)
+        }));
+    }
+    let mut streams = Vec::with_capacity(n);
+    for t in tasks {
+        streams.push(t.await??);
+    }
+    Ok((streams, t.elapsed()))
+}
+
+async fn fanout(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
+    if p.socket.is_some() {
+        eprintln!("fanout: skipped with --socket (needs an agent with a short SVID TTL)");
+        return Ok(vec![]);
+    }
+    // 10 s TTL: the renewal lands 4-6 s after issue and is pushed to all streams.
+    let agent = BenchAgent::start(&entry_for_me("bench/fanout")?, "x509_ttl = \"10s\"")?;
+    let (streams, opened) = open_streams(&agent.socket, p.streams).await?;
+    let mut tasks = Vec::with_capacity(streams.len());
+    for mut s in streams {
+        tasks.push(tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(30), s.message())
+                .await
+                .context("no rotation within 30 s")??
+                .context("stream ended")?;
+            Ok::<_, anyhow::Error>(Instant::now())
+        }));
+    }
+    let mut arrivals = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        arrivals.push(t.await??);
+    }
+    arrivals.sort();
+    let first = arrivals[0];
+    let latencies: Vec<Duration> = arrivals.iter().map(|a| *a - first).collect();
+    let all = latencies.last().copied().unwrap_or_default();
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        "all_updated_ms".into(),
+        round3(all.as_secs_f64() * 1000.0).into(),
+    );
+    extra.insert("open_seconds".into(), round3(opened.as_secs_f64()).into());
+    Ok(vec![BenchResult {
+        scenario: "fanout".into(),
+        params: params_map(&[("streams", p.streams.into())]),
+        ops: arrivals.len() as u64,
+        seconds: all.as_secs_f64(),
+        latencies,
+        agent_rss_bytes: agent.rss_bytes(),
+        extra,
+    }])
+}
+
+async fn idle_memory(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
+    if p.socket.is_some() {
+        eprintln!("idle-memory: skipped with --socket (measures the memory of an agent it starts)");
+        return Ok(vec![]);
+    }
+    // A second workload, this binary copied elsewhere, holds I identities.
+    let holder_dir = tempfile::tempdir()?;
+    let holder = holder_dir.path().join("tessera-holder");
+    std::fs::copy(std::env::current_exe()?, &holder)?;
+    let uid = nix::unistd::geteuid();
+    let mut entries = entry_for_me("bench/idle")?;
+    for i in 0..p.identities {
+        entries.push_str(&format!(
+            "[[entries]]\nspiffe_id = \"spiffe://example.org/bench/held-{i}\"\nselectors = [\"unix:uid:{uid}\", \"unix:path:{}\"]\n",
+            holder.display()
+        ));
+    }
+    let agent = BenchAgent::start(&entries, "")?;
+    let baseline = agent.rss_bytes();
+    let mut held = None;
+    if p.identities > 0 {
+        let mut child = Command::new(&holder)
+            .args(["api", "watch", "--socket"])
+            .arg(&agent.socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let mut out = std::io::BufReader::new(child.stdout.take().context("holder stdout")?);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if std::io::BufRead::read_line(&mut out, &mut line)? == 0 {
+                bail!("the identity holder exited");
+            }
+            if line.starts_with("Received") {
+                break;
+            }
+        }
+        held = Some((child, out));
+    }
+    let (streams, opened) = open_streams(&agent.socket, p.streams).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss = agent.rss_bytes();
+    drop(streams);
+    if let Some((mut child, _)) = held {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        "baseline_rss_bytes".into(),
+        baseline.map_or(serde_json::Value::Null, Into::into),
+    );
+    Ok(vec![BenchResult {
+        scenario: "idle-memory".into(),
+        params: params_map(&[
+            ("streams", p.streams.into()),
+            ("identities", p.identities.into()),
+        ]),
+        ops: p.streams as u64,
+        seconds: opened.as_secs_f64(),
+        latencies: Vec::new(),
+        agent_rss_bytes: rss,
+        extra,
+    }])
+}
