@@ -240,16 +240,61 @@ fn dev_mode_prints_the_socket_and_export_hint() {
 #[test]
 fn bench_emits_one_json_object_per_scenario_with_the_contract_fields() {
     let out = Command::new(BIN)
-        .args(["bench", "--json", "--duration", "300ms", "--clients", "2", "--streams", "20", "--identities", "3"])
-        .args(["x509-first", "x509-cold", "jwt-fetch", "jwt-validate", "fanout", "idle-memory"])
+        .args([
+            "bench",
+            "--json",
+            "--duration",
+            "300ms",
+            "--clients",
+            "2",
+            "--streams",
+            "20",
+            "--identities",
+            "3",
+        ])
+        .args([
+            "x509-first",
+            "x509-cold",
+            "jwt-fetch",
+            "jwt-validate",
+            "fanout",
+            "idle-memory",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    let lines: Vec<serde_json::Value> = stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let names: Vec<&str> = lines.iter().map(|v| v["scenario"].as_str().unwrap()).collect();
-    assert_eq!(names, ["x509-first", "x509-cold", "jwt-fetch", "jwt-fetch", "jwt-validate", "fanout", "idle-memory"]);
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = lines
+        .iter()
+        .map(|v| v["scenario"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "x509-first",
+            "x509-cold",
+            "jwt-fetch",
+            "jwt-fetch",
+            "jwt-validate",
+            "fanout",
+            "idle-memory"
+        ]
+    );
     for v in &lines {
-        for key in ["params", "ops", "seconds", "ops_per_sec", "p50_ms", "p90_ms", "p99_ms", "max_ms", "agent_rss_bytes"] {
+        for key in [
+            "params",
+            "ops",
+            "seconds",
+            "ops_per_sec",
+            "p50_ms",
+            "p90_ms",
+            "p99_ms",
+            "max_ms",
+            "agent_rss_bytes",
+        ] {
             assert!(v.get(key).is_some(), "{key} missing in {v}");
         }
         assert!(v["ops"].as_u64().unwrap() > 0, "{v}");
@@ -257,7 +302,10 @@ fn bench_emits_one_json_object_per_scenario_with_the_contract_fields() {
     }
     let cold = &lines[1];
     assert_eq!(cold["ops"], 9, "3 identities x 3 rounds");
-    assert!(cold["raw_ops_per_sec"].as_f64().unwrap() > 0.0 && cold["ratio_to_raw"].as_f64().unwrap() > 0.0);
+    assert!(
+        cold["raw_ops_per_sec"].as_f64().unwrap() > 0.0
+            && cold["ratio_to_raw"].as_f64().unwrap() > 0.0
+    );
     assert!(lines[5]["all_updated_ms"].as_f64().is_some());
     let bad = Command::new(BIN).args(["bench", "nope"]).output().unwrap();
     assert!(!bad.status.success() && stderr(&bad).contains("unknown scenario"));

@@ -2,6 +2,8 @@
 # Creates tests/helm/.venv and installs the pinned requirements.
 # Idempotent: does nothing when the venv already holds exactly
 # requirements.txt (a stamp of its hash is kept inside the venv).
+# The venv is large (helm-python-sdk bundles a ~85 MB Helm library, checkov
+# pulls many packages); tests/helm/.gitignore keeps it out of git.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 venv="$here/.venv"
@@ -9,10 +11,13 @@ req="$here/requirements.txt"
 stamp="$venv/.requirements.sha256"
 
 want=$(sha256sum "$req" | cut -d' ' -f1)
-if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+# A venv whose interpreter no longer runs (base Python gone) is rebuilt.
+usable() { [ -x "$venv/bin/python" ] && "$venv/bin/python" -c '' 2>/dev/null; }
+if usable && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-if [ ! -x "$venv/bin/python" ]; then
+if ! usable; then
+  rm -rf "$venv"
   python3 -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"

@@ -33,7 +33,11 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 CHART = REPO / "helm" / "tessera"
-BIN = Path(sys.executable).parent
+# The tools run as modules of this interpreter, not through their console
+# scripts, whose shebangs pin the venv's absolute path.
+KUBERNETES_VALIDATE = [sys.executable, "-m", "kubernetes_validate"]
+CHECKOV = [sys.executable, "-W", "ignore::SyntaxWarning", "-c",
+           "import sys; from checkov.main import Checkov; sys.exit(Checkov().run())"]
 KUBE_VERSIONS = ["1.30.0", "1.33.0", "1.37.0"]
 LINT_KUBE_VERSIONS = ["v1.26.0", "v1.30.0", "v1.33.0"]
 CRD_KINDS = {"ServiceMonitor", "PodMonitor"}
@@ -205,6 +209,16 @@ def test_lint_strict(name, kube_version):
     assert problems == []
 
 
+def test_package_renders_like_the_directory(tmp_path, rendered):
+    archive = helm_python.package(str(CHART), destination=str(tmp_path))
+    assert Path(archive).name == "tessera-0.1.0.tgz"
+    packaged = helm_python.Chart.load_archive(Path(archive).read_bytes())
+    try:
+        assert render_files(packaged, {}) == rendered["default"]
+    finally:
+        packaged.close()
+
+
 # ---------------------------------------------------------------- values schema
 
 
@@ -267,7 +281,7 @@ def test_render_refuses_entry_outside_trust_domain(chart):
 def test_kubernetes_validate_strict(manifest_dir, manifests, name, kube_version):
     path = manifest_dir / f"{name}.yaml"
     proc = subprocess.run(
-        [str(BIN / "kubernetes-validate"), "--strict", "-k", kube_version, str(path)],
+        [*KUBERNETES_VALIDATE, "--strict", "-k", kube_version, str(path)],
         capture_output=True, text=True,
     )
     out = proc.stdout + proc.stderr
@@ -291,7 +305,7 @@ def test_kubernetes_validate_strict(manifest_dir, manifests, name, kube_version)
 
 def run_checkov(directory: Path) -> dict:
     proc = subprocess.run(
-        [str(BIN / "checkov"), "--skip-download", "--framework", "kubernetes",
+        [*CHECKOV, "--skip-download", "--framework", "kubernetes",
          "-o", "json", "-d", str(directory)],
         capture_output=True, text=True,
     )
@@ -457,6 +471,9 @@ def test_default_config_toml(manifests):
         "token_path": "/var/run/secrets/kubernetes.io/serviceaccount/token",
         "kubelet_ca_path": "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
         "skip_kubelet_verification": False,
+        "poll_attempts": 60,
+        "poll_interval": "500ms",
+        "request_timeout": "10s",
     }
     assert cfg["entries"] == [
         {"spiffe_id": "spiffe://example.org/ns/{k8s:ns}/sa/{k8s:sa}", "selectors": ["k8s:ns", "k8s:sa"]}
@@ -634,7 +651,10 @@ def test_custom_run_as_user(manifests):
 def test_readonly_port_and_host_network(manifests, rendered):
     docs = manifests["readonly-hostnetwork"]
     cfg = config_toml(docs)
-    assert cfg["attestor"]["k8s"] == {"enabled": True, "kubelet_host_env": "HOST_IP", "read_only_port": 10255}
+    assert cfg["attestor"]["k8s"] == {
+        "enabled": True, "kubelet_host_env": "HOST_IP", "read_only_port": 10255,
+        "poll_attempts": 60, "poll_interval": "500ms", "request_timeout": "10s",
+    }
     assert "ClusterRole" not in kinds(docs) and "ClusterRoleBinding" not in kinds(docs)
     spec = agent_pod(docs)["spec"]
     assert spec["automountServiceAccountToken"] is False
@@ -723,3 +743,91 @@ def readme_default(v) -> str:
     if isinstance(v, str) and v:
         return v
     return json.dumps(v, separators=(", ", ": "))
+
+
+# ---------------------------------------------------------------- the real agent
+
+
+def tessera_binary() -> Path | None:
+    """The agent binary to try the rendered configs on: $TESSERA_BIN, else a
+    workspace build (scripts/test.sh builds target/debug/tessera first)."""
+    import os
+
+    if os.environ.get("TESSERA_BIN"):
+        return Path(os.environ["TESSERA_BIN"])
+    for p in (REPO / "target" / "debug" / "tessera", REPO / "target" / "release" / "tessera"):
+        if p.is_file():
+            return p
+    return None
+
+
+def make_ca(directory: Path) -> None:
+    """A P-256 CA as a kubernetes.io/tls Secret would hold it (tls.crt, tls.key)."""
+    key, crt = directory / "tls.key", directory / "tls.crt"
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)],
+                   check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-x509", "-new", "-key", str(key), "-out", str(crt), "-days", "2",
+                    "-subj", "/CN=tessera test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+                    "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+                   check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_real_agent_starts_with_rendered_config(manifests, tmp_path, name):
+    """The rendered TOML, with only its container paths moved into a temp dir,
+    is accepted by the real `tessera run` (unknown keys and bad values are
+    fatal there), which then serves its socket and shuts down cleanly."""
+    import os
+    import signal
+    import time
+
+    binary = tessera_binary()
+    if binary is None:
+        pytest.skip("no tessera binary (set TESSERA_BIN or build the workspace)")
+    text = one(manifests[name], "ConfigMap")["data"]["tessera.toml"]
+    sock_dir, data_dir, ca_dir = tmp_path / "sockets", tmp_path / "data", tmp_path / "ca"
+    ca_dir.mkdir()
+    make_ca(ca_dir)
+    cfg = config_toml(manifests[name])
+    listen = cfg["admin"]["listen"]
+    text = (text.replace('"/run/tessera/sockets/', f'"{sock_dir}/')
+                .replace('"/var/lib/tessera"', f'"{data_dir}"')
+                .replace('"/etc/tessera/ca/', f'"{ca_dir}/')
+                .replace(f'"{listen}"', '"127.0.0.1:0"'))
+    assert "/run/tessera" not in text and "/var/lib/tessera" not in text and "/etc/tessera" not in text
+    (tmp_path / "tessera.toml").write_text(text)
+    socket = sock_dir / cfg["socket_path"].rsplit("/", 1)[1]
+
+    env = dict(os.environ, HOST_IP="127.0.0.1", NODE_NAME="node-a")
+    env.pop("RUST_LOG", None)
+    proc = subprocess.Popen([str(binary), "run", "--config", str(tmp_path / "tessera.toml")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not socket.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert socket.exists(), "the agent did not create its socket within 20 s"
+        health = subprocess.run([str(binary), "healthcheck", "--socket", str(socket)],
+                                capture_output=True, text=True, timeout=20)
+        assert health.returncode == 0, health.stderr
+        if name == "unix-only":
+            # No kubelet involved: this test process itself gets its uid identity.
+            fetch = subprocess.run([str(binary), "api", "fetch", "x509", "--socket", str(socket)],
+                                   capture_output=True, text=True, timeout=20)
+            assert fetch.returncode == 0, fetch.stderr
+            assert f"spiffe://example.org/uid/{os.geteuid()}" in fetch.stdout, fetch.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert lines
+    if cfg["log"]["format"] == "json":
+        for line in lines:
+            json.loads(line)  # every log line is one JSON object
+    assert not socket.exists()  # removed on graceful shutdown

@@ -26,6 +26,50 @@ pub mod client {
     pub use crate::generated::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 }
 
+/// The protobuf codec used by the generated code (`codec_path` in the drift
+/// test): prost with 1 KiB initial buffers instead of tonic's 8 KiB. Every
+/// open stream keeps an encode and a decode buffer for its whole life, so
+/// with thousands of idle Workload API streams the default buffers dominated
+/// the agent's memory; Workload API messages are a few KiB and buffers still
+/// grow on demand.
+pub mod codec {
+    use std::marker::PhantomData;
+
+    use tonic::codec::{BufferSettings, Codec};
+    use tonic_prost::ProstCodec;
+
+    const INITIAL_BUFFER: usize = 1024;
+    const YIELD_THRESHOLD: usize = 32 * 1024;
+
+    #[derive(Debug, Clone, Copy)]
+    pub struct SmallBufferCodec<T, U>(PhantomData<(T, U)>);
+
+    impl<T, U> Default for SmallBufferCodec<T, U> {
+        fn default() -> Self {
+            Self(PhantomData)
+        }
+    }
+
+    impl<T, U> Codec for SmallBufferCodec<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = <ProstCodec<T, U> as Codec>::Encoder;
+        type Decoder = <ProstCodec<T, U> as Codec>::Decoder;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstCodec::<T, U>::raw_encoder(BufferSettings::new(INITIAL_BUFFER, YIELD_THRESHOLD))
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            ProstCodec::<T, U>::raw_decoder(BufferSettings::new(INITIAL_BUFFER, YIELD_THRESHOLD))
+        }
+    }
+}
+
 /// The encoded `FileDescriptorSet` of `workload.proto`, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/workload_descriptor.bin");
 

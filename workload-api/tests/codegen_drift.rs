@@ -18,6 +18,8 @@ fn generate(out_dir: &Path) -> Vec<u8> {
         // `bytes::Bytes` lets one issued certificate be shared by every stream
         // without copying it per response.
         .bytes(".")
+        // Small per-stream buffers; see `codec` in lib.rs.
+        .codec_path("crate::codec::SmallBufferCodec")
         .out_dir(out_dir)
         .compile_fds(fds.clone())
         .expect("code generation succeeds");

@@ -242,7 +242,7 @@ pub mod spiffe_workload_api_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::SmallBufferCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/SpiffeWorkloadAPI/FetchX509SVID",
             );
@@ -267,7 +267,7 @@ pub mod spiffe_workload_api_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::SmallBufferCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/SpiffeWorkloadAPI/FetchX509Bundles",
             );
@@ -292,7 +292,7 @@ pub mod spiffe_workload_api_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::SmallBufferCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/SpiffeWorkloadAPI/FetchJWTSVID",
             );
@@ -317,7 +317,7 @@ pub mod spiffe_workload_api_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::SmallBufferCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/SpiffeWorkloadAPI/FetchJWTBundles",
             );
@@ -342,7 +342,7 @@ pub mod spiffe_workload_api_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::SmallBufferCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/SpiffeWorkloadAPI/ValidateJWTSVID",
             );
@@ -367,7 +367,7 @@ pub mod spiffe_workload_api_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::SmallBufferCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/SpiffeWorkloadAPI/FetchWITSVID",
             );
@@ -391,7 +391,7 @@ pub mod spiffe_workload_api_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::codec::SmallBufferCodec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/SpiffeWorkloadAPI/FetchWITBundles",
             );
@@ -606,7 +606,7 @@ pub mod spiffe_workload_api_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = FetchX509SVIDSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::SmallBufferCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -656,7 +656,7 @@ pub mod spiffe_workload_api_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = FetchX509BundlesSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::SmallBufferCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -702,7 +702,7 @@ pub mod spiffe_workload_api_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = FetchJWTSVIDSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::SmallBufferCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -749,7 +749,7 @@ pub mod spiffe_workload_api_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = FetchJWTBundlesSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::SmallBufferCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -795,7 +795,7 @@ pub mod spiffe_workload_api_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ValidateJWTSVIDSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::SmallBufferCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -842,7 +842,7 @@ pub mod spiffe_workload_api_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = FetchWITSVIDSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::SmallBufferCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -889,7 +889,7 @@ pub mod spiffe_workload_api_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = FetchWITBundlesSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::codec::SmallBufferCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
