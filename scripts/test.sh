@@ -5,7 +5,8 @@
 # 2. `cargo test` for the workspace: unit tests, the codegen drift test, the
 #    end-to-end tests over real sockets (judged by the `spiffe` crate), CLI tests;
 # 3. interop: py-spiffe, go-spiffe and java-spiffe against a real agent;
-# 4. the mTLS example between two workloads.
+# 4. the Helm chart rendered and validated offline;
+# 5. the mTLS example between two workloads.
 #
 # Needs: Rust (with rustfmt and clippy), python3 with venv, Go >= 1.24,
 # JDK 17 + Maven, openssl. Missing tools fail loudly; nothing is skipped.
@@ -29,6 +30,9 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 section "cargo test"
 cargo test --locked --workspace
 cargo build --locked -p tessera-agent
+
+section "Helm chart: real Helm engine, kubernetes-validate --strict, checkov"
+tests/helm/run.sh
 
 section "interop: py-spiffe"
 tests/interop/python/run.sh
