@@ -51,9 +51,11 @@ impl AgentState {
             .extensions()
             .get::<PeerConnection>()
             .ok_or_else(|| Status::internal("missing peer information"))?;
+        let mut fresh = false;
         let attested = conn
             .attested
             .get_or_try_init(|| async {
+                fresh = true;
                 let result = self.attestor.attest(&conn.peer).await;
                 let label = if result.is_ok() { "ok" } else { "error" };
                 self.metrics.attestations.get_or_create(&crate::metrics::ResultLabels { result: label }).inc();
@@ -71,6 +73,10 @@ impl AgentState {
                 }
             })?
             .clone();
+        if fresh {
+            // `attest` has just re-checked the process after reading /proc.
+            return Ok(attested);
+        }
         attested.check_alive().map_err(|e| {
             tracing::info!(pid = attested.process.pid, error = %e, "caller failed liveness check");
             Status::unauthenticated("could not verify existence of the original caller")

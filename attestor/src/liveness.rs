@@ -41,16 +41,17 @@ impl ProcessPin {
         uid: u32,
         pidfd: Option<Arc<OwnedFd>>,
     ) -> Result<Self, LivenessError> {
-        let pin = Self {
+        // Callers re-check with `check_alive` after reading /proc, which also
+        // compares the uid with `SO_PEERCRED`; checking here too would only
+        // repeat the same reads.
+        Ok(Self {
             proc_root: proc_root.clone(),
             pid,
             uid,
             start_time: proc_root.start_time(pid)?,
             exe_inode: exe_inode(proc_root, pid),
             pidfd,
-        };
-        pin.check_alive()?;
-        Ok(pin)
+        })
     }
 
     pub fn pid(&self) -> i32 {
@@ -160,9 +161,13 @@ mod tests {
             pin.check_alive(),
             Err(LivenessError::UidChanged { .. })
         ));
+        let other_uid = ProcessPin::new(&root, 77, 5, None).unwrap();
         assert!(
-            ProcessPin::new(&root, 77, 5, None).is_err(),
-            "a pin refuses a process whose uid differs from SO_PEERCRED"
+            matches!(
+                other_uid.check_alive(),
+                Err(LivenessError::UidChanged { .. })
+            ),
+            "a process whose uid differs from SO_PEERCRED fails the check"
         );
     }
 }

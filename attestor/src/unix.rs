@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::{AttestError, AttestFuture, Attestor, ProcRoot, ProcessRef, Selector};
 
@@ -44,10 +45,24 @@ struct FileKey {
 /// cache is simply cleared.
 const HASH_CACHE_LIMIT: usize = 4096;
 
+/// How long a uid/gid -> name lookup is reused. NSS lookups parse
+/// /etc/passwd and /etc/group (or ask a directory service) and would
+/// otherwise run for every new connection.
+const NAME_CACHE_TTL: Duration = Duration::from_secs(30);
+
+type NameTable = HashMap<u32, (Option<String>, Instant)>;
+
+#[derive(Default)]
+struct NameCache {
+    users: NameTable,
+    groups: NameTable,
+}
+
 #[derive(Clone)]
 pub struct UnixAttestor {
     config: UnixAttestorConfig,
     hashes: Arc<Mutex<HashMap<FileKey, Arc<str>>>>,
+    names: Arc<Mutex<NameCache>>,
 }
 
 impl UnixAttestor {
@@ -55,6 +70,7 @@ impl UnixAttestor {
         Self {
             config,
             hashes: Arc::default(),
+            names: Arc::default(),
         }
     }
 
@@ -66,16 +82,16 @@ impl UnixAttestor {
         let status = proc_root.status(process.pid)?;
         let mut out = Vec::with_capacity(8);
         out.push(Selector::new("unix:uid", status.effective_uid.to_string()));
-        if let Ok(Some(user)) = nix::unistd::User::from_uid(status.effective_uid.into()) {
-            out.push(Selector::new("unix:user", user.name));
+        if let Some(user) = self.user_name(status.effective_uid) {
+            out.push(Selector::new("unix:user", user));
         }
         out.push(Selector::new("unix:gid", status.effective_gid.to_string()));
-        if let Some(name) = group_name(status.effective_gid) {
+        if let Some(name) = self.group_name(status.effective_gid) {
             out.push(Selector::new("unix:group", name));
         }
         for gid in &status.supplementary_gids {
             out.push(Selector::new("unix:supplementary_gid", gid.to_string()));
-            if let Some(name) = group_name(*gid) {
+            if let Some(name) = self.group_name(*gid) {
                 out.push(Selector::new("unix:supplementary_group", name));
             }
         }
@@ -135,11 +151,55 @@ impl UnixAttestor {
     }
 }
 
-fn group_name(gid: u32) -> Option<String> {
-    nix::unistd::Group::from_gid(gid.into())
-        .ok()
-        .flatten()
-        .map(|g| g.name)
+impl UnixAttestor {
+    fn user_name(&self, uid: u32) -> Option<String> {
+        self.cached_name(
+            uid,
+            |c| &mut c.users,
+            |uid| {
+                nix::unistd::User::from_uid(uid.into())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+            },
+        )
+    }
+
+    fn group_name(&self, gid: u32) -> Option<String> {
+        self.cached_name(
+            gid,
+            |c| &mut c.groups,
+            |gid| {
+                nix::unistd::Group::from_gid(gid.into())
+                    .ok()
+                    .flatten()
+                    .map(|g| g.name)
+            },
+        )
+    }
+
+    fn cached_name(
+        &self,
+        id: u32,
+        table: impl Fn(&mut NameCache) -> &mut NameTable,
+        lookup: impl Fn(u32) -> Option<String>,
+    ) -> Option<String> {
+        if let Ok(mut cache) = self.names.lock()
+            && let Some((name, at)) = table(&mut cache).get(&id)
+            && at.elapsed() < NAME_CACHE_TTL
+        {
+            return name.clone();
+        }
+        let name = lookup(id);
+        if let Ok(mut cache) = self.names.lock() {
+            let t = table(&mut cache);
+            if t.len() >= HASH_CACHE_LIMIT {
+                t.clear();
+            }
+            t.insert(id, (name.clone(), Instant::now()));
+        }
+        name
+    }
 }
 
 impl Attestor for UnixAttestor {
