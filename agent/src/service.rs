@@ -110,6 +110,35 @@ impl WorkloadApi {
         self.state.metrics.record_rpc(method, code, started);
     }
 
+    /// The common start of every streaming RPC: header, caller, entitlement
+    /// (a caller with no identity gets neither SVIDs nor bundles), then the
+    /// stream task `body`.
+    async fn open_stream<T, M, F, Fut>(
+        &self,
+        method: &'static str,
+        request: &Request<T>,
+        body: F,
+    ) -> Result<Response<BoxStream<M>>, Status>
+    where
+        M: Send + 'static,
+        F: FnOnce(Arc<AgentState>, Arc<AttestedPeer>, StreamSender<M>, Instant) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let started = Instant::now();
+        let result = async {
+            pb::check_security_header(request.metadata())?;
+            let peer = self.state.caller(request).await?;
+            if self.state.identities(&peer).is_empty() {
+                return Err(no_identity());
+            }
+            let state = self.state.clone();
+            Ok(self.spawn_stream(method, move |out| body(state, peer, out, started)))
+        }
+        .await;
+        self.record(method, started, &result);
+        result.map(|s| Response::new(Box::pin(s) as BoxStream<M>))
+    }
+
     /// Runs `body` as a stream task: it gets a sender and must send the first
     /// message as soon as it can. The stream ends only with an error status
     /// (client gone aside): PermissionDenied when identities vanish,
@@ -211,68 +240,33 @@ impl pb::server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let started = Instant::now();
-        let result = async {
-            pb::check_security_header(request.metadata())?;
-            let peer = self.state.caller(&request).await?;
-            if self.state.identities(&peer).is_empty() {
-                return Err(no_identity());
-            }
-            let state = self.state.clone();
-            Ok(self.spawn_stream("FetchX509SVID", move |out| {
-                x509_svid_stream(state, peer, out, started)
-            }))
-        }
-        .await;
-        self.record("FetchX509SVID", started, &result);
-        result.map(|s| Response::new(Box::pin(s) as Self::FetchX509SVIDStream))
+        self.open_stream("FetchX509SVID", &request, x509_svid_stream)
+            .await
     }
 
     async fn fetch_x509_bundles(
         &self,
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let started = Instant::now();
-        let result = async {
-            pb::check_security_header(request.metadata())?;
-            let peer = self.state.caller(&request).await?;
-            if self.state.identities(&peer).is_empty() {
-                return Err(no_identity());
-            }
-            let state = self.state.clone();
-            Ok(self.spawn_stream("FetchX509Bundles", move |out| {
-                bundle_stream(state, peer, out, |td, b| pb::X509BundlesResponse {
-                    crl: Vec::new(),
-                    bundles: HashMap::from([(td, b.x509.clone())]),
-                })
-            }))
-        }
-        .await;
-        self.record("FetchX509Bundles", started, &result);
-        result.map(|s| Response::new(Box::pin(s) as Self::FetchX509BundlesStream))
+        self.open_stream("FetchX509Bundles", &request, |state, peer, out, _| {
+            bundle_stream(state, peer, out, |td, b| pb::X509BundlesResponse {
+                crl: Vec::new(),
+                bundles: HashMap::from([(td, b.x509.clone())]),
+            })
+        })
+        .await
     }
 
     async fn fetch_jwt_bundles(
         &self,
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let started = Instant::now();
-        let result = async {
-            pb::check_security_header(request.metadata())?;
-            let peer = self.state.caller(&request).await?;
-            if self.state.identities(&peer).is_empty() {
-                return Err(no_identity());
-            }
-            let state = self.state.clone();
-            Ok(self.spawn_stream("FetchJWTBundles", move |out| {
-                bundle_stream(state, peer, out, |td, b| pb::JwtBundlesResponse {
-                    bundles: HashMap::from([(td, b.jwks.clone())]),
-                })
-            }))
-        }
-        .await;
-        self.record("FetchJWTBundles", started, &result);
-        result.map(|s| Response::new(Box::pin(s) as Self::FetchJWTBundlesStream))
+        self.open_stream("FetchJWTBundles", &request, |state, peer, out, _| {
+            bundle_stream(state, peer, out, |td, b| pb::JwtBundlesResponse {
+                bundles: HashMap::from([(td, b.jwks.clone())]),
+            })
+        })
+        .await
     }
 
     async fn fetch_jwtsvid(

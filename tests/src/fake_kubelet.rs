@@ -195,3 +195,17 @@ pub async fn fake_kubelet(
     });
     FakeKubelet { port, state, task }
 }
+
+/// The common setup: PKI in `dir` and a kubelet serving the PodList fixture.
+pub async fn podlist_kubelet(dir: &Path) -> FakeKubelet {
+    make_pki(dir, "ca.pem");
+    fake_kubelet(
+        dir,
+        None,
+        KubeletState {
+            bodies: vec![fixture("podlist.json")],
+            ..Default::default()
+        },
+    )
+    .await
+}

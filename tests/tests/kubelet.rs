@@ -9,7 +9,7 @@ use tessera_attestor::kubelet::KubeletConfig;
 use tessera_attestor::{
     Attestor, K8sAttestor, K8sAttestorConfig, ProcRoot, ProcessRef, Selector, SelectorSet,
 };
-use tessera_tests::fake_kubelet::{KubeletState, fake_kubelet, fixture, make_pki};
+use tessera_tests::fake_kubelet::{KubeletState, fake_kubelet, fixture, make_pki, podlist_kubelet};
 
 const POD_UID: &str = "2c48913c-b29f-11e7-9350-020968147796";
 const CONTAINER: &str = "9bca8d63d5fa610783847915bcff0ecac1273e5b4bed3f6fa1b07350e0135961";
@@ -54,16 +54,7 @@ fn empty_list() -> String {
 #[tokio::test]
 async fn selectors_from_a_real_shaped_pod_list() {
     let dir = tempfile::tempdir().unwrap();
-    make_pki(dir.path(), "ca.pem");
-    let kubelet = fake_kubelet(
-        dir.path(),
-        None,
-        KubeletState {
-            bodies: vec![fixture("podlist.json")],
-            ..Default::default()
-        },
-    )
-    .await;
+    let kubelet = podlist_kubelet(dir.path()).await;
     let (root, process) = proc_tree(dir.path(), &fixture("cgroup/v2-systemd-containerd.txt"), "");
     let set = SelectorSet::new(
         attestor(dir.path(), kubelet.port, None)
@@ -97,16 +88,7 @@ async fn selectors_from_a_real_shaped_pod_list() {
 #[tokio::test]
 async fn host_process_gets_no_k8s_selectors_and_no_request() {
     let dir = tempfile::tempdir().unwrap();
-    make_pki(dir.path(), "ca.pem");
-    let kubelet = fake_kubelet(
-        dir.path(),
-        None,
-        KubeletState {
-            bodies: vec![fixture("podlist.json")],
-            ..Default::default()
-        },
-    )
-    .await;
+    let kubelet = podlist_kubelet(dir.path()).await;
     let (root, process) = proc_tree(dir.path(), &fixture("cgroup/v2-host-process.txt"), "");
     let a = attestor(dir.path(), kubelet.port, None);
     assert!(a.attest(&process, &root).await.unwrap().is_empty());
@@ -116,16 +98,7 @@ async fn host_process_gets_no_k8s_selectors_and_no_request() {
 #[tokio::test]
 async fn the_kernel_cgroup_wins_over_a_forged_mountinfo() {
     let dir = tempfile::tempdir().unwrap();
-    make_pki(dir.path(), "ca.pem");
-    let kubelet = fake_kubelet(
-        dir.path(),
-        None,
-        KubeletState {
-            bodies: vec![fixture("podlist.json")],
-            ..Default::default()
-        },
-    )
-    .await;
+    let kubelet = podlist_kubelet(dir.path()).await;
     // cgroup: the sidecar container. mountinfo (forged): the billing app container.
     let sidecar = "4444444444444444444444444444444444444444444444444444444444444444";
     let cgroup = format!("0::/kubepods/pod{POD_UID}/{sidecar}\n");
@@ -289,16 +262,7 @@ async fn the_token_is_reread_on_every_request() {
 #[tokio::test]
 async fn an_unknown_kubelet_certificate_is_refused_unless_verification_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
-    make_pki(dir.path(), "ca.pem");
-    let kubelet = fake_kubelet(
-        dir.path(),
-        None,
-        KubeletState {
-            bodies: vec![fixture("podlist.json")],
-            ..Default::default()
-        },
-    )
-    .await;
+    let kubelet = podlist_kubelet(dir.path()).await;
     // A different CA than the one that signed the kubelet's certificate.
     let other = tempfile::tempdir().unwrap();
     make_pki(other.path(), "ca.pem");
@@ -346,16 +310,7 @@ async fn an_unknown_kubelet_certificate_is_refused_unless_verification_is_skippe
 #[tokio::test]
 async fn concurrent_attestations_share_one_request() {
     let dir = tempfile::tempdir().unwrap();
-    make_pki(dir.path(), "ca.pem");
-    let kubelet = fake_kubelet(
-        dir.path(),
-        None,
-        KubeletState {
-            bodies: vec![fixture("podlist.json")],
-            ..Default::default()
-        },
-    )
-    .await;
+    let kubelet = podlist_kubelet(dir.path()).await;
     let (root, process) = proc_tree(dir.path(), &fixture("cgroup/v2-systemd-crio.txt"), "");
     let a = Arc::new(attestor(dir.path(), kubelet.port, None));
     let mut tasks = Vec::new();
