@@ -20,6 +20,7 @@ use futures_util::Stream;
 use tessera_attestor::{AttestError, AttestedPeer, WorkloadAttestor};
 use tessera_workload_api as pb;
 use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -147,7 +148,7 @@ impl WorkloadApi {
         &self,
         method: &'static str,
         body: F,
-    ) -> ReceiverStream<Result<M, Status>>
+    ) -> impl Stream<Item = Result<M, Status>> + Send + 'static
     where
         M: Send + 'static,
         F: FnOnce(StreamSender<M>) -> Fut,
@@ -163,13 +164,19 @@ impl WorkloadApi {
             fut.await;
             drop(guard);
         });
-        ReceiverStream::new(rx)
+        // Unboxed back here, so the channel's slots stay pointer-sized.
+        ReceiverStream::new(rx).map(|item| *item)
     }
 }
 
+/// Items travel boxed: a channel allocates its slots in blocks of 32, and a
+/// `Result<Response, Status>` is a few hundred bytes, which for thousands of
+/// idle streams added up to kilobytes each.
+type Item<M> = Box<Result<M, Status>>;
+
 /// Sends stream messages, giving up when the client leaves or the agent stops.
 pub struct StreamSender<M> {
-    tx: mpsc::Sender<Result<M, Status>>,
+    tx: mpsc::Sender<Item<M>>,
     shutdown: CancellationToken,
 }
 
@@ -177,9 +184,9 @@ impl<M> StreamSender<M> {
     /// False when the stream is over (client gone or shutdown).
     async fn send(&self, item: Result<M, Status>) -> bool {
         tokio::select! {
-            r = self.tx.send(item) => r.is_ok(),
+            r = self.tx.send(Box::new(item)) => r.is_ok(),
             _ = self.shutdown.cancelled() => {
-                let _ = self.tx.try_send(Err(Status::unavailable("agent is shutting down")));
+                let _ = self.tx.try_send(Box::new(Err(Status::unavailable("agent is shutting down"))));
                 false
             }
         }
@@ -191,7 +198,7 @@ impl<M> StreamSender<M> {
         tokio::select! {
             _ = self.tx.closed() => {}
             _ = self.shutdown.cancelled() => {
-                let _ = self.tx.try_send(Err(Status::unavailable("agent is shutting down")));
+                let _ = self.tx.try_send(Box::new(Err(Status::unavailable("agent is shutting down"))));
             }
         }
     }
