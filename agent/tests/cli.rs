@@ -310,3 +310,101 @@ fn bench_emits_one_json_object_per_scenario_with_the_contract_fields() {
     let bad = Command::new(BIN).args(["bench", "nope"]).output().unwrap();
     assert!(!bad.status.success() && stderr(&bad).contains("unknown scenario"));
 }
+
+/// No key, certificate or token may reach the logs, even at trace level.
+#[test]
+fn logs_carry_no_secrets_even_at_trace_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let socket = dir.path().join("sock/agent.sock");
+    // Logs go to a file: at trace level they would fill a pipe nobody reads.
+    let log_path = dir.path().join("agent.log");
+    let child = Command::new(BIN)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "trace")
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "agent did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let daemon = Daemon {
+        child,
+        socket: socket.clone(),
+    };
+    let certs = dir.path().join("certs");
+    assert!(
+        tessera(
+            &["api", "fetch", "x509", "--write", certs.to_str().unwrap()],
+            &socket
+        )
+        .status
+        .success()
+    );
+    let out = tessera(&["api", "fetch", "jwt", "--audience", "db"], &socket);
+    let token = stdout(&out).lines().nth(1).unwrap().trim().to_string();
+    assert!(
+        tessera(
+            &[
+                "api",
+                "validate",
+                "jwt",
+                "--audience",
+                "db",
+                "--svid",
+                &token
+            ],
+            &socket
+        )
+        .status
+        .success()
+    );
+    assert!(
+        !tessera(
+            &[
+                "api",
+                "validate",
+                "jwt",
+                "--audience",
+                "x",
+                "--svid",
+                &token
+            ],
+            &socket
+        )
+        .status
+        .success()
+    );
+    daemon.terminate();
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    assert!(logs.lines().count() > 20, "trace logging was on:\n{logs}");
+
+    let (_, signature) = token.rsplit_once('.').unwrap();
+    let key_pem = std::fs::read_to_string(certs.join("svid.0.key")).unwrap();
+    let key_b64: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let cert_pem = std::fs::read_to_string(certs.join("svid.0.pem")).unwrap();
+    let cert_b64: String = cert_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let state = std::fs::read_to_string(dir.path().join("data/authority.json")).unwrap();
+    let ca_key: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let ca_key = ca_key["cas"][0]["key"].as_str().unwrap();
+    for (what, secret) in [
+        ("JWT", token.as_str()),
+        ("JWT signature", signature),
+        ("SVID private key", &key_b64[40..80]),
+        ("SVID certificate", &cert_b64[100..140]),
+        ("CA private key", &ca_key[40..80]),
+        ("PEM armour", "-----BEGIN"),
+    ] {
+        assert!(!logs.contains(secret), "{what} found in the agent's logs");
+    }
+}
