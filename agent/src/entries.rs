@@ -8,6 +8,7 @@
 //! workload's selectors; a placeholder whose selector is missing or whose
 //! value is not a valid path segment makes the entry not match.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,17 +142,67 @@ pub struct Identity {
     pub jwt_ttl: Duration,
 }
 
-/// The ordered set of entries in force.
+/// The ordered set of entries in force, indexed so that matching a workload
+/// only looks at entries that can apply to it.
+///
+/// Every entry is filed under one *anchor*: its first exact selector
+/// (`type:value`), or, if it has none, the type of its first selector. An
+/// entry can only match a workload that has its anchor, so the candidates for
+/// a workload are the entries filed under its selectors and its selector
+/// types; they are then checked in full, in config order.
 #[derive(Debug, Clone, Default)]
 pub struct EntrySet {
     entries: Arc<[Entry]>,
+    /// kind -> value -> entry indices (value "" = filed by type only).
+    index: Arc<HashMap<String, HashMap<String, Vec<usize>>>>,
 }
 
 impl EntrySet {
     pub fn new(entries: Vec<Entry>) -> Self {
+        let mut index: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let anchor = entry
+                .selectors
+                .iter()
+                .find(|s| !s.value().is_empty())
+                .or_else(|| entry.selectors.first());
+            if let Some(a) = anchor {
+                index
+                    .entry(a.kind().to_string())
+                    .or_default()
+                    .entry(a.value().to_string())
+                    .or_default()
+                    .push(i);
+            }
+        }
         Self {
             entries: entries.into(),
+            index: Arc::new(index),
         }
+    }
+
+    /// Indices of the entries that can apply to `selectors`, in config order.
+    fn candidates(&self, selectors: &SelectorSet) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut last_kind = None;
+        for s in selectors.iter() {
+            let Some(by_value) = self.index.get(s.kind()) else {
+                continue;
+            };
+            if last_kind != Some(s.kind()) {
+                // Selectors are sorted, so each type is seen as one run.
+                last_kind = Some(s.kind());
+                if let Some(typed) = by_value.get("") {
+                    out.extend_from_slice(typed);
+                }
+            }
+            if let Some(exact) = by_value.get(s.value()) {
+                out.extend_from_slice(exact);
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     pub fn len(&self) -> usize {
@@ -171,7 +222,11 @@ impl EntrySet {
     /// since hints must be unique within a response.
     pub fn identities_for(&self, selectors: &SelectorSet) -> Vec<Identity> {
         let mut out: Vec<Identity> = Vec::new();
-        for entry in self.entries.iter() {
+        for entry in self
+            .candidates(selectors)
+            .into_iter()
+            .map(|i| &self.entries[i])
+        {
             if !entry.selectors.iter().all(|s| selectors.satisfies(s)) {
                 continue;
             }
@@ -270,6 +325,59 @@ mod tests {
         assert_eq!(ids[1].hint, None, "duplicate hint dropped");
         let ids = set.identities_for(&workload(&["unix:uid:1000"]));
         assert_eq!(ids[0].spiffe_id.to_string(), "spiffe://example.org/b");
+    }
+
+    #[test]
+    fn the_index_finds_exactly_what_a_full_scan_finds() {
+        let entries = vec![
+            entry(
+                "spiffe://example.org/a",
+                &["unix:uid:1", "unix:gid:2"],
+                None,
+            ),
+            entry("spiffe://example.org/b", &["unix:gid:2"], None),
+            entry("spiffe://example.org/ns/{k8s:ns}", &["k8s:ns"], None),
+            entry(
+                "spiffe://example.org/c",
+                &["k8s:ns", "k8s:pod-label:app:web"],
+                None,
+            ),
+            entry(
+                "spiffe://example.org/d",
+                &["unix:uid", "k8s:sa:default"],
+                None,
+            ),
+            entry("spiffe://example.org/e", &["unix:uid:1"], None),
+        ];
+        let set = EntrySet::new(entries.clone());
+        let workloads: [&[&str]; 6] = [
+            &["unix:uid:1", "unix:gid:2"],
+            &["unix:uid:1"],
+            &["unix:gid:2", "k8s:ns:prod"],
+            &[
+                "k8s:ns:prod",
+                "k8s:pod-label:app:web",
+                "k8s:sa:default",
+                "unix:uid:9",
+            ],
+            &["k8s:sa:default"],
+            &[],
+        ];
+        for w in workloads {
+            let sels = workload(w);
+            let scanned: Vec<String> = entries
+                .iter()
+                .filter(|e| e.selectors.iter().all(|s| sels.satisfies(s)))
+                .filter_map(|e| e.template.render(&sels))
+                .map(|id| id.to_string())
+                .collect();
+            let indexed: Vec<String> = set
+                .identities_for(&sels)
+                .iter()
+                .map(|i| i.spiffe_id.to_string())
+                .collect();
+            assert_eq!(indexed, scanned, "workload {w:?}");
+        }
     }
 
     #[test]
