@@ -176,8 +176,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             crate::bench::run(&b.scenarios, params, b.json).await
         }
         Command::Healthcheck { socket } => {
-            let path = client::socket_path(socket.as_deref())?;
-            let mut c = client::connect(&path).await?;
+            let mut c = client::connect_resolved(socket.as_deref()).await?;
             // Any gRPC answer (even PermissionDenied) proves the agent serves.
             let r = tokio::time::timeout(
                 Duration::from_secs(5),
@@ -198,8 +197,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Api(ApiCommand::Fetch(FetchCommand::X509 { socket, write })) => {
-            let path = client::socket_path(socket.as_deref())?;
-            let mut c = client::connect(&path).await?;
+            let mut c = client::connect_resolved(socket.as_deref()).await?;
             let mut stream = c
                 .fetch_x509svid(pb::with_security_header(pb::X509svidRequest {}))
                 .await
@@ -221,8 +219,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             audience,
             spiffe_id,
         })) => {
-            let path = client::socket_path(socket.as_deref())?;
-            let mut c = client::connect(&path).await?;
+            let mut c = client::connect_resolved(socket.as_deref()).await?;
             let resp = c
                 .fetch_jwtsvid(pb::with_security_header(pb::JwtsvidRequest {
                     audience,
@@ -244,8 +241,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             audience,
             svid,
         })) => {
-            let path = client::socket_path(socket.as_deref())?;
-            let mut c = client::connect(&path).await?;
+            let mut c = client::connect_resolved(socket.as_deref()).await?;
             let resp = c
                 .validate_jwtsvid(pb::with_security_header(pb::ValidateJwtsvidRequest {
                     audience,
@@ -261,8 +257,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Api(ApiCommand::Watch { socket }) => {
-            let path = client::socket_path(socket.as_deref())?;
-            let mut c = client::connect(&path).await?;
+            let mut c = client::connect_resolved(socket.as_deref()).await?;
             let mut stream = c
                 .fetch_x509svid(pb::with_security_header(pb::X509svidRequest {}))
                 .await

@@ -50,6 +50,13 @@ pub async fn connect(path: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Chan
     Ok(SpiffeWorkloadApiClient::new(channel))
 }
 
+/// `--socket` or `SPIFFE_ENDPOINT_SOCKET`, then [`connect`].
+pub async fn connect_resolved(
+    flag: Option<&Path>,
+) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
+    connect(&socket_path(flag)?).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
