@@ -139,7 +139,6 @@ struct RawLog {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
-    max_connections: Option<usize>,
     shutdown_grace: Option<Spanned<String>>,
 }
 
@@ -399,7 +398,6 @@ impl Config {
             Some(g) => humantime::parse_duration(g.get_ref())
                 .map_err(|e| cx.invalid("limits.shutdown_grace", g, e.to_string()))?,
         };
-        let _ = raw.limits.max_connections;
 
         let k8s_attestor = match &raw.attestor.k8s {
             Some(k) if k.enabled.unwrap_or(true) => Some(Self::k8s_config(&cx, k)?),

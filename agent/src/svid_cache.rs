@@ -23,6 +23,7 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 const JWT_CACHE_LIMIT: usize = 10_000;
 
 struct Slot {
+    id: spiffe::SpiffeId,
     ttl: Duration,
     tx: watch::Sender<Option<Arc<X509Svid>>>,
     first_issue: OnceCell<()>,
@@ -73,6 +74,7 @@ impl SvidCache {
                 .entry(id.to_string())
                 .or_insert_with(|| {
                     Arc::new(Slot {
+                        id: id.clone(),
                         ttl,
                         tx: watch::Sender::new(None),
                         first_issue: OnceCell::new(),
@@ -84,7 +86,7 @@ impl SvidCache {
         let rx = slot.tx.subscribe();
         slot.first_issue
             .get_or_try_init(|| async {
-                self.issue_into(id, &slot)?;
+                self.issue_into(&slot)?;
                 self.wake.notify_one();
                 Ok::<(), AuthorityError>(())
             })
@@ -92,8 +94,8 @@ impl SvidCache {
         Ok(rx)
     }
 
-    fn issue_into(&self, id: &spiffe::SpiffeId, slot: &Slot) -> Result<(), AuthorityError> {
-        let svid = self.authority.issue_x509(id, slot.ttl)?;
+    fn issue_into(&self, slot: &Slot) -> Result<(), AuthorityError> {
+        let svid = self.authority.issue_x509(&slot.id, slot.ttl)?;
         let refresh = refresh_time(svid.issued_at, svid.not_after);
         *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner()) = refresh;
         slot.tx.send_replace(Some(Arc::new(svid)));
@@ -174,20 +176,22 @@ impl SvidCache {
                     next = next.min(now + RETRY_AFTER_FAILURE);
                 }
             }
-            let due: Vec<(String, Arc<Slot>)> = {
+            let due: Vec<Arc<Slot>> = {
                 let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
                 // Unused identities are forgotten instead of renewed.
                 slots.retain(|_, slot| {
                     let due = *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner()) <= now;
-                    !(due && slot.tx.receiver_count() == 0 && slot.first_issue.initialized())
+                    // Also drops a slot whose first issuance failed and that
+                    // nobody waits on any more.
+                    !(due && slot.tx.receiver_count() == 0)
                 });
                 slots
                     .iter()
                     .filter(|(_, s)| s.first_issue.initialized())
-                    .filter_map(|(id, s)| {
+                    .filter_map(|(_, s)| {
                         let at = *s.refresh_at.lock().unwrap_or_else(|e| e.into_inner());
                         if at <= now {
-                            Some((id.clone(), s.clone()))
+                            Some(s.clone())
                         } else {
                             next = next.min(at);
                             None
@@ -195,18 +199,15 @@ impl SvidCache {
                     })
                     .collect()
             };
-            for (id, slot) in due {
-                let Ok(spiffe_id) = spiffe::SpiffeId::new(&id) else {
-                    continue;
-                };
-                match self.issue_into(&spiffe_id, &slot) {
+            for slot in due {
+                match self.issue_into(&slot) {
                     Ok(()) => {
                         self.metrics.rotations.inc();
                         let at = *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner());
                         next = next.min(at);
                     }
                     Err(e) => {
-                        tracing::error!(spiffe_id = %id, error = %e, "SVID renewal failed; serving the current one");
+                        tracing::error!(spiffe_id = %slot.id, error = %e, "SVID renewal failed; serving the current one");
                         *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner()) =
                             now + RETRY_AFTER_FAILURE;
                         next = next.min(now + RETRY_AFTER_FAILURE);
