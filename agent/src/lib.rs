@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod audit;
 pub mod authority;
 pub mod bench;
 pub mod cli;
@@ -19,5 +20,7 @@ pub mod h2_authority;
 pub mod jws;
 pub mod metrics;
 pub mod peer_conn;
+pub mod policy;
+pub mod revocation;
 pub mod service;
 pub mod svid_cache;
