@@ -1,1 +1,1274 @@
-//! Placeholder; being written.
+//! Tamper-evident, hash-chained JSONL audit log.
+//!
+//! Every token-exchange decision is written as one JSON object per line:
+//!
+//! ```text
+//! {"seq":7,"ts":"2025-01-01T12:00:00.123Z","prev":"<64 hex>",<caller fields…>,"hash":"<64 hex>"}
+//! ```
+//!
+//! # Chain design
+//!
+//! - `seq` starts at 1 and grows by exactly 1 per record.
+//! - `prev` is the hex SHA-256 of the previous record's *full line bytes*
+//!   (including its `hash` member, without the newline); 64 zeros for the first
+//!   record.
+//! - `hash` is the hex SHA-256 of the record's own line with the trailing
+//!   `,"hash":"<hex>"` member removed. The log always writes `hash` as the last
+//!   member, so the hashed bytes are exactly the bytes on disk: no JSON
+//!   canonicalisation is involved.
+//!
+//! With both, [`verify_file`] locates the first damaged record:
+//!
+//! | change                                   | reported at            | kind              |
+//! |------------------------------------------|------------------------|-------------------|
+//! | a field edited (hash not recomputed)     | that line              | `HashMismatch`    |
+//! | a field edited and `hash` recomputed     | the next line          | `PrevMismatch`    |
+//! | a record deleted (or the first one)      | where the next now is  | `SeqGap`          |
+//! | two records swapped                      | the first of the two   | `SeqGap`          |
+//! | a copied/forged record inserted          | the inserted line      | `SeqRegression`/`PrevMismatch` |
+//! | a non-record line inserted               | that line              | `Malformed`       |
+//! | a crash cut the last line (not reopened) | that line              | `TornTail`        |
+//!
+//! Without an outside anchor nobody can detect a rewrite of the whole tail or
+//! clean removal of the last records; keep the latest [`AuditReceipt`] (seq and
+//! hash) somewhere else and compare it with [`VerifyReport::last`].
+//!
+//! # Durability
+//!
+//! [`AuditLog::append`] resolves only after the line has been `fdatasync`ed.
+//! One writer thread does group commit: it takes every queued record (up to
+//! [`MAX_BATCH_RECORDS`]), writes them with one `write`, calls `sync_data` once
+//! and then acknowledges every waiter, so throughput is not bounded by the
+//! latency of one fsync.
+//!
+//! If a write or fsync fails, every record of that batch gets an error, the
+//! chain head goes back to the last durable record and the file is truncated
+//! back to its last durable length (retried before the next batch if that
+//! fails too), so no half-written line is left behind and the next record
+//! starts on a fresh line. Failed records are never acknowledged.
+//!
+//! # Torn lines
+//!
+//! A crash in the middle of a write can leave an incomplete last line. On
+//! [`AuditLog::open`] such a line is kept, terminated with a newline, and
+//! acknowledged by a recovery record chained to the last good record:
+//! `{"event":"audit.recovered_torn_line","torn_line":N,"torn_bytes":B,"torn_bytes_sha256":"…"}`.
+//! [`verify_file`] lists such lines in [`VerifyReport::recovered_torn_lines`];
+//! an invalid line without a matching recovery record right after it is a
+//! problem. A complete, valid last record that only lacks its newline is not
+//! torn: `open` adds the newline and keeps it.
+//!
+//! The file is created with mode 0600 and locked (`flock`) while open, so two
+//! agents cannot interleave records. Do not rotate or edit it while the agent
+//! runs. See `docs/audit.md`.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+
+use nix::fcntl::{Flock, FlockArg};
+use ring::digest;
+use serde_json::{Map, Value};
+use tokio::sync::oneshot;
+
+/// Longest line the log writes or reads as a record (1 MiB).
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+/// Most records written with one fsync.
+pub const MAX_BATCH_RECORDS: usize = 4096;
+/// Most bytes written with one fsync (a batch stops growing once past this).
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// `event` value of the record that acknowledges a torn line.
+pub const RECOVERY_EVENT: &str = "audit.recovered_torn_line";
+/// `prev` of the first record.
+pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// Members the log sets itself; callers may not provide them.
+pub const RESERVED_FIELDS: [&str; 4] = ["seq", "ts", "prev", "hash"];
+
+/// Room left in a line for `seq`, `ts`, `prev` and `hash`.
+const HEADER_ROOM: usize = 256;
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(digest::digest(&digest::SHA256, bytes))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot open audit log {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("audit log {path} is locked by another process")]
+    Locked { path: PathBuf },
+    #[error("audit log {path} is not a regular file")]
+    NotAFile { path: PathBuf },
+    #[error("reading audit log {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("audit log {path}: write failed, record not logged: {message}")]
+    Write { path: PathBuf, message: String },
+    #[error("audit record fields must be a JSON object")]
+    NotAnObject,
+    #[error("audit record field {0:?} is reserved (seq, ts, prev and hash are set by the log)")]
+    ReservedField(String),
+    #[error("audit record is {bytes} bytes, more than the {max}-byte line limit")]
+    TooLarge { bytes: usize, max: usize },
+    #[error("audit record cannot be serialised: {0}")]
+    Serialize(String),
+    #[error("audit log writer has stopped")]
+    Closed,
+}
+
+/// Acknowledgement of a durable record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditReceipt {
+    /// The record's `seq` (0 from a disabled log).
+    pub seq: u64,
+    /// The record's `hash` member (empty from a disabled log).
+    pub hash: String,
+}
+
+/// What [`AuditLog::open`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Records in the file after opening (including recovery records written now).
+    pub records: u64,
+    /// Incomplete lines at the end of the file, now acknowledged by recovery records.
+    pub torn_tail: Option<TornTail>,
+    /// The first chain problem found while reading the file (logged as an
+    /// error; the log still opens and appends after the last record).
+    pub problem: Option<Problem>,
+}
+
+/// Torn lines recovered by [`AuditLog::open`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    /// Usually one line; several after repeated crashes during recovery.
+    pub lines: Vec<TornLine>,
+    /// The file did not end with a newline; one was added.
+    pub newline_added: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornLine {
+    /// 1-based line number.
+    pub line: u64,
+    /// Length in bytes, without the newline.
+    pub bytes: u64,
+    /// Hex SHA-256 of the line's bytes (without the newline).
+    pub sha256: String,
+    /// `seq` of the recovery record that acknowledges it.
+    pub recovery_seq: u64,
+}
+
+/// Result of [`verify_file`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Lines that are well-formed records (recovery records included).
+    pub records: u64,
+    /// The first problem; `None` if the chain verifies.
+    pub first_problem: Option<Problem>,
+    /// Torn lines (crash artefacts) acknowledged by a recovery record.
+    pub recovered_torn_lines: Vec<u64>,
+    /// `seq` and `hash` of the last record, to compare with a kept receipt.
+    pub last: Option<AuditReceipt>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line number.
+    pub line: u64,
+    /// The `seq` of the record on that line, if it has one.
+    pub seq: Option<u64>,
+    pub kind: ProblemKind,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}: {:?}: {}", self.line, self.kind, self.message)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// The record's content does not match its `hash`: this line was edited.
+    HashMismatch,
+    /// `prev` does not match the previous record: that record was edited (with
+    /// its hash recomputed) or a record was inserted or removed.
+    PrevMismatch,
+    /// `seq` jumps forward: records were deleted or lines reordered.
+    SeqGap,
+    /// `seq` repeats or goes back: a record was inserted, duplicated or reordered.
+    SeqRegression,
+    /// Not a well-formed record and not acknowledged by a recovery record.
+    Malformed,
+    /// Incomplete line(s) at the end of the file, not yet recovered (the agent
+    /// crashed mid-write and has not reopened the log since).
+    TornTail,
+}
+
+/// A shared handle on the audit log; clones share one writer.
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Option<Arc<Inner>>,
+}
+
+impl fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            Some(inner) => f
+                .debug_struct("AuditLog")
+                .field("path", &inner.path)
+                .finish(),
+            None => f.write_str("AuditLog(disabled)"),
+        }
+    }
+}
+
+struct Inner {
+    path: PathBuf,
+    tx: Option<mpsc::Sender<Request>>,
+    thread: Option<JoinHandle<()>>,
+    #[cfg(test)]
+    faults: Arc<faults::Faults>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer after its current batch; joining
+        // releases the file lock before a reopen.
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Request {
+    /// The caller's members, serialised: `,"k":v,"k2":v2` (or empty).
+    members: String,
+    reply: oneshot::Sender<Result<AuditReceipt, AuditError>>,
+}
+
+impl AuditLog {
+    /// Opens (creating with mode 0600; the parent directory must exist) and
+    /// recovers the chain head (last seq + line hash) from the file. A torn
+    /// last line is acknowledged with a recovery record (see the module doc).
+    pub fn open(path: &Path) -> Result<(Self, OpenReport), AuditError> {
+        Self::open_inner(
+            path,
+            #[cfg(test)]
+            Arc::default(),
+        )
+    }
+
+    fn open_inner(
+        path: &Path,
+        #[cfg(test)] faults: Arc<faults::Faults>,
+    ) -> Result<(Self, OpenReport), AuditError> {
+        let open_err = |source| AuditError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let existed = path.symlink_metadata().is_ok();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.is_file() {
+            return Err(AuditError::NotAFile {
+                path: path.to_owned(),
+            });
+        }
+        let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(f) => f,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(AuditError::Locked {
+                    path: path.to_owned(),
+                });
+            }
+            Err((_, errno)) => return Err(open_err(io::Error::from(errno))),
+        };
+        if meta.permissions().mode() & 0o777 != 0o600 {
+            if existed {
+                tracing::warn!(path = %path.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777), "audit log had loose permissions; setting 0600");
+            }
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(open_err)?;
+        }
+        if !existed {
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(open_err)?;
+        }
+
+        let scan = scan(BufReader::with_capacity(64 * 1024, &*file)).map_err(|source| {
+            AuditError::Read {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+        let problem = scan.report.first_problem.clone();
+        if let Some(p) = &problem {
+            tracing::error!(path = %path.display(), line = p.line, kind = ?p.kind, "audit log chain problem: {}", p.message);
+        }
+
+        let mut writer = Writer {
+            path: path.to_owned(),
+            file,
+            head_seq: scan.head_seq,
+            head_prev: scan.head_prev.clone(),
+            good_len: scan.len,
+            dirty: false,
+            #[cfg(test)]
+            faults: faults.clone(),
+        };
+
+        // Recovery: terminate the last line and acknowledge torn lines.
+        let mut records = scan.report.records;
+        let newline_added = !scan.ends_with_newline;
+        let mut buf = Vec::new();
+        if newline_added {
+            buf.push(b'\n');
+        }
+        let mut torn = Vec::new();
+        let ts = now_ts();
+        for p in &scan.pending {
+            tracing::warn!(
+                path = %path.display(),
+                line = p.line,
+                bytes = p.bytes,
+                "audit log ends with a torn line ({}); writing a recovery record",
+                p.reason
+            );
+            let mut fields = Map::new();
+            fields.insert("event".into(), RECOVERY_EVENT.into());
+            fields.insert("torn_line".into(), p.line.into());
+            fields.insert("torn_bytes".into(), p.bytes.into());
+            fields.insert("torn_bytes_sha256".into(), p.sha256.clone().into());
+            let members = serialize_members(&fields)?;
+            let seq = writer.head_seq + 1;
+            let (line, _hash) = build_line(seq, &ts, &writer.head_prev, &members);
+            writer.head_prev = sha256_hex(line.as_bytes());
+            writer.head_seq = seq;
+            buf.extend_from_slice(line.as_bytes());
+            buf.push(b'\n');
+            records += 1;
+            torn.push(TornLine {
+                line: p.line,
+                bytes: p.bytes,
+                sha256: p.sha256.clone(),
+                recovery_seq: seq,
+            });
+        }
+        if !buf.is_empty() {
+            (&*writer.file)
+                .write_all(&buf)
+                .and_then(|()| writer.file.sync_data())
+                .map_err(|e| AuditError::Write {
+                    path: path.to_owned(),
+                    message: format!("recovering the end of the file: {e}"),
+                })?;
+            writer.good_len += buf.len() as u64;
+        }
+        let torn_tail = (!torn.is_empty()).then_some(TornTail {
+            lines: torn,
+            newline_added,
+        });
+
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(open_err)?;
+        tracing::debug!(path = %path.display(), records, "audit log open");
+        let log = AuditLog {
+            inner: Some(Arc::new(Inner {
+                path: path.to_owned(),
+                tx: Some(tx),
+                thread: Some(thread),
+                #[cfg(test)]
+                faults,
+            })),
+        };
+        Ok((
+            log,
+            OpenReport {
+                records,
+                torn_tail,
+                problem,
+            },
+        ))
+    }
+
+    /// A log that records nothing (no `audit_log` configured): `append`
+    /// returns seq 0 and an empty hash.
+    pub fn disabled() -> Self {
+        AuditLog { inner: None }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.inner.as_ref().map(|i| i.path.as_path())
+    }
+
+    /// Appends one record; resolves after the line is durable. The caller's
+    /// members come after `seq`, `ts` and `prev`, which (with `hash`) may not
+    /// appear in `fields`. Dropping the future does not withdraw the record.
+    pub async fn append(&self, fields: Map<String, Value>) -> Result<AuditReceipt, AuditError> {
+        let Some(inner) = &self.inner else {
+            return Ok(AuditReceipt {
+                seq: 0,
+                hash: String::new(),
+            });
+        };
+        let members = serialize_members(&fields)?;
+        let (reply, rx) = oneshot::channel();
+        inner
+            .tx
+            .as_ref()
+            .ok_or(AuditError::Closed)?
+            .send(Request { members, reply })
+            .map_err(|_| AuditError::Closed)?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// [`append`](Self::append) for a `serde_json::Value`, which must be an object.
+    pub async fn append_value(&self, fields: Value) -> Result<AuditReceipt, AuditError> {
+        match fields {
+            Value::Object(map) => self.append(map).await,
+            _ => Err(AuditError::NotAnObject),
+        }
+    }
+}
+
+fn serialize_members(fields: &Map<String, Value>) -> Result<String, AuditError> {
+    let mut out = String::new();
+    for (k, v) in fields {
+        if RESERVED_FIELDS.contains(&k.as_str()) {
+            return Err(AuditError::ReservedField(k.clone()));
+        }
+        out.push(',');
+        out.push_str(&serde_json::to_string(k).map_err(|e| AuditError::Serialize(e.to_string()))?);
+        out.push(':');
+        out.push_str(&serde_json::to_string(v).map_err(|e| AuditError::Serialize(e.to_string()))?);
+    }
+    if out.len() + HEADER_ROOM > MAX_LINE_BYTES {
+        return Err(AuditError::TooLarge {
+            bytes: out.len() + HEADER_ROOM,
+            max: MAX_LINE_BYTES,
+        });
+    }
+    Ok(out)
+}
+
+/// Builds one record line (without newline); returns it and its `hash`.
+fn build_line(seq: u64, ts: &str, prev: &str, members: &str) -> (String, String) {
+    let mut line = String::with_capacity(members.len() + HEADER_ROOM);
+    line.push_str("{\"seq\":");
+    line.push_str(&seq.to_string());
+    line.push_str(",\"ts\":\"");
+    line.push_str(ts);
+    line.push_str("\",\"prev\":\"");
+    line.push_str(prev);
+    line.push('"');
+    line.push_str(members);
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(line.as_bytes());
+    ctx.update(b"}");
+    let hash = hex::encode(ctx.finish());
+    line.push_str(",\"hash\":\"");
+    line.push_str(&hash);
+    line.push_str("\"}");
+    (line, hash)
+}
+
+/// RFC 3339 UTC with milliseconds.
+fn now_ts() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+struct Writer {
+    path: PathBuf,
+    file: Flock<File>,
+    head_seq: u64,
+    /// SHA-256 of the last record's line: the next record's `prev`.
+    head_prev: String,
+    /// File length after the last durable batch.
+    good_len: u64,
+    /// A failed batch may have left bytes past `good_len`.
+    dirty: bool,
+    #[cfg(test)]
+    faults: Arc<faults::Faults>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Request>) {
+        let mut buf = Vec::new();
+        let mut waiters = Vec::new();
+        while let Ok(first) = rx.recv() {
+            buf.clear();
+            let ts = now_ts();
+            let mut seq = self.head_seq;
+            let mut prev = self.head_prev.clone();
+            let mut next = Some(first);
+            while let Some(req) = next.take() {
+                seq += 1;
+                let (line, hash) = build_line(seq, &ts, &prev, &req.members);
+                prev = sha256_hex(line.as_bytes());
+                buf.extend_from_slice(line.as_bytes());
+                buf.push(b'\n');
+                waiters.push((req.reply, seq, hash));
+                if waiters.len() < MAX_BATCH_RECORDS && buf.len() < MAX_BATCH_BYTES {
+                    next = rx.try_recv().ok();
+                }
+            }
+            match self.write_batch(&buf) {
+                Ok(()) => {
+                    self.head_seq = seq;
+                    self.head_prev = prev;
+                    self.good_len += buf.len() as u64;
+                    for (reply, seq, hash) in waiters.drain(..) {
+                        let _ = reply.send(Ok(AuditReceipt { seq, hash }));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(path = %self.path.display(), error = %e, records = waiters.len(), "audit log write failed; records not logged");
+                    let message = e.to_string();
+                    for (reply, _, _) in waiters.drain(..) {
+                        let _ = reply.send(Err(AuditError::Write {
+                            path: self.path.clone(),
+                            message: message.clone(),
+                        }));
+                    }
+                    // Best effort now; retried before the next batch.
+                    let _ = self.ensure_clean();
+                }
+            }
+        }
+    }
+
+    fn write_batch(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.ensure_clean()?;
+        self.dirty = true;
+        #[cfg(test)]
+        if self.faults.take(&self.faults.fail_writes) {
+            (&*self.file).write_all(&buf[..buf.len() / 2])?;
+            return Err(io::Error::other("injected write failure"));
+        }
+        (&*self.file).write_all(buf)?;
+        self.file.sync_data()?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Cuts off whatever a failed batch left past the last durable length.
+    fn ensure_clean(&mut self) -> io::Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        #[cfg(test)]
+        if self.faults.take(&self.faults.fail_truncates) {
+            return Err(io::Error::other("injected truncate failure"));
+        }
+        self.file.set_len(self.good_len)?;
+        self.file.sync_data()?;
+        self.dirty = false;
+        tracing::warn!(path = %self.path.display(), len = self.good_len, "audit log: removed the partial write of a failed batch");
+        Ok(())
+    }
+}
+
+/// Checks the hash chain of the audit log at `path`, streaming.
+pub fn verify_file(path: &Path) -> Result<VerifyReport, AuditError> {
+    let file = File::open(path).map_err(|source| AuditError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    let scan =
+        scan(BufReader::with_capacity(64 * 1024, file)).map_err(|source| AuditError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(scan.report)
+}
+
+/// An invalid line not (yet) acknowledged by a recovery record.
+struct Pending {
+    line: u64,
+    bytes: u64,
+    sha256: String,
+    reason: String,
+}
+
+struct Scan {
+    report: VerifyReport,
+    head_seq: u64,
+    head_prev: String,
+    /// Invalid lines at the end of the file without a recovery record.
+    pending: Vec<Pending>,
+    ends_with_newline: bool,
+    len: u64,
+}
+
+impl Scan {
+    fn problem(&mut self, line: u64, seq: Option<u64>, kind: ProblemKind, message: String) {
+        if self.report.first_problem.is_none() {
+            self.report.first_problem = Some(Problem {
+                line,
+                seq,
+                kind,
+                message,
+            });
+        }
+    }
+}
+
+struct Record {
+    seq: u64,
+    prev: String,
+    hash: String,
+    hash_ok: bool,
+    recovers: Option<(u64, String)>,
+}
+
+fn is_hex64(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn parse_record(line: &[u8]) -> Result<Record, String> {
+    let obj: Map<String, Value> =
+        serde_json::from_slice(line).map_err(|e| format!("not a JSON object: {e}"))?;
+    let seq = obj
+        .get("seq")
+        .and_then(Value::as_u64)
+        .ok_or("missing or invalid \"seq\"")?;
+    obj.get("ts")
+        .and_then(Value::as_str)
+        .ok_or("missing or invalid \"ts\"")?;
+    let hex_field = |name: &str| {
+        obj.get(name)
+            .and_then(Value::as_str)
+            .filter(|s| is_hex64(s))
+            .map(str::to_owned)
+            .ok_or_else(|| format!("missing or invalid {name:?}"))
+    };
+    let prev = hex_field("prev")?;
+    let hash = hex_field("hash")?;
+    let suffix = format!(",\"hash\":\"{hash}\"}}");
+    let body = line
+        .strip_suffix(suffix.as_bytes())
+        .ok_or("\"hash\" is not the last member")?;
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(body);
+    ctx.update(b"}");
+    let hash_ok = hex::encode(ctx.finish()) == hash;
+    let recovers = (obj.get("event").and_then(Value::as_str) == Some(RECOVERY_EVENT))
+        .then(|| {
+            Some((
+                obj.get("torn_line")?.as_u64()?,
+                obj.get("torn_bytes_sha256")?.as_str()?.to_owned(),
+            ))
+        })
+        .flatten();
+    Ok(Record {
+        seq,
+        prev,
+        hash,
+        hash_ok,
+        recovers,
+    })
+}
+
+fn scan<R: BufRead>(mut reader: R) -> io::Result<Scan> {
+    let mut s = Scan {
+        report: VerifyReport {
+            records: 0,
+            first_problem: None,
+            recovered_torn_lines: Vec::new(),
+            last: None,
+        },
+        head_seq: 0,
+        head_prev: GENESIS_PREV.to_owned(),
+        pending: Vec::new(),
+        ends_with_newline: true,
+        len: 0,
+    };
+    let mut prev_line = 0u64;
+    let mut buf = Vec::new();
+    let mut n = 0u64;
+    while let Some(info) = read_line_capped(&mut reader, &mut buf, MAX_LINE_BYTES)? {
+        n += 1;
+        s.len += info.len + u64::from(info.terminated);
+        s.ends_with_newline = info.terminated;
+        let parsed = if info.oversized {
+            Err(format!("longer than {MAX_LINE_BYTES} bytes"))
+        } else {
+            parse_record(&buf)
+        };
+        let rec = match parsed {
+            Ok(rec) => rec,
+            Err(reason) => {
+                s.pending.push(Pending {
+                    line: n,
+                    bytes: info.len,
+                    sha256: info.sha256,
+                    reason,
+                });
+                continue;
+            }
+        };
+        if let Some(first) = s.pending.first() {
+            let matches = rec
+                .recovers
+                .as_ref()
+                .is_some_and(|(l, h)| *l == first.line && *h == first.sha256);
+            if matches {
+                s.report.recovered_torn_lines.push(first.line);
+                s.pending.remove(0);
+            } else {
+                let (line, msg) = (
+                    first.line,
+                    format!(
+                        "not a valid audit record ({}) and not followed by a recovery record",
+                        first.reason
+                    ),
+                );
+                s.problem(line, None, ProblemKind::Malformed, msg);
+                s.pending.clear();
+            }
+        }
+        let expected = s.head_seq.saturating_add(1);
+        if !rec.hash_ok {
+            s.problem(
+                n,
+                Some(rec.seq),
+                ProblemKind::HashMismatch,
+                "the record's content does not match its hash: this line was modified".into(),
+            );
+        } else if rec.seq > expected {
+            s.problem(
+                n,
+                Some(rec.seq),
+                ProblemKind::SeqGap,
+                format!(
+                    "expected seq {expected}, found {}: records deleted or lines reordered",
+                    rec.seq
+                ),
+            );
+        } else if rec.seq < expected {
+            s.problem(
+                n,
+                Some(rec.seq),
+                ProblemKind::SeqRegression,
+                format!(
+                    "expected seq {expected}, found {}: a record was inserted, duplicated or reordered",
+                    rec.seq
+                ),
+            );
+        } else if rec.prev != s.head_prev {
+            let msg = if prev_line == 0 {
+                "the first record's prev is not 64 zeros: records before it were removed".into()
+            } else {
+                format!(
+                    "prev does not match the SHA-256 of line {prev_line}: that record was modified, or a record was inserted or removed"
+                )
+            };
+            s.problem(n, Some(rec.seq), ProblemKind::PrevMismatch, msg);
+        }
+        // Continue from this record whatever happened, to find the head.
+        s.head_seq = rec.seq;
+        s.head_prev = info.sha256;
+        prev_line = n;
+        s.report.records += 1;
+        s.report.last = Some(AuditReceipt {
+            seq: rec.seq,
+            hash: rec.hash,
+        });
+    }
+    if let Some(first) = s.pending.first() {
+        let (line, msg) = (
+            first.line,
+            format!(
+                "incomplete last line ({}): the writer stopped mid-write and the log has not been reopened since (opening it appends a recovery record)",
+                first.reason
+            ),
+        );
+        s.problem(line, None, ProblemKind::TornTail, msg);
+    }
+    Ok(s)
+}
+
+pub(crate) struct LineInfo {
+    /// Bytes in the line, without the newline.
+    pub(crate) len: u64,
+    pub(crate) terminated: bool,
+    /// Longer than the cap: `buf` is empty.
+    pub(crate) oversized: bool,
+    /// Hex SHA-256 of the whole line without the newline.
+    pub(crate) sha256: String,
+}
+
+/// Reads one line into `buf` (without the newline), keeping at most `cap`
+/// bytes in memory. `None` at end of file.
+pub(crate) fn read_line_capped<R: BufRead>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    cap: usize,
+) -> io::Result<Option<LineInfo>> {
+    buf.clear();
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    let mut len = 0u64;
+    let mut oversized = false;
+    let mut terminated = false;
+    loop {
+        let chunk = match reader.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            break;
+        }
+        let (take, found) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (chunk.len(), false),
+        };
+        let part = &chunk[..take];
+        ctx.update(part);
+        len += take as u64;
+        if !oversized {
+            if buf.len() + take <= cap {
+                buf.extend_from_slice(part);
+            } else {
+                oversized = true;
+                buf.clear();
+            }
+        }
+        reader.consume(take + usize::from(found));
+        if found {
+            terminated = true;
+            break;
+        }
+    }
+    if len == 0 && !terminated {
+        return Ok(None);
+    }
+    Ok(Some(LineInfo {
+        len,
+        terminated,
+        oversized,
+        sha256: hex::encode(ctx.finish()),
+    }))
+}
+
+#[cfg(test)]
+mod faults {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Injected failures for the writer (tests only).
+    #[derive(Default)]
+    pub(super) struct Faults {
+        /// Writes that write half the batch, then fail.
+        pub(super) fail_writes: AtomicU32,
+        /// Truncations (after a failed write) that fail.
+        pub(super) fail_truncates: AtomicU32,
+    }
+
+    impl Faults {
+        pub(super) fn take(&self, counter: &AtomicU32) -> bool {
+            counter
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    fn fields(i: u64) -> Map<String, Value> {
+        let Value::Object(m) = serde_json::json!({
+            "event": "token.exchange",
+            "decision": "allow",
+            "i": i,
+            "subject": "spiffe://example.org/agent",
+        }) else {
+            unreachable!()
+        };
+        m
+    }
+
+    async fn write_n(log: &AuditLog, from: u64, n: u64) {
+        for i in from..from + n {
+            log.append(fields(i)).await.unwrap();
+        }
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn write_lines(path: &Path, lines: &[String]) {
+        let mut s = lines.join("\n");
+        s.push('\n');
+        std::fs::write(path, s).unwrap();
+    }
+
+    fn problem(path: &Path) -> Problem {
+        verify_file(path).unwrap().first_problem.expect("a problem")
+    }
+
+    async fn log_of(n: u64) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (log, report) = AuditLog::open(&path).unwrap();
+        assert_eq!(report.records, 0);
+        write_n(&log, 0, n).await;
+        (dir, path)
+    }
+
+    #[tokio::test]
+    async fn clean_log_verifies() {
+        let (_dir, path) = log_of(300).await;
+        let r = verify_file(&path).unwrap();
+        assert_eq!(r.first_problem, None);
+        assert_eq!(r.records, 300);
+        assert_eq!(r.last.as_ref().unwrap().seq, 300);
+        let ls = lines(&path);
+        let first: Value = serde_json::from_str(&ls[0]).unwrap();
+        assert_eq!(first["seq"], 1);
+        assert_eq!(first["prev"], GENESIS_PREV);
+        assert_eq!(first["decision"], "allow");
+        let ts = first["ts"].as_str().unwrap();
+        assert_eq!(ts.len(), "2025-01-01T00:00:00.000Z".len());
+        assert!(ts.ends_with('Z'));
+        let second: Value = serde_json::from_str(&ls[1]).unwrap();
+        assert_eq!(second["prev"], sha256_hex(ls[0].as_bytes()));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[tokio::test]
+    async fn receipt_matches_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        let r = log.append(fields(1)).await.unwrap();
+        assert_eq!(r.seq, 1);
+        let v: Value = serde_json::from_str(&lines(&path)[0]).unwrap();
+        assert_eq!(v["hash"], r.hash.as_str());
+        assert_eq!(verify_file(&path).unwrap().last, Some(r));
+    }
+
+    #[tokio::test]
+    async fn rejects_reserved_and_non_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = AuditLog::open(&dir.path().join("a.jsonl")).unwrap();
+        let mut f = fields(1);
+        f.insert("seq".into(), 5.into());
+        assert!(matches!(
+            log.append(f).await,
+            Err(AuditError::ReservedField(k)) if k == "seq"
+        ));
+        assert!(matches!(
+            log.append_value(Value::from(3)).await,
+            Err(AuditError::NotAnObject)
+        ));
+        let mut big = Map::new();
+        big.insert("x".into(), "y".repeat(MAX_LINE_BYTES).into());
+        assert!(matches!(
+            log.append(big).await,
+            Err(AuditError::TooLarge { .. })
+        ));
+        assert_eq!(log.append(fields(2)).await.unwrap().seq, 1);
+    }
+
+    #[tokio::test]
+    async fn disabled_is_a_no_op() {
+        let log = AuditLog::disabled();
+        assert!(!log.is_enabled());
+        assert_eq!(log.append(fields(1)).await.unwrap().seq, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_appends_are_gapless() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..50u64 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for i in 0..40u64 {
+                    seqs.push(log.append(fields(t * 1000 + i)).await.unwrap().seq);
+                }
+                seqs
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all.sort_unstable();
+        assert_eq!(all, (1..=2000).collect::<Vec<_>>());
+        let r = verify_file(&path).unwrap();
+        assert_eq!(r.first_problem, None);
+        assert_eq!(r.records, 2000);
+    }
+
+    #[tokio::test]
+    async fn tampered_field_found_at_its_line() {
+        let (_dir, path) = log_of(100).await;
+        let mut ls = lines(&path);
+        ls[49] = ls[49].replace("\"decision\":\"allow\"", "\"decision\":\"deny\"");
+        write_lines(&path, &ls);
+        let p = problem(&path);
+        assert_eq!(
+            (p.line, p.kind, p.seq),
+            (50, ProblemKind::HashMismatch, Some(50))
+        );
+    }
+
+    #[tokio::test]
+    async fn tampered_with_recomputed_hash_found_at_next_line() {
+        let (_dir, path) = log_of(100).await;
+        let mut ls = lines(&path);
+        let v: Value = serde_json::from_str(&ls[49]).unwrap();
+        let mut f = fields(49);
+        f.insert("decision".into(), "deny".into());
+        let members = serialize_members(&f).unwrap();
+        ls[49] = build_line(
+            50,
+            v["ts"].as_str().unwrap(),
+            v["prev"].as_str().unwrap(),
+            &members,
+        )
+        .0;
+        write_lines(&path, &ls);
+        let p = problem(&path);
+        assert_eq!((p.line, p.kind), (51, ProblemKind::PrevMismatch));
+        assert!(p.message.contains("line 50"), "{}", p.message);
+    }
+
+    #[tokio::test]
+    async fn deleted_line() {
+        let (_dir, path) = log_of(100).await;
+        let mut ls = lines(&path);
+        ls.remove(59);
+        write_lines(&path, &ls);
+        let p = problem(&path);
+        assert_eq!((p.line, p.kind, p.seq), (60, ProblemKind::SeqGap, Some(61)));
+
+        let mut ls = lines(&path);
+        ls.remove(0);
+        write_lines(&path, &ls);
+        let p = problem(&path);
+        assert_eq!((p.line, p.kind), (1, ProblemKind::SeqGap));
+    }
+
+    #[tokio::test]
+    async fn swapped_lines() {
+        let (_dir, path) = log_of(100).await;
+        let mut ls = lines(&path);
+        ls.swap(29, 30);
+        write_lines(&path, &ls);
+        let p = problem(&path);
+        assert_eq!((p.line, p.kind), (30, ProblemKind::SeqGap));
+    }
+
+    #[tokio::test]
+    async fn inserted_lines() {
+        let (_dir, path) = log_of(100).await;
+        let orig = lines(&path);
+        let mut ls = orig.clone();
+        let dup = ls[19].clone();
+        ls.insert(20, dup);
+        write_lines(&path, &ls);
+        let p = problem(&path);
+        assert_eq!((p.line, p.kind), (21, ProblemKind::SeqRegression));
+
+        let mut ls = orig;
+        ls.insert(20, "{\"event\":\"forged\"}".into());
+        write_lines(&path, &ls);
+        let p = problem(&path);
+        assert_eq!((p.line, p.kind), (21, ProblemKind::Malformed));
+    }
+
+    #[tokio::test]
+    async fn torn_tail_recovered_on_reopen() {
+        let (_dir, path) = log_of(10).await;
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 20).unwrap();
+        drop(f);
+
+        // Before a restart: reported as a torn tail.
+        let p = problem(&path);
+        assert_eq!((p.line, p.kind), (10, ProblemKind::TornTail));
+
+        let (log, report) = AuditLog::open(&path).unwrap();
+        let torn = report.torn_tail.expect("torn tail");
+        assert!(torn.newline_added);
+        assert_eq!(torn.lines.len(), 1);
+        assert_eq!(torn.lines[0].line, 10);
+        assert_eq!(torn.lines[0].recovery_seq, 10);
+        assert_eq!(report.records, 10);
+        assert_eq!(report.problem.map(|p| p.kind), Some(ProblemKind::TornTail));
+
+        let r = log.append(fields(99)).await.unwrap();
+        assert_eq!(r.seq, 11);
+        let v = verify_file(&path).unwrap();
+        assert_eq!(v.first_problem, None);
+        assert_eq!(v.recovered_torn_lines, vec![10]);
+        assert_eq!(v.records, 11);
+        let rec: Value = serde_json::from_str(&lines(&path)[10]).unwrap();
+        assert_eq!(rec["event"], RECOVERY_EVENT);
+        assert_eq!(rec["torn_line"], 10);
+        drop(log);
+
+        // Reopening again finds nothing to recover.
+        let (_log, report) = AuditLog::open(&path).unwrap();
+        assert_eq!(report.torn_tail, None);
+        assert_eq!(report.problem, None);
+        assert_eq!(report.records, 11);
+    }
+
+    #[tokio::test]
+    async fn unrecovered_torn_line_in_the_middle_is_a_problem() {
+        let (_dir, path) = log_of(10).await;
+        let mut ls = lines(&path);
+        ls[4].truncate(30);
+        write_lines(&path, &ls);
+        let p = problem(&path);
+        assert_eq!((p.line, p.kind), (5, ProblemKind::Malformed));
+    }
+
+    #[tokio::test]
+    async fn valid_last_line_without_newline_is_kept() {
+        let (_dir, path) = log_of(5).await;
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 1).unwrap();
+        drop(f);
+        assert_eq!(verify_file(&path).unwrap().first_problem, None);
+        let (log, report) = AuditLog::open(&path).unwrap();
+        assert_eq!(report.torn_tail, None);
+        assert_eq!(log.append(fields(9)).await.unwrap().seq, 6);
+        let v = verify_file(&path).unwrap();
+        assert_eq!((v.records, v.first_problem), (6, None));
+    }
+
+    #[tokio::test]
+    async fn reopen_continues_seq_and_locks() {
+        let (_dir, path) = log_of(7).await;
+        let (log, report) = AuditLog::open(&path).unwrap();
+        assert_eq!(report.records, 7);
+        assert!(matches!(
+            AuditLog::open(&path),
+            Err(AuditError::Locked { .. })
+        ));
+        assert_eq!(log.append(fields(1)).await.unwrap().seq, 8);
+        let v = verify_file(&path).unwrap();
+        assert_eq!((v.records, v.first_problem), (8, None));
+    }
+
+    #[tokio::test]
+    async fn failed_write_is_cut_off_and_log_stays_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        write_n(&log, 0, 3).await;
+        let faults = log.inner.as_ref().unwrap().faults.clone();
+
+        faults.fail_writes.store(1, Ordering::SeqCst);
+        let err = log.append(fields(3)).await.unwrap_err();
+        assert!(err.to_string().contains("write failed"), "{err}");
+        assert_eq!(log.append(fields(4)).await.unwrap().seq, 4);
+
+        // The cut-off itself fails twice: appends fail until it succeeds.
+        faults.fail_writes.store(1, Ordering::SeqCst);
+        faults.fail_truncates.store(2, Ordering::SeqCst);
+        assert!(log.append(fields(5)).await.is_err());
+        assert!(log.append(fields(6)).await.is_err());
+        assert_eq!(log.append(fields(7)).await.unwrap().seq, 5);
+        let v = verify_file(&path).unwrap();
+        assert_eq!((v.records, v.first_problem), (5, None));
+        assert!(v.recovered_torn_lines.is_empty());
+    }
+
+    #[tokio::test]
+    async fn crash_after_failed_write_recovers_on_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (log, _) = AuditLog::open(&path).unwrap();
+        write_n(&log, 0, 3).await;
+        let faults = log.inner.as_ref().unwrap().faults.clone();
+        faults.fail_writes.store(1, Ordering::SeqCst);
+        faults.fail_truncates.store(100, Ordering::SeqCst);
+        assert!(log.append(fields(3)).await.is_err());
+        drop(log); // "crash" with the partial line still there
+
+        assert_eq!(problem(&path).kind, ProblemKind::TornTail);
+        let (log, report) = AuditLog::open(&path).unwrap();
+        assert_eq!(report.torn_tail.unwrap().lines[0].line, 4);
+        assert_eq!(log.append(fields(4)).await.unwrap().seq, 5);
+        let v = verify_file(&path).unwrap();
+        assert_eq!(v.first_problem, None);
+        assert_eq!(v.recovered_torn_lines, vec![4]);
+    }
+
+    #[tokio::test]
+    async fn garbage_is_never_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut junk = b"\n\n{\"seq\":18446744073709551615,\"ts\":1}\n[1,2]\n\xff\xfe\n".to_vec();
+        junk.extend(std::iter::repeat_n(b'x', MAX_LINE_BYTES + 10));
+        std::fs::write(&path, &junk).unwrap();
+        let p = problem(&path);
+        assert_eq!(p.line, 1);
+        let (log, report) = AuditLog::open(&path).unwrap();
+        assert!(report.torn_tail.is_some());
+        assert_eq!(log.append(fields(1)).await.unwrap().seq, 7);
+    }
+}
