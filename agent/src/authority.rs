@@ -9,6 +9,11 @@
 //!   clamped to expire no later than the key, so nothing valid is ever left
 //!   without its key in the bundle.
 //!
+//! A third ring holds the ES256 keys that sign task access tokens (token
+//! exchange). They are kept apart from JWT-SVID keys, so an access token can
+//! never pass as a JWT-SVID or the other way round, and are published only in
+//! the exchange's `/jwks`, never in the SPIFFE bundle.
+//!
 //! Generated keys are persisted under `data_dir/authority.json` (0600, atomic
 //! write + fsync) unless persistence is turned off; an operator CA is loaded
 //! from PEM files instead and never rotated by Tessera.
@@ -225,6 +230,25 @@ pub struct AuthoritySettings {
 struct State {
     cas: KeyRing<CaKey>,
     jwt: KeyRing<JwtKey>,
+    access: KeyRing<JwtKey>,
+}
+
+/// The key currently signing access tokens, and when it expires (nothing it
+/// signs may outlive it).
+#[derive(Clone)]
+pub struct AccessSigningKey {
+    key: Arc<JwtKey>,
+    pub not_after: SystemTime,
+}
+
+impl AccessSigningKey {
+    /// Signs `claims` as an RFC 9068 JWT access token (`typ: at+jwt`).
+    pub fn sign(&self, claims: &serde_json::Value) -> Result<String, AuthorityError> {
+        self.key
+            .signer
+            .sign("at+jwt", claims)
+            .map_err(|_| AuthorityError::Crypto)
+    }
 }
 
 pub struct Authority {
@@ -232,6 +256,8 @@ pub struct Authority {
     clock: Arc<dyn Clock>,
     state: Mutex<State>,
     bundle: watch::Sender<Arc<TrustBundle>>,
+    /// Public access-token keys (the exchange's `/jwks`), swapped on rollover.
+    access_keys: arc_swap::ArcSwap<Vec<PublicJwk>>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -247,6 +273,9 @@ struct PersistedState {
     version: u32,
     cas: Vec<PersistedKey>,
     jwt_keys: Vec<PersistedKey>,
+    /// Access-token keys (absent in state written before token exchange existed).
+    #[serde(default)]
+    access_keys: Vec<PersistedKey>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -277,6 +306,10 @@ impl Authority {
             keys: Vec::new(),
             rotates: true,
         };
+        let mut access = KeyRing {
+            keys: Vec::new(),
+            rotates: true,
+        };
 
         if let Some((cert_path, key_path)) = &settings.ca_files {
             let ca = load_operator_ca(cert_path, key_path, &settings.trust_domain)?;
@@ -298,17 +331,22 @@ impl Authority {
                             ));
                         }
                     }
-                    for k in persisted.jwt_keys {
-                        let key = B64.decode(&k.key).map_err(|e| file_err(&path, e))?;
-                        let signer =
-                            Es256Signer::from_pkcs8(k.kid, &key).map_err(|e| file_err(&path, e))?;
-                        jwt.keys.push((
-                            k.times,
-                            Arc::new(JwtKey {
-                                signer,
-                                key_pkcs8: key,
-                            }),
-                        ));
+                    for (ring, keys) in [
+                        (&mut jwt, persisted.jwt_keys),
+                        (&mut access, persisted.access_keys),
+                    ] {
+                        for k in keys {
+                            let key = B64.decode(&k.key).map_err(|e| file_err(&path, e))?;
+                            let signer = Es256Signer::from_pkcs8(k.kid, &key)
+                                .map_err(|e| file_err(&path, e))?;
+                            ring.keys.push((
+                                k.times,
+                                Arc::new(JwtKey {
+                                    signer,
+                                    key_pkcs8: key,
+                                }),
+                            ));
+                        }
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -318,12 +356,15 @@ impl Authority {
         let td = settings.trust_domain.clone();
         cas.tick(now, settings.ca_ttl, |t| new_ca(&td, t))?;
         jwt.tick(now, settings.jwt_key_ttl, new_jwt_key)?;
+        access.tick(now, settings.jwt_key_ttl, new_jwt_key)?;
         let bundle = build_bundle(&cas, &jwt, 1);
+        let access_keys = arc_swap::ArcSwap::from_pointee(public_keys(&access));
         let authority = Arc::new(Self {
             settings,
             clock,
-            state: Mutex::new(State { cas, jwt }),
+            state: Mutex::new(State { cas, jwt, access }),
             bundle: watch::Sender::new(Arc::new(bundle)),
+            access_keys,
         });
         authority.persist()?;
         Ok(authority)
@@ -358,14 +399,23 @@ impl Authority {
         let b = state
             .jwt
             .tick(now, self.settings.jwt_key_ttl, new_jwt_key)?;
+        let c = state
+            .access
+            .tick(now, self.settings.jwt_key_ttl, new_jwt_key)?;
+        if c != RingChange::default() {
+            self.access_keys.store(Arc::new(public_keys(&state.access)));
+            if c.published {
+                tracing::info!("prepared a new access-token key; published before it signs");
+            }
+        }
         if a.published {
             tracing::info!("prepared a new CA; published in the bundle before it signs");
         }
         if b.published {
             tracing::info!("prepared a new JWT signing key; published before it signs");
         }
-        let changed = a != RingChange::default() || b != RingChange::default();
-        if changed {
+        let bundle_changed = a != RingChange::default() || b != RingChange::default();
+        if bundle_changed {
             let seq = self.bundle.borrow().sequence + 1;
             let bundle = build_bundle(&state.cas, &state.jwt, seq);
             drop(state);
@@ -376,15 +426,24 @@ impl Authority {
             return self.next_event();
         }
         drop(state);
+        if c != RingChange::default()
+            && let Err(e) = self.persist()
+        {
+            tracing::error!(error = %e, "could not persist authority state; keys stay in memory");
+        }
         self.next_event()
     }
 
     fn next_event(&self) -> Result<Option<SystemTime>, AuthorityError> {
         let state = self.lock();
-        let next = [state.cas.next_event(), state.jwt.next_event()]
-            .into_iter()
-            .flatten()
-            .min();
+        let next = [
+            state.cas.next_event(),
+            state.jwt.next_event(),
+            state.access.next_event(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         Ok(next.map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s)))
     }
 
@@ -479,6 +538,22 @@ impl Authority {
         })
     }
 
+    /// The key that signs access tokens now.
+    pub fn access_signing_key(&self) -> Result<AccessSigningKey, AuthorityError> {
+        let now = unix_seconds(self.clock.now());
+        let state = self.lock();
+        let (t, k) = state.access.active(now).ok_or(AuthorityError::NoKey)?;
+        Ok(AccessSigningKey {
+            key: k.clone(),
+            not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(t.not_after),
+        })
+    }
+
+    /// Every published access-token key (current, next and retiring).
+    pub fn access_keys(&self) -> Arc<Vec<PublicJwk>> {
+        self.access_keys.load_full()
+    }
+
     /// Verifies a JWT-SVID per the spec: signature by a key in our bundle,
     /// `sub` a SPIFFE ID of our trust domain, `aud` containing `audience`, not
     /// expired. Returns the SPIFFE ID and all claims.
@@ -542,17 +617,8 @@ impl Authority {
                     })
                     .collect()
             },
-            jwt_keys: state
-                .jwt
-                .keys
-                .iter()
-                .map(|(t, k)| PersistedKey {
-                    times: *t,
-                    cert: String::new(),
-                    kid: k.signer.kid().to_string(),
-                    key: B64.encode(&k.key_pkcs8),
-                })
-                .collect(),
+            jwt_keys: persisted_jwt_keys(&state.jwt),
+            access_keys: persisted_jwt_keys(&state.access),
         };
         drop(state);
         let json = serde_json::to_vec_pretty(&persisted).map_err(|e| file_err(dir, e))?;
@@ -616,6 +682,25 @@ fn new_jwt_key(_: KeyTimes) -> Result<JwtKey, AuthorityError> {
         signer,
         key_pkcs8: pkcs8.as_ref().to_vec(),
     })
+}
+
+fn persisted_jwt_keys(ring: &KeyRing<JwtKey>) -> Vec<PersistedKey> {
+    ring.keys
+        .iter()
+        .map(|(t, k)| PersistedKey {
+            times: *t,
+            cert: String::new(),
+            kid: k.signer.kid().to_string(),
+            key: B64.encode(&k.key_pkcs8),
+        })
+        .collect()
+}
+
+fn public_keys(ring: &KeyRing<JwtKey>) -> Vec<PublicJwk> {
+    ring.keys
+        .iter()
+        .map(|(_, k)| k.signer.public_jwk())
+        .collect()
 }
 
 fn build_bundle(cas: &KeyRing<CaKey>, jwt: &KeyRing<JwtKey>, sequence: u64) -> TrustBundle {

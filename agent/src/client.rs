@@ -1,4 +1,5 @@
-//! A Workload API client over a Unix socket, for the CLI.
+//! Clients over Unix sockets, for the CLI: the Workload API (gRPC) and the
+//! exchange and operator sockets (HTTP/1.1).
 
 use std::path::{Path, PathBuf};
 
@@ -55,6 +56,53 @@ pub async fn connect_resolved(
     flag: Option<&Path>,
 ) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
     connect(&socket_path(flag)?).await
+}
+
+/// One HTTP/1.1 request over a Unix socket; returns the status and body.
+/// `form` is sent as `application/x-www-form-urlencoded`.
+pub async fn http_unix(
+    socket: &Path,
+    method: http::Method,
+    path: &str,
+    form: Option<String>,
+) -> anyhow::Result<(http::StatusCode, Vec<u8>)> {
+    use http_body_util::{BodyExt, Full};
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("HTTP handshake failed")?;
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, "localhost");
+    if form.is_some() {
+        req = req.header(
+            http::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded",
+        );
+    }
+    let req = req.body(Full::new(prost::bytes::Bytes::from(
+        form.unwrap_or_default(),
+    )))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .with_context(|| format!("request to {} failed", socket.display()))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes().to_vec();
+    Ok((status, body))
+}
+
+/// Encodes form parameters.
+pub fn form(pairs: &[(&str, &str)]) -> String {
+    let mut s = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        s.append_pair(k, v);
+    }
+    s.finish()
 }
 
 #[cfg(test)]

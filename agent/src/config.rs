@@ -56,7 +56,7 @@ struct RawConfig {
     #[serde(default)]
     entries: Vec<RawEntry>,
     admin: Option<RawAdmin>,
-    exchange: Option<toml::Table>,
+    exchange: Option<RawExchange>,
     #[serde(default)]
     log: RawLog,
     #[serde(default)]
@@ -129,6 +129,23 @@ struct RawAdmin {
     socket_path: Option<PathBuf>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExchange {
+    enabled: Option<bool>,
+    socket_path: Option<Spanned<PathBuf>>,
+    policy_dir: Option<PathBuf>,
+    policy_reload_interval: Option<Spanned<String>>,
+    issuer: Option<Spanned<String>>,
+    max_ttl: Option<Spanned<String>>,
+    default_ttl: Option<Spanned<String>>,
+    audit_log: Option<PathBuf>,
+    max_delegation_depth: Option<Spanned<u32>>,
+    approval_timeout: Option<Spanned<String>>,
+    approval_grant_ttl: Option<Spanned<String>>,
+    approval_poll_interval: Option<Spanned<String>>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLog {
@@ -160,10 +177,36 @@ pub struct Config {
     pub admin_socket_path: Option<PathBuf>,
     pub log: LogConfig,
     pub shutdown_grace: Duration,
-    /// Keys of the `[exchange]` table, accepted for forward compatibility.
-    pub exchange_keys: Vec<String>,
+    /// Per-task token exchange, when an `[exchange]` table is present (and
+    /// not `enabled = false`).
+    pub exchange: Option<ExchangeConfig>,
     /// Warnings to log once logging is set up (e.g. very short TTLs).
     pub warnings: Vec<String>,
+}
+
+/// The `[exchange]` table, validated.
+#[derive(Debug, Clone)]
+pub struct ExchangeConfig {
+    /// HTTP on a Unix socket; defaults to `exchange.sock` beside the Workload API socket.
+    pub socket_path: PathBuf,
+    /// `*.cedar` policies; `None` means no policy, so every exchange is denied.
+    pub policy_dir: Option<PathBuf>,
+    pub policy_reload_interval: Duration,
+    /// `iss` of issued tokens and the audience subject tokens must carry.
+    pub issuer: String,
+    /// No token outlives this, whatever the request or policy says.
+    pub max_ttl: Duration,
+    /// TTL when the request names none.
+    pub default_ttl: Duration,
+    /// Hash-chained decision log; defaults to `data_dir/audit.jsonl`.
+    pub audit_log: PathBuf,
+    pub max_delegation_depth: u32,
+    /// How long a pending approval waits for an operator.
+    pub approval_timeout: Duration,
+    /// How long an approved request may be redeemed.
+    pub approval_grant_ttl: Duration,
+    /// `interval` told to clients polling a pending approval.
+    pub approval_poll_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -404,10 +447,17 @@ impl Config {
             _ => None,
         };
 
-        let exchange_keys = raw
-            .exchange
-            .map(|t| t.keys().cloned().collect())
-            .unwrap_or_default();
+        let exchange = match &raw.exchange {
+            Some(x) if x.enabled.unwrap_or(true) => Some(Self::exchange_config(
+                &cx,
+                x,
+                &trust_domain,
+                &socket_path,
+                raw.data_dir.get_ref(),
+                &mut warnings,
+            )?),
+            _ => None,
+        };
 
         Ok(Config {
             trust_domain,
@@ -442,8 +492,105 @@ impl Config {
                 json,
             },
             shutdown_grace,
-            exchange_keys,
+            exchange,
             warnings,
+        })
+    }
+
+    fn exchange_config(
+        cx: &Ctx<'_>,
+        x: &RawExchange,
+        trust_domain: &spiffe::TrustDomain,
+        workload_socket: &Path,
+        data_dir: &Path,
+        warnings: &mut Vec<String>,
+    ) -> Result<ExchangeConfig, ConfigError> {
+        let duration = |key: &str, v: &Option<Spanned<String>>, default: Duration| match v {
+            None => Ok(default),
+            Some(v) => match humantime::parse_duration(v.get_ref()) {
+                Ok(d) if d.is_zero() => Err(cx.invalid(key, v, "must be greater than zero")),
+                Ok(d) => Ok(d),
+                Err(e) => Err(cx.invalid(
+                    key,
+                    v,
+                    format!("not a duration ({e}); use e.g. \"90s\", \"15m\""),
+                )),
+            },
+        };
+        let max_ttl = cx.ttl(
+            "exchange.max_ttl",
+            &x.max_ttl,
+            Duration::from_secs(15 * 60),
+            warnings,
+        )?;
+        let default_ttl = cx.ttl(
+            "exchange.default_ttl",
+            &x.default_ttl,
+            Duration::from_secs(5 * 60).min(max_ttl),
+            warnings,
+        )?;
+        let socket_path = match &x.socket_path {
+            Some(p) => p.get_ref().clone(),
+            None => workload_socket.with_file_name("exchange.sock"),
+        };
+        if socket_path == workload_socket {
+            let span = x.socket_path.as_ref().map(|p| p.span()).unwrap_or(0..0);
+            return Err(ConfigError::Invalid {
+                file: cx.file.to_string(),
+                line: cx.line(span),
+                key: "exchange.socket_path".into(),
+                message: "must differ from the Workload API socket_path".into(),
+            });
+        }
+        let issuer = match &x.issuer {
+            Some(i) if i.get_ref().is_empty() || i.get_ref().len() > 512 => {
+                return Err(cx.invalid("exchange.issuer", i, "must be 1 to 512 characters"));
+            }
+            Some(i) => i.get_ref().clone(),
+            None => format!("spiffe://{}/tessera", trust_domain.as_str()),
+        };
+        let max_delegation_depth = match &x.max_delegation_depth {
+            Some(d) if *d.get_ref() > 16 => {
+                return Err(cx.invalid(
+                    "exchange.max_delegation_depth",
+                    d,
+                    "at most 16 (each hop nests an `act` claim)",
+                ));
+            }
+            Some(d) => *d.get_ref(),
+            None => 3,
+        };
+        Ok(ExchangeConfig {
+            socket_path,
+            policy_dir: x.policy_dir.clone(),
+            policy_reload_interval: duration(
+                "exchange.policy_reload_interval",
+                &x.policy_reload_interval,
+                Duration::from_secs(2),
+            )?,
+            issuer,
+            max_ttl,
+            default_ttl: default_ttl.min(max_ttl),
+            audit_log: x
+                .audit_log
+                .clone()
+                .unwrap_or_else(|| data_dir.join("audit.jsonl")),
+            max_delegation_depth,
+            approval_timeout: duration(
+                "exchange.approval_timeout",
+                &x.approval_timeout,
+                Duration::from_secs(10 * 60),
+            )?,
+            approval_grant_ttl: duration(
+                "exchange.approval_grant_ttl",
+                &x.approval_grant_ttl,
+                Duration::from_secs(5 * 60),
+            )?,
+            approval_poll_interval: duration(
+                "exchange.approval_poll_interval",
+                &x.approval_poll_interval,
+                Duration::from_secs(2),
+            )?,
         })
     }
 
@@ -534,6 +681,11 @@ hint      = "dev"
 
 [admin]
 listen = "127.0.0.1:0"
+
+# Token exchange on {base}/exchange.sock. No policy_dir: every exchange is
+# denied until you point policy_dir at *.cedar files (see docs/policy.md).
+[exchange]
+max_ttl = "15m"
 "#
     )
 }

@@ -14,17 +14,25 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::AuditLog;
 use crate::authority::{Authority, AuthoritySettings};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::entries::EntrySet;
+use crate::exchange::Exchange;
 use crate::metrics::Metrics;
+use crate::policy::PolicyStore;
+use crate::revocation::RevocationStore;
 use crate::service::{AgentState, WorkloadApi};
 use crate::svid_cache::SvidCache;
 
 /// A started agent. Dropping it does not stop it; call [`RunningAgent::shutdown`].
 pub struct RunningAgent {
     pub socket_path: PathBuf,
+    /// The token exchange, when configured.
+    pub exchange: Option<Arc<Exchange>>,
+    /// Sockets to remove on stop besides the Workload API socket.
+    extra_sockets: Vec<PathBuf>,
     pub admin_addr: Option<SocketAddr>,
     pub state: Arc<AgentState>,
     entries: watch::Sender<EntrySet>,
@@ -61,6 +69,9 @@ impl RunningAgent {
             }
         };
         let _ = std::fs::remove_file(&self.socket_path);
+        for path in &self.extra_sockets {
+            let _ = std::fs::remove_file(path);
+        }
         result
     }
 }
@@ -80,10 +91,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     )
     .context("loading the signing authority")?;
 
-    let listener = bind_workload_socket(&config.socket_path)?;
+    let listener = bind_socket(&config.socket_path, 0o777)?;
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
-    let cache = SvidCache::new(authority, clock.clone(), metrics.clone());
+    let cache = SvidCache::new(authority.clone(), clock.clone(), metrics.clone());
     tokio::spawn(cache.clone().run_rotation(shutdown.clone()));
 
     let mut attestors: Vec<Arc<dyn tessera_attestor::Attestor>> =
@@ -102,6 +113,56 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         ready: AtomicBool::new(false),
         shutdown: shutdown.clone(),
     });
+
+    let mut extra_sockets = Vec::new();
+    let exchange = match &config.exchange {
+        None => None,
+        Some(x) => {
+            let exchange = Arc::new(build_exchange(
+                x,
+                &config.data_dir,
+                authority.clone(),
+                state.cache.clone(),
+                clock.clone(),
+                state.metrics.clone(),
+            )?);
+            let listener = bind_socket(&x.socket_path, 0o777)?;
+            extra_sockets.push(x.socket_path.clone());
+            tracing::info!(
+                socket = %x.socket_path.display(),
+                issuer = %x.issuer,
+                policies = exchange.policy.policy_count(),
+                "token exchange serving (/token /revoke /introspect /jwks)"
+            );
+            let (ex, st, sd) = (exchange.clone(), state.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::exchange::server::serve(listener, ex, st, sd).await {
+                    tracing::error!(error = %e, "token exchange server failed");
+                }
+            });
+            tokio::spawn(exchange.clone().run_maintenance(shutdown.clone()));
+            Some(exchange)
+        }
+    };
+    if let Some(path) = &config.admin_socket_path {
+        match &exchange {
+            None => tracing::warn!(
+                socket = %path.display(),
+                "admin.socket_path is set but [exchange] is not; the operator socket serves approvals only, so it is not opened"
+            ),
+            Some(ex) => {
+                let listener = bind_operator_socket(path)?;
+                extra_sockets.push(path.clone());
+                tracing::info!(socket = %path.display(), "operator socket listening (approvals)");
+                let (ex, c, sd) = (ex.clone(), clock.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = crate::operator::serve(listener, ex, c, sd).await {
+                        tracing::error!(error = %e, "operator socket server failed");
+                    }
+                });
+            }
+        }
+    }
 
     let admin_addr = match config.admin_listen {
         None => None,
@@ -150,6 +211,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     );
     Ok(RunningAgent {
         socket_path: config.socket_path.clone(),
+        exchange,
+        extra_sockets,
         admin_addr,
         state,
         entries: entries_tx,
@@ -178,6 +241,9 @@ pub async fn run_until_signalled(
                     Ok(c) => {
                         tracing::info!(entries = c.entries.len(), "reloaded entries from {}", path.display());
                         agent.set_entries(c.entries);
+                        if let Some(ex) = agent.exchange.clone() {
+                            let _ = tokio::task::spawn_blocking(move || ex.reload_policies()).await;
+                        }
                     }
                     Err(e) => tracing::error!(error = %e, "reload rejected; keeping the current entries"),
                 },
@@ -197,10 +263,62 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds the Workload API socket. A stale socket file left by a dead agent is
-/// replaced; a live agent on the same path makes this one refuse to start; any
-/// other kind of file is never deleted.
-fn bind_workload_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+/// Opens the policy store, revocation state and audit log of the exchange.
+fn build_exchange(
+    x: &crate::config::ExchangeConfig,
+    data_dir: &Path,
+    authority: Arc<Authority>,
+    cache: Arc<SvidCache>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Exchange> {
+    let policy = PolicyStore::load(x.policy_dir.as_deref())
+        .context("loading exchange policies (exchange.policy_dir)")?;
+    if x.policy_dir.is_none() {
+        tracing::warn!("exchange.policy_dir is not set: every token exchange will be denied");
+    }
+    let revocations = RevocationStore::open(Some(&data_dir.join("revocations.jsonl")), clock.now())
+        .context("opening revocation state")?;
+    if let Some(dir) = x.audit_log.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the audit log directory {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let (audit, report) = AuditLog::open(&x.audit_log)
+        .with_context(|| format!("opening the audit log {}", x.audit_log.display()))?;
+    tracing::info!(path = %x.audit_log.display(), records = report.records, "audit log open");
+    Ok(Exchange::new(
+        x.clone(),
+        authority,
+        cache,
+        Arc::new(policy),
+        Arc::new(revocations),
+        audit,
+        clock,
+        metrics,
+    ))
+}
+
+/// Binds the operator socket: mode 0600 in a 0700 directory it creates if
+/// missing (requests are also checked by uid, see `operator`).
+fn bind_operator_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating operator socket directory {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    bind_socket(path, 0o600)
+}
+
+/// Binds a Unix socket with `mode`. A stale socket file left by a dead agent
+/// is replaced; a live agent on the same path makes this one refuse to start;
+/// any other kind of file is never deleted.
+fn bind_socket(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.exists()
     {
@@ -229,8 +347,8 @@ fn bind_workload_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener>
     }
     let listener = tokio::net::UnixListener::bind(path)
         .with_context(|| format!("binding {}", path.display()))?;
-    // Anyone may connect: callers are identified by kernel credentials, and a
-    // caller without an entry gets nothing.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+    // Workload sockets (0777): anyone may connect; callers are identified by
+    // kernel credentials, and a caller without an entry gets nothing.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }

@@ -21,7 +21,7 @@ pub enum JwtError {
     Malformed,
     #[error("token header is invalid: {0}")]
     Header(&'static str),
-    #[error("token algorithm {0:?} is not allowed for JWT-SVIDs")]
+    #[error("token algorithm {0:?} is not allowed")]
     Algorithm(String),
     #[error("token header missing key id")]
     MissingKid,
@@ -112,10 +112,34 @@ pub struct VerifiedJwt {
     pub claims: Map<String, Value>,
 }
 
-/// Verifies a compact JWS against `keys` (by `kid`). Claims are not checked here.
+/// Verifies a JWT-SVID's compact JWS against `keys` (by `kid`): `typ`, when
+/// present, must be `JWT` or `JOSE`. Claims are not checked here.
 pub fn verify<'a>(
     token: &str,
     keys: impl IntoIterator<Item = &'a PublicJwk>,
+) -> Result<VerifiedJwt, JwtError> {
+    verify_typed(token, keys, |typ| match typ {
+        None | Some("JWT" | "JOSE") => Ok(()),
+        Some(_) => Err(JwtError::Header("typ must be JWT or JOSE")),
+    })
+}
+
+/// Verifies an RFC 9068 access token: `typ` must be `at+jwt`, so a JWT-SVID
+/// (or any other JWT signed by a key we trust) never passes as one.
+pub fn verify_access_token<'a>(
+    token: &str,
+    keys: impl IntoIterator<Item = &'a PublicJwk>,
+) -> Result<VerifiedJwt, JwtError> {
+    verify_typed(token, keys, |typ| match typ {
+        Some("at+jwt" | "application/at+jwt") => Ok(()),
+        _ => Err(JwtError::Header("typ must be at+jwt")),
+    })
+}
+
+fn verify_typed<'a>(
+    token: &str,
+    keys: impl IntoIterator<Item = &'a PublicJwk>,
+    check_typ: impl FnOnce(Option<&str>) -> Result<(), JwtError>,
 ) -> Result<VerifiedJwt, JwtError> {
     let mut parts = token.split('.');
     let (Some(h), Some(c), Some(s), None) =
@@ -138,9 +162,9 @@ pub fn verify<'a>(
         return Err(JwtError::Algorithm(alg.to_string()));
     }
     match header.get("typ") {
-        None => {}
-        Some(Value::String(t)) if t == "JWT" || t == "JOSE" => {}
-        Some(_) => return Err(JwtError::Header("typ must be JWT or JOSE")),
+        None => check_typ(None)?,
+        Some(Value::String(t)) => check_typ(Some(t))?,
+        Some(_) => return Err(JwtError::Header("typ must be a string")),
     }
     let kid = header
         .get("kid")

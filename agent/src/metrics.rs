@@ -37,6 +37,15 @@ pub struct Metrics {
     pub ca_expiry_seconds: Gauge,
     pub svid_expiry_seconds: Gauge,
     pub cached_identities: Gauge,
+    /// Token exchange decisions, by outcome (`issued`, `denied`, `pending`, `error`).
+    pub exchanges: Family<ResultLabels, Counter>,
+    pub exchange_seconds: Histogram,
+    pub revocations: Family<ResultLabels, Counter>,
+    pub introspections: Family<ResultLabels, Counter>,
+    pub policy_reloads: Family<ResultLabels, Counter>,
+    pub policies_loaded: Gauge,
+    pub audit_write_errors: Counter,
+    pub approvals_pending: Gauge,
 }
 
 impl Default for Metrics {
@@ -112,8 +121,66 @@ impl Metrics {
             "SPIFFE IDs with a cached X509-SVID",
             cached_identities.clone(),
         );
+        let exchanges = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "token_exchanges",
+            "Token exchange decisions by result (issued, denied, pending, error)",
+            exchanges.clone(),
+        );
+        let exchange_seconds = Histogram::new([
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+        ]);
+        registry.register(
+            "token_exchange_duration_seconds",
+            "Time to decide and answer a token exchange (including the audit fsync)",
+            exchange_seconds.clone(),
+        );
+        let revocations = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "token_revocations",
+            "Revocation requests by kind (token, task) and refusals",
+            revocations.clone(),
+        );
+        let introspections = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "token_introspections",
+            "Introspection answers by result (active, inactive)",
+            introspections.clone(),
+        );
+        let policy_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "policy_reloads",
+            "Policy directory reloads by result (ok, error)",
+            policy_reloads.clone(),
+        );
+        let policies_loaded = Gauge::default();
+        registry.register(
+            "policies_loaded",
+            "Cedar policies in the active set",
+            policies_loaded.clone(),
+        );
+        let audit_write_errors = Counter::default();
+        registry.register(
+            "audit_write_errors",
+            "Audit records that could not be made durable (the exchange was refused)",
+            audit_write_errors.clone(),
+        );
+        let approvals_pending = Gauge::default();
+        registry.register(
+            "approvals_pending",
+            "Exchanges waiting for an operator's approval",
+            approvals_pending.clone(),
+        );
         Self {
             registry,
+            exchanges,
+            exchange_seconds,
+            revocations,
+            introspections,
+            policy_reloads,
+            policies_loaded,
+            audit_write_errors,
+            approvals_pending,
             rpcs,
             rpc_seconds,
             open_streams,

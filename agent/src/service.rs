@@ -41,17 +41,51 @@ pub struct AgentState {
     pub shutdown: CancellationToken,
 }
 
+/// Why a caller could not be identified, independent of the transport.
+#[derive(Debug)]
+pub enum CallerError {
+    /// The agent is starting or stopping.
+    NotReady,
+    /// The process that connected exited, or its PID now names another process.
+    Gone,
+    /// Attestation could not run (e.g. /proc unreadable, kubelet down).
+    Failed(String),
+}
+
+impl From<CallerError> for Status {
+    fn from(e: CallerError) -> Self {
+        match e {
+            CallerError::NotReady => Status::unavailable("agent is not ready"),
+            CallerError::Gone => {
+                Status::unauthenticated("could not verify existence of the original caller")
+            }
+            CallerError::Failed(m) => {
+                Status::unavailable(format!("workload attestation failed: {m}"))
+            }
+        }
+    }
+}
+
 impl AgentState {
     /// Attests the caller of `request` (cached per connection) and re-checks
     /// that the process is still the one that connected.
     pub async fn caller<T>(&self, request: &Request<T>) -> Result<Arc<AttestedPeer>, Status> {
-        if !self.ready.load(Ordering::Acquire) || self.shutdown.is_cancelled() {
-            return Err(Status::unavailable("agent is not ready"));
-        }
         let conn = request
             .extensions()
             .get::<PeerConnection>()
             .ok_or_else(|| Status::internal("missing peer information"))?;
+        Ok(self.attest_connection(conn).await?)
+    }
+
+    /// The transport-independent part of [`Self::caller`], also used by the
+    /// token exchange socket.
+    pub async fn attest_connection(
+        &self,
+        conn: &PeerConnection,
+    ) -> Result<Arc<AttestedPeer>, CallerError> {
+        if !self.ready.load(Ordering::Acquire) || self.shutdown.is_cancelled() {
+            return Err(CallerError::NotReady);
+        }
         let mut fresh = false;
         let attested = conn
             .attested
@@ -66,11 +100,11 @@ impl AgentState {
             .map_err(|e| match e {
                 AttestError::Liveness(e) => {
                     tracing::info!(pid = ?conn.peer.pid, error = %e, "caller failed liveness check");
-                    Status::unauthenticated("could not verify existence of the original caller")
+                    CallerError::Gone
                 }
                 e => {
                     tracing::warn!(pid = ?conn.peer.pid, error = %e, "workload attestation failed");
-                    Status::unavailable(format!("workload attestation failed: {e}"))
+                    CallerError::Failed(e.to_string())
                 }
             })?
             .clone();
@@ -80,12 +114,12 @@ impl AgentState {
         }
         attested.check_alive().map_err(|e| {
             tracing::info!(pid = attested.process.pid, error = %e, "caller failed liveness check");
-            Status::unauthenticated("could not verify existence of the original caller")
+            CallerError::Gone
         })?;
         Ok(attested)
     }
 
-    fn identities(&self, peer: &AttestedPeer) -> Vec<Identity> {
+    pub fn identities(&self, peer: &AttestedPeer) -> Vec<Identity> {
         self.entries.borrow().identities_for(&peer.selectors)
     }
 }

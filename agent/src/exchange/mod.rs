@@ -1,0 +1,890 @@
+//! Per-task token exchange (RFC 8693): a workload trades its JWT-SVID for a
+//! short-lived access token (RFC 9068) that names one audience, exactly the
+//! scopes policy grants for one task, the caller's certificate (`cnf`), and,
+//! when delegated, the chain of actors (`act`). Ending the task revokes every
+//! token issued for it.
+//!
+//! The flow of one exchange, in order:
+//! 1. the caller is attested from its socket credentials (as on the Workload
+//!    API) and must hold an identity;
+//! 2. the subject token must be a valid JWT-SVID of this trust domain whose
+//!    `aud` contains our issuer and whose `sub` is one of the caller's IDs;
+//! 3. an optional actor token (a parent access token) must be ours, live, for
+//!    the same audience and task, and not narrower than the request;
+//! 4. Cedar decides each scope ([`crate::policy`]);
+//! 5. approval, if a deciding policy requires it ([`approvals`]);
+//! 6. TTL = min(requested, policy `@max_ttl`, `max_ttl`, parent token, the
+//!    caller's X509-SVID, the signing key);
+//! 7. the decision is written to the audit log and made durable, then the
+//!    token is returned. Denials are audited too.
+//!
+//! Transport lives in [`server`]; error codes in [`oauth`]; parsing in [`request`].
+
+pub mod approvals;
+pub mod oauth;
+pub mod request;
+pub mod server;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use serde_json::{Map, Value, json};
+use tessera_attestor::AttestedPeer;
+
+use crate::audit::{AuditLog, sha256_hex};
+use crate::authority::Authority;
+use crate::clock::{Clock, unix_seconds};
+use crate::config::ExchangeConfig;
+use crate::entries::Identity;
+use crate::jws;
+use crate::metrics::{Metrics, ResultLabels};
+use crate::policy::{PolicyRequest, PolicyStore};
+use crate::revocation::RevocationStore;
+use crate::svid_cache::SvidCache;
+
+use approvals::{ApprovalBook, ApprovalRequest, Poll};
+use oauth::{ErrorCode, OAuthError};
+use request::{TOKEN_TYPE_ACCESS_TOKEN, Target, TokenRequest};
+
+/// An attested caller of the exchange socket and the identities its entries give it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub peer: Arc<AttestedPeer>,
+    pub identities: Vec<Identity>,
+}
+
+impl Caller {
+    fn selectors(&self) -> Vec<String> {
+        self.peer.selectors.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn identity(&self, id: &str) -> Option<&Identity> {
+        self.identities
+            .iter()
+            .find(|i| i.spiffe_id.to_string() == id)
+    }
+}
+
+/// A successful exchange (RFC 8693 §2.2.1).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TokenResponse {
+    pub access_token: String,
+    pub issued_token_type: &'static str,
+    pub token_type: &'static str,
+    pub expires_in: u64,
+    pub scope: String,
+    pub task_id: String,
+}
+
+/// A verified parent token presented as `actor_token`.
+struct ParentToken {
+    sub: String,
+    client_id: String,
+    aud: String,
+    scopes: Vec<String>,
+    exp: u64,
+    txn: String,
+    act: Option<Value>,
+    jti: String,
+}
+
+/// Everything the exchange endpoint needs, shared by all connections.
+pub struct Exchange {
+    pub config: ExchangeConfig,
+    authority: Arc<Authority>,
+    cache: Arc<SvidCache>,
+    pub policy: Arc<PolicyStore>,
+    revocations: Arc<RevocationStore>,
+    audit: AuditLog,
+    pub approvals: ApprovalBook,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+}
+
+impl Exchange {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: ExchangeConfig,
+        authority: Arc<Authority>,
+        cache: Arc<SvidCache>,
+        policy: Arc<PolicyStore>,
+        revocations: Arc<RevocationStore>,
+        audit: AuditLog,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        metrics.policies_loaded.set(policy.policy_count() as i64);
+        Self {
+            config,
+            authority,
+            cache,
+            policy,
+            revocations,
+            audit,
+            approvals: ApprovalBook::default(),
+            clock,
+            metrics,
+        }
+    }
+
+    fn now(&self) -> SystemTime {
+        self.clock.now()
+    }
+
+    /// `POST /token`.
+    pub async fn exchange(
+        &self,
+        caller: &Caller,
+        req: TokenRequest,
+    ) -> Result<TokenResponse, OAuthError> {
+        let started = std::time::Instant::now();
+        let mut record = Map::new();
+        record.insert("event".into(), "token.exchange".into());
+        record.insert("caller".into(), caller_json(caller));
+        record.insert(
+            "requested".into(),
+            json!({
+                "audience": req.target.as_str(),
+                "scopes": req.scopes,
+                "ttl": req.requested_ttl.map(|d| d.as_secs()),
+                "task_id": req.task_id,
+                "scope_mode": if req.allow_partial { "subset" } else { "exact" },
+            }),
+        );
+        let outcome = self.decide_and_issue(caller, &req, &mut record).await;
+        let (decision, label) = match &outcome {
+            Ok(_) => ("issued", "issued"),
+            Err(e) if e.code == ErrorCode::AuthorizationPending => ("pending", "pending"),
+            Err(e)
+                if matches!(
+                    e.code,
+                    ErrorCode::ServerError | ErrorCode::TemporarilyUnavailable
+                ) =>
+            {
+                ("error", "error")
+            }
+            Err(_) => ("denied", "denied"),
+        };
+        record.insert("decision".into(), decision.into());
+        if let Err(e) = &outcome {
+            record.insert("error".into(), e.code.as_str().into());
+            record.insert("error_description".into(), e.description.clone().into());
+        }
+        // The token is released only once its record is durable: an
+        // unaudited token must not exist.
+        let audited = self.audit.append(record).await;
+        self.metrics
+            .exchanges
+            .get_or_create(&ResultLabels { result: label })
+            .inc();
+        self.metrics
+            .exchange_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = audited {
+            self.metrics.audit_write_errors.inc();
+            tracing::error!(error = %e, "audit log write failed; refusing the exchange");
+            return Err(OAuthError::new(
+                ErrorCode::TemporarilyUnavailable,
+                "the decision could not be recorded in the audit log; try again later",
+            ));
+        }
+        outcome
+    }
+
+    async fn decide_and_issue(
+        &self,
+        caller: &Caller,
+        req: &TokenRequest,
+        record: &mut Map<String, Value>,
+    ) -> Result<TokenResponse, OAuthError> {
+        let now = self.now();
+        let now_s = unix_seconds(now);
+
+        // 2. The subject token authenticates the caller a second time.
+        let (subject_id, _) = self
+            .authority
+            .validate_jwt(&req.subject_token, &self.config.issuer)
+            .map_err(|e| {
+                OAuthError::invalid_request(format!(
+                    "subject_token is not a valid JWT-SVID for audience {:?}: {e}",
+                    self.config.issuer
+                ))
+            })?;
+        let caller_id = subject_id.to_string();
+        record.insert("subject".into(), caller_id.clone().into());
+        let identity = caller.identity(&caller_id).ok_or_else(|| {
+            OAuthError::invalid_request(format!(
+                "subject_token names {caller_id}, which is not an identity of the calling process"
+            ))
+        })?;
+
+        // 3. Delegation: the parent token bounds everything.
+        let parent = match &req.actor_token {
+            None => None,
+            Some(t) => Some(self.verify_parent(t, now_s)?),
+        };
+        let (principal, task_id, depth, delegator) = match &parent {
+            None => {
+                let task = req.task_id.clone().ok_or_else(|| {
+                    OAuthError::invalid_request(
+                        "task_id is required: every token belongs to a task that can be ended",
+                    )
+                })?;
+                (caller_id.clone(), task, 0u32, None)
+            }
+            Some(p) => {
+                if let Some(t) = &req.task_id
+                    && *t != p.txn
+                {
+                    return Err(OAuthError::invalid_request(format!(
+                        "task_id {t:?} differs from the delegating token's task {:?}",
+                        p.txn
+                    )));
+                }
+                if req.target.as_str() != p.aud {
+                    return Err(OAuthError::new(
+                        ErrorCode::InvalidTarget,
+                        format!(
+                            "delegation can only narrow: the delegating token is for {:?}",
+                            p.aud
+                        ),
+                    ));
+                }
+                if let Some(wider) = req.scopes.iter().find(|s| !p.scopes.contains(s)) {
+                    return Err(OAuthError::new(
+                        ErrorCode::InvalidScope,
+                        format!(
+                            "delegation can only narrow: scope {wider:?} is not in the delegating token"
+                        ),
+                    ));
+                }
+                let depth = act_depth(p.act.as_ref()) + 1;
+                if depth > self.config.max_delegation_depth {
+                    return Err(OAuthError::new(
+                        ErrorCode::AccessDenied,
+                        format!(
+                            "delegation depth {depth} exceeds the limit of {}",
+                            self.config.max_delegation_depth
+                        ),
+                    ));
+                }
+                (
+                    p.sub.clone(),
+                    p.txn.clone(),
+                    depth,
+                    Some(p.client_id.clone()),
+                )
+            }
+        };
+        record.insert("principal".into(), principal.clone().into());
+        record.insert("task_id".into(), task_id.clone().into());
+        if let Some(p) = &parent {
+            record.insert(
+                "actor".into(),
+                json!({"delegator": p.client_id, "parent_jti": p.jti, "depth": depth}),
+            );
+        }
+        if self
+            .revocations
+            .is_task_ended(&task_key(&principal, &task_id), now)
+        {
+            return Err(OAuthError::invalid_request(format!(
+                "task {task_id:?} has ended; start a new task"
+            )));
+        }
+
+        // 4. Policy, one decision per scope.
+        let approval = match &req.approval_id {
+            None => None,
+            Some(id) => Some((
+                id.clone(),
+                fingerprint(&caller_id, &principal, req, &task_id, parent.as_ref()),
+            )),
+        };
+        let approved = match &approval {
+            None => false,
+            Some((id, fp)) => {
+                record.insert("approval_id".into(), id.clone().into());
+                match self.approvals.poll(id, fp, now) {
+                    Poll::Approved => true,
+                    Poll::Pending => {
+                        return Err(self.pending(id));
+                    }
+                    Poll::Denied => {
+                        return Err(OAuthError::new(
+                            ErrorCode::AccessDenied,
+                            "an operator denied this request",
+                        ));
+                    }
+                    Poll::Expired => {
+                        return Err(OAuthError::new(
+                            ErrorCode::ExpiredToken,
+                            "the approval expired; send the request again without approval_id",
+                        ));
+                    }
+                    Poll::Unknown => {
+                        return Err(OAuthError::invalid_request(
+                            "approval_id is unknown, already used, or was issued for a different request",
+                        ));
+                    }
+                }
+            }
+        };
+        let selectors = caller.selectors();
+        let requested_ttl = req
+            .requested_ttl
+            .unwrap_or(self.config.default_ttl)
+            .min(self.config.max_ttl);
+        let decision = self.policy.evaluate(&PolicyRequest {
+            principal: &caller_id,
+            selectors: &selectors,
+            audience: req.target.as_str(),
+            scopes: &req.scopes,
+            task_id: &task_id,
+            requested_ttl_secs: requested_ttl.as_secs() as i64,
+            delegation_depth: i64::from(depth),
+            delegator: delegator.as_deref(),
+            approved,
+        });
+        let mut granted = Vec::new();
+        let mut denied = Vec::new();
+        let mut policy_ids = Vec::new();
+        let mut policy_ttl: Option<Duration> = None;
+        let mut needs_approval = false;
+        for d in &decision.scopes {
+            for e in &d.errors {
+                tracing::warn!(scope = %d.scope, error = %e, "policy evaluation error (treated as not permitting)");
+            }
+            for id in &d.policy_ids {
+                if !policy_ids.contains(id) {
+                    policy_ids.push(id.clone());
+                }
+            }
+            if d.allowed {
+                granted.push(d.scope.clone());
+                needs_approval |= d.approval_required;
+                if let Some(t) = d.max_ttl {
+                    policy_ttl = Some(policy_ttl.map_or(t, |p| p.min(t)));
+                }
+            } else {
+                denied.push(d.scope.clone());
+            }
+        }
+        policy_ids.sort();
+        record.insert("policies".into(), json!(policy_ids));
+        record.insert("denied_scopes".into(), json!(denied));
+        if granted.is_empty() {
+            return Err(OAuthError::new(
+                ErrorCode::AccessDenied,
+                format!(
+                    "policy permits none of the requested scopes ({}) for {caller_id} on {:?}",
+                    denied.join(" "),
+                    req.target.as_str()
+                ),
+            ));
+        }
+        if !denied.is_empty() && !req.allow_partial {
+            return Err(OAuthError::new(
+                ErrorCode::InvalidScope,
+                format!(
+                    "policy does not permit scope(s) {}; request only permitted scopes, or send scope_mode=subset to accept a subset",
+                    denied.join(" ")
+                ),
+            ));
+        }
+
+        // 5. Approval.
+        if needs_approval && !approved {
+            let fp = fingerprint(&caller_id, &principal, req, &task_id, parent.as_ref());
+            let id = self
+                .approvals
+                .create(
+                    ApprovalRequest {
+                        caller: caller_id.clone(),
+                        principal: principal.clone(),
+                        audience: req.target.as_str().to_string(),
+                        scopes: granted.clone(),
+                        task_id: task_id.clone(),
+                        delegation_depth: depth,
+                        policy_ids: policy_ids.clone(),
+                    },
+                    fp,
+                    now,
+                    self.config.approval_timeout,
+                )
+                .map_err(|e| OAuthError::new(ErrorCode::AccessDenied, e.to_string()))?;
+            self.metrics
+                .approvals_pending
+                .set(self.approvals.pending() as i64);
+            record.insert("approval_id".into(), id.clone().into());
+            tracing::info!(approval_id = %id, principal = %principal, task = %task_id, "exchange waits for an operator's approval");
+            return Err(self.pending(&id));
+        }
+
+        // 6. Lifetime.
+        let svid = self
+            .cache
+            .subscribe(&identity.spiffe_id, identity.x509_ttl)
+            .await
+            .map_err(|e| {
+                OAuthError::new(
+                    ErrorCode::ServerError,
+                    format!("could not get the caller's X509-SVID: {e}"),
+                )
+            })?
+            .borrow()
+            .clone()
+            .ok_or_else(|| OAuthError::new(ErrorCode::ServerError, "no X509-SVID for caller"))?;
+        let key = self
+            .authority
+            .access_signing_key()
+            .map_err(|e| OAuthError::new(ErrorCode::ServerError, format!("no signing key: {e}")))?;
+        let mut limits: Vec<(&str, u64)> = vec![
+            ("requested", requested_ttl.as_secs()),
+            ("max_ttl", self.config.max_ttl.as_secs()),
+            ("caller certificate", secs_until(svid.not_after, now)),
+            ("signing key", secs_until(key.not_after, now)),
+        ];
+        if let Some(t) = policy_ttl {
+            limits.push(("policy", t.as_secs()));
+        }
+        if let Some(p) = &parent {
+            limits.push(("delegating token", p.exp.saturating_sub(now_s)));
+        }
+        let (bound_by, ttl) = limits
+            .iter()
+            .copied()
+            .min_by_key(|(_, t)| *t)
+            .unwrap_or(("max_ttl", 0));
+        if ttl == 0 {
+            return Err(OAuthError::invalid_request(format!(
+                "no lifetime left for a token (bounded by the {bound_by})"
+            )));
+        }
+        if let Some((id, fp)) = &approval
+            && !self.approvals.redeem(id, fp, now)
+        {
+            return Err(OAuthError::invalid_request("approval_id was already used"));
+        }
+
+        // 7. Sign.
+        let jti = crate::jws::random_kid();
+        let exp = now_s + ttl;
+        let mut claims = json!({
+            "iss": self.config.issuer,
+            "sub": principal,
+            "aud": req.target.as_str(),
+            "client_id": caller_id,
+            "scope": granted.join(" "),
+            "iat": now_s,
+            "nbf": now_s,
+            "exp": exp,
+            "jti": jti,
+            "txn": task_id,
+            "cnf": {"x5t#S256": B64URL.encode(ring::digest::digest(&ring::digest::SHA256, &svid.chain_der))},
+        });
+        if let Some(p) = &parent {
+            let mut act = Map::new();
+            act.insert("sub".into(), caller_id.clone().into());
+            if let Some(prior) = &p.act {
+                act.insert("act".into(), prior.clone());
+            }
+            claims["act"] = Value::Object(act);
+        }
+        let token = key
+            .sign(&claims)
+            .map_err(|e| OAuthError::new(ErrorCode::ServerError, format!("signing failed: {e}")))?;
+        record.insert(
+            "granted".into(),
+            json!({
+                "audience": req.target.as_str(),
+                "scopes": granted,
+                "ttl": ttl,
+                "ttl_bound_by": bound_by,
+            }),
+        );
+        record.insert("jti".into(), jti.into());
+        record.insert("token_sha256".into(), sha256_hex(token.as_bytes()).into());
+        Ok(TokenResponse {
+            access_token: token,
+            issued_token_type: TOKEN_TYPE_ACCESS_TOKEN,
+            token_type: "Bearer",
+            expires_in: ttl,
+            scope: granted.join(" "),
+            task_id,
+        })
+    }
+
+    fn pending(&self, id: &str) -> OAuthError {
+        OAuthError::new(
+            ErrorCode::AuthorizationPending,
+            "an operator must approve this request; poll again with approval_id",
+        )
+        .with("approval_id", id)
+        .with(
+            "interval",
+            self.config.approval_poll_interval.as_secs().max(1),
+        )
+    }
+
+    /// Checks a parent token presented as `actor_token`.
+    fn verify_parent(&self, token: &str, now_s: u64) -> Result<ParentToken, OAuthError> {
+        let claims = self
+            .verify_access_token(token, now_s)
+            .map_err(|why| OAuthError::invalid_request(format!("actor_token {why}")))?;
+        let text = |k: &str| {
+            claims
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        Ok(ParentToken {
+            sub: text("sub"),
+            client_id: text("client_id"),
+            aud: text("aud"),
+            scopes: text("scope")
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+            exp: claims.get("exp").and_then(Value::as_u64).unwrap_or(0),
+            txn: text("txn"),
+            act: claims.get("act").cloned(),
+            jti: text("jti"),
+        })
+    }
+
+    /// Signature by one of our access-token keys, `typ: at+jwt`, our issuer,
+    /// inside its validity window, and neither it nor its task revoked.
+    /// Returns the claims, or why the token is not active.
+    fn verify_access_token(&self, token: &str, now_s: u64) -> Result<Map<String, Value>, String> {
+        let keys = self.authority.access_keys();
+        let verified = jws::verify_access_token(token, keys.iter()).map_err(|e| e.to_string())?;
+        let claims = verified.claims;
+        let text = |k: &str| claims.get(k).and_then(Value::as_str);
+        if text("iss") != Some(self.config.issuer.as_str()) {
+            return Err("was not issued by this exchange".into());
+        }
+        let (Some(sub), Some(jti), Some(txn), Some(exp), Some(nbf)) = (
+            text("sub"),
+            text("jti"),
+            text("txn"),
+            claims.get("exp").and_then(Value::as_u64),
+            claims.get("nbf").and_then(Value::as_u64),
+        ) else {
+            return Err("lacks required claims".into());
+        };
+        if now_s >= exp {
+            return Err("has expired".into());
+        }
+        if now_s + 30 < nbf {
+            return Err("is not valid yet".into());
+        }
+        let now = self.now();
+        if self.revocations.is_token_revoked(jti, now) {
+            return Err("has been revoked".into());
+        }
+        if self.revocations.is_task_ended(&task_key(sub, txn), now) {
+            return Err("belongs to a task that has ended".into());
+        }
+        Ok(claims)
+    }
+
+    /// `POST /introspect` (RFC 7662).
+    pub fn introspect(&self, token: &str) -> Value {
+        let now_s = unix_seconds(self.now());
+        match self.verify_access_token(token, now_s) {
+            Ok(claims) => {
+                self.metrics
+                    .introspections
+                    .get_or_create(&ResultLabels { result: "active" })
+                    .inc();
+                let mut out = Map::new();
+                out.insert("active".into(), true.into());
+                out.insert("token_type".into(), "Bearer".into());
+                for (k, v) in claims {
+                    out.insert(k, v);
+                }
+                Value::Object(out)
+            }
+            Err(_) => {
+                self.metrics
+                    .introspections
+                    .get_or_create(&ResultLabels { result: "inactive" })
+                    .inc();
+                json!({"active": false})
+            }
+        }
+    }
+
+    /// `POST /revoke` with `token=` (RFC 7009). The caller must be the
+    /// token's client or its principal. Tokens we cannot verify are answered
+    /// with success, as RFC 7009 §2.2 asks.
+    pub async fn revoke_token(&self, caller: &Caller, token: &str) -> Result<(), OAuthError> {
+        let keys = self.authority.access_keys();
+        let Ok(verified) = jws::verify_access_token(token, keys.iter()) else {
+            return Ok(());
+        };
+        let c = &verified.claims;
+        let text = |k: &str| c.get(k).and_then(Value::as_str).unwrap_or_default();
+        let (jti, exp) = (
+            text("jti").to_string(),
+            c.get("exp").and_then(Value::as_u64).unwrap_or(0),
+        );
+        let allowed = caller.identities.iter().any(|i| {
+            i.spiffe_id.to_string() == text("client_id") || i.spiffe_id.to_string() == text("sub")
+        });
+        let mut record = Map::new();
+        record.insert("event".into(), "token.revoke".into());
+        record.insert("caller".into(), caller_json(caller));
+        record.insert("jti".into(), jti.clone().into());
+        record.insert("task_id".into(), text("txn").into());
+        record.insert("token_sha256".into(), sha256_hex(token.as_bytes()).into());
+        if !allowed {
+            record.insert("decision".into(), "refused".into());
+            self.audit_best_effort(record).await;
+            self.count_revocation("refused");
+            return Err(OAuthError::new(
+                ErrorCode::UnauthorizedClient,
+                "only the token's client or principal may revoke it",
+            ));
+        }
+        let until = SystemTime::UNIX_EPOCH + Duration::from_secs(exp);
+        self.durable_revocation(move |r| r.revoke_token(&jti, until))
+            .await?;
+        record.insert("decision".into(), "revoked".into());
+        self.audit_best_effort(record).await;
+        self.count_revocation("token");
+        Ok(())
+    }
+
+    /// `POST /revoke` with `task_id=`: the caller ends its task. Every token
+    /// issued for it (directly or by delegation) is inactive from now on, and
+    /// no new one can be issued. Tasks are keyed by principal, so a workload
+    /// can only ever end its own tasks.
+    pub async fn end_task(&self, caller: &Caller, task_id: &str) -> Result<(), OAuthError> {
+        request::check_id("task_id", task_id)?;
+        // Any token of this task expires within max_ttl from now.
+        let until = self.now() + self.config.max_ttl + Duration::from_secs(60);
+        for identity in &caller.identities {
+            let principal = identity.spiffe_id.to_string();
+            let key = task_key(&principal, task_id);
+            self.durable_revocation(move |r| r.end_task(&key, until))
+                .await?;
+            self.approvals.cancel_task(&principal, task_id);
+            let mut record = Map::new();
+            record.insert("event".into(), "task.end".into());
+            record.insert("caller".into(), caller_json(caller));
+            record.insert("principal".into(), principal.into());
+            record.insert("task_id".into(), task_id.into());
+            record.insert("decision".into(), "ended".into());
+            self.audit_best_effort(record).await;
+        }
+        self.count_revocation("task");
+        Ok(())
+    }
+
+    async fn durable_revocation(
+        &self,
+        f: impl FnOnce(&RevocationStore) -> Result<(), crate::revocation::RevocationError>
+        + Send
+        + 'static,
+    ) -> Result<(), OAuthError> {
+        let store = self.revocations.clone();
+        match tokio::task::spawn_blocking(move || f(&store)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "revocation could not be made durable");
+                Err(OAuthError::new(
+                    ErrorCode::TemporarilyUnavailable,
+                    format!("revocation could not be recorded: {e}"),
+                ))
+            }
+            Err(e) => Err(OAuthError::new(ErrorCode::ServerError, e.to_string())),
+        }
+    }
+
+    fn count_revocation(&self, result: &'static str) {
+        self.metrics
+            .revocations
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Records that follow an already-durable state change (revocation,
+    /// operator decisions): a failure to audit is logged and counted, but
+    /// does not undo the change.
+    pub async fn audit_best_effort(&self, record: Map<String, Value>) {
+        if let Err(e) = self.audit.append(record).await {
+            self.metrics.audit_write_errors.inc();
+            tracing::error!(error = %e, "audit log write failed");
+        }
+    }
+
+    /// RFC 8414 metadata. The endpoints are on a Unix socket, so their URLs
+    /// use the `http://localhost` authority a UDS HTTP client sends.
+    pub fn metadata(&self) -> Value {
+        json!({
+            "issuer": self.config.issuer,
+            "token_endpoint": "http://localhost/token",
+            "revocation_endpoint": "http://localhost/revoke",
+            "introspection_endpoint": "http://localhost/introspect",
+            "jwks_uri": "http://localhost/jwks",
+            "grant_types_supported": [request::GRANT_TOKEN_EXCHANGE],
+            "token_endpoint_auth_methods_supported": ["none"],
+            "token_endpoint_auth_signing_alg_values_supported": ["ES256"],
+            "response_types_supported": [],
+            "tls_client_certificate_bound_access_tokens": true,
+            "subject_token_types_supported": [request::TOKEN_TYPE_JWT],
+            "actor_token_types_supported": [TOKEN_TYPE_ACCESS_TOKEN],
+            "tessera_task_parameter": "task_id",
+        })
+    }
+
+    /// `GET /jwks`: every access-token key that may have signed a live token.
+    pub fn jwks(&self) -> Value {
+        let keys = self.authority.access_keys();
+        json!({
+            "keys": keys.iter().map(|k| {
+                let mut j = k.to_json("sig");
+                j["alg"] = "ES256".into();
+                j
+            }).collect::<Vec<_>>()
+        })
+    }
+
+    /// Re-reads the policy directory (periodic and on SIGHUP); an invalid
+    /// change is logged and the previous set stays active.
+    pub fn reload_policies(&self) {
+        match self.policy.reload() {
+            Ok(crate::policy::ReloadOutcome::Unchanged) => {}
+            Ok(outcome) => {
+                self.metrics
+                    .policy_reloads
+                    .get_or_create(&ResultLabels { result: "ok" })
+                    .inc();
+                self.metrics
+                    .policies_loaded
+                    .set(self.policy.policy_count() as i64);
+                tracing::info!(?outcome, "policies reloaded");
+            }
+            Err(e) => {
+                self.metrics
+                    .policy_reloads
+                    .get_or_create(&ResultLabels { result: "error" })
+                    .inc();
+                tracing::error!(error = %e, "policy change rejected; the previous policies stay active");
+            }
+        }
+    }
+
+    /// Periodic upkeep: policy reload and pruning of expired revocations.
+    pub async fn run_maintenance(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.policy_reload_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rounds: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                me.reload_policies();
+                // Pruning rewrites a file: do it about once a minute.
+                if rounds % 30 == 0
+                    && let Err(e) = me.revocations.prune(me.now())
+                {
+                    tracing::warn!(error = %e, "could not compact the revocation file");
+                }
+            })
+            .await;
+            self.metrics
+                .approvals_pending
+                .set(self.approvals.pending() as i64);
+            rounds += 1;
+        }
+    }
+}
+
+/// Revocation key of a task: tasks are named by their principal and id, so
+/// two workloads using the same task id never touch each other's tokens.
+fn task_key(principal: &str, task_id: &str) -> String {
+    sha256_hex(format!("{principal}\n{task_id}").as_bytes())
+}
+
+/// Binds an approval to the exact request it was asked for.
+fn fingerprint(
+    caller: &str,
+    principal: &str,
+    req: &TokenRequest,
+    task_id: &str,
+    parent: Option<&ParentToken>,
+) -> String {
+    let mut scopes = req.scopes.clone();
+    scopes.sort();
+    let target = match &req.target {
+        Target::Resource(r) => format!("resource={r}"),
+        Target::Audience(a) => format!("audience={a}"),
+    };
+    sha256_hex(
+        json!([
+            caller,
+            principal,
+            target,
+            scopes,
+            task_id,
+            req.allow_partial,
+            parent.map(|p| &p.jti)
+        ])
+        .to_string()
+        .as_bytes(),
+    )
+}
+
+/// Number of actors in an `act` chain.
+fn act_depth(act: Option<&Value>) -> u32 {
+    let mut depth = 0;
+    let mut cur = act;
+    while let Some(a) = cur {
+        depth += 1;
+        cur = a.get("act");
+    }
+    depth
+}
+
+fn secs_until(t: SystemTime, now: SystemTime) -> u64 {
+    t.duration_since(now).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn caller_json(caller: &Caller) -> Value {
+    json!({
+        "pid": caller.peer.process.pid,
+        "spiffe_ids": caller.identities.iter().map(|i| i.spiffe_id.to_string()).collect::<Vec<_>>(),
+        "selectors": caller.selectors(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn act_depth_counts_nested_actors() {
+        assert_eq!(act_depth(None), 0);
+        let chain = json!({"sub": "c", "act": {"sub": "b"}});
+        assert_eq!(act_depth(Some(&chain)), 2);
+    }
+
+    #[test]
+    fn task_keys_differ_by_principal() {
+        assert_ne!(
+            task_key("spiffe://td/a", "t"),
+            task_key("spiffe://td/b", "t")
+        );
+        assert_eq!(task_key("spiffe://td/a", "t").len(), 64);
+    }
+}

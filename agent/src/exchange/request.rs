@@ -1,0 +1,353 @@
+//! Parsing and syntactic validation of exchange requests: form bodies in,
+//! typed requests out, every defect an [`OAuthError`] that names the parameter.
+//! Policy and token checks happen later; this module only decides whether a
+//! request is well-formed.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::oauth::{ErrorCode, OAuthError};
+
+pub const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+/// Longest token accepted in a form field; JWT-SVIDs and our access tokens are
+/// well under 4 KiB even with deep `act` chains.
+const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// Longest task id, approval id or audience.
+const MAX_ID_LEN: usize = 256;
+const MAX_TARGET_LEN: usize = 2048;
+const MAX_SCOPES: usize = 32;
+const MAX_SCOPE_LEN: usize = 128;
+
+/// A decoded form: each name with all its values, in order.
+#[derive(Debug, Default)]
+pub struct Form(HashMap<String, Vec<String>>);
+
+impl Form {
+    pub fn parse(body: &[u8]) -> Self {
+        let mut map: HashMap<String, Vec<String>> = HashMap::new();
+        for (k, v) in form_urlencoded::parse(body) {
+            map.entry(k.into_owned()).or_default().push(v.into_owned());
+        }
+        Self(map)
+    }
+
+    /// A parameter that may appear at most once (RFC 6749 §3.2: "Request and
+    /// response parameters MUST NOT be included more than once").
+    pub fn single(&self, name: &str) -> Result<Option<&str>, OAuthError> {
+        match self.0.get(name).map(Vec::as_slice) {
+            None | Some([]) => Ok(None),
+            Some([v]) if v.is_empty() => Ok(None),
+            Some([v]) => Ok(Some(v.as_str())),
+            Some(_) => Err(OAuthError::invalid_request(format!(
+                "parameter `{name}` appears more than once"
+            ))),
+        }
+    }
+
+    pub fn required(&self, name: &str) -> Result<&str, OAuthError> {
+        self.single(name)?
+            .ok_or_else(|| OAuthError::invalid_request(format!("parameter `{name}` is required")))
+    }
+
+    fn all(&self, name: &str) -> &[String] {
+        self.0.get(name).map(Vec::as_slice).unwrap_or_default()
+    }
+}
+
+/// Where the token will be used: an RFC 8707 resource URI or a logical audience.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Resource(String),
+    Audience(String),
+}
+
+impl Target {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Resource(s) | Self::Audience(s) => s,
+        }
+    }
+}
+
+/// A well-formed RFC 8693 exchange request.
+#[derive(Debug, Clone)]
+pub struct TokenRequest {
+    pub subject_token: String,
+    pub target: Target,
+    /// Requested scopes, deduplicated, in request order.
+    pub scopes: Vec<String>,
+    pub task_id: Option<String>,
+    pub requested_ttl: Option<Duration>,
+    /// Grant the permitted subset instead of refusing when some scopes are denied.
+    pub allow_partial: bool,
+    pub actor_token: Option<String>,
+    pub approval_id: Option<String>,
+}
+
+impl TokenRequest {
+    pub fn from_form(form: &Form) -> Result<Self, OAuthError> {
+        let grant = form.required("grant_type")?;
+        if grant != GRANT_TOKEN_EXCHANGE {
+            return Err(OAuthError::new(
+                ErrorCode::UnsupportedGrantType,
+                format!("grant_type must be {GRANT_TOKEN_EXCHANGE}"),
+            ));
+        }
+        let subject_token = token_param(form, "subject_token")?
+            .ok_or_else(|| OAuthError::invalid_request("parameter `subject_token` is required"))?;
+        match form.required("subject_token_type")? {
+            TOKEN_TYPE_JWT => {}
+            other => {
+                return Err(OAuthError::invalid_request(format!(
+                    "subject_token_type {other:?} is not supported; send the caller's JWT-SVID as {TOKEN_TYPE_JWT}"
+                )));
+            }
+        }
+        let actor_token = token_param(form, "actor_token")?;
+        match (actor_token.is_some(), form.single("actor_token_type")?) {
+            (true, Some(TOKEN_TYPE_ACCESS_TOKEN)) | (false, None) => {}
+            (true, Some(other)) => {
+                return Err(OAuthError::invalid_request(format!(
+                    "actor_token_type {other:?} is not supported; the actor token is a Tessera access token ({TOKEN_TYPE_ACCESS_TOKEN})"
+                )));
+            }
+            (true, None) => {
+                return Err(OAuthError::invalid_request(
+                    "actor_token_type is required with actor_token",
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(OAuthError::invalid_request(
+                    "actor_token_type must not be sent without actor_token",
+                ));
+            }
+        }
+        if let Some(t) = form.single("requested_token_type")?
+            && t != TOKEN_TYPE_ACCESS_TOKEN
+        {
+            return Err(OAuthError::invalid_request(format!(
+                "requested_token_type {t:?} is not supported; only {TOKEN_TYPE_ACCESS_TOKEN}"
+            )));
+        }
+        let target = target(form)?;
+        let scopes = parse_scopes(form.single("scope")?.unwrap_or(""))?;
+        if scopes.is_empty() {
+            return Err(OAuthError::new(
+                ErrorCode::InvalidScope,
+                "scope is required: name exactly the scopes this task needs",
+            ));
+        }
+        let task_id = form.single("task_id")?.map(str::to_string);
+        if let Some(t) = &task_id {
+            check_id("task_id", t)?;
+        }
+        let approval_id = form.single("approval_id")?.map(str::to_string);
+        if let Some(a) = &approval_id {
+            check_id("approval_id", a)?;
+        }
+        let requested_ttl = match form.single("requested_ttl")? {
+            None => None,
+            Some(v) => match v.parse::<u64>() {
+                Ok(secs) if secs > 0 => Some(Duration::from_secs(secs)),
+                _ => {
+                    return Err(OAuthError::invalid_request(
+                        "requested_ttl must be a positive number of seconds",
+                    ));
+                }
+            },
+        };
+        let allow_partial = match form.single("scope_mode")? {
+            None | Some("exact") => false,
+            Some("subset") => true,
+            Some(_) => {
+                return Err(OAuthError::invalid_request(
+                    "scope_mode must be \"exact\" (default) or \"subset\"",
+                ));
+            }
+        };
+        Ok(Self {
+            subject_token,
+            target,
+            scopes,
+            task_id,
+            requested_ttl,
+            allow_partial,
+            actor_token,
+            approval_id,
+        })
+    }
+}
+
+fn token_param(form: &Form, name: &str) -> Result<Option<String>, OAuthError> {
+    match form.single(name)? {
+        None => Ok(None),
+        Some(t) if t.len() > MAX_TOKEN_LEN => Err(OAuthError::invalid_request(format!(
+            "`{name}` is longer than {MAX_TOKEN_LEN} bytes"
+        ))),
+        Some(t) => Ok(Some(t.to_string())),
+    }
+}
+
+/// Exactly one `resource` or `audience`: an issued token has a single `aud`.
+fn target(form: &Form) -> Result<Target, OAuthError> {
+    let resources = form.all("resource");
+    let audiences = form.all("audience");
+    let target = match (resources, audiences) {
+        ([r], []) => {
+            check_resource_uri(r)?;
+            Target::Resource(r.clone())
+        }
+        ([], [a]) => Target::Audience(a.clone()),
+        ([], []) => {
+            return Err(OAuthError::new(
+                ErrorCode::InvalidTarget,
+                "name the target with one `resource` (URI) or one `audience`",
+            ));
+        }
+        _ => {
+            return Err(OAuthError::new(
+                ErrorCode::InvalidTarget,
+                "a token has exactly one audience: send one `resource` or one `audience`",
+            ));
+        }
+    };
+    let t = target.as_str();
+    if t.is_empty() || t.len() > MAX_TARGET_LEN || t.chars().any(char::is_control) {
+        return Err(OAuthError::new(
+            ErrorCode::InvalidTarget,
+            format!("the target must be 1 to {MAX_TARGET_LEN} printable characters"),
+        ));
+    }
+    Ok(target)
+}
+
+/// RFC 8707 §2: an absolute URI without a fragment.
+fn check_resource_uri(uri: &str) -> Result<(), OAuthError> {
+    let scheme_end = uri.find(':').unwrap_or(0);
+    let scheme_ok = scheme_end > 0
+        && uri[..scheme_end].chars().enumerate().all(|(i, c)| {
+            c.is_ascii_alphabetic() || (i > 0 && "+-.".contains(c) || c.is_ascii_digit() && i > 0)
+        });
+    if !scheme_ok || uri.len() == scheme_end + 1 {
+        return Err(OAuthError::new(
+            ErrorCode::InvalidTarget,
+            "resource must be an absolute URI such as https://mcp.example.com/mcp",
+        ));
+    }
+    if uri.contains('#') {
+        return Err(OAuthError::new(
+            ErrorCode::InvalidTarget,
+            "resource must not contain a fragment",
+        ));
+    }
+    Ok(())
+}
+
+/// RFC 6749 §3.3 scope tokens, space-delimited, deduplicated.
+pub fn parse_scopes(text: &str) -> Result<Vec<String>, OAuthError> {
+    let mut scopes: Vec<String> = Vec::new();
+    for s in text.split(' ').filter(|s| !s.is_empty()) {
+        let valid = s.len() <= MAX_SCOPE_LEN
+            && s.bytes()
+                .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b));
+        if !valid {
+            return Err(OAuthError::new(
+                ErrorCode::InvalidScope,
+                format!("scope {s:?} is not a valid scope token"),
+            ));
+        }
+        if !scopes.iter().any(|x| x == s) {
+            scopes.push(s.to_string());
+        }
+    }
+    if scopes.len() > MAX_SCOPES {
+        return Err(OAuthError::new(
+            ErrorCode::InvalidScope,
+            format!("at most {MAX_SCOPES} scopes per request"),
+        ));
+    }
+    Ok(scopes)
+}
+
+/// Task and approval ids: printable ASCII without spaces, bounded.
+pub fn check_id(name: &str, id: &str) -> Result<(), OAuthError> {
+    if id.is_empty() || id.len() > MAX_ID_LEN || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(OAuthError::invalid_request(format!(
+            "`{name}` must be 1 to {MAX_ID_LEN} printable ASCII characters without spaces"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(body: &str) -> Result<TokenRequest, OAuthError> {
+        TokenRequest::from_form(&Form::parse(body.as_bytes()))
+    }
+
+    const BASE: &str = "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&subject_token=a.b.c&subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Ajwt";
+
+    #[test]
+    fn parses_a_full_request() {
+        let r = req(&format!(
+            "{BASE}&resource=https%3A%2F%2Fnotes.example%2Fmcp&scope=notes%3Aread+notes%3Awrite+notes%3Aread&task_id=t-1&requested_ttl=60&scope_mode=subset"
+        ))
+        .unwrap();
+        assert_eq!(
+            r.target,
+            Target::Resource("https://notes.example/mcp".into())
+        );
+        assert_eq!(r.scopes, ["notes:read", "notes:write"]);
+        assert_eq!(r.task_id.as_deref(), Some("t-1"));
+        assert_eq!(r.requested_ttl, Some(Duration::from_secs(60)));
+        assert!(r.allow_partial);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let code = |body: &str| req(body).unwrap_err().code;
+        assert_eq!(code("grant_type=password"), ErrorCode::UnsupportedGrantType);
+        assert_eq!(code(&format!("{BASE}&scope=a")), ErrorCode::InvalidTarget);
+        assert_eq!(
+            code(&format!("{BASE}&audience=x&audience=y&scope=a")),
+            ErrorCode::InvalidTarget
+        );
+        assert_eq!(
+            code(&format!("{BASE}&resource=relative/path&scope=a")),
+            ErrorCode::InvalidTarget
+        );
+        assert_eq!(
+            code(&format!("{BASE}&resource=https://x/y%23frag&scope=a")),
+            ErrorCode::InvalidTarget
+        );
+        assert_eq!(code(&format!("{BASE}&audience=x")), ErrorCode::InvalidScope);
+        assert_eq!(
+            code(&format!("{BASE}&audience=x&scope=a%22b")),
+            ErrorCode::InvalidScope
+        );
+        assert_eq!(
+            code(&format!("{BASE}&audience=x&scope=a&scope=b")),
+            ErrorCode::InvalidRequest
+        );
+        assert_eq!(
+            code(&format!("{BASE}&audience=x&scope=a&actor_token=t")),
+            ErrorCode::InvalidRequest
+        );
+        assert_eq!(
+            code(&format!("{BASE}&audience=x&scope=a&requested_ttl=-5")),
+            ErrorCode::InvalidRequest
+        );
+        assert_eq!(
+            code(&format!("{BASE}&audience=x&scope=a&task_id=has%20space")),
+            ErrorCode::InvalidRequest
+        );
+        let e = req("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange")
+            .unwrap_err();
+        assert!(e.description.contains("subject_token"), "{e}");
+    }
+}

@@ -1,0 +1,148 @@
+//! The operator socket (`admin.socket_path`): decisions only people make.
+//! Today that is approving or denying exchanges that policy marked
+//! `@require_approval`.
+//!
+//! The socket is created mode 0600 in a directory of its own (never the
+//! workload socket directory, which config validation enforces), and every
+//! request is checked again from its kernel credentials: only root or the
+//! agent's own user may talk to it.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /approvals` | pending and recently decided approvals (JSON array) |
+//! | `POST /approvals/{id}/approve` | approve; the client can then redeem it |
+//! | `POST /approvals/{id}/deny` | deny; the client's next poll gets `access_denied` |
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Map, json};
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::exchange::Exchange;
+use crate::exchange::approvals::ApprovalError;
+use crate::exchange::server::ExchangeConn;
+
+#[derive(Clone)]
+struct OperatorState {
+    exchange: Arc<Exchange>,
+    clock: Arc<dyn Clock>,
+    agent_uid: u32,
+}
+
+pub async fn serve(
+    listener: UnixListener,
+    exchange: Arc<Exchange>,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/approvals", get(list))
+        .route("/approvals/{id}/approve", post(approve))
+        .route("/approvals/{id}/deny", post(deny))
+        .with_state(OperatorState {
+            exchange,
+            clock,
+            agent_uid: nix::unistd::geteuid().as_raw(),
+        });
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<ExchangeConn>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+}
+
+/// The operator's name for the audit log, if they may use this socket.
+fn operator(s: &OperatorState, conn: &ExchangeConn) -> Result<String, Response> {
+    match conn.peer() {
+        Some(p) if p.uid == 0 || p.uid == s.agent_uid => Ok(format!("uid:{}", p.uid)),
+        _ => Err((
+            StatusCode::FORBIDDEN,
+            axum::Json(
+                json!({"error": "only root or the agent's user may use the operator socket"}),
+            ),
+        )
+            .into_response()),
+    }
+}
+
+async fn list(
+    State(s): State<OperatorState>,
+    ConnectInfo(conn): ConnectInfo<ExchangeConn>,
+) -> Response {
+    if let Err(r) = operator(&s, &conn) {
+        return r;
+    }
+    axum::Json(s.exchange.approvals.list(s.clock.now())).into_response()
+}
+
+async fn approve(
+    state: State<OperatorState>,
+    conn: ConnectInfo<ExchangeConn>,
+    Path(id): Path<String>,
+) -> Response {
+    decide(state, conn, id, true).await
+}
+
+async fn deny(
+    state: State<OperatorState>,
+    conn: ConnectInfo<ExchangeConn>,
+    Path(id): Path<String>,
+) -> Response {
+    decide(state, conn, id, false).await
+}
+
+async fn decide(
+    State(s): State<OperatorState>,
+    ConnectInfo(conn): ConnectInfo<ExchangeConn>,
+    id: String,
+    approve: bool,
+) -> Response {
+    let operator = match operator(&s, &conn) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    let result = s.exchange.approvals.decide(
+        &id,
+        approve,
+        &operator,
+        s.clock.now(),
+        s.exchange.config.approval_grant_ttl,
+    );
+    match result {
+        Ok(approval) => {
+            let mut record = Map::new();
+            record.insert("event".into(), "approval.decision".into());
+            record.insert("approval_id".into(), id.clone().into());
+            record.insert(
+                "decision".into(),
+                if approve { "approved" } else { "denied" }.into(),
+            );
+            record.insert("operator".into(), operator.clone().into());
+            record.insert(
+                "principal".into(),
+                approval.request.principal.clone().into(),
+            );
+            record.insert("task_id".into(), approval.request.task_id.clone().into());
+            record.insert("scopes".into(), json!(approval.request.scopes));
+            record.insert("audience".into(), approval.request.audience.clone().into());
+            s.exchange.audit_best_effort(record).await;
+            tracing::info!(approval_id = %id, %operator, approved = approve, "approval decided");
+            axum::Json(approval).into_response()
+        }
+        Err(e) => {
+            let status = match e {
+                ApprovalError::NotFound(_) => StatusCode::NOT_FOUND,
+                _ => StatusCode::CONFLICT,
+            };
+            (status, axum::Json(json!({"error": e.to_string()}))).into_response()
+        }
+    }
+}
