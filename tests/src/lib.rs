@@ -22,7 +22,12 @@ impl TestAgent {
     /// Starts an agent whose config is `body` appended to the required keys
     /// (trust domain example.org, socket and data dir in a temp dir).
     pub async fn start(body: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), body).await
+    }
+
+    /// Like [`Self::start`], in a directory prepared beforehand (policy files,
+    /// or the state of a previous agent when testing restarts).
+    pub async fn start_in(dir: tempfile::TempDir, body: &str) -> Self {
         let text = Self::config_text(dir.path(), body);
         let config = Config::parse(&text, "test.toml").expect("test config is valid");
         let agent = daemon::start(config, Arc::new(tessera_agent::clock::SystemClock))

@@ -1,0 +1,786 @@
+//! Token exchange end to end over the real exchange socket. Every issued
+//! token is decoded and checked by `jsonwebtoken` (an independent JOSE
+//! library) against the keys the agent publishes at `/jwks`, and its `cnf`
+//! against the X509-SVID fetched with the `spiffe` crate.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
+use serde_json::Value;
+use tessera_agent::client::{form, http_unix};
+use tessera_tests::{TestAgent, my_uid};
+
+const MCP: &str = "https://notes.example/mcp";
+const ISSUER: &str = "spiffe://example.org/tessera";
+
+fn policies(uid: u32) -> String {
+    format!(
+        r#"
+@id("notes-read")
+@max_ttl("60s")
+permit(principal, action == Tessera::Action::"notes:read", resource == Tessera::Audience::"{MCP}")
+when {{ principal.selectors.contains("unix:uid:{uid}") }};
+
+@id("notes-write")
+permit(principal, action == Tessera::Action::"notes:write", resource == Tessera::Audience::"{MCP}");
+
+@id("no-writes-in-prod-tasks")
+forbid(principal, action == Tessera::Action::"notes:write", resource)
+when {{ context.task like "prod-*" }};
+
+@id("notes-delete-needs-approval")
+@require_approval
+permit(principal, action == Tessera::Action::"notes:delete", resource == Tessera::Audience::"{MCP}");
+"#
+    )
+}
+
+struct Setup {
+    agent: TestAgent,
+}
+
+fn agent_body(dir: &Path, extra: &str) -> String {
+    format!(
+        "{}\n[admin]\nsocket_path = \"{d}/admin/admin.sock\"\n\n[exchange]\npolicy_dir = \"{d}/policies\"\nmax_ttl = \"10m\"\nmax_delegation_depth = 2\npolicy_reload_interval = \"100ms\"\napproval_poll_interval = \"1s\"\n{extra}",
+        TestAgent::entry_for_me("agent/planner", "default"),
+        d = dir.display()
+    )
+}
+
+impl Setup {
+    async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    async fn start_with(extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        std::fs::write(dir.path().join("policies/notes.cedar"), policies(my_uid())).unwrap();
+        let body = agent_body(dir.path(), extra);
+        Self {
+            agent: TestAgent::start_in(dir, &body).await,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.agent.dir.path()
+    }
+
+    fn exchange_socket(&self) -> PathBuf {
+        self.dir().join("sock/exchange.sock")
+    }
+
+    async fn call(&self, socket: &Path, path: &str, pairs: &[(&str, &str)]) -> (u16, Value) {
+        let (status, body) = http_unix(socket, http::Method::POST, path, Some(form(pairs)))
+            .await
+            .unwrap();
+        let json = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&body)));
+        (status.as_u16(), json)
+    }
+
+    async fn post(&self, path: &str, pairs: &[(&str, &str)]) -> (u16, Value) {
+        self.call(&self.exchange_socket(), path, pairs).await
+    }
+
+    async fn subject_token(&self) -> String {
+        let jwt = self
+            .agent
+            .spiffe_client()
+            .await
+            .fetch_jwt_svid([ISSUER], None)
+            .await
+            .unwrap();
+        jwt.token().to_string()
+    }
+
+    /// POST /token with the caller's JWT-SVID plus `extra`.
+    async fn exchange(&self, extra: &[(&str, &str)]) -> (u16, Value) {
+        let subject = self.subject_token().await;
+        self.exchange_with_subject(&subject, extra).await
+    }
+
+    async fn exchange_with_subject(&self, subject: &str, extra: &[(&str, &str)]) -> (u16, Value) {
+        let mut pairs = vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", subject),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ];
+        pairs.extend_from_slice(extra);
+        self.post("/token", &pairs).await
+    }
+
+    async fn jwks(&self) -> JwkSet {
+        let (status, body) = http_unix(&self.exchange_socket(), http::Method::GET, "/jwks", None)
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        serde_json::from_slice(&body).expect("JWKS parses as RFC 7517")
+    }
+
+    /// Decodes and checks `token` with jsonwebtoken; returns its claims.
+    async fn verify(&self, token: &str, audience: &str) -> Value {
+        let header = jsonwebtoken::decode_header(token).unwrap();
+        assert_eq!(header.alg, Algorithm::ES256);
+        assert_eq!(header.typ.as_deref(), Some("at+jwt"), "RFC 9068 typ");
+        let kid = header.kid.expect("kid in header");
+        let jwks = self.jwks().await;
+        let jwk = jwks.find(&kid).expect("signing key is published at /jwks");
+        let key = DecodingKey::from_jwk(jwk).unwrap();
+        let mut v = Validation::new(Algorithm::ES256);
+        v.set_audience(&[audience]);
+        v.set_issuer(&[ISSUER]);
+        v.set_required_spec_claims(&["exp", "nbf", "iat", "aud", "iss", "sub"]);
+        v.validate_nbf = true;
+        v.leeway = 0;
+        jsonwebtoken::decode::<Value>(token, &key, &v)
+            .expect("jsonwebtoken accepts the token")
+            .claims
+    }
+
+    async fn introspect(&self, token: &str) -> Value {
+        let (status, json) = self.post("/introspect", &[("token", token)]).await;
+        assert_eq!(status, 200);
+        json
+    }
+}
+
+fn scopes(v: &Value) -> Vec<&str> {
+    v.as_str().unwrap_or_default().split(' ').collect()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn allowed_exchange_issues_a_token_every_claim_checked_independently() {
+    let s = Setup::start().await;
+    let (status, resp) = s
+        .exchange(&[
+            ("resource", MCP),
+            ("scope", "notes:read notes:write"),
+            ("task_id", "task-1"),
+            ("requested_ttl", "300"),
+        ])
+        .await;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["token_type"], "Bearer");
+    assert_eq!(
+        resp["issued_token_type"],
+        "urn:ietf:params:oauth:token-type:access_token"
+    );
+    assert!(resp.get("refresh_token").is_none(), "never a refresh token");
+    // notes-read caps the lifetime at 60 s.
+    assert_eq!(resp["expires_in"], 60);
+    let token = resp["access_token"].as_str().unwrap();
+    let claims = s.verify(token, MCP).await;
+    assert_eq!(claims["sub"], "spiffe://example.org/agent/planner");
+    assert_eq!(claims["client_id"], "spiffe://example.org/agent/planner");
+    assert_eq!(claims["aud"], MCP, "a single audience, as a string");
+    assert_eq!(scopes(&claims["scope"]), ["notes:read", "notes:write"]);
+    assert_eq!(claims["txn"], "task-1");
+    let (iat, nbf, exp) = (
+        claims["iat"].as_u64().unwrap(),
+        claims["nbf"].as_u64().unwrap(),
+        claims["exp"].as_u64().unwrap(),
+    );
+    assert!(iat.abs_diff(now()) <= 5 && nbf == iat && exp == iat + 60);
+    assert!(claims["jti"].as_str().unwrap().len() >= 16);
+    assert!(claims.get("act").is_none(), "no delegation, no act");
+
+    // cnf binds the token to the caller's current X509-SVID.
+    let svid = s
+        .agent
+        .spiffe_client()
+        .await
+        .fetch_x509_svid()
+        .await
+        .unwrap();
+    let thumb = B64URL.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        svid.leaf().as_ref(),
+    ));
+    assert_eq!(claims["cnf"]["x5t#S256"], thumb);
+
+    // Introspection agrees, and a second token has a fresh jti.
+    let intro = s.introspect(token).await;
+    assert_eq!(intro["active"], true);
+    assert_eq!(intro["jti"], claims["jti"]);
+    let (_, again) = s
+        .exchange(&[
+            ("resource", MCP),
+            ("scope", "notes:read"),
+            ("task_id", "task-1"),
+        ])
+        .await;
+    let again = s.verify(again["access_token"].as_str().unwrap(), MCP).await;
+    assert_ne!(again["jti"], claims["jti"]);
+
+    // RFC 8414 metadata names the issuer and endpoints.
+    let (status, body) = http_unix(
+        &s.exchange_socket(),
+        http::Method::GET,
+        "/.well-known/oauth-authorization-server",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let meta: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(meta["issuer"], ISSUER);
+    assert!(
+        meta["grant_types_supported"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g == "urn:ietf:params:oauth:grant-type:token-exchange")
+    );
+}
+
+#[tokio::test]
+async fn denials_partial_scopes_forbid_and_ttl_clamping() {
+    let s = Setup::start().await;
+    // No policy mentions this audience: deny.
+    let (status, e) = s
+        .exchange(&[
+            ("audience", "billing"),
+            ("scope", "notes:read"),
+            ("task_id", "t"),
+        ])
+        .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("access_denied")),
+        "{e}"
+    );
+
+    // One permitted, one not: refused whole, unless a subset was asked for.
+    let (status, e) = s
+        .exchange(&[
+            ("resource", MCP),
+            ("scope", "notes:read notes:admin"),
+            ("task_id", "t"),
+        ])
+        .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_scope")),
+        "{e}"
+    );
+    assert!(
+        e["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("notes:admin")
+    );
+    let (status, ok) = s
+        .exchange(&[
+            ("resource", MCP),
+            ("scope", "notes:read notes:admin"),
+            ("task_id", "t"),
+            ("scope_mode", "subset"),
+        ])
+        .await;
+    assert_eq!(status, 200, "{ok}");
+    assert_eq!(ok["scope"], "notes:read", "granted scope is reported");
+    let claims = s.verify(ok["access_token"].as_str().unwrap(), MCP).await;
+    assert_eq!(claims["scope"], "notes:read");
+
+    // forbid wins over permit.
+    let (status, e) = s
+        .exchange(&[
+            ("resource", MCP),
+            ("scope", "notes:write"),
+            ("task_id", "prod-7"),
+        ])
+        .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("access_denied")),
+        "{e}"
+    );
+    let (status, _) = s
+        .exchange(&[
+            ("resource", MCP),
+            ("scope", "notes:write"),
+            ("task_id", "dev-7"),
+        ])
+        .await;
+    assert_eq!(status, 200);
+
+    // TTL: requested below every bound wins; above, the smallest bound wins.
+    let (_, r) = s
+        .exchange(&[
+            ("resource", MCP),
+            ("scope", "notes:write"),
+            ("task_id", "t"),
+            ("requested_ttl", "42"),
+        ])
+        .await;
+    assert_eq!(r["expires_in"], 42);
+    let c = s.verify(r["access_token"].as_str().unwrap(), MCP).await;
+    assert_eq!(c["exp"].as_u64().unwrap() - c["iat"].as_u64().unwrap(), 42);
+    let (_, r) = s
+        .exchange(&[
+            ("resource", MCP),
+            ("scope", "notes:write"),
+            ("task_id", "t"),
+            ("requested_ttl", "86400"),
+        ])
+        .await;
+    assert_eq!(r["expires_in"], 600, "config max_ttl = 10m");
+
+    // Malformed requests name the problem with the OAuth code.
+    let (status, e) = s
+        .exchange(&[("resource", MCP), ("scope", "notes:read")])
+        .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    assert!(e["error_description"].as_str().unwrap().contains("task_id"));
+    let (status, e) = s
+        .exchange(&[
+            ("resource", MCP),
+            ("audience", "x"),
+            ("scope", "notes:read"),
+            ("task_id", "t"),
+        ])
+        .await;
+    assert_eq!((status, e["error"].as_str()), (400, Some("invalid_target")));
+    let (status, e) = s
+        .post("/token", &[("grant_type", "client_credentials")])
+        .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("unsupported_grant_type"))
+    );
+}
+
+#[tokio::test]
+async fn subject_tokens_that_are_not_the_callers_are_refused() {
+    let s = Setup::start().await;
+    let authority = s.agent.running().state.cache.authority().clone();
+    let ask = [("resource", MCP), ("scope", "notes:read"), ("task_id", "t")];
+
+    // A valid JWT-SVID of this trust domain, but for another workload.
+    let other = spiffe::SpiffeId::new("spiffe://example.org/someone-else").unwrap();
+    let foreign_sub = authority
+        .mint_jwt(&other, &[ISSUER.to_string()], Duration::from_secs(60))
+        .unwrap();
+    let (status, e) = s.exchange_with_subject(&foreign_sub.token, &ask).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{e}"
+    );
+    assert!(
+        e["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("not an identity of the calling process")
+    );
+
+    // The caller's own SVID, but for another audience.
+    let me = spiffe::SpiffeId::new("spiffe://example.org/agent/planner").unwrap();
+    let wrong_aud = authority
+        .mint_jwt(&me, &["some-service".to_string()], Duration::from_secs(60))
+        .unwrap();
+    let (status, e) = s.exchange_with_subject(&wrong_aud.token, &ask).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{e}"
+    );
+
+    // Signed by another trust domain's authority.
+    let foreign = tessera_agent::authority::Authority::load(
+        tessera_agent::authority::AuthoritySettings {
+            trust_domain: spiffe::TrustDomain::new("other.org").unwrap(),
+            ca_ttl: Duration::from_secs(3600),
+            jwt_key_ttl: Duration::from_secs(3600),
+            state_dir: None,
+            ca_files: None,
+        },
+        std::sync::Arc::new(tessera_agent::clock::SystemClock),
+    )
+    .unwrap();
+    let other_td = spiffe::SpiffeId::new("spiffe://other.org/agent/planner").unwrap();
+    let t = foreign
+        .mint_jwt(&other_td, &[ISSUER.to_string()], Duration::from_secs(60))
+        .unwrap();
+    let (status, e) = s.exchange_with_subject(&t.token, &ask).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{e}"
+    );
+
+    // Expired.
+    let short = authority
+        .mint_jwt(&me, &[ISSUER.to_string()], Duration::from_secs(1))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, e) = s.exchange_with_subject(&short.token, &ask).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{e}"
+    );
+    assert!(
+        e["error_description"].as_str().unwrap().contains("expired"),
+        "{e}"
+    );
+
+    // One of our own access tokens is not a subject token (typ at+jwt).
+    let (_, ok) = s.exchange(&ask).await;
+    let (status, e) = s
+        .exchange_with_subject(ok["access_token"].as_str().unwrap(), &ask)
+        .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn delegation_only_narrows_and_is_bounded_in_depth() {
+    let s = Setup::start().await;
+    let (_, parent) = s
+        .exchange(&[
+            ("resource", MCP),
+            ("scope", "notes:read notes:write"),
+            ("task_id", "deleg"),
+            ("requested_ttl", "120"),
+        ])
+        .await;
+    let parent = parent["access_token"].as_str().unwrap().to_string();
+    let parent_claims = s.verify(&parent, MCP).await;
+    fn act(token: &str) -> Vec<(&str, &str)> {
+        vec![
+            ("resource", MCP),
+            ("actor_token", token),
+            (
+                "actor_token_type",
+                "urn:ietf:params:oauth:token-type:access_token",
+            ),
+        ]
+    }
+
+    // Narrower scope: fine; act names the current actor; task inherited.
+    let mut ask = act(&parent);
+    ask.push(("scope", "notes:read"));
+    let (status, child) = s.exchange(&ask).await;
+    assert_eq!(status, 200, "{child}");
+    let child = child["access_token"].as_str().unwrap().to_string();
+    let c = s.verify(&child, MCP).await;
+    assert_eq!(c["sub"], parent_claims["sub"]);
+    assert_eq!(c["act"]["sub"], "spiffe://example.org/agent/planner");
+    assert_eq!(c["txn"], "deleg");
+    assert!(c["exp"].as_u64() <= parent_claims["exp"].as_u64());
+
+    // Widening the scope or changing the audience is refused.
+    let mut ask = act(&parent);
+    ask.push(("scope", "notes:read notes:delete"));
+    let (status, e) = s.exchange(&ask).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_scope")),
+        "{e}"
+    );
+    let mut ask = vec![
+        ("audience", "billing"),
+        ("actor_token", parent.as_str()),
+        (
+            "actor_token_type",
+            "urn:ietf:params:oauth:token-type:access_token",
+        ),
+        ("scope", "notes:read"),
+    ];
+    let (status, e) = s.exchange(&ask).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_target")),
+        "{e}"
+    );
+    ask[0] = ("resource", MCP);
+    ask.push(("task_id", "another-task"));
+    let (status, e) = s.exchange(&ask).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{e}"
+    );
+
+    // Depth 2 is the configured limit: the grandchild nests act; a third hop is refused.
+    let mut ask = act(&child);
+    ask.push(("scope", "notes:read"));
+    let (status, grandchild) = s.exchange(&ask).await;
+    assert_eq!(status, 200, "{grandchild}");
+    let grandchild = grandchild["access_token"].as_str().unwrap().to_string();
+    let g = s.verify(&grandchild, MCP).await;
+    assert_eq!(g["act"]["act"]["sub"], "spiffe://example.org/agent/planner");
+    let mut ask = act(&grandchild);
+    ask.push(("scope", "notes:read"));
+    let (status, e) = s.exchange(&ask).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("access_denied")),
+        "{e}"
+    );
+    assert!(e["error_description"].as_str().unwrap().contains("depth"));
+
+    // Ending the task kills the whole chain.
+    let (status, _) = s.post("/revoke", &[("task_id", "deleg")]).await;
+    assert_eq!(status, 200);
+    for t in [&parent, &child, &grandchild] {
+        assert_eq!(s.introspect(t).await, serde_json::json!({"active": false}));
+    }
+    let mut ask = act(&child);
+    ask.push(("scope", "notes:read"));
+    let (status, e) = s.exchange(&ask).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn task_end_and_revocation_survive_a_restart() {
+    let s = Setup::start().await;
+    let ask = |task: &'static str| {
+        [
+            ("resource", MCP),
+            ("scope", "notes:read"),
+            ("task_id", task),
+        ]
+    };
+    let (_, a1) = s.exchange(&ask("a")).await;
+    let (_, a2) = s.exchange(&ask("a")).await;
+    let (_, b1) = s.exchange(&ask("b")).await;
+    let (_, c1) = s.exchange(&ask("c")).await;
+    let tok = |v: &Value| v["access_token"].as_str().unwrap().to_string();
+    let (a1, a2, b1, c1) = (tok(&a1), tok(&a2), tok(&b1), tok(&c1));
+
+    // End task a; revoke one token of task b.
+    let (status, _) = s.post("/revoke", &[("task_id", "a")]).await;
+    assert_eq!(status, 200);
+    let (status, _) = s.post("/revoke", &[("token", &b1)]).await;
+    assert_eq!(status, 200);
+    for t in [&a1, &a2, &b1] {
+        assert_eq!(s.introspect(t).await["active"], false);
+    }
+    assert_eq!(s.introspect(&c1).await["active"], true);
+    let (status, e) = s.exchange(&ask("a")).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    assert!(e["error_description"].as_str().unwrap().contains("ended"));
+
+    // Restart on the same state directory.
+    let mut s = s;
+    s.agent.stop().await;
+    let TestAgent { dir, .. } = s.agent;
+    let body = agent_body(dir.path(), "");
+    let s = Setup {
+        agent: TestAgent::start_in(dir, &body).await,
+    };
+    for t in [&a1, &a2, &b1] {
+        assert_eq!(
+            s.introspect(t).await["active"],
+            false,
+            "revocation survived the restart"
+        );
+    }
+    assert_eq!(s.introspect(&c1).await["active"], true, "keys survived too");
+    let (status, _) = s.exchange(&ask("a")).await;
+    assert_eq!(status, 400, "the ended task stays ended");
+
+    // Revoked tokens fail at the resource server's introspection, but still
+    // verify offline: revocation needs introspection (documented).
+    s.verify(&b1, MCP).await;
+}
+
+#[tokio::test]
+async fn approval_pending_then_approved_then_token_and_denied() {
+    let s = Setup::start().await;
+    let admin = s.dir().join("admin/admin.sock");
+    let ask = [
+        ("resource", MCP),
+        ("scope", "notes:delete"),
+        ("task_id", "cleanup"),
+    ];
+    let (status, p) = s.exchange(&ask).await;
+    assert_eq!(
+        (status, p["error"].as_str()),
+        (400, Some("authorization_pending")),
+        "{p}"
+    );
+    assert_eq!(p["interval"], 1);
+    let id = p["approval_id"].as_str().unwrap().to_string();
+
+    // Still pending on poll; no token exists yet.
+    let mut with_id = ask.to_vec();
+    with_id.push(("approval_id", &id));
+    let (_, again) = s.exchange(&with_id).await;
+    assert_eq!(again["error"], "authorization_pending");
+
+    // The operator sees it and approves.
+    let (status, body) = http_unix(&admin, http::Method::GET, "/approvals", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let list: Value = serde_json::from_slice(&body).unwrap();
+    let entry = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == id.as_str())
+        .unwrap();
+    assert_eq!(entry["state"], "pending");
+    assert_eq!(entry["scopes"], serde_json::json!(["notes:delete"]));
+    let (status, _) = s
+        .call(&admin, &format!("/approvals/{id}/approve"), &[])
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = s.call(&admin, &format!("/approvals/{id}/deny"), &[]).await;
+    assert_eq!(status, 409, "decided once");
+
+    // A different request cannot use this approval.
+    let mut other = vec![
+        ("resource", MCP),
+        ("scope", "notes:delete"),
+        ("task_id", "other"),
+    ];
+    other.push(("approval_id", &id));
+    let (_, e) = s.exchange(&other).await;
+    assert_eq!(e["error"], "invalid_request");
+
+    let (status, ok) = s.exchange(&with_id).await;
+    assert_eq!(status, 200, "{ok}");
+    let claims = s.verify(ok["access_token"].as_str().unwrap(), MCP).await;
+    assert_eq!(claims["scope"], "notes:delete");
+    let (_, reuse) = s.exchange(&with_id).await;
+    assert_eq!(
+        reuse["error"], "invalid_request",
+        "an approval is redeemed once"
+    );
+
+    // Denied.
+    let (_, p) = s.exchange(&ask).await;
+    let id = p["approval_id"].as_str().unwrap().to_string();
+    let (status, _) = s.call(&admin, &format!("/approvals/{id}/deny"), &[]).await;
+    assert_eq!(status, 200);
+    let mut with_id = ask.to_vec();
+    with_id.push(("approval_id", &id));
+    let (status, e) = s.exchange(&with_id).await;
+    assert_eq!((status, e["error"].as_str()), (400, Some("access_denied")));
+
+    // Every decision is in the audit log, chained.
+    let report = tessera_agent::audit::verify_file(&s.dir().join("data/audit.jsonl")).unwrap();
+    assert!(report.first_problem.is_none(), "{:?}", report.first_problem);
+    let log = std::fs::read_to_string(s.dir().join("data/audit.jsonl")).unwrap();
+    assert!(log.contains("\"approval.decision\""));
+    assert!(log.contains("\"pending\""));
+    assert!(
+        !log.contains(ok["access_token"].as_str().unwrap()),
+        "never the token itself"
+    );
+}
+
+#[tokio::test]
+async fn policy_hot_reload_valid_and_invalid() {
+    let s = Setup::start().await;
+    let ask = [
+        ("audience", "reports"),
+        ("scope", "reports:read"),
+        ("task_id", "t"),
+    ];
+    let (_, e) = s.exchange(&ask).await;
+    assert_eq!(e["error"], "access_denied");
+
+    // A valid new file is picked up without a restart.
+    let file = s.dir().join("policies/reports.cedar");
+    std::fs::write(
+        &file,
+        "@id(\"reports\")\npermit(principal, action == Tessera::Action::\"reports:read\", resource == Tessera::Audience::\"reports\");\n",
+    )
+    .unwrap();
+    let mut granted = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if s.exchange(&ask).await.0 == 200 {
+            granted = true;
+            break;
+        }
+    }
+    assert!(granted, "the new policy was not loaded within 5 s");
+
+    // An invalid change is rejected; the previous set stays in force.
+    std::fs::write(
+        &file,
+        "permit(principal, action == Tessera::Action::\"reports:read\" resource);\n",
+    )
+    .unwrap();
+    let exchange = s.agent.running().exchange.clone().unwrap();
+    let err = exchange.policy.reload().unwrap_err().to_string();
+    assert!(
+        err.contains("reports.cedar"),
+        "the error names the file: {err}"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(s.exchange(&ask).await.0, 200, "old policies still active");
+}
+
+#[tokio::test]
+async fn audit_log_verifies_clean_and_finds_the_first_tampered_record() {
+    let s = Setup::start().await;
+    for task in ["t1", "t2", "t3"] {
+        s.exchange(&[
+            ("resource", MCP),
+            ("scope", "notes:read"),
+            ("task_id", task),
+        ])
+        .await;
+    }
+    s.exchange(&[("audience", "nope"), ("scope", "x"), ("task_id", "t4")])
+        .await;
+    let path = s.dir().join("data/audit.jsonl");
+    let report = tessera_agent::audit::verify_file(&path).unwrap();
+    assert!(report.first_problem.is_none(), "{:?}", report.first_problem);
+    assert_eq!(report.records, 4);
+    let lines: Vec<Value> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["decision"], "issued");
+    assert_eq!(
+        lines[0]["caller"]["spiffe_ids"][0],
+        "spiffe://example.org/agent/planner"
+    );
+    assert!(lines[0]["token_sha256"].as_str().unwrap().len() == 64);
+    assert_eq!(lines[3]["decision"], "denied");
+
+    // Flip the second record's decision: verify points at line 2.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut out: Vec<String> = text.lines().map(str::to_string).collect();
+    out[1] = out[1].replacen("\"task_id\":\"t2\"", "\"task_id\":\"tX\"", 1);
+    std::fs::write(&path, out.join("\n") + "\n").unwrap();
+    let report = tessera_agent::audit::verify_file(&path).unwrap();
+    let problem = report.first_problem.expect("tampering is detected");
+    assert_eq!(problem.line, 2, "{problem}");
+}
