@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Per-task tokens for MCP tool calls: an agent stand-in trades its SPIFFE
+# identity for a token scoped to one task, and an MCP server (rmcp) behind
+# tessera-token-guard checks every call. Both programs are told apart by the
+# agent from their executable path (unix:path selector).
+#
+#   examples/mcp/demo.sh          # builds what it needs, prints every step
+#
+# Exit status 0 only if: a permitted tool call succeeds; a call outside the
+# task's scopes gets 403; after the task ends its token gets 401; a scope no
+# policy grants is refused at the exchange; a delete waits for an operator's
+# approval and then succeeds; and the audit log's hash chain verifies.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+cargo build -q --locked -p tessera-agent -p tessera-mcp-example
+bin="$root/target/debug"
+dir=$(mktemp -d /tmp/tessera-mcp.XXXXXX)
+uid=$(id -u)
+mkdir -p "$dir/admin"
+cat > "$dir/agent.toml" <<TOML
+trust_domain = "example.org"
+socket_path  = "$dir/sock/agent.sock"
+data_dir     = "$dir/data"
+
+[admin]
+socket_path = "$dir/admin/admin.sock"
+
+[[entries]]
+spiffe_id = "spiffe://example.org/demo/notes-server"
+selectors = ["unix:uid:$uid", "unix:path:$bin/notes-server"]
+
+[[entries]]
+spiffe_id = "spiffe://example.org/demo/notes-agent"
+selectors = ["unix:uid:$uid", "unix:path:$bin/notes-agent"]
+
+[exchange]
+socket_path = "$dir/sock/exchange.sock"
+policy_dir  = "$root/examples/mcp/policies"
+audit_log   = "$dir/data/audit.jsonl"
+max_ttl     = "5m"
+approval_poll_interval = "1s"
+TOML
+
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+fail() { echo "FAIL: $*" >&2; for f in "$dir"/*.log; do echo "--- $f" >&2; tail -n 20 "$f" >&2; done; exit 1; }
+
+"$bin/tessera" run --config "$dir/agent.toml" 2>"$dir/agent.log" &
+pids+=($!)
+for _ in $(seq 100); do [ -S "$dir/sock/exchange.sock" ] && [ -S "$dir/admin/admin.sock" ] && break; sleep 0.1; done
+[ -S "$dir/sock/exchange.sock" ] || fail "the agent did not open its exchange socket"
+export SPIFFE_ENDPOINT_SOCKET="unix://$dir/sock/agent.sock"
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$bin/notes-server" --listen "127.0.0.1:$port" --exchange-socket "$dir/sock/exchange.sock" \
+  --introspection-cache 1s >"$dir/server.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do grep -q '^listening on' "$dir/server.log" 2>/dev/null && break; sleep 0.1; done
+grep '^listening on' "$dir/server.log" || fail "the notes server did not start"
+
+agent() { timeout 60 "$bin/notes-agent" --server "http://127.0.0.1:$port/mcp" "$@"; }
+
+echo
+echo "--- task write-1 asks for notes:read notes:write; its calls succeed"
+agent --task write-1 --scopes "notes:read notes:write" \
+  "add_note:buy milk" "add_note:call the plumber" list_notes \
+  || fail "permitted calls did not succeed"
+
+echo
+echo "--- task read-1 asks only for notes:read: add_note gets 403; after the task ends, 401"
+agent --task read-1 --scopes "notes:read" \
+  list_notes "add_note:sneaky@403" end-task wait:1.5s "list_notes@401" \
+  || fail "scope or revocation was not enforced"
+
+echo
+echo "--- task admin-1 asks for a scope no policy grants: the exchange refuses"
+agent --task admin-1 --scopes "notes:admin" --expect-exchange access_denied \
+  || fail "an ungranted scope was issued"
+
+echo
+echo "--- task cleanup-1 asks for notes:delete: policy wants an operator's approval"
+agent --task cleanup-1 --scopes "notes:delete" --approval-timeout 30 \
+  "delete_note:1" list_notes@403 >"$dir/cleanup.out" 2>&1 &
+cleanup_pid=$!
+pids+=("$cleanup_pid")
+for _ in $(seq 100); do grep -q 'approval_id=' "$dir/cleanup.out" 2>/dev/null && break; sleep 0.1; done
+approval=$(sed -n 's/.*approval_id=\([^ ]*\).*/\1/p' "$dir/cleanup.out" | head -n1)
+[ -n "$approval" ] || { cat "$dir/cleanup.out"; fail "the delete did not wait for approval"; }
+cat "$dir/cleanup.out"
+echo "\$ tessera approvals list"
+"$bin/tessera" approvals list --admin-socket "$dir/admin/admin.sock"
+echo "\$ tessera approvals approve $approval"
+"$bin/tessera" approvals approve "$approval" --admin-socket "$dir/admin/admin.sock" >/dev/null \
+  || fail "approving $approval failed"
+wait "$cleanup_pid" || { cat "$dir/cleanup.out"; fail "the approved delete did not succeed"; }
+sed -n '/approval_id=/,$p' "$dir/cleanup.out" | tail -n +2   # the lines after those shown above
+
+echo
+echo "--- what the notes server saw (tool calls, and the guard's reasons for refusals)"
+grep -E 'tool call|rejected|insufficient scope' "$dir/server.log" | sed -E 's/^[^ ]+ +//' || true
+
+echo
+echo "--- the audit log"
+"$bin/tessera" audit verify "$dir/data/audit.jsonl" || fail "the audit log does not verify"
+echo
+echo "MCP demo passed"
