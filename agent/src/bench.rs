@@ -136,12 +136,7 @@ pub async fn run(names: &[String], params: BenchParams, json: bool) -> anyhow::R
             "jwt-validate" => vec![jwt_validate(&params).await?],
             "fanout" => fanout(&params).await?,
             "idle-memory" => idle_memory(&params).await?,
-            "exchange" => {
-                eprintln!(
-                    "exchange: skipped; the token exchange endpoint is not part of this build"
-                );
-                vec![]
-            }
+            "exchange" => exchange(&params).await?,
             _ => unreachable!(),
         };
         for mut r in results {
@@ -187,10 +182,20 @@ struct BenchAgent {
 impl BenchAgent {
     /// `entries` is TOML for `[[entries]]`; `svid` the `[svid]` table body.
     fn start(entries: &str, svid: &str) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
+        Self::start_in(tempfile::tempdir()?, entries, svid, "")
+    }
+
+    /// Like [`Self::start`] in a prepared directory, with `extra` TOML
+    /// appended (e.g. an `[exchange]` table).
+    fn start_in(
+        dir: tempfile::TempDir,
+        entries: &str,
+        svid: &str,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         let socket = dir.path().join("agent.sock");
         let config = format!(
-            "trust_domain = \"example.org\"\nsocket_path = \"{}\"\ndata_dir = \"{}/data\"\n[authority]\npersist = false\n[svid]\n{svid}\n[log]\nlevel = \"warn\"\n{entries}",
+            "trust_domain = \"example.org\"\nsocket_path = \"{}\"\ndata_dir = \"{}/data\"\n[authority]\npersist = false\n[svid]\n{svid}\n[log]\nlevel = \"warn\"\n{entries}\n{extra}",
             socket.display(),
             dir.path().display()
         );
@@ -645,6 +650,188 @@ async fn idle_memory(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
         ops: p.streams as u64,
         seconds: opened.as_secs_f64(),
         latencies: Vec::new(),
+        agent_rss_bytes: rss,
+        extra,
+    }])
+}
+
+/// Writes `n` Cedar policies: one permits this bench process `bench:read` on
+/// `bench-api`; the rest are realistic but unrelated (one per audience and
+/// action), so the scenario shows what slicing saves.
+fn write_bench_policies(dir: &Path, n: usize) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let uid = nix::unistd::geteuid();
+    let mut text = format!(
+        "@id(\"bench\")\n@max_ttl(\"5m\")\npermit(principal, action == Tessera::Action::\"bench:read\", resource == Tessera::Audience::\"bench-api\")\nwhen {{ principal.selectors.contains(\"unix:uid:{uid}\") }};\n"
+    );
+    for j in 1..n {
+        let _ = write!(
+            text,
+            "@id(\"filler-{j}\")\npermit(principal, action == Tessera::Action::\"scope-{j}:read\", resource == Tessera::Audience::\"svc-{j}\")\nwhen {{ principal.selectors.contains(\"unix:uid:{uid}\") && context.delegation_depth == 0 }};\n"
+        );
+    }
+    std::fs::write(dir.join("bench.cedar"), text)?;
+    Ok(())
+}
+
+/// One keep-alive HTTP/1.1 connection to the exchange socket.
+async fn exchange_conn(
+    socket: &Path,
+) -> anyhow::Result<
+    hyper::client::conn::http1::SendRequest<http_body_util::Full<prost::bytes::Bytes>>,
+> {
+    let stream = tokio::net::UnixStream::connect(socket).await?;
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn exchange(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
+    use http_body_util::BodyExt;
+    if p.socket.is_some() {
+        eprintln!("exchange: skipped with --socket (needs an agent with P generated policies)");
+        return Ok(vec![]);
+    }
+    let n_policies = p.policies.max(1);
+    let dir = tempfile::tempdir()?;
+    let policy_dir = dir.path().join("policies");
+    std::fs::create_dir(&policy_dir)?;
+    write_bench_policies(&policy_dir, n_policies)?;
+    let xsock = dir.path().join("exchange.sock");
+    let extra = format!(
+        "[exchange]\nsocket_path = \"{}\"\npolicy_dir = \"{}\"\n",
+        xsock.display(),
+        policy_dir.display()
+    );
+    let agent = BenchAgent::start_in(dir, &entry_for_me("bench/exchange")?, "", &extra)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !xsock.exists() {
+        if Instant::now() > deadline {
+            bail!("the exchange socket did not appear");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let issuer = "spiffe://example.org/tessera";
+    let svid = client::connect(&agent.socket)
+        .await?
+        .fetch_jwtsvid(pb::with_security_header(pb::JwtsvidRequest {
+            audience: vec![issuer.into()],
+            spiffe_id: String::new(),
+        }))
+        .await?
+        .into_inner()
+        .svids
+        .into_iter()
+        .next()
+        .context("no JWT-SVID")?
+        .svid;
+    let mut conns = Vec::new();
+    for _ in 0..p.clients {
+        conns.push(tokio::sync::Mutex::new(exchange_conn(&xsock).await?));
+    }
+    let conns = Arc::new(conns);
+    let svid = Arc::new(svid);
+    let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (latencies, seconds) = closed_loop(p.clients, p.duration, move |i| {
+        let conns = conns.clone();
+        let svid = svid.clone();
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            let body = client::form(&[
+                ("grant_type", crate::exchange::request::GRANT_TOKEN_EXCHANGE),
+                ("subject_token", &svid),
+                (
+                    "subject_token_type",
+                    crate::exchange::request::TOKEN_TYPE_JWT,
+                ),
+                ("audience", "bench-api"),
+                ("scope", "bench:read"),
+                ("task_id", &format!("bench-{n}")),
+            ]);
+            let req = http::Request::post("/token")
+                .header(http::header::HOST, "localhost")
+                .header(
+                    http::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .body(http_body_util::Full::new(prost::bytes::Bytes::from(body)))?;
+            let mut conn = conns[i].lock().await;
+            let resp = conn.send_request(req).await?;
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            anyhow::ensure!(
+                status.is_success(),
+                "exchange failed ({status}): {}",
+                String::from_utf8_lossy(&bytes)
+            );
+            Ok(())
+        }
+    })
+    .await?;
+    let rss = agent.rss_bytes();
+
+    // Raw costs in this process, same code: one sliced policy decision over
+    // the same policies, and one ES256 signature of a token-sized claim set.
+    let store = crate::policy::PolicyStore::load(Some(&agent._dir.path().join("policies")))?;
+    let selectors = vec![format!("unix:uid:{}", nix::unistd::geteuid())];
+    let scopes = vec!["bench:read".to_string()];
+    let raw_n = 20_000;
+    let t = Instant::now();
+    for _ in 0..raw_n {
+        let d = store.evaluate(&crate::policy::PolicyRequest {
+            principal: "spiffe://example.org/bench/exchange",
+            selectors: &selectors,
+            audience: "bench-api",
+            scopes: &scopes,
+            task_id: "bench",
+            requested_ttl_secs: 300,
+            delegation_depth: 0,
+            delegator: None,
+            approved: false,
+        });
+        anyhow::ensure!(
+            d.scopes.first().is_some_and(|s| s.allowed),
+            "bench policy must permit"
+        );
+        std::hint::black_box(d);
+    }
+    let decision_us = t.elapsed().as_secs_f64() * 1e6 / raw_n as f64;
+    let authority = crate::authority::Authority::load(
+        crate::authority::AuthoritySettings {
+            trust_domain: spiffe::TrustDomain::new("example.org")?,
+            ca_ttl: Duration::from_secs(86400),
+            jwt_key_ttl: Duration::from_secs(86400),
+            state_dir: None,
+            ca_files: None,
+        },
+        Arc::new(crate::clock::SystemClock),
+    )?;
+    let key = authority.access_signing_key()?;
+    let claims = serde_json::json!({
+        "iss": issuer, "sub": "spiffe://example.org/bench/exchange", "aud": "bench-api",
+        "client_id": "spiffe://example.org/bench/exchange", "scope": "bench:read",
+        "iat": 1, "nbf": 1, "exp": 2, "jti": "AAAAAAAAAAAAAAAAAAAAAA", "txn": "bench",
+        "cnf": {"x5t#S256": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"},
+    });
+    let sign_n = 5_000;
+    let t = Instant::now();
+    for _ in 0..sign_n {
+        std::hint::black_box(key.sign(&claims)?);
+    }
+    let sign_us = t.elapsed().as_secs_f64() * 1e6 / sign_n as f64;
+    let mut extra = serde_json::Map::new();
+    extra.insert("raw_decision_us".into(), round3(decision_us).into());
+    extra.insert("raw_es256_sign_us".into(), round3(sign_us).into());
+    Ok(vec![BenchResult {
+        scenario: "exchange".into(),
+        params: params_map(&[
+            ("clients", p.clients.into()),
+            ("policies", n_policies.into()),
+        ]),
+        ops: latencies.len() as u64,
+        seconds,
+        latencies,
         agent_rss_bytes: rss,
         extra,
     }])

@@ -101,7 +101,12 @@ pub struct Exchange {
     pub approvals: ApprovalBook,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
+    /// Validated subject tokens: token -> (SPIFFE ID, exp).
+    subjects: std::sync::Mutex<std::collections::HashMap<String, (String, u64)>>,
 }
+
+/// Bound on remembered subject tokens (a few hundred bytes each).
+const SUBJECT_CACHE_LIMIT: usize = 4096;
 
 impl Exchange {
     #[allow(clippy::too_many_arguments)]
@@ -126,6 +131,7 @@ impl Exchange {
             approvals: ApprovalBook::default(),
             clock,
             metrics,
+            subjects: Default::default(),
         }
     }
 
@@ -203,16 +209,7 @@ impl Exchange {
         let now_s = unix_seconds(now);
 
         // 2. The subject token authenticates the caller a second time.
-        let (subject_id, _) = self
-            .authority
-            .validate_jwt(&req.subject_token, &self.config.issuer)
-            .map_err(|e| {
-                OAuthError::invalid_request(format!(
-                    "subject_token is not a valid JWT-SVID for audience {:?}: {e}",
-                    self.config.issuer
-                ))
-            })?;
-        let caller_id = subject_id.to_string();
+        let caller_id = self.validate_subject(&req.subject_token, now_s)?;
         record.insert("subject".into(), caller_id.clone().into());
         let identity = caller.identity(&caller_id).ok_or_else(|| {
             OAuthError::invalid_request(format!(
@@ -515,6 +512,47 @@ impl Exchange {
             scope: granted.join(" "),
             task_id,
         })
+    }
+
+    /// Validates a JWT-SVID subject token and returns its SPIFFE ID.
+    ///
+    /// Workloads reuse one JWT-SVID for many exchanges (the Workload API
+    /// caches them), and the ECDSA verification is the largest cost of an
+    /// exchange, so successful validations are remembered by exact token
+    /// until the token's `exp`. A token can only be in the cache after full
+    /// validation, and the key that signed it stays published until after
+    /// every token it signed has expired, so the cache cannot accept anything
+    /// a fresh validation would refuse.
+    fn validate_subject(&self, token: &str, now_s: u64) -> Result<String, OAuthError> {
+        {
+            let cache = self.subjects.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((id, exp)) = cache.get(token)
+                && now_s < *exp
+            {
+                return Ok(id.clone());
+            }
+        }
+        let (id, claims) = self
+            .authority
+            .validate_jwt(token, &self.config.issuer)
+            .map_err(|e| {
+                OAuthError::invalid_request(format!(
+                    "subject_token is not a valid JWT-SVID for audience {:?}: {e}",
+                    self.config.issuer
+                ))
+            })?;
+        let id = id.to_string();
+        if let Some(exp) = claims.get("exp").and_then(Value::as_u64) {
+            let mut cache = self.subjects.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.len() >= SUBJECT_CACHE_LIMIT {
+                cache.retain(|_, (_, e)| now_s < *e);
+                if cache.len() >= SUBJECT_CACHE_LIMIT {
+                    cache.clear();
+                }
+            }
+            cache.insert(token.to_string(), (id.clone(), exp));
+        }
+        Ok(id)
     }
 
     fn pending(&self, id: &str) -> OAuthError {
