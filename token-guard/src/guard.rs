@@ -279,13 +279,14 @@ impl Guard {
         key.verify(unverified.signing_input, &unverified.signature)
             .map_err(|_| TokenError::Signature)?;
         let now = now_secs(s);
+        let skew = s.clock_skew.as_secs().min(i64::MAX as u64) as i64;
         let verified = token::check_claims(
             &unverified,
             &ClaimRules {
                 issuer: &s.issuer,
                 audience: &s.audience,
                 now,
-                skew: s.clock_skew.as_secs().min(i64::MAX as u64) as i64,
+                skew,
             },
         )?;
         // Both thumbprints are public (the token carries one): a plain compare is fine.
@@ -297,11 +298,7 @@ impl Guard {
             _ => {}
         }
         if let Some(introspector) = &self.introspector {
-            let remaining = verified
-                .exp
-                .saturating_add(s.clock_skew.as_secs() as i64)
-                .saturating_sub(now)
-                .max(0) as u64;
+            let remaining = verified.exp.saturating_add(skew).saturating_sub(now).max(0) as u64;
             let active = introspector
                 .is_active(token, &verified.jti, Duration::from_secs(remaining))
                 .await

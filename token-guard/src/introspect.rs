@@ -97,14 +97,12 @@ impl Introspector {
                 cache.clear();
             }
         }
-        if !ttl.is_zero() {
-            cache.insert(
-                key,
-                Entry {
-                    active,
-                    until: Instant::now() + ttl,
-                },
-            );
+        // A day at most: `exp` is the issuer's to choose, and must not overflow the clock.
+        let until = Instant::now().checked_add(ttl.min(Duration::from_secs(86_400)));
+        if let Some(until) = until
+            && !ttl.is_zero()
+        {
+            cache.insert(key, Entry { active, until });
         }
         Ok(active)
     }

@@ -269,7 +269,7 @@ impl Exchange {
 /// `Ok(Err(code))` is an OAuth refusal.
 async fn get_token(exchange: &Exchange, args: &Args) -> anyhow::Result<Result<Value, String>> {
     let mut approval: Option<String> = None;
-    let deadline = Instant::now() + Duration::from_secs(args.approval_timeout);
+    let deadline = Instant::now() + Duration::from_secs(args.approval_timeout.min(86_400));
     loop {
         match exchange.token(args, approval.as_deref()).await? {
             Ok(body) => {
@@ -417,5 +417,34 @@ async fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps() {
+        let Step::Call { tool, arg, expect } = parse_step("add_note:a@b@403").unwrap() else {
+            panic!("not a call");
+        };
+        assert_eq!(
+            (tool.as_str(), arg.as_deref(), expect.as_str()),
+            ("add_note", Some("a@b"), "403")
+        );
+        let Step::Call { arg, expect, .. } = parse_step("add_note:me@example.org").unwrap() else {
+            panic!("not a call");
+        };
+        assert_eq!(
+            (arg.as_deref(), expect.as_str()),
+            (Some("me@example.org"), "ok")
+        );
+        assert!(matches!(parse_step("end-task").unwrap(), Step::EndTask));
+        assert!(
+            matches!(parse_step("wait:1.5s").unwrap(), Step::Wait(d) if d == Duration::from_millis(1500))
+        );
+        assert!(parse_step("wait:soon").is_err());
+        assert!(parse_step(":x").is_err());
     }
 }
