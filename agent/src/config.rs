@@ -848,5 +848,47 @@ mod tests {
         let text = include_str!("../../examples/tessera.toml");
         let c = Config::parse(text, "examples/tessera.toml").unwrap();
         assert!(c.entries.len() >= 2);
+        let x = c.exchange.expect("the example enables the exchange");
+        assert_eq!(x.max_ttl, Duration::from_secs(900));
+        assert_eq!(x.issuer, "spiffe://example.org/tessera");
+    }
+
+    #[test]
+    fn exchange_table_defaults_and_errors() {
+        let c = Config::parse(&format!("{MINIMAL}[exchange]\n"), "t.toml").unwrap();
+        let x = c.exchange.unwrap();
+        assert_eq!(x.socket_path, Path::new("/tmp/x/exchange.sock"));
+        assert_eq!(x.audit_log, Path::new("/tmp/x/audit.jsonl"));
+        assert_eq!(x.issuer, "spiffe://example.org/tessera");
+        assert_eq!(
+            (x.max_ttl, x.default_ttl),
+            (Duration::from_secs(900), Duration::from_secs(300))
+        );
+        assert_eq!(x.max_delegation_depth, 3);
+        assert!(x.policy_dir.is_none());
+        let off =
+            Config::parse(&format!("{MINIMAL}[exchange]\nenabled = false\n"), "t.toml").unwrap();
+        assert!(off.exchange.is_none());
+        // default_ttl never exceeds max_ttl.
+        let c = Config::parse(
+            &format!("{MINIMAL}[exchange]\nmax_ttl = \"2m\"\n"),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.exchange.unwrap().default_ttl, Duration::from_secs(120));
+
+        let err = |body: &str| {
+            Config::parse(&format!("{MINIMAL}[exchange]\n{body}"), "t.toml")
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("max_ttl = \"soon\"\n").contains("exchange.max_ttl"));
+        assert!(err("max_delegation_depth = 99\n").contains("exchange.max_delegation_depth"));
+        assert!(err("socket_path = \"/tmp/x/agent.sock\"\n").contains("exchange.socket_path"));
+        assert!(err("approval_timeout = \"0s\"\n").contains("exchange.approval_timeout"));
+        assert!(
+            err("polcy_dir = \"/x\"\n").contains("polcy_dir"),
+            "unknown keys are named"
+        );
     }
 }
