@@ -42,4 +42,6 @@ section "interop: java-spiffe"
 tests/interop/java/run.sh
 section "example: mTLS between two workloads"
 examples/mtls-demo.sh
+section "example: MCP server and agent with per-task tokens"
+examples/mcp/demo.sh
 section "all tests passed"

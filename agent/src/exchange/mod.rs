@@ -480,7 +480,7 @@ impl Exchange {
             "exp": exp,
             "jti": jti,
             "txn": task_id,
-            "cnf": {"x5t#S256": B64URL.encode(ring::digest::digest(&ring::digest::SHA256, &svid.chain_der))},
+            "cnf": {"x5t#S256": B64URL.encode(ring::digest::digest(&ring::digest::SHA256, leaf_der(&svid.chain_der)))},
         });
         if let Some(p) = &parent {
             let mut act = Map::new();
@@ -892,6 +892,14 @@ fn act_depth(act: Option<&Value>) -> u32 {
         cur = a.get("act");
     }
     depth
+}
+
+/// The first certificate of a DER chain (RFC 8705 thumbprints the leaf only).
+fn leaf_der(chain: &[u8]) -> &[u8] {
+    match x509_parser::parse_x509_certificate(chain) {
+        Ok((rest, _)) => &chain[..chain.len() - rest.len()],
+        Err(_) => chain,
+    }
 }
 
 fn secs_until(t: SystemTime, now: SystemTime) -> u64 {
