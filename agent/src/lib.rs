@@ -26,3 +26,4 @@ pub mod policy;
 pub mod revocation;
 pub mod service;
 pub mod svid_cache;
+pub mod unix_http;

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub policies_loaded: Gauge,
     pub audit_write_errors: Counter,
     pub approvals_pending: Gauge,
+    /// Connections closed at accept because the socket was at its limit.
+    pub connections_refused: Family<MethodLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -171,8 +173,15 @@ impl Metrics {
             "Exchanges waiting for an operator's approval",
             approvals_pending.clone(),
         );
+        let connections_refused = Family::<MethodLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept because the socket was at its connection limit (label method = socket)",
+            connections_refused.clone(),
+        );
         Self {
             registry,
+            connections_refused,
             exchanges,
             exchange_seconds,
             revocations,

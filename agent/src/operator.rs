@@ -51,12 +51,11 @@ pub async fn serve(
             clock,
             agent_uid: nix::unistd::geteuid().as_raw(),
         });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<ExchangeConn>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
+    let limits = crate::unix_http::Limits {
+        max_connections: 64,
+        ..Default::default()
+    };
+    crate::unix_http::serve(listener, app, limits, shutdown, || {}).await
 }
 
 /// The operator's name for the audit log, if they may use this socket.

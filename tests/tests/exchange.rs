@@ -784,3 +784,46 @@ async fn audit_log_verifies_clean_and_finds_the_first_tampered_record() {
     let problem = report.first_problem.expect("tampering is detected");
     assert_eq!(problem.line, 2, "{problem}");
 }
+
+#[tokio::test]
+async fn malformed_and_oversized_requests_get_clear_errors() {
+    let s = Setup::start().await;
+    // Not a form body.
+    let (status, body) = http_unix(&s.exchange_socket(), http::Method::POST, "/token", None)
+        .await
+        .unwrap();
+    let e: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (status.as_u16(), e["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    // Over the 64 KiB body limit: refused before it is parsed.
+    let huge = "x".repeat(100 * 1024);
+    let (status, _) = http_unix(
+        &s.exchange_socket(),
+        http::Method::POST,
+        "/token",
+        Some(form(&[("subject_token", huge.as_str())])),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 413);
+    // Garbage percent-encoding and repeated parameters.
+    let (status, e) = s
+        .post("/token", &[("grant_type", "a"), ("grant_type", "b")])
+        .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    // Unknown routes and methods.
+    let (status, _) = http_unix(&s.exchange_socket(), http::Method::GET, "/token", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 405);
+    // Introspection of garbage is simply inactive.
+    assert_eq!(
+        s.introspect("not-a-token").await,
+        serde_json::json!({"active": false})
+    );
+}

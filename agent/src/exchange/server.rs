@@ -18,7 +18,6 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::IncomingStream;
 use tessera_attestor::PeerInfo;
 use tokio::net::UnixListener;
 use tokio::sync::OnceCell;
@@ -44,9 +43,10 @@ impl ExchangeConn {
     }
 }
 
-impl axum::extract::connect_info::Connected<IncomingStream<'_, UnixListener>> for ExchangeConn {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        match PeerInfo::from_socket(stream.io()) {
+impl ExchangeConn {
+    /// Reads the peer's kernel credentials at accept time.
+    pub fn from_stream(stream: &tokio::net::UnixStream) -> Self {
+        match PeerInfo::from_socket(stream) {
             Ok(peer) => Self(Some(PeerConnection {
                 peer,
                 attested: Arc::new(OnceCell::new()),
@@ -83,12 +83,20 @@ pub async fn serve(
     agent: Arc<AgentState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let metrics = agent.metrics.clone();
     let app = router(exchange, agent);
-    axum::serve(
+    crate::unix_http::serve(
         listener,
-        app.into_make_service_with_connect_info::<ExchangeConn>(),
+        app,
+        crate::unix_http::Limits::default(),
+        shutdown,
+        move || {
+            metrics
+                .connections_refused
+                .get_or_create(&crate::metrics::MethodLabels { method: "exchange" })
+                .inc();
+        },
     )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
     .await
 }
 
