@@ -59,16 +59,18 @@ pub async fn serve(
 }
 
 /// The operator's name for the audit log, if they may use this socket.
-fn operator(s: &OperatorState, conn: &ExchangeConn) -> Result<String, Response> {
+fn operator(s: &OperatorState, conn: &ExchangeConn) -> Result<String, Box<Response>> {
     match conn.peer() {
         Some(p) if p.uid == 0 || p.uid == s.agent_uid => Ok(format!("uid:{}", p.uid)),
-        _ => Err((
-            StatusCode::FORBIDDEN,
-            axum::Json(
-                json!({"error": "only root or the agent's user may use the operator socket"}),
-            ),
-        )
-            .into_response()),
+        _ => Err(Box::new(
+            (
+                StatusCode::FORBIDDEN,
+                axum::Json(
+                    json!({"error": "only root or the agent's user may use the operator socket"}),
+                ),
+            )
+                .into_response(),
+        )),
     }
 }
 
@@ -77,7 +79,7 @@ async fn list(
     ConnectInfo(conn): ConnectInfo<ExchangeConn>,
 ) -> Response {
     if let Err(r) = operator(&s, &conn) {
-        return r;
+        return *r;
     }
     axum::Json(s.exchange.approvals.list(s.clock.now())).into_response()
 }
@@ -106,7 +108,7 @@ async fn decide(
 ) -> Response {
     let operator = match operator(&s, &conn) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let result = s.exchange.approvals.decide(
         &id,

@@ -293,13 +293,12 @@ impl Exchange {
         }
 
         // 4. Policy, one decision per scope.
-        let approval = match &req.approval_id {
-            None => None,
-            Some(id) => Some((
+        let approval = req.approval_id.as_ref().map(|id| {
+            (
                 id.clone(),
                 fingerprint(&caller_id, &principal, req, &task_id, parent.as_ref()),
-            )),
-        };
+            )
+        });
         let approved = match &approval {
             None => false,
             Some((id, fp)) => {
@@ -833,7 +832,7 @@ impl Exchange {
             let _ = tokio::task::spawn_blocking(move || {
                 me.reload_policies();
                 // Pruning rewrites a file: do it about once a minute.
-                if rounds % 30 == 0
+                if rounds.is_multiple_of(30)
                     && let Err(e) = me.revocations.prune(me.now())
                 {
                     tracing::warn!(error = %e, "could not compact the revocation file");

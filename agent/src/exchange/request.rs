@@ -229,7 +229,7 @@ fn check_resource_uri(uri: &str) -> Result<(), OAuthError> {
     let scheme_end = uri.find(':').unwrap_or(0);
     let scheme_ok = scheme_end > 0
         && uri[..scheme_end].chars().enumerate().all(|(i, c)| {
-            c.is_ascii_alphabetic() || (i > 0 && "+-.".contains(c) || c.is_ascii_digit() && i > 0)
+            c.is_ascii_alphabetic() || (i > 0 && (c.is_ascii_digit() || "+-.".contains(c)))
         });
     if !scheme_ok || uri.len() == scheme_end + 1 {
         return Err(OAuthError::new(
