@@ -11,7 +11,12 @@
   reason, and every skip is needed (without the skip annotations checkov
   fails exactly the skipped checks);
 * assertions on the parsed YAML: host PID, socket hostPath, securityContext,
-  probes, RBAC, and the ConfigMap's TOML (parsed with tomllib).
+  probes, RBAC, the token exchange (policies ConfigMap, operator socket) and
+  the ConfigMap's TOML (parsed with tomllib);
+* with a `tessera` binary at hand, the real agent starts on every rendered
+  config (paths moved to a temp dir) and, for the exchange value set, issues
+  and refuses tokens according to the rendered policies and reloads them
+  when they change the way the kubelet updates a ConfigMap volume.
 """
 
 from __future__ import annotations
@@ -42,6 +47,28 @@ KUBE_VERSIONS = ["1.30.0", "1.33.0", "1.37.0"]
 LINT_KUBE_VERSIONS = ["v1.26.0", "v1.30.0", "v1.33.0"]
 CRD_KINDS = {"ServiceMonitor", "PodMonitor"}
 DIGEST = "sha256:" + "ab" * 32
+
+NOTES_RESOURCE = "https://notes.example/mcp"
+# Inline policies of the "exchange-inline" value set. The agent loads them
+# in strict mode, so they are also a check that the chart passes Cedar text
+# through unharmed (quotes, backslashes, non-ASCII, comments).
+EXCHANGE_POLICIES = {
+    "10-notes-read.cedar": (
+        '// Every workload of the trust domain may read notes ("résumé" \\ ok).\n'
+        '@id("notes-read")\n'
+        '@max_ttl("5m")\n'
+        'permit (\n'
+        '  principal,\n'
+        '  action == Tessera::Action::"notes:read",\n'
+        f'  resource == Tessera::Audience::"{NOTES_RESOURCE}"\n'
+        ')\n'
+        'when { principal.trust_domain == "example.org" };\n'
+    ),
+    "20-forbid-delete.cedar": (
+        '@id("no-delete")\n'
+        'forbid (principal, action == Tessera::Action::"notes:delete", resource);\n'
+    ),
+}
 
 # Each value set is rendered as its own release in its own namespace, so the
 # manifests of all sets can be scanned together without mixing.
@@ -104,6 +131,34 @@ VALUE_SETS: dict[str, dict] = {
     "unix-only": {"kubelet": {"enabled": False}, "entries": [
         {"spiffe_id": "/uid/{unix:uid}", "selectors": ["unix:uid"]}
     ]},
+    # Token exchange with inline policies and every exchange value set; unix
+    # attestation only, so the real agent (when at hand) gives this test
+    # process an identity and the exchange can be exercised end to end.
+    "exchange-inline": {
+        "kubelet": {"enabled": False},
+        "entries": [{"spiffe_id": "/uid/{unix:uid}", "selectors": ["unix:uid"]}],
+        "dataDir": {"type": "hostPath"},
+        "admin": {"socketHostPath": "/var/run/tessera-admin"},
+        "exchange": {
+            "policies": EXCHANGE_POLICIES,
+            "issuer": "https://tessera.example/issuer",
+            "maxTTL": "10m",
+            "defaultTTL": "2m",
+            "maxDelegationDepth": 1,
+            "approvalTimeout": "3m",
+            "approvalGrantTTL": "1m",
+            "approvalPollInterval": "1s",
+            "policyReloadInterval": "200ms",
+        },
+    },
+    # Policies from an operator-managed ConfigMap; a non-root agent (the init
+    # container must hand it the operator socket directory too).
+    "exchange-existing-cm": {
+        "exchange": {"existingPolicyConfigMap": "team-policies"},
+        "securityContext": {"runAsUser": 10001, "runAsGroup": 10001},
+    },
+    # No token exchange: no [exchange], no operator socket, no policies.
+    "exchange-off": {"exchange": {"enabled": False}},
 }
 
 
@@ -178,8 +233,20 @@ def agent_container(docs) -> dict:
     return c
 
 
+def config_text(docs) -> str:
+    """The agent's tessera.toml (the chart's other ConfigMap holds policies)."""
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and "tessera.toml" in (d.get("data") or {})]
+    return cm["data"]["tessera.toml"]
+
+
 def config_toml(docs) -> dict:
-    return tomllib.loads(one(docs, "ConfigMap")["data"]["tessera.toml"])
+    return tomllib.loads(config_text(docs))
+
+
+def policies_cm(docs) -> dict | None:
+    found = [d for d in docs if d["kind"] == "ConfigMap" and "tessera.toml" not in (d.get("data") or {})]
+    assert len(found) <= 1
+    return found[0] if found else None
 
 
 def volume(pod_spec: dict, name: str) -> dict:
@@ -254,6 +321,18 @@ BAD_VALUES = {
     "runAsUser type": ({"securityContext": {"runAsUser": "root"}}, "/securityContext/runAsUser"),
     "capability prefix": ({"securityContext": {"capabilities": {"add": ["CAP_SYS_PTRACE"]}}}, "capabilities"),
     "dataDir type": ({"dataDir": {"type": "pvc"}}, "/dataDir/type"),
+    "exchange unknown key": ({"exchange": {"policyDir": "/x"}}, "additional properties"),
+    "exchange enabled type": ({"exchange": {"enabled": "yes"}}, "/exchange/enabled"),
+    "policy file extension": ({"exchange": {"policies": {"a.txt": "x"}}}, "invalid propertyName 'a.txt'"),
+    "hidden policy file": ({"exchange": {"policies": {".a.cedar": "x"}}}, "invalid propertyName '.a.cedar'"),
+    "policy file in a subdirectory": ({"exchange": {"policies": {"d/a.cedar": "x"}}}, "invalid propertyName 'd/a.cedar'"),
+    "policy text type": ({"exchange": {"policies": {"a.cedar": ["x"]}}}, "/exchange/policies/a.cedar"),
+    "policy configmap name": ({"exchange": {"existingPolicyConfigMap": "Team_Policies"}}, "/exchange/existingPolicyConfigMap"),
+    "exchange duration": ({"exchange": {"maxTTL": 900}}, "/exchange/maxTTL"),
+    "exchange duration text": ({"exchange": {"approvalTimeout": "soon"}}, "/exchange/approvalTimeout"),
+    "delegation depth": ({"exchange": {"maxDelegationDepth": 17}}, "/exchange/maxDelegationDepth"),
+    "issuer length": ({"exchange": {"issuer": "x" * 513}}, "/exchange/issuer"),
+    "admin socket dir relative": ({"admin": {"socketHostPath": "run/tessera/admin"}}, "/admin/socketHostPath"),
 }
 
 
@@ -370,7 +449,7 @@ def test_checkov_skips_are_the_documented_ones(checkov_results):
 
 def test_default_kinds(manifests):
     assert kinds(manifests["default"]) == sorted([
-        "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "NetworkPolicy",
+        "ClusterRole", "ClusterRoleBinding", "ConfigMap", "ConfigMap", "DaemonSet", "NetworkPolicy",
         "NetworkPolicy", "Pod", "ServiceAccount",
     ])
 
@@ -478,12 +557,22 @@ def test_default_config_toml(manifests):
     assert cfg["entries"] == [
         {"spiffe_id": "spiffe://example.org/ns/{k8s:ns}/sa/{k8s:sa}", "selectors": ["k8s:ns", "k8s:sa"]}
     ]
-    assert cfg["admin"] == {"listen": "0.0.0.0:9090"}
+    assert cfg["admin"] == {"listen": "0.0.0.0:9090", "socket_path": "/run/tessera/admin/admin.sock"}
+    assert cfg["exchange"] == {
+        "policy_dir": "/etc/tessera/policies",
+        "policy_reload_interval": "2s",
+        "max_ttl": "15m",
+        "default_ttl": "5m",
+        "max_delegation_depth": 3,
+        "approval_timeout": "10m",
+        "approval_grant_ttl": "5m",
+        "approval_poll_interval": "2s",
+    }
     assert cfg["log"] == {"level": "info", "format": "json"}
     assert cfg["limits"] == {"shutdown_grace": "5s"}
     # Every key the agent reads is known to it (README "Configuration reference" + [attestor.k8s]).
     assert set(cfg) == {"trust_domain", "socket_path", "data_dir", "svid", "authority", "attestor",
-                        "entries", "admin", "log", "limits"}
+                        "entries", "admin", "exchange", "log", "limits"}
 
 
 def test_config_matches_example_file_keys(manifests):
@@ -638,7 +727,7 @@ def test_custom_run_as_user(manifests):
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["fsGroup"] == 10001
     (init,) = spec["initContainers"]
-    assert init["command"] == ["chown", "10001:10001", "/run/tessera/sockets"]
+    assert init["command"] == ["chown", "10001:10001", "/run/tessera/sockets", "/run/tessera/admin"]
     assert init["image"] == "busybox:1.37.0"
     assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
     assert init["securityContext"]["runAsUser"] == 0
@@ -675,11 +764,12 @@ def test_unix_only(manifests):
 def test_toml_strings_are_escaped(chart):
     """A value with quotes, backslashes or newlines cannot break out of its TOML string."""
     nasty = 'info"\n[admin]\nlisten = "0.0.0.0:1"\\'
-    docs = docs_of(render_files(chart, {"log": {"level": nasty}, "entries": [
+    docs = docs_of(render_files(chart, {"log": {"level": nasty}, "exchange": {"issuer": nasty}, "entries": [
         {"spiffe_id": "/a", "selectors": ['unix:path:/opt/"x"\\y'], "hint": "h\u2028i"}]}))
     cfg = config_toml(docs)
     assert cfg["log"]["level"] == nasty
-    assert cfg["admin"] == {"listen": "0.0.0.0:9090"}
+    assert cfg["exchange"]["issuer"] == nasty
+    assert cfg["admin"] == {"listen": "0.0.0.0:9090", "socket_path": "/run/tessera/admin/admin.sock"}
     assert cfg["entries"][0]["selectors"] == ['unix:path:/opt/"x"\\y']
     assert cfg["entries"][0]["hint"] == "h\u2028i"
 
@@ -696,11 +786,162 @@ def test_on_delete_update_strategy(chart):
     assert one(docs, "DaemonSet")["spec"]["updateStrategy"] == {"type": "OnDelete"}
 
 
+# ---------------------------------------------------------------- token exchange
+
+
+def test_default_exchange_policies_configmap_is_empty(manifests, rendered):
+    """Exchange on, no policies: an empty ConfigMap is mounted (deny all), and
+    the install notes say so."""
+    docs = manifests["default"]
+    cm = policies_cm(docs)
+    assert cm["metadata"]["name"] == "tessera-default-policies"
+    assert cm["metadata"]["namespace"] == release("default")[1]
+    assert cm.get("data") == {}
+    pod = agent_pod(docs)["spec"]
+    assert volume(pod, "policies") == {"name": "policies", "configMap": {"name": "tessera-default-policies"}}
+    assert mount(agent_container(docs), "policies") == {
+        "name": "policies", "mountPath": "/etc/tessera/policies", "readOnly": True,
+    }
+    assert config_toml(docs)["exchange"]["policy_dir"] == "/etc/tessera/policies"
+    notes = rendered["default"]["tessera/templates/NOTES.txt"]
+    assert "every token exchange is DENIED" in notes
+    assert "exchange.policies" in notes
+    assert "unix:///spiffe-workload-api/exchange.sock" in notes
+    assert "tessera approvals list --admin-socket /run/tessera/admin/admin.sock" in notes
+    assert "dataDir.type=emptyDir" in notes and "audit log, revocation state and signing keys" in notes
+
+
+def test_default_admin_socket_mount(manifests):
+    docs = manifests["default"]
+    pod = agent_pod(docs)["spec"]
+    assert volume(pod, "admin-socket")["hostPath"] == {"path": "/run/tessera/admin", "type": "DirectoryOrCreate"}
+    m = mount(agent_container(docs), "admin-socket")
+    assert m == {"name": "admin-socket", "mountPath": "/run/tessera/admin"}
+    # Outside the workload socket directory, in the container and on the host.
+    sockets = mount(agent_container(docs), "sockets")["mountPath"]
+    assert not (m["mountPath"] + "/").startswith(sockets + "/")
+    assert config_toml(docs)["admin"]["socket_path"] == m["mountPath"] + "/admin.sock"
+
+
+def test_exchange_inline_policies(manifests, rendered):
+    docs = manifests["exchange-inline"]
+    cm = policies_cm(docs)
+    assert cm["metadata"]["name"] == "tessera-exchange-inline-policies"
+    assert cm["data"] == EXCHANGE_POLICIES  # byte for byte: quotes, backslash, non-ASCII
+    assert volume(agent_pod(docs)["spec"], "policies")["configMap"] == {"name": cm["metadata"]["name"]}
+    cfg = config_toml(docs)
+    assert cfg["exchange"] == {
+        "policy_dir": "/etc/tessera/policies",
+        "policy_reload_interval": "200ms",
+        "issuer": "https://tessera.example/issuer",
+        "max_ttl": "10m",
+        "default_ttl": "2m",
+        "max_delegation_depth": 1,
+        "approval_timeout": "3m",
+        "approval_grant_ttl": "1m",
+        "approval_poll_interval": "1s",
+    }
+    assert cfg["admin"]["socket_path"] == "/run/tessera/admin/admin.sock"
+    # The host directory moves; the container path (and so the config) does not.
+    pod = agent_pod(docs)["spec"]
+    assert volume(pod, "admin-socket")["hostPath"] == {"path": "/var/run/tessera-admin", "type": "DirectoryOrCreate"}
+    assert mount(agent_container(docs), "admin-socket")["mountPath"] == "/run/tessera/admin"
+    notes = rendered["exchange-inline"]["tessera/templates/NOTES.txt"]
+    assert "10-notes-read.cedar, 20-forbid-delete.cedar" in notes
+    assert "DENIED" not in notes
+    assert "/var/run/tessera-admin/admin.sock" in notes
+    assert "dataDir.type=emptyDir" not in notes  # hostPath data: durable audit log
+
+
+def test_exchange_existing_configmap(manifests, rendered):
+    docs = manifests["exchange-existing-cm"]
+    assert policies_cm(docs) is None
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"] == ["tessera-exchange-existing-cm"]
+    pod = agent_pod(docs)["spec"]
+    assert volume(pod, "policies") == {"name": "policies", "configMap": {"name": "team-policies"}}
+    assert mount(agent_container(docs), "policies")["readOnly"] is True
+    assert config_toml(docs)["exchange"]["policy_dir"] == "/etc/tessera/policies"
+    # A non-root agent cannot create its socket in the kubelet-created,
+    # root-owned host directory: the init container hands it over.
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["chown", "10001:10001", "/run/tessera/sockets", "/run/tessera/admin"]
+    assert mount(init, "admin-socket")["mountPath"] == "/run/tessera/admin"
+    notes = rendered["exchange-existing-cm"]["tessera/templates/NOTES.txt"]
+    assert "ConfigMap team-policies" in notes and "DENIED" not in notes
+
+
+def test_exchange_disabled(manifests, rendered):
+    docs = manifests["exchange-off"]
+    cfg = config_toml(docs)
+    assert "exchange" not in cfg
+    assert cfg["admin"] == {"listen": "0.0.0.0:9090"}
+    assert policies_cm(docs) is None
+    pod = agent_pod(docs)["spec"]
+    assert {v["name"] for v in pod["volumes"]} == {"config", "sockets", "data"}
+    assert {m["name"] for m in agent_container(docs)["volumeMounts"]} == {"config", "sockets", "data"}
+    notes = rendered["exchange-off"]["tessera/templates/NOTES.txt"]
+    assert "Token exchange" not in notes and "exchange.sock" not in notes and "approvals" not in notes
+
+
+def test_policy_edits_do_not_restart_the_agents(chart):
+    """Policies hot-reload: changing them must not change the pod template
+    (no checksum of them), while exchange settings in the config still roll
+    the pods through checksum/config."""
+    def pod_template(values):
+        return agent_pod(docs_of(render_files(chart, values)))
+
+    base = pod_template({"exchange": {"policies": {"a.cedar": "permit (principal, action, resource);"}}})
+    edited = pod_template({"exchange": {"policies": {
+        "a.cedar": "forbid (principal, action, resource);", "b.cedar": "// new file"}}})
+    assert base == edited
+    none = pod_template({})
+    assert none == base  # from no policies to some: no restart either
+    assert not [k for k in base["metadata"]["annotations"] if "polic" in k]
+    assert set(base["metadata"]["annotations"]) == {"checksum/config"}
+    ttl = pod_template({"exchange": {"maxTTL": "5m"}})
+    assert ttl["metadata"]["annotations"]["checksum/config"] != base["metadata"]["annotations"]["checksum/config"]
+
+
+@pytest.mark.parametrize("admin_dir", [
+    "/run/tessera/sockets",
+    "/run/tessera/sockets/",
+    "/run/tessera/sockets/admin",
+    "/run/tessera/sockets//deep/admin/",
+    "/run/tessera/x/../sockets/admin",
+])
+def test_render_refuses_admin_socket_inside_socket_dir(chart, admin_dir):
+    with pytest.raises(helm_python.HelmRenderError, match=r"admin\.socketHostPath .* is inside socket\.hostPath"):
+        render_files(chart, {"admin": {"socketHostPath": admin_dir}})
+
+
+def test_render_refuses_admin_socket_inside_custom_socket_dir(chart):
+    with pytest.raises(helm_python.HelmRenderError, match="workload that mounts the socket directory"):
+        render_files(chart, {"socket": {"hostPath": "/srv/spiffe/"}, "admin": {"socketHostPath": "/srv/spiffe/ops"}})
+
+
+@pytest.mark.parametrize("admin_dir", ["/run/tessera/sockets-admin", "/run/tessera", "/run/tessera-admin"])
+def test_admin_socket_beside_the_socket_dir_is_fine(chart, admin_dir):
+    docs = docs_of(render_files(chart, {"admin": {"socketHostPath": admin_dir}}))
+    assert volume(agent_pod(docs)["spec"], "admin-socket")["hostPath"]["path"] == admin_dir
+
+
+def test_render_refuses_exchange_socket_name_clash(chart):
+    with pytest.raises(helm_python.HelmRenderError, match="exchange.sock"):
+        render_files(chart, {"socket": {"fileName": "exchange.sock"}})
+    # Without the exchange the name is free.
+    render_files(chart, {"socket": {"fileName": "exchange.sock"}, "exchange": {"enabled": False}})
+
+
+def test_render_refuses_both_policy_sources(chart):
+    with pytest.raises(helm_python.HelmRenderError, match="not both"):
+        render_files(chart, {"exchange": {"existingPolicyConfigMap": "p", "policies": {"a.cedar": ""}}})
+
+
 # ---------------------------------------------------------------- documentation
 
 
 OPAQUE = {  # documented as one row: Kubernetes objects or free-form maps/lists
-    "entries", "resources", "tolerations", "nodeSelector", "affinity", "imagePullSecrets",
+    "entries", "exchange.policies", "resources", "tolerations", "nodeSelector", "affinity", "imagePullSecrets",
     "podAnnotations", "podLabels", "extraEnv", "extraVolumes", "extraVolumeMounts",
     "serviceAccount.annotations", "monitoring.serviceMonitor.labels", "monitoring.podMonitor.labels",
     "networkPolicy.adminFrom", "networkPolicy.extraEgress", "securityContext.capabilities.add",
@@ -772,11 +1013,110 @@ def make_ca(directory: Path) -> None:
                    check=True, capture_output=True)
 
 
+def write_configmap_volume(directory: Path, data: dict[str, str], generation: int) -> None:
+    """Lays out `data` the way the kubelet's atomic writer fills a ConfigMap
+    volume: files in a timestamped hidden directory, `..data` pointing at it,
+    and one symlink per key through `..data`. A later generation is swapped
+    in with one rename of `..data`, which is how a ConfigMap update reaches
+    a running pod."""
+    import os
+
+    directory.mkdir(exist_ok=True)
+    ts = directory / f"..2026_01_01_00_00_0{generation}.000000000"
+    ts.mkdir()
+    for key, text in data.items():
+        (ts / key).write_text(text)
+    tmp = directory / "..data_tmp"
+    tmp.symlink_to(ts.name)
+    os.replace(tmp, directory / "..data")
+    for key in data:
+        link = directory / key
+        if not link.is_symlink():
+            link.symlink_to(f"..data/{key}")
+    for old in directory.glob("..2026_*"):
+        if old != ts:
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+
+
+def jwt_claims(token: str) -> dict:
+    import base64
+
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+def exercise_exchange(binary: Path, socket: Path, admin_socket: Path, policy_dir: Path, data_dir: Path,
+                      name: str) -> None:
+    """Token exchange through the sockets the chart's config opens: a token
+    the rendered policies grant, one they refuse, a policy added the way a
+    ConfigMap update lands, the operator socket and the audit log."""
+    import os
+    import stat
+    import time
+
+    assert (socket.parent / "exchange.sock").exists()  # beside the Workload API socket
+    assert stat.S_IMODE(admin_socket.stat().st_mode) == 0o600
+    approvals = subprocess.run([str(binary), "approvals", "list", "--json", "--admin-socket", str(admin_socket)],
+                               capture_output=True, text=True, timeout=20)
+    assert approvals.returncode == 0, approvals.stderr
+
+    def exchange(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(binary), "token", "exchange", "--socket", str(socket),
+                               "--resource", NOTES_RESOURCE, *args],
+                              capture_output=True, text=True, timeout=20)
+
+    if name != "exchange-inline":
+        # No policies rendered for this set (an empty or absent ConfigMap): deny.
+        denied = exchange("--scope", "notes:read", "--task", "t0")
+        assert denied.returncode != 0
+        assert json.loads(denied.stdout)["error"] == "access_denied", denied.stdout
+        return
+
+    cfg_issuer = "https://tessera.example/issuer"
+    ok = exchange("--scope", "notes:read", "--task", "t1")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    resp = json.loads(ok.stdout)
+    claims = jwt_claims(resp["access_token"])
+    assert claims["iss"] == cfg_issuer
+    assert claims["aud"] == NOTES_RESOURCE
+    assert claims["scope"] == "notes:read" and claims["txn"] == "t1"
+    assert claims["sub"] == f"spiffe://example.org/uid/{os.geteuid()}"
+    assert claims["exp"] - claims["iat"] == 120  # exchange.defaultTTL
+    longer = json.loads(exchange("--scope", "notes:read", "--task", "t1", "--ttl", "9m").stdout)
+    assert longer["expires_in"] == 300  # the policy's @max_ttl beats the request (and maxTTL 10m)
+
+    denied = exchange("--scope", "notes:write", "--task", "t2")
+    assert denied.returncode != 0
+    assert json.loads(denied.stdout)["error"] == "access_denied", denied.stdout
+
+    # A ConfigMap update: same files plus a new one, swapped in atomically.
+    write_configmap_volume(policy_dir, {**EXCHANGE_POLICIES, "30-notes-write.cedar": (
+        '@id("notes-write")\n'
+        f'permit (principal, action == Tessera::Action::"notes:write", resource == Tessera::Audience::"{NOTES_RESOURCE}");\n'
+    )}, generation=2)
+    deadline = time.monotonic() + 15
+    while True:
+        write = exchange("--scope", "notes:write", "--task", "t2")
+        if write.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert write.returncode == 0, write.stdout + write.stderr
+    assert jwt_claims(json.loads(write.stdout)["access_token"])["scope"] == "notes:write"
+
+    audit = data_dir / "audit.jsonl"
+    verify = subprocess.run([str(binary), "audit", "verify", str(audit)], capture_output=True, text=True, timeout=20)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_real_agent_starts_with_rendered_config(manifests, tmp_path, name):
     """The rendered TOML, with only its container paths moved into a temp dir,
     is accepted by the real `tessera run` (unknown keys and bad values are
-    fatal there), which then serves its socket and shuts down cleanly."""
+    fatal there), which then serves its socket and shuts down cleanly. With
+    the exchange on, the policies ConfigMap is laid out like a ConfigMap
+    volume and the exchange is exercised (`exercise_exchange`)."""
     import os
     import signal
     import time
@@ -784,19 +1124,28 @@ def test_real_agent_starts_with_rendered_config(manifests, tmp_path, name):
     binary = tessera_binary()
     if binary is None:
         pytest.skip("no tessera binary (set TESSERA_BIN or build the workspace)")
-    text = one(manifests[name], "ConfigMap")["data"]["tessera.toml"]
+    text = config_text(manifests[name])
     sock_dir, data_dir, ca_dir = tmp_path / "sockets", tmp_path / "data", tmp_path / "ca"
+    admin_dir, policy_dir = tmp_path / "admin", tmp_path / "policies"
     ca_dir.mkdir()
     make_ca(ca_dir)
     cfg = config_toml(manifests[name])
+    exchange_on = "exchange" in cfg
+    if exchange_on:
+        cm = policies_cm(manifests[name])
+        # An operator-managed ConfigMap is not rendered: stand in an empty one.
+        write_configmap_volume(policy_dir, (cm or {}).get("data") or {}, generation=1)
     listen = cfg["admin"]["listen"]
     text = (text.replace('"/run/tessera/sockets/', f'"{sock_dir}/')
+                .replace('"/run/tessera/admin/', f'"{admin_dir}/')
+                .replace('"/etc/tessera/policies"', f'"{policy_dir}"')
                 .replace('"/var/lib/tessera"', f'"{data_dir}"')
                 .replace('"/etc/tessera/ca/', f'"{ca_dir}/')
                 .replace(f'"{listen}"', '"127.0.0.1:0"'))
     assert "/run/tessera" not in text and "/var/lib/tessera" not in text and "/etc/tessera" not in text
     (tmp_path / "tessera.toml").write_text(text)
     socket = sock_dir / cfg["socket_path"].rsplit("/", 1)[1]
+    admin_socket = admin_dir / "admin.sock"
 
     env = dict(os.environ, HOST_IP="127.0.0.1", NODE_NAME="node-a")
     env.pop("RUST_LOG", None)
@@ -804,19 +1153,27 @@ def test_real_agent_starts_with_rendered_config(manifests, tmp_path, name):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
-        while not socket.exists() and proc.poll() is None and time.monotonic() < deadline:
+        def up() -> bool:
+            return socket.exists() and (not exchange_on or admin_socket.exists())
+        while not up() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert socket.exists(), "the agent did not create its socket within 20 s"
+        assert up(), "the agent did not create its sockets within 20 s"
         health = subprocess.run([str(binary), "healthcheck", "--socket", str(socket)],
                                 capture_output=True, text=True, timeout=20)
         assert health.returncode == 0, health.stderr
-        if name == "unix-only":
+        if name in ("unix-only", "exchange-inline"):
             # No kubelet involved: this test process itself gets its uid identity.
             fetch = subprocess.run([str(binary), "api", "fetch", "x509", "--socket", str(socket)],
                                    capture_output=True, text=True, timeout=20)
             assert fetch.returncode == 0, fetch.stderr
             assert f"spiffe://example.org/uid/{os.geteuid()}" in fetch.stdout, fetch.stdout
+        if exchange_on and name in ("exchange-inline", "unix-only"):
+            exercise_exchange(binary, socket, admin_socket, policy_dir, data_dir, name)
+        elif exchange_on:
+            assert (sock_dir / "exchange.sock").exists() and admin_socket.exists()
+        else:
+            assert not (sock_dir / "exchange.sock").exists() and not admin_dir.exists()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

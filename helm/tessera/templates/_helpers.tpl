@@ -83,6 +83,34 @@ app.kubernetes.io/component: test
 {{- define "tessera.dataDir" -}}/var/lib/tessera{{- end }}
 {{- define "tessera.configDir" -}}/etc/tessera{{- end }}
 {{- define "tessera.caDir" -}}/etc/tessera/ca{{- end }}
+{{- define "tessera.policyDir" -}}/etc/tessera/policies{{- end }}
+{{- define "tessera.adminSocketDir" -}}/run/tessera/admin{{- end }}
+{{- define "tessera.adminSocketPath" -}}{{ include "tessera.adminSocketDir" . }}/admin.sock{{- end }}
+
+{{/* The ConfigMap mounted as the exchange's policy directory. */}}
+{{- define "tessera.policyConfigMap" -}}
+{{- .Values.exchange.existingPolicyConfigMap | default (printf "%s-policies" (include "tessera.fullname" .)) -}}
+{{- end }}
+
+{{/*
+Refuses values the agent would refuse at start, or that would expose the
+operator socket; included by the DaemonSet template.
+*/}}
+{{- define "tessera.validate" -}}
+{{- $sock := clean .Values.socket.hostPath -}}
+{{- $admin := clean .Values.admin.socketHostPath -}}
+{{- if or (eq $admin $sock) (hasPrefix (printf "%s/" (trimSuffix "/" $sock)) $admin) -}}
+{{- fail (printf "admin.socketHostPath %q is inside socket.hostPath %q: every workload that mounts the socket directory could reach the operator socket (approvals). Choose a directory outside it, e.g. /run/tessera/admin." .Values.admin.socketHostPath .Values.socket.hostPath) -}}
+{{- end -}}
+{{- if .Values.exchange.enabled -}}
+{{- if eq .Values.socket.fileName "exchange.sock" -}}
+{{- fail "socket.fileName \"exchange.sock\" is the token exchange's socket name (exchange.sock beside the Workload API socket); choose another name, e.g. agent.sock" -}}
+{{- end -}}
+{{- if and .Values.exchange.existingPolicyConfigMap .Values.exchange.policies -}}
+{{- fail "set exchange.policies or exchange.existingPolicyConfigMap, not both" -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
 
 {{/* Where workloads see the socket directory (CSI driver convention). */}}
 {{- define "tessera.workloadSocketDir" -}}/spiffe-workload-api{{- end }}
