@@ -195,7 +195,7 @@ impl BenchAgent {
     ) -> anyhow::Result<Self> {
         let socket = dir.path().join("agent.sock");
         let config = format!(
-            "trust_domain = \"example.org\"\nsocket_path = \"{}\"\ndata_dir = \"{}/data\"\n[authority]\npersist = false\n[svid]\n{svid}\n[log]\nlevel = \"warn\"\n{entries}\n{extra}",
+            "trust_domain = \"example.org\"\nsocket_path = \"{}\"\ndata_dir = \"{}/data\"\n[authority]\npersist = false\n[svid]\n{svid}\n[log]\nlevel = \"warn\"\n# The bench is one process measuring the agent, not an abusive caller.\n[limits]\nrequests_per_second = 1e12\nrequest_burst = 1e12\n{entries}\n{extra}",
             socket.display(),
             dir.path().display()
         );

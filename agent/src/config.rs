@@ -157,6 +157,8 @@ struct RawLog {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     shutdown_grace: Option<Spanned<String>>,
+    requests_per_second: Option<Spanned<f64>>,
+    request_burst: Option<Spanned<f64>>,
 }
 
 /// Validated configuration.
@@ -177,6 +179,8 @@ pub struct Config {
     pub admin_socket_path: Option<PathBuf>,
     pub log: LogConfig,
     pub shutdown_grace: Duration,
+    /// Per-caller budget for Workload API calls and exchange requests.
+    pub caller_budget: crate::rate_limit::Budget,
     /// Per-task token exchange, when an `[exchange]` table is present (and
     /// not `enabled = false`).
     pub exchange: Option<ExchangeConfig>,
@@ -442,6 +446,20 @@ impl Config {
                 .map_err(|e| cx.invalid("limits.shutdown_grace", g, e.to_string()))?,
         };
 
+        let positive = |key: &str, v: &Option<Spanned<f64>>, default: f64| match v {
+            None => Ok(default),
+            Some(x) if x.get_ref().is_finite() && *x.get_ref() >= 1.0 => Ok(*x.get_ref()),
+            Some(x) => Err(cx.invalid(key, x, "must be a number of at least 1")),
+        };
+        let caller_budget = crate::rate_limit::Budget {
+            rate: positive(
+                "limits.requests_per_second",
+                &raw.limits.requests_per_second,
+                1000.0,
+            )?,
+            burst: positive("limits.request_burst", &raw.limits.request_burst, 2000.0)?,
+        };
+
         let k8s_attestor = match &raw.attestor.k8s {
             Some(k) if k.enabled.unwrap_or(true) => Some(Self::k8s_config(&cx, k)?),
             _ => None,
@@ -492,6 +510,7 @@ impl Config {
                 json,
             },
             shutdown_grace,
+            caller_budget,
             exchange,
             warnings,
         })

@@ -2,7 +2,7 @@
 //! the gRPC server, the admin server, reload and graceful shutdown.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -112,6 +112,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         metrics,
         ready: AtomicBool::new(false),
         shutdown: shutdown.clone(),
+        limiter: crate::rate_limit::RateLimiter::new(config.caller_budget),
     });
 
     let mut extra_sockets = Vec::new();
@@ -305,12 +306,19 @@ fn build_exchange(
 /// Binds the operator socket: mode 0600 in a 0700 directory it creates if
 /// missing (requests are also checked by uid, see `operator`).
 fn bind_operator_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.exists()
-    {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating operator socket directory {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating operator socket directory {}", dir.display()))?;
+        }
+        // The directory is the operator socket's own (a hostPath the kubelet
+        // may have created 0755): tighten it if it is ours, else say so.
+        let meta = std::fs::metadata(dir)?;
+        if meta.uid() == nix::unistd::geteuid().as_raw() {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        } else if meta.mode() & 0o022 != 0 {
+            tracing::warn!(dir = %dir.display(), "the operator socket directory is writable by others and not owned by the agent; the socket itself is 0600 and checks callers' uid");
+        }
     }
     bind_socket(path, 0o600)
 }

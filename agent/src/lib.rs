@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod operator;
 pub mod peer_conn;
 pub mod policy;
+pub mod rate_limit;
 pub mod revocation;
 pub mod service;
 pub mod svid_cache;

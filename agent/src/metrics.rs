@@ -48,6 +48,8 @@ pub struct Metrics {
     pub approvals_pending: Gauge,
     /// Connections closed at accept because the socket was at its limit.
     pub connections_refused: Family<MethodLabels, Counter>,
+    /// Requests refused because their caller exceeded its budget.
+    pub rate_limited: Counter,
 }
 
 impl Default for Metrics {
@@ -179,8 +181,15 @@ impl Metrics {
             "Connections closed at accept because the socket was at its connection limit (label method = socket)",
             connections_refused.clone(),
         );
+        let rate_limited = Counter::default();
+        registry.register(
+            "rate_limited_requests",
+            "Requests refused because the calling process exceeded limits.requests_per_second",
+            rate_limited.clone(),
+        );
         Self {
             registry,
+            rate_limited,
             connections_refused,
             exchanges,
             exchange_seconds,

@@ -39,6 +39,8 @@ pub struct AgentState {
     pub metrics: Arc<Metrics>,
     pub ready: AtomicBool,
     pub shutdown: CancellationToken,
+    /// Per-caller request budget (Workload API calls and exchange requests).
+    pub limiter: crate::rate_limit::RateLimiter,
 }
 
 /// Why a caller could not be identified, independent of the transport.
@@ -74,7 +76,22 @@ impl AgentState {
             .extensions()
             .get::<PeerConnection>()
             .ok_or_else(|| Status::internal("missing peer information"))?;
+        if !self.within_budget(conn) {
+            return Err(Status::resource_exhausted(
+                "too many requests from this process; slow down",
+            ));
+        }
         Ok(self.attest_connection(conn).await?)
+    }
+
+    /// Takes one request from the calling process's budget.
+    pub fn within_budget(&self, conn: &PeerConnection) -> bool {
+        // Callers in a PID namespace we cannot see share one bucket.
+        let allowed = self.limiter.allow(conn.peer.pid.unwrap_or(-1));
+        if !allowed {
+            self.metrics.rate_limited.inc();
+        }
+        allowed
     }
 
     /// The transport-independent part of [`Self::caller`], also used by the

@@ -315,7 +315,17 @@ fn bench_emits_one_json_object_per_scenario_with_the_contract_fields() {
 #[test]
 fn logs_carry_no_secrets_even_at_trace_level() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "");
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("db.cedar"),
+        "permit(principal, action == Tessera::Action::\"db:read\", resource == Tessera::Audience::\"db-api\");\n",
+    )
+    .unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!("[exchange]\npolicy_dir = \"{}\"\n", policies.display()),
+    );
     let socket = dir.path().join("sock/agent.sock");
     // Logs go to a file: at trace level they would fill a pipe nobody reads.
     let log_path = dir.path().join("agent.log");
@@ -379,9 +389,45 @@ fn logs_carry_no_secrets_even_at_trace_level() {
         .status
         .success()
     );
+    // A full exchange round: issue, introspect, end the task.
+    let out = tessera(
+        &[
+            "token",
+            "exchange",
+            "--audience",
+            "db-api",
+            "--scope",
+            "db:read",
+            "--task",
+            "t1",
+        ],
+        &socket,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let issued: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let access_token = issued["access_token"].as_str().unwrap().to_string();
+    let out = tessera(&["token", "introspect", &access_token], &socket);
+    assert!(
+        stdout(&out).contains("\"active\": true"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        tessera(&["token", "revoke", "--task", "t1"], &socket)
+            .status
+            .success()
+    );
+    let out = tessera(&["token", "introspect", &access_token], &socket);
+    assert!(
+        stdout(&out).contains("\"active\": false"),
+        "{}",
+        stdout(&out)
+    );
+
     daemon.terminate();
     let logs = std::fs::read_to_string(&log_path).unwrap();
     assert!(logs.lines().count() > 20, "trace logging was on:\n{logs}");
+    let (_, access_signature) = access_token.rsplit_once('.').unwrap();
 
     let (_, signature) = token.rsplit_once('.').unwrap();
     let key_pem = std::fs::read_to_string(certs.join("svid.0.key")).unwrap();
@@ -396,8 +442,15 @@ fn logs_carry_no_secrets_even_at_trace_level() {
         .collect();
     let state = std::fs::read_to_string(dir.path().join("data/authority.json")).unwrap();
     let ca_key: serde_json::Value = serde_json::from_str(&state).unwrap();
+    let access_key = ca_key["access_keys"][0]["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let ca_key = ca_key["cas"][0]["key"].as_str().unwrap();
     for (what, secret) in [
+        ("access token", access_token.as_str()),
+        ("access token signature", access_signature),
+        ("access-token signing key", &access_key[40..80]),
         ("JWT", token.as_str()),
         ("JWT signature", signature),
         ("SVID private key", &key_b64[40..80]),
@@ -407,4 +460,55 @@ fn logs_carry_no_secrets_even_at_trace_level() {
     ] {
         assert!(!logs.contains(secret), "{what} found in the agent's logs");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_caller_is_slowed_down_and_others_are_unaffected() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[limits]\nrequests_per_second = 2\nrequest_burst = 5\n[exchange]\n",
+    );
+    let daemon = Daemon::start(
+        &["run", "--config", config.to_str().unwrap()],
+        dir.path(),
+        dir.path().join("sock/agent.sock"),
+    );
+    // This test process floods: the first `burst` calls pass, then
+    // ResourceExhausted.
+    let mut api = tessera_agent::client::connect(&daemon.socket)
+        .await
+        .unwrap();
+    let mut codes = Vec::new();
+    for _ in 0..12 {
+        let r = api
+            .fetch_jwtsvid(tessera_workload_api::with_security_header(
+                tessera_workload_api::JwtsvidRequest {
+                    audience: vec!["db".into()],
+                    spiffe_id: String::new(),
+                },
+            ))
+            .await;
+        codes.push(r.err().map(|s| s.code()));
+    }
+    assert!(codes[..5].iter().all(Option::is_none), "{codes:?}");
+    assert!(
+        codes[5..].contains(&Some(tonic::Code::ResourceExhausted)),
+        "{codes:?}"
+    );
+    // The exchange socket shares the budget and says slow_down (429).
+    let (status, body) = tessera_agent::client::http_unix(
+        &dir.path().join("sock/exchange.sock"),
+        http::Method::POST,
+        "/introspect",
+        Some("token=x".into()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 429, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("slow_down"));
+    // Another process is served normally meanwhile.
+    let out = tessera(&["api", "fetch", "jwt", "--audience", "db"], &daemon.socket);
+    assert!(out.status.success(), "{}", stderr(&out));
+    daemon.terminate();
 }

@@ -29,6 +29,8 @@ pub enum ErrorCode {
     InvalidClient,
     /// The agent cannot serve the request now (e.g. the audit log cannot be written).
     TemporarilyUnavailable,
+    /// The caller exceeded its request budget (429; RFC 8628 vocabulary).
+    SlowDown,
     ServerError,
 }
 
@@ -46,6 +48,7 @@ impl ErrorCode {
             Self::UnauthorizedClient => "unauthorized_client",
             Self::InvalidClient => "invalid_client",
             Self::TemporarilyUnavailable => "temporarily_unavailable",
+            Self::SlowDown => "slow_down",
             Self::ServerError => "server_error",
         }
     }
@@ -56,6 +59,7 @@ impl ErrorCode {
             Self::UnauthorizedClient => StatusCode::FORBIDDEN,
             Self::TemporarilyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::SlowDown => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::BAD_REQUEST,
         }
     }

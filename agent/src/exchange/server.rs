@@ -105,6 +105,12 @@ async fn caller(s: &ServerState, conn: &ExchangeConn) -> Result<Caller, OAuthErr
     let conn = conn.0.as_ref().ok_or_else(|| {
         OAuthError::new(ErrorCode::InvalidClient, "caller credentials unavailable")
     })?;
+    if !s.agent.within_budget(conn) {
+        return Err(OAuthError::new(
+            ErrorCode::SlowDown,
+            "too many requests from this process; slow down",
+        ));
+    }
     let peer = s.agent.attest_connection(conn).await.map_err(|e| match e {
         CallerError::NotReady => {
             OAuthError::new(ErrorCode::TemporarilyUnavailable, "agent is not ready")
