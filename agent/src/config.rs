@@ -158,6 +158,7 @@ struct RawLog {
 struct RawLimits {
     shutdown_grace: Option<Spanned<String>>,
     requests_per_second: Option<Spanned<f64>>,
+    max_connections: Option<Spanned<u32>>,
     request_burst: Option<Spanned<f64>>,
 }
 
@@ -179,6 +180,8 @@ pub struct Config {
     pub admin_socket_path: Option<PathBuf>,
     pub log: LogConfig,
     pub shutdown_grace: Duration,
+    /// Open connections per socket (Workload API, exchange) before new ones are refused.
+    pub max_connections: usize,
     /// Per-caller budget for Workload API calls and exchange requests.
     pub caller_budget: crate::rate_limit::Budget,
     /// Per-task token exchange, when an `[exchange]` table is present (and
@@ -460,6 +463,12 @@ impl Config {
             burst: positive("limits.request_burst", &raw.limits.request_burst, 2000.0)?,
         };
 
+        let max_connections = match &raw.limits.max_connections {
+            None => 16_384,
+            Some(m) if *m.get_ref() >= 1 => *m.get_ref() as usize,
+            Some(m) => return Err(cx.invalid("limits.max_connections", m, "must be at least 1")),
+        };
+
         let k8s_attestor = match &raw.attestor.k8s {
             Some(k) if k.enabled.unwrap_or(true) => Some(Self::k8s_config(&cx, k)?),
             _ => None,
@@ -511,6 +520,7 @@ impl Config {
             },
             shutdown_grace,
             caller_budget,
+            max_connections,
             exchange,
             warnings,
         })

@@ -136,8 +136,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                 "token exchange serving (/token /revoke /introspect /jwks)"
             );
             let (ex, st, sd) = (exchange.clone(), state.clone(), shutdown.clone());
+            let max = config.max_connections;
             tokio::spawn(async move {
-                if let Err(e) = crate::exchange::server::serve(listener, ex, st, sd).await {
+                if let Err(e) = crate::exchange::server::serve(listener, ex, st, max, sd).await {
                     tracing::error!(error = %e, "token exchange server failed");
                 }
             });
@@ -191,11 +192,23 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
-    let api = pb::server::SpiffeWorkloadApiServer::new(WorkloadApi::new(state.clone()));
-    let incoming = crate::peer_conn::incoming(listener);
+    // Workload API requests are a few hundred bytes; anything larger is
+    // refused from its length prefix, before the body is buffered.
+    let api = pb::server::SpiffeWorkloadApiServer::new(WorkloadApi::new(state.clone()))
+        .max_decoding_message_size(64 * 1024);
+    let refused = state.metrics.connections_refused.clone();
+    let incoming = crate::peer_conn::incoming(listener, config.max_connections, move || {
+        refused
+            .get_or_create(&crate::metrics::MethodLabels {
+                method: "workload_api",
+            })
+            .inc();
+    });
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
+            // Streams per connection; clients multiplex a handful at most.
+            .max_concurrent_streams(Some(1024))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(api)

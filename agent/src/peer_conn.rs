@@ -28,6 +28,8 @@ pub struct PeerConnection {
 /// `:authority` are served (see `h2_authority`).
 pub struct PeerStream {
     inner: UnixStream,
+    /// Held for the connection's life: the socket's connection cap.
+    _slot: tokio::sync::OwnedSemaphorePermit,
     info: PeerConnection,
     inbound: AuthorityRewriter,
     eof: bool,
@@ -101,36 +103,53 @@ impl AsyncWrite for PeerStream {
 /// Accepts connections forever, reading peer credentials for each. Accept
 /// errors (e.g. out of file descriptors) are logged and retried after a pause
 /// rather than ending the server; a connection whose credentials cannot be
-/// read is dropped.
+/// read is dropped. Beyond `max_connections` open connections, new ones are
+/// closed at once (and `on_refused` is called), so a caller opening
+/// thousands of connections cannot exhaust the agent's descriptors or memory.
 pub fn incoming(
     listener: UnixListener,
+    max_connections: usize,
+    on_refused: impl Fn() + Send + Sync + 'static,
 ) -> impl futures_util::Stream<Item = io::Result<PeerStream>> {
-    futures_util::stream::unfold(listener, |listener| async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => match PeerInfo::from_socket(&stream) {
-                    Ok(peer) => {
-                        let info = PeerConnection {
-                            peer,
-                            attested: Arc::new(OnceCell::new()),
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let on_refused = Arc::new(on_refused);
+    futures_util::stream::unfold(listener, move |listener| {
+        let slots = slots.clone();
+        let on_refused = on_refused.clone();
+        async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            on_refused();
+                            continue;
                         };
-                        return Some((
-                            Ok(PeerStream {
-                                inner: stream,
-                                info,
-                                inbound: AuthorityRewriter::new(),
-                                eof: false,
-                            }),
-                            listener,
-                        ));
+                        match PeerInfo::from_socket(&stream) {
+                            Ok(peer) => {
+                                let info = PeerConnection {
+                                    peer,
+                                    attested: Arc::new(OnceCell::new()),
+                                };
+                                return Some((
+                                    Ok(PeerStream {
+                                        inner: stream,
+                                        _slot: slot,
+                                        info,
+                                        inbound: AuthorityRewriter::new(),
+                                        eof: false,
+                                    }),
+                                    listener,
+                                ));
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "dropping connection without peer credentials")
+                            }
+                        }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "dropping connection without peer credentials")
+                        tracing::warn!(error = %e, "accept failed; pausing");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     }
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed; pausing");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
             }
         }

@@ -81,6 +81,7 @@ pub async fn serve(
     listener: UnixListener,
     exchange: Arc<Exchange>,
     agent: Arc<AgentState>,
+    max_connections: usize,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let metrics = agent.metrics.clone();
@@ -88,7 +89,10 @@ pub async fn serve(
     crate::unix_http::serve(
         listener,
         app,
-        crate::unix_http::Limits::default(),
+        crate::unix_http::Limits {
+            max_connections,
+            ..Default::default()
+        },
         shutdown,
         move || {
             metrics
