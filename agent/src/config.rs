@@ -159,6 +159,8 @@ struct RawLimits {
     shutdown_grace: Option<Spanned<String>>,
     requests_per_second: Option<Spanned<f64>>,
     max_connections: Option<Spanned<u32>>,
+    http_header_timeout: Option<Spanned<String>>,
+    http_request_timeout: Option<Spanned<String>>,
     request_burst: Option<Spanned<f64>>,
 }
 
@@ -182,6 +184,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Open connections per socket (Workload API, exchange) before new ones are refused.
     pub max_connections: usize,
+    /// HTTP sockets (exchange, operator): the request head must arrive within this.
+    pub http_header_timeout: Duration,
+    /// HTTP sockets: a whole request must complete within this (else 408).
+    pub http_request_timeout: Duration,
     /// Per-caller budget for Workload API calls and exchange requests.
     pub caller_budget: crate::rate_limit::Budget,
     /// Per-task token exchange, when an `[exchange]` table is present (and
@@ -469,6 +475,25 @@ impl Config {
             Some(m) => return Err(cx.invalid("limits.max_connections", m, "must be at least 1")),
         };
 
+        let http_timeout = |key: &str, v: &Option<Spanned<String>>, default: u64| match v {
+            None => Ok(Duration::from_secs(default)),
+            Some(t) => match humantime::parse_duration(t.get_ref()) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                Ok(_) => Err(cx.invalid(key, t, "must be greater than zero")),
+                Err(e) => Err(cx.invalid(key, t, e.to_string())),
+            },
+        };
+        let http_header_timeout = http_timeout(
+            "limits.http_header_timeout",
+            &raw.limits.http_header_timeout,
+            10,
+        )?;
+        let http_request_timeout = http_timeout(
+            "limits.http_request_timeout",
+            &raw.limits.http_request_timeout,
+            30,
+        )?;
+
         let k8s_attestor = match &raw.attestor.k8s {
             Some(k) if k.enabled.unwrap_or(true) => Some(Self::k8s_config(&cx, k)?),
             _ => None,
@@ -521,6 +546,8 @@ impl Config {
             shutdown_grace,
             caller_budget,
             max_connections,
+            http_header_timeout,
+            http_request_timeout,
             exchange,
             warnings,
         })

@@ -136,9 +136,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                 "token exchange serving (/token /revoke /introspect /jwks)"
             );
             let (ex, st, sd) = (exchange.clone(), state.clone(), shutdown.clone());
-            let max = config.max_connections;
+            let limits = http_limits(&config, config.max_connections);
             tokio::spawn(async move {
-                if let Err(e) = crate::exchange::server::serve(listener, ex, st, max, sd).await {
+                if let Err(e) = crate::exchange::server::serve(listener, ex, st, limits, sd).await {
                     tracing::error!(error = %e, "token exchange server failed");
                 }
             });
@@ -157,8 +157,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                 extra_sockets.push(path.clone());
                 tracing::info!(socket = %path.display(), "operator socket listening (approvals)");
                 let (ex, c, sd) = (ex.clone(), clock.clone(), shutdown.clone());
+                let limits = http_limits(&config, 64);
                 tokio::spawn(async move {
-                    if let Err(e) = crate::operator::serve(listener, ex, c, sd).await {
+                    if let Err(e) = crate::operator::serve(listener, ex, c, limits, sd).await {
                         tracing::error!(error = %e, "operator socket server failed");
                     }
                 });
@@ -275,6 +276,15 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())
+}
+
+fn http_limits(config: &Config, max_connections: usize) -> crate::unix_http::Limits {
+    crate::unix_http::Limits {
+        max_connections,
+        header_read_timeout: config.http_header_timeout,
+        request_timeout: config.http_request_timeout,
+        shutdown_grace: config.shutdown_grace,
+    }
 }
 
 /// Opens the policy store, revocation state and audit log of the exchange.

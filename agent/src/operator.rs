@@ -40,6 +40,7 @@ pub async fn serve(
     listener: UnixListener,
     exchange: Arc<Exchange>,
     clock: Arc<dyn Clock>,
+    limits: crate::unix_http::Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
@@ -51,10 +52,6 @@ pub async fn serve(
             clock,
             agent_uid: nix::unistd::geteuid().as_raw(),
         });
-    let limits = crate::unix_http::Limits {
-        max_connections: 64,
-        ..Default::default()
-    };
     crate::unix_http::serve(listener, app, limits, shutdown, || {}).await
 }
 

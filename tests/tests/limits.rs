@@ -63,3 +63,53 @@ async fn oversized_grpc_requests_are_refused_from_the_length_prefix() {
     assert_eq!(ok.get_ref().svids.len(), 1);
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn slow_http_clients_are_cut_off_and_others_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut agent = TestAgent::start(&format!(
+        "{}[exchange]\n[limits]\nhttp_header_timeout = \"500ms\"\nhttp_request_timeout = \"1s\"\n",
+        TestAgent::entry_for_me("slow", "default")
+    ))
+    .await;
+    let xsock = agent.dir.path().join("sock/exchange.sock");
+
+    // Headers that never finish: the connection is closed.
+    let mut slow_head = tokio::net::UnixStream::connect(&xsock).await.unwrap();
+    slow_head
+        .write_all(b"POST /introspect HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    // A body that never arrives: 408.
+    let mut slow_body = tokio::net::UnixStream::connect(&xsock).await.unwrap();
+    slow_body
+        .write_all(b"POST /introspect HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ntoken=")
+        .await
+        .unwrap();
+
+    // Meanwhile an honest request is answered at once.
+    let (status, _) = tessera_agent::client::http_unix(&xsock, http::Method::GET, "/jwks", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), slow_head.read_to_end(&mut buf))
+        .await
+        .expect("the slow-header connection is closed by the agent")
+        .unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), slow_body.read_to_end(&mut buf))
+        .await
+        .expect("the slow-body request is answered")
+        .ok();
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    agent.stop().await;
+}

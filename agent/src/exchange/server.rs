@@ -81,26 +81,17 @@ pub async fn serve(
     listener: UnixListener,
     exchange: Arc<Exchange>,
     agent: Arc<AgentState>,
-    max_connections: usize,
+    limits: crate::unix_http::Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let metrics = agent.metrics.clone();
     let app = router(exchange, agent);
-    crate::unix_http::serve(
-        listener,
-        app,
-        crate::unix_http::Limits {
-            max_connections,
-            ..Default::default()
-        },
-        shutdown,
-        move || {
-            metrics
-                .connections_refused
-                .get_or_create(&crate::metrics::MethodLabels { method: "exchange" })
-                .inc();
-        },
-    )
+    crate::unix_http::serve(listener, app, limits, shutdown, move || {
+        metrics
+            .connections_refused
+            .get_or_create(&crate::metrics::MethodLabels { method: "exchange" })
+            .inc();
+    })
     .await
 }
 
