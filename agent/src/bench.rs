@@ -171,6 +171,20 @@ pub async fn run(names: &[String], params: BenchParams, json: bool) -> anyhow::R
     Ok(())
 }
 
+/// An in-memory authority for timing the raw signing code in this process.
+fn memory_authority() -> anyhow::Result<Arc<crate::authority::Authority>> {
+    Ok(crate::authority::Authority::load(
+        crate::authority::AuthoritySettings {
+            trust_domain: spiffe::TrustDomain::new("example.org")?,
+            ca_ttl: Duration::from_secs(86400),
+            jwt_key_ttl: Duration::from_secs(86400),
+            state_dir: None,
+            ca_files: None,
+        },
+        Arc::new(crate::clock::SystemClock),
+    )?)
+}
+
 /// An agent started for one scenario.
 struct BenchAgent {
     child: Child,
@@ -390,16 +404,7 @@ async fn x509_cold(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
         rss = agent.rss_bytes();
     }
     // The raw cost in this process: key generation + signing, same code.
-    let authority = crate::authority::Authority::load(
-        crate::authority::AuthoritySettings {
-            trust_domain: spiffe::TrustDomain::new("example.org")?,
-            ca_ttl: Duration::from_secs(86400),
-            jwt_key_ttl: Duration::from_secs(86400),
-            state_dir: None,
-            ca_files: None,
-        },
-        Arc::new(crate::clock::SystemClock),
-    )?;
+    let authority = memory_authority()?;
     let raw_n = (k * ROUNDS).max(200);
     let t = Instant::now();
     for i in 0..raw_n {
@@ -797,16 +802,7 @@ async fn exchange(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
         std::hint::black_box(d);
     }
     let decision_us = t.elapsed().as_secs_f64() * 1e6 / raw_n as f64;
-    let authority = crate::authority::Authority::load(
-        crate::authority::AuthoritySettings {
-            trust_domain: spiffe::TrustDomain::new("example.org")?,
-            ca_ttl: Duration::from_secs(86400),
-            jwt_key_ttl: Duration::from_secs(86400),
-            state_dir: None,
-            ca_files: None,
-        },
-        Arc::new(crate::clock::SystemClock),
-    )?;
+    let authority = memory_authority()?;
     let key = authority.access_signing_key()?;
     let claims = serde_json::json!({
         "iss": issuer, "sub": "spiffe://example.org/bench/exchange", "aud": "bench-api",

@@ -60,41 +60,7 @@ struct ExchangeSocketArgs {
 enum TokenCommand {
     /// RFC 8693 exchange: fetch this workload's JWT-SVID and trade it for a
     /// task token. Prints the JSON response.
-    Exchange {
-        #[command(flatten)]
-        sockets: ExchangeSocketArgs,
-        /// Logical audience of the token (or use --resource).
-        #[arg(
-            long,
-            required_unless_present = "resource",
-            conflicts_with = "resource"
-        )]
-        audience: Option<String>,
-        /// RFC 8707 resource URI of the token's target (e.g. an MCP server).
-        #[arg(long)]
-        resource: Option<String>,
-        /// Scopes the task needs (repeat or space-separate).
-        #[arg(long, required = true, num_args = 1..)]
-        scope: Vec<String>,
-        /// Task id; ending the task revokes every token issued for it.
-        #[arg(long)]
-        task: Option<String>,
-        /// Requested lifetime (e.g. 60s); policy and config may shorten it.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        ttl: Option<Duration>,
-        /// Delegate: a token issued to another workload, to act on its behalf.
-        #[arg(long)]
-        actor_token: Option<String>,
-        /// Accept the permitted subset of the scopes instead of failing.
-        #[arg(long)]
-        subset: bool,
-        /// Poll a pending approval.
-        #[arg(long)]
-        approval_id: Option<String>,
-        /// When approval is pending, keep polling until decided (at most this long).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        wait: Option<Duration>,
-    },
+    Exchange(ExchangeArgs),
     /// End a task (revokes all its tokens) or revoke one token.
     Revoke {
         #[command(flatten)]
@@ -110,6 +76,43 @@ enum TokenCommand {
         sockets: ExchangeSocketArgs,
         token: String,
     },
+}
+
+#[derive(Args)]
+struct ExchangeArgs {
+    #[command(flatten)]
+    sockets: ExchangeSocketArgs,
+    /// Logical audience of the token (or use --resource).
+    #[arg(
+        long,
+        required_unless_present = "resource",
+        conflicts_with = "resource"
+    )]
+    audience: Option<String>,
+    /// RFC 8707 resource URI of the token's target (e.g. an MCP server).
+    #[arg(long)]
+    resource: Option<String>,
+    /// Scopes the task needs (repeat or space-separate).
+    #[arg(long, required = true, num_args = 1..)]
+    scope: Vec<String>,
+    /// Task id; ending the task revokes every token issued for it.
+    #[arg(long)]
+    task: Option<String>,
+    /// Requested lifetime (e.g. 60s); policy and config may shorten it.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
+    /// Delegate: a token issued to another workload, to act on its behalf.
+    #[arg(long)]
+    actor_token: Option<String>,
+    /// Accept the permitted subset of the scopes instead of failing.
+    #[arg(long)]
+    subset: bool,
+    /// Poll a pending approval.
+    #[arg(long)]
+    approval_id: Option<String>,
+    /// When approval is pending, keep polling until decided (at most this long).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    wait: Option<Duration>,
 }
 
 #[derive(Args)]
@@ -281,32 +284,7 @@ fn one_line(e: &anyhow::Error) -> String {
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run(args).await,
-        Command::Token(TokenCommand::Exchange {
-            sockets,
-            audience,
-            resource,
-            scope,
-            task,
-            ttl,
-            actor_token,
-            subset,
-            approval_id,
-            wait,
-        }) => {
-            token_exchange(
-                sockets,
-                audience,
-                resource,
-                scope,
-                task,
-                ttl,
-                actor_token,
-                subset,
-                approval_id,
-                wait,
-            )
-            .await
-        }
+        Command::Token(TokenCommand::Exchange(args)) => token_exchange(args).await,
         Command::Token(TokenCommand::Revoke {
             sockets,
             task,
@@ -485,19 +463,19 @@ async fn exchange_call(
     Ok(json)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn token_exchange(
-    sockets: ExchangeSocketArgs,
-    audience: Option<String>,
-    resource: Option<String>,
-    scope: Vec<String>,
-    task: Option<String>,
-    ttl: Option<Duration>,
-    actor_token: Option<String>,
-    subset: bool,
-    mut approval_id: Option<String>,
-    wait: Option<Duration>,
-) -> anyhow::Result<()> {
+async fn token_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
+    let ExchangeArgs {
+        sockets,
+        audience,
+        resource,
+        scope,
+        task,
+        ttl,
+        actor_token,
+        subset,
+        mut approval_id,
+        wait,
+    } = args;
     let xsock = exchange_socket(&sockets)?;
     let meta = exchange_call(
         &xsock,
