@@ -17,6 +17,23 @@ use tessera_attestor::Selector;
 /// Shortest TTL accepted at all; TTLs under [`SHORT_TTL_WARNING`] get a warning.
 const MIN_TTL: Duration = Duration::from_secs(2);
 const SHORT_TTL_WARNING: Duration = Duration::from_secs(60);
+/// Longest duration accepted for any key: 100 years. `now + d` must stay a
+/// date a certificate can carry (X.509 ends at year 9999) and must not
+/// overflow the clocks; a longer value is a typo, and used to panic the agent
+/// at start-up (found by the `config` fuzz target).
+const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// humantime syntax (`"90s"`, `"1h"`), at most [`MAX_DURATION`].
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "longer than the maximum of {}",
+            humantime::format_duration(MAX_DURATION)
+        ));
+    }
+    Ok(d)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -276,7 +293,7 @@ impl Ctx<'_> {
         let Some(value) = value else {
             return Ok(default);
         };
-        let d = humantime::parse_duration(value.get_ref()).map_err(|e| {
+        let d = parse_duration(value.get_ref()).map_err(|e| {
             self.invalid(
                 key,
                 value,
@@ -451,7 +468,7 @@ impl Config {
         };
         let shutdown_grace = match &raw.limits.shutdown_grace {
             None => Duration::from_secs(5),
-            Some(g) => humantime::parse_duration(g.get_ref())
+            Some(g) => parse_duration(g.get_ref())
                 .map_err(|e| cx.invalid("limits.shutdown_grace", g, e.to_string()))?,
         };
 
@@ -477,7 +494,7 @@ impl Config {
 
         let http_timeout = |key: &str, v: &Option<Spanned<String>>, default: u64| match v {
             None => Ok(Duration::from_secs(default)),
-            Some(t) => match humantime::parse_duration(t.get_ref()) {
+            Some(t) => match parse_duration(t.get_ref()) {
                 Ok(d) if !d.is_zero() => Ok(d),
                 Ok(_) => Err(cx.invalid(key, t, "must be greater than zero")),
                 Err(e) => Err(cx.invalid(key, t, e.to_string())),
@@ -563,7 +580,7 @@ impl Config {
     ) -> Result<ExchangeConfig, ConfigError> {
         let duration = |key: &str, v: &Option<Spanned<String>>, default: Duration| match v {
             None => Ok(default),
-            Some(v) => match humantime::parse_duration(v.get_ref()) {
+            Some(v) => match parse_duration(v.get_ref()) {
                 Ok(d) if d.is_zero() => Err(cx.invalid(key, v, "must be greater than zero")),
                 Ok(d) => Ok(d),
                 Err(e) => Err(cx.invalid(
@@ -656,8 +673,7 @@ impl Config {
     ) -> Result<tessera_attestor::K8sAttestorConfig, ConfigError> {
         let duration = |key: &str, v: &Option<Spanned<String>>, default: Duration| match v {
             None => Ok(default),
-            Some(v) => humantime::parse_duration(v.get_ref())
-                .map_err(|e| cx.invalid(key, v, e.to_string())),
+            Some(v) => parse_duration(v.get_ref()).map_err(|e| cx.invalid(key, v, e.to_string())),
         };
         let host = match (&k.kubelet_host, &k.kubelet_host_env) {
             (Some(h), _) => h.clone(),

@@ -97,6 +97,12 @@ impl IdTemplate {
     /// result is not a valid SPIFFE ID.
     pub fn render(&self, selectors: &SelectorSet) -> Option<spiffe::SpiffeId> {
         let text = render_with(&self.parts, |kind| selectors.first_value(kind));
+        // The SPIFFE ID spec caps IDs at 2048 bytes; `SpiffeId::new` does not
+        // check it, and a long selector value (found by the `spiffe_id` fuzz
+        // target) must not produce an over-long ID.
+        if text.len() > 2048 {
+            return None;
+        }
         spiffe::SpiffeId::new(&text).ok()
     }
 

@@ -260,6 +260,15 @@ pub fn parse_scopes(text: &str) -> Result<Vec<String>, OAuthError> {
             ));
         }
         if !scopes.iter().any(|x| x == s) {
+            // Stop at the first scope too many: checking for duplicates is
+            // quadratic, and a 64 KiB body of distinct scopes used to cost
+            // seconds of CPU before being refused.
+            if scopes.len() == MAX_SCOPES {
+                return Err(OAuthError::new(
+                    ErrorCode::InvalidScope,
+                    format!("at most {MAX_SCOPES} scopes per request"),
+                ));
+            }
             scopes.push(s.to_string());
         }
     }
