@@ -198,13 +198,18 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let api = pb::server::SpiffeWorkloadApiServer::new(WorkloadApi::new(state.clone()))
         .max_decoding_message_size(64 * 1024);
     let refused = state.metrics.connections_refused.clone();
-    let incoming = crate::peer_conn::incoming(listener, config.max_connections, move || {
-        refused
-            .get_or_create(&crate::metrics::MethodLabels {
-                method: "workload_api",
-            })
-            .inc();
-    });
+    let incoming = crate::peer_conn::incoming(
+        listener,
+        ProcRoot::new(&config.proc_root),
+        config.max_connections,
+        move || {
+            refused
+                .get_or_create(&crate::metrics::MethodLabels {
+                    method: "workload_api",
+                })
+                .inc();
+        },
+    );
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()

@@ -52,7 +52,10 @@ pub async fn serve(
             clock,
             agent_uid: nix::unistd::geteuid().as_raw(),
         });
-    crate::unix_http::serve(listener, app, limits, shutdown, || {}).await
+    // Operators are identified by uid only; the proc root is for the
+    // (unused) executable note every accepted connection gets.
+    let proc_root = tessera_attestor::ProcRoot::new("/proc");
+    crate::unix_http::serve(listener, app, limits, proc_root, shutdown, || {}).await
 }
 
 /// The operator's name for the audit log, if they may use this socket.

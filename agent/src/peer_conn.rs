@@ -108,6 +108,7 @@ impl AsyncWrite for PeerStream {
 /// thousands of connections cannot exhaust the agent's descriptors or memory.
 pub fn incoming(
     listener: UnixListener,
+    proc_root: tessera_attestor::ProcRoot,
     max_connections: usize,
     on_refused: impl Fn() + Send + Sync + 'static,
 ) -> impl futures_util::Stream<Item = io::Result<PeerStream>> {
@@ -116,6 +117,7 @@ pub fn incoming(
     futures_util::stream::unfold(listener, move |listener| {
         let slots = slots.clone();
         let on_refused = on_refused.clone();
+        let proc_root = proc_root.clone();
         async move {
             loop {
                 match listener.accept().await {
@@ -125,7 +127,8 @@ pub fn incoming(
                             continue;
                         };
                         match PeerInfo::from_socket(&stream) {
-                            Ok(peer) => {
+                            Ok(mut peer) => {
+                                peer.record_exe(&proc_root);
                                 let info = PeerConnection {
                                     peer,
                                     attested: Arc::new(OnceCell::new()),

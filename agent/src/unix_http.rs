@@ -53,6 +53,7 @@ pub async fn serve(
     listener: UnixListener,
     app: Router,
     limits: Limits,
+    proc_root: tessera_attestor::ProcRoot,
     shutdown: CancellationToken,
     on_refused: impl Fn() + Send + Sync + 'static,
 ) -> std::io::Result<()> {
@@ -74,7 +75,7 @@ pub async fn serve(
             on_refused();
             continue; // dropping the stream closes it
         };
-        let info = ExchangeConn::from_stream(&stream);
+        let info = ExchangeConn::from_stream(&stream, &proc_root);
         let app = app.clone();
         let service =
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {

@@ -123,6 +123,11 @@ impl WorkloadAttestor {
             gid: peer.gid,
         };
         let pin = ProcessPin::new(&self.proc_root, pid, peer.uid, peer.pidfd.clone())?;
+        if let Some(before) = peer.exe_at_accept
+            && pin.exe_inode() != Some(before)
+        {
+            return Err(AttestError::Liveness(LivenessError::Executed { pid }));
+        }
         let mut selectors = Vec::new();
         for attestor in &self.attestors {
             selectors.extend(attestor.attest(&process, &self.proc_root).await?);

@@ -58,6 +58,11 @@ impl ProcessPin {
         self.pid
     }
 
+    /// (device, inode) of the executable when the pin was taken.
+    pub fn exe_inode(&self) -> Option<(u64, u64)> {
+        self.exe_inode
+    }
+
     /// Fails closed if the process exited, its PID was reused, it changed its
     /// effective uid, or it executed another binary.
     pub fn check_alive(&self) -> Result<(), LivenessError> {
@@ -99,7 +104,7 @@ impl ProcessPin {
 }
 
 /// (device, inode) of the running executable, when the agent may see it.
-fn exe_inode(proc_root: &ProcRoot, pid: i32) -> Option<(u64, u64)> {
+pub(crate) fn exe_inode(proc_root: &ProcRoot, pid: i32) -> Option<(u64, u64)> {
     let meta = std::fs::metadata(proc_root.pid_path(pid, "exe")).ok()?;
     Some((meta.dev(), meta.ino()))
 }

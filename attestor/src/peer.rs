@@ -18,6 +18,9 @@ pub struct PeerInfo {
     pub uid: u32,
     pub gid: u32,
     pub pidfd: Option<Arc<OwnedFd>>,
+    /// (device, inode) of the caller's executable when its connection was
+    /// accepted (see [`Self::record_exe`]).
+    pub exe_at_accept: Option<(u64, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +49,21 @@ impl PeerInfo {
             uid: cred.uid(),
             gid: cred.gid(),
             pidfd: pidfd.map(Arc::new),
+            exe_at_accept: None,
         })
+    }
+
+    /// Notes which program the caller runs right when its connection is
+    /// accepted. Attestation is lazy (on the first call), so without this a
+    /// process could connect, `exec` a registered binary, and hand the
+    /// connection to its parent: attestation would then see the registered
+    /// binary. With it, an executable that differs at attestation time makes
+    /// the caller Unauthenticated. What remains is the window between
+    /// `connect()` and `accept()`, which the kernel gives no way to close.
+    pub fn record_exe(&mut self, proc_root: &crate::ProcRoot) {
+        if let Some(pid) = self.pid.filter(|p| *p > 0) {
+            self.exe_at_accept = crate::liveness::exe_inode(proc_root, pid);
+        }
     }
 }
 

@@ -45,10 +45,16 @@ impl ExchangeConn {
 
 impl ExchangeConn {
     /// Reads the peer's kernel credentials at accept time.
-    pub fn from_stream(stream: &tokio::net::UnixStream) -> Self {
+    pub fn from_stream(
+        stream: &tokio::net::UnixStream,
+        proc_root: &tessera_attestor::ProcRoot,
+    ) -> Self {
         match PeerInfo::from_socket(stream) {
-            Ok(peer) => Self(Some(PeerConnection {
-                peer,
+            Ok(mut peer) => Self(Some(PeerConnection {
+                peer: {
+                    peer.record_exe(proc_root);
+                    peer
+                },
                 attested: Arc::new(OnceCell::new()),
             })),
             Err(e) => {
@@ -85,8 +91,9 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let metrics = agent.metrics.clone();
+    let proc_root = agent.attestor.proc_root().clone();
     let app = router(exchange, agent);
-    crate::unix_http::serve(listener, app, limits, shutdown, move || {
+    crate::unix_http::serve(listener, app, limits, proc_root, shutdown, move || {
         metrics
             .connections_refused
             .get_or_create(&crate::metrics::MethodLabels { method: "exchange" })
