@@ -78,23 +78,43 @@ fn collect<'a>(paths: impl Iterator<Item = &'a str>) -> Result<Option<ContainerR
     Ok(found)
 }
 
-/// Finds the container ID (last path component that is one) and pod UID in
-/// one cgroup path.
+/// Finds the container ID and pod UID in one cgroup path.
+///
+/// Only the layouts container runtimes create are accepted, because anyone
+/// who can create cgroups can also *name* them: a pod may create child
+/// cgroups below its own container's (cgroup v2 delegation), and a host user
+/// may create any path below its systemd user slice. So:
+///
+/// * a Kubernetes path must start at the top with a `kubepods` segment, and
+///   the container is the segment **directly below the pod's** segment;
+///   anything deeper (a child cgroup named after another container) is
+///   ignored;
+/// * without a `kubepods` root, only a lone top-level container segment
+///   (`/crio-<id>.scope`, as CRI-O shows it in some namespaced setups) is
+///   accepted, never one nested under another slice such as `/user.slice`.
+///
+/// `..` segments (a path outside the reader's cgroup namespace) are skipped.
 pub fn parse_path(path: &str) -> Option<ContainerRef> {
-    let mut container_id = None;
-    let mut pod_uid = None;
-    for segment in path.split('/') {
-        if let Some(id) = container_id_of(segment) {
-            container_id = Some(id);
+    let segments: Vec<&str> = path
+        .split('/')
+        .filter(|s| !s.is_empty() && *s != "..")
+        .collect();
+    match segments.as_slice() {
+        [] => None,
+        [only] => container_id_of(only).map(|container_id| ContainerRef {
+            pod_uid: pod_uid_of(only),
+            container_id,
+        }),
+        [first, ..] if first.starts_with("kubepods") => {
+            let pod_at = segments.iter().position(|s| pod_uid_of(s).is_some())?;
+            let container_id = container_id_of(segments.get(pod_at + 1)?)?;
+            Some(ContainerRef {
+                pod_uid: pod_uid_of(segments[pod_at]),
+                container_id,
+            })
         }
-        if let Some(uid) = pod_uid_of(segment) {
-            pod_uid = Some(uid);
-        }
+        _ => None,
     }
-    container_id.map(|container_id| ContainerRef {
-        pod_uid,
-        container_id,
-    })
 }
 
 fn container_id_of(segment: &str) -> Option<String> {
@@ -205,6 +225,26 @@ mod tests {
             parse_path(&format!("/kubepods/pod{UID}/{}", ID.to_uppercase())),
             None
         );
+    }
+
+    #[test]
+    fn forged_paths_do_not_name_a_container() {
+        let other = "b".repeat(64);
+        // A child cgroup below a real container, named after another one:
+        // the real (outer) container is reported.
+        let nested = format!("/kubepods/burstable/pod{UID}/{ID}/cri-containerd-{other}.scope");
+        assert_eq!(parse_path(&nested).unwrap().container_id, ID);
+        // A host user's delegated cgroups, whatever they are named.
+        for forged in [
+            format!(
+                "/user.slice/user-1000.slice/user@1000.service/app.slice/cri-containerd-{ID}.scope"
+            ),
+            format!("/user.slice/user-1000.slice/user@1000.service/kubepods/pod{UID}/{ID}"),
+            format!("/system.slice/docker-{ID}.scope"),
+            format!("/kubepods/burstable/{ID}"),
+        ] {
+            assert_eq!(parse_path(&forged), None, "{forged}");
+        }
     }
 
     #[test]

@@ -1,14 +1,15 @@
 //! The Kubernetes attestor: `k8s:` selectors for processes in pods.
 //!
 //! The container ID (and pod UID) come from the kernel's `/proc/<pid>/cgroup`
-//! (mountinfo only as a fallback), then the pod facts from the kubelet's pod
-//! list. A process that is in no container gets no `k8s:` selectors and no
+//! only, then the pod facts from the kubelet's pod list. `mountinfo` is not
+//! evidence: a host process with user and mount namespaces can bind-mount
+//! another container's cgroup and make its mount table name that container. A process that is in no container gets no `k8s:` selectors and no
 //! error, so host processes can still be attested by the Unix attestor.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cgroup::{ContainerRef, parse_cgroup_file, parse_mountinfo};
+use crate::cgroup::{ContainerRef, parse_cgroup_file};
 use crate::kubelet::{KubeletClient, KubeletConfig, PodListFetcher};
 use crate::{AttestError, AttestFuture, Attestor, ProcRoot, ProcessRef, pods};
 
@@ -46,13 +47,7 @@ impl K8sAttestor {
         let cgroup_path = proc_root.pid_path(pid, "cgroup");
         let cgroup = std::fs::read_to_string(&cgroup_path)
             .map_err(|e| err(format!("{}: {e}", cgroup_path.display())))?;
-        if let Some(found) = parse_cgroup_file(&cgroup).map_err(|e| err(e.to_string()))? {
-            return Ok(Some(found));
-        }
-        // Only when the kernel's view names no container at all.
-        let mountinfo =
-            std::fs::read_to_string(proc_root.pid_path(pid, "mountinfo")).unwrap_or_default();
-        parse_mountinfo(&mountinfo).map_err(|e| err(e.to_string()))
+        parse_cgroup_file(&cgroup).map_err(|e| err(e.to_string()))
     }
 
     async fn selectors(

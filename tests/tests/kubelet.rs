@@ -117,6 +117,25 @@ async fn the_kernel_cgroup_wins_over_a_forged_mountinfo() {
     assert!(!set.contains(&Selector::parse("k8s:container-name:app").unwrap()));
 }
 
+/// A host process (its cgroup names no container) whose mount table names a
+/// pod's container (bind mount in a user namespace) gets no `k8s:` selectors.
+#[tokio::test]
+async fn a_host_process_with_a_forged_mountinfo_gets_no_pod_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = podlist_kubelet(dir.path()).await;
+    let (root, process) = proc_tree(
+        dir.path(),
+        "0::/user.slice/user-1000.slice/session-3.scope\n",
+        &fixture("cgroup/mountinfo-containerd.txt"),
+    );
+    let selectors = attestor(dir.path(), kubelet.port, None)
+        .attest(&process, &root)
+        .await
+        .unwrap();
+    assert!(selectors.is_empty(), "{selectors:?}");
+    assert_eq!(kubelet.state.lock().unwrap().requests, 0, "not even asked");
+}
+
 #[tokio::test]
 async fn a_pod_that_appears_late_is_found_by_polling() {
     let dir = tempfile::tempdir().unwrap();
