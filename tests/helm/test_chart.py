@@ -74,11 +74,12 @@ EXCHANGE_POLICIES = {
 # manifests of all sets can be scanned together without mixing.
 VALUE_SETS: dict[str, dict] = {
     "default": {},
-    # Workloads mount the host directory themselves; the narrow kubelet RBAC
-    # subresource; the CA kept on the node; self-signed kubelet certificates.
-    "hostpath-nodespods": {
+    # Workloads mount the host directory themselves; the broad kubelet RBAC
+    # subresource older clusters need; the CA kept on the node; self-signed
+    # kubelet certificates.
+    "hostpath-nodesproxy": {
         "socket": {"mode": "hostPath", "hostPath": "/var/run/tessera-sockets"},
-        "kubelet": {"rbacResource": "nodes/pods", "skipVerification": True},
+        "kubelet": {"rbacResource": "nodes/proxy", "skipVerification": True},
         "dataDir": {"type": "hostPath", "hostPath": "/var/lib/tessera-agent"},
     },
     # Prometheus Operator monitors; images pinned by digest; a CPU limit.
@@ -519,10 +520,10 @@ def test_default_command_env_ports_probes(manifests):
     assert mount(c, "config") == {"name": "config", "mountPath": "/etc/tessera", "readOnly": True}
 
 
-def test_default_rbac_is_get_nodes_proxy_only(manifests):
+def test_default_rbac_is_get_nodes_pods_only(manifests):
     docs = manifests["default"]
     role = one(docs, "ClusterRole")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes/proxy"], "verbs": ["get"]}]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes/pods"], "verbs": ["get"]}]
     binding = one(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role["metadata"]["name"],
@@ -643,9 +644,9 @@ def test_default_notes(rendered):
 # ---------------------------------------------------------------- non-default value sets
 
 
-def test_hostpath_mode_and_nodes_pods_rbac(manifests, rendered):
-    docs = manifests["hostpath-nodespods"]
-    assert one(docs, "ClusterRole")["rules"] == [{"apiGroups": [""], "resources": ["nodes/pods"], "verbs": ["get"]}]
+def test_hostpath_mode_and_nodes_proxy_rbac(manifests, rendered):
+    docs = manifests["hostpath-nodesproxy"]
+    assert one(docs, "ClusterRole")["rules"] == [{"apiGroups": [""], "resources": ["nodes/proxy"], "verbs": ["get"]}]
     pod = agent_pod(docs)["spec"]
     assert volume(pod, "sockets")["hostPath"] == {"path": "/var/run/tessera-sockets", "type": "DirectoryOrCreate"}
     # The agent side is the same path in the container whatever the host path.
@@ -656,7 +657,7 @@ def test_hostpath_mode_and_nodes_pods_rbac(manifests, rendered):
         "path": "/var/run/tessera-sockets", "type": "Directory",
     }
     assert config_toml(docs)["attestor"]["k8s"]["skip_kubelet_verification"] is True
-    notes = rendered["hostpath-nodespods"]["tessera/templates/NOTES.txt"]
+    notes = rendered["hostpath-nodesproxy"]["tessera/templates/NOTES.txt"]
     assert "socket.mode=hostPath" in notes and "WARNING: kubelet.skipVerification=true" in notes
 
 
