@@ -274,10 +274,31 @@ pub async fn run_until_signalled(
     agent.stop().await
 }
 
+/// `data_dir` holds keys, revocations and the audit log: 0700. An existing
+/// directory that others can reach is tightened if it is ours; one owned by
+/// someone else is refused (they could swap files under us).
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     if !dir.exists() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating data_dir {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        return Ok(());
+    }
+    let meta =
+        std::fs::metadata(dir).with_context(|| format!("inspecting data_dir {}", dir.display()))?;
+    if !meta.is_dir() {
+        bail!("data_dir {} is not a directory", dir.display());
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        bail!(
+            "data_dir {} belongs to uid {}, not to the agent (uid {me}); refusing to keep keys there",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o077 != 0 && meta.uid() == me {
+        tracing::warn!(dir = %dir.display(), mode = format!("{:o}", meta.mode() & 0o777), "data_dir was accessible to others; setting it to 0700");
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(())

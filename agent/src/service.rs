@@ -491,6 +491,9 @@ async fn x509_svid_stream(
                 return;
             }
             let bundle = bundle_rx.borrow_and_update().clone();
+            if !first && !still_the_caller(&peer, &out).await {
+                return;
+            }
             if !out
                 .send(Ok(x509_response(&identities, &svids, &bundle)))
                 .await
@@ -516,6 +519,24 @@ async fn x509_svid_stream(
     }
 }
 
+/// Before a stream sends an update (a renewed SVID, a new bundle), the
+/// process that opened it must still be the one that connected: otherwise a
+/// connection inherited by another program would keep receiving fresh keys.
+/// Ends the stream with Unauthenticated if not.
+async fn still_the_caller<M>(peer: &AttestedPeer, out: &StreamSender<M>) -> bool {
+    match peer.check_alive() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::info!(pid = peer.process.pid, error = %e, "stream caller failed liveness check; ending the stream");
+            out.send(Err(Status::unauthenticated(
+                "could not verify existence of the original caller",
+            )))
+            .await;
+            false
+        }
+    }
+}
+
 async fn bundle_stream<M: Send + PartialEq + 'static>(
     state: Arc<AgentState>,
     peer: Arc<AttestedPeer>,
@@ -527,6 +548,9 @@ async fn bundle_stream<M: Send + PartialEq + 'static>(
     let td = state.cache.authority().trust_domain().id_string();
     let mut last: Option<M> = None;
     loop {
+        if last.is_some() && !still_the_caller(&peer, &out).await {
+            return;
+        }
         if entries
             .borrow_and_update()
             .identities_for(&peer.selectors)

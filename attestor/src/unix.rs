@@ -39,6 +39,10 @@ struct FileKey {
     size: u64,
     mtime: i64,
     mtime_nsec: i64,
+    /// The owner can set mtime back after rewriting a file; ctime changes on
+    /// every write and cannot be set.
+    ctime: i64,
+    ctime_nsec: i64,
 }
 
 /// Hash cache size bound: executables on a node are few; if this fills up the
@@ -122,6 +126,8 @@ impl UnixAttestor {
             size: meta.size(),
             mtime: meta.mtime(),
             mtime_nsec: meta.mtime_nsec(),
+            ctime: meta.ctime(),
+            ctime_nsec: meta.ctime_nsec(),
         };
         if let Some(hit) = self.hashes.lock().ok()?.get(&key) {
             return Some(hit.clone());

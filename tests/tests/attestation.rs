@@ -176,6 +176,37 @@ async fn exec_before_the_first_call_is_refused() {
     agent.stop().await;
 }
 
+/// A stream opened before the process exec'd another program gets no
+/// renewed SVID: the stream ends with Unauthenticated at the next update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_stops_when_its_process_execs() {
+    let mut agent = TestAgent::start(&format!(
+        "{}[svid]\nx509_ttl = \"3s\"\n",
+        TestAgent::entry_for_me("streamer", "")
+    ))
+    .await;
+    let (mut child, stream, mut control) = connect_via_helper(&agent.socket(), "exec");
+    let mut c = client_over(stream).await;
+    let mut updates = c
+        .fetch_x509svid(pb::with_security_header(pb::X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = updates.message().await.unwrap().unwrap();
+    assert_eq!(first.svids[0].spiffe_id, "spiffe://example.org/streamer");
+    control.write_all(b"g").unwrap();
+    let mut sink = [0u8; 1];
+    let _ = control.read(&mut sink); // EOF once exec closed the control socket
+    let next = tokio::time::timeout(Duration::from_secs(10), updates.message())
+        .await
+        .expect("the renewal is due within 10 s");
+    let status = next.expect_err("no renewed SVID for a different program");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    agent.stop().await;
+}
+
 #[tokio::test]
 async fn reflection_lists_the_workload_api() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
