@@ -21,15 +21,20 @@ fn policies(uid: u32) -> String {
         r#"
 @id("notes-read")
 @max_ttl("60s")
+@allow_delegation
 permit(principal, action == Tessera::Action::"notes:read", resource == Tessera::Audience::"{MCP}")
 when {{ principal.selectors.contains("unix:uid:{uid}") }};
 
 @id("notes-write")
+@allow_delegation
 permit(principal, action == Tessera::Action::"notes:write", resource == Tessera::Audience::"{MCP}");
 
 @id("no-writes-in-prod-tasks")
 forbid(principal, action == Tessera::Action::"notes:write", resource)
 when {{ context.task like "prod-*" }};
+
+@id("notes-export-direct-only")
+permit(principal, action == Tessera::Action::"notes:export", resource == Tessera::Audience::"{MCP}");
 
 @id("notes-delete-needs-approval")
 @require_approval
@@ -489,6 +494,41 @@ async fn delegation_only_narrows_and_is_bounded_in_depth() {
     assert_eq!(c["act"]["sub"], "spiffe://example.org/agent/planner");
     assert_eq!(c["txn"], "deleg");
     assert!(c["exp"].as_u64() <= parent_claims["exp"].as_u64());
+
+    // Delegation is opt-in per policy: the notes:export permit has no
+    // @allow_delegation, so a parent holding that scope cannot pass it on.
+    let (_, exporter) = s
+        .exchange(&[
+            ("resource", MCP),
+            ("scope", "notes:read notes:export"),
+            ("task_id", "deleg"),
+        ])
+        .await;
+    let exporter = exporter["access_token"].as_str().unwrap().to_string();
+    let mut ask = act(&exporter);
+    ask.push(("scope", "notes:export"));
+    let (status, e) = s.exchange(&ask).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("access_denied")),
+        "{e}"
+    );
+    assert!(
+        e["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("@allow_delegation"),
+        "{e}"
+    );
+    let mut ask = act(&exporter);
+    ask.push(("scope", "notes:read notes:export"));
+    ask.push(("scope_mode", "subset"));
+    let (status, narrowed) = s.exchange(&ask).await;
+    assert_eq!(
+        (status, narrowed["scope"].as_str()),
+        (200, Some("notes:read")),
+        "{narrowed}"
+    );
 
     // Widening the scope or changing the audience is refused.
     let mut ask = act(&parent);

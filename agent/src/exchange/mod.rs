@@ -349,6 +349,7 @@ impl Exchange {
         let mut policy_ids = Vec::new();
         let mut policy_ttl: Option<Duration> = None;
         let mut needs_approval = false;
+        let mut delegation_refused = false;
         for d in &decision.scopes {
             for e in &d.errors {
                 tracing::warn!(scope = %d.scope, error = %e, "policy evaluation error (treated as not permitting)");
@@ -358,7 +359,11 @@ impl Exchange {
                     policy_ids.push(id.clone());
                 }
             }
-            if d.allowed {
+            if d.allowed && depth > 0 && !d.delegation_allowed {
+                // Delegation is opt-in per policy (`@allow_delegation`).
+                denied.push(d.scope.clone());
+                delegation_refused = true;
+            } else if d.allowed {
                 granted.push(d.scope.clone());
                 needs_approval |= d.approval_required;
                 if let Some(t) = d.max_ttl {
@@ -371,11 +376,16 @@ impl Exchange {
         policy_ids.sort();
         record.insert("policies".into(), json!(policy_ids));
         record.insert("denied_scopes".into(), json!(denied));
+        let why = if delegation_refused {
+            " (a delegated exchange needs a permit marked @allow_delegation)"
+        } else {
+            ""
+        };
         if granted.is_empty() {
             return Err(OAuthError::new(
                 ErrorCode::AccessDenied,
                 format!(
-                    "policy permits none of the requested scopes ({}) for {caller_id} on {:?}",
+                    "policy permits none of the requested scopes ({}) for {caller_id} on {:?}{why}",
                     denied.join(" "),
                     req.target.as_str()
                 ),
@@ -385,7 +395,7 @@ impl Exchange {
             return Err(OAuthError::new(
                 ErrorCode::InvalidScope,
                 format!(
-                    "policy does not permit scope(s) {}; request only permitted scopes, or send scope_mode=subset to accept a subset",
+                    "policy does not permit scope(s) {}{why}; request only permitted scopes, or send scope_mode=subset to accept a subset",
                     denied.join(" ")
                 ),
             ));

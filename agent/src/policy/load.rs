@@ -263,6 +263,8 @@ fn policy_meta(files: &[SourceFile], l: &Loaded) -> Result<PolicyMeta, PolicyErr
         max_ttl,
         require_approval: p.annotation("require_approval").is_some()
             && p.effect() == Effect::Permit,
+        allow_delegation: p.annotation("allow_delegation").is_some()
+            && p.effect() == Effect::Permit,
     })
 }
 

@@ -32,7 +32,9 @@
 //! Annotations: `@id("…")` names a policy (default `<file name>#<index>`, ids
 //! unique across files), `@max_ttl("300s")` caps the token lifetime (humantime
 //! syntax; the minimum over the determining permit policies wins),
-//! `@require_approval` asks for a human approval (any value).
+//! `@require_approval` asks for a human approval (any value),
+//! `@allow_delegation` lets the permit apply to delegated exchanges (an
+//! `actor_token` is present); without it a permit only serves direct ones.
 //!
 //! Semantics are Cedar's: default deny, any satisfied `forbid` wins.
 //! Files: every `*.cedar` (and `*.cedarschema`) directly in the directory,
@@ -183,6 +185,11 @@ pub struct ScopeDecision {
     pub max_ttl: Option<Duration>,
     /// Some determining permit policy carries `@require_approval`.
     pub approval_required: bool,
+    /// Some determining permit policy carries `@allow_delegation`: the scope
+    /// may be granted to a workload acting on behalf of another (delegation
+    /// is opt-in per policy, so a permit written for direct use never lets a
+    /// parent token be passed around).
+    pub delegation_allowed: bool,
     /// Evaluation errors (policy id and message); an erroring policy is skipped.
     pub errors: Vec<String>,
 }
@@ -195,6 +202,7 @@ impl ScopeDecision {
             policy_ids: Vec::new(),
             max_ttl: None,
             approval_required: false,
+            delegation_allowed: false,
             errors: Vec::new(),
         }
     }
@@ -205,6 +213,7 @@ impl ScopeDecision {
 struct PolicyMeta {
     max_ttl: Option<Duration>,
     require_approval: bool,
+    allow_delegation: bool,
 }
 
 /// One loaded generation of policies; immutable, swapped whole on reload.
@@ -449,6 +458,7 @@ impl PolicySnapshot {
             for id in &permits {
                 if let Some(meta) = self.meta.get(id) {
                     decision.approval_required |= meta.require_approval;
+                    decision.delegation_allowed |= meta.allow_delegation;
                     decision.max_ttl = match (decision.max_ttl, meta.max_ttl) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
