@@ -116,12 +116,22 @@ impl<K> KeyRing<K> {
         let before = self.keys.len();
         self.keys.retain(|(t, _)| t.not_after > now);
         change.pruned = self.keys.len() != before;
+        // The wall clock went back before every key's (backdated) start: a
+        // key that is not valid yet must not sign, so a new one starts now.
+        let clock_went_back = self.rotates
+            && !self.keys.is_empty()
+            && self
+                .keys
+                .iter()
+                .all(|(t, _)| t.created > now + BACKDATE.as_secs());
         let needs_key = match self.keys.last() {
             None => true,
+            Some(_) if clock_went_back => true,
             Some((t, _)) => self.rotates && now >= t.prepare_successor_at(),
         };
         if needs_key && (self.rotates || self.keys.is_empty()) {
             let activate_at = match self.keys.last() {
+                Some(_) if clock_went_back => now,
                 Some((t, _)) => t.successor_activates_at().max(now),
                 None => now,
             };
@@ -153,6 +163,8 @@ impl<K> KeyRing<K> {
 /// One CA certificate and its signing key.
 pub struct CaKey {
     pub cert_der: Bytes,
+    /// The certificate's notBefore; no SVID it signs starts earlier.
+    not_before: SystemTime,
     issuer: Issuer<'static, KeyPair>,
     key_pkcs8: Vec<u8>,
 }
@@ -475,7 +487,8 @@ impl Authority {
         let not_after = (now + ttl).min(ca_end);
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
-        params.not_before = (now - BACKDATE).into();
+        // Never before the CA's own notBefore (the clock may have gone back).
+        params.not_before = (now - BACKDATE).max(ca.not_before).into();
         params.not_after = not_after.into();
         params.serial_number = Some(random_serial());
         params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
@@ -659,11 +672,19 @@ fn new_ca(td: &spiffe::TrustDomain, times: KeyTimes) -> Result<CaKey, AuthorityE
 }
 
 fn ca_from_parts(cert_der: Vec<u8>, key_pkcs8: Vec<u8>) -> Result<CaKey, String> {
+    let not_before = x509_parser::parse_x509_certificate(&cert_der)
+        .map_err(|e| format!("CA certificate: {e}"))?
+        .1
+        .validity()
+        .not_before
+        .timestamp();
+    let not_before = SystemTime::UNIX_EPOCH + Duration::from_secs(not_before.max(0) as u64);
     let key = KeyPair::try_from(key_pkcs8.as_slice()).map_err(|e| format!("CA key: {e}"))?;
     let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key)
         .map_err(|e| format!("CA certificate: {e}"))?;
     Ok(CaKey {
         cert_der: Bytes::from(cert_der),
+        not_before,
         issuer,
         key_pkcs8,
     })

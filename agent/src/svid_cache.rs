@@ -21,6 +21,14 @@ use crate::metrics::Metrics;
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// Upper bound on cached JWT-SVIDs; past it expired ones are purged, then all.
 const JWT_CACHE_LIMIT: usize = 10_000;
+/// While waiting, the worker looks at the wall clock this often: its timer
+/// is monotonic, so a wall-clock step (NTP, VM resume) would otherwise go
+/// unnoticed until the timer fires, with every SVID expired meanwhile.
+const CLOCK_CHECK: Duration = Duration::from_secs(1);
+/// The wall clock moved this much more (or less) than the monotonic clock:
+/// a jump. It also marks SVIDs and JWTs issued "in the future" (the clock
+/// went back) as due for renewal.
+const CLOCK_JUMP: Duration = Duration::from_secs(2);
 
 struct Slot {
     id: spiffe::SpiffeId,
@@ -144,6 +152,7 @@ impl SvidCache {
             let cache = self.jwts.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(hit) = cache.get(&key)
                 && now < refresh_time(hit.issued_at, hit.expires_at)
+                && hit.issued_at <= now + CLOCK_JUMP
             {
                 return Ok(hit.clone());
             }
@@ -190,7 +199,13 @@ impl SvidCache {
                     .filter(|(_, s)| s.first_issue.initialized())
                     .filter_map(|(_, s)| {
                         let at = *s.refresh_at.lock().unwrap_or_else(|e| e.into_inner());
-                        if at <= now {
+                        // Issued after `now`: the clock went back, and the
+                        // SVID may not be valid yet.
+                        let ahead =
+                            s.tx.borrow()
+                                .as_ref()
+                                .is_some_and(|svid| svid.issued_at > now + CLOCK_JUMP);
+                        if at <= now || ahead {
                             Some(s.clone())
                         } else {
                             next = next.min(at);
@@ -214,11 +229,22 @@ impl SvidCache {
                     }
                 }
             }
-            let sleep = until(self.clock.now(), next);
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(sleep) => {}
-                _ = self.wake.notified() => {}
+            let (wall0, mono0) = (self.clock.now(), tokio::time::Instant::now());
+            loop {
+                let now = self.clock.now();
+                if now >= next {
+                    break;
+                }
+                let expected = wall0 + mono0.elapsed();
+                if now > expected + CLOCK_JUMP || now + CLOCK_JUMP < expected {
+                    tracing::warn!("the wall clock jumped; re-checking signing keys and SVIDs now");
+                    break;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(until(now, next).min(CLOCK_CHECK)) => {}
+                    _ = self.wake.notified() => break,
+                }
             }
         }
     }

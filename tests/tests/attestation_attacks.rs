@@ -1,0 +1,590 @@
+//! Attestation attacks: each caller gets no identity it is not entitled to.
+//!
+//! Covered elsewhere (not repeated): exec after connect and a connection
+//! outliving its process (PID reuse), in `tests/tests/attestation.rs`; a
+//! forged mountinfo next to a kernel cgroup that names a container, in
+//! `tests/tests/kubelet.rs`.
+//!
+//! Here:
+//! * cgroup paths a workload can shape (a sub-cgroup of its own container, a
+//!   systemd-delegated subtree under `user.slice`) named like another pod's
+//!   container, and a forged mountinfo for a host process — against the k8s
+//!   attestor and a fake kubelet (fake /proc tree);
+//! * the same mountinfo forgery made for real by an unprivileged process
+//!   (`unshare -Urm` + a bind mount of a cgroup directory) — **needs root** to
+//!   set up the cgroup directory and drop to uid 65534;
+//! * executables reached through symlinks (`unix:path`, `unix:sha256`);
+//! * callers in another PID (and user) namespace — **needs root**.
+//!
+//! Tests that need root FAIL, not skip, without it: CI runs them as root.
+
+use std::io::IoSliceMut;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+use tessera_attestor::kubelet::KubeletConfig;
+use tessera_attestor::{
+    Attestor, K8sAttestor, K8sAttestorConfig, ProcRoot, ProcessRef, Selector, SelectorSet,
+};
+use tessera_tests::TestAgent;
+use tessera_tests::fake_kubelet::{fixture, podlist_kubelet};
+use tessera_workload_api as pb;
+
+const POD_UID: &str = "2c48913c-b29f-11e7-9350-020968147796";
+const POD_UID_: &str = "2c48913c_b29f_11e7_9350_020968147796";
+/// The billing pod's `app` container (the identity an attacker wants).
+const APP: &str = "9bca8d63d5fa610783847915bcff0ecac1273e5b4bed3f6fa1b07350e0135961";
+/// The same pod's `sidecar` container.
+const SIDECAR: &str = "4444444444444444444444444444444444444444444444444444444444444444";
+
+fn require_root(test: &str) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "{test} NEEDS ROOT; run the tests as root, as CI does"
+    );
+}
+
+fn k8s_attestor(dir: &Path, port: u16) -> K8sAttestor {
+    K8sAttestor::new(K8sAttestorConfig {
+        kubelet: KubeletConfig {
+            host: "127.0.0.1".into(),
+            port,
+            read_only: false,
+            token_path: None,
+            ca_path: Some(dir.join("ca.pem")),
+            skip_verification: false,
+            timeout: Duration::from_secs(5),
+        },
+        poll_attempts: 2,
+        poll_interval: Duration::from_millis(20),
+        cache_max_age: Duration::from_secs(5),
+    })
+}
+
+/// A fake /proc/<pid> with the given cgroup and mountinfo files.
+fn fake_proc(dir: &Path, pid: i32, cgroup: &str, mountinfo: &str) -> (ProcRoot, ProcessRef) {
+    let p = dir.join(format!("proc/{pid}"));
+    std::fs::create_dir_all(&p).unwrap();
+    std::fs::write(p.join("cgroup"), cgroup).unwrap();
+    std::fs::write(p.join("mountinfo"), mountinfo).unwrap();
+    (
+        ProcRoot::new(dir.join("proc")),
+        ProcessRef {
+            pid,
+            uid: 1000,
+            gid: 1000,
+        },
+    )
+}
+
+fn has(set: &SelectorSet, s: &str) -> bool {
+    set.contains(&Selector::parse(s).unwrap())
+}
+
+#[tokio::test]
+async fn cgroup_paths_a_workload_can_shape_do_not_name_another_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubelet = podlist_kubelet(dir.path()).await;
+    let a = k8s_attestor(dir.path(), kubelet.port);
+    let forged_mount = format!(
+        "22 1 0:20 / / rw - overlay overlay rw\n\
+         40 22 0:26 /kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{POD_UID_}.slice/cri-containerd-{APP}.scope /mnt/cg rw - cgroup2 cgroup2 rw\n"
+    );
+    // (name, /proc/<pid>/cgroup, mountinfo, container-name it is entitled to)
+    let cases: Vec<(&str, String, String, Option<&str>)> = vec![
+        (
+            "control: the app container itself",
+            fixture("cgroup/v2-systemd-containerd.txt"),
+            String::new(),
+            Some("app"),
+        ),
+        (
+            "control: agent in a cgroup namespace (relative path)",
+            fixture("cgroup/v2-namespaced-containerd.txt"),
+            String::new(),
+            Some("app"),
+        ),
+        (
+            // A container with a writable cgroupfs creates a sub-cgroup of its
+            // own, named like the app container, and moves into it.
+            "sidecar nests a cgroup named like the app container",
+            format!(
+                "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{POD_UID_}.slice/cri-containerd-{SIDECAR}.scope/kubepods-burstable-pod{POD_UID_}.slice/cri-containerd-{APP}.scope\n"
+            ),
+            String::new(),
+            Some("sidecar"),
+        ),
+        (
+            "sidecar nests a cgroupfs-style path (v1 and v2 lines)",
+            format!(
+                "1:name=systemd:/kubepods/burstable/pod{POD_UID}/{SIDECAR}/kubepods/burstable/pod{POD_UID}/{APP}\n\
+                 0::/kubepods/burstable/pod{POD_UID}/{SIDECAR}/kubepods/burstable/pod{POD_UID}/{APP}\n"
+            ),
+            String::new(),
+            Some("sidecar"),
+        ),
+        (
+            // systemd delegates user@.service subtrees to the user: an
+            // ordinary host user can mkdir any name there and move into it.
+            "host user in a delegated subtree named like the app container",
+            format!(
+                "0::/user.slice/user-1000.slice/user@1000.service/app.slice/kubepods-burstable-pod{POD_UID_}.slice/cri-containerd-{APP}.scope\n"
+            ),
+            String::new(),
+            None,
+        ),
+        (
+            "host user in a delegated subtree, cgroupfs-style names",
+            format!(
+                "0::/user.slice/user-1000.slice/user@1000.service/kubepods/burstable/pod{POD_UID}/{APP}\n"
+            ),
+            String::new(),
+            None,
+        ),
+        (
+            "host user in a delegated subtree, crio name without pod UID",
+            format!("0::/user.slice/user-1000.slice/user@1000.service/crio-{APP}.scope\n"),
+            String::new(),
+            None,
+        ),
+        (
+            // An unprivileged user namespace may bind-mount any cgroup
+            // directory it can read: mountinfo then names that cgroup.
+            "host process with a forged mountinfo (bind-mounted cgroup dir)",
+            "0::/user.slice/user-1000.slice/session-3.scope\n".to_string(),
+            forged_mount.clone(),
+            None,
+        ),
+        (
+            "sidecar with a forged mountinfo",
+            format!("0::/kubepods/burstable/pod{POD_UID}/{SIDECAR}\n"),
+            forged_mount,
+            Some("sidecar"),
+        ),
+    ];
+    for (pid, (name, cgroup, mountinfo, entitled)) in cases.into_iter().enumerate() {
+        let (root, process) = fake_proc(dir.path(), 5000 + pid as i32, &cgroup, &mountinfo);
+        let before = kubelet.state.lock().unwrap().requests;
+        let set = SelectorSet::new(
+            a.attest(&process, &root)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}")),
+        );
+        assert!(
+            !has(&set, "k8s:container-name:app") || entitled == Some("app"),
+            "{name}: got the app container's identity: {set:?}"
+        );
+        match entitled {
+            Some(c) => assert!(
+                has(&set, &format!("k8s:container-name:{c}")),
+                "{name}: {set:?}"
+            ),
+            None => {
+                assert!(set.is_empty(), "{name}: no k8s selectors: {set:?}");
+                assert_eq!(
+                    kubelet.state.lock().unwrap().requests,
+                    before,
+                    "{name}: a host process costs no kubelet request"
+                );
+            }
+        }
+    }
+}
+
+/// A cgroup2 hierarchy mounted at a private path, with one directory made
+/// (as the kubelet would) for the app container; removed on drop.
+struct CgroupDir {
+    mount: PathBuf,
+    top: PathBuf,
+    leaf: PathBuf,
+}
+
+impl CgroupDir {
+    fn create(base: &Path) -> Self {
+        let mount = base.join("cg");
+        std::fs::create_dir_all(&mount).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "cgroup2", "none"])
+            .arg(&mount)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount -t cgroup2: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let top = mount.join(format!("tessera-attack-{}", std::process::id()));
+        let leaf = top.join(format!("kubepods/burstable/pod{POD_UID}/{APP}"));
+        std::fs::create_dir_all(&leaf).unwrap();
+        Self { mount, top, leaf }
+    }
+}
+
+impl Drop for CgroupDir {
+    fn drop(&mut self) {
+        // Leaf first: cgroup directories are removed with rmdir only.
+        let mut dir = self.leaf.clone();
+        while dir.starts_with(&self.top) {
+            let _ = std::fs::remove_dir(&dir);
+            if !dir.pop() {
+                break;
+            }
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}
+
+/// `program` run as uid/gid 65534 with no supplementary groups.
+fn as_nobody(program: &str) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", program]);
+    cmd
+}
+
+#[tokio::test]
+async fn an_unprivileged_process_forging_mountinfo_for_real_gets_nothing() {
+    require_root("an_unprivileged_process_forging_mountinfo_for_real_gets_nothing");
+    let base = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cg = CgroupDir::create(base.path());
+    let target = base.path().join("target");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // The attacker: uid 65534, its own user and mount namespace, a bind
+    // mount of the app container's cgroup directory, then it waits.
+    let script = format!(
+        "mount --bind '{}' '{}' && echo ready && exec sleep 30",
+        cg.leaf.display(),
+        target.display()
+    );
+    let mut child = as_nobody("unshare")
+        .args(["-Urm", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    if line.trim() != "ready" {
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "attacker setup failed (unprivileged user namespaces off?): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // `sh` exec'd `sleep`: the same PID, inside the namespaces.
+    let pid = child.id() as i32;
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let forged = mountinfo
+        .lines()
+        .find(|l| l.contains(APP) && l.contains(" - cgroup2 "))
+        .unwrap_or_else(|| panic!("no forged cgroup2 line in:\n{mountinfo}"));
+
+    let kubelet_dir = tempfile::tempdir().unwrap();
+    let kubelet = podlist_kubelet(kubelet_dir.path()).await;
+    let a = k8s_attestor(kubelet_dir.path(), kubelet.port);
+    let process = ProcessRef {
+        pid,
+        uid: 65534,
+        gid: 65534,
+    };
+    let result = a.attest(&process, &ProcRoot::default()).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let set = SelectorSet::new(result.unwrap());
+    assert!(
+        set.is_empty(),
+        "a process that forged its mountinfo ({forged}) got k8s selectors: {set:?}"
+    );
+    assert_eq!(kubelet.state.lock().unwrap().requests, 0);
+}
+
+// ------------------------------------------------------- socket helpers
+
+/// Connects to `agent` from `program` (a Python interpreter), passes the
+/// connected socket back over SCM_RIGHTS and then sleeps, so the test can
+/// speak through a connection whose kernel credentials name that process.
+const HELPER: &str = r#"
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+c.connect(sys.argv[2])
+socket.send_fds(c, [str(os.getpid()).encode()], [s.fileno()])
+time.sleep(30)
+"#;
+
+struct Helper {
+    child: Child,
+    stream: UnixStream,
+    /// The helper's PID as it sees itself (its own PID namespace).
+    inner_pid: String,
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns `cmd` (ending in a Python interpreter) with the helper script and
+/// receives its connection to `agent`.
+fn helper(mut cmd: Command, agent: &Path, dir: &Path) -> Helper {
+    let back_path = dir.join(format!("back-{}.sock", rand_suffix()));
+    let back = UnixListener::bind(&back_path).unwrap();
+    std::fs::set_permissions(&back_path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let child = cmd
+        .args(["-c", HELPER])
+        .arg(agent)
+        .arg(&back_path)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    back.set_nonblocking(false).unwrap();
+    let (control, _) = back.accept().unwrap();
+    let mut buf = [0u8; 16];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        std::os::fd::AsRawFd::as_raw_fd(&control),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .unwrap();
+    let n = msg.bytes;
+    let fd = msg
+        .cmsgs()
+        .unwrap()
+        .find_map(|c| match c {
+            ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+            _ => None,
+        })
+        .expect("helper sent a socket");
+    // SAFETY: the kernel just installed `fd` in this process through
+    // SCM_RIGHTS; nothing else owns it, so taking ownership once is sound.
+    #[allow(unsafe_code)]
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Helper {
+        child,
+        stream: UnixStream::from(owned),
+        inner_pid: String::from_utf8_lossy(&buf[..n]).into_owned(),
+    }
+}
+
+fn rand_suffix() -> u64 {
+    let mut b = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).unwrap();
+    u64::from_le_bytes(b)
+}
+
+/// The SPIFFE IDs the agent gives the caller behind `stream` (JWT-SVIDs for
+/// every identity), or the gRPC error.
+async fn identities_over(stream: UnixStream) -> Result<Vec<String>, tonic::Status> {
+    stream.set_nonblocking(true).unwrap();
+    let slot = Arc::new(Mutex::new(Some(
+        tokio::net::UnixStream::from_std(stream).unwrap(),
+    )));
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let taken = slot.lock().unwrap().take();
+            async move {
+                taken
+                    .map(hyper_util::rt::TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("the passed socket was already used"))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut c = pb::client::SpiffeWorkloadApiClient::new(channel);
+    let r = c
+        .fetch_jwtsvid(pb::with_security_header(pb::JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        }))
+        .await?;
+    let mut ids: Vec<String> = r
+        .into_inner()
+        .svids
+        .into_iter()
+        .map(|s| s.spiffe_id)
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// The real Python interpreter behind `python3` (not a shim or symlink).
+fn python_binary() -> PathBuf {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import os, sys; print(os.path.realpath(sys.executable))",
+        ])
+        .output()
+        .expect("python3 is required for this test");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn sha256_file(path: &Path) -> String {
+    tessera_agent::audit::sha256_hex(&std::fs::read(path).unwrap())
+}
+
+fn entry(id: &str, selector: &str) -> String {
+    format!(
+        "[[entries]]\nspiffe_id = \"spiffe://example.org/{id}\"\nselectors = [\"{selector}\"]\n"
+    )
+}
+
+// ------------------------------------------------------------ symlinks
+
+#[tokio::test]
+async fn symlinked_executables_are_judged_by_what_the_kernel_runs() {
+    let work = tempfile::tempdir().unwrap();
+    let app = work.path().join("opt/app");
+    std::fs::create_dir_all(&app).unwrap();
+    let real = app.join("real");
+    std::fs::copy(python_binary(), &real).unwrap();
+    // Same program, different bytes: an attacker's build of "the app".
+    let evil = work.path().join("attacker/evil");
+    std::fs::create_dir_all(evil.parent().unwrap()).unwrap();
+    let mut bytes = std::fs::read(&real).unwrap();
+    bytes.extend_from_slice(b"\0trailing bytes change the hash, not the program");
+    std::fs::write(&evil, bytes).unwrap();
+    std::fs::set_permissions(&evil, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A symlink TO the real binary, and a symlink named like it pointing elsewhere.
+    std::os::unix::fs::symlink(&real, app.join("real-link")).unwrap();
+    let fake_dir = work.path().join("attacker/opt/app");
+    std::fs::create_dir_all(&fake_dir).unwrap();
+    std::os::unix::fs::symlink(&evil, fake_dir.join("real")).unwrap();
+    // A hard link: another name for the very same bytes.
+    let hard = work.path().join("attacker/hardlink");
+    std::fs::hard_link(&real, &hard).unwrap();
+
+    let body = format!(
+        "{}{}",
+        entry("app", &format!("unix:path:{}", real.display())),
+        entry(
+            "app-by-hash",
+            &format!("unix:sha256:{}", sha256_file(&real))
+        )
+    );
+    let mut agent = TestAgent::start(&body).await;
+    let cases: [(&str, PathBuf, &[&str]); 5] = [
+        ("the real binary", real.clone(), &["app", "app-by-hash"]),
+        (
+            "a symlink pointing at the real binary (kernel resolves it: it IS the app)",
+            app.join("real-link"),
+            &["app", "app-by-hash"],
+        ),
+        (
+            "another binary through a symlink named like the real one",
+            fake_dir.join("real"),
+            &[],
+        ),
+        ("the other binary directly", evil.clone(), &[]),
+        (
+            "a hard link to the real binary (same bytes, other path)",
+            hard.clone(),
+            &["app-by-hash"],
+        ),
+    ];
+    for (name, program, expected) in cases {
+        let h = helper(Command::new(&program), &agent.socket(), work.path());
+        let exe = std::fs::read_link(format!("/proc/{}/exe", h.child.id())).unwrap();
+        let got = identities_over(h.stream.try_clone().unwrap()).await;
+        let expected: Vec<String> = expected
+            .iter()
+            .map(|i| format!("spiffe://example.org/{i}"))
+            .collect();
+        match got {
+            Ok(ids) => assert_eq!(ids, expected, "{name} (exe {})", exe.display()),
+            Err(status) => {
+                assert!(expected.is_empty(), "{name}: {status:?}");
+                assert_eq!(status.code(), tonic::Code::PermissionDenied, "{name}");
+            }
+        }
+        drop(h);
+    }
+    agent.stop().await;
+}
+
+// ------------------------------------------------------- PID namespaces
+
+/// A Python interpreter an unprivileged user may run.
+fn python_for_everyone() -> PathBuf {
+    ["/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("a system python3 (/usr/bin/python3) is required for this test")
+}
+
+#[tokio::test]
+async fn callers_in_other_pid_namespaces_get_exactly_their_own_identity() {
+    require_root("callers_in_other_pid_namespaces_get_exactly_their_own_identity");
+    let python = std::fs::canonicalize(python_for_everyone()).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let body = format!(
+        "{}{}{}",
+        entry("root", "unix:uid:0"),
+        entry("nobody", "unix:uid:65534"),
+        entry("python", &format!("unix:path:{}", python.display()))
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut agent = TestAgent::start_in(dir, &body).await;
+
+    // Root in a new PID namespace: PID 1 there, some other PID here. The
+    // kernel translates SO_PEERCRED into the agent's namespace, so the agent
+    // reads the caller's own /proc entry: uid 0 *and* the python path. Had
+    // it used the namespace-local PID 1 it would have read init's entry
+    // (another executable), and the path entry would not match.
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork"]).arg(&python);
+    let h = helper(cmd, &agent.socket(), work.path());
+    assert_eq!(
+        h.inner_pid.trim(),
+        "1",
+        "the helper is PID 1 in its namespace"
+    );
+    let ids = identities_over(h.stream.try_clone().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        ids,
+        ["spiffe://example.org/python", "spiffe://example.org/root"]
+    );
+    drop(h);
+
+    // An unprivileged user in its own user + PID namespace: root and PID 1
+    // in there, uid 65534 to the kernel and the agent. It gets the nobody
+    // identity (and the path one), never root's.
+    let mut cmd = as_nobody("unshare");
+    cmd.args(["--user", "--map-root-user", "--pid", "--fork"])
+        .arg(&python);
+    let h = helper(cmd, &agent.socket(), work.path());
+    assert_eq!(h.inner_pid.trim(), "1");
+    let ids = identities_over(h.stream.try_clone().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        ids,
+        ["spiffe://example.org/nobody", "spiffe://example.org/python"],
+        "uid 0 inside a user namespace is not root to the agent"
+    );
+    drop(h);
+    agent.stop().await;
+}
