@@ -322,8 +322,16 @@ fn build_exchange(
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Exchange> {
-    let policy = PolicyStore::load(x.policy_dir.as_deref())
-        .context("loading exchange policies (exchange.policy_dir)")?;
+    let policy = match (PolicyStore::load(x.policy_dir.as_deref()), &x.policy_dir) {
+        (Ok(p), _) => p,
+        // Identity service must not depend on a policy file being valid:
+        // start denying every exchange and pick up the fix on reload.
+        (Err(e), Some(dir)) => {
+            tracing::error!(error = %e, "exchange policies are invalid; every exchange is denied until they are fixed (reloaded automatically)");
+            PolicyStore::deny_all_until_valid(dir)?
+        }
+        (Err(e), None) => return Err(e).context("loading exchange policies"),
+    };
     if x.policy_dir.is_none() {
         tracing::warn!("exchange.policy_dir is not set: every token exchange will be denied");
     }

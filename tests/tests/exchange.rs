@@ -867,3 +867,31 @@ async fn malformed_and_oversized_requests_get_clear_errors() {
         serde_json::json!({"active": false})
     );
 }
+
+#[tokio::test]
+async fn an_agent_with_invalid_policies_still_serves_identities_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let file = dir.path().join("policies/notes.cedar");
+    std::fs::write(&file, "permit(principal, action == oops").unwrap();
+    let body = agent_body(dir.path(), "");
+    let s = Setup {
+        agent: TestAgent::start_in(dir, &body).await,
+    };
+    // SVIDs are served; exchanges are denied, not failed.
+    s.agent.spiffe_client().await.fetch_x509_svid().await.unwrap();
+    let ask = [("resource", MCP), ("scope", "notes:read"), ("task_id", "t")];
+    let (status, e) = s.exchange(&ask).await;
+    assert_eq!((status, e["error"].as_str()), (400, Some("access_denied")), "{e}");
+    // Fixing the file is picked up by the periodic reload.
+    std::fs::write(&file, policies(my_uid())).unwrap();
+    let mut granted = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if s.exchange(&ask).await.0 == 200 {
+            granted = true;
+            break;
+        }
+    }
+    assert!(granted, "the repaired policies were not loaded within 5 s");
+}

@@ -101,6 +101,9 @@ pub struct Exchange {
     pub approvals: ApprovalBook,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
+    /// The last policy reload error, so a broken file is logged once, not
+    /// at every poll.
+    last_policy_error: std::sync::Mutex<Option<String>>,
     /// Validated subject tokens: token -> (SPIFFE ID, exp).
     subjects: std::sync::Mutex<std::collections::HashMap<String, (String, u64)>>,
 }
@@ -132,6 +135,7 @@ impl Exchange {
             clock,
             metrics,
             subjects: Default::default(),
+            last_policy_error: Default::default(),
         }
     }
 
@@ -806,9 +810,15 @@ impl Exchange {
     /// Re-reads the policy directory (periodic and on SIGHUP); an invalid
     /// change is logged and the previous set stays active.
     pub fn reload_policies(&self) {
-        match self.policy.reload() {
+        let result = self.policy.reload();
+        let mut last_error = self
+            .last_policy_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match result {
             Ok(crate::policy::ReloadOutcome::Unchanged) => {}
             Ok(outcome) => {
+                *last_error = None;
                 self.metrics
                     .policy_reloads
                     .get_or_create(&ResultLabels { result: "ok" })
@@ -819,11 +829,15 @@ impl Exchange {
                 tracing::info!(?outcome, "policies reloaded");
             }
             Err(e) => {
-                self.metrics
-                    .policy_reloads
-                    .get_or_create(&ResultLabels { result: "error" })
-                    .inc();
-                tracing::error!(error = %e, "policy change rejected; the previous policies stay active");
+                let message = e.to_string();
+                if last_error.as_deref() != Some(message.as_str()) {
+                    self.metrics
+                        .policy_reloads
+                        .get_or_create(&ResultLabels { result: "error" })
+                        .inc();
+                    tracing::error!(error = %message, "policy change rejected; the previous policies stay active");
+                    *last_error = Some(message);
+                }
             }
         }
     }

@@ -265,6 +265,17 @@ impl PolicyStore {
 
     /// Re-read the directory. On any error the old policies stay active and
     /// the error is returned (for the caller to log).
+    /// A store for `dir` that denies everything until [`Self::reload`] finds a
+    /// valid set there: what an agent starts with when its policies are
+    /// invalid, so one bad file cannot take the Workload API down with it.
+    pub fn deny_all_until_valid(dir: &Path) -> Result<Self, PolicyError> {
+        Ok(Self {
+            dir: Some(dir.to_path_buf()),
+            current: ArcSwap::from_pointee(load::empty_snapshot()?),
+            reload_lock: Mutex::new(()),
+        })
+    }
+
     pub fn reload(&self) -> Result<ReloadOutcome, PolicyError> {
         let Some(dir) = &self.dir else {
             return Ok(ReloadOutcome::Unchanged);
