@@ -6,10 +6,16 @@
 #    end-to-end tests over real sockets (judged by the `spiffe` crate), CLI tests;
 # 3. interop: py-spiffe, go-spiffe and java-spiffe against a real agent;
 # 4. the Helm chart rendered and validated offline;
-# 5. the mTLS example between two workloads.
+# 5. the examples: mTLS between two workloads, the MCP server and agent with
+#    per-task tokens;
+# 6. supply chain (cargo-deny: licences, bans, sources) and fuzzing (each
+#    cargo-fuzz target for a short fixed time).
 #
-# Needs: Rust (with rustfmt and clippy), python3 with venv, Go >= 1.24,
-# JDK 17 + Maven, openssl. Missing tools fail loudly; nothing is skipped.
+# Needs: root (fault tests mount tmpfs; attestation-attack tests create
+# namespaces and run processes as other users), Rust (with rustfmt and
+# clippy, and the nightly toolchain for cargo-fuzz), python3 with venv and
+# /usr/bin/python3, Go >= 1.24, JDK 17 + Maven, openssl, util-linux
+# (unshare, setpriv, mount). Missing tools fail loudly; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +26,11 @@ need go "go-spiffe interop suite"
 need mvn "java-spiffe interop suite"
 need java "java-spiffe interop suite"
 need openssl "certificate checks in the tests"
+need unshare "fault and attestation-attack tests (util-linux)"
+need setpriv "fault and attestation-attack tests (util-linux)"
+need mount "fault tests mount a small tmpfs (util-linux)"
+[ -x /usr/bin/python3 ] || { echo "scripts/test.sh: /usr/bin/python3 is required (attestation-attack tests run it as another user)" >&2; exit 2; }
+[ "$(id -u)" = 0 ] || { echo "scripts/test.sh: must run as root (tmpfs mounts in tests/tests/faults.rs, namespaces and other users in tests/tests/attestation_attacks.rs)" >&2; exit 2; }
 
 section() { printf '\n==== %s\n' "$*"; }
 
@@ -44,4 +55,6 @@ section "example: mTLS between two workloads"
 examples/mtls-demo.sh
 section "example: MCP server and agent with per-task tokens"
 examples/mcp/demo.sh
+section "supply chain: cargo-deny licences, bans, sources"
+bash scripts/supply-chain.sh
 section "all tests passed"
