@@ -879,10 +879,19 @@ async fn an_agent_with_invalid_policies_still_serves_identities_and_recovers() {
         agent: TestAgent::start_in(dir, &body).await,
     };
     // SVIDs are served; exchanges are denied, not failed.
-    s.agent.spiffe_client().await.fetch_x509_svid().await.unwrap();
+    s.agent
+        .spiffe_client()
+        .await
+        .fetch_x509_svid()
+        .await
+        .unwrap();
     let ask = [("resource", MCP), ("scope", "notes:read"), ("task_id", "t")];
     let (status, e) = s.exchange(&ask).await;
-    assert_eq!((status, e["error"].as_str()), (400, Some("access_denied")), "{e}");
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("access_denied")),
+        "{e}"
+    );
     // Fixing the file is picked up by the periodic reload.
     std::fs::write(&file, policies(my_uid())).unwrap();
     let mut granted = false;
