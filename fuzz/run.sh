@@ -13,18 +13,21 @@
 #
 # Environment: FUZZ_TOOLCHAIN (default nightly), FUZZ_OUT (default
 # fuzz/out: logs, scratch corpora, crash artifacts), FUZZ_JOBS (targets run at
-# once, default 1), FUZZ_TARGET_DIR (cargo target dir, default fuzz/target).
+# once; default 2 on a machine with 2 or more cores, else 1), FUZZ_TARGET_DIR (cargo target dir; default
+# ~/.cache/tessera/fuzz-target, outside the work tree so that a fresh clone on
+# the same machine, as in CI, reuses the instrumented dependencies).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+t0=$(date +%s)
 
 CARGO_FUZZ_VERSION=0.13.1
 toolchain=${FUZZ_TOOLCHAIN:-nightly}
 secs=${1:-20}
 shift $(($# > 0 ? 1 : 0))
 out=${FUZZ_OUT:-$root/fuzz/out}
-jobs=${FUZZ_JOBS:-1}
-target_dir=${FUZZ_TARGET_DIR:-$root/fuzz/target}
+jobs=${FUZZ_JOBS:-$(($(nproc) >= 2 ? 2 : 1))}
+target_dir=${FUZZ_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tessera/fuzz-target}
 triple=x86_64-unknown-linux-gnu
 
 die() { echo "fuzz/run.sh: $*" >&2; exit 2; }
@@ -122,4 +125,5 @@ if [[ ${#failed[@]} -gt 0 ]]; then
   echo "fuzz: FAILED: ${failed[*]} (reproducers above; add each to fuzz/corpus/<target>/ and a regression test once fixed)" >&2
   exit 1
 fi
+echo "fuzz: total $(($(date +%s) - t0)) s (build and runs)"
 echo "fuzz: ${#targets[@]} passed, 0 failed"
