@@ -57,4 +57,6 @@ section "example: MCP server and agent with per-task tokens"
 examples/mcp/demo.sh
 section "supply chain: cargo-deny licences, bans, sources"
 bash scripts/supply-chain.sh
+section "fuzzing: every cargo-fuzz target for 10 s"
+bash fuzz/run.sh 10
 section "all tests passed"
