@@ -430,8 +430,11 @@ impl Authority {
         if bundle_changed {
             let seq = self.bundle.borrow().sequence + 1;
             let bundle = build_bundle(&state.cas, &state.jwt, seq);
-            drop(state);
+            // Publish before releasing the lock: a key that may sign at once
+            // (e.g. after the clock went back) must be in the bundle before
+            // any SVID it signs can be served with a bundle.
             self.bundle.send_replace(Arc::new(bundle));
+            drop(state);
             if let Err(e) = self.persist() {
                 tracing::error!(error = %e, "could not persist authority state; keys stay in memory");
             }
