@@ -44,6 +44,58 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: agent
 {{- end }}
 
+{{/* Labels of the authority's resources. */}}
+{{- define "tessera.authorityLabels" -}}
+{{ include "tessera.commonLabels" . }}
+app.kubernetes.io/component: authority
+{{- end }}
+
+{{/* Selects the authority pods (immutable Deployment selector). */}}
+{{- define "tessera.authoritySelectorLabels" -}}
+app.kubernetes.io/name: {{ include "tessera.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: authority
+{{- end }}
+
+{{/* Name of the authority's resources (Deployment, Service, ConfigMap, ServiceAccount, RBAC, PDB). */}}
+{{- define "tessera.authorityName" -}}
+{{- printf "%s-authority" (include "tessera.fullname" . | trunc 53 | trimSuffix "-") -}}
+{{- end }}
+
+{{/* Paths inside the authority container, and the names the authority's TLS certificate and tokens carry. */}}
+{{- define "tessera.authorityConfigDir" -}}/etc/tessera-authority{{- end }}
+{{- define "tessera.authorityKeysDir" -}}/etc/tessera-authority/keys{{- end }}
+{{- define "tessera.authorityServerName" -}}tessera-authority{{- end }}
+{{/* Paths inside the agent container in upstream mode. */}}
+{{- define "tessera.upstreamBundleDir" -}}/etc/tessera/upstream{{- end }}
+{{- define "tessera.upstreamTokenDir" -}}/var/run/secrets/tessera{{- end }}
+{{/* Where agents reach the authority: its Service, by namespace-qualified DNS name. */}}
+{{- define "tessera.authorityAddress" -}}
+{{- printf "%s.%s.svc:%d" (include "tessera.authorityName" .) .Release.Namespace (.Values.authority.port | int64) -}}
+{{- end }}
+
+{{/*
+The [[entries]] tables, shared by the agent's and the authority's config so
+that both always carry the same list.
+*/}}
+{{- define "tessera.entriesToml" -}}
+{{- range .Values.entries }}
+
+[[entries]]
+spiffe_id = {{ include "tessera.entryId" (dict "entry" . "trustDomain" $.Values.trustDomain) | toJson }}
+selectors = {{ .selectors | toJson }}
+{{- with .hint }}
+hint      = {{ . | toJson }}
+{{- end }}
+{{- with .x509_ttl }}
+x509_ttl  = {{ . | toJson }}
+{{- end }}
+{{- with .jwt_ttl }}
+jwt_ttl   = {{ . | toJson }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Selects the helm test pod. */}}
 {{- define "tessera.testSelectorLabels" -}}
 app.kubernetes.io/name: {{ include "tessera.name" . }}
@@ -101,6 +153,25 @@ operator socket; included by the DaemonSet template.
 {{- $admin := clean .Values.admin.socketHostPath -}}
 {{- if or (eq $admin $sock) (hasPrefix (printf "%s/" (trimSuffix "/" $sock)) $admin) -}}
 {{- fail (printf "admin.socketHostPath %q is inside socket.hostPath %q: every workload that mounts the socket directory could reach the operator socket (approvals). Choose a directory outside it, e.g. /run/tessera/admin." .Values.admin.socketHostPath .Values.socket.hostPath) -}}
+{{- end -}}
+{{- with .Values.authority -}}
+{{- if .enabled -}}
+{{- if not .keysSecret -}}
+{{- fail "authority.enabled=true needs authority.keysSecret: the name of an existing Secret with the authority's keys (ca.crt, ca.key, jwt.key, access.key from `tessera authority init --dir keys --trust-domain <trustDomain>`; then `kubectl create secret generic tessera-authority-keys --from-file=keys/`). See docs/kubernetes.md, section Multi-node: the authority." -}}
+{{- end -}}
+{{- if not .bundleConfigMap -}}
+{{- fail "authority.enabled=true needs authority.bundleConfigMap: the name of an existing ConfigMap with bundle.pem = the authority's CA certificate only (`kubectl create configmap tessera-authority-bundle --from-file=bundle.pem=keys/ca.crt`), the agents' bootstrap trust bundle. See docs/kubernetes.md, section Multi-node: the authority." -}}
+{{- end -}}
+{{- if .caSecret -}}
+{{- fail "authority.caSecret and authority.enabled exclude each other: with the authority the agents get their SVIDs signed upstream and must not hold a CA key; unset authority.caSecret" -}}
+{{- end -}}
+{{- if eq (int64 .port) (int64 $.Values.admin.port) -}}
+{{- fail (printf "authority.port and admin.port are both %d: the authority pod listens on both" (int64 .port)) -}}
+{{- end -}}
+{{- if ge (int64 .podDisruptionBudget.minAvailable) (int64 .replicas) -}}
+{{- fail (printf "authority.podDisruptionBudget.minAvailable (%d) must be below authority.replicas (%d), or no node running an authority pod could ever be drained" (int64 .podDisruptionBudget.minAvailable) (int64 .replicas)) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- if .Values.exchange.enabled -}}
 {{- if eq .Values.socket.fileName "exchange.sock" -}}
