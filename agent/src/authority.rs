@@ -49,6 +49,8 @@ pub enum AuthorityError {
     File { path: PathBuf, message: String },
     #[error("no signing key is available")]
     NoKey,
+    #[error("the fleet authority: {0}")]
+    Upstream(String),
 }
 
 fn file_err(path: &Path, message: impl std::fmt::Display) -> AuthorityError {
@@ -221,6 +223,15 @@ impl std::fmt::Debug for X509Svid {
     }
 }
 
+/// A certificate signed over a public key the authority never saw the
+/// private half of.
+#[derive(Debug, Clone)]
+pub struct SignedCert {
+    pub cert_der: Bytes,
+    pub issued_at: SystemTime,
+    pub not_after: SystemTime,
+}
+
 /// A signed JWT-SVID.
 #[derive(Clone)]
 pub struct JwtSvid {
@@ -270,6 +281,11 @@ pub struct Authority {
     bundle: watch::Sender<Arc<TrustBundle>>,
     /// Public access-token keys (the exchange's `/jwks`), swapped on rollover.
     access_keys: arc_swap::ArcSwap<Vec<PublicJwk>>,
+    /// Upstream mode: the fleet authority signs; this node holds no CA or
+    /// JWT key, only the bundle it publishes.
+    upstream: Option<Arc<crate::fleet::client::Upstream>>,
+    /// Upstream mode: the latest expiry among the published CAs.
+    remote_ca_expiry: Mutex<Option<SystemTime>>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -325,6 +341,7 @@ impl Authority {
 
         if let Some((cert_path, key_path)) = &settings.ca_files {
             let ca = load_operator_ca(cert_path, key_path, &settings.trust_domain)?;
+            tracing::info!(trust_domain = settings.trust_domain.as_str(), cert = %cert_path.display(), "using operator-provided CA");
             cas.keys.push((ca.0, Arc::new(ca.1)));
         }
         if let Some(dir) = &settings.state_dir {
@@ -377,9 +394,215 @@ impl Authority {
             state: Mutex::new(State { cas, jwt, access }),
             bundle: watch::Sender::new(Arc::new(bundle)),
             access_keys,
+            upstream: None,
+            remote_ca_expiry: Mutex::new(None),
         });
         authority.persist()?;
         Ok(authority)
+    }
+
+    /// The fleet authority's keys: every `ca*.crt` with its `ca*.key`, and the
+    /// `jwt*.key` and `access*.key` ES256 keys, from `dir` (a mounted Secret
+    /// shared by every replica). Nothing is generated or persisted, so
+    /// replicas always agree: key ids are RFC 7638 thumbprints, and a key
+    /// added later starts signing only `publish_lead` after it appeared (CAs:
+    /// after their notBefore), once agents have had time to fetch it.
+    pub fn from_key_dir(
+        trust_domain: spiffe::TrustDomain,
+        dir: &Path,
+        publish_lead: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, AuthorityError> {
+        let state = load_key_dir(&trust_domain, dir, publish_lead)?;
+        let bundle = build_bundle(&state.cas, &state.jwt, 1);
+        let access_keys = arc_swap::ArcSwap::from_pointee(public_keys(&state.access));
+        Ok(Arc::new(Self {
+            settings: AuthoritySettings {
+                trust_domain,
+                ca_ttl: Duration::ZERO,
+                jwt_key_ttl: Duration::ZERO,
+                state_dir: None,
+                ca_files: None,
+            },
+            clock,
+            state: Mutex::new(state),
+            bundle: watch::Sender::new(Arc::new(bundle)),
+            access_keys,
+            upstream: None,
+            remote_ca_expiry: Mutex::new(None),
+        }))
+    }
+
+    /// Re-reads the key directory (a Secret update adds or removes keys);
+    /// returns whether the published keys changed.
+    pub fn reload_key_dir(
+        &self,
+        dir: &Path,
+        publish_lead: Duration,
+    ) -> Result<bool, AuthorityError> {
+        let fresh = load_key_dir(&self.settings.trust_domain, dir, publish_lead)?;
+        let mut state = self.lock();
+        let same = |a: &[(KeyTimes, Vec<u8>)], b: &[(KeyTimes, Vec<u8>)]| a == b;
+        let ca_ids = |r: &KeyRing<CaKey>| -> Vec<(KeyTimes, Vec<u8>)> {
+            r.keys
+                .iter()
+                .map(|(t, k)| (*t, k.cert_der.to_vec()))
+                .collect()
+        };
+        let jwt_ids = |r: &KeyRing<JwtKey>| -> Vec<(KeyTimes, Vec<u8>)> {
+            r.keys
+                .iter()
+                .map(|(t, k)| (*t, k.signer.kid().as_bytes().to_vec()))
+                .collect()
+        };
+        let bundle_same = same(&ca_ids(&state.cas), &ca_ids(&fresh.cas))
+            && same(&jwt_ids(&state.jwt), &jwt_ids(&fresh.jwt));
+        let access_same = same(&jwt_ids(&state.access), &jwt_ids(&fresh.access));
+        if bundle_same && access_same {
+            return Ok(false);
+        }
+        *state = fresh;
+        if !access_same {
+            self.access_keys.store(Arc::new(public_keys(&state.access)));
+        }
+        if !bundle_same {
+            let seq = self.bundle.borrow().sequence + 1;
+            self.bundle
+                .send_replace(Arc::new(build_bundle(&state.cas, &state.jwt, seq)));
+        }
+        Ok(true)
+    }
+
+    /// An agent in upstream mode: no keys of its own; the bundle and access
+    /// keys come from the fleet authority through [`Self::set_remote_bundle`].
+    pub fn for_upstream(
+        trust_domain: spiffe::TrustDomain,
+        clock: Arc<dyn Clock>,
+        upstream: Arc<crate::fleet::client::Upstream>,
+    ) -> Arc<Self> {
+        let state = State {
+            cas: KeyRing {
+                keys: Vec::new(),
+                rotates: false,
+            },
+            jwt: KeyRing {
+                keys: Vec::new(),
+                rotates: false,
+            },
+            access: KeyRing {
+                keys: Vec::new(),
+                rotates: false,
+            },
+        };
+        let bundle = build_bundle(&state.cas, &state.jwt, 0);
+        Arc::new(Self {
+            settings: AuthoritySettings {
+                trust_domain,
+                ca_ttl: Duration::ZERO,
+                jwt_key_ttl: Duration::ZERO,
+                state_dir: None,
+                ca_files: None,
+            },
+            clock,
+            state: Mutex::new(state),
+            bundle: watch::Sender::new(Arc::new(bundle)),
+            access_keys: arc_swap::ArcSwap::from_pointee(Vec::new()),
+            upstream: Some(upstream),
+            remote_ca_expiry: Mutex::new(None),
+        })
+    }
+
+    /// Upstream mode: installs the trust domain's bundle as published by the
+    /// fleet authority; open streams get it if it changed.
+    pub fn set_remote_bundle(
+        &self,
+        cas: Vec<Vec<u8>>,
+        jwt_keys: Vec<PublicJwk>,
+        access_keys: Vec<PublicJwk>,
+    ) -> bool {
+        let expiry = cas
+            .iter()
+            .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
+            .map(|(_, c)| c.validity().not_after.timestamp().max(0) as u64)
+            .max()
+            .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        *self
+            .remote_ca_expiry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = expiry;
+        if **self.access_keys.load() != access_keys {
+            self.access_keys.store(Arc::new(access_keys));
+        }
+        let current = self.bundle();
+        let x509: Vec<u8> = cas.concat();
+        let same = current.x509.as_ref() == x509.as_slice() && *current.jwt_keys == *jwt_keys;
+        if same {
+            return false;
+        }
+        let jwks = serde_json::json!({
+            "keys": jwt_keys.iter().map(|k| k.to_json("jwt-svid")).collect::<Vec<_>>(),
+        });
+        self.bundle.send_replace(Arc::new(TrustBundle {
+            x509: Bytes::from(x509),
+            jwks: Bytes::from(jwks.to_string()),
+            jwt_keys: jwt_keys.into(),
+            sequence: current.sequence + 1,
+        }));
+        true
+    }
+
+    /// The fleet authority this agent defers to, in upstream mode.
+    pub fn upstream(&self) -> Option<&Arc<crate::fleet::client::Upstream>> {
+        self.upstream.as_ref()
+    }
+
+    /// Issues X509-SVIDs for a batch of identities: here, or in one request
+    /// to the fleet authority (the keys are generated here either way).
+    pub async fn issue_x509_batch(
+        &self,
+        batch: &[(spiffe::SpiffeId, Duration)],
+    ) -> Vec<Result<X509Svid, AuthorityError>> {
+        match &self.upstream {
+            Some(up) => up.sign_x509(batch).await,
+            None => batch
+                .iter()
+                .map(|(id, ttl)| self.issue_x509(id, *ttl))
+                .collect(),
+        }
+    }
+
+    /// A JWT-SVID, signed here or by the fleet authority.
+    pub async fn jwt_svid(
+        &self,
+        id: &spiffe::SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+    ) -> Result<JwtSvid, AuthorityError> {
+        match &self.upstream {
+            Some(up) => up.mint_jwt(id, audience, ttl).await,
+            None => self.mint_jwt(id, audience, ttl),
+        }
+    }
+
+    /// Signs task access-token claims (`typ: at+jwt`), here or by the fleet
+    /// authority; `exp` must already respect [`Self::access_token_not_after`].
+    pub async fn sign_access_token(
+        &self,
+        claims: &serde_json::Value,
+    ) -> Result<String, AuthorityError> {
+        match &self.upstream {
+            Some(up) => up.sign_access(claims).await,
+            None => self.access_signing_key()?.sign(claims),
+        }
+    }
+
+    /// No access token may expire after this (the signing key's end).
+    pub fn access_token_not_after(&self) -> Result<SystemTime, AuthorityError> {
+        match &self.upstream {
+            // The fleet's keys come from files with no end of their own.
+            Some(_) => Ok(self.clock.now() + Duration::from_secs(365 * 24 * 3600)),
+            None => Ok(self.access_signing_key()?.not_after),
+        }
     }
 
     pub fn trust_domain(&self) -> &spiffe::TrustDomain {
@@ -402,6 +625,11 @@ impl Authority {
 
     /// Runs key rollover; returns when it next needs to run.
     pub fn rotate(&self) -> Result<Option<SystemTime>, AuthorityError> {
+        if self.upstream.is_some() || self.settings.ca_ttl.is_zero() {
+            // Upstream mode, or the fleet authority's file keys: nothing
+            // rolls over here.
+            return Ok(None);
+        }
         let now = unix_seconds(self.clock.now());
         let td = self.settings.trust_domain.clone();
         let mut state = self.lock();
@@ -464,6 +692,12 @@ impl Authority {
 
     /// Expiry of the CA currently signing.
     pub fn active_ca_expiry(&self) -> Option<SystemTime> {
+        if self.upstream.is_some() {
+            return *self
+                .remote_ca_expiry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+        }
         let now = unix_seconds(self.clock.now());
         self.lock()
             .cas
@@ -477,6 +711,28 @@ impl Authority {
         id: &spiffe::SpiffeId,
         ttl: Duration,
     ) -> Result<X509Svid, AuthorityError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let signed = self.sign_svid(id, &key, ttl, &[])?;
+        Ok(X509Svid {
+            spiffe_id: id.clone(),
+            chain_der: signed.cert_der,
+            key_pkcs8: Bytes::from(key.serialize_der()),
+            issued_at: signed.issued_at,
+            not_after: signed.not_after,
+        })
+    }
+
+    /// Signs an X509-SVID for `id` over `public_key` (a key generated
+    /// elsewhere, e.g. from a node's CSR), valid for `ttl` but never past the
+    /// signing CA. `dns_names` adds DNS SANs (only the authority's own
+    /// serving certificate uses them).
+    pub fn sign_svid(
+        &self,
+        id: &spiffe::SpiffeId,
+        public_key: &impl rcgen::PublicKeyData,
+        ttl: Duration,
+        dns_names: &[String],
+    ) -> Result<SignedCert, AuthorityError> {
         let now = self.clock.now();
         let (times, ca) = {
             let state = self.lock();
@@ -488,13 +744,17 @@ impl Authority {
         };
         let ca_end = SystemTime::UNIX_EPOCH + Duration::from_secs(times.not_after);
         let not_after = (now + ttl).min(ca_end);
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         // Never before the CA's own notBefore (the clock may have gone back).
         params.not_before = (now - BACKDATE).max(ca.not_before).into();
         params.not_after = not_after.into();
         params.serial_number = Some(random_serial());
         params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+        for name in dns_names {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(name.clone().try_into()?));
+        }
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Tessera");
         dn.push(DnType::OrganizationalUnitName, id.trust_domain_name());
@@ -509,11 +769,9 @@ impl Authority {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &ca.issuer)?;
-        Ok(X509Svid {
-            spiffe_id: id.clone(),
-            chain_der: Bytes::copy_from_slice(cert.der()),
-            key_pkcs8: Bytes::from(key.serialize_der()),
+        let cert = params.signed_by(public_key, &ca.issuer)?;
+        Ok(SignedCert {
+            cert_der: Bytes::copy_from_slice(cert.der()),
             issued_at: now,
             not_after,
         })
@@ -797,9 +1055,207 @@ fn load_operator_ca(
             "the key does not match the CA certificate",
         ));
     }
-    tracing::info!(trust_domain = td.as_str(), cert = %cert_path.display(), "using operator-provided CA");
+    tracing::debug!(trust_domain = td.as_str(), cert = %cert_path.display(), "loaded a CA from files");
     let ca = ca_from_parts(cert_der, key_pkcs8).map_err(|e| file_err(cert_path, e))?;
     Ok((times, ca))
+}
+
+/// Reads a fleet key directory (see [`Authority::from_key_dir`]).
+fn load_key_dir(
+    td: &spiffe::TrustDomain,
+    dir: &Path,
+    publish_lead: Duration,
+) -> Result<State, AuthorityError> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| file_err(dir, e))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        // Kubernetes Secret mounts hold `..data` symlinks; only plain names count.
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    names.sort();
+    let lead = publish_lead.as_secs();
+    let mut cas = Vec::new();
+    for name in names
+        .iter()
+        .filter(|n| n.starts_with("ca") && n.ends_with(".crt"))
+    {
+        let key = dir.join(format!("{}.key", name.trim_end_matches(".crt")));
+        cas.push(load_operator_ca(&dir.join(name), &key, td)?);
+    }
+    if cas.is_empty() {
+        return Err(file_err(
+            dir,
+            "no CA: expected ca.crt and ca.key (see `tessera authority init`)",
+        ));
+    }
+    cas.sort_by_key(|(t, _)| t.created);
+    let cas = KeyRing {
+        keys: cas
+            .into_iter()
+            .enumerate()
+            .map(|(i, (mut t, ca))| {
+                // The first CA signs at once; a later one once agents had
+                // `publish_lead` to fetch it.
+                t.activate_at = if i == 0 { 0 } else { t.created + lead };
+                (t, Arc::new(ca))
+            })
+            .collect(),
+        rotates: false,
+    };
+    let end = cas.keys.iter().map(|(t, _)| t.not_after).max().unwrap_or(0);
+    let ring = |prefix: &str| -> Result<KeyRing<JwtKey>, AuthorityError> {
+        let mut keys = Vec::new();
+        for name in names
+            .iter()
+            .filter(|n| n.starts_with(prefix) && n.ends_with(".key"))
+        {
+            let path = dir.join(name);
+            let pem = std::fs::read_to_string(&path).map_err(|e| file_err(&path, e))?;
+            let der = pem_block(&pem, "PRIVATE KEY").ok_or_else(|| {
+                file_err(&path, "expected a `BEGIN PRIVATE KEY` (PKCS#8) P-256 key")
+            })?;
+            let probe = Es256Signer::from_pkcs8(String::new(), &der)
+                .map_err(|e| file_err(&path, format!("not an ES256 key: {e}")))?;
+            let kid = jws::thumbprint(&probe.public_jwk().point);
+            let signer = Es256Signer::from_pkcs8(kid, &der).map_err(|e| file_err(&path, e))?;
+            let appeared = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .map(unix_seconds)
+                .unwrap_or(0);
+            keys.push((
+                appeared,
+                JwtKey {
+                    signer,
+                    key_pkcs8: der,
+                },
+            ));
+        }
+        if keys.is_empty() {
+            return Err(file_err(
+                dir,
+                format!("no {prefix}.key (see `tessera authority init`)"),
+            ));
+        }
+        keys.sort_by_key(|(appeared, _)| *appeared);
+        Ok(KeyRing {
+            keys: keys
+                .into_iter()
+                .enumerate()
+                .map(|(i, (appeared, k))| {
+                    let times = KeyTimes {
+                        created: appeared,
+                        activate_at: if i == 0 { 0 } else { appeared + lead },
+                        not_after: end,
+                    };
+                    (times, Arc::new(k))
+                })
+                .collect(),
+            rotates: false,
+        })
+    };
+    Ok(State {
+        jwt: ring("jwt")?,
+        access: ring("access")?,
+        cas,
+    })
+}
+
+/// Writes a new fleet key directory: `ca.crt`/`ca.key` (a self-signed CA for
+/// `td`, valid for `ca_ttl`), `jwt.key` and `access.key`, all 0600, refusing
+/// to overwrite anything.
+pub fn init_key_dir(
+    td: &spiffe::TrustDomain,
+    dir: &Path,
+    ca_ttl: Duration,
+    now: SystemTime,
+) -> Result<(), AuthorityError> {
+    let files = ["ca.crt", "ca.key", "jwt.key", "access.key"];
+    for f in files {
+        if dir.join(f).exists() {
+            return Err(file_err(
+                &dir.join(f),
+                "already exists; refusing to overwrite keys",
+            ));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+    let now = unix_seconds(now);
+    let ca = new_ca(
+        td,
+        KeyTimes {
+            created: now,
+            activate_at: now,
+            not_after: now + ca_ttl.as_secs(),
+        },
+    )?;
+    let jwt = new_jwt_key(KeyTimes {
+        created: now,
+        activate_at: now,
+        not_after: now,
+    })?;
+    let access = new_jwt_key(KeyTimes {
+        created: now,
+        activate_at: now,
+        not_after: now,
+    })?;
+    let write = |name: &str, label: &str, der: &[u8]| {
+        let path = dir.join(name);
+        crate::fsutil::write_private_atomic(&path, pem_encode(label, der).as_bytes())
+            .map_err(|e| file_err(&path, e))
+    };
+    write("ca.crt", "CERTIFICATE", &ca.cert_der)?;
+    write("ca.key", "PRIVATE KEY", &ca.key_pkcs8)?;
+    write("jwt.key", "PRIVATE KEY", &jwt.key_pkcs8)?;
+    write("access.key", "PRIVATE KEY", &access.key_pkcs8)?;
+    Ok(())
+}
+
+/// Adds a successor CA `ca-<unix time>.crt/.key` to a fleet key directory;
+/// returns the certificate's file name.
+pub fn add_ca(
+    td: &spiffe::TrustDomain,
+    dir: &Path,
+    ca_ttl: Duration,
+    now: SystemTime,
+) -> Result<String, AuthorityError> {
+    let secs = unix_seconds(now);
+    let name = format!("ca-{secs}");
+    for ext in ["crt", "key"] {
+        let path = dir.join(format!("{name}.{ext}"));
+        if path.exists() {
+            return Err(file_err(&path, "already exists"));
+        }
+    }
+    let ca = new_ca(
+        td,
+        KeyTimes {
+            created: secs,
+            activate_at: secs,
+            not_after: secs + ca_ttl.as_secs(),
+        },
+    )?;
+    for (ext, label, der) in [
+        ("crt", "CERTIFICATE", &ca.cert_der[..]),
+        ("key", "PRIVATE KEY", &ca.key_pkcs8[..]),
+    ] {
+        let path = dir.join(format!("{name}.{ext}"));
+        crate::fsutil::write_private_atomic(&path, pem_encode(label, der).as_bytes())
+            .map_err(|e| file_err(&path, e))?;
+    }
+    Ok(format!("{name}.crt"))
+}
+
+/// PEM armour with 64-column lines.
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    let b64 = B64.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
 }
 
 fn pem_block(text: &str, label: &str) -> Option<Vec<u8>> {

@@ -62,8 +62,8 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     trust_domain: Spanned<String>,
-    socket_path: Spanned<PathBuf>,
-    data_dir: Spanned<PathBuf>,
+    socket_path: Option<Spanned<PathBuf>>,
+    data_dir: Option<Spanned<PathBuf>>,
     #[serde(default)]
     svid: RawSvid,
     #[serde(default)]
@@ -78,6 +78,48 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     limits: RawLimits,
+    upstream: Option<RawUpstream>,
+    server: Option<RawServer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    addresses: Spanned<Vec<String>>,
+    server_name: Option<String>,
+    bundle_file: PathBuf,
+    node_attestation: Spanned<String>,
+    token_file: PathBuf,
+    bundle_refresh: Option<Spanned<String>>,
+    request_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Spanned<String>,
+    keys_dir: PathBuf,
+    server_name: Option<String>,
+    node_svid_ttl: Option<Spanned<String>>,
+    ca_publish_lead: Option<Spanned<String>>,
+    key_reload_interval: Option<Spanned<String>>,
+    join_token_dir: Option<PathBuf>,
+    audit_log: Option<PathBuf>,
+    max_access_token_ttl: Option<Spanned<String>>,
+    kubernetes: Option<RawServerKube>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerKube {
+    enabled: Option<bool>,
+    api_server: Option<String>,
+    ca_file: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    audience: Option<String>,
+    #[serde(default)]
+    allowed_service_accounts: Vec<Spanned<String>>,
+    pod_cache_ttl: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,6 +252,10 @@ pub struct Config {
     /// Per-task token exchange, when an `[exchange]` table is present (and
     /// not `enabled = false`).
     pub exchange: Option<ExchangeConfig>,
+    /// Upstream mode: the fleet authority signs (`[upstream]`).
+    pub upstream: Option<crate::fleet::client::UpstreamConfig>,
+    /// `tessera authority run`: the `[server]` table.
+    pub server: Option<crate::fleet::server::ServerConfig>,
     /// Warnings to log once logging is set up (e.g. very short TTLs).
     pub warnings: Vec<String>,
 }
@@ -437,12 +483,26 @@ impl Config {
                 (listen, a.socket_path.clone())
             }
         };
-        let socket_path = raw.socket_path.get_ref().clone();
+        let socket_path = raw
+            .socket_path
+            .as_ref()
+            .map(|p| p.get_ref().clone())
+            .unwrap_or_else(|| PathBuf::from("/run/tessera/sockets/agent.sock"));
+        let data_dir = raw
+            .data_dir
+            .as_ref()
+            .map(|p| p.get_ref().clone())
+            .unwrap_or_else(|| PathBuf::from("/var/lib/tessera"));
         if let (Some(admin), Some(sock_dir)) = (&admin_socket_path, socket_path.parent())
             && admin.starts_with(sock_dir)
             && !sock_dir.as_os_str().is_empty()
         {
-            return Err(cx.invalid("admin.socket_path", &raw.socket_path, "the admin socket must not live in the workload socket directory (workloads can reach everything there)"));
+            return Err(ConfigError::Invalid {
+                file: file.to_string(),
+                line: raw.socket_path.as_ref().map_or(1, |p| cx.line(p.span())),
+                key: "admin.socket_path".into(),
+                message: "the admin socket must not live in the workload socket directory (workloads can reach everything there)".into(),
+            });
         }
 
         let ca_files = match (&raw.authority.ca_cert_file, &raw.authority.ca_key_file) {
@@ -522,16 +582,34 @@ impl Config {
                 x,
                 &trust_domain,
                 &socket_path,
-                raw.data_dir.get_ref(),
+                &data_dir,
                 &mut warnings,
             )?),
             _ => None,
+        };
+        let upstream = match &raw.upstream {
+            Some(u) => Some(Self::upstream_config(&cx, u, &data_dir)?),
+            None => None,
+        };
+        if upstream.is_some()
+            && (raw.authority.ca_cert_file.is_some() || raw.authority.ca_ttl.is_some())
+        {
+            return Err(ConfigError::Invalid {
+                file: file.to_string(),
+                line: 1,
+                key: "authority".into(),
+                message: "[authority] configures the local CA; with [upstream] the fleet authority signs, so remove one of them".into(),
+            });
+        }
+        let server = match &raw.server {
+            Some(srv) => Some(Self::server_config(&cx, srv)?),
+            None => None,
         };
 
         Ok(Config {
             trust_domain,
             socket_path,
-            data_dir: raw.data_dir.get_ref().clone(),
+            data_dir,
             x509_ttl,
             jwt_ttl,
             authority: AuthorityConfig {
@@ -566,7 +644,191 @@ impl Config {
             http_header_timeout,
             http_request_timeout,
             exchange,
+            upstream,
+            server,
             warnings,
+        })
+    }
+
+    fn duration_or(
+        cx: &Ctx<'_>,
+        key: &str,
+        v: &Option<Spanned<String>>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(t) => match parse_duration(t.get_ref()) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                Ok(_) => Err(cx.invalid(key, t, "must be greater than zero")),
+                Err(e) => Err(cx.invalid(key, t, e.to_string())),
+            },
+        }
+    }
+
+    fn upstream_config(
+        cx: &Ctx<'_>,
+        u: &RawUpstream,
+        data_dir: &Path,
+    ) -> Result<crate::fleet::client::UpstreamConfig, ConfigError> {
+        use crate::fleet::client::{NodeAttestation, UpstreamConfig};
+        if u.addresses.get_ref().is_empty() {
+            return Err(cx.invalid(
+                "upstream.addresses",
+                &u.addresses,
+                "list at least one host:port",
+            ));
+        }
+        for a in u.addresses.get_ref() {
+            if a.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(cx.invalid(
+                    "upstream.addresses",
+                    &u.addresses,
+                    format!("{a:?} is not host:port"),
+                ));
+            }
+        }
+        let attestation = match u.node_attestation.get_ref().as_str() {
+            "k8s_psat" => NodeAttestation::K8sPsat,
+            "join_token" => NodeAttestation::JoinToken,
+            _ => {
+                return Err(cx.invalid(
+                    "upstream.node_attestation",
+                    &u.node_attestation,
+                    "must be \"k8s_psat\" or \"join_token\"",
+                ));
+            }
+        };
+        Ok(UpstreamConfig {
+            addresses: u.addresses.get_ref().clone(),
+            server_name: u
+                .server_name
+                .clone()
+                .unwrap_or_else(|| "tessera-authority".into()),
+            bundle_file: u.bundle_file.clone(),
+            attestation,
+            token_file: u.token_file.clone(),
+            bundle_refresh: Self::duration_or(
+                cx,
+                "upstream.bundle_refresh",
+                &u.bundle_refresh,
+                Duration::from_secs(10),
+            )?,
+            request_timeout: Self::duration_or(
+                cx,
+                "upstream.request_timeout",
+                &u.request_timeout,
+                Duration::from_secs(5),
+            )?,
+            state_dir: data_dir.to_path_buf(),
+        })
+    }
+
+    fn server_config(
+        cx: &Ctx<'_>,
+        srv: &RawServer,
+    ) -> Result<crate::fleet::server::ServerConfig, ConfigError> {
+        let listen = srv.listen.get_ref().parse::<SocketAddr>().map_err(|e| {
+            cx.invalid(
+                "server.listen",
+                &srv.listen,
+                format!("not an address like 0.0.0.0:8443 ({e})"),
+            )
+        })?;
+        let kubernetes = match &srv.kubernetes {
+            Some(k) if k.enabled.unwrap_or(true) => {
+                let api_server = match &k.api_server {
+                    Some(a) => a.clone(),
+                    None => match (
+                        std::env::var("KUBERNETES_SERVICE_HOST"),
+                        std::env::var("KUBERNETES_SERVICE_PORT"),
+                    ) {
+                        (Ok(h), Ok(p)) if h.contains(':') => format!("https://[{h}]:{p}"),
+                        (Ok(h), Ok(p)) => format!("https://{h}:{p}"),
+                        _ => "https://kubernetes.default.svc".into(),
+                    },
+                };
+                let mut allowed = Vec::new();
+                for a in &k.allowed_service_accounts {
+                    match a.get_ref().split_once(':') {
+                        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() => {
+                            allowed.push(a.get_ref().clone())
+                        }
+                        _ => {
+                            return Err(cx.invalid(
+                                "server.kubernetes.allowed_service_accounts",
+                                a,
+                                "each must be \"namespace:service-account\"",
+                            ));
+                        }
+                    }
+                }
+                if allowed.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        file: cx.file.to_string(),
+                        line: cx.line(srv.listen.span()),
+                        key: "server.kubernetes.allowed_service_accounts".into(),
+                        message: "name the agents' service account (\"namespace:name\"); no other may attest nodes".into(),
+                    });
+                }
+                let sa = Path::new("/var/run/secrets/kubernetes.io/serviceaccount");
+                Some(crate::fleet::kube::KubeConfig {
+                    api_server,
+                    ca_file: k.ca_file.clone().unwrap_or_else(|| sa.join("ca.crt")),
+                    token_file: k.token_file.clone().unwrap_or_else(|| sa.join("token")),
+                    audience: k
+                        .audience
+                        .clone()
+                        .unwrap_or_else(|| "tessera-authority".into()),
+                    allowed_service_accounts: allowed,
+                    pod_cache_ttl: Self::duration_or(
+                        cx,
+                        "server.kubernetes.pod_cache_ttl",
+                        &k.pod_cache_ttl,
+                        Duration::from_secs(2),
+                    )?,
+                    timeout: Duration::from_secs(5),
+                })
+            }
+            _ => None,
+        };
+        Ok(crate::fleet::server::ServerConfig {
+            listen,
+            keys_dir: srv.keys_dir.clone(),
+            server_name: srv
+                .server_name
+                .clone()
+                .unwrap_or_else(|| "tessera-authority".into()),
+            node_svid_ttl: Self::duration_or(
+                cx,
+                "server.node_svid_ttl",
+                &srv.node_svid_ttl,
+                Duration::from_secs(3600),
+            )?,
+            ca_publish_lead: Self::duration_or(
+                cx,
+                "server.ca_publish_lead",
+                &srv.ca_publish_lead,
+                Duration::from_secs(600),
+            )?,
+            key_reload_interval: Self::duration_or(
+                cx,
+                "server.key_reload_interval",
+                &srv.key_reload_interval,
+                Duration::from_secs(30),
+            )?,
+            join_token_dir: srv.join_token_dir.clone(),
+            audit_log: srv.audit_log.clone(),
+            kubernetes,
+            max_access_token_ttl: Self::duration_or(
+                cx,
+                "server.max_access_token_ttl",
+                &srv.max_access_token_ttl,
+                Duration::from_secs(3600),
+            )?,
+            max_connections: 4096,
         })
     }
 

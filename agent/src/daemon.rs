@@ -76,29 +76,73 @@ impl RunningAgent {
     }
 }
 
+/// Upstream mode: every caller on this node gets `tessera:node:<node name>`,
+/// the one fact about it the fleet authority can check without Kubernetes.
+struct NodeAttestor(String);
+
+impl tessera_attestor::Attestor for NodeAttestor {
+    fn name(&self) -> &'static str {
+        "tessera"
+    }
+
+    fn attest<'a>(
+        &'a self,
+        _: &'a tessera_attestor::ProcessRef,
+        _: &'a ProcRoot,
+    ) -> tessera_attestor::AttestFuture<'a> {
+        let s = tessera_attestor::Selector::new(crate::fleet::NODE_SELECTOR, &self.0);
+        Box::pin(async move { Ok(vec![s]) })
+    }
+}
+
 /// Starts the agent described by `config` and returns once its sockets are listening.
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<RunningAgent> {
     create_private_dir(&config.data_dir)?;
-    let authority = Authority::load(
-        AuthoritySettings {
-            trust_domain: config.trust_domain.clone(),
-            ca_ttl: config.authority.ca_ttl,
-            jwt_key_ttl: config.authority.jwt_key_ttl,
-            state_dir: config.authority.persist.then(|| config.data_dir.clone()),
-            ca_files: config.authority.ca_files.clone(),
-        },
-        clock.clone(),
-    )
-    .context("loading the signing authority")?;
-
-    let listener = bind_socket(&config.socket_path, 0o777)?;
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
+    let mut attestors: Vec<Arc<dyn tessera_attestor::Attestor>> =
+        vec![Arc::new(UnixAttestor::new(config.unix_attestor.clone()))];
+    let authority = match &config.upstream {
+        None => Authority::load(
+            AuthoritySettings {
+                trust_domain: config.trust_domain.clone(),
+                ca_ttl: config.authority.ca_ttl,
+                jwt_key_ttl: config.authority.jwt_key_ttl,
+                state_dir: config.authority.persist.then(|| config.data_dir.clone()),
+                ca_files: config.authority.ca_files.clone(),
+            },
+            clock.clone(),
+        )
+        .context("loading the signing authority")?,
+        Some(up) => {
+            let (client, doc) = crate::fleet::client::Upstream::connect(
+                up.clone(),
+                config.trust_domain.clone(),
+                clock.clone(),
+                metrics.clone(),
+                &shutdown,
+            )
+            .await?;
+            let authority =
+                Authority::for_upstream(config.trust_domain.clone(), clock.clone(), client.clone());
+            client
+                .apply_bundle(&authority, &doc)
+                .context("the fleet authority's bundle")?;
+            tracing::info!(
+                node = %client.node_id(),
+                replicas = ?up.addresses,
+                "upstream mode: the fleet authority signs; workload keys stay on this node"
+            );
+            attestors.push(Arc::new(NodeAttestor(client.node_name())));
+            tokio::spawn(client.clone().run(authority.clone(), shutdown.clone()));
+            authority
+        }
+    };
+
+    let listener = bind_socket(&config.socket_path, 0o777)?;
     let cache = SvidCache::new(authority.clone(), clock.clone(), metrics.clone());
     tokio::spawn(cache.clone().run_rotation(shutdown.clone()));
 
-    let mut attestors: Vec<Arc<dyn tessera_attestor::Attestor>> =
-        vec![Arc::new(UnixAttestor::new(config.unix_attestor.clone()))];
     if let Some(k8s) = &config.k8s_attestor {
         tracing::info!(kubelet = %format!("{}:{}", k8s.kubelet.host, k8s.kubelet.port), read_only = k8s.kubelet.read_only, "Kubernetes attestation enabled");
         attestors.push(Arc::new(tessera_attestor::K8sAttestor::new(k8s.clone())));
@@ -243,6 +287,25 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
 }
 
 /// Runs until SIGTERM/SIGINT. SIGHUP reloads the entries from `config_path`.
+/// Returns on SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 pub async fn run_until_signalled(
     agent: RunningAgent,
     config_path: Option<PathBuf>,
@@ -277,7 +340,7 @@ pub async fn run_until_signalled(
 /// `data_dir` holds keys, revocations and the audit log: 0700. An existing
 /// directory that others can reach is tightened if it is ours; one owned by
 /// someone else is refused (they could swap files under us).
-fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     if !dir.exists() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating data_dir {}", dir.display()))?;

@@ -191,6 +191,43 @@ fn decode_json(part: &str) -> Option<Map<String, Value>> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// RFC 7638 JWK thumbprint of a P-256 key (uncompressed point), base64url:
+/// a key id every holder of the key derives alike.
+pub fn thumbprint(point: &[u8]) -> String {
+    let (x, y) = (&point[1..33], &point[33..65]);
+    let canonical = format!(
+        r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
+        B64.encode(x),
+        B64.encode(y)
+    );
+    B64.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        canonical.as_bytes(),
+    ))
+}
+
+impl PublicJwk {
+    /// Parses an EC P-256 JWK (as made by [`PublicJwk::to_json`]).
+    pub fn from_json(jwk: &Value) -> Option<Self> {
+        let s = |k: &str| jwk.get(k).and_then(Value::as_str);
+        if s("kty")? != "EC" || s("crv")? != "P-256" {
+            return None;
+        }
+        let x = B64.decode(s("x")?).ok()?;
+        let y = B64.decode(s("y")?).ok()?;
+        if x.len() != 32 || y.len() != 32 {
+            return None;
+        }
+        let mut point = vec![4u8];
+        point.extend_from_slice(&x);
+        point.extend_from_slice(&y);
+        Some(Self {
+            kid: s("kid")?.to_string(),
+            point,
+        })
+    }
+}
+
 /// Random key id: 128 bits, base64url.
 pub fn random_kid() -> String {
     let mut b = [0u8; 16];

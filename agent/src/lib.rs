@@ -16,6 +16,7 @@ pub mod config;
 pub mod daemon;
 pub mod entries;
 pub mod exchange;
+pub mod fleet;
 pub mod fsutil;
 pub mod h2_authority;
 pub mod jws;

@@ -50,6 +50,11 @@ pub struct Metrics {
     pub connections_refused: Family<MethodLabels, Counter>,
     /// Requests refused because their caller exceeded its budget.
     pub rate_limited: Counter,
+    /// Upstream mode: 1 while the fleet authority answers, 0 during an outage.
+    pub upstream_reachable: Gauge,
+    /// Upstream mode: requests to the fleet authority by outcome
+    /// (`ok`, `refused`, `unreachable`).
+    pub upstream_requests: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -187,8 +192,22 @@ impl Metrics {
             "Requests refused because the calling process exceeded limits.requests_per_second",
             rate_limited.clone(),
         );
+        let upstream_reachable = Gauge::default();
+        registry.register(
+            "upstream_reachable",
+            "Upstream mode: 1 while a fleet authority replica answers; 0 while SVIDs are served from cache only",
+            upstream_reachable.clone(),
+        );
+        let upstream_requests = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "upstream_requests",
+            "Upstream mode: requests to the fleet authority by result (ok, refused, unreachable)",
+            upstream_requests.clone(),
+        );
         Self {
             registry,
+            upstream_reachable,
+            upstream_requests,
             rate_limited,
             connections_refused,
             exchanges,

@@ -359,6 +359,7 @@ impl pb::server::SpiffeWorkloadApi for WorkloadApi {
                     .state
                     .cache
                     .jwt(&ident.spiffe_id, &req.audience, ident.jwt_ttl)
+                    .await
                     .map_err(|e| Status::unavailable(format!("could not sign JWT-SVID: {e}")))?;
                 svids.push(pb::Jwtsvid {
                     spiffe_id: ident.spiffe_id.to_string(),

@@ -94,7 +94,13 @@ impl SvidCache {
         let rx = slot.tx.subscribe();
         slot.first_issue
             .get_or_try_init(|| async {
-                self.issue_into(&slot)?;
+                let svid = self
+                    .authority
+                    .issue_x509_batch(std::slice::from_ref(&(slot.id.clone(), slot.ttl)))
+                    .await
+                    .pop()
+                    .unwrap_or(Err(AuthorityError::NoKey))?;
+                self.install(&slot, svid);
                 self.wake.notify_one();
                 Ok::<(), AuthorityError>(())
             })
@@ -102,13 +108,11 @@ impl SvidCache {
         Ok(rx)
     }
 
-    fn issue_into(&self, slot: &Slot) -> Result<(), AuthorityError> {
-        let svid = self.authority.issue_x509(&slot.id, slot.ttl)?;
+    fn install(&self, slot: &Slot, svid: X509Svid) {
         let refresh = refresh_time(svid.issued_at, svid.not_after);
         *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner()) = refresh;
         slot.tx.send_replace(Some(Arc::new(svid)));
         self.metrics.svids_issued_x509.inc();
-        Ok(())
     }
 
     /// Number of SPIFFE IDs with a cached X509-SVID.
@@ -137,7 +141,7 @@ impl SvidCache {
     }
 
     /// A JWT-SVID for (id, audience), reused while more than half its life is left.
-    pub fn jwt(
+    pub async fn jwt(
         &self,
         id: &spiffe::SpiffeId,
         audience: &[String],
@@ -158,7 +162,7 @@ impl SvidCache {
             }
         }
         // Keep the caller's audience order in the token (first = primary).
-        let svid = self.authority.mint_jwt(id, audience, ttl)?;
+        let svid = self.authority.jwt_svid(id, audience, ttl).await?;
         self.metrics.svids_issued_jwt.inc();
         let mut cache = self.jwts.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= JWT_CACHE_LIMIT {
@@ -214,8 +218,16 @@ impl SvidCache {
                     })
                     .collect()
             };
-            for slot in due {
-                match self.issue_into(&slot) {
+            // One batch: in upstream mode, one request for every renewal due.
+            let batch: Vec<(spiffe::SpiffeId, Duration)> =
+                due.iter().map(|s| (s.id.clone(), s.ttl)).collect();
+            let issued = if batch.is_empty() {
+                Vec::new()
+            } else {
+                self.authority.issue_x509_batch(&batch).await
+            };
+            for (slot, result) in due.into_iter().zip(issued) {
+                match result.map(|svid| self.install(&slot, svid)) {
                     Ok(()) => {
                         self.metrics.rotations.inc();
                         let at = *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner());
@@ -350,14 +362,17 @@ mod tests {
         let id = spiffe::SpiffeId::new("spiffe://example.org/w").unwrap();
         let a = cache
             .jwt(&id, &["x".into(), "y".into()], Duration::from_secs(300))
+            .await
             .unwrap();
         let b = cache
             .jwt(&id, &["y".into(), "x".into()], Duration::from_secs(300))
+            .await
             .unwrap();
         assert_eq!(a.token, b.token, "same audience set, same token");
         tokio::time::advance(Duration::from_secs(200)).await;
         let c = cache
             .jwt(&id, &["x".into(), "y".into()], Duration::from_secs(300))
+            .await
             .unwrap();
         assert_ne!(a.token, c.token);
     }

@@ -34,7 +34,7 @@ use serde_json::{Map, Value, json};
 use tessera_attestor::AttestedPeer;
 
 use crate::audit::{AuditLog, sha256_hex};
-use crate::authority::Authority;
+use crate::authority::{Authority, AuthorityError};
 use crate::clock::{Clock, unix_seconds};
 use crate::config::ExchangeConfig;
 use crate::entries::Identity;
@@ -447,15 +447,15 @@ impl Exchange {
             .borrow()
             .clone()
             .ok_or_else(|| OAuthError::new(ErrorCode::ServerError, "no X509-SVID for caller"))?;
-        let key = self
+        let key_not_after = self
             .authority
-            .access_signing_key()
+            .access_token_not_after()
             .map_err(|e| OAuthError::new(ErrorCode::ServerError, format!("no signing key: {e}")))?;
         let mut limits: Vec<(&str, u64)> = vec![
             ("requested", requested_ttl.as_secs()),
             ("max_ttl", self.config.max_ttl.as_secs()),
             ("caller certificate", secs_until(svid.not_after, now)),
-            ("signing key", secs_until(key.not_after, now)),
+            ("signing key", secs_until(key_not_after, now)),
         ];
         if let Some(t) = policy_ttl {
             limits.push(("policy", t.as_secs()));
@@ -503,9 +503,17 @@ impl Exchange {
             }
             claims["act"] = Value::Object(act);
         }
-        let token = key
-            .sign(&claims)
-            .map_err(|e| OAuthError::new(ErrorCode::ServerError, format!("signing failed: {e}")))?;
+        let token = self
+            .authority
+            .sign_access_token(&claims)
+            .await
+            .map_err(|e| match e {
+                AuthorityError::Upstream(why) => OAuthError::new(
+                    ErrorCode::TemporarilyUnavailable,
+                    format!("the fleet authority could not sign: {why}"),
+                ),
+                e => OAuthError::new(ErrorCode::ServerError, format!("signing failed: {e}")),
+            })?;
         record.insert(
             "granted".into(),
             json!({

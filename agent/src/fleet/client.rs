@@ -1,0 +1,632 @@
+//! The agent's side of upstream mode.
+//!
+//! The agent proves its node once ([`Upstream::connect`]), then talks to the
+//! authority over mTLS with its node SVID. It generates every workload key
+//! itself and sends only CSRs; X.509 renewals arrive as one batch per
+//! rotation pass. Replicas are tried in order from the last one that
+//! answered, so losing one costs one failed connection. While no replica
+//! answers, the SVID cache keeps serving what it has (and retries); this
+//! client only reports the outage in metrics and readiness.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use prost::bytes::Bytes;
+use rcgen::{CertificateParams, KeyPair, SanType};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use super::wire::{self, BundleDoc};
+use super::{http, tls};
+use crate::authority::{Authority, AuthorityError, JwtSvid, X509Svid};
+use crate::clock::Clock;
+use crate::jws::PublicJwk;
+use crate::metrics::{Metrics, ResultLabels};
+
+/// How the node proves itself to the authority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeAttestation {
+    /// A projected service account token (re-read at every attestation).
+    K8sPsat,
+    /// A single-use join token; the node SVID is then kept on disk so a
+    /// restart does not need a new token.
+    JoinToken,
+}
+
+/// The `[upstream]` table, validated.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `host:port` of each replica (or one Service address), in order.
+    pub addresses: Vec<String>,
+    /// DNS name in the authority's serving certificate.
+    pub server_name: String,
+    /// PEM CA certificates to trust before the first bundle arrives.
+    pub bundle_file: PathBuf,
+    pub attestation: NodeAttestation,
+    pub token_file: PathBuf,
+    pub bundle_refresh: Duration,
+    pub request_timeout: Duration,
+    /// Where a join-token node keeps its node SVID (`data_dir`).
+    pub state_dir: PathBuf,
+}
+
+const NODE_STATE_FILE: &str = "node-svid.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No replica answered.
+    #[error("no authority replica answered ({0})")]
+    Unreachable(String),
+    /// A replica answered with an error.
+    #[error("the authority refused: {status} {message}")]
+    Refused { status: u16, message: String },
+    #[error("the authority's answer is malformed: {0}")]
+    Malformed(String),
+}
+
+impl From<UpstreamError> for AuthorityError {
+    fn from(e: UpstreamError) -> Self {
+        AuthorityError::Upstream(e.to_string())
+    }
+}
+
+/// The node's identity towards the authority.
+struct NodeCreds {
+    node_id: spiffe::SpiffeId,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    issued_at: SystemTime,
+    not_after: SystemTime,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PersistedNode {
+    cert: String,
+    key: String,
+}
+
+pub struct Upstream {
+    config: UpstreamConfig,
+    trust_domain: spiffe::TrustDomain,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    roots: ArcSwap<rustls::RootCertStore>,
+    node: ArcSwap<NodeCreds>,
+    /// Index of the replica that answered last.
+    preferred: AtomicUsize,
+    reachable: AtomicBool,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("addresses", &self.config.addresses)
+            .finish_non_exhaustive()
+    }
+}
+
+fn csr_for(id: Option<&spiffe::SpiffeId>) -> Result<(KeyPair, String), AuthorityError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    if let Some(id) = id {
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+    }
+    let csr = params.serialize_request(&key)?;
+    Ok((key, B64.encode(csr.der())))
+}
+
+fn cert_window(der: &[u8]) -> Result<(SystemTime, SystemTime), UpstreamError> {
+    let (_, c) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| UpstreamError::Malformed(format!("certificate: {e}")))?;
+    let t = |ts: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(ts.max(0) as u64);
+    Ok((
+        t(c.validity().not_before.timestamp()),
+        t(c.validity().not_after.timestamp()),
+    ))
+}
+
+fn decode_bundle(
+    doc: &BundleDoc,
+) -> Result<(Vec<Vec<u8>>, Vec<PublicJwk>, Vec<PublicJwk>), UpstreamError> {
+    let cas = doc
+        .x509_authorities
+        .iter()
+        .map(|c| B64.decode(c))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| UpstreamError::Malformed(format!("bundle CA: {e}")))?;
+    let jwks = |keys: &[serde_json::Value]| {
+        keys.iter()
+            .map(|k| {
+                PublicJwk::from_json(k).ok_or_else(|| UpstreamError::Malformed("bundle JWK".into()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok((cas, jwks(&doc.jwt_keys)?, jwks(&doc.access_keys)?))
+}
+
+impl Upstream {
+    /// Loads the bootstrap bundle and proves the node to the authority (or
+    /// reuses a still-valid saved node SVID). Retries until a replica answers
+    /// or `shutdown` is cancelled; an explicit refusal is returned at once.
+    pub async fn connect(
+        config: UpstreamConfig,
+        trust_domain: spiffe::TrustDomain,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<(Arc<Self>, BundleDoc)> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let pem = std::fs::read(&config.bundle_file).map_err(|e| {
+            anyhow::anyhow!("upstream.bundle_file {}: {e}", config.bundle_file.display())
+        })?;
+        let cas: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(&pem)
+            .map(|c| c.map(|c| c.to_vec()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| {
+                anyhow::anyhow!("upstream.bundle_file {}: {e}", config.bundle_file.display())
+            })?;
+        let roots = tls::roots(cas.iter().map(Vec::as_slice)).map_err(|e| {
+            anyhow::anyhow!("upstream.bundle_file {}: {e}", config.bundle_file.display())
+        })?;
+        let placeholder = NodeCreds {
+            node_id: spiffe::SpiffeId::new(&format!(
+                "{}/tessera/unattested",
+                trust_domain.id_string()
+            ))
+            .map_err(|e| anyhow::anyhow!("trust domain: {e}"))?,
+            cert: Vec::new(),
+            key: Vec::new(),
+            issued_at: SystemTime::UNIX_EPOCH,
+            not_after: SystemTime::UNIX_EPOCH,
+            tls: tls::client_config(roots.clone(), None).map_err(anyhow::Error::msg)?,
+        };
+        let up = Arc::new(Self {
+            config,
+            trust_domain,
+            clock,
+            metrics,
+            roots: ArcSwap::new(roots),
+            node: ArcSwap::from_pointee(placeholder),
+            preferred: AtomicUsize::new(0),
+            reachable: AtomicBool::new(false),
+        });
+        if up.config.attestation == NodeAttestation::JoinToken && up.load_saved_node() {
+            tracing::info!(node = %up.node_id(), "using the saved node SVID");
+            match up.renew().await {
+                Ok(doc) => return Ok((up, doc)),
+                Err(UpstreamError::Refused { status, message }) => {
+                    tracing::warn!(status, %message, "the saved node SVID was refused; attesting again");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not renew the saved node SVID yet; attesting")
+                }
+            }
+        }
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            match up.attest().await {
+                Ok(doc) => return Ok((up, doc)),
+                Err(UpstreamError::Unreachable(why)) => {
+                    tracing::warn!(reason = %why, retry_in = ?backoff, "no authority replica answered node attestation; retrying");
+                }
+                Err(e) => anyhow::bail!("node attestation failed: {e}"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => anyhow::bail!("stopped before the node was attested"),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    pub fn node_id(&self) -> spiffe::SpiffeId {
+        self.node.load().node_id.clone()
+    }
+
+    /// The node's name (the last segment of its node ID).
+    pub fn node_name(&self) -> String {
+        self.node
+            .load()
+            .node_id
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Whether the last request reached a replica.
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Acquire)
+    }
+
+    pub fn node_svid_expiry(&self) -> SystemTime {
+        self.node.load().not_after
+    }
+
+    fn load_saved_node(&self) -> bool {
+        let path = self.config.state_dir.join(NODE_STATE_FILE);
+        let Ok(bytes) = std::fs::read(&path) else {
+            return false;
+        };
+        let Ok(saved) = serde_json::from_slice::<PersistedNode>(&bytes) else {
+            tracing::warn!(file = %path.display(), "ignoring a corrupt saved node SVID");
+            return false;
+        };
+        let (Ok(cert), Ok(key)) = (B64.decode(saved.cert), B64.decode(saved.key)) else {
+            return false;
+        };
+        self.install_node(cert, key, false).is_ok() && self.node.load().not_after > self.clock.now()
+    }
+
+    fn install_node(&self, cert: Vec<u8>, key: Vec<u8>, save: bool) -> Result<(), UpstreamError> {
+        let node_id = tls::spiffe_id_of(&cert)
+            .filter(|id| super::Node::from_spiffe_id(id, &self.trust_domain).is_some())
+            .ok_or_else(|| {
+                UpstreamError::Malformed("the node SVID does not carry a node ID".into())
+            })?;
+        let (issued_at, not_after) = cert_window(&cert)?;
+        let tls = tls::client_config(self.roots.load_full(), Some((&cert, &key)))
+            .map_err(UpstreamError::Malformed)?;
+        if save && self.config.attestation == NodeAttestation::JoinToken {
+            let saved = PersistedNode {
+                cert: B64.encode(&cert),
+                key: B64.encode(&key),
+            };
+            let path = self.config.state_dir.join(NODE_STATE_FILE);
+            let body = serde_json::to_vec(&saved).unwrap_or_default();
+            if let Err(e) = crate::fsutil::write_private_atomic(&path, &body) {
+                tracing::error!(file = %path.display(), error = %e, "could not save the node SVID; a restart will need a new join token");
+            }
+        }
+        self.node.store(Arc::new(NodeCreds {
+            node_id,
+            cert,
+            key,
+            issued_at,
+            not_after,
+            tls,
+        }));
+        Ok(())
+    }
+
+    /// Proves the node with its token and installs the new node SVID.
+    async fn attest(&self) -> Result<BundleDoc, UpstreamError> {
+        let token = std::fs::read_to_string(&self.config.token_file).map_err(|e| {
+            UpstreamError::Malformed(format!(
+                "upstream.token_file {}: {e}",
+                self.config.token_file.display()
+            ))
+        })?;
+        let (key, csr) = csr_for(None).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
+        let method = match self.config.attestation {
+            NodeAttestation::K8sPsat => "k8s_psat",
+            NodeAttestation::JoinToken => "join_token",
+        };
+        let req = wire::AttestRequest {
+            method: method.into(),
+            token: token.trim().to_string(),
+            csr,
+        };
+        let resp: wire::NodeSvidResponse = self.call("/v1/attest", Some(&req), false).await?;
+        self.accept_node_svid(resp, key).await
+    }
+
+    /// A fresh node SVID: join-token nodes renew with their current one;
+    /// Kubernetes nodes attest again with their (rotated) token, so a node
+    /// whose agent pod is gone cannot keep renewing.
+    async fn renew(&self) -> Result<BundleDoc, UpstreamError> {
+        if self.config.attestation == NodeAttestation::K8sPsat {
+            return self.attest().await;
+        }
+        let (key, csr) = csr_for(None).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
+        let resp: wire::NodeSvidResponse = self
+            .call("/v1/renew", Some(&wire::RenewRequest { csr }), true)
+            .await?;
+        self.accept_node_svid(resp, key).await
+    }
+
+    async fn accept_node_svid(
+        &self,
+        resp: wire::NodeSvidResponse,
+        key: KeyPair,
+    ) -> Result<BundleDoc, UpstreamError> {
+        let cert = B64
+            .decode(&resp.svid)
+            .map_err(|e| UpstreamError::Malformed(format!("node SVID: {e}")))?;
+        self.set_roots(&resp.bundle)?;
+        self.install_node(cert, key.serialize_der(), true)?;
+        tracing::info!(node = %self.node_id(), "node attested; node SVID installed");
+        Ok(resp.bundle)
+    }
+
+    fn set_roots(&self, doc: &BundleDoc) -> Result<(), UpstreamError> {
+        let (cas, _, _) = decode_bundle(doc)?;
+        let roots = tls::roots(cas.iter().map(Vec::as_slice)).map_err(UpstreamError::Malformed)?;
+        if *roots.roots != *self.roots.load().roots {
+            self.roots.store(roots.clone());
+            let node = self.node.load();
+            let identity =
+                (!node.cert.is_empty()).then_some((node.cert.as_slice(), node.key.as_slice()));
+            if let Ok(tls) = tls::client_config(roots, identity) {
+                self.node.store(Arc::new(NodeCreds {
+                    node_id: node.node_id.clone(),
+                    cert: node.cert.clone(),
+                    key: node.key.clone(),
+                    issued_at: node.issued_at,
+                    not_after: node.not_after,
+                    tls,
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// One request, failing over across replicas on transport errors and 503.
+    async fn call<B: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Option<&B>,
+        with_identity: bool,
+    ) -> Result<R, UpstreamError> {
+        let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
+        let n = self.config.addresses.len();
+        let start = self.preferred.load(Ordering::Relaxed);
+        let mut last = String::new();
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let addr = &self.config.addresses[idx];
+            let tls = if with_identity {
+                self.node.load().tls.clone()
+            } else {
+                tls::client_config(self.roots.load_full(), None)
+                    .map_err(UpstreamError::Malformed)?
+            };
+            let result = http::send(http::Request {
+                addr,
+                server_name: &self.config.server_name,
+                tls,
+                method: if body.is_some() {
+                    hyper::Method::POST
+                } else {
+                    hyper::Method::GET
+                },
+                path,
+                bearer: None,
+                body: body.clone(),
+                timeout: self.config.request_timeout,
+            })
+            .await;
+            match result {
+                Err(e) => {
+                    tracing::debug!(replica = %addr, error = %e, "authority replica unreachable");
+                    last = e.to_string();
+                }
+                Ok((503, b)) => {
+                    last = format!("{addr}: 503 {}", String::from_utf8_lossy(&b));
+                }
+                Ok((status, b)) => {
+                    self.preferred.store(idx, Ordering::Relaxed);
+                    self.set_reachable(true);
+                    if status == 200 {
+                        self.metrics
+                            .upstream_requests
+                            .get_or_create(&ResultLabels { result: "ok" })
+                            .inc();
+                        return serde_json::from_slice(&b)
+                            .map_err(|e| UpstreamError::Malformed(format!("{path}: {e}")));
+                    }
+                    self.metrics
+                        .upstream_requests
+                        .get_or_create(&ResultLabels { result: "refused" })
+                        .inc();
+                    let message = serde_json::from_slice::<wire::ErrorBody>(&b)
+                        .map(|e| e.error)
+                        .unwrap_or_else(|_| String::from_utf8_lossy(&b).into_owned());
+                    return Err(UpstreamError::Refused { status, message });
+                }
+            }
+        }
+        self.set_reachable(false);
+        self.metrics
+            .upstream_requests
+            .get_or_create(&ResultLabels {
+                result: "unreachable",
+            })
+            .inc();
+        Err(UpstreamError::Unreachable(last))
+    }
+
+    fn set_reachable(&self, up: bool) {
+        let was = self.reachable.swap(up, Ordering::AcqRel);
+        self.metrics.upstream_reachable.set(i64::from(up));
+        if was != up {
+            if up {
+                tracing::info!("the fleet authority is reachable again");
+            } else {
+                tracing::warn!(
+                    "no fleet authority replica answers; serving cached SVIDs until they expire"
+                );
+            }
+        }
+    }
+
+    /// Signs a batch of X509-SVIDs in one request; keys are generated here.
+    pub async fn sign_x509(
+        &self,
+        batch: &[(spiffe::SpiffeId, Duration)],
+    ) -> Vec<Result<X509Svid, AuthorityError>> {
+        let mut keys = Vec::with_capacity(batch.len());
+        let mut req = wire::SignRequest::default();
+        for (id, ttl) in batch {
+            match csr_for(Some(id)) {
+                Ok((key, csr)) => {
+                    keys.push(Ok(key));
+                    req.x509.push(wire::X509Request {
+                        csr,
+                        ttl_seconds: ttl.as_secs(),
+                    });
+                }
+                Err(e) => keys.push(Err(e)),
+            }
+        }
+        let answer: Result<wire::SignResponse, _> = if req.x509.is_empty() {
+            Ok(wire::SignResponse::default())
+        } else {
+            self.call("/v1/sign", Some(&req), true).await
+        };
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                let msg = e.to_string();
+                return batch
+                    .iter()
+                    .map(|_| Err(AuthorityError::Upstream(msg.clone())))
+                    .collect();
+            }
+        };
+        let mut signed = answer.x509.into_iter();
+        batch
+            .iter()
+            .zip(keys)
+            .map(|((id, _), key)| {
+                let key = key?;
+                let item = signed.next().ok_or_else(|| {
+                    AuthorityError::Upstream("fewer answers than requests".into())
+                })?;
+                let der = match (item.svid, item.error) {
+                    (Some(s), _) => B64
+                        .decode(s)
+                        .map_err(|e| AuthorityError::Upstream(e.to_string()))?,
+                    (None, e) => {
+                        return Err(AuthorityError::Upstream(
+                            e.unwrap_or_else(|| "refused".into()),
+                        ));
+                    }
+                };
+                if tls::spiffe_id_of(&der).as_ref() != Some(id) {
+                    return Err(AuthorityError::Upstream(format!(
+                        "the signed certificate is not for {id}"
+                    )));
+                }
+                let (_, not_after) = cert_window(&der)?;
+                Ok(X509Svid {
+                    spiffe_id: id.clone(),
+                    chain_der: Bytes::from(der),
+                    key_pkcs8: Bytes::from(key.serialize_der()),
+                    issued_at: self.clock.now(),
+                    not_after,
+                })
+            })
+            .collect()
+    }
+
+    /// A JWT-SVID signed by the authority.
+    pub async fn mint_jwt(
+        &self,
+        id: &spiffe::SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+    ) -> Result<JwtSvid, AuthorityError> {
+        let req = wire::SignRequest {
+            x509: Vec::new(),
+            jwt: vec![wire::JwtRequest {
+                spiffe_id: id.to_string(),
+                audience: audience.to_vec(),
+                ttl_seconds: ttl.as_secs(),
+            }],
+        };
+        let answer: wire::SignResponse = self.call("/v1/sign", Some(&req), true).await?;
+        let item = answer
+            .jwt
+            .into_iter()
+            .next()
+            .ok_or_else(|| AuthorityError::Upstream("no JWT in the answer".into()))?;
+        let token = match (item.svid, item.error) {
+            (Some(t), _) => t,
+            (None, e) => {
+                return Err(AuthorityError::Upstream(
+                    e.unwrap_or_else(|| "refused".into()),
+                ));
+            }
+        };
+        let claims = token
+            .split('.')
+            .nth(1)
+            .and_then(|p| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(p)
+                    .ok()
+            })
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .ok_or_else(|| AuthorityError::Upstream("malformed JWT-SVID".into()))?;
+        let secs = |k: &str| claims.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        Ok(JwtSvid {
+            token,
+            issued_at: SystemTime::UNIX_EPOCH + Duration::from_secs(secs("iat")),
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(secs("exp")),
+        })
+    }
+
+    /// A task access token signed by the authority.
+    pub async fn sign_access(&self, claims: &serde_json::Value) -> Result<String, AuthorityError> {
+        let req = wire::AccessTokenRequest {
+            claims: claims.clone(),
+        };
+        let answer: wire::AccessTokenResponse =
+            self.call("/v1/access-token", Some(&req), true).await?;
+        Ok(answer.token)
+    }
+
+    /// Installs a bundle document into `authority` (and our TLS roots).
+    pub fn apply_bundle(
+        &self,
+        authority: &Authority,
+        doc: &BundleDoc,
+    ) -> Result<bool, UpstreamError> {
+        let (cas, jwt, access) = decode_bundle(doc)?;
+        self.set_roots(doc)?;
+        Ok(authority.set_remote_bundle(cas, jwt, access))
+    }
+
+    /// Background work: poll the bundle (streams get changes), and renew the
+    /// node SVID at half its life. Runs until cancelled.
+    pub async fn run(self: Arc<Self>, authority: Arc<Authority>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.config.bundle_refresh) => {}
+            }
+            let node = self.node.load_full();
+            let half = node.issued_at + crate::clock::until(node.issued_at, node.not_after) / 2;
+            if self.clock.now() >= half {
+                match self.renew().await {
+                    Ok(doc) => {
+                        let _ = self.apply_bundle(&authority, &doc);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, expires = ?node.not_after, "node SVID renewal failed; retrying")
+                    }
+                }
+            }
+            match self.call::<(), BundleDoc>("/v1/bundle", None, true).await {
+                Ok(doc) => match self.apply_bundle(&authority, &doc) {
+                    Ok(true) => {
+                        tracing::info!("the trust domain's bundle changed; pushed to open streams")
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "ignoring a malformed bundle"),
+                },
+                Err(e) => tracing::debug!(error = %e, "bundle refresh failed"),
+            }
+        }
+    }
+}

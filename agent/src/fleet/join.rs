@@ -1,0 +1,99 @@
+//! Join tokens for machines outside Kubernetes: single use, short-lived.
+//!
+//! A token is 32 random bytes (base64url) shown once to the operator; the
+//! authority stores only its SHA-256, as `<hash>.json` in the join-token
+//! directory. Redeeming renames the file to `<hash>.used` first: `rename` is
+//! atomic, so of two replicas (or two racing requests) sharing the directory
+//! exactly one wins, and a token can never be used twice.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::unix_seconds;
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    node: String,
+    expires: u64,
+}
+
+/// Creates a token for node `name`, valid for `ttl`; returns the token.
+pub fn create(dir: &Path, name: &str, ttl: Duration, now: SystemTime) -> Result<String, String> {
+    if name.is_empty()
+        || name.len() > 253
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        return Err(format!(
+            "node name {name:?} must be 1-253 letters, digits, '-', '.' or '_'"
+        ));
+    }
+    crate::daemon::create_private_dir(dir).map_err(|e| e.to_string())?;
+    let mut raw = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+        .map_err(|_| "system RNG failed".to_string())?;
+    let token = B64URL.encode(raw);
+    let stored = Stored {
+        node: name.to_string(),
+        expires: unix_seconds(now) + ttl.as_secs(),
+    };
+    let body = serde_json::to_vec(&stored).map_err(|e| e.to_string())?;
+    crate::fsutil::write_private_atomic(&path_for(dir, &token, "json"), &body)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(token)
+}
+
+fn path_for(dir: &Path, token: &str, ext: &str) -> PathBuf {
+    dir.join(format!(
+        "{}.{ext}",
+        crate::audit::sha256_hex(token.as_bytes())
+    ))
+}
+
+/// Redeems `token` once; returns the node name it was made for.
+pub fn redeem(dir: &Path, token: &str, now: SystemTime) -> Result<String, String> {
+    // Hashing first means a malformed token is just an unknown one.
+    let fresh = path_for(dir, token, "json");
+    let used = path_for(dir, token, "used");
+    std::fs::rename(&fresh, &used).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "unknown or already used join token".to_string(),
+        _ => format!("join token store {}: {e}", dir.display()),
+    })?;
+    let body = std::fs::read(&used).map_err(|e| format!("{}: {e}", used.display()))?;
+    let stored: Stored =
+        serde_json::from_slice(&body).map_err(|e| format!("{}: corrupt: {e}", used.display()))?;
+    if unix_seconds(now) >= stored.expires {
+        return Err("the join token has expired".into());
+    }
+    Ok(stored.node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_works_once_and_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("join");
+        let now = SystemTime::now();
+        let t = create(&d, "vm-1", Duration::from_secs(600), now).unwrap();
+        assert_eq!(redeem(&d, &t, now).unwrap(), "vm-1");
+        assert!(redeem(&d, &t, now).unwrap_err().contains("already used"));
+        assert!(redeem(&d, "garbage", now).is_err());
+        let late = create(&d, "vm-2", Duration::from_secs(60), now).unwrap();
+        let err = redeem(&d, &late, now + Duration::from_secs(61)).unwrap_err();
+        assert!(err.contains("expired"), "{err}");
+        assert!(create(&d, "a/b", Duration::from_secs(60), now).is_err());
+        // Only hashes are stored: the token itself is nowhere on disk.
+        for f in std::fs::read_dir(&d).unwrap() {
+            let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
+            assert!(!text.contains(&t));
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! The authority's view of the cluster, from the Kubernetes API: TokenReview
+//! for node attestation, and the pods scheduled on a node for entitlement.
+//!
+//! The API server is the only source of truth; the authority keeps nothing
+//! but a short per-node pod cache, refreshed before any refusal, so a pod
+//! that was just scheduled is never refused because of a stale list.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::json;
+use tessera_attestor::pods::{Pod, PodList};
+
+use super::http;
+
+#[derive(Debug, Clone)]
+pub struct KubeConfig {
+    /// `https://host[:port]`.
+    pub api_server: String,
+    pub ca_file: PathBuf,
+    /// The authority's own service account token (re-read on every call).
+    pub token_file: PathBuf,
+    /// The audience agents' projected tokens must carry.
+    pub audience: String,
+    /// `namespace:service-account` of the agent DaemonSet.
+    pub allowed_service_accounts: Vec<String>,
+    pub pod_cache_ttl: Duration,
+    pub timeout: Duration,
+}
+
+/// A node proved by a bound service account token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReviewedNode {
+    pub node_name: String,
+    /// `namespace/name` of the agent pod the token was bound to.
+    pub agent_pod: String,
+}
+
+pub struct KubeClient {
+    config: KubeConfig,
+    addr: String,
+    host: String,
+    tls: Arc<rustls::ClientConfig>,
+    pods: Mutex<HashMap<String, (Instant, Arc<PodList>)>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct TokenReview {
+    status: ReviewStatus,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ReviewStatus {
+    authenticated: bool,
+    user: ReviewUser,
+    audiences: Option<Vec<String>>,
+    error: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ReviewUser {
+    username: String,
+    extra: HashMap<String, Vec<String>>,
+}
+
+const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+
+impl KubeClient {
+    pub fn new(config: KubeConfig) -> Result<Self, String> {
+        let rest = config
+            .api_server
+            .strip_prefix("https://")
+            .ok_or_else(|| {
+                format!(
+                    "api_server {:?} must start with https://",
+                    config.api_server
+                )
+            })?
+            .trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+                Ok(port) => (h.to_string(), port),
+                Err(_) => (rest.to_string(), 443),
+            },
+            _ => (rest.to_string(), 443),
+        };
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let pem = std::fs::read(&config.ca_file)
+            .map_err(|e| format!("{}: {e}", config.ca_file.display()))?;
+        let mut store = rustls::RootCertStore::empty();
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| format!("{}: {e}", config.ca_file.display()))?;
+            store
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", config.ca_file.display()))?;
+        }
+        if store.is_empty() {
+            return Err(format!("{}: no CA certificate", config.ca_file.display()));
+        }
+        let tls = super::tls::client_config(Arc::new(store), None)?;
+        let addr = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Ok(Self {
+            config,
+            addr,
+            host,
+            tls,
+            pods: Mutex::default(),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::body::Bytes, String> {
+        let token = std::fs::read_to_string(&self.config.token_file)
+            .map_err(|e| format!("{}: {e}", self.config.token_file.display()))?;
+        let (status, body) = http::send(http::Request {
+            addr: &self.addr,
+            server_name: &self.host,
+            tls: self.tls.clone(),
+            method,
+            path,
+            bearer: Some(token.trim().to_string()),
+            body,
+            timeout: self.config.timeout,
+        })
+        .await
+        .map_err(|e| format!("Kubernetes API {e}"))?;
+        match status {
+            200 | 201 => Ok(body),
+            401 => Err(format!(
+                "Kubernetes API {path}: 401, the authority's own token was not accepted"
+            )),
+            403 => Err(format!(
+                "Kubernetes API {path}: 403, the authority needs create on tokenreviews and get/list on pods"
+            )),
+            404 => Err(format!("Kubernetes API {path}: 404 not found")),
+            s => Err(format!("Kubernetes API {path}: status {s}")),
+        }
+    }
+
+    /// Checks an agent's projected service account token with TokenReview:
+    /// authenticated, for our audience, bound to a pod of an allowed service
+    /// account; returns the node that pod runs on.
+    pub async fn review_token(&self, token: &str) -> Result<ReviewedNode, String> {
+        let body = json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token, "audiences": [self.config.audience]},
+        });
+        let bytes = self
+            .call(
+                hyper::Method::POST,
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                Some(body.to_string().into_bytes()),
+            )
+            .await?;
+        let review: TokenReview = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("TokenReview answer is not a TokenReview: {e}"))?;
+        let st = review.status;
+        if !st.authenticated {
+            return Err(if st.error.is_empty() {
+                "the token was not authenticated".into()
+            } else {
+                format!("the token was not authenticated: {}", st.error)
+            });
+        }
+        if !st
+            .audiences
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|x| *x == self.config.audience))
+        {
+            return Err(format!(
+                "the token is not for audience {:?}",
+                self.config.audience
+            ));
+        }
+        let sa = st
+            .user
+            .username
+            .strip_prefix("system:serviceaccount:")
+            .ok_or_else(|| format!("{:?} is not a service account", st.user.username))?;
+        if !self.config.allowed_service_accounts.iter().any(|a| a == sa) {
+            return Err(format!(
+                "service account {sa:?} is not allowed to attest nodes (allowed_service_accounts)"
+            ));
+        }
+        let (ns, _) = sa.split_once(':').unwrap_or((sa, ""));
+        let extra = |k: &str| st.user.extra.get(k).and_then(|v| v.first()).cloned();
+        let (Some(pod_name), Some(pod_uid)) = (extra(EXTRA_POD_NAME), extra(EXTRA_POD_UID)) else {
+            return Err(
+                "the token is not bound to a pod (use a projected service account token)".into(),
+            );
+        };
+        let node_name = match extra(EXTRA_NODE_NAME) {
+            Some(n) => n,
+            // Before Kubernetes 1.30 tokens do not name the node: ask for the pod.
+            None => {
+                let path = format!("/api/v1/namespaces/{ns}/pods/{pod_name}");
+                let bytes = self.call(hyper::Method::GET, &path, None).await?;
+                let pod: Pod = serde_json::from_slice(&bytes)
+                    .map_err(|e| format!("{path}: not a Pod: {e}"))?;
+                if pod.metadata.uid != pod_uid {
+                    return Err(format!(
+                        "pod {ns}/{pod_name} was replaced since the token was issued"
+                    ));
+                }
+                pod.spec.node_name
+            }
+        };
+        if node_name.is_empty() || node_name.contains('/') {
+            return Err(format!(
+                "the agent pod's node name {node_name:?} is not usable"
+            ));
+        }
+        Ok(ReviewedNode {
+            node_name,
+            agent_pod: format!("{ns}/{pod_name}"),
+        })
+    }
+
+    /// Pods scheduled on `node`, from a cache no older than `pod_cache_ttl`
+    /// unless `fresh` is set.
+    pub async fn pods_on_node(&self, node: &str, fresh: bool) -> Result<Arc<PodList>, String> {
+        if !fresh
+            && let Some((at, list)) = self
+                .pods
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(node)
+            && at.elapsed() < self.config.pod_cache_ttl
+        {
+            return Ok(list.clone());
+        }
+        let selector: String =
+            form_urlencoded::byte_serialize(format!("spec.nodeName={node}").as_bytes()).collect();
+        let path = format!("/api/v1/pods?fieldSelector={selector}");
+        let bytes = self.call(hyper::Method::GET, &path, None).await?;
+        let list: PodList =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{path}: not a PodList: {e}"))?;
+        let list = Arc::new(list);
+        let mut cache = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded by the number of nodes; forget lists nobody asked for in a while.
+        cache.retain(|_, (at, _)| at.elapsed() < Duration::from_secs(600));
+        cache.insert(node.to_string(), (Instant::now(), list.clone()));
+        Ok(list)
+    }
+}

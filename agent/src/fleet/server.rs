@@ -1,0 +1,748 @@
+//! `tessera authority run`: the signing service for a trust domain.
+//!
+//! Stateless: keys come from a directory (a mounted Secret), the cluster's
+//! state from the Kubernetes API, join tokens from a directory where
+//! redemption is an atomic rename. Any number of replicas can run behind one
+//! Service; each answers every request on its own.
+//!
+//! Routes (HTTP/1.1 over TLS; the client certificate is a node SVID):
+//! `POST /v1/attest` (no client certificate), `POST /v1/renew`,
+//! `POST /v1/sign`, `POST /v1/access-token`, `GET /v1/bundle`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::extract::{Extension, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use rcgen::CertificateSigningRequestParams;
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use super::kube::{KubeClient, KubeConfig};
+use super::wire::{self, BundleDoc};
+use super::{Node, NodeKind, entitlement, join, tls};
+use crate::audit::AuditLog;
+use crate::authority::Authority;
+use crate::clock::Clock;
+use crate::entries::EntrySet;
+
+/// The `[server]` table, validated.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub keys_dir: PathBuf,
+    /// DNS name in the serving certificate (agents' `upstream.server_name`).
+    pub server_name: String,
+    pub node_svid_ttl: Duration,
+    /// A key added to `keys_dir` signs only this long after it appears.
+    pub ca_publish_lead: Duration,
+    pub key_reload_interval: Duration,
+    pub join_token_dir: Option<PathBuf>,
+    pub audit_log: Option<PathBuf>,
+    pub kubernetes: Option<KubeConfig>,
+    /// Longest access token the authority signs.
+    pub max_access_token_ttl: Duration,
+    pub max_connections: usize,
+}
+
+/// Largest request body: a batch of a few hundred CSRs.
+const MAX_BODY: usize = 1024 * 1024;
+/// Largest batch.
+const MAX_BATCH: usize = 1000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Labels {
+    kind: &'static str,
+    result: &'static str,
+}
+
+struct Shared {
+    td: spiffe::TrustDomain,
+    config: ServerConfig,
+    authority: Arc<Authority>,
+    entries: EntrySet,
+    kube: Option<KubeClient>,
+    audit: AuditLog,
+    clock: Arc<dyn Clock>,
+    requests: Family<Labels, Counter>,
+    registry: Registry,
+}
+
+/// The caller's node, from its verified client certificate.
+#[derive(Clone)]
+struct PeerNode(Option<Node>);
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(wire::ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+/// A running authority.
+pub struct RunningAuthority {
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningAuthority {
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the service: loads keys, binds, serves until shut down.
+pub async fn start(
+    td: spiffe::TrustDomain,
+    entries: EntrySet,
+    config: ServerConfig,
+    admin_listen: Option<SocketAddr>,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<RunningAuthority> {
+    let authority = Authority::from_key_dir(
+        td.clone(),
+        &config.keys_dir,
+        config.ca_publish_lead,
+        clock.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("server.keys_dir: {e}"))?;
+    let kube = match &config.kubernetes {
+        Some(k) => Some(
+            KubeClient::new(k.clone()).map_err(|e| anyhow::anyhow!("server.kubernetes: {e}"))?,
+        ),
+        None => None,
+    };
+    let audit = match &config.audit_log {
+        Some(path) => {
+            let (log, report) = AuditLog::open(path)
+                .map_err(|e| anyhow::anyhow!("server.audit_log {}: {e}", path.display()))?;
+            if let Some(torn) = report.torn_tail {
+                tracing::warn!(
+                    lines = torn.lines.len(),
+                    "the authority audit log ended in a torn record; recorded and continuing"
+                );
+            }
+            log
+        }
+        None => AuditLog::disabled(),
+    };
+    let mut registry = Registry::with_prefix("tessera_authority");
+    let requests = Family::<Labels, Counter>::default();
+    registry.register(
+        "requests",
+        "Authority decisions by kind (attest, renew, x509, jwt, access_token) and result (signed, refused, error)",
+        requests.clone(),
+    );
+    let shared = Arc::new(Shared {
+        td,
+        config: config.clone(),
+        authority,
+        entries,
+        kube,
+        audit,
+        clock,
+        requests,
+        registry,
+    });
+    let tls_config = Arc::new(ArcSwap::from(serving_tls(&shared)?));
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("server.listen {}: {e}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+
+    let admin_addr = match admin_listen {
+        None => None,
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("admin.listen {a}: {e}"))?;
+            let local = l.local_addr()?;
+            let app = Router::new()
+                .route("/healthz", get(|| async { "ok\n" }))
+                .route("/readyz", get(|| async { "ready\n" }))
+                .route("/metrics", get(metrics))
+                .with_state(shared.clone());
+            let sd = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = axum::serve(l, app)
+                    .with_graceful_shutdown(async move { sd.cancelled().await })
+                    .await;
+            });
+            Some(local)
+        }
+    };
+
+    // Key reload (Secret updates) and serving-certificate refresh.
+    {
+        let (shared, tls_config, sd) = (shared.clone(), tls_config.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut issued = shared.clock.now();
+            loop {
+                tokio::select! {
+                    _ = sd.cancelled() => return,
+                    _ = tokio::time::sleep(shared.config.key_reload_interval) => {}
+                }
+                let changed = match shared
+                    .authority
+                    .reload_key_dir(&shared.config.keys_dir, shared.config.ca_publish_lead)
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not reload server.keys_dir; keeping the keys in use");
+                        false
+                    }
+                };
+                if changed {
+                    tracing::info!("the key directory changed; publishing the new bundle");
+                }
+                // Re-issue the serving certificate when keys changed or it is half-way through.
+                if changed || shared.clock.now() > issued + SERVING_CERT_TTL / 2 {
+                    match serving_tls(&shared) {
+                        Ok(c) => {
+                            tls_config.store(c);
+                            issued = shared.clock.now();
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "could not renew the serving certificate")
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    let app = Router::new()
+        .route("/v1/attest", post(attest))
+        .route("/v1/renew", post(renew))
+        .route("/v1/sign", post(sign))
+        .route("/v1/access-token", post(access_token))
+        .route("/v1/bundle", get(bundle))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(shared.clone());
+    tracing::info!(address = %addr, trust_domain = shared.td.as_str(), "tessera authority listening (mTLS)");
+    let sd = shutdown.clone();
+    let max = config.max_connections;
+    let task = tokio::spawn(async move {
+        let slots = Arc::new(Semaphore::new(max));
+        loop {
+            let tcp = tokio::select! {
+                _ = sd.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed; pausing");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                continue;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls_config.load_full());
+            let (app, td, sd) = (app.clone(), shared.td.clone(), sd.clone());
+            tokio::spawn(async move {
+                let _slot = slot;
+                let Ok(Ok(stream)) =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                else {
+                    return;
+                };
+                let peer = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| tls::spiffe_id_of(c))
+                    .and_then(|id| Node::from_spiffe_id(&id, &td));
+                let peer = PeerNode(peer);
+                let service = hyper::service::service_fn(
+                    move |mut req: http::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(peer.clone());
+                        let app = app.clone();
+                        async move {
+                            let req = req.map(axum::body::Body::new);
+                            match tokio::time::timeout(Duration::from_secs(30), app.oneshot(req))
+                                .await
+                            {
+                                Ok(r) => r,
+                                Err(_) => Ok((
+                                    StatusCode::REQUEST_TIMEOUT,
+                                    "request not completed in time\n",
+                                )
+                                    .into_response()),
+                            }
+                        }
+                    },
+                );
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = sd.cancelled() => {}
+                }
+            });
+        }
+    });
+    Ok(RunningAuthority {
+        addr,
+        admin_addr,
+        shutdown,
+        task,
+    })
+}
+
+const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The authority's own certificate: SPIFFE ID `/tessera/authority` plus the
+/// DNS name agents verify, over a fresh key, trusting the bundle's CAs for
+/// client certificates.
+fn serving_tls(s: &Shared) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let id = spiffe::SpiffeId::new(&format!(
+        "{}{}authority",
+        s.td.id_string(),
+        super::RESERVED_PATH
+    ))?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let signed = s.authority.sign_svid(
+        &id,
+        &key,
+        SERVING_CERT_TTL,
+        std::slice::from_ref(&s.config.server_name),
+    )?;
+    let bundle = s.authority.bundle();
+    let cas = split_der(&bundle.x509);
+    let roots = tls::roots(cas.iter().map(Vec::as_slice)).map_err(anyhow::Error::msg)?;
+    tls::server_config(roots, &signed.cert_der, &key.serialize_der()).map_err(anyhow::Error::msg)
+}
+
+/// Splits concatenated DER certificates.
+fn split_der(mut der: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while !der.is_empty() {
+        match x509_parser::parse_x509_certificate(der) {
+            Ok((rest, _)) => {
+                out.push(der[..der.len() - rest.len()].to_vec());
+                der = rest;
+            }
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+fn bundle_doc(s: &Shared) -> BundleDoc {
+    let bundle = s.authority.bundle();
+    BundleDoc {
+        x509_authorities: split_der(&bundle.x509)
+            .iter()
+            .map(|c| B64.encode(c))
+            .collect(),
+        jwt_keys: bundle
+            .jwt_keys
+            .iter()
+            .map(|k| k.to_json("jwt-svid"))
+            .collect(),
+        access_keys: s
+            .authority
+            .access_keys()
+            .iter()
+            .map(|k| k.to_json("sig"))
+            .collect(),
+    }
+}
+
+impl Shared {
+    fn count(&self, kind: &'static str, result: &'static str) {
+        self.requests.get_or_create(&Labels { kind, result }).inc();
+    }
+
+    /// Writes an audit record; a write failure is logged, never hidden.
+    async fn audit(&self, record: serde_json::Value) {
+        if let Err(e) = self.audit.append_value(record).await {
+            tracing::error!(error = %e, "could not write the authority audit log");
+        }
+    }
+
+    async fn refuse(&self, kind: &'static str, node: Option<&Node>, subject: &str, reason: &str) {
+        self.count(kind, "refused");
+        tracing::warn!(kind, node = ?node.map(|n| &n.name), subject, reason, "refused");
+        self.audit(json!({
+            "event": "refused",
+            "kind": kind,
+            "node": node.map(|n| n.name.clone()),
+            "subject": subject,
+            "reason": reason,
+        }))
+        .await;
+    }
+
+    /// What the authority knows about `node`'s workloads, from the API
+    /// (`fresh` bypasses the short pod cache).
+    async fn facts(
+        &self,
+        node: &Node,
+        fresh: bool,
+    ) -> Result<Vec<tessera_attestor::SelectorSet>, ApiError> {
+        let pods = match (node.kind, &self.kube) {
+            (NodeKind::Kubernetes, Some(k)) => Some(
+                k.pods_on_node(&node.name, fresh)
+                    .await
+                    .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e))?,
+            ),
+            (NodeKind::Kubernetes, None) => {
+                return Err(ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Kubernetes is not configured on this authority".into(),
+                ));
+            }
+            _ => None,
+        };
+        Ok(entitlement::facts(node, pods.as_deref()))
+    }
+
+    /// Whether `node` may have `id`; on a miss with cached pods, looks again
+    /// with a fresh pod list (a pod scheduled a moment ago).
+    async fn entitled(
+        &self,
+        node: &Node,
+        id: &spiffe::SpiffeId,
+    ) -> Result<Option<crate::entries::Entry>, ApiError> {
+        let facts = self.facts(node, false).await?;
+        if let Some(e) = entitlement::entitling_entry(&self.entries, &facts, id) {
+            return Ok(Some(e.clone()));
+        }
+        if node.kind == NodeKind::Kubernetes {
+            let facts = self.facts(node, true).await?;
+            return Ok(entitlement::entitling_entry(&self.entries, &facts, id).cloned());
+        }
+        Ok(None)
+    }
+
+    fn parse_csr(&self, b64: &str) -> Result<CertificateSigningRequestParams, String> {
+        let der = B64
+            .decode(b64)
+            .map_err(|e| format!("csr is not base64: {e}"))?;
+        let csr = CertificateSigningRequestParams::from_der(&der.into())
+            .map_err(|e| format!("csr is not a valid, self-signed PKCS#10 request: {e}"))?;
+        if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+            return Err("csr key must be ECDSA P-256".into());
+        }
+        Ok(csr)
+    }
+
+    fn node_svid(
+        &self,
+        node: &Node,
+        csr: &CertificateSigningRequestParams,
+    ) -> Result<wire::NodeSvidResponse, ApiError> {
+        let id = node.spiffe_id(&self.td).map_err(bad)?;
+        let signed = self
+            .authority
+            .sign_svid(&id, &csr.public_key, self.config.node_svid_ttl, &[])
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(wire::NodeSvidResponse {
+            node_id: id.to_string(),
+            svid: B64.encode(&signed.cert_der),
+            bundle: bundle_doc(self),
+        })
+    }
+}
+
+fn require_node(peer: &PeerNode) -> Result<Node, ApiError> {
+    peer.0.clone().ok_or_else(|| {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            "a node SVID is required as the TLS client certificate".into(),
+        )
+    })
+}
+
+async fn attest(
+    State(s): State<Arc<Shared>>,
+    Json(req): Json<wire::AttestRequest>,
+) -> Result<Json<wire::NodeSvidResponse>, ApiError> {
+    let csr = s.parse_csr(&req.csr).map_err(bad)?;
+    let now = s.clock.now();
+    let (node, detail) = match req.method.as_str() {
+        "join_token" => {
+            let Some(dir) = &s.config.join_token_dir else {
+                s.refuse("attest", None, "join_token", "join tokens are not enabled")
+                    .await;
+                return Err(ApiError(
+                    StatusCode::UNAUTHORIZED,
+                    "join tokens are not enabled on this authority".into(),
+                ));
+            };
+            match join::redeem(dir, &req.token, now) {
+                Ok(name) => (
+                    Node {
+                        kind: NodeKind::Joined,
+                        name,
+                    },
+                    json!(null),
+                ),
+                Err(e) => {
+                    s.refuse("attest", None, "join_token", &e).await;
+                    return Err(ApiError(StatusCode::UNAUTHORIZED, e));
+                }
+            }
+        }
+        "k8s_psat" => {
+            let Some(kube) = &s.kube else {
+                s.refuse("attest", None, "k8s_psat", "Kubernetes is not configured")
+                    .await;
+                return Err(ApiError(
+                    StatusCode::UNAUTHORIZED,
+                    "k8s_psat is not enabled on this authority".into(),
+                ));
+            };
+            match kube.review_token(&req.token).await {
+                Ok(r) => (
+                    Node {
+                        kind: NodeKind::Kubernetes,
+                        name: r.node_name,
+                    },
+                    json!(r.agent_pod),
+                ),
+                Err(e) => {
+                    s.refuse("attest", None, "k8s_psat", &e).await;
+                    return Err(ApiError(StatusCode::UNAUTHORIZED, e));
+                }
+            }
+        }
+        other => {
+            return Err(bad(format!(
+                "unknown attestation method {other:?} (k8s_psat, join_token)"
+            )));
+        }
+    };
+    let resp = s.node_svid(&node, &csr)?;
+    s.count("attest", "signed");
+    tracing::info!(node = %resp.node_id, method = %req.method, "node attested");
+    s.audit(json!({"event": "node_attested", "method": req.method, "node": resp.node_id, "agent_pod": detail}))
+        .await;
+    Ok(Json(resp))
+}
+
+async fn renew(
+    State(s): State<Arc<Shared>>,
+    Extension(peer): Extension<PeerNode>,
+    Json(req): Json<wire::RenewRequest>,
+) -> Result<Json<wire::NodeSvidResponse>, ApiError> {
+    let node = require_node(&peer)?;
+    let csr = s.parse_csr(&req.csr).map_err(bad)?;
+    let resp = s.node_svid(&node, &csr)?;
+    s.count("renew", "signed");
+    Ok(Json(resp))
+}
+
+async fn sign(
+    State(s): State<Arc<Shared>>,
+    Extension(peer): Extension<PeerNode>,
+    Json(req): Json<wire::SignRequest>,
+) -> Result<Json<wire::SignResponse>, ApiError> {
+    let node = require_node(&peer)?;
+    if req.x509.len() + req.jwt.len() > MAX_BATCH {
+        return Err(bad(format!("at most {MAX_BATCH} items per request")));
+    }
+    let mut out = wire::SignResponse::default();
+    let refused = |e: String| wire::Signed {
+        svid: None,
+        error: Some(e),
+    };
+    for item in &req.x509 {
+        let csr = match s.parse_csr(&item.csr) {
+            Ok(c) => c,
+            Err(e) => {
+                out.x509.push(refused(e));
+                continue;
+            }
+        };
+        let uris: Vec<&str> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .filter_map(|n| match n {
+                rcgen::SanType::URI(u) => Some(u.as_str()),
+                _ => None,
+            })
+            .collect();
+        let id = match uris.as_slice() {
+            [one] => spiffe::SpiffeId::new(one)
+                .ok()
+                .filter(|id| id.is_member_of(&s.td)),
+            _ => None,
+        };
+        let Some(id) = id else {
+            out.x509.push(refused(
+                "the csr must carry exactly one URI SAN, a SPIFFE ID of this trust domain".into(),
+            ));
+            continue;
+        };
+        let Some(entry) = s.entitled(&node, &id).await? else {
+            s.refuse(
+                "x509",
+                Some(&node),
+                &id.to_string(),
+                "no entry entitles this node to the ID",
+            )
+            .await;
+            out.x509.push(refused(format!(
+                "node {} is not entitled to {id}",
+                node.name
+            )));
+            continue;
+        };
+        let ttl = Duration::from_secs(item.ttl_seconds.max(1)).min(entry.x509_ttl);
+        match s.authority.sign_svid(&id, &csr.public_key, ttl, &[]) {
+            Ok(signed) => {
+                s.count("x509", "signed");
+                out.x509.push(wire::Signed {
+                    svid: Some(B64.encode(&signed.cert_der)),
+                    error: None,
+                });
+            }
+            Err(e) => {
+                s.count("x509", "error");
+                out.x509.push(refused(e.to_string()));
+            }
+        }
+    }
+    for item in &req.jwt {
+        let id = match spiffe::SpiffeId::new(&item.spiffe_id) {
+            Ok(id) if id.is_member_of(&s.td) => id,
+            _ => {
+                out.jwt.push(refused(
+                    "spiffe_id is not a SPIFFE ID of this trust domain".into(),
+                ));
+                continue;
+            }
+        };
+        if item.audience.is_empty() || item.audience.iter().any(|a| a.is_empty() || a.len() > 1024)
+        {
+            out.jwt.push(refused(
+                "audience must be 1 or more non-empty values".into(),
+            ));
+            continue;
+        }
+        let Some(entry) = s.entitled(&node, &id).await? else {
+            s.refuse(
+                "jwt",
+                Some(&node),
+                &id.to_string(),
+                "no entry entitles this node to the ID",
+            )
+            .await;
+            out.jwt.push(refused(format!(
+                "node {} is not entitled to {id}",
+                node.name
+            )));
+            continue;
+        };
+        let ttl = Duration::from_secs(item.ttl_seconds.max(1)).min(entry.jwt_ttl);
+        match s.authority.mint_jwt(&id, &item.audience, ttl) {
+            Ok(j) => {
+                s.count("jwt", "signed");
+                out.jwt.push(wire::Signed {
+                    svid: Some(j.token),
+                    error: None,
+                });
+            }
+            Err(e) => {
+                s.count("jwt", "error");
+                out.jwt.push(refused(e.to_string()));
+            }
+        }
+    }
+    Ok(Json(out))
+}
+
+async fn access_token(
+    State(s): State<Arc<Shared>>,
+    Extension(peer): Extension<PeerNode>,
+    Json(req): Json<wire::AccessTokenRequest>,
+) -> Result<Json<wire::AccessTokenResponse>, ApiError> {
+    let node = require_node(&peer)?;
+    let claims = &req.claims;
+    let sub = claims
+        .get("sub")
+        .and_then(|v| v.as_str())
+        .and_then(|s| spiffe::SpiffeId::new(s).ok())
+        .filter(|id| id.is_member_of(&s.td))
+        .ok_or_else(|| bad("claims.sub must be a SPIFFE ID of this trust domain"))?;
+    let now = crate::clock::unix_seconds(s.clock.now());
+    let exp = claims
+        .get("exp")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| bad("claims.exp is required"))?;
+    if exp <= now || exp - now > s.config.max_access_token_ttl.as_secs() {
+        return Err(bad(format!(
+            "claims.exp must be in the future and at most {} away",
+            humantime::format_duration(s.config.max_access_token_ttl)
+        )));
+    }
+    if s.entitled(&node, &sub).await?.is_none() {
+        s.refuse(
+            "access_token",
+            Some(&node),
+            &sub.to_string(),
+            "the token's subject does not run on this node",
+        )
+        .await;
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("node {} is not entitled to {sub}", node.name),
+        ));
+    }
+    let token = s
+        .authority
+        .sign_access_token(claims)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    s.count("access_token", "signed");
+    Ok(Json(wire::AccessTokenResponse { token }))
+}
+
+async fn bundle(State(s): State<Arc<Shared>>) -> Json<BundleDoc> {
+    Json(bundle_doc(&s))
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, &s.registry);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+}
