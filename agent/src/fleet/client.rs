@@ -132,9 +132,10 @@ fn cert_window(der: &[u8]) -> Result<(SystemTime, SystemTime), UpstreamError> {
     ))
 }
 
-fn decode_bundle(
-    doc: &BundleDoc,
-) -> Result<(Vec<Vec<u8>>, Vec<PublicJwk>, Vec<PublicJwk>), UpstreamError> {
+/// CA certificates (DER), JWT-SVID keys, access-token keys.
+type DecodedBundle = (Vec<Vec<u8>>, Vec<PublicJwk>, Vec<PublicJwk>);
+
+fn decode_bundle(doc: &BundleDoc) -> Result<DecodedBundle, UpstreamError> {
     let cas = doc
         .x509_authorities
         .iter()
@@ -177,7 +178,7 @@ impl Upstream {
             anyhow::anyhow!("upstream.bundle_file {}: {e}", config.bundle_file.display())
         })?;
         let placeholder = NodeCreds {
-            node_id: spiffe::SpiffeId::new(&format!(
+            node_id: spiffe::SpiffeId::new(format!(
                 "{}/tessera/unattested",
                 trust_domain.id_string()
             ))

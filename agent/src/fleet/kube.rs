@@ -187,7 +187,7 @@ impl KubeClient {
         if !st
             .audiences
             .as_ref()
-            .is_some_and(|a| a.iter().any(|x| *x == self.config.audience))
+            .is_some_and(|a| a.contains(&self.config.audience))
         {
             return Err(format!(
                 "the token is not for audience {:?}",

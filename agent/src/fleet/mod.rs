@@ -60,7 +60,7 @@ pub struct Node {
 impl Node {
     /// `spiffe://<td>/tessera/node/<k8s|join>/<name>`.
     pub fn spiffe_id(&self, td: &spiffe::TrustDomain) -> Result<spiffe::SpiffeId, String> {
-        spiffe::SpiffeId::new(&format!(
+        spiffe::SpiffeId::new(format!(
             "{}{}node/{}/{}",
             td.id_string(),
             RESERVED_PATH,

@@ -326,7 +326,7 @@ const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// DNS name agents verify, over a fresh key, trusting the bundle's CAs for
 /// client certificates.
 fn serving_tls(s: &Shared) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let id = spiffe::SpiffeId::new(&format!(
+    let id = spiffe::SpiffeId::new(format!(
         "{}{}authority",
         s.td.id_string(),
         super::RESERVED_PATH
