@@ -37,16 +37,36 @@ pub async fn serve(
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    let ca_ok = s
-        .agent
-        .cache
-        .authority()
-        .active_ca_expiry()
-        .is_some_and(|t| t > s.clock.now());
-    if s.agent.ready.load(Ordering::Acquire) && ca_ok && !s.agent.shutdown.is_cancelled() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    let authority = s.agent.cache.authority();
+    let now = s.clock.now();
+    let ca_ok = authority.active_ca_expiry().is_some_and(|t| t > now);
+    if !(s.agent.ready.load(Ordering::Acquire) && ca_ok && !s.agent.shutdown.is_cancelled()) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string());
+    }
+    match authority.upstream() {
+        Some(up) if !up.reachable() => {
+            // Outage: still ready while cached SVIDs are valid, and says so.
+            match s.agent.cache.soonest_expiry() {
+                Some(t) if t <= now => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: the fleet authority is unreachable and cached SVIDs have expired\n"
+                        .to_string(),
+                ),
+                Some(t) => (
+                    StatusCode::OK,
+                    format!(
+                        "ready (degraded): the fleet authority is unreachable; serving cached SVIDs, the first expires in {}s\n",
+                        t.duration_since(now).map(|d| d.as_secs()).unwrap_or(0)
+                    ),
+                ),
+                None => (
+                    StatusCode::OK,
+                    "ready (degraded): the fleet authority is unreachable; no SVID cached yet\n"
+                        .to_string(),
+                ),
+            }
+        }
+        _ => (StatusCode::OK, "ready\n".to_string()),
     }
 }
 

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use http_body_util::Full;
 use hyper::body::Bytes;
 
 /// A file from the attestor's fixtures (`attestor/tests/fixtures`).
@@ -117,11 +116,24 @@ impl Drop for FakeKubelet {
     }
 }
 
-pub async fn fake_kubelet(
+/// Serves HTTPS on 127.0.0.1 with `server.pem`/`server.key` from `dir`;
+/// `handle(method, uri, authorization header, body)` answers each request
+/// with a status and a body. Returns the port and the accept task.
+pub async fn serve_https<F>(dir: &Path, handle: F) -> (u16, tokio::task::JoinHandle<()>)
+where
+    F: Fn(hyper::Method, hyper::Uri, String, Bytes) -> (u16, String) + Send + Sync + 'static,
+{
+    serve_https_on(dir, None, handle).await
+}
+
+async fn serve_https_on<F>(
     dir: &Path,
     listener: Option<tokio::net::TcpListener>,
-    state: KubeletState,
-) -> FakeKubelet {
+    handle: F,
+) -> (u16, tokio::task::JoinHandle<()>)
+where
+    F: Fn(hyper::Method, hyper::Uri, String, Bytes) -> (u16, String) + Send + Sync + 'static,
+{
     use rustls::pki_types::pem::PemObject;
     let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(dir.join("server.pem"))
         .unwrap()
@@ -142,48 +154,33 @@ pub async fn fake_kubelet(
         None => tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
     };
     let port = listener.local_addr().unwrap().port();
-    let state = Arc::new(Mutex::new(state));
-    let shared = state.clone();
+    let handle = Arc::new(handle);
     let task = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
-            let (acceptor, state) = (acceptor.clone(), shared.clone());
+            let (acceptor, handle) = (acceptor.clone(), handle.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
                 let service = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
-                        let state = state.clone();
+                        let handle = handle.clone();
                         async move {
-                            let mut st = state.lock().unwrap();
-                            st.requests += 1;
                             let auth = req
                                 .headers()
                                 .get("authorization")
                                 .and_then(|v| v.to_str().ok())
                                 .unwrap_or("")
                                 .to_string();
-                            st.tokens_seen.push(auth.clone());
-                            let expected = st.token_file.as_ref().map(|p| {
-                                format!("Bearer {}", std::fs::read_to_string(p).unwrap().trim())
-                            });
-                            let (status, body) = if req.uri().path() != "/pods" {
-                                (404, String::new())
-                            } else if expected.is_some_and(|e| e != auth) {
-                                (401, "Unauthorized".to_string())
-                            } else {
-                                let i = (st.requests - 1).min(st.bodies.len() - 1);
-                                (200, st.bodies[i].clone())
-                            };
-                            Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .status(status)
-                                    .body(Full::new(Bytes::from(body)))
-                                    .unwrap(),
-                            )
+                            let (parts, body) = req.into_parts();
+                            let body = crate::fake_apiserver::body_bytes(body).await;
+                            let (status, text) = handle(parts.method, parts.uri, auth, body);
+                            Ok::<_, std::convert::Infallible>(crate::fake_apiserver::full(
+                                status, text,
+                            ))
                         }
                     },
                 );
@@ -193,6 +190,34 @@ pub async fn fake_kubelet(
             });
         }
     });
+    (port, task)
+}
+
+pub async fn fake_kubelet(
+    dir: &Path,
+    listener: Option<tokio::net::TcpListener>,
+    state: KubeletState,
+) -> FakeKubelet {
+    let state = Arc::new(Mutex::new(state));
+    let shared = state.clone();
+    let (port, task) = serve_https_on(dir, listener, move |_, uri, auth, _| {
+        let mut st = shared.lock().unwrap();
+        st.requests += 1;
+        st.tokens_seen.push(auth.clone());
+        let expected = st
+            .token_file
+            .as_ref()
+            .map(|p| format!("Bearer {}", std::fs::read_to_string(p).unwrap().trim()));
+        if uri.path() != "/pods" {
+            (404, String::new())
+        } else if expected.is_some_and(|e| e != auth) {
+            (401, "Unauthorized".to_string())
+        } else {
+            let i = (st.requests - 1).min(st.bodies.len() - 1);
+            (200, st.bodies[i].clone())
+        }
+    })
+    .await;
     FakeKubelet { port, state, task }
 }
 

@@ -97,4 +97,5 @@ pub async fn raw_channel(socket: &Path) -> tonic::transport::Channel {
         .await
         .unwrap()
 }
+pub mod fake_apiserver;
 pub mod fake_kubelet;

@@ -122,7 +122,7 @@ impl Fleet {
             .map(|p| format!("\"127.0.0.1:{p}\""))
             .collect();
         let body = format!(
-            "{}\n[upstream]\naddresses = [{}]\nbundle_file = \"{k}/keys/ca.crt\"\nnode_attestation = \"join_token\"\ntoken_file = \"{a}/join-token\"\nbundle_refresh = \"200ms\"\nrequest_timeout = \"2s\"\n\n[exchange]\npolicy_dir = \"{a}/policies\"\n",
+            "{}\n[upstream]\naddresses = [{}]\nbundle_file = \"{k}/keys/ca.crt\"\nnode_attestation = \"join_token\"\ntoken_file = \"{a}/join-token\"\nbundle_refresh = \"200ms\"\nrequest_timeout = \"2s\"\n\n[exchange]\npolicy_dir = \"{a}/policies\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
             local_entries.unwrap_or_else(entries),
             addrs.join(", "),
             k = self.dir.path().display(),
@@ -218,6 +218,19 @@ async fn exchange_token(agent: &TestAgent) -> String {
     let json: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(status, 200, "{json}");
     json["access_token"].as_str().unwrap().to_string()
+}
+
+/// `GET /readyz` on the agent's admin listener: status line and body.
+async fn readyz(agent: &TestAgent) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = agent.running().admin_addr.expect("admin listener");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 async fn jwks(agent: &TestAgent) -> JwkSet {
@@ -390,4 +403,192 @@ async fn agents_fail_over_ride_out_an_outage_and_recover() {
     }
     assert!(recovered, "the agent signs again once a replica is back");
     assert_eq!(reachable(&a), 1);
+    let ready = readyz(&a).await;
+    assert!(
+        ready.starts_with("HTTP/1.0 200") && ready.ends_with("ready\n"),
+        "{ready}"
+    );
+}
+
+/// The fake API server with the kubelet fixture's pods (node-a), one agent
+/// pod on node-b, and tokens for every TokenReview outcome.
+async fn api_server(dir: &Path) -> tessera_tests::fake_apiserver::FakeApiServer {
+    use tessera_tests::fake_apiserver::{ApiState, bound_user, fake_apiserver};
+    use tessera_tests::fake_kubelet::{fixture, make_pki};
+    make_pki(dir, "ca.pem");
+    std::fs::write(dir.join("authority-token"), "authority-sa-token\n").unwrap();
+    let mut pods: Vec<Value> =
+        serde_json::from_str::<Value>(&fixture("podlist.json")).unwrap()["items"]
+            .as_array()
+            .unwrap()
+            .clone();
+    pods.push(serde_json::json!({
+        "metadata": {"name": "tessera-agent-x2", "namespace": "tessera", "uid": "uid-x2"},
+        "spec": {"serviceAccountName": "tessera-agent", "nodeName": "node-b"},
+        "status": {"phase": "Running", "containerStatuses": [
+            {"name": "agent", "image": "tessera:1", "imageID": "sha256:aa", "containerID": "containerd://x2"}]}
+    }));
+    let agent_sa = "tessera:tessera-agent";
+    let tokens = [
+        ("agent-token-a", bound_user(agent_sa, "tessera-agent-x1", "uid-x1", Some("node-a"))),
+        // Kubernetes before 1.30: no node claim; the authority reads the pod.
+        ("agent-token-b", bound_user(agent_sa, "tessera-agent-x2", "uid-x2", None)),
+        // The pod was replaced since its token was issued.
+        ("agent-token-stale", bound_user(agent_sa, "tessera-agent-x2", "uid-old", None)),
+        ("wrong-sa", bound_user("default:default", "web-1", "uid-w", Some("node-a"))),
+        (
+            "unbound",
+            serde_json::json!({"username": "system:serviceaccount:tessera:tessera-agent", "extra": {}}),
+        ),
+    ]
+    .into_iter()
+    .map(|(t, u)| (t.to_string(), u))
+    .collect();
+    fake_apiserver(
+        dir,
+        ApiState {
+            authority_token: "authority-sa-token".into(),
+            tokens,
+            pods,
+            requests: Vec::new(),
+        },
+    )
+    .await
+}
+
+fn kube_config(dir: &Path, port: u16, audience: &str) -> tessera_agent::fleet::kube::KubeConfig {
+    tessera_agent::fleet::kube::KubeConfig {
+        api_server: format!("https://127.0.0.1:{port}"),
+        ca_file: dir.join("ca.pem"),
+        token_file: dir.join("authority-token"),
+        audience: audience.into(),
+        allowed_service_accounts: vec!["tessera:tessera-agent".into()],
+        pod_cache_ttl: Duration::from_secs(60),
+        timeout: Duration::from_secs(5),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_review_and_pod_lists_speak_the_kubernetes_api() {
+    use tessera_agent::fleet::kube::KubeClient;
+    let dir = tempfile::tempdir().unwrap();
+    let api = api_server(dir.path()).await;
+    let kube = KubeClient::new(kube_config(dir.path(), api.port, "tessera-authority")).unwrap();
+
+    let a = kube.review_token("agent-token-a").await.unwrap();
+    assert_eq!(
+        (a.node_name.as_str(), a.agent_pod.as_str()),
+        ("node-a", "tessera/tessera-agent-x1")
+    );
+    let b = kube.review_token("agent-token-b").await.unwrap();
+    assert_eq!(b.node_name, "node-b", "node read from the bound pod");
+    for (token, why) in [
+        ("agent-token-stale", "replaced"),
+        ("wrong-sa", "not allowed"),
+        ("unbound", "not bound to a pod"),
+        ("forged", "not authenticated"),
+    ] {
+        let err = kube.review_token(token).await.unwrap_err();
+        assert!(err.contains(why), "{token}: {err}");
+    }
+    // A token for another audience does not attest.
+    let other = KubeClient::new(kube_config(dir.path(), api.port, "someone-else")).unwrap();
+    assert!(other.review_token("agent-token-a").await.is_err());
+
+    // Pods by node, with the field selector, cached until asked fresh.
+    let pods = kube.pods_on_node("node-a", false).await.unwrap();
+    assert_eq!(pods.items.len(), 2);
+    assert!(pods.items.iter().all(|p| p.spec.node_name == "node-a"));
+    let listed = |api: &tessera_tests::fake_apiserver::FakeApiServer| {
+        api.state
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .filter(|r| r.starts_with("/api/v1/pods?"))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        listed(&api),
+        vec!["/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-a".to_string()]
+    );
+    kube.pods_on_node("node-a", false).await.unwrap();
+    assert_eq!(listed(&api).len(), 1, "served from the cache");
+    kube.pods_on_node("node-a", true).await.unwrap();
+    assert_eq!(listed(&api).len(), 2, "fresh when asked");
+
+    // The authority's own credentials are checked by the API server.
+    std::fs::write(dir.path().join("authority-token"), "stolen").unwrap();
+    let err = kube.review_token("agent-token-a").await.unwrap_err();
+    assert!(err.contains("401"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kubernetes_nodes_attest_with_projected_tokens_and_get_only_their_pods() {
+    let api_dir = tempfile::tempdir().unwrap();
+    let api = api_server(api_dir.path()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    tessera_agent::authority::init_key_dir(
+        &td,
+        &dir.path().join("keys"),
+        Duration::from_secs(86400),
+        SystemTime::now(),
+    )
+    .unwrap();
+    let port = free_port();
+    // The authority maps pods to IDs from the API's view.
+    let text = format!(
+        "trust_domain = \"example.org\"\n[[entries]]\nspiffe_id = \"spiffe://example.org/ns/{{k8s:ns}}/sa/{{k8s:sa}}\"\nselectors = [\"k8s:ns:payments\"]\n\n[server]\nlisten = \"127.0.0.1:{port}\"\nkeys_dir = \"{d}/keys\"\naudit_log = \"{d}/audit.jsonl\"\n[server.kubernetes]\napi_server = \"https://127.0.0.1:{}\"\nca_file = \"{a}/ca.pem\"\ntoken_file = \"{a}/authority-token\"\nallowed_service_accounts = [\"tessera:tessera-agent\"]\n",
+        api.port,
+        d = dir.path().display(),
+        a = api_dir.path().display(),
+    );
+    let cfg = Config::parse(&text, "authority.toml").unwrap();
+    let authority = start(
+        cfg.trust_domain,
+        cfg.entries,
+        cfg.server.unwrap(),
+        None,
+        Arc::new(tessera_agent::clock::SystemClock),
+    )
+    .await
+    .unwrap();
+
+    // Both agents map this test process to the billing identity locally; only
+    // the node where the billing pod runs (node-a, per the API) gets it.
+    let agent = |token: &str| {
+        let token = token.to_string();
+        let keys = dir.path().join("keys/ca.crt");
+        async move {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join("token"), token).unwrap();
+            let body = format!(
+                "[[entries]]\nspiffe_id = \"spiffe://example.org/ns/payments/sa/billing-sa\"\nselectors = [\"unix:uid:{}\"]\n[upstream]\naddresses = [\"127.0.0.1:{port}\"]\nbundle_file = \"{}\"\nnode_attestation = \"k8s_psat\"\ntoken_file = \"{}/token\"\n",
+                my_uid(),
+                keys.display(),
+                d.path().display()
+            );
+            TestAgent::start_in(d, &body).await
+        }
+    };
+    let on_a = agent("agent-token-a").await;
+    let svid = on_a.spiffe_client().await.fetch_x509_svid().await.unwrap();
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        "spiffe://example.org/ns/payments/sa/billing-sa"
+    );
+    let on_b = agent("agent-token-b").await;
+    let err = on_b
+        .spiffe_client()
+        .await
+        .fetch_jwt_svid(["db"], None)
+        .await
+        .expect_err("node-b runs no billing pod");
+    assert!(format!("{err:?}").contains("not entitled"), "{err:?}");
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"node_attested\"") && audit.contains("tessera/tessera-agent-x1"));
+    assert!(audit.contains("\"refused\"") && audit.contains("node-b"));
+    authority.shutdown();
 }
