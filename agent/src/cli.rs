@@ -743,7 +743,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let agent = crate::daemon::start(config, Arc::new(crate::clock::SystemClock)).await?;
+    // Start-up may wait on the fleet authority (upstream mode): stop cleanly
+    // if asked to meanwhile.
+    let agent = tokio::select! {
+        started = crate::daemon::start(config, Arc::new(crate::clock::SystemClock)) => started?,
+        _ = crate::daemon::wait_for_signal() => {
+            tracing::info!("stopped during start-up");
+            return Ok(());
+        }
+    };
     if args.dev {
         println!(
             "Tessera dev agent: Workload API on {}",
@@ -838,7 +846,15 @@ async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
             if let Some(a) = running.admin_addr {
                 tracing::info!(address = %a, "admin HTTP listening (/healthz /readyz /metrics)");
             }
-            crate::daemon::wait_for_signal().await;
+            // SIGHUP must not kill the authority (its default action);
+            // config changes other than keys need a restart.
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            loop {
+                tokio::select! {
+                    _ = crate::daemon::wait_for_signal() => break,
+                    _ = hup.recv() => tracing::info!("SIGHUP: keys reload on their own every server.key_reload_interval; restart to change entries"),
+                }
+            }
             tracing::info!("shutting down");
             running.shutdown();
             running.wait().await;

@@ -26,16 +26,42 @@ pub struct Budget {
     pub burst: f64,
 }
 
+/// One token bucket; alone, it is a budget shared by every caller.
 #[derive(Debug)]
-struct Bucket {
+pub struct TokenBucket {
+    budget: Budget,
     tokens: f64,
     last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(budget: Budget, now: Instant) -> Self {
+        Self {
+            budget,
+            tokens: budget.burst,
+            last: now,
+        }
+    }
+
+    /// Takes one token; false when none is left.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.budget.rate).min(self.budget.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 #[derive(Debug)]
 pub struct RateLimiter {
     budget: Budget,
-    buckets: Mutex<HashMap<i32, Bucket>>,
+    buckets: Mutex<HashMap<i32, TokenBucket>>,
 }
 
 impl RateLimiter {
@@ -60,19 +86,10 @@ impl RateLimiter {
                 b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * rate < burst
             });
         }
-        let bucket = buckets.entry(caller).or_insert(Bucket {
-            tokens: burst,
-            last: now,
-        });
-        let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * rate).min(burst);
-        bucket.last = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        buckets
+            .entry(caller)
+            .or_insert_with(|| TokenBucket::new(self.budget, now))
+            .try_take(now)
     }
 }
 

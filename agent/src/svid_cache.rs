@@ -162,7 +162,21 @@ impl SvidCache {
             }
         }
         // Keep the caller's audience order in the token (first = primary).
-        let svid = self.authority.jwt_svid(id, audience, ttl).await?;
+        let svid = match self.authority.jwt_svid(id, audience, ttl).await {
+            Ok(svid) => svid,
+            Err(e) => {
+                // The signer is away (upstream outage): a cached token that
+                // is still valid beats no token.
+                let cache = self.jwts.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(hit) = cache.get(&key)
+                    && now + CLOCK_JUMP < hit.expires_at
+                {
+                    tracing::debug!(error = %e, "serving a cached JWT-SVID past its refresh time");
+                    return Ok(hit.clone());
+                }
+                return Err(e);
+            }
+        };
         self.metrics.svids_issued_jwt.inc();
         let mut cache = self.jwts.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= JWT_CACHE_LIMIT {

@@ -199,19 +199,29 @@ impl Upstream {
             preferred: AtomicUsize::new(0),
             reachable: AtomicBool::new(false),
         });
+        let mut backoff = Duration::from_millis(500);
         if up.config.attestation == NodeAttestation::JoinToken && up.load_saved_node() {
+            // The join token was spent when this SVID was issued: renew with
+            // it for as long as it is valid, however long the authority is away.
             tracing::info!(node = %up.node_id(), "using the saved node SVID");
-            match up.renew().await {
-                Ok(doc) => return Ok((up, doc)),
-                Err(UpstreamError::Refused { status, message }) => {
-                    tracing::warn!(status, %message, "the saved node SVID was refused; attesting again");
+            while up.node_svid_expiry() > up.clock.now() {
+                match up.renew().await {
+                    Ok(doc) => return Ok((up, doc)),
+                    Err(UpstreamError::Unreachable(why)) => {
+                        tracing::warn!(reason = %why, retry_in = ?backoff, "no authority replica answered; retrying the node SVID renewal");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the saved node SVID was refused; attesting with the join token");
+                        break;
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not renew the saved node SVID yet; attesting")
+                tokio::select! {
+                    _ = shutdown.cancelled() => anyhow::bail!("stopped before the node was attested"),
+                    _ = tokio::time::sleep(backoff) => {}
                 }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
-        let mut backoff = Duration::from_millis(500);
         loop {
             match up.attest().await {
                 Ok(doc) => return Ok((up, doc)),

@@ -63,6 +63,9 @@ pub struct ServerConfig {
 const MAX_BODY: usize = 1024 * 1024;
 /// Largest batch.
 const MAX_BATCH: usize = 1000;
+/// Node attestations per second per replica (a rolling restart of 1,000
+/// nodes attests in well under a minute at this rate).
+const ATTEST_PER_SECOND: f64 = 50.0;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Labels {
@@ -71,6 +74,9 @@ struct Labels {
 }
 
 struct Shared {
+    /// Node attestation is unauthenticated and may cost a TokenReview call:
+    /// it gets a budget of its own, shared by all callers.
+    attest_budget: std::sync::Mutex<crate::rate_limit::TokenBucket>,
     td: spiffe::TrustDomain,
     config: ServerConfig,
     authority: Arc<Authority>,
@@ -158,6 +164,13 @@ pub async fn start(
         requests.clone(),
     );
     let shared = Arc::new(Shared {
+        attest_budget: std::sync::Mutex::new(crate::rate_limit::TokenBucket::new(
+            crate::rate_limit::Budget {
+                rate: ATTEST_PER_SECOND,
+                burst: ATTEST_PER_SECOND * 4.0,
+            },
+            std::time::Instant::now(),
+        )),
         td,
         config: config.clone(),
         authority,
@@ -185,7 +198,7 @@ pub async fn start(
             let local = l.local_addr()?;
             let app = Router::new()
                 .route("/healthz", get(|| async { "ok\n" }))
-                .route("/readyz", get(|| async { "ready\n" }))
+                .route("/readyz", get(readyz))
                 .route("/metrics", get(metrics))
                 .with_state(shared.clone());
             let sd = shutdown.clone();
@@ -490,6 +503,18 @@ async fn attest(
     State(s): State<Arc<Shared>>,
     Json(req): Json<wire::AttestRequest>,
 ) -> Result<Json<wire::NodeSvidResponse>, ApiError> {
+    let allowed = s
+        .attest_budget
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .try_take(std::time::Instant::now());
+    if !allowed {
+        s.count("attest", "rate_limited");
+        return Err(ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many node attestations; retry shortly".into(),
+        ));
+    }
     let csr = s.parse_csr(&req.csr).map_err(bad)?;
     let now = s.clock.now();
     let (node, detail) = match req.method.as_str() {
@@ -559,6 +584,21 @@ async fn renew(
     Json(req): Json<wire::RenewRequest>,
 ) -> Result<Json<wire::NodeSvidResponse>, ApiError> {
     let node = require_node(&peer)?;
+    if node.kind == NodeKind::Kubernetes {
+        // A Kubernetes node proves itself afresh with its (rotating,
+        // pod-bound) token, so a node SVID stolen from it dies with its TTL.
+        s.refuse(
+            "renew",
+            Some(&node),
+            &node.name,
+            "Kubernetes nodes attest again instead of renewing",
+        )
+        .await;
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "Kubernetes nodes attest again with their projected token instead of renewing".into(),
+        ));
+    }
     let csr = s.parse_csr(&req.csr).map_err(bad)?;
     let resp = s.node_svid(&node, &csr)?;
     s.count("renew", "signed");
@@ -734,6 +774,17 @@ async fn access_token(
 
 async fn bundle(State(s): State<Arc<Shared>>) -> Json<BundleDoc> {
     Json(bundle_doc(&s))
+}
+
+/// Ready while a CA can sign now.
+async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, &'static str) {
+    match s.authority.active_ca_expiry() {
+        Some(t) if t > s.clock.now() => (StatusCode::OK, "ready\n"),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no valid CA in server.keys_dir\n",
+        ),
+    }
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
