@@ -1053,6 +1053,50 @@ mod tests {
     }
 
     #[test]
+    fn upstream_and_server_tables_validate_and_name_their_keys() {
+        let up = |extra: &str| {
+            format!(
+                "{MINIMAL}[upstream]\naddresses = [\"a:1\"]\nbundle_file = \"/b.pem\"\nnode_attestation = \"join_token\"\ntoken_file = \"/t\"\n{extra}"
+            )
+        };
+        let c = Config::parse(&up(""), "t.toml").unwrap();
+        let u = c.upstream.unwrap();
+        assert_eq!(u.server_name, "tessera-authority");
+        assert_eq!(u.bundle_refresh, Duration::from_secs(10));
+        assert!(err(&up("bundle_refresh = \"0s\"\n")).contains("upstream.bundle_refresh"));
+        assert!(err(&up("").replace("\"a:1\"", "\"nohost\"")).contains("upstream.addresses"));
+        assert!(
+            err(&up("").replace("join_token\"", "tpm\"")).contains("upstream.node_attestation")
+        );
+        assert!(err(&format!("{}[authority]\nca_ttl = \"2h\"\n", up(""))).contains("authority"));
+        let srv = |extra: &str| {
+            format!("{MINIMAL}[server]\nlisten = \"127.0.0.1:8443\"\nkeys_dir = \"/k\"\n{extra}")
+        };
+        let s = Config::parse(&srv(""), "t.toml").unwrap().server.unwrap();
+        assert_eq!(s.ca_publish_lead, Duration::from_secs(600));
+        assert!(s.kubernetes.is_none());
+        assert!(err(&srv("").replace("127.0.0.1:8443", "nope")).contains("server.listen"));
+        let k = "[server.kubernetes]\napi_server = \"https://k:6443\"\n";
+        assert!(err(&srv(k)).contains("server.kubernetes.allowed_service_accounts"));
+        assert!(
+            err(&srv(&format!(
+                "{k}allowed_service_accounts = [\"just-a-name\"]\n"
+            )))
+            .contains("namespace:service-account")
+        );
+        let ok = Config::parse(
+            &srv(&format!(
+                "{k}allowed_service_accounts = [\"tessera:agent\"]\n"
+            )),
+            "t.toml",
+        )
+        .unwrap()
+        .server
+        .unwrap();
+        assert_eq!(ok.kubernetes.unwrap().audience, "tessera-authority");
+    }
+
+    #[test]
     fn minimal_config_has_defaults() {
         let c = Config::parse(MINIMAL, "t.toml").unwrap();
         assert_eq!(c.trust_domain.as_str(), "example.org");
@@ -1112,7 +1156,14 @@ mod tests {
             ))
             .contains("admin socket")
         );
-        assert!(err("trust_domain = \"example.org\"\n").contains("socket_path"));
+        // socket_path and data_dir have defaults (an authority needs neither).
+        let bare = Config::parse("trust_domain = \"example.org\"\n", "t.toml").unwrap();
+        assert_eq!(
+            bare.socket_path,
+            Path::new("/run/tessera/sockets/agent.sock")
+        );
+        assert_eq!(bare.data_dir, Path::new("/var/lib/tessera"));
+        assert!(err("socket_path = \"/tmp/a.sock\"\n").contains("trust_domain"));
     }
 
     #[test]

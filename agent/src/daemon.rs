@@ -76,6 +76,41 @@ impl RunningAgent {
     }
 }
 
+/// Raises the soft RLIMIT_NOFILE to the hard limit (the soft default of 1,024
+/// would cap the agent far below `limits.max_connections`), and warns when
+/// even that cannot hold every allowed connection: each holds its socket and
+/// the caller's pidfd, and once descriptors run out new callers wait in the
+/// listen queue instead of being refused.
+fn check_descriptor_budget(config: &Config) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if let (Some(soft), Some(hard)) = (limit.current, limit.maximum)
+        && soft < hard
+    {
+        let raised = Rlimit {
+            current: Some(hard),
+            maximum: Some(hard),
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, soft, hard, "could not raise RLIMIT_NOFILE");
+        }
+    }
+    let Some(soft) = getrlimit(Resource::Nofile).current else {
+        return;
+    };
+    let sockets = 1 + usize::from(config.exchange.is_some());
+    // Two descriptors per connection, plus files, the kubelet and the authority.
+    let needed = (2 * config.max_connections * sockets + 256) as u64;
+    if needed > soft {
+        tracing::warn!(
+            rlimit_nofile = soft,
+            max_connections = config.max_connections,
+            needed,
+            "RLIMIT_NOFILE cannot hold limits.max_connections on every socket; past it new callers queue instead of being refused: lower limits.max_connections or raise the limit (LimitNOFILE=, ulimit -n)"
+        );
+    }
+}
+
 /// Upstream mode: every caller on this node gets `tessera:node:<node name>`,
 /// the one fact about it the fleet authority can check without Kubernetes.
 struct NodeAttestor(String);
@@ -98,6 +133,7 @@ impl tessera_attestor::Attestor for NodeAttestor {
 /// Starts the agent described by `config` and returns once its sockets are listening.
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<RunningAgent> {
     create_private_dir(&config.data_dir)?;
+    check_descriptor_budget(&config);
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
     let mut attestors: Vec<Arc<dyn tessera_attestor::Attestor>> =
