@@ -1061,6 +1061,13 @@ fn load_operator_ca(
 }
 
 /// Reads a fleet key directory (see [`Authority::from_key_dir`]).
+///
+/// Keys are ordered by when they appeared: the later of a CA's notBefore and
+/// its file's modification time (which a Secret update sets). The first key
+/// of each kind signs at once; every later one is published at once but
+/// signs only `publish_lead` after it appeared, so applying a Secret long
+/// after `rotate-ca` does not shorten the lead. Ties (files written in the
+/// same second) put the base file (`ca.crt`, `jwt.key`, `access.key`) first.
 fn load_key_dir(
     td: &spiffe::TrustDomain,
     dir: &Path,
@@ -1075,13 +1082,24 @@ fn load_key_dir(
         .collect();
     names.sort();
     let lead = publish_lead.as_secs();
+    let appeared = |path: &Path| {
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .map(unix_seconds)
+            .unwrap_or(0)
+    };
+    let order = |created: u64, name: &str, base: &str| (created, name != base, name.to_string());
+
     let mut cas = Vec::new();
     for name in names
         .iter()
         .filter(|n| n.starts_with("ca") && n.ends_with(".crt"))
     {
+        let path = dir.join(name);
         let key = dir.join(format!("{}.key", name.trim_end_matches(".crt")));
-        cas.push(load_operator_ca(&dir.join(name), &key, td)?);
+        let (mut times, ca) = load_operator_ca(&path, &key, td)?;
+        times.created = times.created.max(appeared(&path));
+        cas.push((order(times.created, name, "ca.crt"), times, ca));
     }
     if cas.is_empty() {
         return Err(file_err(
@@ -1089,14 +1107,12 @@ fn load_key_dir(
             "no CA: expected ca.crt and ca.key (see `tessera authority init`)",
         ));
     }
-    cas.sort_by_key(|(t, _)| t.created);
+    cas.sort_by(|a, b| a.0.cmp(&b.0));
     let cas = KeyRing {
         keys: cas
             .into_iter()
             .enumerate()
-            .map(|(i, (mut t, ca))| {
-                // The first CA signs at once; a later one once agents had
-                // `publish_lead` to fetch it.
+            .map(|(i, (_, mut t, ca))| {
                 t.activate_at = if i == 0 { 0 } else { t.created + lead };
                 (t, Arc::new(ca))
             })
@@ -1105,6 +1121,7 @@ fn load_key_dir(
     };
     let end = cas.keys.iter().map(|(t, _)| t.not_after).max().unwrap_or(0);
     let ring = |prefix: &str| -> Result<KeyRing<JwtKey>, AuthorityError> {
+        let base = format!("{prefix}.key");
         let mut keys = Vec::new();
         for name in names
             .iter()
@@ -1119,12 +1136,9 @@ fn load_key_dir(
                 .map_err(|e| file_err(&path, format!("not an ES256 key: {e}")))?;
             let kid = jws::thumbprint(&probe.public_jwk().point);
             let signer = Es256Signer::from_pkcs8(kid, &der).map_err(|e| file_err(&path, e))?;
-            let appeared = std::fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .map(unix_seconds)
-                .unwrap_or(0);
+            let at = appeared(&path);
             keys.push((
-                appeared,
+                order(at, name, &base),
                 JwtKey {
                     signer,
                     key_pkcs8: der,
@@ -1134,18 +1148,18 @@ fn load_key_dir(
         if keys.is_empty() {
             return Err(file_err(
                 dir,
-                format!("no {prefix}.key (see `tessera authority init`)"),
+                format!("no {base} (see `tessera authority init`)"),
             ));
         }
-        keys.sort_by_key(|(appeared, _)| *appeared);
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(KeyRing {
             keys: keys
                 .into_iter()
                 .enumerate()
-                .map(|(i, (appeared, k))| {
+                .map(|(i, ((at, _, _), k))| {
                     let times = KeyTimes {
-                        created: appeared,
-                        activate_at: if i == 0 { 0 } else { appeared + lead },
+                        created: at,
+                        activate_at: if i == 0 { 0 } else { at + lead },
                         not_after: end,
                     };
                     (times, Arc::new(k))

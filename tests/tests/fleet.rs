@@ -29,26 +29,39 @@ fn free_port() -> u16 {
 }
 
 /// One entry per node: the workload on node `n` runs as this user there.
-fn entries() -> String {
+/// `extra` is added to each entry.
+fn entries_with(extra: &str) -> String {
     ["node-a", "node-b", "node-c"]
         .iter()
         .map(|n| {
             format!(
-                "[[entries]]\nspiffe_id = \"spiffe://example.org/{n}/svc\"\nselectors = [\"tessera:node:{n}\", \"unix:uid:{}\"]\n",
+                "[[entries]]\nspiffe_id = \"spiffe://example.org/{n}/svc\"\nselectors = [\"tessera:node:{n}\", \"unix:uid:{}\"]\n{extra}",
                 my_uid()
             )
         })
         .collect()
 }
 
+fn entries() -> String {
+    entries_with("")
+}
+
 struct Fleet {
     dir: tempfile::TempDir,
     ports: Vec<u16>,
     replicas: Vec<Option<RunningAuthority>>,
+    /// Added to `[server]` of every replica.
+    server_extra: String,
+    /// Added to every entry (authority and agents).
+    entry_extra: String,
 }
 
 impl Fleet {
     async fn start() -> Self {
+        Self::start_with("", "").await
+    }
+
+    async fn start_with(server_extra: &str, entry_extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let td = spiffe::TrustDomain::new("example.org").unwrap();
         tessera_agent::authority::init_key_dir(
@@ -62,6 +75,8 @@ impl Fleet {
             dir,
             ports: vec![free_port(), free_port()],
             replicas: Vec::new(),
+            server_extra: server_extra.into(),
+            entry_extra: entry_extra.into(),
         };
         for i in 0..2 {
             let r = fleet.start_replica(i).await;
@@ -73,9 +88,10 @@ impl Fleet {
     async fn start_replica(&self, i: usize) -> RunningAuthority {
         let d = self.dir.path().display();
         let text = format!(
-            "trust_domain = \"example.org\"\n{}\n[server]\nlisten = \"127.0.0.1:{}\"\nkeys_dir = \"{d}/keys\"\njoin_token_dir = \"{d}/join\"\naudit_log = \"{d}/authority-{i}.jsonl\"\nnode_svid_ttl = \"1h\"\n",
-            entries(),
-            self.ports[i]
+            "trust_domain = \"example.org\"\n{}\n[server]\nlisten = \"127.0.0.1:{}\"\nkeys_dir = \"{d}/keys\"\njoin_token_dir = \"{d}/join\"\naudit_log = \"{d}/authority-{i}.jsonl\"\nnode_svid_ttl = \"1h\"\n{}",
+            entries_with(&self.entry_extra),
+            self.ports[i],
+            self.server_extra,
         );
         let cfg = Config::parse(&text, "authority.toml").unwrap();
         start(
@@ -123,7 +139,7 @@ impl Fleet {
             .collect();
         let body = format!(
             "{}\n[upstream]\naddresses = [{}]\nbundle_file = \"{k}/keys/ca.crt\"\nnode_attestation = \"join_token\"\ntoken_file = \"{a}/join-token\"\nbundle_refresh = \"200ms\"\nrequest_timeout = \"2s\"\n\n[exchange]\npolicy_dir = \"{a}/policies\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
-            local_entries.unwrap_or_else(entries),
+            local_entries.unwrap_or_else(|| entries_with(&self.entry_extra)),
             addrs.join(", "),
             k = self.dir.path().display(),
             a = dir.path().display(),
@@ -218,6 +234,24 @@ async fn exchange_token(agent: &TestAgent) -> String {
     let json: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(status, 200, "{json}");
     json["access_token"].as_str().unwrap().to_string()
+}
+
+/// Whether webpki (through rustls) accepts `leaf` as a client certificate
+/// issued by `ca` alone.
+fn signed_by(leaf: &[u8], ca: &[u8]) -> bool {
+    use rustls::pki_types::{CertificateDer, UnixTime};
+    use rustls::server::danger::ClientCertVerifier;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca.to_vec())).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .unwrap();
+    verifier
+        .verify_client_cert(&CertificateDer::from(leaf.to_vec()), &[], UnixTime::now())
+        .is_ok()
 }
 
 /// `GET /readyz` on the agent's admin listener: status line and body.
@@ -591,4 +625,97 @@ async fn kubernetes_nodes_attest_with_projected_tokens_and_get_only_their_pods()
     assert!(audit.contains("\"node_attested\"") && audit.contains("tessera/tessera-agent-x1"));
     assert!(audit.contains("\"refused\"") && audit.contains("node-b"));
     authority.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_ca_reaches_every_open_stream_before_it_signs() {
+    use tokio_stream::StreamExt;
+    let fleet = Fleet::start_with(
+        "key_reload_interval = \"200ms\"\nca_publish_lead = \"3s\"\n",
+        "x509_ttl = \"4s\"\n",
+    )
+    .await;
+    let a = fleet.agent("node-a", None).await;
+    let client = a.spiffe_client().await;
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    let old_cas: Vec<Vec<u8>> = first
+        .bundle_set()
+        .get(&td)
+        .unwrap()
+        .authorities()
+        .iter()
+        .map(|c| c.as_ref().to_vec())
+        .collect();
+    assert_eq!(old_cas.len(), 1);
+
+    let name = tessera_agent::authority::add_ca(
+        &td,
+        &fleet.dir.path().join("keys"),
+        Duration::from_secs(30 * 24 * 3600),
+        SystemTime::now(),
+    )
+    .unwrap();
+    let pem = std::fs::read(fleet.dir.path().join("keys").join(name)).unwrap();
+    let new_ca = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(&pem)
+            .unwrap()
+            .to_vec()
+    };
+
+    // Every update on the open stream: the SVID verifies (webpki) against a CA
+    // of the bundle in the same update, and the new CA is in the bundle before
+    // any SVID it signed arrives. Within the bound, one does.
+    let mut new_ca_published = false;
+    let mut signed_by_new = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !signed_by_new {
+        let ctx = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("the new CA signs within lead + one renewal")
+            .unwrap()
+            .unwrap();
+        let cas: Vec<Vec<u8>> = ctx
+            .bundle_set()
+            .get(&td)
+            .unwrap()
+            .authorities()
+            .iter()
+            .map(|c| c.as_ref().to_vec())
+            .collect();
+        let leaf = ctx.default_svid().unwrap().cert_chain()[0]
+            .as_ref()
+            .to_vec();
+        assert!(
+            cas.iter().any(|ca| signed_by(&leaf, ca)),
+            "an SVID arrived without its CA"
+        );
+        new_ca_published |= cas.contains(&new_ca);
+        if signed_by(&leaf, &new_ca) {
+            assert!(
+                new_ca_published,
+                "the new CA signed before it was published"
+            );
+            signed_by_new = true;
+        }
+    }
+    assert!(
+        cas_contains_old(&a, &old_cas[0]).await,
+        "the old CA stays published"
+    );
+}
+
+/// Whether the agent's current bundle still holds `ca`.
+async fn cas_contains_old(agent: &TestAgent, ca: &[u8]) -> bool {
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    let ctx = agent
+        .spiffe_client()
+        .await
+        .fetch_x509_context()
+        .await
+        .unwrap();
+    let cas = ctx.bundle_set().get(&td).unwrap();
+    cas.authorities().iter().any(|c| c.as_ref() == ca)
 }
