@@ -623,6 +623,13 @@ impl Upstream {
                     Ok(doc) => {
                         let _ = self.apply_bundle(&authority, &doc);
                     }
+                    Err(e)
+                        if node.not_after <= self.clock.now()
+                            && self.config.attestation == NodeAttestation::JoinToken =>
+                    {
+                        // A join token works once: nothing can prove this node again.
+                        tracing::error!(error = %e, "the node SVID has expired: this node needs a new join token (`tessera authority join-token`) and a restart");
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, expires = ?node.not_after, "node SVID renewal failed; retrying")
                     }
