@@ -1222,6 +1222,7 @@ def test_authority_config_toml(manifests):
         "server_name": "tessera-authority",
         "node_svid_ttl": "1h",
         "ca_publish_lead": "10m",
+        "audit_log": "/var/lib/tessera-authority/audit.jsonl",
         "kubernetes": {
             "enabled": True,
             "ca_file": "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
@@ -1265,7 +1266,10 @@ def test_authority_deployment(manifests):
     for host in ("hostPID", "hostNetwork", "hostIPC"):
         assert not spec.get(host, False), host
     assert not [v for v in spec["volumes"] if "hostPath" in v]
-    assert {v["name"] for v in spec["volumes"]} == {"config", "keys"}
+    assert {v["name"] for v in spec["volumes"]} == {"config", "keys", "audit"}
+    # The audit log's only writable place: a bounded emptyDir.
+    audit = next(v for v in spec["volumes"] if v["name"] == "audit")
+    assert audit["emptyDir"]["sizeLimit"]
     assert "initContainers" not in spec and "priorityClassName" not in spec
     assert spec["securityContext"] == {"runAsUser": 65532, "runAsGroup": 65532, "runAsNonRoot": True,
                                        "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
@@ -1773,7 +1777,8 @@ def test_real_authority_and_upstream_agent_accept_rendered_configs(manifests, tm
             .replace(f'"{cfg["server"]["keys_dir"]}"', f'"{keys}"')
             .replace('"/var/run/secrets/kubernetes.io/serviceaccount/', f'"{sa}/')
             .replace(f'"{cfg["server"]["listen"]}"', f'"127.0.0.1:{server_port}"')
-            .replace(f'"{cfg["admin"]["listen"]}"', f'"127.0.0.1:{admin_port}"'))
+            .replace(f'"{cfg["admin"]["listen"]}"', f'"127.0.0.1:{admin_port}"')
+            .replace(f'"{cfg["server"]["audit_log"]}"', f'"{tmp_path}/audit.jsonl"'))
     assert "/etc/tessera" not in text and "/var/run/secrets" not in text and "0.0.0.0" not in text
     (tmp_path / "authority.toml").write_text(text)
     # The API server is "found" on a closed local port.

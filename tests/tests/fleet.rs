@@ -504,7 +504,7 @@ fn kube_config(dir: &Path, port: u16, audience: &str) -> tessera_agent::fleet::k
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_review_and_pod_lists_speak_the_kubernetes_api() {
-    use tessera_agent::fleet::kube::KubeClient;
+    use tessera_agent::fleet::kube::{KubeClient, ReviewError};
     let dir = tempfile::tempdir().unwrap();
     let api = api_server(dir.path()).await;
     let kube = KubeClient::new(kube_config(dir.path(), api.port, "tessera-authority")).unwrap();
@@ -523,8 +523,17 @@ async fn token_review_and_pod_lists_speak_the_kubernetes_api() {
         ("forged", "not authenticated"),
     ] {
         let err = kube.review_token(token).await.unwrap_err();
-        assert!(err.contains(why), "{token}: {err}");
+        assert!(
+            matches!(&err, ReviewError::Rejected(m) if m.contains(why)),
+            "{token}: {err:?}"
+        );
     }
+    // An API server that cannot be reached says nothing about the token.
+    let down = KubeClient::new(kube_config(dir.path(), free_port(), "tessera-authority")).unwrap();
+    assert!(matches!(
+        down.review_token("agent-token-a").await,
+        Err(ReviewError::Unavailable(_))
+    ));
     // A token for another audience does not attest.
     let other = KubeClient::new(kube_config(dir.path(), api.port, "someone-else")).unwrap();
     assert!(other.review_token("agent-token-a").await.is_err());
@@ -555,7 +564,10 @@ async fn token_review_and_pod_lists_speak_the_kubernetes_api() {
     // The authority's own credentials are checked by the API server.
     std::fs::write(dir.path().join("authority-token"), "stolen").unwrap();
     let err = kube.review_token("agent-token-a").await.unwrap_err();
-    assert!(err.contains("401"), "{err}");
+    assert!(
+        matches!(&err, ReviewError::Unavailable(m) if m.contains("401")),
+        "{err:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

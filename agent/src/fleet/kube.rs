@@ -31,6 +31,18 @@ pub struct KubeConfig {
     pub timeout: Duration,
 }
 
+/// Why a token did not attest a node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReviewError {
+    /// The API server could not be asked (unreachable, our own credentials
+    /// refused, a 5xx): nothing is known about the token; retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The API server answered: this token does not attest a node.
+    #[error("{0}")]
+    Rejected(String),
+}
+
 /// A node proved by a bound service account token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReviewedNode {
@@ -67,6 +79,12 @@ struct ReviewStatus {
 struct ReviewUser {
     username: String,
     extra: HashMap<String, Vec<String>>,
+}
+
+/// A failed API call: the HTTP status when the server answered.
+struct CallError {
+    status: Option<u16>,
+    message: String,
 }
 
 const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
@@ -130,9 +148,10 @@ impl KubeClient {
         method: hyper::Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<hyper::body::Bytes, String> {
+    ) -> Result<hyper::body::Bytes, CallError> {
+        let fail = |status: Option<u16>, message: String| CallError { status, message };
         let token = std::fs::read_to_string(&self.config.token_file)
-            .map_err(|e| format!("{}: {e}", self.config.token_file.display()))?;
+            .map_err(|e| fail(None, format!("{}: {e}", self.config.token_file.display())))?;
         let (status, body) = http::send(http::Request {
             addr: &self.addr,
             server_name: &self.host,
@@ -144,24 +163,25 @@ impl KubeClient {
             timeout: self.config.timeout,
         })
         .await
-        .map_err(|e| format!("Kubernetes API {e}"))?;
-        match status {
-            200 | 201 => Ok(body),
-            401 => Err(format!(
-                "Kubernetes API {path}: 401, the authority's own token was not accepted"
-            )),
-            403 => Err(format!(
-                "Kubernetes API {path}: 403, the authority needs create on tokenreviews and get/list on pods"
-            )),
-            404 => Err(format!("Kubernetes API {path}: 404 not found")),
-            s => Err(format!("Kubernetes API {path}: status {s}")),
-        }
+        .map_err(|e| fail(None, format!("Kubernetes API {e}")))?;
+        let why = match status {
+            200 | 201 => return Ok(body),
+            401 => "the authority's own token was not accepted",
+            403 => "the authority needs create on tokenreviews and get/list on pods",
+            404 => "not found",
+            _ => "unexpected status",
+        };
+        Err(fail(
+            Some(status),
+            format!("Kubernetes API {path}: {status}, {why}"),
+        ))
     }
 
     /// Checks an agent's projected service account token with TokenReview:
     /// authenticated, for our audience, bound to a pod of an allowed service
     /// account; returns the node that pod runs on.
-    pub async fn review_token(&self, token: &str) -> Result<ReviewedNode, String> {
+    pub async fn review_token(&self, token: &str) -> Result<ReviewedNode, ReviewError> {
+        use ReviewError::{Rejected, Unavailable};
         let body = json!({
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenReview",
@@ -173,64 +193,73 @@ impl KubeClient {
                 "/apis/authentication.k8s.io/v1/tokenreviews",
                 Some(body.to_string().into_bytes()),
             )
-            .await?;
+            .await
+            .map_err(|e| Unavailable(e.message))?;
         let review: TokenReview = serde_json::from_slice(&bytes)
-            .map_err(|e| format!("TokenReview answer is not a TokenReview: {e}"))?;
+            .map_err(|e| Unavailable(format!("TokenReview answer is not a TokenReview: {e}")))?;
         let st = review.status;
         if !st.authenticated {
-            return Err(if st.error.is_empty() {
+            return Err(Rejected(if st.error.is_empty() {
                 "the token was not authenticated".into()
             } else {
                 format!("the token was not authenticated: {}", st.error)
-            });
+            }));
         }
         if !st
             .audiences
             .as_ref()
             .is_some_and(|a| a.contains(&self.config.audience))
         {
-            return Err(format!(
+            return Err(Rejected(format!(
                 "the token is not for audience {:?}",
                 self.config.audience
-            ));
+            )));
         }
         let sa = st
             .user
             .username
             .strip_prefix("system:serviceaccount:")
-            .ok_or_else(|| format!("{:?} is not a service account", st.user.username))?;
+            .ok_or_else(|| Rejected(format!("{:?} is not a service account", st.user.username)))?;
         if !self.config.allowed_service_accounts.iter().any(|a| a == sa) {
-            return Err(format!(
+            return Err(Rejected(format!(
                 "service account {sa:?} is not allowed to attest nodes (allowed_service_accounts)"
-            ));
+            )));
         }
         let (ns, _) = sa.split_once(':').unwrap_or((sa, ""));
         let extra = |k: &str| st.user.extra.get(k).and_then(|v| v.first()).cloned();
         let (Some(pod_name), Some(pod_uid)) = (extra(EXTRA_POD_NAME), extra(EXTRA_POD_UID)) else {
-            return Err(
+            return Err(Rejected(
                 "the token is not bound to a pod (use a projected service account token)".into(),
-            );
+            ));
         };
         let node_name = match extra(EXTRA_NODE_NAME) {
             Some(n) => n,
             // Before Kubernetes 1.30 tokens do not name the node: ask for the pod.
             None => {
                 let path = format!("/api/v1/namespaces/{ns}/pods/{pod_name}");
-                let bytes = self.call(hyper::Method::GET, &path, None).await?;
+                let bytes =
+                    self.call(hyper::Method::GET, &path, None)
+                        .await
+                        .map_err(|e| match e.status {
+                            Some(404) => {
+                                Rejected(format!("the token's pod {ns}/{pod_name} is gone"))
+                            }
+                            _ => Unavailable(e.message),
+                        })?;
                 let pod: Pod = serde_json::from_slice(&bytes)
-                    .map_err(|e| format!("{path}: not a Pod: {e}"))?;
+                    .map_err(|e| Unavailable(format!("{path}: not a Pod: {e}")))?;
                 if pod.metadata.uid != pod_uid {
-                    return Err(format!(
+                    return Err(Rejected(format!(
                         "pod {ns}/{pod_name} was replaced since the token was issued"
-                    ));
+                    )));
                 }
                 pod.spec.node_name
             }
         };
         if node_name.is_empty() || node_name.contains('/') {
-            return Err(format!(
+            return Err(Rejected(format!(
                 "the agent pod's node name {node_name:?} is not usable"
-            ));
+            )));
         }
         Ok(ReviewedNode {
             node_name,
@@ -254,7 +283,10 @@ impl KubeClient {
         let selector: String =
             form_urlencoded::byte_serialize(format!("spec.nodeName={node}").as_bytes()).collect();
         let path = format!("/api/v1/pods?fieldSelector={selector}");
-        let bytes = self.call(hyper::Method::GET, &path, None).await?;
+        let bytes = self
+            .call(hyper::Method::GET, &path, None)
+            .await
+            .map_err(|e| e.message)?;
         let list: PodList =
             serde_json::from_slice(&bytes).map_err(|e| format!("{path}: not a PodList: {e}"))?;
         let list = Arc::new(list);

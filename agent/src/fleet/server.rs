@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use super::kube::{KubeClient, KubeConfig};
+use super::kube::{KubeClient, KubeConfig, ReviewError};
 use super::wire::{self, BundleDoc};
 use super::{Node, NodeKind, entitlement, join, tls};
 use crate::audit::AuditLog;
@@ -558,7 +558,14 @@ async fn attest(
                     },
                     json!(r.agent_pod),
                 ),
-                Err(e) => {
+                Err(ReviewError::Unavailable(e)) => {
+                    // Nothing is known about the token: the agent retries
+                    // (or another replica answers).
+                    s.count("attest", "error");
+                    tracing::warn!(error = %e, "cannot review a node's token");
+                    return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e));
+                }
+                Err(ReviewError::Rejected(e)) => {
                     s.refuse("attest", None, "k8s_psat", &e).await;
                     return Err(ApiError(StatusCode::UNAUTHORIZED, e));
                 }
