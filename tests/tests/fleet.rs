@@ -42,10 +42,6 @@ fn entries_with(extra: &str) -> String {
         .collect()
 }
 
-fn entries() -> String {
-    entries_with("")
-}
-
 struct Fleet {
     dir: tempfile::TempDir,
     ports: Vec<u16>,
@@ -240,7 +236,6 @@ async fn exchange_token(agent: &TestAgent) -> String {
 /// issued by `ca` alone.
 fn signed_by(leaf: &[u8], ca: &[u8]) -> bool {
     use rustls::pki_types::{CertificateDer, UnixTime};
-    use rustls::server::danger::ClientCertVerifier;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(ca.to_vec())).unwrap();
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(

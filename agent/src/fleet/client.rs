@@ -475,6 +475,17 @@ impl Upstream {
         &self,
         batch: &[(spiffe::SpiffeId, Duration)],
     ) -> Vec<Result<X509Svid, AuthorityError>> {
+        let mut out = Vec::with_capacity(batch.len());
+        for chunk in batch.chunks(wire::MAX_BATCH) {
+            out.extend(self.sign_x509_chunk(chunk).await);
+        }
+        out
+    }
+
+    async fn sign_x509_chunk(
+        &self,
+        batch: &[(spiffe::SpiffeId, Duration)],
+    ) -> Vec<Result<X509Svid, AuthorityError>> {
         let mut keys = Vec::with_capacity(batch.len());
         let mut req = wire::SignRequest::default();
         for (id, ttl) in batch {

@@ -61,8 +61,6 @@ pub struct ServerConfig {
 
 /// Largest request body: a batch of a few hundred CSRs.
 const MAX_BODY: usize = 1024 * 1024;
-/// Largest batch.
-const MAX_BATCH: usize = 1000;
 /// Node attestations per second per replica (a rolling restart of 1,000
 /// nodes attests in well under a minute at this rate).
 const ATTEST_PER_SECOND: f64 = 50.0;
@@ -618,8 +616,11 @@ async fn sign(
     Json(req): Json<wire::SignRequest>,
 ) -> Result<Json<wire::SignResponse>, ApiError> {
     let node = require_node(&peer)?;
-    if req.x509.len() + req.jwt.len() > MAX_BATCH {
-        return Err(bad(format!("at most {MAX_BATCH} items per request")));
+    if req.x509.len() + req.jwt.len() > wire::MAX_BATCH {
+        return Err(bad(format!(
+            "at most {} items per request",
+            wire::MAX_BATCH
+        )));
     }
     let mut out = wire::SignResponse::default();
     let refused = |e: String| wire::Signed {

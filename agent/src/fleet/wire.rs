@@ -43,6 +43,10 @@ pub struct BundleDoc {
     pub access_keys: Vec<Value>,
 }
 
+/// Most items (X.509 plus JWT) in one `POST /v1/sign`; agents split larger
+/// renewal batches.
+pub const MAX_BATCH: usize = 500;
+
 /// `POST /v1/sign` (node SVID): a batch of workload SVIDs.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
