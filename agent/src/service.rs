@@ -491,6 +491,16 @@ async fn x509_svid_stream(
                     .await;
                 return;
             }
+            if svids.iter().any(|s| state.cache.is_expired(s)) {
+                // Wait for the renewal instead of sending an expired SVID
+                // (the wall clock jumped, or the signer was away).
+                state.cache.renew_due_now();
+                match next_wake(&out, &mut entries, &mut bundle_rx, &mut rxs).await {
+                    Wake::Ended => return,
+                    Wake::Entries => continue 'identities,
+                    Wake::Update => continue,
+                }
+            }
             let bundle = bundle_rx.borrow_and_update().clone();
             if !first && !still_the_caller(&peer, &out).await {
                 return;

@@ -115,6 +115,18 @@ impl SvidCache {
         self.metrics.svids_issued_x509.inc();
     }
 
+    /// Whether `svid` has expired by the agent's clock. An expired SVID is
+    /// never sent: after a wall-clock jump its CA may already have left the
+    /// bundle, and a client would get a certificate nothing verifies.
+    pub fn is_expired(&self, svid: &X509Svid) -> bool {
+        svid.not_after <= self.clock.now()
+    }
+
+    /// Wakes the rotation worker to renew whatever is due now.
+    pub fn renew_due_now(&self) {
+        self.wake.notify_one();
+    }
+
     /// Number of SPIFFE IDs with a cached X509-SVID.
     pub fn cached_identities(&self) -> usize {
         self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
