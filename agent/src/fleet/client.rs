@@ -381,7 +381,8 @@ impl Upstream {
         Ok(())
     }
 
-    /// One request, failing over across replicas on transport errors and 503.
+    /// One request, failing over across replicas on transport errors, 429
+    /// and 503.
     async fn call<B: Serialize, R: DeserializeOwned>(
         &self,
         path: &str,
@@ -421,8 +422,10 @@ impl Upstream {
                     tracing::debug!(replica = %addr, error = %e, "authority replica unreachable");
                     last = e.to_string();
                 }
-                Ok((503, b)) => {
-                    last = format!("{addr}: 503 {}", String::from_utf8_lossy(&b));
+                // Busy (429: attestation budget) or cannot decide now (503):
+                // another replica may, and otherwise the caller retries.
+                Ok((status @ (429 | 503), b)) => {
+                    last = format!("{addr}: {status} {}", String::from_utf8_lossy(&b));
                 }
                 Ok((status, b)) => {
                     self.preferred.store(idx, Ordering::Relaxed);
