@@ -414,9 +414,20 @@ impl Authority {
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, AuthorityError> {
         let state = load_key_dir(&trust_domain, dir, publish_lead)?;
+        Ok(Self::without_rollover(trust_domain, clock, state, None))
+    }
+
+    /// An authority whose keys never roll over here (the fleet authority's
+    /// files, or none at all in upstream mode).
+    fn without_rollover(
+        trust_domain: spiffe::TrustDomain,
+        clock: Arc<dyn Clock>,
+        state: State,
+        upstream: Option<Arc<crate::fleet::client::Upstream>>,
+    ) -> Arc<Self> {
         let bundle = build_bundle(&state.cas, &state.jwt, 1);
         let access_keys = arc_swap::ArcSwap::from_pointee(public_keys(&state.access));
-        Ok(Arc::new(Self {
+        Arc::new(Self {
             settings: AuthoritySettings {
                 trust_domain,
                 ca_ttl: Duration::ZERO,
@@ -428,9 +439,9 @@ impl Authority {
             state: Mutex::new(state),
             bundle: watch::Sender::new(Arc::new(bundle)),
             access_keys,
-            upstream: None,
+            upstream,
             remote_ca_expiry: Mutex::new(None),
-        }))
+        })
     }
 
     /// Re-reads the key directory (a Secret update adds or removes keys);
@@ -494,22 +505,7 @@ impl Authority {
                 rotates: false,
             },
         };
-        let bundle = build_bundle(&state.cas, &state.jwt, 0);
-        Arc::new(Self {
-            settings: AuthoritySettings {
-                trust_domain,
-                ca_ttl: Duration::ZERO,
-                jwt_key_ttl: Duration::ZERO,
-                state_dir: None,
-                ca_files: None,
-            },
-            clock,
-            state: Mutex::new(state),
-            bundle: watch::Sender::new(Arc::new(bundle)),
-            access_keys: arc_swap::ArcSwap::from_pointee(Vec::new()),
-            upstream: Some(upstream),
-            remote_ca_expiry: Mutex::new(None),
-        })
+        Self::without_rollover(trust_domain, clock, state, Some(upstream))
     }
 
     /// Upstream mode: installs the trust domain's bundle as published by the
@@ -520,6 +516,16 @@ impl Authority {
         jwt_keys: Vec<PublicJwk>,
         access_keys: Vec<PublicJwk>,
     ) -> bool {
+        if **self.access_keys.load() != access_keys {
+            self.access_keys.store(Arc::new(access_keys));
+        }
+        let current = self.bundle();
+        let x509: Vec<u8> = cas.concat();
+        let same = current.x509.as_ref() == x509.as_slice() && *current.jwt_keys == *jwt_keys;
+        if same {
+            // Polled every few seconds: nothing to parse when nothing changed.
+            return false;
+        }
         let expiry = cas
             .iter()
             .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
@@ -530,15 +536,6 @@ impl Authority {
             .remote_ca_expiry
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = expiry;
-        if **self.access_keys.load() != access_keys {
-            self.access_keys.store(Arc::new(access_keys));
-        }
-        let current = self.bundle();
-        let x509: Vec<u8> = cas.concat();
-        let same = current.x509.as_ref() == x509.as_slice() && *current.jwt_keys == *jwt_keys;
-        if same {
-            return false;
-        }
         let jwks = serde_json::json!({
             "keys": jwt_keys.iter().map(|k| k.to_json("jwt-svid")).collect::<Vec<_>>(),
         });
@@ -1215,7 +1212,7 @@ pub fn init_key_dir(
     })?;
     let write = |name: &str, label: &str, der: &[u8]| {
         let path = dir.join(name);
-        crate::fsutil::write_private_atomic(&path, pem_encode(label, der).as_bytes())
+        crate::fsutil::write_private_atomic(&path, crate::certs::pem_encode(label, der).as_bytes())
             .map_err(|e| file_err(&path, e))
     };
     write("ca.crt", "CERTIFICATE", &ca.cert_der)?;
@@ -1254,22 +1251,10 @@ pub fn add_ca(
         ("key", "PRIVATE KEY", &ca.key_pkcs8[..]),
     ] {
         let path = dir.join(format!("{name}.{ext}"));
-        crate::fsutil::write_private_atomic(&path, pem_encode(label, der).as_bytes())
+        crate::fsutil::write_private_atomic(&path, crate::certs::pem_encode(label, der).as_bytes())
             .map_err(|e| file_err(&path, e))?;
     }
     Ok(format!("{name}.crt"))
-}
-
-/// PEM armour with 64-column lines.
-pub fn pem_encode(label: &str, der: &[u8]) -> String {
-    let b64 = B64.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }
 
 fn pem_block(text: &str, label: &str) -> Option<Vec<u8>> {

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tessera_workload_api as pb;
 
+use crate::certs::{pem_encode, split_der_certs};
 use crate::client;
 use crate::config::Config;
 
@@ -900,46 +901,21 @@ fn print_x509(resp: &pb::X509svidResponse) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Splits concatenated DER certificates.
-pub fn split_der_certs(mut der: &[u8]) -> anyhow::Result<Vec<&[u8]>> {
-    let mut out = Vec::new();
-    while !der.is_empty() {
-        let (rest, _) =
-            x509_parser::parse_x509_certificate(der).context("malformed DER certificate")?;
-        let len = der.len() - rest.len();
-        out.push(&der[..len]);
-        der = rest;
-    }
-    Ok(out)
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
-
 fn write_x509(dir: &Path, resp: &pb::X509svidResponse) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     for (i, svid) in resp.svids.iter().enumerate() {
         let certs: String = split_der_certs(&svid.x509_svid)?
             .iter()
-            .map(|c| pem("CERTIFICATE", c))
+            .map(|c| pem_encode("CERTIFICATE", c))
             .collect();
         let bundle: String = split_der_certs(&svid.bundle)?
             .iter()
-            .map(|c| pem("CERTIFICATE", c))
+            .map(|c| pem_encode("CERTIFICATE", c))
             .collect();
         std::fs::write(dir.join(format!("svid.{i}.pem")), certs)?;
         crate::fsutil::write_private_atomic(
             &dir.join(format!("svid.{i}.key")),
-            pem("PRIVATE KEY", &svid.x509_svid_key).as_bytes(),
+            pem_encode("PRIVATE KEY", &svid.x509_svid_key).as_bytes(),
         )?;
         std::fs::write(dir.join(format!("bundle.{i}.pem")), bundle)?;
         println!(

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod audit;
 pub mod authority;
 pub mod bench;
+pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod clock;

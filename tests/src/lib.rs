@@ -73,6 +73,18 @@ impl TestAgent {
             .expect("spiffe client connects")
     }
 
+    /// This process's JWT-SVID for `audience`, fetched with the `spiffe`
+    /// crate (the subject token of an exchange when `audience` is the issuer).
+    pub async fn jwt_svid(&self, audience: &str) -> String {
+        self.spiffe_client()
+            .await
+            .fetch_jwt_svid([audience], None)
+            .await
+            .expect("a JWT-SVID")
+            .token()
+            .to_string()
+    }
+
     pub async fn stop(&mut self) {
         if let Some(a) = self.agent.take() {
             a.stop().await.unwrap();

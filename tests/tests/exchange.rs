@@ -92,14 +92,7 @@ impl Setup {
     }
 
     async fn subject_token(&self) -> String {
-        let jwt = self
-            .agent
-            .spiffe_client()
-            .await
-            .fetch_jwt_svid([ISSUER], None)
-            .await
-            .unwrap();
-        jwt.token().to_string()
+        self.agent.jwt_svid(ISSUER).await
     }
 
     /// POST /token with the caller's JWT-SVID plus `extra`.

@@ -310,14 +310,7 @@ async fn post(dir: &Path, path: &str, pairs: &[(&str, &str)]) -> (u16, Value) {
 }
 
 async fn exchange(agent: &TestAgent, task: &str) -> (u16, Value) {
-    let subject = agent
-        .spiffe_client()
-        .await
-        .fetch_jwt_svid([ISSUER], None)
-        .await
-        .unwrap()
-        .token()
-        .to_string();
+    let subject = agent.jwt_svid(ISSUER).await;
     post(
         agent.dir.path(),
         "/token",

@@ -42,6 +42,20 @@ fn entries_with(extra: &str) -> String {
         .collect()
 }
 
+/// An authority replica from a config file's text (with a `[server]` table).
+async fn start_authority(text: &str) -> RunningAuthority {
+    let cfg = Config::parse(text, "authority.toml").unwrap();
+    start(
+        cfg.trust_domain,
+        cfg.entries,
+        cfg.server.unwrap(),
+        None,
+        Arc::new(tessera_agent::clock::SystemClock),
+    )
+    .await
+    .unwrap()
+}
+
 struct Fleet {
     dir: tempfile::TempDir,
     ports: Vec<u16>,
@@ -89,16 +103,7 @@ impl Fleet {
             self.ports[i],
             self.server_extra,
         );
-        let cfg = Config::parse(&text, "authority.toml").unwrap();
-        start(
-            cfg.trust_domain,
-            cfg.entries,
-            cfg.server.unwrap(),
-            None,
-            Arc::new(tessera_agent::clock::SystemClock),
-        )
-        .await
-        .unwrap()
+        start_authority(&text).await
     }
 
     async fn stop_replica(&mut self, i: usize) {
@@ -204,14 +209,7 @@ async fn mtls_ping(server: &TestAgent, client: &TestAgent, server_id: &str, clie
 }
 
 async fn exchange_token(agent: &TestAgent) -> String {
-    let subject = agent
-        .spiffe_client()
-        .await
-        .fetch_jwt_svid([ISSUER], None)
-        .await
-        .unwrap()
-        .token()
-        .to_string();
+    let subject = agent.jwt_svid(ISSUER).await;
     let socket = agent.dir.path().join("sock/exchange.sock");
     let body = form(&[
         (
@@ -586,16 +584,7 @@ async fn kubernetes_nodes_attest_with_projected_tokens_and_get_only_their_pods()
         d = dir.path().display(),
         a = api_dir.path().display(),
     );
-    let cfg = Config::parse(&text, "authority.toml").unwrap();
-    let authority = start(
-        cfg.trust_domain,
-        cfg.entries,
-        cfg.server.unwrap(),
-        None,
-        Arc::new(tessera_agent::clock::SystemClock),
-    )
-    .await
-    .unwrap();
+    let authority = start_authority(&text).await;
 
     // Both agents map this test process to the billing identity locally; only
     // the node where the billing pod runs (node-a, per the API) gets it.

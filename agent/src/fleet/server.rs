@@ -37,6 +37,7 @@ use super::wire::{self, BundleDoc};
 use super::{Node, NodeKind, entitlement, join, tls};
 use crate::audit::AuditLog;
 use crate::authority::Authority;
+use crate::certs::split_der_certs;
 use crate::clock::Clock;
 use crate::entries::EntrySet;
 
@@ -350,30 +351,17 @@ fn serving_tls(s: &Shared) -> anyhow::Result<Arc<rustls::ServerConfig>> {
         std::slice::from_ref(&s.config.server_name),
     )?;
     let bundle = s.authority.bundle();
-    let cas = split_der(&bundle.x509);
-    let roots = tls::roots(cas.iter().map(Vec::as_slice)).map_err(anyhow::Error::msg)?;
+    let cas = split_der_certs(&bundle.x509)?;
+    let roots = tls::roots(cas.iter().copied()).map_err(anyhow::Error::msg)?;
     tls::server_config(roots, &signed.cert_der, &key.serialize_der()).map_err(anyhow::Error::msg)
-}
-
-/// Splits concatenated DER certificates.
-fn split_der(mut der: &[u8]) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    while !der.is_empty() {
-        match x509_parser::parse_x509_certificate(der) {
-            Ok((rest, _)) => {
-                out.push(der[..der.len() - rest.len()].to_vec());
-                der = rest;
-            }
-            Err(_) => break,
-        }
-    }
-    out
 }
 
 fn bundle_doc(s: &Shared) -> BundleDoc {
     let bundle = s.authority.bundle();
     BundleDoc {
-        x509_authorities: split_der(&bundle.x509)
+        // The bundle is ours, built from parsed certificates: it splits.
+        x509_authorities: split_der_certs(&bundle.x509)
+            .unwrap_or_default()
             .iter()
             .map(|c| B64.encode(c))
             .collect(),
