@@ -215,7 +215,18 @@ impl BenchAgent {
         );
         let path = dir.path().join("agent.toml");
         std::fs::write(&path, config)?;
-        let child = Command::new(std::env::current_exe()?)
+        // A profiler can wrap the agent (e.g. `valgrind --tool=massif`); it
+        // must run the agent in its own process so signals reach it.
+        let mut command = match std::env::var("TESSERA_BENCH_AGENT_WRAPPER") {
+            Ok(wrapper) if !wrapper.trim().is_empty() => {
+                let mut words = wrapper.split_whitespace();
+                let mut c = Command::new(words.next().unwrap_or_default());
+                c.args(words).arg(std::env::current_exe()?);
+                c
+            }
+            _ => Command::new(std::env::current_exe()?),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(&path)
             .stdout(Stdio::null())
@@ -242,11 +253,20 @@ impl BenchAgent {
 }
 
 impl Drop for BenchAgent {
+    /// SIGTERM first, so a wrapping profiler writes its report; SIGKILL if
+    /// the agent has not exited within 30 s.
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        use nix::sys::signal::{Signal, kill};
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_)) | Err(_)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = kill(pid, Signal::SIGKILL);
         let _ = self.child.wait();
     }
 }

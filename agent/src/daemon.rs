@@ -275,8 +275,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         .context("building the reflection service")?;
     // Workload API requests are a few hundred bytes; anything larger is
     // refused from its length prefix, before the body is buffered.
-    let api = pb::server::SpiffeWorkloadApiServer::new(WorkloadApi::new(state.clone()))
-        .max_decoding_message_size(64 * 1024);
+    let api = crate::x509_stream_route::WorkloadApiRoutes::new(
+        WorkloadApi::new(state.clone()),
+        64 * 1024,
+    );
     let refused = state.metrics.connections_refused.clone();
     let incoming = crate::peer_conn::incoming(
         listener,

@@ -60,6 +60,16 @@ impl Default for AuthorityRewriter {
     }
 }
 
+/// An idle connection keeps its rewriter for its whole life; buffers that a
+/// burst of frames grew are given back once empty, so thousands of idle
+/// connections do not each hold their largest read.
+fn release_if_large(buf: &mut Vec<u8>) {
+    const KEEP: usize = 1024;
+    if buf.is_empty() && buf.capacity() > KEEP {
+        *buf = Vec::new();
+    }
+}
+
 impl AuthorityRewriter {
     pub fn new() -> Self {
         Self {
@@ -99,6 +109,7 @@ impl AuthorityRewriter {
         if self.output_pos == self.output.len() {
             self.output.clear();
             self.output_pos = 0;
+            release_if_large(&mut self.output);
         }
     }
 
@@ -148,6 +159,9 @@ impl AuthorityRewriter {
             }
         }
         self.input.drain(..start);
+        if self.input.is_empty() {
+            release_if_large(&mut self.input);
+        }
         let oversized = self.input.len() >= FRAME_HEADER_LEN
             && u32::from_be_bytes([0, self.input[0], self.input[1], self.input[2]]) as usize
                 > MAX_FRAME_PAYLOAD;

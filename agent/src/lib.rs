@@ -30,3 +30,4 @@ pub mod revocation;
 pub mod service;
 pub mod svid_cache;
 pub mod unix_http;
+pub mod x509_stream_route;

@@ -19,9 +19,7 @@ use std::time::Instant;
 use futures_util::Stream;
 use tessera_attestor::{AttestError, AttestedPeer, WorkloadAttestor};
 use tessera_workload_api as pb;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -191,10 +189,16 @@ impl WorkloadApi {
         result.map(|s| Response::new(Box::pin(s) as BoxStream<M>))
     }
 
-    /// Runs `body` as a stream task: it gets a sender and must send the first
+    /// Runs `body` as the stream: it gets a sender and must send the first
     /// message as soon as it can. The stream ends only with an error status
     /// (client gone aside): PermissionDenied when identities vanish,
     /// Unavailable on shutdown.
+    ///
+    /// `body` runs inside the stream itself (see [`Generated`]), polled by
+    /// the HTTP/2 stream that carries it, not as a task of its own feeding a
+    /// channel: an idle stream is then one boxed future, which is most of
+    /// what a Workload API stream costs in memory. When the client resets
+    /// the stream, the transport drops it, and `body` with it.
     fn spawn_stream<M, F, Fut>(
         &self,
         method: &'static str,
@@ -205,53 +209,120 @@ impl WorkloadApi {
         F: FnOnce(StreamSender<M>) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let (tx, rx) = mpsc::channel(2);
-        let guard = OpenStream::new(&self.state.metrics, method);
-        let fut = body(StreamSender {
-            tx,
+        let slot = Arc::new(std::sync::Mutex::new(None));
+        let body = body(StreamSender {
+            slot: slot.clone(),
             shutdown: self.state.shutdown.clone(),
         });
-        tokio::spawn(async move {
-            fut.await;
-            drop(guard);
-        });
-        // Unboxed back here, so the channel's slots stay pointer-sized.
-        ReceiverStream::new(rx).map(|item| *item)
+        Generated {
+            slot,
+            body: Some(Box::pin(body)),
+            _open: OpenStream::new(&self.state.metrics, method),
+        }
     }
 }
 
-/// Items travel boxed: a channel allocates its slots in blocks of 32, and a
-/// `Result<Response, Status>` is a few hundred bytes, which for thousands of
-/// idle streams added up to kilobytes each.
-type Item<M> = Box<Result<M, Status>>;
+/// The hand-over between a stream body and its consumer: one message at a
+/// time, boxed so the slot stays pointer-sized while the stream idles.
+type Slot<M> = Arc<std::sync::Mutex<Option<Box<Result<M, Status>>>>>;
 
-/// Sends stream messages, giving up when the client leaves or the agent stops.
+fn take<M>(slot: &Slot<M>) -> Option<Result<M, Status>> {
+    slot.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .map(|b| *b)
+}
+
+/// A stream produced by an async body that hands each message over through
+/// a one-message [`Slot`]: `poll_next` polls the body until it has put a
+/// message there (then returns it) or is waiting for something else (then
+/// the body's wakers are the transport's). Backpressure is the transport's:
+/// the body's `send` completes only once the message has been taken, which
+/// is when the transport asks for the next one.
+struct Generated<M, Fut> {
+    slot: Slot<M>,
+    /// None once the body has returned.
+    body: Option<Pin<Box<Fut>>>,
+    _open: OpenStream,
+}
+
+impl<M, Fut: std::future::Future<Output = ()>> Stream for Generated<M, Fut> {
+    type Item = Result<M, Status>;
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        // Every field is Unpin (the body is boxed), so the pin can be dropped.
+        let this = self.get_mut();
+        if let Some(item) = take(&this.slot) {
+            return Poll::Ready(Some(item));
+        }
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if body.as_mut().poll(cx).is_ready() {
+            this.body = None;
+            return Poll::Ready(take(&this.slot));
+        }
+        match take(&this.slot) {
+            Some(item) => Poll::Ready(Some(item)),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// Sends stream messages, giving up when the agent stops. (A client that
+/// leaves drops the stream, and the sender's body with it.)
 pub struct StreamSender<M> {
-    tx: mpsc::Sender<Item<M>>,
+    slot: Slot<M>,
     shutdown: CancellationToken,
 }
 
 impl<M> StreamSender<M> {
-    /// False when the stream is over (client gone or shutdown).
-    async fn send(&self, item: Result<M, Status>) -> bool {
+    fn put(&self, item: Result<M, Status>) {
+        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(item));
+    }
+
+    /// Hands `item` to the stream and waits until it is taken; false when
+    /// the agent is stopping instead. Not an `async fn`: the item goes into
+    /// the slot at once, so it is not also carried in the future (whose
+    /// size every idle stream would pay).
+    fn send(&self, item: Result<M, Status>) -> impl std::future::Future<Output = bool> + '_ {
+        self.put(item);
+        self.taken()
+    }
+
+    async fn taken(&self) -> bool {
+        let taken = std::future::poll_fn(|_| {
+            // No waker needed: only the consumer empties the slot, and it
+            // polls the body again right after.
+            if self
+                .slot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+            {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        });
         tokio::select! {
-            r = self.tx.send(Box::new(item)) => r.is_ok(),
+            biased;
+            _ = taken => true,
             _ = self.shutdown.cancelled() => {
-                let _ = self.tx.try_send(Box::new(Err(Status::unavailable("agent is shutting down"))));
+                self.put(Err(Status::unavailable("agent is shutting down")));
                 false
             }
         }
     }
 
-    /// Waits until the stream should end, returning whether to send a final
-    /// shutdown status.
+    /// Waits until the agent stops, then queues the final shutdown status.
     async fn ended(&self) {
-        tokio::select! {
-            _ = self.tx.closed() => {}
-            _ = self.shutdown.cancelled() => {
-                let _ = self.tx.try_send(Box::new(Err(Status::unavailable("agent is shutting down"))));
-            }
-        }
+        self.shutdown.cancelled().await;
+        self.put(Err(Status::unavailable("agent is shutting down")));
     }
 }
 

@@ -92,17 +92,22 @@ impl SvidCache {
                 .clone()
         };
         let rx = slot.tx.subscribe();
+        // Boxed: issuance may go through the fleet client, whose future is
+        // kilobytes; inline, it would size every caller's future (each idle
+        // Workload API stream task) for a step that runs once per identity.
         slot.first_issue
-            .get_or_try_init(|| async {
-                let svid = self
-                    .authority
-                    .issue_x509_batch(std::slice::from_ref(&(slot.id.clone(), slot.ttl)))
-                    .await
-                    .pop()
-                    .unwrap_or(Err(AuthorityError::NoKey))?;
-                self.install(&slot, svid);
-                self.wake.notify_one();
-                Ok::<(), AuthorityError>(())
+            .get_or_try_init(|| {
+                Box::pin(async {
+                    let svid = self
+                        .authority
+                        .issue_x509_batch(std::slice::from_ref(&(slot.id.clone(), slot.ttl)))
+                        .await
+                        .pop()
+                        .unwrap_or(Err(AuthorityError::NoKey))?;
+                    self.install(&slot, svid);
+                    self.wake.notify_one();
+                    Ok::<(), AuthorityError>(())
+                })
             })
             .await?;
         Ok(rx)

@@ -27,18 +27,23 @@ pub mod client {
 }
 
 /// The protobuf codec used by the generated code (`codec_path` in the drift
-/// test): prost with 1 KiB initial buffers instead of tonic's 8 KiB. Every
-/// open stream keeps an encode and a decode buffer for its whole life, so
-/// with thousands of idle Workload API streams the default buffers dominated
-/// the agent's memory; Workload API messages are a few KiB and buffers still
-/// grow on demand.
+/// test): prost, with buffers sized for many long-lived streams. tonic keeps
+/// a stream's encode buffer for the stream's whole life, and a buffer grown
+/// by doubling pins up to twice the largest message; with thousands of idle
+/// Workload API streams that dominated the agent's memory. So the encoder
+/// reserves each message's exact length (the retained buffer is then one
+/// message long), and the decoder starts at 1 KiB instead of tonic's 8 KiB.
 pub mod codec {
     use std::marker::PhantomData;
 
-    use tonic::codec::{BufferSettings, Codec};
+    use tonic::Status;
+    use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
     use tonic_prost::ProstCodec;
 
-    const INITIAL_BUFFER: usize = 1024;
+    /// Room for the 5-byte gRPC message header only: the body is reserved
+    /// exactly, per message.
+    const INITIAL_ENCODE_BUFFER: usize = 5;
+    const INITIAL_DECODE_BUFFER: usize = 1024;
     const YIELD_THRESHOLD: usize = 32 * 1024;
 
     #[derive(Debug, Clone, Copy)]
@@ -57,15 +62,37 @@ pub mod codec {
     {
         type Encode = T;
         type Decode = U;
-        type Encoder = <ProstCodec<T, U> as Codec>::Encoder;
+        type Encoder = ExactEncoder<T>;
         type Decoder = <ProstCodec<T, U> as Codec>::Decoder;
 
         fn encoder(&mut self) -> Self::Encoder {
-            ProstCodec::<T, U>::raw_encoder(BufferSettings::new(INITIAL_BUFFER, YIELD_THRESHOLD))
+            ExactEncoder(PhantomData)
         }
 
         fn decoder(&mut self) -> Self::Decoder {
-            ProstCodec::<T, U>::raw_decoder(BufferSettings::new(INITIAL_BUFFER, YIELD_THRESHOLD))
+            ProstCodec::<T, U>::raw_decoder(BufferSettings::new(
+                INITIAL_DECODE_BUFFER,
+                YIELD_THRESHOLD,
+            ))
+        }
+    }
+
+    /// Encodes a prost message after reserving exactly its encoded length.
+    #[derive(Debug, Clone, Copy)]
+    pub struct ExactEncoder<T>(PhantomData<T>);
+
+    impl<T: prost::Message> Encoder for ExactEncoder<T> {
+        type Item = T;
+        type Error = Status;
+
+        fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            buf.reserve(item.encoded_len());
+            item.encode(buf)
+                .map_err(|e| Status::internal(format!("encoding the response: {e}")))
+        }
+
+        fn buffer_settings(&self) -> BufferSettings {
+            BufferSettings::new(INITIAL_ENCODE_BUFFER, YIELD_THRESHOLD)
         }
     }
 }
