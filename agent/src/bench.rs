@@ -250,6 +250,11 @@ impl BenchAgent {
     fn rss_bytes(&self) -> Option<u64> {
         rss_of(self.child.id())
     }
+
+    /// CPU time (user + system, all threads) the agent has used so far.
+    fn cpu_seconds(&self) -> Option<f64> {
+        cpu_seconds_of(self.child.id())
+    }
 }
 
 impl Drop for BenchAgent {
@@ -268,6 +273,36 @@ impl Drop for BenchAgent {
         }
         let _ = kill(pid, Signal::SIGKILL);
         let _ = self.child.wait();
+    }
+}
+
+fn cpu_seconds_of(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_ascii_whitespace().skip(11);
+    let ticks: u64 = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    Some(ticks as f64 / hz as f64)
+}
+
+/// `agent_cpu_us_per_op`: the agent's own CPU time per operation over a
+/// measured window, the figure that bounds throughput on dedicated cores
+/// (the load generator shares these cores, so ops/s alone understates it).
+fn insert_cpu_per_op(
+    extra: &mut serde_json::Map<String, serde_json::Value>,
+    before: Option<f64>,
+    after: Option<f64>,
+    ops: usize,
+) {
+    if let (Some(b), Some(a)) = (before, after)
+        && ops > 0
+    {
+        extra.insert(
+            "agent_cpu_us_per_op".into(),
+            round3((a - b) * 1e6 / ops as f64).into(),
+        );
     }
 }
 
@@ -363,6 +398,7 @@ async fn x509_first(p: &BenchParams) -> anyhow::Result<BenchResult> {
     // Warm the cache: the scenario measures a cached identity.
     first_x509(&mut client::connect(&socket).await?).await?;
     let socket = Arc::new(socket);
+    let cpu_before = agent.as_ref().and_then(BenchAgent::cpu_seconds);
     let (latencies, seconds) = closed_loop(p.clients, p.duration, move |_| {
         let socket = socket.clone();
         async move {
@@ -373,6 +409,13 @@ async fn x509_first(p: &BenchParams) -> anyhow::Result<BenchResult> {
         }
     })
     .await?;
+    let mut extra = serde_json::Map::new();
+    insert_cpu_per_op(
+        &mut extra,
+        cpu_before,
+        agent.as_ref().and_then(BenchAgent::cpu_seconds),
+        latencies.len(),
+    );
     Ok(BenchResult {
         scenario: "x509-first".into(),
         params: params_map(&[
@@ -383,7 +426,7 @@ async fn x509_first(p: &BenchParams) -> anyhow::Result<BenchResult> {
         seconds,
         latencies,
         agent_rss_bytes: agent.as_ref().and_then(BenchAgent::rss_bytes),
-        extra: Default::default(),
+        extra,
     })
 }
 
@@ -455,6 +498,7 @@ async fn jwt_fetch(p: &BenchParams, unique_audiences: bool) -> anyhow::Result<Be
     }
     let clients = Arc::new(clients);
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let cpu_before = agent.as_ref().and_then(BenchAgent::cpu_seconds);
     let (latencies, seconds) = closed_loop(p.clients, p.duration, move |i| {
         let mut c = clients[i].clone();
         let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -475,6 +519,13 @@ async fn jwt_fetch(p: &BenchParams, unique_audiences: bool) -> anyhow::Result<Be
         }
     })
     .await?;
+    let mut extra = serde_json::Map::new();
+    insert_cpu_per_op(
+        &mut extra,
+        cpu_before,
+        agent.as_ref().and_then(BenchAgent::cpu_seconds),
+        latencies.len(),
+    );
     Ok(BenchResult {
         scenario: "jwt-fetch".into(),
         params: params_map(&[
@@ -488,7 +539,7 @@ async fn jwt_fetch(p: &BenchParams, unique_audiences: bool) -> anyhow::Result<Be
         seconds,
         latencies,
         agent_rss_bytes: agent.as_ref().and_then(BenchAgent::rss_bytes),
-        extra: Default::default(),
+        extra,
     })
 }
 
@@ -758,6 +809,7 @@ async fn exchange(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
     let conns = Arc::new(conns);
     let svid = Arc::new(svid);
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let cpu_before = agent.cpu_seconds();
     let (latencies, seconds) = closed_loop(p.clients, p.duration, move |i| {
         let conns = conns.clone();
         let svid = svid.clone();
@@ -794,6 +846,7 @@ async fn exchange(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
         }
     })
     .await?;
+    let cpu_after = agent.cpu_seconds();
     let rss = agent.rss_bytes();
 
     // Raw costs in this process, same code: one sliced policy decision over
@@ -839,6 +892,7 @@ async fn exchange(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
     let mut extra = serde_json::Map::new();
     extra.insert("raw_decision_us".into(), round3(decision_us).into());
     extra.insert("raw_es256_sign_us".into(), round3(sign_us).into());
+    insert_cpu_per_op(&mut extra, cpu_before, cpu_after, latencies.len());
     Ok(vec![BenchResult {
         scenario: "exchange".into(),
         params: params_map(&[

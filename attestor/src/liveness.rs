@@ -67,28 +67,31 @@ impl ProcessPin {
     /// effective uid, or it executed another binary.
     pub fn check_alive(&self) -> Result<(), LivenessError> {
         let pid = self.pid;
-        if let Some(pidfd) = &self.pidfd {
-            // A pidfd polls readable once its process has exited.
-            let mut fds = [rustix::event::PollFd::new(
-                pidfd.as_ref(),
-                rustix::event::PollFlags::IN,
-            )];
-            let zero = rustix::event::Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            match rustix::event::poll(&mut fds, Some(&zero)) {
-                Ok(0) => {}
-                _ => return Err(LivenessError::Exited { pid }),
+        match &self.pidfd {
+            // The pidfd names the very process that connected: while it has
+            // not exited, `pid` cannot have been reused, so its start time
+            // need not be read. Polling again after the /proc reads below
+            // proves they described that process, not a successor.
+            Some(pidfd) => {
+                exited(pidfd, pid)?;
+                self.same_uid_and_executable()?;
+                exited(pidfd, pid)
+            }
+            None => {
+                let start_time = self
+                    .proc_root
+                    .start_time(pid)
+                    .map_err(|_| LivenessError::Exited { pid })?;
+                if start_time != self.start_time {
+                    return Err(LivenessError::Replaced { pid });
+                }
+                self.same_uid_and_executable()
             }
         }
-        let start_time = self
-            .proc_root
-            .start_time(pid)
-            .map_err(|_| LivenessError::Exited { pid })?;
-        if start_time != self.start_time {
-            return Err(LivenessError::Replaced { pid });
-        }
+    }
+
+    fn same_uid_and_executable(&self) -> Result<(), LivenessError> {
+        let pid = self.pid;
         let status = self
             .proc_root
             .status(pid)
@@ -100,6 +103,23 @@ impl ProcessPin {
             return Err(LivenessError::Executed { pid });
         }
         Ok(())
+    }
+}
+
+/// Err once the process behind `pidfd` has exited (a pidfd polls readable
+/// from then on).
+fn exited(pidfd: &OwnedFd, pid: i32) -> Result<(), LivenessError> {
+    let mut fds = [rustix::event::PollFd::new(
+        pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match rustix::event::poll(&mut fds, Some(&zero)) {
+        Ok(0) => Ok(()),
+        _ => Err(LivenessError::Exited { pid }),
     }
 }
 
