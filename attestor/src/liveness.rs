@@ -92,11 +92,23 @@ impl ProcessPin {
 
     fn same_uid_and_executable(&self) -> Result<(), LivenessError> {
         let pid = self.pid;
-        let status = self
+        // Fast path: `/proc/<pid>` owned by a non-root uid proves the process
+        // is dumpable and runs with that effective uid. Root-owned means root
+        // *or* not dumpable, so then (and for root callers) read `status`.
+        let owner = self
             .proc_root
-            .status(pid)
+            .dir_owner(pid)
             .map_err(|_| LivenessError::Exited { pid })?;
-        if status.effective_uid != self.uid {
+        let same_uid = if owner != 0 {
+            owner == self.uid
+        } else {
+            let status = self
+                .proc_root
+                .status(pid)
+                .map_err(|_| LivenessError::Exited { pid })?;
+            status.effective_uid == self.uid
+        };
+        if !same_uid {
             return Err(LivenessError::UidChanged { pid });
         }
         if self.exe_inode.is_some() && exe_inode(&self.proc_root, pid) != self.exe_inode {
@@ -155,6 +167,34 @@ mod tests {
             pin.check_alive(),
             Err(LivenessError::Exited { .. })
         ));
+    }
+
+    #[test]
+    fn a_non_root_process_is_checked_by_the_owner_of_its_proc_directory() {
+        use std::os::unix::process::CommandExt;
+        // As root, the child runs as nobody; otherwise as ourselves. Either
+        // way it is a dumpable non-root process, the fast path's case.
+        let me = rustix::process::geteuid().as_raw();
+        let uid = if me == 0 { 65534 } else { me };
+        let mut command = std::process::Command::new("sleep");
+        command.arg("30");
+        if me == 0 {
+            command.uid(uid);
+        }
+        let mut child = command.spawn().expect("sleep(1) is available");
+        let pid = child.id() as i32;
+        let root = ProcRoot::default();
+        assert_eq!(root.dir_owner(pid).unwrap(), uid);
+        let result = ProcessPin::new(&root, pid, uid, None).and_then(|pin| {
+            let same = pin.check_alive();
+            let other = ProcessPin::new(&root, pid, uid + 1, None)?.check_alive();
+            Ok((same, other))
+        });
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let (same, other) = result.unwrap();
+        same.unwrap();
+        assert!(matches!(other, Err(LivenessError::UidChanged { .. })));
     }
 
     #[test]

@@ -76,6 +76,18 @@ impl ProcRoot {
         })
     }
 
+    /// The owner of `/proc/<pid>`: the process's effective uid while it is
+    /// dumpable, root otherwise (proc(5)). Revalidated by the kernel on every
+    /// lookup, and far cheaper than formatting `status`.
+    pub fn dir_owner(&self, pid: i32) -> Result<u32, ProcError> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.root.join(pid.to_string());
+        match std::fs::metadata(&path) {
+            Ok(meta) => Ok(meta.uid()),
+            Err(source) => Err(ProcError::Io { pid, path, source }),
+        }
+    }
+
     /// The executable's path as the kernel resolved it (never a symlink).
     pub fn exe_path(&self, pid: i32) -> Result<PathBuf, ProcError> {
         let path = self.pid_path(pid, "exe");
