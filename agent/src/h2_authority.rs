@@ -52,6 +52,8 @@ pub struct AuthorityRewriter {
     pending: Option<PendingBlock>,
     rewriting: bool,
     passthrough: bool,
+    /// Whether a whole header block has been seen (see `on_block`).
+    seen_block: bool,
 }
 
 impl Default for AuthorityRewriter {
@@ -81,6 +83,7 @@ impl AuthorityRewriter {
             pending: None,
             rewriting: false,
             passthrough: false,
+            seen_block: false,
         }
     }
 
@@ -241,6 +244,17 @@ impl AuthorityRewriter {
     }
 
     fn on_block(&mut self, block: PendingBlock) -> bool {
+        if !self.seen_block {
+            self.seen_block = true;
+            // A client keeps one `:authority` for a connection. When the first
+            // block's is valid (Go and Rust clients), nothing here will ever
+            // need rewriting: stop decoding HPACK for this connection. (A
+            // later invalid one would be reset by h2, as without this shim.)
+            if first_block_authority_ok(&block.fragment) == Some(true) {
+                self.output.extend_from_slice(&block.raw_frames);
+                return false;
+            }
+        }
         let headers = match self.decoder.decode(&block.fragment) {
             Ok(h) => h,
             Err(e) => {
@@ -315,6 +329,97 @@ impl AuthorityRewriter {
         self.output.extend_from_slice(&stream_id.to_be_bytes());
         self.output.extend_from_slice(payload);
     }
+}
+
+/// Entries in the HPACK static table (RFC 7541 Appendix A); index 1 is
+/// `:authority`.
+const STATIC_TABLE_LEN: usize = 61;
+const STATIC_AUTHORITY: usize = 1;
+
+/// Whether the `:authority` of a connection's first header block is a valid
+/// URI authority (true also when there is none), read without the full
+/// decoder: no dynamic table, and only the strings that can be `:authority`
+/// are Huffman-decoded. None when the block uses what this look does not
+/// follow (a dynamic-table reference, the bare static `:authority`) or is
+/// malformed; the full decoder then decides.
+fn first_block_authority_ok(mut block: &[u8]) -> Option<bool> {
+    let mut ok = true;
+    while let Some(&first) = block.first() {
+        let prefix = match first {
+            f if f & 0x80 != 0 => {
+                // Indexed field: a static entry carries no value worth checking.
+                let (index, used) = hpack_integer(block, 7)?;
+                if index == 0 || index == STATIC_AUTHORITY || index > STATIC_TABLE_LEN {
+                    return None;
+                }
+                block = &block[used..];
+                continue;
+            }
+            f if f & 0x40 != 0 => 6, // literal with incremental indexing
+            f if f & 0x20 != 0 => {
+                // Dynamic table size update: irrelevant once we stop decoding.
+                block = &block[hpack_integer(block, 5)?.1..];
+                continue;
+            }
+            _ => 4, // literal without indexing / never indexed
+        };
+        let (index, used) = hpack_integer(block, prefix)?;
+        block = &block[used..];
+        let is_authority = match index {
+            0 => {
+                let (name, used) = hpack_string(block, true)?;
+                block = &block[used..];
+                name.as_deref() == Some(b":authority".as_slice())
+            }
+            i if i <= STATIC_TABLE_LEN => i == STATIC_AUTHORITY,
+            _ => return None,
+        };
+        let (value, used) = hpack_string(block, is_authority)?;
+        block = &block[used..];
+        if let Some(value) = value {
+            ok &= http::uri::Authority::try_from(value.as_slice()).is_ok();
+        }
+    }
+    Some(ok)
+}
+
+/// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1): (value, bytes).
+fn hpack_integer(buf: &[u8], n: u32) -> Option<(usize, usize)> {
+    let mask = (1usize << n) - 1;
+    let mut value = usize::from(*buf.first()?) & mask;
+    if value < mask {
+        return Some((value, 1));
+    }
+    for (i, &b) in buf.iter().enumerate().skip(1).take(4) {
+        value += usize::from(b & 0x7f) << (7 * (i - 1));
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+/// An HPACK string literal (RFC 7541 §5.2): its octets when `decode` is
+/// set (Huffman-decoded if need be), and the bytes it took.
+fn hpack_string(buf: &[u8], decode: bool) -> Option<(Option<Vec<u8>>, usize)> {
+    let (len, used) = hpack_integer(buf, 7)?;
+    let raw = buf.get(used..used.checked_add(len)?)?;
+    if !decode {
+        return Some((None, used + len));
+    }
+    let octets = if buf[0] & 0x80 != 0 {
+        HUFFMAN.with(|h| h.borrow_mut().decode(raw)).ok()?
+    } else {
+        raw.to_vec()
+    };
+    Some((Some(octets), used + len))
+}
+
+thread_local! {
+    /// loona-hpack builds its Huffman table for every string it decodes; one
+    /// per thread serves the quick look above.
+    static HUFFMAN: std::cell::RefCell<loona_hpack::huffman::HuffmanDecoder> =
+        std::cell::RefCell::new(loona_hpack::huffman::HuffmanDecoder::new());
 }
 
 /// HPACK "literal header field never indexed, new name" (RFC 7541 §6.2.3),
@@ -448,6 +553,41 @@ mod tests {
             assert_eq!(h1, h2);
             assert_eq!(fs[2], (0x0, FLAG_END_STREAM, 3, b"\0\0\0\0\0".to_vec()));
         }
+    }
+
+    #[test]
+    fn first_block_authority_is_read_without_the_full_decoder() {
+        // RFC 7541 C.4.1: GET http://www.example.com/ with Huffman-coded
+        // literals; the independent decoder confirms what the block says.
+        let rfc = [
+            0x82, 0x86, 0x84, 0x41, 0x8c, 0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab,
+            0x90, 0xf4, 0xff,
+        ];
+        let decoded = loona_hpack::Decoder::new().decode(&rfc).unwrap();
+        assert!(decoded.contains(&(b":authority".to_vec(), b"www.example.com".to_vec())));
+        assert_eq!(first_block_authority_ok(&rfc), Some(true));
+
+        let mut enc = loona_hpack::Encoder::new();
+        assert_eq!(
+            first_block_authority_ok(&request(&mut enc, b"localhost")),
+            Some(true)
+        );
+        let mut enc = loona_hpack::Encoder::new();
+        assert_eq!(
+            first_block_authority_ok(&request(&mut enc, b"/run/tessera/agent.sock")),
+            Some(false)
+        );
+        // A new-name literal spelling `:authority` (raw and Huffman-coded).
+        let mut raw = vec![0x10, 10];
+        raw.extend_from_slice(b":authority");
+        raw.extend([4]);
+        raw.extend_from_slice(b"/x/y");
+        assert_eq!(first_block_authority_ok(&raw), Some(false));
+        // No :authority at all, a dynamic-table reference, a truncated block.
+        assert_eq!(first_block_authority_ok(&[0x82, 0x86]), Some(true));
+        assert_eq!(first_block_authority_ok(&[0xbe]), None);
+        assert_eq!(first_block_authority_ok(&[0x41, 0x8c, 0xf1]), None);
+        assert_eq!(first_block_authority_ok(&[0xff, 0xff, 0xff, 0xff]), None);
     }
 
     #[test]
