@@ -62,6 +62,21 @@ struct NameCache {
     groups: NameTable,
 }
 
+/// Whether a lookup may do work that can block (NSS, hashing).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lookup {
+    CachedOnly,
+    Full,
+}
+
+/// The executable's hash: known, not cached yet (`Lookup::CachedOnly`), or
+/// not to be had (hashing disabled, too large, unreadable).
+enum Hash {
+    Known(Arc<str>),
+    NotCached,
+    Unavailable,
+}
+
 #[derive(Clone)]
 pub struct UnixAttestor {
     config: UnixAttestorConfig,
@@ -78,24 +93,37 @@ impl UnixAttestor {
         }
     }
 
+    /// The selectors of `process`. With `Lookup::CachedOnly`, Ok(None) as
+    /// soon as a name or hash is not cached: the work that may block (NSS
+    /// lookups, hashing an executable) is then left to `Lookup::Full`.
     fn collect(
         &self,
         process: &ProcessRef,
         proc_root: &ProcRoot,
-    ) -> Result<Vec<Selector>, AttestError> {
+        lookup: Lookup,
+    ) -> Result<Option<Vec<Selector>>, AttestError> {
         let status = proc_root.status(process.pid)?;
         let mut out = Vec::with_capacity(8);
         out.push(Selector::new("unix:uid", status.effective_uid.to_string()));
-        if let Some(user) = self.user_name(status.effective_uid) {
+        let Some(user) = self.user_name(status.effective_uid, lookup) else {
+            return Ok(None);
+        };
+        if let Some(user) = user {
             out.push(Selector::new("unix:user", user));
         }
         out.push(Selector::new("unix:gid", status.effective_gid.to_string()));
-        if let Some(name) = self.group_name(status.effective_gid) {
+        let Some(group) = self.group_name(status.effective_gid, lookup) else {
+            return Ok(None);
+        };
+        if let Some(name) = group {
             out.push(Selector::new("unix:group", name));
         }
         for gid in &status.supplementary_gids {
             out.push(Selector::new("unix:supplementary_gid", gid.to_string()));
-            if let Some(name) = self.group_name(*gid) {
+            let Some(group) = self.group_name(*gid, lookup) else {
+                return Ok(None);
+            };
+            if let Some(name) = group {
                 out.push(Selector::new("unix:supplementary_group", name));
             }
         }
@@ -103,20 +131,31 @@ impl UnixAttestor {
             match proc_root.exe_path(process.pid) {
                 Ok(path) => {
                     out.push(Selector::new("unix:path", path.to_string_lossy()));
-                    if let Some(hash) = self.exe_sha256(process.pid, proc_root) {
-                        out.push(Selector::new("unix:sha256", hash.to_string()));
+                    match self.exe_sha256(process.pid, proc_root, lookup) {
+                        Hash::Known(hash) => {
+                            out.push(Selector::new("unix:sha256", hash.to_string()))
+                        }
+                        Hash::Unavailable => {}
+                        Hash::NotCached => return Ok(None),
                     }
                 }
                 Err(e) => tracing::debug!(pid = process.pid, error = %e, "no unix:path selector"),
             }
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
-    fn exe_sha256(&self, pid: i32, proc_root: &ProcRoot) -> Option<Arc<str>> {
+    fn exe_sha256(&self, pid: i32, proc_root: &ProcRoot, lookup: Lookup) -> Hash {
+        match self.exe_sha256_inner(pid, proc_root, lookup) {
+            Some(hash) => hash,
+            None => Hash::Unavailable,
+        }
+    }
+
+    fn exe_sha256_inner(&self, pid: i32, proc_root: &ProcRoot, lookup: Lookup) -> Option<Hash> {
         let limit = self.config.workload_size_limit;
         if limit == 0 {
-            return None;
+            return Some(Hash::Unavailable);
         }
         let mut file = proc_root.open_exe(pid).ok()?;
         let meta = file.metadata().ok()?;
@@ -130,7 +169,10 @@ impl UnixAttestor {
             ctime_nsec: meta.ctime_nsec(),
         };
         if let Some(hit) = self.hashes.lock().ok()?.get(&key) {
-            return Some(hit.clone());
+            return Some(Hash::Known(hit.clone()));
+        }
+        if lookup == Lookup::CachedOnly {
+            return Some(Hash::NotCached);
         }
         if key.size > limit {
             tracing::debug!(pid, size = key.size, limit, "executable too large to hash");
@@ -153,14 +195,17 @@ impl UnixAttestor {
             cache.clear();
         }
         cache.insert(key, hash.clone());
-        Some(hash)
+        Some(Hash::Known(hash))
     }
 }
 
 impl UnixAttestor {
-    fn user_name(&self, uid: u32) -> Option<String> {
+    /// None: not cached and `lookup` is `CachedOnly`; Some(None): no such
+    /// user.
+    fn user_name(&self, uid: u32, lookup: Lookup) -> Option<Option<String>> {
         self.cached_name(
             uid,
+            lookup,
             |c| &mut c.users,
             |uid| {
                 nix::unistd::User::from_uid(uid.into())
@@ -171,9 +216,10 @@ impl UnixAttestor {
         )
     }
 
-    fn group_name(&self, gid: u32) -> Option<String> {
+    fn group_name(&self, gid: u32, lookup: Lookup) -> Option<Option<String>> {
         self.cached_name(
             gid,
+            lookup,
             |c| &mut c.groups,
             |gid| {
                 nix::unistd::Group::from_gid(gid.into())
@@ -187,14 +233,18 @@ impl UnixAttestor {
     fn cached_name(
         &self,
         id: u32,
+        mode: Lookup,
         table: impl Fn(&mut NameCache) -> &mut NameTable,
         lookup: impl Fn(u32) -> Option<String>,
-    ) -> Option<String> {
+    ) -> Option<Option<String>> {
         if let Ok(mut cache) = self.names.lock()
             && let Some((name, at)) = table(&mut cache).get(&id)
             && at.elapsed() < NAME_CACHE_TTL
         {
-            return name.clone();
+            return Some(name.clone());
+        }
+        if mode == Lookup::CachedOnly {
+            return None;
         }
         let name = lookup(id);
         if let Ok(mut cache) = self.names.lock() {
@@ -204,7 +254,7 @@ impl UnixAttestor {
             }
             t.insert(id, (name.clone(), Instant::now()));
         }
-        name
+        Some(name)
     }
 }
 
@@ -214,17 +264,23 @@ impl Attestor for UnixAttestor {
     }
 
     fn attest<'a>(&'a self, process: &'a ProcessRef, proc_root: &'a ProcRoot) -> AttestFuture<'a> {
-        let this = self.clone();
-        let process = process.clone();
-        let proc_root = proc_root.clone();
-        // /proc reads, NSS lookups and hashing block; keep them off the runtime.
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || this.collect(&process, &proc_root))
+            // With names and the executable's hash cached (every caller after
+            // the first of a program), what is left is a few /proc reads:
+            // cheaper inline than the hop to the blocking pool, whose thread
+            // wake-ups cost more than the reads.
+            if let Some(selectors) = self.collect(process, proc_root, Lookup::CachedOnly)? {
+                return Ok(selectors);
+            }
+            // NSS lookups and hashing an executable can block; not on the runtime.
+            let (this, process, proc_root) = (self.clone(), process.clone(), proc_root.clone());
+            tokio::task::spawn_blocking(move || this.collect(&process, &proc_root, Lookup::Full))
                 .await
                 .map_err(|e| AttestError::Attestor {
                     attestor: "unix",
                     message: e.to_string(),
                 })?
+                .map(|selectors| selectors.unwrap_or_default())
         })
     }
 }
@@ -258,6 +314,27 @@ mod tests {
         let expected = String::from_utf8(out.stdout).unwrap();
         let expected = expected.split_whitespace().next().unwrap();
         assert!(set.contains(&Selector::new("unix:sha256", expected)));
+    }
+
+    #[tokio::test]
+    async fn a_cached_caller_is_attested_inline_with_the_same_selectors() {
+        let attestor = UnixAttestor::new(UnixAttestorConfig::default());
+        let root = ProcRoot::default();
+        // Nothing cached yet: the inline pass must defer to the full one.
+        assert!(
+            attestor
+                .collect(&me(), &root, Lookup::CachedOnly)
+                .unwrap()
+                .is_none()
+        );
+        let first = attestor.attest(&me(), &root).await.unwrap();
+        let inline = attestor
+            .collect(&me(), &root, Lookup::CachedOnly)
+            .unwrap()
+            .expect("names and hash cached by the first attestation");
+        assert_eq!(first, inline);
+        assert!(inline.iter().any(|s| s.kind() == "unix:sha256"));
+        assert_eq!(attestor.attest(&me(), &root).await.unwrap(), first);
     }
 
     #[tokio::test]
