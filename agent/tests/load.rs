@@ -532,6 +532,13 @@ async fn a_client_that_never_reads_its_streams_costs_bounded_memory() {
         "agent RSS {:.1} MiB with {STREAMS} unread streams",
         mib(rotated)
     );
+    // About 4 KiB per idle stream (h2's and hyper's state, our stream future,
+    // what a stream holds). A task or an encode buffer per stream, or a big
+    // future inlined into the stream body, each put it well past 8 KiB before.
+    assert!(
+        per_stream_kib < 8.0,
+        "{per_stream_kib:.1} KiB of agent RSS per idle stream"
+    );
     // Once the per-stream buffers are full, more rotations replace what is
     // pending instead of adding to it.
     assert!(
