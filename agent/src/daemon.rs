@@ -273,8 +273,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
-    // Workload API requests are a few hundred bytes; anything larger is
-    // refused from its length prefix, before the body is buffered.
+    // Workload API requests are a few hundred bytes; anything past 64 KiB is
+    // refused without buffering more than that.
     let api = crate::x509_stream_route::WorkloadApiRoutes::new(
         WorkloadApi::new(state.clone()),
         64 * 1024,

@@ -162,7 +162,7 @@ impl WorkloadApi {
 
     /// The common start of every streaming RPC: header, caller, entitlement
     /// (a caller with no identity gets neither SVIDs nor bundles), then the
-    /// stream task `body`.
+    /// stream `body`.
     async fn open_stream<T, M, F, Fut>(
         &self,
         method: &'static str,
@@ -182,7 +182,7 @@ impl WorkloadApi {
                 return Err(no_identity());
             }
             let state = self.state.clone();
-            Ok(self.spawn_stream(method, move |out| body(state, peer, out, started)))
+            Ok(self.stream_of(method, move |out| body(state, peer, out, started)))
         }
         .await;
         self.record(method, started, &result);
@@ -199,7 +199,7 @@ impl WorkloadApi {
     /// channel: an idle stream is then one boxed future, which is most of
     /// what a Workload API stream costs in memory. When the client resets
     /// the stream, the transport drops it, and `body` with it.
-    fn spawn_stream<M, F, Fut>(
+    fn stream_of<M, F, Fut>(
         &self,
         method: &'static str,
         body: F,
