@@ -311,12 +311,14 @@ impl Upstream {
 
     /// Proves the node with its token and installs the new node SVID.
     async fn attest(&self) -> Result<BundleDoc, UpstreamError> {
-        let token = std::fs::read_to_string(&self.config.token_file).map_err(|e| {
-            UpstreamError::Malformed(format!(
-                "upstream.token_file {}: {e}",
-                self.config.token_file.display()
-            ))
-        })?;
+        let token = tokio::fs::read_to_string(&self.config.token_file)
+            .await
+            .map_err(|e| {
+                UpstreamError::Malformed(format!(
+                    "upstream.token_file {}: {e}",
+                    self.config.token_file.display()
+                ))
+            })?;
         let (key, csr) = csr_for(None).map_err(|e| UpstreamError::Malformed(e.to_string()))?;
         let method = match self.config.attestation {
             NodeAttestation::K8sPsat => "k8s_psat",

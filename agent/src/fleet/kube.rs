@@ -150,7 +150,8 @@ impl KubeClient {
         body: Option<Vec<u8>>,
     ) -> Result<hyper::body::Bytes, CallError> {
         let fail = |status: Option<u16>, message: String| CallError { status, message };
-        let token = std::fs::read_to_string(&self.config.token_file)
+        let token = tokio::fs::read_to_string(&self.config.token_file)
+            .await
             .map_err(|e| fail(None, format!("{}: {e}", self.config.token_file.display())))?;
         let (status, body) = http::send(http::Request {
             addr: &self.addr,

@@ -220,10 +220,19 @@ pub async fn start(
                     _ = sd.cancelled() => return,
                     _ = tokio::time::sleep(shared.config.key_reload_interval) => {}
                 }
-                let changed = match shared
-                    .authority
-                    .reload_key_dir(&shared.config.keys_dir, shared.config.ca_publish_lead)
-                {
+                // File reads and key parsing: on the blocking pool.
+                let reload = {
+                    let shared = shared.clone();
+                    tokio::task::spawn_blocking(move || {
+                        shared
+                            .authority
+                            .reload_key_dir(&shared.config.keys_dir, shared.config.ca_publish_lead)
+                            .map_err(|e| e.to_string())
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()))
+                };
+                let changed = match reload {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::error!(error = %e, "could not reload server.keys_dir; keeping the keys in use");
@@ -513,7 +522,13 @@ async fn attest(
                     "join tokens are not enabled on this authority".into(),
                 ));
             };
-            match join::redeem(dir, &req.token, now) {
+            // A rename and a small read in a directory shared by replicas
+            // (possibly a network volume): off the runtime.
+            let (dir, token) = (dir.clone(), req.token.clone());
+            let redeemed = tokio::task::spawn_blocking(move || join::redeem(&dir, &token, now))
+                .await
+                .unwrap_or_else(|e| Err(format!("join token check failed: {e}")));
+            match redeemed {
                 Ok(name) => (
                     Node {
                         kind: NodeKind::Joined,
