@@ -306,6 +306,22 @@ fn insert_cpu_per_op(
     }
 }
 
+/// [`insert_cpu_per_op`] for a scenario whose window ends now.
+fn cpu_per_op_extra(
+    agent: Option<&BenchAgent>,
+    before: Option<f64>,
+    ops: usize,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut extra = serde_json::Map::new();
+    insert_cpu_per_op(
+        &mut extra,
+        before,
+        agent.and_then(BenchAgent::cpu_seconds),
+        ops,
+    );
+    extra
+}
+
 fn rss_of(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -409,13 +425,7 @@ async fn x509_first(p: &BenchParams) -> anyhow::Result<BenchResult> {
         }
     })
     .await?;
-    let mut extra = serde_json::Map::new();
-    insert_cpu_per_op(
-        &mut extra,
-        cpu_before,
-        agent.as_ref().and_then(BenchAgent::cpu_seconds),
-        latencies.len(),
-    );
+    let extra = cpu_per_op_extra(agent.as_ref(), cpu_before, latencies.len());
     Ok(BenchResult {
         scenario: "x509-first".into(),
         params: params_map(&[
@@ -519,13 +529,7 @@ async fn jwt_fetch(p: &BenchParams, unique_audiences: bool) -> anyhow::Result<Be
         }
     })
     .await?;
-    let mut extra = serde_json::Map::new();
-    insert_cpu_per_op(
-        &mut extra,
-        cpu_before,
-        agent.as_ref().and_then(BenchAgent::cpu_seconds),
-        latencies.len(),
-    );
+    let extra = cpu_per_op_extra(agent.as_ref(), cpu_before, latencies.len());
     Ok(BenchResult {
         scenario: "jwt-fetch".into(),
         params: params_map(&[

@@ -131,7 +131,10 @@ impl UnixAttestor {
             match proc_root.exe_path(process.pid) {
                 Ok(path) => {
                     out.push(Selector::new("unix:path", path.to_string_lossy()));
-                    match self.exe_sha256(process.pid, proc_root, lookup) {
+                    match self
+                        .exe_sha256(process.pid, proc_root, lookup)
+                        .unwrap_or(Hash::Unavailable)
+                    {
                         Hash::Known(hash) => {
                             out.push(Selector::new("unix:sha256", hash.to_string()))
                         }
@@ -145,14 +148,8 @@ impl UnixAttestor {
         Ok(Some(out))
     }
 
-    fn exe_sha256(&self, pid: i32, proc_root: &ProcRoot, lookup: Lookup) -> Hash {
-        match self.exe_sha256_inner(pid, proc_root, lookup) {
-            Some(hash) => hash,
-            None => Hash::Unavailable,
-        }
-    }
-
-    fn exe_sha256_inner(&self, pid: i32, proc_root: &ProcRoot, lookup: Lookup) -> Option<Hash> {
+    /// None: not to be had (unreadable, or grew past the limit while read).
+    fn exe_sha256(&self, pid: i32, proc_root: &ProcRoot, lookup: Lookup) -> Option<Hash> {
         let limit = self.config.workload_size_limit;
         if limit == 0 {
             return Some(Hash::Unavailable);
