@@ -11,18 +11,21 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
+use crate::caller::Callers;
 use crate::clock::Clock;
-use crate::service::AgentState;
+use crate::identity::SvidCache;
 
 #[derive(Clone)]
 struct AdminState {
-    agent: Arc<AgentState>,
+    callers: Arc<Callers>,
+    cache: Arc<SvidCache>,
     clock: Arc<dyn Clock>,
 }
 
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    agent: Arc<AgentState>,
+    callers: Arc<Callers>,
+    cache: Arc<SvidCache>,
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -30,23 +33,27 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(AdminState { agent, clock });
+        .with_state(AdminState {
+            callers,
+            cache,
+            clock,
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    let authority = s.agent.cache.authority();
+    let signer = s.cache.signer();
     let now = s.clock.now();
-    let ca_ok = authority.active_ca_expiry().is_some_and(|t| t > now);
-    if !(s.agent.ready.load(Ordering::Acquire) && ca_ok && !s.agent.shutdown.is_cancelled()) {
+    let ca_ok = signer.active_ca_expiry().is_some_and(|t| t > now);
+    if !(s.callers.ready.load(Ordering::Acquire) && ca_ok && !s.callers.shutdown.is_cancelled()) {
         return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string());
     }
-    match authority.upstream() {
-        Some(up) if !up.reachable() => {
+    match signer.reachable() {
+        false => {
             // Outage: still ready while cached SVIDs are valid, and says so.
-            match s.agent.cache.soonest_expiry() {
+            match s.cache.soonest_expiry() {
                 Some(t) if t <= now => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: the fleet authority is unreachable and cached SVIDs have expired\n"
@@ -66,12 +73,12 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
                 ),
             }
         }
-        _ => (StatusCode::OK, "ready\n".to_string()),
+        true => (StatusCode::OK, "ready\n".to_string()),
     }
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
-    let m = &s.agent.metrics;
+    let m = &s.callers.metrics;
     let now = s.clock.now();
     let secs_until = |t: std::time::SystemTime| {
         t.duration_since(now)
@@ -79,17 +86,15 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
             .unwrap_or(0)
     };
     m.ca_expiry_seconds.set(
-        s.agent
-            .cache
-            .authority()
+        s.cache
+            .signer()
             .active_ca_expiry()
             .map(secs_until)
             .unwrap_or(0),
     );
     m.svid_expiry_seconds
-        .set(s.agent.cache.soonest_expiry().map(secs_until).unwrap_or(0));
-    m.cached_identities
-        .set(s.agent.cache.cached_identities() as i64);
+        .set(s.cache.soonest_expiry().map(secs_until).unwrap_or(0));
+    m.cached_identities.set(s.cache.cached_identities() as i64);
     (
         [(
             header::CONTENT_TYPE,

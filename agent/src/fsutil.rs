@@ -1,8 +1,66 @@
 //! Durable, private file writes.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a directory", path.display())]
+    NotADirectory { path: PathBuf },
+    #[error("{} belongs to uid {owner}, not to the agent (uid {agent}); refusing to keep keys there", path.display())]
+    Owner {
+        path: PathBuf,
+        owner: u32,
+        agent: u32,
+    },
+}
+
+impl FsError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// A directory for keys, revocations and the audit log: 0700. An existing
+/// directory that others can reach is tightened if it is ours; one owned by
+/// someone else is refused (they could swap files under us).
+pub fn create_private_dir(dir: &Path) -> Result<(), FsError> {
+    let io = |e| FsError::io(dir, e);
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+        return Ok(());
+    }
+    let meta = std::fs::metadata(dir).map_err(io)?;
+    if !meta.is_dir() {
+        return Err(FsError::NotADirectory {
+            path: dir.to_path_buf(),
+        });
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(FsError::Owner {
+            path: dir.to_path_buf(),
+            owner: meta.uid(),
+            agent: me,
+        });
+    }
+    if meta.mode() & 0o077 != 0 && meta.uid() == me {
+        tracing::warn!(dir = %dir.display(), mode = format!("{:o}", meta.mode() & 0o777), "directory was accessible to others; setting it to 0700");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    Ok(())
+}
 
 /// Writes `data` to `path` with mode 0600 so that a crash leaves either the old
 /// or the new content: write a temporary file, fsync it, rename it over the

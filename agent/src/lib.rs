@@ -1,33 +1,34 @@
-//! Tessera's node daemon as a library: configuration, registration entries,
-//! the local authority, the SVID cache and its rotation worker, the Workload
-//! API service, the admin HTTP server and the CLI. `main.rs` only calls
-//! [`cli::main`].
+//! Tessera's node daemon as a library. `main.rs` only calls [`cli::main`].
+//!
+//! Modules, from the bottom layer up (a module imports only from its own
+//! layer or below; docs/architecture.md has the whole map):
+//!
+//! | layer | modules |
+//! |---|---|
+//! | foundations | [`clock`], [`sync`], [`fsutil`], [`metrics`], [`audit`], [`rate_limit`], [`entries`] |
+//! | identity | [`identity`]: signer seam, local authority, keys, trust store, SVID cache |
+//! | transport | [`transport`]: the one accept loop, peer credentials, gRPC and HTTP serving |
+//! | callers | [`caller`]: attestation per connection, budgets, identities |
+//! | services | [`workload_api`], [`exchange`] (policy, approvals, revocation, operator socket), [`fleet`], [`admin`] |
+//! | wiring | [`config`] (builds each component's config), [`app`] (starts an agent) |
+//! | edge | [`cli`] (one file per subcommand group; the bench among them) |
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod app;
 pub mod audit;
-pub mod authority;
-pub mod bench;
-pub mod certs;
+pub mod caller;
 pub mod cli;
-pub mod client;
 pub mod clock;
 pub mod config;
-pub mod daemon;
 pub mod entries;
 pub mod exchange;
 pub mod fleet;
 pub mod fsutil;
-pub mod h2_authority;
-pub mod jws;
+pub mod identity;
 pub mod metrics;
-pub mod operator;
-pub mod peer_conn;
-pub mod policy;
 pub mod rate_limit;
-pub mod revocation;
-pub mod service;
-pub mod svid_cache;
-pub mod unix_http;
-pub mod x509_stream_route;
+pub mod sync;
+pub mod transport;
+pub mod workload_api;

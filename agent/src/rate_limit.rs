@@ -11,8 +11,8 @@
 //! Checking is one mutex-protected hash lookup; the table is pruned of idle
 //! callers when it grows.
 
+use crate::sync::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Instant;
 
 /// Idle buckets are dropped once the table holds this many callers.
@@ -79,7 +79,7 @@ impl RateLimiter {
 
     fn allow_at(&self, caller: i32, now: Instant) -> bool {
         let Budget { rate, burst } = self.budget;
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buckets = self.buckets.lock();
         if buckets.len() >= PRUNE_AT && !buckets.contains_key(&caller) {
             // A bucket that has refilled completely carries no information.
             buckets.retain(|_, b| {

@@ -8,8 +8,8 @@
 //! approved request must be redeemed within `approval_grant_ttl`; it is
 //! redeemed at most once. No token exists before approval.
 
+use crate::sync::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -85,8 +85,8 @@ pub struct ApprovalBook {
 }
 
 impl ApprovalBook {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Approval>> {
-        self.approvals.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> crate::sync::MutexGuard<'_, HashMap<String, Approval>> {
+        self.approvals.lock()
     }
 
     /// Opens a pending approval and returns its id.
@@ -108,7 +108,7 @@ impl ApprovalBook {
         if pending_for_principal >= MAX_PENDING_PER_PRINCIPAL || book.len() >= MAX_APPROVALS {
             return Err(ApprovalError::TooMany(request.principal));
         }
-        let id = format!("apr_{}", crate::jws::random_kid());
+        let id = format!("apr_{}", crate::identity::jws::random_kid());
         let created = unix_seconds(now);
         book.insert(
             id.clone(),

@@ -18,60 +18,25 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use tessera_attestor::PeerInfo;
-use tokio::net::UnixListener;
-use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 use super::oauth::{ErrorCode, OAuthError, no_store};
 use super::request::{Form, TokenRequest};
 use super::{Caller, Exchange};
-use crate::peer_conn::PeerConnection;
-use crate::service::{AgentState, CallerError};
+use crate::caller::{CallerError, Callers};
+use crate::transport::http::Limits;
+use crate::transport::{Acceptor, PeerConnection};
 
 /// Form bodies carry at most two tokens and a few short parameters.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// Per-connection peer facts for axum (credentials are read at accept time).
-#[derive(Clone)]
-pub struct ExchangeConn(Option<PeerConnection>);
-
-impl ExchangeConn {
-    /// Kernel credentials of the connecting process, if they could be read.
-    pub fn peer(&self) -> Option<&PeerInfo> {
-        self.0.as_ref().map(|c| &c.peer)
-    }
-}
-
-impl ExchangeConn {
-    /// Reads the peer's kernel credentials at accept time.
-    pub fn from_stream(
-        stream: &tokio::net::UnixStream,
-        proc_root: &tessera_attestor::ProcRoot,
-    ) -> Self {
-        match PeerInfo::from_socket(stream) {
-            Ok(mut peer) => Self(Some(PeerConnection {
-                peer: {
-                    peer.record_exe(proc_root);
-                    peer
-                },
-                attested: Arc::new(OnceCell::new()),
-            })),
-            Err(e) => {
-                tracing::warn!(error = %e, "exchange connection without peer credentials");
-                Self(None)
-            }
-        }
-    }
-}
-
 #[derive(Clone)]
 struct ServerState {
     exchange: Arc<Exchange>,
-    agent: Arc<AgentState>,
+    callers: Arc<Callers>,
 }
 
-pub fn router(exchange: Arc<Exchange>, agent: Arc<AgentState>) -> Router {
+pub fn router(exchange: Arc<Exchange>, callers: Arc<Callers>) -> Router {
     Router::new()
         .route("/token", post(token))
         .route("/revoke", post(revoke))
@@ -80,53 +45,44 @@ pub fn router(exchange: Arc<Exchange>, agent: Arc<AgentState>) -> Router {
         .route("/jwks", get(jwks))
         .route("/.well-known/jwks.json", get(jwks))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(ServerState { exchange, agent })
+        .with_state(ServerState { exchange, callers })
 }
 
 pub async fn serve(
-    listener: UnixListener,
+    acceptor: Acceptor,
     exchange: Arc<Exchange>,
-    agent: Arc<AgentState>,
-    limits: crate::unix_http::Limits,
+    callers: Arc<Callers>,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let metrics = agent.metrics.clone();
-    let proc_root = agent.attestor.proc_root().clone();
-    let app = router(exchange, agent);
-    crate::unix_http::serve(listener, app, limits, proc_root, shutdown, move || {
-        metrics
-            .connections_refused
-            .get_or_create(&crate::metrics::MethodLabels { method: "exchange" })
-            .inc();
-    })
-    .await
+    crate::transport::http::serve(acceptor, router(exchange, callers), limits, shutdown).await
 }
 
+/// The connection's peer credentials, as the accept loop read them.
+type Conn = ConnectInfo<Option<PeerConnection>>;
+
 /// Attests the connection's process and looks up its identities.
-async fn caller(s: &ServerState, conn: &ExchangeConn) -> Result<Caller, OAuthError> {
-    let conn = conn.0.as_ref().ok_or_else(|| {
+async fn caller(s: &ServerState, conn: &Option<PeerConnection>) -> Result<Caller, OAuthError> {
+    let conn = conn.as_ref().ok_or_else(|| {
         OAuthError::new(ErrorCode::InvalidClient, "caller credentials unavailable")
     })?;
-    if !s.agent.within_budget(conn) {
+    if !s.callers.within_budget(conn) {
         return Err(OAuthError::new(
             ErrorCode::SlowDown,
             "too many requests from this process; slow down",
         ));
     }
-    let peer = s.agent.attest_connection(conn).await.map_err(|e| match e {
-        CallerError::NotReady => {
-            OAuthError::new(ErrorCode::TemporarilyUnavailable, "agent is not ready")
-        }
-        CallerError::Gone => OAuthError::new(
-            ErrorCode::InvalidClient,
-            "could not verify existence of the original caller",
-        ),
-        CallerError::Failed(m) => OAuthError::new(
-            ErrorCode::TemporarilyUnavailable,
-            format!("workload attestation failed: {m}"),
-        ),
-    })?;
-    let identities = s.agent.identities(&peer);
+    let peer = s
+        .callers
+        .attest_connection(conn)
+        .await
+        .map_err(|e| match e {
+            CallerError::NotReady | CallerError::Failed(_) => {
+                OAuthError::new(ErrorCode::TemporarilyUnavailable, e.to_string())
+            }
+            CallerError::Gone => OAuthError::new(ErrorCode::InvalidClient, e.to_string()),
+        })?;
+    let identities = s.callers.identities(&peer);
     if identities.is_empty() {
         return Err(OAuthError::new(
             ErrorCode::InvalidClient,
@@ -158,7 +114,7 @@ fn json_no_store(value: impl serde::Serialize) -> Response {
 
 async fn token(
     State(s): State<ServerState>,
-    ConnectInfo(conn): ConnectInfo<ExchangeConn>,
+    ConnectInfo(conn): Conn,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {
@@ -171,7 +127,7 @@ async fn token(
 
 async fn revoke(
     State(s): State<ServerState>,
-    ConnectInfo(conn): ConnectInfo<ExchangeConn>,
+    ConnectInfo(conn): Conn,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {
@@ -201,7 +157,7 @@ async fn revoke(
 
 async fn introspect(
     State(s): State<ServerState>,
-    ConnectInfo(conn): ConnectInfo<ExchangeConn>,
+    ConnectInfo(conn): Conn,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, OAuthError> {

@@ -24,10 +24,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, BundleDoc};
 use super::{http, tls};
-use crate::authority::{Authority, AuthorityError, JwtSvid, X509Svid};
 use crate::clock::Clock;
-use crate::jws::PublicJwk;
+use crate::identity::jws::PublicJwk;
+use crate::identity::{JwtSvid, SignError, SignFuture, Signer, TrustStore, X509Svid};
 use crate::metrics::{Metrics, ResultLabels};
+use crate::sync::Mutex;
 
 /// How the node proves itself to the authority.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,12 +69,35 @@ pub enum UpstreamError {
     Refused { status: u16, message: String },
     #[error("the authority's answer is malformed: {0}")]
     Malformed(String),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
-impl From<UpstreamError> for AuthorityError {
+impl From<UpstreamError> for SignError {
     fn from(e: UpstreamError) -> Self {
-        AuthorityError::Upstream(e.to_string())
+        SignError::Remote(Box::new(e))
     }
+}
+
+/// Why the agent could not join the fleet at start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("upstream.bundle_file {}: {source}", path.display())]
+    BundleFile {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("trust domain: {0}")]
+    TrustDomain(#[from] spiffe::SpiffeIdError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("stopped before the node was attested")]
+    Stopped,
+    #[error("node attestation failed: {0}")]
+    Attestation(#[source] UpstreamError),
+    #[error("the fleet authority's bundle: {0}")]
+    Bundle(#[source] UpstreamError),
 }
 
 /// The node's identity towards the authority.
@@ -102,6 +126,10 @@ pub struct Upstream {
     /// Index of the replica that answered last.
     preferred: AtomicUsize,
     reachable: AtomicBool,
+    /// The trust domain's bundle as the fleet authority publishes it.
+    store: Arc<TrustStore>,
+    /// The latest expiry among the published CAs.
+    ca_expiry: Mutex<Option<SystemTime>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -112,7 +140,7 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-fn csr_for(id: Option<&spiffe::SpiffeId>) -> Result<(KeyPair, String), AuthorityError> {
+fn csr_for(id: Option<&spiffe::SpiffeId>) -> Result<(KeyPair, String), SignError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
     if let Some(id) = id {
@@ -156,39 +184,51 @@ impl Upstream {
     /// Loads the bootstrap bundle and proves the node to the authority (or
     /// reuses a still-valid saved node SVID). Retries until a replica answers
     /// or `shutdown` is cancelled; an explicit refusal is returned at once.
+    /// The trust store then holds the fleet's first bundle.
     pub async fn connect(
         config: UpstreamConfig,
         trust_domain: spiffe::TrustDomain,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<(Arc<Self>, BundleDoc)> {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        let pem = std::fs::read(&config.bundle_file).map_err(|e| {
-            anyhow::anyhow!("upstream.bundle_file {}: {e}", config.bundle_file.display())
-        })?;
-        let cas: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(&pem)
-            .map(|c| c.map(|c| c.to_vec()))
-            .collect::<Result<_, _>>()
-            .map_err(|e| {
-                anyhow::anyhow!("upstream.bundle_file {}: {e}", config.bundle_file.display())
-            })?;
-        let roots = tls::roots(cas.iter().map(Vec::as_slice)).map_err(|e| {
-            anyhow::anyhow!("upstream.bundle_file {}: {e}", config.bundle_file.display())
-        })?;
+    ) -> Result<Arc<Self>, ConnectError> {
+        let (up, doc) = Self::attested(config, trust_domain, clock, metrics, shutdown).await?;
+        up.apply_bundle(&doc).map_err(ConnectError::Bundle)?;
+        Ok(up)
+    }
+
+    async fn attested(
+        config: UpstreamConfig,
+        trust_domain: spiffe::TrustDomain,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+        shutdown: &CancellationToken,
+    ) -> Result<(Arc<Self>, BundleDoc), ConnectError> {
+        let bundle_err = |e: Box<dyn std::error::Error + Send + Sync>| ConnectError::BundleFile {
+            path: config.bundle_file.clone(),
+            source: e,
+        };
+        let pem = std::fs::read(&config.bundle_file).map_err(|e| bundle_err(e.into()))?;
+        let cas = crate::identity::pem::decode_certs(&pem).map_err(|e| bundle_err(e.into()))?;
+        let roots = tls::roots(cas.iter().map(Vec::as_slice)).map_err(|e| bundle_err(e.into()))?;
         let placeholder = NodeCreds {
             node_id: spiffe::SpiffeId::new(format!(
                 "{}/tessera/unattested",
                 trust_domain.id_string()
-            ))
-            .map_err(|e| anyhow::anyhow!("trust domain: {e}"))?,
+            ))?,
             cert: Vec::new(),
             key: Vec::new(),
             issued_at: SystemTime::UNIX_EPOCH,
             not_after: SystemTime::UNIX_EPOCH,
-            tls: tls::client_config(roots.clone(), None).map_err(anyhow::Error::msg)?,
+            tls: tls::client_config(roots.clone(), None)?,
         };
+        let store = TrustStore::new(
+            trust_domain.clone(),
+            clock.clone(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
         let up = Arc::new(Self {
             config,
             trust_domain,
@@ -198,6 +238,8 @@ impl Upstream {
             node: ArcSwap::from_pointee(placeholder),
             preferred: AtomicUsize::new(0),
             reachable: AtomicBool::new(false),
+            store,
+            ca_expiry: Mutex::new(None),
         });
         let mut backoff = Duration::from_millis(500);
         if up.config.attestation == NodeAttestation::JoinToken && up.load_saved_node() {
@@ -216,7 +258,7 @@ impl Upstream {
                     }
                 }
                 tokio::select! {
-                    _ = shutdown.cancelled() => anyhow::bail!("stopped before the node was attested"),
+                    _ = shutdown.cancelled() => return Err(ConnectError::Stopped),
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -228,10 +270,10 @@ impl Upstream {
                 Err(UpstreamError::Unreachable(why)) => {
                     tracing::warn!(reason = %why, retry_in = ?backoff, "no authority replica answered node attestation; retrying");
                 }
-                Err(e) => anyhow::bail!("node attestation failed: {e}"),
+                Err(e) => return Err(ConnectError::Attestation(e)),
             }
             tokio::select! {
-                _ = shutdown.cancelled() => anyhow::bail!("stopped before the node was attested"),
+                _ = shutdown.cancelled() => return Err(ConnectError::Stopped),
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -254,9 +296,9 @@ impl Upstream {
             .to_string()
     }
 
-    /// Whether the last request reached a replica.
-    pub fn reachable(&self) -> bool {
-        self.reachable.load(Ordering::Acquire)
+    /// The trust domain's bundle as the fleet authority publishes it.
+    pub fn trust_store(&self) -> &Arc<TrustStore> {
+        &self.store
     }
 
     pub fn node_svid_expiry(&self) -> SystemTime {
@@ -285,8 +327,7 @@ impl Upstream {
                 UpstreamError::Malformed("the node SVID does not carry a node ID".into())
             })?;
         let (issued_at, not_after) = cert_window(&cert)?;
-        let tls = tls::client_config(self.roots.load_full(), Some((&cert, &key)))
-            .map_err(UpstreamError::Malformed)?;
+        let tls = tls::client_config(self.roots.load_full(), Some((&cert, &key)))?;
         if save && self.config.attestation == NodeAttestation::JoinToken {
             let saved = PersistedNode {
                 cert: B64.encode(&cert),
@@ -363,7 +404,7 @@ impl Upstream {
 
     fn set_roots(&self, doc: &BundleDoc) -> Result<(), UpstreamError> {
         let (cas, _, _) = decode_bundle(doc)?;
-        let roots = tls::roots(cas.iter().map(Vec::as_slice)).map_err(UpstreamError::Malformed)?;
+        let roots = tls::roots(cas.iter().map(Vec::as_slice))?;
         if *roots.roots != *self.roots.load().roots {
             self.roots.store(roots.clone());
             let node = self.node.load();
@@ -401,8 +442,7 @@ impl Upstream {
             let tls = if with_identity {
                 self.node.load().tls.clone()
             } else {
-                tls::client_config(self.roots.load_full(), None)
-                    .map_err(UpstreamError::Malformed)?
+                tls::client_config(self.roots.load_full(), None)?
             };
             let result = http::send(http::Request {
                 addr,
@@ -476,10 +516,10 @@ impl Upstream {
     }
 
     /// Signs a batch of X509-SVIDs in one request; keys are generated here.
-    pub async fn sign_x509(
+    async fn sign_x509(
         &self,
         batch: &[(spiffe::SpiffeId, Duration)],
-    ) -> Vec<Result<X509Svid, AuthorityError>> {
+    ) -> Vec<Result<X509Svid, SignError>> {
         let mut out = Vec::with_capacity(batch.len());
         for chunk in batch.chunks(wire::MAX_BATCH) {
             out.extend(self.sign_x509_chunk(chunk).await);
@@ -490,7 +530,7 @@ impl Upstream {
     async fn sign_x509_chunk(
         &self,
         batch: &[(spiffe::SpiffeId, Duration)],
-    ) -> Vec<Result<X509Svid, AuthorityError>> {
+    ) -> Vec<Result<X509Svid, SignError>> {
         let mut keys = Vec::with_capacity(batch.len());
         let mut req = wire::SignRequest::default();
         for (id, ttl) in batch {
@@ -516,7 +556,7 @@ impl Upstream {
                 let msg = e.to_string();
                 return batch
                     .iter()
-                    .map(|_| Err(AuthorityError::Upstream(msg.clone())))
+                    .map(|_| Err(SignError::Remote(msg.clone().into())))
                     .collect();
             }
         };
@@ -527,22 +567,25 @@ impl Upstream {
             .map(|((id, _), key)| {
                 let key = key?;
                 let item = signed.next().ok_or_else(|| {
-                    AuthorityError::Upstream("fewer answers than requests".into())
+                    SignError::from(UpstreamError::Malformed(
+                        "fewer answers than requests".into(),
+                    ))
                 })?;
                 let der = match (item.svid, item.error) {
-                    (Some(s), _) => B64
-                        .decode(s)
-                        .map_err(|e| AuthorityError::Upstream(e.to_string()))?,
+                    (Some(s), _) => B64.decode(s).map_err(|e| {
+                        UpstreamError::Malformed(format!("signed certificate: {e}"))
+                    })?,
                     (None, e) => {
-                        return Err(AuthorityError::Upstream(
-                            e.unwrap_or_else(|| "refused".into()),
+                        return Err(SignError::Remote(
+                            e.unwrap_or_else(|| "refused".into()).into(),
                         ));
                     }
                 };
                 if tls::spiffe_id_of(&der).as_ref() != Some(id) {
-                    return Err(AuthorityError::Upstream(format!(
+                    return Err(UpstreamError::Malformed(format!(
                         "the signed certificate is not for {id}"
-                    )));
+                    ))
+                    .into());
                 }
                 let (_, not_after) = cert_window(&der)?;
                 Ok(X509Svid {
@@ -557,12 +600,12 @@ impl Upstream {
     }
 
     /// A JWT-SVID signed by the authority.
-    pub async fn mint_jwt(
+    async fn mint_jwt(
         &self,
         id: &spiffe::SpiffeId,
         audience: &[String],
         ttl: Duration,
-    ) -> Result<JwtSvid, AuthorityError> {
+    ) -> Result<JwtSvid, SignError> {
         let req = wire::SignRequest {
             x509: Vec::new(),
             jwt: vec![wire::JwtRequest {
@@ -576,12 +619,12 @@ impl Upstream {
             .jwt
             .into_iter()
             .next()
-            .ok_or_else(|| AuthorityError::Upstream("no JWT in the answer".into()))?;
+            .ok_or_else(|| UpstreamError::Malformed("no JWT in the answer".into()))?;
         let token = match (item.svid, item.error) {
             (Some(t), _) => t,
             (None, e) => {
-                return Err(AuthorityError::Upstream(
-                    e.unwrap_or_else(|| "refused".into()),
+                return Err(SignError::Remote(
+                    e.unwrap_or_else(|| "refused".into()).into(),
                 ));
             }
         };
@@ -594,7 +637,7 @@ impl Upstream {
                     .ok()
             })
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .ok_or_else(|| AuthorityError::Upstream("malformed JWT-SVID".into()))?;
+            .ok_or_else(|| UpstreamError::Malformed("malformed JWT-SVID".into()))?;
         let secs = |k: &str| claims.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
         Ok(JwtSvid {
             token,
@@ -604,7 +647,7 @@ impl Upstream {
     }
 
     /// A task access token signed by the authority.
-    pub async fn sign_access(&self, claims: &serde_json::Value) -> Result<String, AuthorityError> {
+    async fn sign_access(&self, claims: &serde_json::Value) -> Result<String, SignError> {
         let req = wire::AccessTokenRequest {
             claims: claims.clone(),
         };
@@ -613,20 +656,28 @@ impl Upstream {
         Ok(answer.token)
     }
 
-    /// Installs a bundle document into `authority` (and our TLS roots).
-    pub fn apply_bundle(
-        &self,
-        authority: &Authority,
-        doc: &BundleDoc,
-    ) -> Result<bool, UpstreamError> {
+    /// Installs a bundle document into the trust store (open streams get it
+    /// if it changed) and our TLS roots; returns whether the bundle changed.
+    pub fn apply_bundle(&self, doc: &BundleDoc) -> Result<bool, UpstreamError> {
         let (cas, jwt, access) = decode_bundle(doc)?;
         self.set_roots(doc)?;
-        Ok(authority.set_remote_bundle(cas, jwt, access))
+        self.store.set_access_keys(access);
+        let x509 = cas.concat();
+        if self.store.current().x509.as_ref() != x509.as_slice() {
+            // Polled every few seconds: parse only when something changed.
+            *self.ca_expiry.lock() = cas
+                .iter()
+                .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
+                .map(|(_, c)| c.validity().not_after.timestamp().max(0) as u64)
+                .max()
+                .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+        }
+        Ok(self.store.publish(x509, jwt))
     }
 
     /// Background work: poll the bundle (streams get changes), and renew the
     /// node SVID at half its life. Runs until cancelled.
-    pub async fn run(self: Arc<Self>, authority: Arc<Authority>, shutdown: CancellationToken) {
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -637,7 +688,7 @@ impl Upstream {
             if self.clock.now() >= half {
                 match self.renew().await {
                     Ok(doc) => {
-                        let _ = self.apply_bundle(&authority, &doc);
+                        let _ = self.apply_bundle(&doc);
                     }
                     Err(e)
                         if node.not_after <= self.clock.now()
@@ -652,7 +703,7 @@ impl Upstream {
                 }
             }
             match self.call::<(), BundleDoc>("/v1/bundle", None, true).await {
-                Ok(doc) => match self.apply_bundle(&authority, &doc) {
+                Ok(doc) => match self.apply_bundle(&doc) {
                     Ok(true) => {
                         tracing::info!("the trust domain's bundle changed; pushed to open streams")
                     }
@@ -662,5 +713,44 @@ impl Upstream {
                 Err(e) => tracing::debug!(error = %e, "bundle refresh failed"),
             }
         }
+    }
+}
+
+impl Signer for Upstream {
+    fn issue_x509_batch<'a>(
+        &'a self,
+        batch: &'a [(spiffe::SpiffeId, Duration)],
+    ) -> SignFuture<'a, Vec<Result<X509Svid, SignError>>> {
+        Box::pin(self.sign_x509(batch))
+    }
+
+    fn jwt_svid<'a>(
+        &'a self,
+        id: &'a spiffe::SpiffeId,
+        audience: &'a [String],
+        ttl: Duration,
+    ) -> SignFuture<'a, Result<JwtSvid, SignError>> {
+        Box::pin(self.mint_jwt(id, audience, ttl))
+    }
+
+    fn sign_access_token<'a>(
+        &'a self,
+        claims: &'a serde_json::Value,
+    ) -> SignFuture<'a, Result<String, SignError>> {
+        Box::pin(self.sign_access(claims))
+    }
+
+    fn access_token_not_after(&self) -> Result<SystemTime, SignError> {
+        // The fleet's keys come from files with no end of their own.
+        Ok(self.clock.now() + Duration::from_secs(365 * 24 * 3600))
+    }
+
+    fn active_ca_expiry(&self) -> Option<SystemTime> {
+        *self.ca_expiry.lock()
+    }
+
+    /// Whether the last request reached a replica.
+    fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Acquire)
     }
 }

@@ -15,6 +15,26 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::unix_seconds;
 
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("node name {0:?} must be 1-253 letters, digits, '-', '.' or '_'")]
+    NodeName(String),
+    #[error("system RNG failed")]
+    Rng,
+    #[error("unknown or already used join token")]
+    Unknown,
+    #[error("the join token has expired")]
+    Expired,
+    #[error("join token store: {0}")]
+    Store(#[from] crate::fsutil::FsError),
+    #[error("join token {}: corrupt: {source}", path.display())]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 #[derive(Serialize, Deserialize)]
 struct Stored {
     node: String,
@@ -22,29 +42,29 @@ struct Stored {
 }
 
 /// Creates a token for node `name`, valid for `ttl`; returns the token.
-pub fn create(dir: &Path, name: &str, ttl: Duration, now: SystemTime) -> Result<String, String> {
+pub fn create(dir: &Path, name: &str, ttl: Duration, now: SystemTime) -> Result<String, JoinError> {
     if name.is_empty()
         || name.len() > 253
         || !name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
     {
-        return Err(format!(
-            "node name {name:?} must be 1-253 letters, digits, '-', '.' or '_'"
-        ));
+        return Err(JoinError::NodeName(name.to_string()));
     }
-    crate::daemon::create_private_dir(dir).map_err(|e| e.to_string())?;
+    crate::fsutil::create_private_dir(dir)?;
     let mut raw = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
-        .map_err(|_| "system RNG failed".to_string())?;
+        .map_err(|_| JoinError::Rng)?;
     let token = B64URL.encode(raw);
     let stored = Stored {
         node: name.to_string(),
         expires: unix_seconds(now) + ttl.as_secs(),
     };
-    let body = serde_json::to_vec(&stored).map_err(|e| e.to_string())?;
-    crate::fsutil::write_private_atomic(&path_for(dir, &token, "json"), &body)
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    // A two-field struct of a string and a number: serialising cannot fail.
+    let body = serde_json::to_vec(&stored).unwrap_or_default();
+    let path = path_for(dir, &token, "json");
+    crate::fsutil::write_private_atomic(&path, &body)
+        .map_err(|e| crate::fsutil::FsError::io(&path, e))?;
     Ok(token)
 }
 
@@ -56,19 +76,21 @@ fn path_for(dir: &Path, token: &str, ext: &str) -> PathBuf {
 }
 
 /// Redeems `token` once; returns the node name it was made for.
-pub fn redeem(dir: &Path, token: &str, now: SystemTime) -> Result<String, String> {
+pub fn redeem(dir: &Path, token: &str, now: SystemTime) -> Result<String, JoinError> {
     // Hashing first means a malformed token is just an unknown one.
     let fresh = path_for(dir, token, "json");
     let used = path_for(dir, token, "used");
     std::fs::rename(&fresh, &used).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => "unknown or already used join token".to_string(),
-        _ => format!("join token store {}: {e}", dir.display()),
+        std::io::ErrorKind::NotFound => JoinError::Unknown,
+        _ => crate::fsutil::FsError::io(dir, e).into(),
     })?;
-    let body = std::fs::read(&used).map_err(|e| format!("{}: {e}", used.display()))?;
-    let stored: Stored =
-        serde_json::from_slice(&body).map_err(|e| format!("{}: corrupt: {e}", used.display()))?;
+    let body = std::fs::read(&used).map_err(|e| crate::fsutil::FsError::io(&used, e))?;
+    let stored: Stored = serde_json::from_slice(&body).map_err(|source| JoinError::Corrupt {
+        path: used.clone(),
+        source,
+    })?;
     if unix_seconds(now) >= stored.expires {
-        return Err("the join token has expired".into());
+        return Err(JoinError::Expired);
     }
     Ok(stored.node)
 }
@@ -84,11 +106,11 @@ mod tests {
         let now = SystemTime::now();
         let t = create(&d, "vm-1", Duration::from_secs(600), now).unwrap();
         assert_eq!(redeem(&d, &t, now).unwrap(), "vm-1");
-        assert!(redeem(&d, &t, now).unwrap_err().contains("already used"));
+        assert!(matches!(redeem(&d, &t, now), Err(JoinError::Unknown)));
         assert!(redeem(&d, "garbage", now).is_err());
         let late = create(&d, "vm-2", Duration::from_secs(60), now).unwrap();
         let err = redeem(&d, &late, now + Duration::from_secs(61)).unwrap_err();
-        assert!(err.contains("expired"), "{err}");
+        assert!(matches!(err, JoinError::Expired), "{err}");
         assert!(create(&d, "a/b", Duration::from_secs(60), now).is_err());
         // Only hashes are stored: the token itself is nowhere on disk.
         for f in std::fs::read_dir(&d).unwrap() {

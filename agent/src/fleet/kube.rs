@@ -7,7 +7,9 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -81,6 +83,34 @@ struct ReviewUser {
     extra: HashMap<String, Vec<String>>,
 }
 
+/// Why a Kubernetes client could not be built from its config.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeConfigError {
+    #[error("api_server {0:?} must start with https://")]
+    Scheme(String),
+    #[error("{}: {source}", path.display())]
+    CaFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
+}
+
+/// Why the pods on a node could not be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum PodListError {
+    #[error("{0}")]
+    Api(String),
+    #[error("{path}: not a PodList: {source}")]
+    Decode {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 /// A failed API call: the HTTP status when the server answered.
 struct CallError {
     status: Option<u16>,
@@ -92,16 +122,11 @@ const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 
 impl KubeClient {
-    pub fn new(config: KubeConfig) -> Result<Self, String> {
+    pub fn new(config: KubeConfig) -> Result<Self, KubeConfigError> {
         let rest = config
             .api_server
             .strip_prefix("https://")
-            .ok_or_else(|| {
-                format!(
-                    "api_server {:?} must start with https://",
-                    config.api_server
-                )
-            })?
+            .ok_or_else(|| KubeConfigError::Scheme(config.api_server.clone()))?
             .trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
@@ -114,21 +139,15 @@ impl KubeClient {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let pem = std::fs::read(&config.ca_file)
-            .map_err(|e| format!("{}: {e}", config.ca_file.display()))?;
-        let mut store = rustls::RootCertStore::empty();
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| format!("{}: {e}", config.ca_file.display()))?;
-            store
-                .add(cert)
-                .map_err(|e| format!("{}: {e}", config.ca_file.display()))?;
-        }
-        if store.is_empty() {
-            return Err(format!("{}: no CA certificate", config.ca_file.display()));
-        }
-        let tls = super::tls::client_config(Arc::new(store), None)?;
+        let ca_err = |e: Box<dyn std::error::Error + Send + Sync>| KubeConfigError::CaFile {
+            path: config.ca_file.clone(),
+            source: e,
+        };
+        let pem = std::fs::read(&config.ca_file).map_err(|e| ca_err(e.into()))?;
+        let cas = crate::identity::pem::decode_certs(&pem).map_err(|e| ca_err(e.into()))?;
+        let roots =
+            super::tls::roots(cas.iter().map(Vec::as_slice)).map_err(|e| ca_err(e.into()))?;
+        let tls = super::tls::client_config(roots, None)?;
         let addr = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
@@ -270,13 +289,13 @@ impl KubeClient {
 
     /// Pods scheduled on `node`, from a cache no older than `pod_cache_ttl`
     /// unless `fresh` is set.
-    pub async fn pods_on_node(&self, node: &str, fresh: bool) -> Result<Arc<PodList>, String> {
+    pub async fn pods_on_node(
+        &self,
+        node: &str,
+        fresh: bool,
+    ) -> Result<Arc<PodList>, PodListError> {
         if !fresh
-            && let Some((at, list)) = self
-                .pods
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(node)
+            && let Some((at, list)) = self.pods.lock().get(node)
             && at.elapsed() < self.config.pod_cache_ttl
         {
             return Ok(list.clone());
@@ -287,11 +306,11 @@ impl KubeClient {
         let bytes = self
             .call(hyper::Method::GET, &path, None)
             .await
-            .map_err(|e| e.message)?;
-        let list: PodList =
-            serde_json::from_slice(&bytes).map_err(|e| format!("{path}: not a PodList: {e}"))?;
+            .map_err(|e| PodListError::Api(e.message))?;
+        let list: PodList = serde_json::from_slice(&bytes)
+            .map_err(|source| PodListError::Decode { path, source })?;
         let list = Arc::new(list);
-        let mut cache = self.pods.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.pods.lock();
         // Bounded by the number of nodes; forget lists nobody asked for in a while.
         cache.retain(|_, (at, _)| at.elapsed() < Duration::from_secs(600));
         cache.insert(node.to_string(), (Instant::now(), list.clone()));

@@ -36,10 +36,10 @@ use super::kube::{KubeClient, KubeConfig, ReviewError};
 use super::wire::{self, BundleDoc};
 use super::{Node, NodeKind, entitlement, join, tls};
 use crate::audit::AuditLog;
-use crate::authority::Authority;
-use crate::certs::split_der_certs;
 use crate::clock::Clock;
 use crate::entries::EntrySet;
+use crate::identity::pem::split_der_certs;
+use crate::identity::{LocalAuthority, SignError, Signer};
 
 /// The `[server]` table, validated.
 #[derive(Debug, Clone)]
@@ -75,10 +75,10 @@ struct Labels {
 struct Shared {
     /// Node attestation is unauthenticated and may cost a TokenReview call:
     /// it gets a budget of its own, shared by all callers.
-    attest_budget: std::sync::Mutex<crate::rate_limit::TokenBucket>,
+    attest_budget: crate::sync::Mutex<crate::rate_limit::TokenBucket>,
     td: spiffe::TrustDomain,
     config: ServerConfig,
-    authority: Arc<Authority>,
+    authority: Arc<LocalAuthority>,
     entries: EntrySet,
     kube: Option<KubeClient>,
     audit: AuditLog,
@@ -120,6 +120,45 @@ impl RunningAuthority {
     }
 }
 
+/// Why the authority could not start; each names the config key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("server.keys_dir: {0}")]
+    Keys(#[source] SignError),
+    #[error("server.kubernetes: {0}")]
+    Kubernetes(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("server.audit_log {}: {source}", path.display())]
+    AuditLog {
+        path: std::path::PathBuf,
+        #[source]
+        source: crate::audit::AuditError,
+    },
+    #[error("{key} {addr}: {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the serving certificate: {0}")]
+    ServingCert(#[source] ServingCertError),
+}
+
+/// Why the authority's own serving certificate could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ServingCertError {
+    #[error(transparent)]
+    Id(#[from] spiffe::SpiffeIdError),
+    #[error(transparent)]
+    Key(#[from] rcgen::Error),
+    #[error(transparent)]
+    Sign(#[from] SignError),
+    #[error(transparent)]
+    Bundle(#[from] crate::identity::pem::PemError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
 /// Starts the service: loads keys, binds, serves until shut down.
 pub async fn start(
     td: spiffe::TrustDomain,
@@ -127,24 +166,24 @@ pub async fn start(
     config: ServerConfig,
     admin_listen: Option<SocketAddr>,
     clock: Arc<dyn Clock>,
-) -> anyhow::Result<RunningAuthority> {
-    let authority = Authority::from_key_dir(
+) -> Result<RunningAuthority, StartError> {
+    let authority = LocalAuthority::from_key_dir(
         td.clone(),
         &config.keys_dir,
         config.ca_publish_lead,
         clock.clone(),
     )
-    .map_err(|e| anyhow::anyhow!("server.keys_dir: {e}"))?;
+    .map_err(StartError::Keys)?;
     let kube = match &config.kubernetes {
-        Some(k) => Some(
-            KubeClient::new(k.clone()).map_err(|e| anyhow::anyhow!("server.kubernetes: {e}"))?,
-        ),
+        Some(k) => Some(KubeClient::new(k.clone()).map_err(|e| StartError::Kubernetes(e.into()))?),
         None => None,
     };
     let audit = match &config.audit_log {
         Some(path) => {
-            let (log, report) = AuditLog::open(path)
-                .map_err(|e| anyhow::anyhow!("server.audit_log {}: {e}", path.display()))?;
+            let (log, report) = AuditLog::open(path).map_err(|source| StartError::AuditLog {
+                path: path.clone(),
+                source,
+            })?;
             if let Some(torn) = report.torn_tail {
                 tracing::warn!(
                     lines = torn.lines.len(),
@@ -163,7 +202,7 @@ pub async fn start(
         requests.clone(),
     );
     let shared = Arc::new(Shared {
-        attest_budget: std::sync::Mutex::new(crate::rate_limit::TokenBucket::new(
+        attest_budget: crate::sync::Mutex::new(crate::rate_limit::TokenBucket::new(
             crate::rate_limit::Budget {
                 rate: ATTEST_PER_SECOND,
                 burst: ATTEST_PER_SECOND * 4.0,
@@ -180,12 +219,22 @@ pub async fn start(
         requests,
         registry,
     });
-    let tls_config = Arc::new(ArcSwap::from(serving_tls(&shared)?));
+    let tls_config = Arc::new(ArcSwap::from(
+        serving_tls(&shared).map_err(StartError::ServingCert)?,
+    ));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|e| anyhow::anyhow!("server.listen {}: {e}", config.listen))?;
-    let addr = listener.local_addr()?;
+        .map_err(|source| StartError::Bind {
+            key: "server.listen",
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        key: "server.listen",
+        addr: config.listen,
+        source,
+    })?;
     let shutdown = CancellationToken::new();
 
     let admin_addr = match admin_listen {
@@ -193,8 +242,16 @@ pub async fn start(
         Some(a) => {
             let l = tokio::net::TcpListener::bind(a)
                 .await
-                .map_err(|e| anyhow::anyhow!("admin.listen {a}: {e}"))?;
-            let local = l.local_addr()?;
+                .map_err(|source| StartError::Bind {
+                    key: "admin.listen",
+                    addr: a,
+                    source,
+                })?;
+            let local = l.local_addr().map_err(|source| StartError::Bind {
+                key: "admin.listen",
+                addr: a,
+                source,
+            })?;
             let app = Router::new()
                 .route("/healthz", get(|| async { "ok\n" }))
                 .route("/readyz", get(readyz))
@@ -346,7 +403,7 @@ const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// The authority's own certificate: SPIFFE ID `/tessera/authority` plus the
 /// DNS name agents verify, over a fresh key, trusting the bundle's CAs for
 /// client certificates.
-fn serving_tls(s: &Shared) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+fn serving_tls(s: &Shared) -> Result<Arc<rustls::ServerConfig>, ServingCertError> {
     let id = spiffe::SpiffeId::new(format!(
         "{}{}authority",
         s.td.id_string(),
@@ -359,14 +416,18 @@ fn serving_tls(s: &Shared) -> anyhow::Result<Arc<rustls::ServerConfig>> {
         SERVING_CERT_TTL,
         std::slice::from_ref(&s.config.server_name),
     )?;
-    let bundle = s.authority.bundle();
+    let bundle = s.authority.trust_store().current();
     let cas = split_der_certs(&bundle.x509)?;
-    let roots = tls::roots(cas.iter().copied()).map_err(anyhow::Error::msg)?;
-    tls::server_config(roots, &signed.cert_der, &key.serialize_der()).map_err(anyhow::Error::msg)
+    let roots = tls::roots(cas.iter().copied())?;
+    Ok(tls::server_config(
+        roots,
+        &signed.cert_der,
+        &key.serialize_der(),
+    )?)
 }
 
 fn bundle_doc(s: &Shared) -> BundleDoc {
-    let bundle = s.authority.bundle();
+    let bundle = s.authority.trust_store().current();
     BundleDoc {
         // The bundle is ours, built from parsed certificates: it splits.
         x509_authorities: split_der_certs(&bundle.x509)
@@ -381,6 +442,7 @@ fn bundle_doc(s: &Shared) -> BundleDoc {
             .collect(),
         access_keys: s
             .authority
+            .trust_store()
             .access_keys()
             .iter()
             .map(|k| k.to_json("sig"))
@@ -424,7 +486,7 @@ impl Shared {
             (NodeKind::Kubernetes, Some(k)) => Some(
                 k.pods_on_node(&node.name, fresh)
                     .await
-                    .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e))?,
+                    .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?,
             ),
             (NodeKind::Kubernetes, None) => {
                 return Err(ApiError(
@@ -498,11 +560,7 @@ async fn attest(
     State(s): State<Arc<Shared>>,
     Json(req): Json<wire::AttestRequest>,
 ) -> Result<Json<wire::NodeSvidResponse>, ApiError> {
-    let allowed = s
-        .attest_budget
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .try_take(std::time::Instant::now());
+    let allowed = s.attest_budget.lock().try_take(std::time::Instant::now());
     if !allowed {
         s.count("attest", "rate_limited");
         return Err(ApiError(
@@ -527,7 +585,8 @@ async fn attest(
             let (dir, token) = (dir.clone(), req.token.clone());
             let redeemed = tokio::task::spawn_blocking(move || join::redeem(&dir, &token, now))
                 .await
-                .unwrap_or_else(|e| Err(format!("join token check failed: {e}")));
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
             match redeemed {
                 Ok(name) => (
                     Node {

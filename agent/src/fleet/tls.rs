@@ -11,20 +11,34 @@ use std::sync::Arc;
 use rustls::RootCertStore;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("CA certificate not usable as a trust anchor: {0}")]
+    Anchor(#[source] rustls::Error),
+    #[error("no CA certificate to trust")]
+    NoRoots,
+    #[error("node SVID not usable as a client certificate: {0}")]
+    ClientCert(#[source] rustls::Error),
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// A root store of the given CA certificates (DER).
-pub fn roots<'a>(cas: impl IntoIterator<Item = &'a [u8]>) -> Result<Arc<RootCertStore>, String> {
+pub fn roots<'a>(cas: impl IntoIterator<Item = &'a [u8]>) -> Result<Arc<RootCertStore>, TlsError> {
     let mut store = RootCertStore::empty();
     for der in cas {
         store
             .add(CertificateDer::from(der.to_vec()))
-            .map_err(|e| format!("CA certificate not usable as a trust anchor: {e}"))?;
+            .map_err(TlsError::Anchor)?;
     }
     if store.is_empty() {
-        return Err("no CA certificate to trust".into());
+        return Err(TlsError::NoRoots);
     }
     Ok(Arc::new(store))
 }
@@ -34,10 +48,9 @@ pub fn roots<'a>(cas: impl IntoIterator<Item = &'a [u8]>) -> Result<Arc<RootCert
 pub fn client_config(
     roots: Arc<RootCertStore>,
     identity: Option<(&[u8], &[u8])>,
-) -> Result<Arc<rustls::ClientConfig>, String> {
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);
     let config = match identity {
         None => builder.with_no_client_auth(),
@@ -46,7 +59,7 @@ pub fn client_config(
                 vec![CertificateDer::from(cert.to_vec())],
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec())),
             )
-            .map_err(|e| format!("node SVID not usable as a client certificate: {e}"))?,
+            .map_err(TlsError::ClientCert)?,
     };
     Ok(Arc::new(config))
 }
@@ -58,20 +71,17 @@ pub fn server_config(
     roots: Arc<RootCertStore>,
     cert: &[u8],
     key: &[u8],
-) -> Result<Arc<rustls::ServerConfig>, String> {
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
         .allow_unauthenticated()
-        .build()
-        .map_err(|e| e.to_string())?;
+        .build()?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(
             vec![CertificateDer::from(cert.to_vec())],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec())),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
     Ok(Arc::new(config))
 }
 

@@ -27,7 +27,7 @@ use tessera_workload_api::server::SpiffeWorkloadApi;
 use tonic::Status;
 use tonic::body::Body;
 
-use crate::service::WorkloadApi;
+use super::service::WorkloadApi;
 
 const FETCH_X509_SVID: &str = "/SpiffeWorkloadAPI/FetchX509SVID";
 /// A gRPC message's prefix: compression flag and big-endian length.

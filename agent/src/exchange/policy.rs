@@ -59,7 +59,9 @@ mod tests;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::sync::Mutex;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -280,10 +282,7 @@ impl PolicyStore {
         let Some(dir) = &self.dir else {
             return Ok(ReloadOutcome::Unchanged);
         };
-        let _serialized = self
-            .reload_lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _serialized = self.reload_lock.lock();
         let files = load::read_dir(dir)?;
         if files.fingerprint == self.current.load().fingerprint {
             return Ok(ReloadOutcome::Unchanged);

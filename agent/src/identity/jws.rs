@@ -45,6 +45,12 @@ pub struct PublicJwk {
     pub point: Vec<u8>,
 }
 
+impl PartialEq for PublicJwk {
+    fn eq(&self, other: &Self) -> bool {
+        self.kid == other.kid && self.point == other.point
+    }
+}
+
 impl PublicJwk {
     pub fn to_json(&self, key_use: &str) -> Value {
         serde_json::json!({

@@ -11,19 +11,27 @@
 //!    `aud` contains our issuer and whose `sub` is one of the caller's IDs;
 //! 3. an optional actor token (a parent access token) must be ours, live, for
 //!    the same audience and task, and not narrower than the request;
-//! 4. Cedar decides each scope ([`crate::policy`]);
+//! 4. Cedar decides each scope ([`policy`]);
 //! 5. approval, if a deciding policy requires it ([`approvals`]);
 //! 6. TTL = min(requested, policy `@max_ttl`, `max_ttl`, parent token, the
 //!    caller's X509-SVID, the signing key);
 //! 7. the decision is written to the audit log and made durable, then the
 //!    token is returned. Denials are audited too.
 //!
-//! Transport lives in [`server`]; error codes in [`oauth`]; parsing in [`request`].
+//! Transport lives in [`server`]; error codes in [`oauth`]; parsing in
+//! [`request`]; durable revocations in [`revocation`]; the operator's
+//! approvals socket in [`operator`].
 
 pub mod approvals;
+pub mod config;
 pub mod oauth;
+pub mod operator;
+pub mod policy;
 pub mod request;
+pub mod revocation;
 pub mod server;
+
+pub use config::ExchangeConfig;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -34,15 +42,13 @@ use serde_json::{Map, Value, json};
 use tessera_attestor::AttestedPeer;
 
 use crate::audit::{AuditLog, sha256_hex};
-use crate::authority::{Authority, AuthorityError};
 use crate::clock::{Clock, unix_seconds};
-use crate::config::ExchangeConfig;
 use crate::entries::Identity;
-use crate::jws;
+use crate::identity::{SignError, Signer, SvidCache, TrustStore, jws};
 use crate::metrics::{Metrics, ResultLabels};
-use crate::policy::{PolicyRequest, PolicyStore};
-use crate::revocation::RevocationStore;
-use crate::svid_cache::SvidCache;
+use crate::sync::Mutex;
+use policy::{PolicyRequest, PolicyStore};
+use revocation::RevocationStore;
 
 use approvals::{ApprovalBook, ApprovalRequest, Poll};
 use oauth::{ErrorCode, OAuthError};
@@ -93,7 +99,8 @@ struct ParentToken {
 /// Everything the exchange endpoint needs, shared by all connections.
 pub struct Exchange {
     pub config: ExchangeConfig,
-    authority: Arc<Authority>,
+    signer: Arc<dyn Signer>,
+    trust: Arc<TrustStore>,
     cache: Arc<SvidCache>,
     pub policy: Arc<PolicyStore>,
     revocations: Arc<RevocationStore>,
@@ -103,9 +110,9 @@ pub struct Exchange {
     metrics: Arc<Metrics>,
     /// The last policy reload error, so a broken file is logged once, not
     /// at every poll.
-    last_policy_error: std::sync::Mutex<Option<String>>,
+    last_policy_error: Mutex<Option<String>>,
     /// Validated subject tokens: token -> (SPIFFE ID, exp).
-    subjects: std::sync::Mutex<std::collections::HashMap<String, (String, u64)>>,
+    subjects: Mutex<std::collections::HashMap<String, (String, u64)>>,
 }
 
 /// Bound on remembered subject tokens (a few hundred bytes each).
@@ -115,7 +122,6 @@ impl Exchange {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: ExchangeConfig,
-        authority: Arc<Authority>,
         cache: Arc<SvidCache>,
         policy: Arc<PolicyStore>,
         revocations: Arc<RevocationStore>,
@@ -126,7 +132,8 @@ impl Exchange {
         metrics.policies_loaded.set(policy.policy_count() as i64);
         Self {
             config,
-            authority,
+            signer: cache.signer().clone(),
+            trust: cache.trust_store().clone(),
             cache,
             policy,
             revocations,
@@ -448,7 +455,7 @@ impl Exchange {
             .clone()
             .ok_or_else(|| OAuthError::new(ErrorCode::ServerError, "no X509-SVID for caller"))?;
         let key_not_after = self
-            .authority
+            .signer
             .access_token_not_after()
             .map_err(|e| OAuthError::new(ErrorCode::ServerError, format!("no signing key: {e}")))?;
         let mut limits: Vec<(&str, u64)> = vec![
@@ -480,7 +487,7 @@ impl Exchange {
         }
 
         // 7. Sign.
-        let jti = crate::jws::random_kid();
+        let jti = jws::random_kid();
         let exp = now_s + ttl;
         let mut claims = json!({
             "iss": self.config.issuer,
@@ -504,11 +511,11 @@ impl Exchange {
             claims["act"] = Value::Object(act);
         }
         let token = self
-            .authority
+            .signer
             .sign_access_token(&claims)
             .await
             .map_err(|e| match e {
-                AuthorityError::Upstream(why) => OAuthError::new(
+                SignError::Remote(why) => OAuthError::new(
                     ErrorCode::TemporarilyUnavailable,
                     format!("the fleet authority could not sign: {why}"),
                 ),
@@ -546,7 +553,7 @@ impl Exchange {
     /// a fresh validation would refuse.
     fn validate_subject(&self, token: &str, now_s: u64) -> Result<String, OAuthError> {
         {
-            let cache = self.subjects.lock().unwrap_or_else(|e| e.into_inner());
+            let cache = self.subjects.lock();
             if let Some((id, exp)) = cache.get(token)
                 && now_s < *exp
             {
@@ -554,7 +561,7 @@ impl Exchange {
             }
         }
         let (id, claims) = self
-            .authority
+            .trust
             .validate_jwt(token, &self.config.issuer)
             .map_err(|e| {
                 OAuthError::invalid_request(format!(
@@ -564,7 +571,7 @@ impl Exchange {
             })?;
         let id = id.to_string();
         if let Some(exp) = claims.get("exp").and_then(Value::as_u64) {
-            let mut cache = self.subjects.lock().unwrap_or_else(|e| e.into_inner());
+            let mut cache = self.subjects.lock();
             if cache.len() >= SUBJECT_CACHE_LIMIT {
                 cache.retain(|_, (_, e)| now_s < *e);
                 if cache.len() >= SUBJECT_CACHE_LIMIT {
@@ -620,7 +627,7 @@ impl Exchange {
     /// inside its validity window, and neither it nor its task revoked.
     /// Returns the claims, or why the token is not active.
     fn verify_access_token(&self, token: &str, now_s: u64) -> Result<Map<String, Value>, String> {
-        let keys = self.authority.access_keys();
+        let keys = self.trust.access_keys();
         let verified = jws::verify_access_token(token, keys.iter()).map_err(|e| e.to_string())?;
         let claims = verified.claims;
         let text = |k: &str| claims.get(k).and_then(Value::as_str);
@@ -683,7 +690,7 @@ impl Exchange {
     /// token's client or its principal. Tokens we cannot verify are answered
     /// with success, as RFC 7009 §2.2 asks.
     pub async fn revoke_token(&self, caller: &Caller, token: &str) -> Result<(), OAuthError> {
-        let keys = self.authority.access_keys();
+        let keys = self.trust.access_keys();
         let Ok(verified) = jws::verify_access_token(token, keys.iter()) else {
             return Ok(());
         };
@@ -748,9 +755,7 @@ impl Exchange {
 
     async fn durable_revocation(
         &self,
-        f: impl FnOnce(&RevocationStore) -> Result<(), crate::revocation::RevocationError>
-        + Send
-        + 'static,
+        f: impl FnOnce(&RevocationStore) -> Result<(), revocation::RevocationError> + Send + 'static,
     ) -> Result<(), OAuthError> {
         let store = self.revocations.clone();
         match tokio::task::spawn_blocking(move || f(&store)).await {
@@ -805,7 +810,7 @@ impl Exchange {
 
     /// `GET /jwks`: every access-token key that may have signed a live token.
     pub fn jwks(&self) -> Value {
-        let keys = self.authority.access_keys();
+        let keys = self.trust.access_keys();
         json!({
             "keys": keys.iter().map(|k| {
                 let mut j = k.to_json("sig");
@@ -819,12 +824,9 @@ impl Exchange {
     /// change is logged and the previous set stays active.
     pub fn reload_policies(&self) {
         let result = self.policy.reload();
-        let mut last_error = self
-            .last_policy_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut last_error = self.last_policy_error.lock();
         match result {
-            Ok(crate::policy::ReloadOutcome::Unchanged) => {}
+            Ok(policy::ReloadOutcome::Unchanged) => {}
             Ok(outcome) => {
                 *last_error = None;
                 self.metrics

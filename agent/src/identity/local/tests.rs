@@ -1,5 +1,6 @@
 use super::*;
 use crate::clock::{TokioClock, until};
+use crate::identity::Signer;
 
 fn td() -> spiffe::TrustDomain {
     spiffe::TrustDomain::new("example.org").unwrap()
@@ -21,7 +22,7 @@ fn id(path: &str) -> spiffe::SpiffeId {
 
 #[test]
 fn x509_svid_passes_the_spiffe_crate_validator() {
-    let a = Authority::load(settings(None), Arc::new(crate::clock::SystemClock)).unwrap();
+    let a = LocalAuthority::load(settings(None), Arc::new(crate::clock::SystemClock)).unwrap();
     let svid = a
         .issue_x509(&id("/workload"), Duration::from_secs(3600))
         .unwrap();
@@ -32,7 +33,7 @@ fn x509_svid_passes_the_spiffe_crate_validator() {
         "spiffe://example.org/workload"
     );
     // The bundle parses as X.509 CA certificates for the trust domain.
-    let bundle = spiffe::X509Bundle::parse_from_der(td(), &a.bundle().x509).unwrap();
+    let bundle = spiffe::X509Bundle::parse_from_der(td(), &a.trust_store().current().x509).unwrap();
     assert_eq!(bundle.authorities().len(), 1);
 
     let (_, cert) = x509_parser::parse_x509_certificate(&svid.chain_der).unwrap();
@@ -61,7 +62,7 @@ fn x509_svid_passes_the_spiffe_crate_validator() {
 
 #[test]
 fn svid_never_outlives_its_ca() {
-    let a = Authority::load(settings(None), Arc::new(crate::clock::SystemClock)).unwrap();
+    let a = LocalAuthority::load(settings(None), Arc::new(crate::clock::SystemClock)).unwrap();
     let svid = a
         .issue_x509(&id("/w"), Duration::from_secs(100_000))
         .unwrap();
@@ -70,19 +71,20 @@ fn svid_never_outlives_its_ca() {
 
 #[test]
 fn jwt_svid_passes_the_spiffe_crate_validator() {
-    let a = Authority::load(settings(None), Arc::new(crate::clock::SystemClock)).unwrap();
+    let a = LocalAuthority::load(settings(None), Arc::new(crate::clock::SystemClock)).unwrap();
     let jwt = a
         .mint_jwt(&id("/w"), &["db".to_string()], Duration::from_secs(300))
         .unwrap();
-    let bundle = spiffe::JwtBundle::from_jwt_authorities(td(), &a.bundle().jwks).unwrap();
+    let bundle =
+        spiffe::JwtBundle::from_jwt_authorities(td(), &a.trust_store().current().jwks).unwrap();
     let mut set = spiffe::JwtBundleSet::new();
     set.add_bundle(bundle);
     let parsed = spiffe::JwtSvid::parse_and_validate(&jwt.token, &set, &["db"]).unwrap();
     assert_eq!(parsed.spiffe_id().to_string(), "spiffe://example.org/w");
     // Our own validator agrees, and rejects the wrong audience.
-    assert!(a.validate_jwt(&jwt.token, "db").is_ok());
+    assert!(a.trust_store().validate_jwt(&jwt.token, "db").is_ok());
     assert!(matches!(
-        a.validate_jwt(&jwt.token, "other"),
+        a.trust_store().validate_jwt(&jwt.token, "other"),
         Err(jws::JwtError::Audience(_))
     ));
 }
@@ -90,13 +92,13 @@ fn jwt_svid_passes_the_spiffe_crate_validator() {
 #[tokio::test(start_paused = true)]
 async fn keys_are_published_before_they_sign_and_kept_until_expiry() {
     let clock = Arc::new(TokioClock::new());
-    let a = Authority::load(settings(None), clock.clone()).unwrap();
-    let first_ca = a.bundle().x509.clone();
-    let first_kid = a.bundle().jwt_keys[0].kid.clone();
+    let a = LocalAuthority::load(settings(None), clock.clone()).unwrap();
+    let first_ca = a.trust_store().current().x509.clone();
+    let first_kid = a.trust_store().current().jwt_keys[0].kid.clone();
     // Half-way: the successor appears in the bundle, but the old key signs.
     tokio::time::advance(Duration::from_secs(301)).await;
     a.rotate().unwrap();
-    let b = a.bundle();
+    let b = a.trust_store().current();
     assert_eq!(b.jwt_keys.len(), 2);
     assert!(b.x509.len() > first_ca.len());
     let jwt = a
@@ -110,12 +112,18 @@ async fn keys_are_published_before_they_sign_and_kept_until_expiry() {
         .mint_jwt(&id("/w"), &["x".into()], Duration::from_secs(60))
         .unwrap();
     assert_ne!(jwt_kid(&jwt.token), first_kid);
-    assert_eq!(a.bundle().jwt_keys.len(), 2);
+    assert_eq!(a.trust_store().current().jwt_keys.len(), 2);
     // After the old key expires it leaves the bundle.
     tokio::time::advance(Duration::from_secs(200)).await;
     a.rotate().unwrap();
-    assert!(a.bundle().jwt_keys.iter().all(|k| k.kid != first_kid));
-    assert!(a.bundle().sequence >= 3);
+    assert!(
+        a.trust_store()
+            .current()
+            .jwt_keys
+            .iter()
+            .all(|k| k.kid != first_kid)
+    );
+    assert!(a.trust_store().current().sequence >= 3);
 }
 
 fn jwt_kid(token: &str) -> String {
@@ -131,7 +139,7 @@ fn jwt_kid(token: &str) -> String {
 fn state_persists_privately_and_reloads() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let a = Authority::load(
+    let a = LocalAuthority::load(
         settings(Some(dir.path())),
         Arc::new(crate::clock::SystemClock),
     )
@@ -141,15 +149,21 @@ fn state_persists_privately_and_reloads() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
-    let b = Authority::load(
+    let b = LocalAuthority::load(
         settings(Some(dir.path())),
         Arc::new(crate::clock::SystemClock),
     )
     .unwrap();
-    assert_eq!(a.bundle().x509, b.bundle().x509);
-    assert_eq!(a.bundle().jwks, b.bundle().jwks);
+    assert_eq!(
+        a.trust_store().current().x509,
+        b.trust_store().current().x509
+    );
+    assert_eq!(
+        a.trust_store().current().jwks,
+        b.trust_store().current().jwks
+    );
     std::fs::write(dir.path().join(STATE_FILE), b"{not json").unwrap();
-    let err = Authority::load(
+    let err = LocalAuthority::load(
         settings(Some(dir.path())),
         Arc::new(crate::clock::SystemClock),
     )
@@ -211,7 +225,7 @@ fn operator_ca_pkcs8_and_sec1() {
     for key in ["sec1.pem", "pkcs8.pem"] {
         let mut s = settings(None);
         s.ca_files = Some((dir.path().join("ca.pem"), dir.path().join(key)));
-        let a = Authority::load(s, Arc::new(crate::clock::SystemClock))
+        let a = LocalAuthority::load(s, Arc::new(crate::clock::SystemClock))
             .unwrap_or_else(|e| panic!("{key}: {e}"));
         let svid = a.issue_x509(&id("/ops"), Duration::from_secs(600)).unwrap();
         spiffe::X509Svid::parse_from_der(&svid.chain_der, &svid.key_pkcs8).unwrap();
@@ -249,7 +263,7 @@ fn operator_ca_pkcs8_and_sec1() {
     let mut s = settings(None);
     s.ca_files = Some((dir.path().join("ca.pem"), dir.path().join("other.pem")));
     assert!(
-        Authority::load(s, Arc::new(crate::clock::SystemClock))
+        LocalAuthority::load(s, Arc::new(crate::clock::SystemClock))
             .unwrap_err()
             .to_string()
             .contains("does not match")
@@ -258,7 +272,7 @@ fn operator_ca_pkcs8_and_sec1() {
     let mut s = settings(None);
     s.ca_files = Some((dir.path().join("ca.pem"), dir.path().join("junk.pem")));
     assert!(
-        Authority::load(s, Arc::new(crate::clock::SystemClock))
+        LocalAuthority::load(s, Arc::new(crate::clock::SystemClock))
             .unwrap_err()
             .to_string()
             .contains("PKCS#8")
@@ -268,14 +282,14 @@ fn operator_ca_pkcs8_and_sec1() {
 #[tokio::test(start_paused = true)]
 async fn expired_jwt_is_rejected_and_ttl_is_clamped_to_the_key() {
     let clock = Arc::new(TokioClock::new());
-    let a = Authority::load(settings(None), clock.clone()).unwrap();
+    let a = LocalAuthority::load(settings(None), clock.clone()).unwrap();
     let jwt = a
         .mint_jwt(&id("/w"), &["db".into()], Duration::from_secs(60))
         .unwrap();
-    assert!(a.validate_jwt(&jwt.token, "db").is_ok());
+    assert!(a.trust_store().validate_jwt(&jwt.token, "db").is_ok());
     tokio::time::advance(Duration::from_secs(61)).await;
     assert_eq!(
-        a.validate_jwt(&jwt.token, "db").unwrap_err(),
+        a.trust_store().validate_jwt(&jwt.token, "db").unwrap_err(),
         jws::JwtError::Expired
     );
     // A requested lifetime beyond the signing key's is cut to the key's expiry.

@@ -7,15 +7,18 @@
 //! renewed.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, OnceCell, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::authority::{Authority, AuthorityError, JwtSvid, X509Svid};
+use super::signer::{SignError, Signer};
+use super::svid::{JwtSvid, X509Svid};
+use super::trust_store::TrustStore;
 use crate::clock::{Clock, until};
 use crate::metrics::Metrics;
+use crate::sync::Mutex;
 
 /// Retry delay when issuance fails (the still-valid SVID keeps being served).
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
@@ -41,7 +44,8 @@ struct Slot {
 type JwtKey = (String, Vec<String>);
 
 pub struct SvidCache {
-    authority: Arc<Authority>,
+    signer: Arc<dyn Signer>,
+    trust: Arc<TrustStore>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
@@ -51,12 +55,14 @@ pub struct SvidCache {
 
 impl SvidCache {
     pub fn new(
-        authority: Arc<Authority>,
+        signer: Arc<dyn Signer>,
+        trust: Arc<TrustStore>,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            authority,
+            signer,
+            trust,
             clock,
             metrics,
             slots: Mutex::default(),
@@ -65,8 +71,14 @@ impl SvidCache {
         })
     }
 
-    pub fn authority(&self) -> &Arc<Authority> {
-        &self.authority
+    /// Who signs (this node's keys, or the fleet authority).
+    pub fn signer(&self) -> &Arc<dyn Signer> {
+        &self.signer
+    }
+
+    /// The trust domain's published bundle and keys.
+    pub fn trust_store(&self) -> &Arc<TrustStore> {
+        &self.trust
     }
 
     /// A receiver that always holds the current SVID for `id`, issuing it
@@ -75,9 +87,9 @@ impl SvidCache {
         &self,
         id: &spiffe::SpiffeId,
         ttl: Duration,
-    ) -> Result<watch::Receiver<Option<Arc<X509Svid>>>, AuthorityError> {
+    ) -> Result<watch::Receiver<Option<Arc<X509Svid>>>, SignError> {
         let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slots = self.slots.lock();
             slots
                 .entry(id.to_string())
                 .or_insert_with(|| {
@@ -99,14 +111,14 @@ impl SvidCache {
             .get_or_try_init(|| {
                 Box::pin(async {
                     let svid = self
-                        .authority
+                        .signer
                         .issue_x509_batch(std::slice::from_ref(&(slot.id.clone(), slot.ttl)))
                         .await
                         .pop()
-                        .unwrap_or(Err(AuthorityError::NoKey))?;
+                        .unwrap_or(Err(SignError::NoKey))?;
                     self.install(&slot, svid);
                     self.wake.notify_one();
-                    Ok::<(), AuthorityError>(())
+                    Ok::<(), SignError>(())
                 })
             })
             .await?;
@@ -115,7 +127,7 @@ impl SvidCache {
 
     fn install(&self, slot: &Slot, svid: X509Svid) {
         let refresh = refresh_time(svid.issued_at, svid.not_after);
-        *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner()) = refresh;
+        *slot.refresh_at.lock() = refresh;
         slot.tx.send_replace(Some(Arc::new(svid)));
         self.metrics.svids_issued_x509.inc();
     }
@@ -134,12 +146,12 @@ impl SvidCache {
 
     /// Number of SPIFFE IDs with a cached X509-SVID.
     pub fn cached_identities(&self) -> usize {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.slots.lock().len()
     }
 
     /// Earliest expiry among cached X509-SVIDs.
     pub fn soonest_expiry(&self) -> Option<SystemTime> {
-        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slots = self.slots.lock();
         slots
             .values()
             .filter_map(|s| s.tx.borrow().as_ref().map(|svid| svid.not_after))
@@ -149,9 +161,9 @@ impl SvidCache {
     /// Re-issues every cached SVID now (used after a forced CA change and by
     /// benchmarks of fan-out).
     pub fn rotate_all_now(&self) {
-        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slots = self.slots.lock();
         for slot in slots.values() {
-            *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner()) = SystemTime::UNIX_EPOCH;
+            *slot.refresh_at.lock() = SystemTime::UNIX_EPOCH;
         }
         drop(slots);
         self.wake.notify_one();
@@ -163,14 +175,14 @@ impl SvidCache {
         id: &spiffe::SpiffeId,
         audience: &[String],
         ttl: Duration,
-    ) -> Result<JwtSvid, AuthorityError> {
+    ) -> Result<JwtSvid, SignError> {
         let mut aud = audience.to_vec();
         aud.sort();
         aud.dedup();
         let key = (id.to_string(), aud);
         let now = self.clock.now();
         {
-            let cache = self.jwts.lock().unwrap_or_else(|e| e.into_inner());
+            let cache = self.jwts.lock();
             if let Some(hit) = cache.get(&key)
                 && now < refresh_time(hit.issued_at, hit.expires_at)
                 && hit.issued_at <= now + CLOCK_JUMP
@@ -179,12 +191,12 @@ impl SvidCache {
             }
         }
         // Keep the caller's audience order in the token (first = primary).
-        let svid = match self.authority.jwt_svid(id, audience, ttl).await {
+        let svid = match self.signer.jwt_svid(id, audience, ttl).await {
             Ok(svid) => svid,
             Err(e) => {
                 // The signer is away (upstream outage): a cached token that
                 // is still valid beats no token.
-                let cache = self.jwts.lock().unwrap_or_else(|e| e.into_inner());
+                let cache = self.jwts.lock();
                 if let Some(hit) = cache.get(&key)
                     && now + CLOCK_JUMP < hit.expires_at
                 {
@@ -195,7 +207,7 @@ impl SvidCache {
             }
         };
         self.metrics.svids_issued_jwt.inc();
-        let mut cache = self.jwts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.jwts.lock();
         if cache.len() >= JWT_CACHE_LIMIT {
             cache.retain(|_, v| v.expires_at > now);
             if cache.len() >= JWT_CACHE_LIMIT {
@@ -212,7 +224,7 @@ impl SvidCache {
         loop {
             let now = self.clock.now();
             let mut next = now + Duration::from_secs(3600);
-            match self.authority.rotate() {
+            match self.signer.rotate() {
                 Ok(Some(t)) => next = next.min(t),
                 Ok(None) => {}
                 Err(e) => {
@@ -221,10 +233,10 @@ impl SvidCache {
                 }
             }
             let due: Vec<Arc<Slot>> = {
-                let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+                let mut slots = self.slots.lock();
                 // Unused identities are forgotten instead of renewed.
                 slots.retain(|_, slot| {
-                    let due = *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner()) <= now;
+                    let due = *slot.refresh_at.lock() <= now;
                     // Also drops a slot whose first issuance failed and that
                     // nobody waits on any more.
                     !(due && slot.tx.receiver_count() == 0)
@@ -233,7 +245,7 @@ impl SvidCache {
                     .iter()
                     .filter(|(_, s)| s.first_issue.initialized())
                     .filter_map(|(_, s)| {
-                        let at = *s.refresh_at.lock().unwrap_or_else(|e| e.into_inner());
+                        let at = *s.refresh_at.lock();
                         // Issued after `now`: the clock went back, and the
                         // SVID may not be valid yet.
                         let ahead =
@@ -255,19 +267,18 @@ impl SvidCache {
             let issued = if batch.is_empty() {
                 Vec::new()
             } else {
-                self.authority.issue_x509_batch(&batch).await
+                self.signer.issue_x509_batch(&batch).await
             };
             for (slot, result) in due.into_iter().zip(issued) {
                 match result.map(|svid| self.install(&slot, svid)) {
                     Ok(()) => {
                         self.metrics.rotations.inc();
-                        let at = *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner());
+                        let at = *slot.refresh_at.lock();
                         next = next.min(at);
                     }
                     Err(e) => {
                         tracing::error!(spiffe_id = %slot.id, error = %e, "SVID renewal failed; serving the current one");
-                        *slot.refresh_at.lock().unwrap_or_else(|e| e.into_inner()) =
-                            now + RETRY_AFTER_FAILURE;
+                        *slot.refresh_at.lock() = now + RETRY_AFTER_FAILURE;
                         next = next.min(now + RETRY_AFTER_FAILURE);
                     }
                 }
@@ -307,11 +318,11 @@ fn refresh_time(issued_at: SystemTime, not_after: SystemTime) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authority::AuthoritySettings;
     use crate::clock::TokioClock;
+    use crate::identity::{AuthoritySettings, LocalAuthority};
 
     fn cache(clock: Arc<dyn Clock>) -> Arc<SvidCache> {
-        let authority = Authority::load(
+        let authority = LocalAuthority::load(
             AuthoritySettings {
                 trust_domain: spiffe::TrustDomain::new("example.org").unwrap(),
                 ca_ttl: Duration::from_secs(24 * 3600),
@@ -322,7 +333,8 @@ mod tests {
             clock.clone(),
         )
         .unwrap();
-        SvidCache::new(authority, clock, Arc::new(Metrics::new()))
+        let trust = authority.trust_store().clone();
+        SvidCache::new(authority, trust, clock, Arc::new(Metrics::new()))
     }
 
     #[test]

@@ -21,13 +21,16 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Map, json};
-use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
+use super::Exchange;
+use super::approvals::ApprovalError;
 use crate::clock::Clock;
-use crate::exchange::Exchange;
-use crate::exchange::approvals::ApprovalError;
-use crate::exchange::server::ExchangeConn;
+use crate::transport::http::Limits;
+use crate::transport::{Acceptor, PeerConnection};
+
+/// The connection's peer credentials, as the accept loop read them.
+type Conn = ConnectInfo<Option<PeerConnection>>;
 
 #[derive(Clone)]
 struct OperatorState {
@@ -37,10 +40,10 @@ struct OperatorState {
 }
 
 pub async fn serve(
-    listener: UnixListener,
+    acceptor: Acceptor,
     exchange: Arc<Exchange>,
     clock: Arc<dyn Clock>,
-    limits: crate::unix_http::Limits,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
@@ -52,15 +55,12 @@ pub async fn serve(
             clock,
             agent_uid: nix::unistd::geteuid().as_raw(),
         });
-    // Operators are identified by uid only; the proc root is for the
-    // (unused) executable note every accepted connection gets.
-    let proc_root = tessera_attestor::ProcRoot::new("/proc");
-    crate::unix_http::serve(listener, app, limits, proc_root, shutdown, || {}).await
+    crate::transport::http::serve(acceptor, app, limits, shutdown).await
 }
 
 /// The operator's name for the audit log, if they may use this socket.
-fn operator(s: &OperatorState, conn: &ExchangeConn) -> Result<String, Box<Response>> {
-    match conn.peer() {
+fn operator(s: &OperatorState, conn: &Option<PeerConnection>) -> Result<String, Box<Response>> {
+    match conn.as_ref().map(|c| &c.peer) {
         Some(p) if p.uid == 0 || p.uid == s.agent_uid => Ok(format!("uid:{}", p.uid)),
         _ => Err(Box::new(
             (
@@ -74,35 +74,24 @@ fn operator(s: &OperatorState, conn: &ExchangeConn) -> Result<String, Box<Respon
     }
 }
 
-async fn list(
-    State(s): State<OperatorState>,
-    ConnectInfo(conn): ConnectInfo<ExchangeConn>,
-) -> Response {
+async fn list(State(s): State<OperatorState>, ConnectInfo(conn): Conn) -> Response {
     if let Err(r) = operator(&s, &conn) {
         return *r;
     }
     axum::Json(s.exchange.approvals.list(s.clock.now())).into_response()
 }
 
-async fn approve(
-    state: State<OperatorState>,
-    conn: ConnectInfo<ExchangeConn>,
-    Path(id): Path<String>,
-) -> Response {
+async fn approve(state: State<OperatorState>, conn: Conn, Path(id): Path<String>) -> Response {
     decide(state, conn, id, true).await
 }
 
-async fn deny(
-    state: State<OperatorState>,
-    conn: ConnectInfo<ExchangeConn>,
-    Path(id): Path<String>,
-) -> Response {
+async fn deny(state: State<OperatorState>, conn: Conn, Path(id): Path<String>) -> Response {
     decide(state, conn, id, false).await
 }
 
 async fn decide(
     State(s): State<OperatorState>,
-    ConnectInfo(conn): ConnectInfo<ExchangeConn>,
+    ConnectInfo(conn): Conn,
     id: String,
     approve: bool,
 ) -> Response {

@@ -1,18 +1,17 @@
 //! Serving an axum router over a Unix socket to callers we do not trust.
 //!
 //! Workloads are untrusted input: a caller may open thousands of
-//! connections, send headers a byte a minute, or never finish a body. This
-//! accept loop bounds all of that before the router sees a request:
+//! connections, send headers a byte a minute, or never finish a body. On top
+//! of the [`Acceptor`]'s connection cap, this bounds all of that before the
+//! router sees a request:
 //!
-//! * at most `max_connections` connections at once; more are closed at once
-//!   (and counted), so honest callers keep being served;
 //! * the request head must arrive within `header_read_timeout`;
 //! * a whole request (body and handler) must finish within `request_timeout`,
 //!   else 408;
-//! * the caller's kernel credentials are read at accept time and handed to
-//!   handlers as [`ConnectInfo<ExchangeConn>`](crate::exchange::server::ExchangeConn).
+//! * the caller's kernel credentials, read at accept time, reach handlers as
+//!   [`ConnectInfo<Option<PeerConnection>>`](PeerConnection) (None when the
+//!   kernel would not give them).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -20,16 +19,14 @@ use axum::extract::ConnectInfo;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::UnixListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::exchange::server::ExchangeConn;
+use super::accept::{Accepted, Acceptor};
+use super::peer::PeerConnection;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub request_timeout: Duration,
     /// How long open connections may finish after shutdown begins.
@@ -39,7 +36,6 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_connections: 4096,
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
@@ -50,32 +46,17 @@ impl Default for Limits {
 /// Serves `app` until `shutdown`, then lets open connections finish their
 /// current request within the grace period.
 pub async fn serve(
-    listener: UnixListener,
+    acceptor: Acceptor,
     app: Router,
     limits: Limits,
-    proc_root: tessera_attestor::ProcRoot,
     shutdown: CancellationToken,
-    on_refused: impl Fn() + Send + Sync + 'static,
 ) -> std::io::Result<()> {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
-        let stream = tokio::select! {
+        let Accepted { stream, peer, slot } = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: pause, don't spin or die.
-                    tracing::warn!(error = %e, "accept failed; pausing");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            accepted = acceptor.accept() => accepted,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            on_refused();
-            continue; // dropping the stream closes it
-        };
-        let info = ExchangeConn::from_stream(&stream, &proc_root);
+        let info: Option<PeerConnection> = peer;
         let app = app.clone();
         let service =
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {

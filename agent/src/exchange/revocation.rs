@@ -18,12 +18,12 @@
 //! memory (fail closed) and the error reports that it is not durable; the
 //! partial line is cut off before the next write.
 
+use crate::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -350,17 +350,15 @@ impl RevocationStore {
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(|e| e.into_inner())
+        self.state.read()
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|e| e.into_inner())
+        self.state.write()
     }
 
     fn persist(&self) -> Option<MutexGuard<'_, Persist>> {
-        self.persist
-            .as_ref()
-            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+        self.persist.as_ref().map(|m| m.lock())
     }
 
     fn revoke(&self, kind: Kind, id: &str, until: SystemTime) -> Result<(), RevocationError> {

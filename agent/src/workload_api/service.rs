@@ -11,131 +11,52 @@
 //! | WIT-SVID profile | Unimplemented |
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use futures_util::Stream;
-use tessera_attestor::{AttestError, AttestedPeer, WorkloadAttestor};
+use tessera_attestor::AttestedPeer;
 use tessera_workload_api as pb;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::authority::{TrustBundle, X509Svid};
+use super::stream::{self, BoxStream, StreamSender};
+use crate::caller::{CallerError, Callers};
 use crate::entries::{EntrySet, Identity};
-use crate::metrics::{Metrics, OpenStream};
-use crate::peer_conn::PeerConnection;
-use crate::svid_cache::SvidCache;
+use crate::identity::{SvidCache, TrustBundle, X509Svid};
+use crate::metrics::OpenStream;
+use crate::transport::PeerConnection;
 
-/// Shared state of a running agent that the API needs.
-pub struct AgentState {
-    pub attestor: WorkloadAttestor,
-    pub entries: watch::Receiver<EntrySet>,
+/// What the Workload API serves from.
+pub struct ApiState {
+    pub callers: Arc<Callers>,
     pub cache: Arc<SvidCache>,
-    pub metrics: Arc<Metrics>,
-    pub ready: AtomicBool,
-    pub shutdown: CancellationToken,
-    /// Per-caller request budget (Workload API calls and exchange requests).
-    pub limiter: crate::rate_limit::RateLimiter,
-}
-
-/// Why a caller could not be identified, independent of the transport.
-#[derive(Debug)]
-pub enum CallerError {
-    /// The agent is starting or stopping.
-    NotReady,
-    /// The process that connected exited, or its PID now names another process.
-    Gone,
-    /// Attestation could not run (e.g. /proc unreadable, kubelet down).
-    Failed(String),
 }
 
 impl From<CallerError> for Status {
     fn from(e: CallerError) -> Self {
         match e {
-            CallerError::NotReady => Status::unavailable("agent is not ready"),
-            CallerError::Gone => {
-                Status::unauthenticated("could not verify existence of the original caller")
-            }
-            CallerError::Failed(m) => {
-                Status::unavailable(format!("workload attestation failed: {m}"))
-            }
+            CallerError::NotReady => Status::unavailable(e.to_string()),
+            CallerError::Gone => Status::unauthenticated(e.to_string()),
+            CallerError::Failed(_) => Status::unavailable(e.to_string()),
         }
     }
 }
 
-impl AgentState {
+impl ApiState {
     /// Attests the caller of `request` (cached per connection) and re-checks
     /// that the process is still the one that connected.
-    pub async fn caller<T>(&self, request: &Request<T>) -> Result<Arc<AttestedPeer>, Status> {
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Arc<AttestedPeer>, Status> {
         let conn = request
             .extensions()
             .get::<PeerConnection>()
             .ok_or_else(|| Status::internal("missing peer information"))?;
-        if !self.within_budget(conn) {
+        if !self.callers.within_budget(conn) {
             return Err(Status::resource_exhausted(
                 "too many requests from this process; slow down",
             ));
         }
-        Ok(self.attest_connection(conn).await?)
-    }
-
-    /// Takes one request from the calling process's budget.
-    pub fn within_budget(&self, conn: &PeerConnection) -> bool {
-        // Callers in a PID namespace we cannot see share one bucket.
-        let allowed = self.limiter.allow(conn.peer.pid.unwrap_or(-1));
-        if !allowed {
-            self.metrics.rate_limited.inc();
-        }
-        allowed
-    }
-
-    /// The transport-independent part of [`Self::caller`], also used by the
-    /// token exchange socket.
-    pub async fn attest_connection(
-        &self,
-        conn: &PeerConnection,
-    ) -> Result<Arc<AttestedPeer>, CallerError> {
-        if !self.ready.load(Ordering::Acquire) || self.shutdown.is_cancelled() {
-            return Err(CallerError::NotReady);
-        }
-        let mut fresh = false;
-        let attested = conn
-            .attested
-            .get_or_try_init(|| async {
-                fresh = true;
-                let result = self.attestor.attest(&conn.peer).await;
-                let label = if result.is_ok() { "ok" } else { "error" };
-                self.metrics.attestations.get_or_create(&crate::metrics::ResultLabels { result: label }).inc();
-                result.map(Arc::new)
-            })
-            .await
-            .map_err(|e| match e {
-                AttestError::Liveness(e) => {
-                    tracing::info!(pid = ?conn.peer.pid, error = %e, "caller failed liveness check");
-                    CallerError::Gone
-                }
-                e => {
-                    tracing::warn!(pid = ?conn.peer.pid, error = %e, "workload attestation failed");
-                    CallerError::Failed(e.to_string())
-                }
-            })?
-            .clone();
-        if fresh {
-            // `attest` has just re-checked the process after reading /proc.
-            return Ok(attested);
-        }
-        attested.check_alive().map_err(|e| {
-            tracing::info!(pid = attested.process.pid, error = %e, "caller failed liveness check");
-            CallerError::Gone
-        })?;
-        Ok(attested)
-    }
-
-    pub fn identities(&self, peer: &AttestedPeer) -> Vec<Identity> {
-        self.entries.borrow().identities_for(&peer.selectors)
+        Ok(self.callers.attest_connection(conn).await?)
     }
 }
 
@@ -144,11 +65,11 @@ fn no_identity() -> Status {
 }
 
 pub struct WorkloadApi {
-    state: Arc<AgentState>,
+    state: Arc<ApiState>,
 }
 
 impl WorkloadApi {
-    pub fn new(state: Arc<AgentState>) -> Self {
+    pub fn new(state: Arc<ApiState>) -> Self {
         Self { state }
     }
 
@@ -157,7 +78,7 @@ impl WorkloadApi {
             Ok(_) => tonic::Code::Ok,
             Err(s) => s.code(),
         };
-        self.state.metrics.record_rpc(method, code, started);
+        self.state.callers.metrics.record_rpc(method, code, started);
     }
 
     /// The common start of every streaming RPC: header, caller, entitlement
@@ -171,14 +92,14 @@ impl WorkloadApi {
     ) -> Result<Response<BoxStream<M>>, Status>
     where
         M: Send + 'static,
-        F: FnOnce(Arc<AgentState>, Arc<AttestedPeer>, StreamSender<M>, Instant) -> Fut,
+        F: FnOnce(Arc<ApiState>, Arc<AttestedPeer>, StreamSender<M>, Instant) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let started = Instant::now();
         let result = async {
             pb::check_security_header(request.metadata())?;
             let peer = self.state.caller(request).await?;
-            if self.state.identities(&peer).is_empty() {
+            if self.state.callers.identities(&peer).is_empty() {
                 return Err(no_identity());
             }
             let state = self.state.clone();
@@ -189,16 +110,6 @@ impl WorkloadApi {
         result.map(|s| Response::new(Box::pin(s) as BoxStream<M>))
     }
 
-    /// Runs `body` as the stream: it gets a sender and must send the first
-    /// message as soon as it can. The stream ends only with an error status
-    /// (client gone aside): PermissionDenied when identities vanish,
-    /// Unavailable on shutdown.
-    ///
-    /// `body` runs inside the stream itself (see [`Generated`]), polled by
-    /// the HTTP/2 stream that carries it, not as a task of its own feeding a
-    /// channel: an idle stream is then one boxed future, which is most of
-    /// what a Workload API stream costs in memory. When the client resets
-    /// the stream, the transport drops it, and `body` with it.
     fn stream_of<M, F, Fut>(
         &self,
         method: &'static str,
@@ -209,124 +120,13 @@ impl WorkloadApi {
         F: FnOnce(StreamSender<M>) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let slot = Arc::new(std::sync::Mutex::new(None));
-        let body = body(StreamSender {
-            slot: slot.clone(),
-            shutdown: self.state.shutdown.clone(),
-        });
-        Generated {
-            slot,
-            body: Some(Box::pin(body)),
-            _open: OpenStream::new(&self.state.metrics, method),
-        }
+        stream::generated(
+            body,
+            self.state.callers.shutdown.clone(),
+            OpenStream::new(&self.state.callers.metrics, method),
+        )
     }
 }
-
-/// The hand-over between a stream body and its consumer: one message at a
-/// time, boxed so the slot stays pointer-sized while the stream idles.
-type Slot<M> = Arc<std::sync::Mutex<Option<Box<Result<M, Status>>>>>;
-
-fn take<M>(slot: &Slot<M>) -> Option<Result<M, Status>> {
-    slot.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-        .map(|b| *b)
-}
-
-/// A stream produced by an async body that hands each message over through
-/// a one-message [`Slot`]: `poll_next` polls the body until it has put a
-/// message there (then returns it) or is waiting for something else (then
-/// the body's wakers are the transport's). Backpressure is the transport's:
-/// the body's `send` completes only once the message has been taken, which
-/// is when the transport asks for the next one.
-struct Generated<M, Fut> {
-    slot: Slot<M>,
-    /// None once the body has returned.
-    body: Option<Pin<Box<Fut>>>,
-    _open: OpenStream,
-}
-
-impl<M, Fut: std::future::Future<Output = ()>> Stream for Generated<M, Fut> {
-    type Item = Result<M, Status>;
-
-    fn poll_next(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        use std::task::Poll;
-        // Every field is Unpin (the body is boxed), so the pin can be dropped.
-        let this = self.get_mut();
-        if let Some(item) = take(&this.slot) {
-            return Poll::Ready(Some(item));
-        }
-        let Some(body) = this.body.as_mut() else {
-            return Poll::Ready(None);
-        };
-        if body.as_mut().poll(cx).is_ready() {
-            this.body = None;
-            return Poll::Ready(take(&this.slot));
-        }
-        match take(&this.slot) {
-            Some(item) => Poll::Ready(Some(item)),
-            None => Poll::Pending,
-        }
-    }
-}
-
-/// Sends stream messages, giving up when the agent stops. (A client that
-/// leaves drops the stream, and the sender's body with it.)
-pub struct StreamSender<M> {
-    slot: Slot<M>,
-    shutdown: CancellationToken,
-}
-
-impl<M> StreamSender<M> {
-    fn put(&self, item: Result<M, Status>) {
-        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(item));
-    }
-
-    /// Hands `item` to the stream and waits until it is taken; false when
-    /// the agent is stopping instead. Not an `async fn`: the item goes into
-    /// the slot at once, so it is not also carried in the future (whose
-    /// size every idle stream would pay).
-    fn send(&self, item: Result<M, Status>) -> impl std::future::Future<Output = bool> + '_ {
-        self.put(item);
-        self.taken()
-    }
-
-    async fn taken(&self) -> bool {
-        let taken = std::future::poll_fn(|_| {
-            // No waker needed: only the consumer empties the slot, and it
-            // polls the body again right after.
-            if self
-                .slot
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_some()
-            {
-                std::task::Poll::Pending
-            } else {
-                std::task::Poll::Ready(())
-            }
-        });
-        tokio::select! {
-            biased;
-            _ = taken => true,
-            _ = self.shutdown.cancelled() => {
-                self.put(Err(Status::unavailable("agent is shutting down")));
-                false
-            }
-        }
-    }
-
-    /// Waits until the agent stops, then queues the final shutdown status.
-    async fn ended(&self) {
-        self.shutdown.cancelled().await;
-        self.put(Err(Status::unavailable("agent is shutting down")));
-    }
-}
-
-type BoxStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
 
 /// What woke a stream task.
 enum Wake {
@@ -417,7 +217,7 @@ impl pb::server::SpiffeWorkloadApi for WorkloadApi {
                         .map_err(|e| Status::invalid_argument(format!("invalid spiffe_id: {e}")))?,
                 ),
             };
-            let mut identities = self.state.identities(&peer);
+            let mut identities = self.state.callers.identities(&peer);
             if let Some(wanted) = &wanted {
                 identities.retain(|i| &i.spiffe_id == wanted);
             }
@@ -463,7 +263,7 @@ impl pb::server::SpiffeWorkloadApi for WorkloadApi {
             let (id, claims) = self
                 .state
                 .cache
-                .authority()
+                .trust_store()
                 .validate_jwt(&req.svid, &req.audience)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             Ok(Response::new(pb::ValidateJwtsvidResponse {
@@ -521,13 +321,13 @@ async fn next_wake<M>(
 }
 
 async fn x509_svid_stream(
-    state: Arc<AgentState>,
+    state: Arc<ApiState>,
     peer: Arc<AttestedPeer>,
     out: StreamSender<pb::X509svidResponse>,
     started: Instant,
 ) {
-    let mut entries = state.entries.clone();
-    let mut bundle_rx = state.cache.authority().subscribe_bundle();
+    let mut entries = state.callers.entries.clone();
+    let mut bundle_rx = state.cache.trust_store().subscribe();
     let mut first = true;
     'identities: loop {
         let identities = entries.borrow_and_update().identities_for(&peer.selectors);
@@ -585,6 +385,7 @@ async fn x509_svid_stream(
             if first {
                 first = false;
                 state
+                    .callers
                     .metrics
                     .rpc_seconds
                     .get_or_create(&crate::metrics::MethodLabels {
@@ -620,14 +421,14 @@ async fn still_the_caller<M>(peer: &AttestedPeer, out: &StreamSender<M>) -> bool
 }
 
 async fn bundle_stream<M: Send + PartialEq + 'static>(
-    state: Arc<AgentState>,
+    state: Arc<ApiState>,
     peer: Arc<AttestedPeer>,
     out: StreamSender<M>,
     build: impl Fn(String, &TrustBundle) -> M,
 ) {
-    let mut entries = state.entries.clone();
-    let mut bundle_rx = state.cache.authority().subscribe_bundle();
-    let td = state.cache.authority().trust_domain().id_string();
+    let mut entries = state.callers.entries.clone();
+    let mut bundle_rx = state.cache.trust_store().subscribe();
+    let td = state.cache.trust_store().trust_domain().id_string();
     let mut last: Option<M> = None;
     loop {
         if last.is_some() && !still_the_caller(&peer, &out).await {

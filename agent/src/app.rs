@@ -1,5 +1,7 @@
-//! Wiring of a running agent: sockets, authority, cache and rotation worker,
-//! the gRPC server, the admin server, reload and graceful shutdown.
+//! Wiring of a running agent: sockets, signer, cache and rotation worker,
+//! the gRPC server, the exchange and operator sockets, the admin server,
+//! reload and graceful shutdown. Everything is built here from the parsed
+//! config; nothing imports this module but the CLI.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -15,16 +17,18 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditLog;
-use crate::authority::{Authority, AuthoritySettings};
+use crate::caller::Callers;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::entries::EntrySet;
 use crate::exchange::Exchange;
-use crate::metrics::Metrics;
-use crate::policy::PolicyStore;
-use crate::revocation::RevocationStore;
-use crate::service::{AgentState, WorkloadApi};
-use crate::svid_cache::SvidCache;
+use crate::exchange::policy::PolicyStore;
+use crate::exchange::revocation::RevocationStore;
+use crate::identity::{AuthoritySettings, LocalAuthority, Signer, SvidCache, TrustStore};
+use crate::metrics::{MethodLabels, Metrics};
+use crate::transport::Acceptor;
+use crate::transport::http::Limits;
+use crate::workload_api::{ApiState, WorkloadApi, WorkloadApiRoutes};
 
 /// A started agent. Dropping it does not stop it; call [`RunningAgent::shutdown`].
 pub struct RunningAgent {
@@ -34,7 +38,8 @@ pub struct RunningAgent {
     /// Sockets to remove on stop besides the Workload API socket.
     extra_sockets: Vec<PathBuf>,
     pub admin_addr: Option<SocketAddr>,
-    pub state: Arc<AgentState>,
+    pub callers: Arc<Callers>,
+    pub cache: Arc<SvidCache>,
     entries: watch::Sender<EntrySet>,
     shutdown: CancellationToken,
     server: JoinHandle<anyhow::Result<()>>,
@@ -130,28 +135,40 @@ impl tessera_attestor::Attestor for NodeAttestor {
     }
 }
 
+/// Counts connections refused at a socket's cap, labelled by socket.
+fn refused_counter(metrics: &Metrics, method: &'static str) -> impl Fn() + Send + Sync + 'static {
+    let refused = metrics.connections_refused.clone();
+    move || {
+        refused.get_or_create(&MethodLabels { method }).inc();
+    }
+}
+
 /// Starts the agent described by `config` and returns once its sockets are listening.
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<RunningAgent> {
-    create_private_dir(&config.data_dir)?;
+    crate::fsutil::create_private_dir(&config.data_dir).context("data_dir")?;
     check_descriptor_budget(&config);
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
     let mut attestors: Vec<Arc<dyn tessera_attestor::Attestor>> =
         vec![Arc::new(UnixAttestor::new(config.unix_attestor.clone()))];
-    let authority = match &config.upstream {
-        None => Authority::load(
-            AuthoritySettings {
-                trust_domain: config.trust_domain.clone(),
-                ca_ttl: config.authority.ca_ttl,
-                jwt_key_ttl: config.authority.jwt_key_ttl,
-                state_dir: config.authority.persist.then(|| config.data_dir.clone()),
-                ca_files: config.authority.ca_files.clone(),
-            },
-            clock.clone(),
-        )
-        .context("loading the signing authority")?,
+    let (signer, trust): (Arc<dyn Signer>, Arc<TrustStore>) = match &config.upstream {
+        None => {
+            let authority = LocalAuthority::load(
+                AuthoritySettings {
+                    trust_domain: config.trust_domain.clone(),
+                    ca_ttl: config.authority.ca_ttl,
+                    jwt_key_ttl: config.authority.jwt_key_ttl,
+                    state_dir: config.authority.persist.then(|| config.data_dir.clone()),
+                    ca_files: config.authority.ca_files.clone(),
+                },
+                clock.clone(),
+            )
+            .context("loading the signing authority")?;
+            let trust = authority.trust_store().clone();
+            (authority, trust)
+        }
         Some(up) => {
-            let (client, doc) = crate::fleet::client::Upstream::connect(
+            let client = crate::fleet::client::Upstream::connect(
                 up.clone(),
                 config.trust_domain.clone(),
                 clock.clone(),
@@ -159,41 +176,38 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                 &shutdown,
             )
             .await?;
-            let authority =
-                Authority::for_upstream(config.trust_domain.clone(), clock.clone(), client.clone());
-            client
-                .apply_bundle(&authority, &doc)
-                .context("the fleet authority's bundle")?;
             tracing::info!(
                 node = %client.node_id(),
                 replicas = ?up.addresses,
                 "upstream mode: the fleet authority signs; workload keys stay on this node"
             );
             attestors.push(Arc::new(NodeAttestor(client.node_name())));
-            tokio::spawn(client.clone().run(authority.clone(), shutdown.clone()));
-            authority
+            tokio::spawn(client.clone().run(shutdown.clone()));
+            let trust = client.trust_store().clone();
+            (client, trust)
         }
     };
 
     let listener = bind_socket(&config.socket_path, 0o777)?;
-    let cache = SvidCache::new(authority.clone(), clock.clone(), metrics.clone());
+    let cache = SvidCache::new(signer, trust, clock.clone(), metrics.clone());
     tokio::spawn(cache.clone().run_rotation(shutdown.clone()));
 
     if let Some(k8s) = &config.k8s_attestor {
         tracing::info!(kubelet = %format!("{}:{}", k8s.kubelet.host, k8s.kubelet.port), read_only = k8s.kubelet.read_only, "Kubernetes attestation enabled");
         attestors.push(Arc::new(tessera_attestor::K8sAttestor::new(k8s.clone())));
     }
-    let attestor = WorkloadAttestor::new(ProcRoot::new(&config.proc_root), attestors);
+    let proc_root = ProcRoot::new(&config.proc_root);
+    let attestor = WorkloadAttestor::new(proc_root.clone(), attestors);
     let (entries_tx, entries_rx) = watch::channel(config.entries.clone());
-    let state = Arc::new(AgentState {
+    let callers = Arc::new(Callers {
         attestor,
         entries: entries_rx,
-        cache,
-        metrics,
+        metrics: metrics.clone(),
         ready: AtomicBool::new(false),
         shutdown: shutdown.clone(),
         limiter: crate::rate_limit::RateLimiter::new(config.caller_budget),
     });
+    let limits = http_limits(&config);
 
     let mut extra_sockets = Vec::new();
     let exchange = match &config.exchange {
@@ -202,12 +216,16 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             let exchange = Arc::new(build_exchange(
                 x,
                 &config.data_dir,
-                authority.clone(),
-                state.cache.clone(),
+                cache.clone(),
                 clock.clone(),
-                state.metrics.clone(),
+                metrics.clone(),
             )?);
-            let listener = bind_socket(&x.socket_path, 0o777)?;
+            let acceptor = Acceptor::new(
+                bind_socket(&x.socket_path, 0o777)?,
+                proc_root.clone(),
+                config.max_connections,
+                refused_counter(&metrics, "exchange"),
+            );
             extra_sockets.push(x.socket_path.clone());
             tracing::info!(
                 socket = %x.socket_path.display(),
@@ -215,10 +233,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                 policies = exchange.policy.policy_count(),
                 "token exchange serving (/token /revoke /introspect /jwks)"
             );
-            let (ex, st, sd) = (exchange.clone(), state.clone(), shutdown.clone());
-            let limits = http_limits(&config, config.max_connections);
+            let (ex, c, sd) = (exchange.clone(), callers.clone(), shutdown.clone());
             tokio::spawn(async move {
-                if let Err(e) = crate::exchange::server::serve(listener, ex, st, limits, sd).await {
+                if let Err(e) = crate::exchange::server::serve(acceptor, ex, c, limits, sd).await {
                     tracing::error!(error = %e, "token exchange server failed");
                 }
             });
@@ -233,13 +250,20 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                 "admin.socket_path is set but [exchange] is not; the operator socket serves approvals only, so it is not opened"
             ),
             Some(ex) => {
-                let listener = bind_operator_socket(path)?;
+                // Operators are identified by uid only, and few connect at once.
+                let acceptor = Acceptor::new(
+                    bind_operator_socket(path)?,
+                    proc_root.clone(),
+                    OPERATOR_CONNECTIONS,
+                    refused_counter(&metrics, "operator"),
+                );
                 extra_sockets.push(path.clone());
                 tracing::info!(socket = %path.display(), "operator socket listening (approvals)");
                 let (ex, c, sd) = (ex.clone(), clock.clone(), shutdown.clone());
-                let limits = http_limits(&config, 64);
                 tokio::spawn(async move {
-                    if let Err(e) = crate::operator::serve(listener, ex, c, limits, sd).await {
+                    if let Err(e) =
+                        crate::exchange::operator::serve(acceptor, ex, c, limits, sd).await
+                    {
                         tracing::error!(error = %e, "operator socket server failed");
                     }
                 });
@@ -255,9 +279,15 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                 .with_context(|| format!("binding admin listener {addr}"))?;
             let local = listener.local_addr()?;
             tracing::info!(address = %local, "admin HTTP listening (/healthz /readyz /metrics)");
-            let (state, clock, shutdown) = (state.clone(), clock.clone(), shutdown.clone());
+            let (callers, cache, clock, shutdown) = (
+                callers.clone(),
+                cache.clone(),
+                clock.clone(),
+                shutdown.clone(),
+            );
             tokio::spawn(async move {
-                if let Err(e) = crate::admin::serve(listener, state, clock, shutdown).await {
+                if let Err(e) = crate::admin::serve(listener, callers, cache, clock, shutdown).await
+                {
                     tracing::error!(error = %e, "admin server failed");
                 }
             });
@@ -275,23 +305,19 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         .context("building the reflection service")?;
     // Workload API requests are a few hundred bytes; anything past 64 KiB is
     // refused without buffering more than that.
-    let api = crate::x509_stream_route::WorkloadApiRoutes::new(
-        WorkloadApi::new(state.clone()),
+    let api = WorkloadApiRoutes::new(
+        WorkloadApi::new(Arc::new(ApiState {
+            callers: callers.clone(),
+            cache: cache.clone(),
+        })),
         64 * 1024,
     );
-    let refused = state.metrics.connections_refused.clone();
-    let incoming = crate::peer_conn::incoming(
+    let incoming = crate::transport::grpc::incoming(Acceptor::new(
         listener,
-        ProcRoot::new(&config.proc_root),
+        proc_root,
         config.max_connections,
-        move || {
-            refused
-                .get_or_create(&crate::metrics::MethodLabels {
-                    method: "workload_api",
-                })
-                .inc();
-        },
-    );
+        refused_counter(&metrics, "workload_api"),
+    ));
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -304,7 +330,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             .await
             .context("Workload API server failed")
     });
-    state.ready.store(true, Ordering::Release);
+    callers.ready.store(true, Ordering::Release);
     tracing::info!(
         socket = %config.socket_path.display(),
         trust_domain = config.trust_domain.as_str(),
@@ -316,13 +342,17 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         exchange,
         extra_sockets,
         admin_addr,
-        state,
+        callers,
+        cache,
         entries: entries_tx,
         shutdown,
         server,
         grace: config.shutdown_grace,
     })
 }
+
+/// Connections the operator socket holds at once.
+const OPERATOR_CONNECTIONS: usize = 64;
 
 /// Runs until SIGTERM/SIGINT. SIGHUP reloads the entries from `config_path`.
 /// Returns on SIGTERM or SIGINT.
@@ -375,39 +405,8 @@ pub async fn run_until_signalled(
     agent.stop().await
 }
 
-/// `data_dir` holds keys, revocations and the audit log: 0700. An existing
-/// directory that others can reach is tightened if it is ours; one owned by
-/// someone else is refused (they could swap files under us).
-pub(crate) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    if !dir.exists() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating data_dir {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        return Ok(());
-    }
-    let meta =
-        std::fs::metadata(dir).with_context(|| format!("inspecting data_dir {}", dir.display()))?;
-    if !meta.is_dir() {
-        bail!("data_dir {} is not a directory", dir.display());
-    }
-    let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me && meta.uid() != 0 {
-        bail!(
-            "data_dir {} belongs to uid {}, not to the agent (uid {me}); refusing to keep keys there",
-            dir.display(),
-            meta.uid()
-        );
-    }
-    if meta.mode() & 0o077 != 0 && meta.uid() == me {
-        tracing::warn!(dir = %dir.display(), mode = format!("{:o}", meta.mode() & 0o777), "data_dir was accessible to others; setting it to 0700");
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
-    Ok(())
-}
-
-fn http_limits(config: &Config, max_connections: usize) -> crate::unix_http::Limits {
-    crate::unix_http::Limits {
-        max_connections,
+fn http_limits(config: &Config) -> Limits {
+    Limits {
         header_read_timeout: config.http_header_timeout,
         request_timeout: config.http_request_timeout,
         shutdown_grace: config.shutdown_grace,
@@ -416,9 +415,8 @@ fn http_limits(config: &Config, max_connections: usize) -> crate::unix_http::Lim
 
 /// Opens the policy store, revocation state and audit log of the exchange.
 fn build_exchange(
-    x: &crate::config::ExchangeConfig,
+    x: &crate::exchange::ExchangeConfig,
     data_dir: &Path,
-    authority: Arc<Authority>,
     cache: Arc<SvidCache>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
@@ -451,7 +449,6 @@ fn build_exchange(
     tracing::info!(path = %x.audit_log.display(), records = report.records, "audit log open");
     Ok(Exchange::new(
         x.clone(),
-        authority,
         cache,
         Arc::new(policy),
         Arc::new(revocations),

@@ -17,11 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use clap::Args;
 use tessera_workload_api as pb;
 use tessera_workload_api::client::SpiffeWorkloadApiClient;
 use tonic::transport::Channel;
 
-use crate::client;
+use super::client;
 
 pub const SCENARIOS: &[&str] = &[
     "x509-first",
@@ -32,6 +33,35 @@ pub const SCENARIOS: &[&str] = &[
     "exchange",
     "idle-memory",
 ];
+
+/// The `tessera bench` command line.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Scenarios to run (default: all): x509-first, x509-cold, jwt-fetch,
+    /// jwt-validate, fanout, exchange, idle-memory.
+    pub scenarios: Vec<String>,
+    /// One JSON object per line per scenario instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Concurrent clients (x509-first, jwt-*).
+    #[arg(long, default_value_t = 100)]
+    pub clients: usize,
+    /// Open streams (fanout, idle-memory).
+    #[arg(long, default_value_t = 1000)]
+    pub streams: usize,
+    /// Distinct identities (x509-cold: issued per round; idle-memory: cached).
+    #[arg(long, default_value_t = 100)]
+    pub identities: usize,
+    /// Cedar policies loaded (exchange).
+    #[arg(long, default_value_t = 1000)]
+    pub policies: usize,
+    /// How long each closed-loop scenario runs.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Target a running agent instead of starting one.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+}
 
 #[derive(Debug, Clone)]
 pub struct BenchParams {
@@ -172,9 +202,9 @@ pub async fn run(names: &[String], params: BenchParams, json: bool) -> anyhow::R
 }
 
 /// An in-memory authority for timing the raw signing code in this process.
-fn memory_authority() -> anyhow::Result<Arc<crate::authority::Authority>> {
-    Ok(crate::authority::Authority::load(
-        crate::authority::AuthoritySettings {
+fn memory_authority() -> anyhow::Result<Arc<crate::identity::LocalAuthority>> {
+    Ok(crate::identity::LocalAuthority::load(
+        crate::identity::AuthoritySettings {
             trust_domain: spiffe::TrustDomain::new("example.org")?,
             ca_ttl: Duration::from_secs(86400),
             jwt_key_ttl: Duration::from_secs(86400),
@@ -855,13 +885,14 @@ async fn exchange(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
 
     // Raw costs in this process, same code: one sliced policy decision over
     // the same policies, and one ES256 signature of a token-sized claim set.
-    let store = crate::policy::PolicyStore::load(Some(&agent._dir.path().join("policies")))?;
+    let store =
+        crate::exchange::policy::PolicyStore::load(Some(&agent._dir.path().join("policies")))?;
     let selectors = vec![format!("unix:uid:{}", nix::unistd::geteuid())];
     let scopes = vec!["bench:read".to_string()];
     let raw_n = 20_000;
     let t = Instant::now();
     for _ in 0..raw_n {
-        let d = store.evaluate(&crate::policy::PolicyRequest {
+        let d = store.evaluate(&crate::exchange::policy::PolicyRequest {
             principal: "spiffe://example.org/bench/exchange",
             selectors: &selectors,
             audience: "bench-api",

@@ -1,0 +1,143 @@
+//! `tessera authority`: the fleet signing service and its key directory.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Subcommand;
+
+use super::init_logging;
+use crate::config::Config;
+
+#[derive(Subcommand)]
+pub(super) enum AuthorityCommand {
+    /// Run the authority (`[server]` table of the config file).
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Create a key directory: ca.crt, ca.key, jwt.key, access.key (0600).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        trust_domain: String,
+        /// CA lifetime.
+        #[arg(long, default_value = "1y")]
+        ca_ttl: String,
+    },
+    /// Add a successor CA (ca-<time>.crt/.key) to a key directory; replicas
+    /// publish it at once and sign with it after `ca_publish_lead`.
+    RotateCa {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long, default_value = "1y")]
+        ca_ttl: String,
+    },
+    /// Create a single-use join token for a machine outside Kubernetes; prints it.
+    JoinToken {
+        /// The authority's `server.join_token_dir`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The node's name (its ID becomes spiffe://<td>/tessera/node/join/<name>).
+        #[arg(long)]
+        node: String,
+        #[arg(long, default_value = "10m")]
+        ttl: String,
+    },
+}
+
+pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
+    let duration = |flag: &str, v: &str| {
+        humantime::parse_duration(v).map_err(|e| anyhow::anyhow!("--{flag} {v:?}: {e}"))
+    };
+    let td = |v: &str| {
+        spiffe::TrustDomain::new(v).map_err(|e| anyhow::anyhow!("--trust-domain {v:?}: {e}"))
+    };
+    match cmd {
+        AuthorityCommand::Init {
+            dir,
+            trust_domain,
+            ca_ttl,
+        } => {
+            let ttl = duration("ca-ttl", &ca_ttl)?;
+            crate::identity::key_files::init_key_dir(
+                &td(&trust_domain)?,
+                &dir,
+                ttl,
+                std::time::SystemTime::now(),
+            )?;
+            println!(
+                "wrote {}/{{ca.crt,ca.key,jwt.key,access.key}}",
+                dir.display()
+            );
+            println!(
+                "agents trust {}/ca.crt (upstream.bundle_file); keep the .key files secret",
+                dir.display()
+            );
+            Ok(())
+        }
+        AuthorityCommand::RotateCa {
+            dir,
+            trust_domain,
+            ca_ttl,
+        } => {
+            let ttl = duration("ca-ttl", &ca_ttl)?;
+            let name = crate::identity::key_files::add_ca(
+                &td(&trust_domain)?,
+                &dir,
+                ttl,
+                std::time::SystemTime::now(),
+            )?;
+            println!(
+                "wrote {}; replicas publish it within server.key_reload_interval and sign with it after server.ca_publish_lead",
+                dir.join(name).display()
+            );
+            Ok(())
+        }
+        AuthorityCommand::JoinToken { dir, node, ttl } => {
+            let ttl = duration("ttl", &ttl)?;
+            let token = crate::fleet::join::create(&dir, &node, ttl, std::time::SystemTime::now())?;
+            println!("{token}");
+            Ok(())
+        }
+        AuthorityCommand::Run { config } => {
+            let cfg = Config::load(&config)?;
+            init_logging(cfg.log.level.as_deref(), cfg.log.json);
+            for w in &cfg.warnings {
+                tracing::warn!("{w}");
+            }
+            let server = cfg.server.clone().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: `tessera authority run` needs a [server] table",
+                    config.display()
+                )
+            })?;
+            let running = crate::fleet::server::start(
+                cfg.trust_domain.clone(),
+                cfg.entries.clone(),
+                server,
+                cfg.admin_listen,
+                Arc::new(crate::clock::SystemClock),
+            )
+            .await?;
+            if let Some(a) = running.admin_addr {
+                tracing::info!(address = %a, "admin HTTP listening (/healthz /readyz /metrics)");
+            }
+            // SIGHUP must not kill the authority (its default action);
+            // config changes other than keys need a restart.
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            loop {
+                tokio::select! {
+                    _ = crate::app::wait_for_signal() => break,
+                    _ = hup.recv() => tracing::info!("SIGHUP: keys reload on their own every server.key_reload_interval; restart to change entries"),
+                }
+            }
+            tracing::info!("shutting down");
+            running.shutdown();
+            running.wait().await;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! The `[exchange]` table as the exchange uses it (parsed and checked in
+//! `crate::config`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The `[exchange]` table, validated.
+#[derive(Debug, Clone)]
+pub struct ExchangeConfig {
+    /// HTTP on a Unix socket; defaults to `exchange.sock` beside the Workload API socket.
+    pub socket_path: PathBuf,
+    /// `*.cedar` policies; `None` means no policy, so every exchange is denied.
+    pub policy_dir: Option<PathBuf>,
+    pub policy_reload_interval: Duration,
+    /// `iss` of issued tokens and the audience subject tokens must carry.
+    pub issuer: String,
+    /// No token outlives this, whatever the request or policy says.
+    pub max_ttl: Duration,
+    /// TTL when the request names none.
+    pub default_ttl: Duration,
+    /// Hash-chained decision log; defaults to `data_dir/audit.jsonl`.
+    pub audit_log: PathBuf,
+    pub max_delegation_depth: u32,
+    /// How long a pending approval waits for an operator.
+    pub approval_timeout: Duration,
+    /// How long an approved request may be redeemed.
+    pub approval_grant_ttl: Duration,
+    /// `interval` told to clients polling a pending approval.
+    pub approval_poll_interval: Duration,
+}

@@ -1,0 +1,31 @@
+//! Keys and signing for the trust domain, and the SVIDs they produce.
+//!
+//! * [`Signer`] is the seam every consumer signs through; the
+//!   [`LocalAuthority`] (keys in this process) and the fleet client
+//!   (`fleet::client::Upstream`, keys at the fleet authority) implement it.
+//! * [`TrustStore`] holds what the trust domain publishes: the bundle pushed
+//!   to every stream, and the access-token keys.
+//! * [`SvidCache`] caches issued SVIDs per SPIFFE ID and runs the one
+//!   rotation worker.
+//! * Below them: [`keyring`] (the rollover schedule), [`keys`] (CA and JWT
+//!   key material and certificate profiles), [`key_files`] (operator CA and
+//!   the fleet key directory), [`state_file`] (`authority.json`), [`jws`]
+//!   (ES256 JWS) and [`pem`].
+
+pub mod cache;
+pub mod jws;
+pub mod key_files;
+pub mod keyring;
+pub mod keys;
+pub mod local;
+pub mod pem;
+pub mod signer;
+pub mod state_file;
+pub mod svid;
+pub mod trust_store;
+
+pub use cache::SvidCache;
+pub use local::{AuthoritySettings, LocalAuthority};
+pub use signer::{SignError, SignFuture, Signer};
+pub use svid::{JwtSvid, SignedCert, TrustBundle, X509Svid};
+pub use trust_store::TrustStore;

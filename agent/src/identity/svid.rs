@@ -1,0 +1,74 @@
+//! What the identity layer hands out: issued SVIDs and the trust bundle.
+//! Plain values, shared by `Arc`; nothing here signs or verifies.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use prost::bytes::Bytes;
+
+use super::jws::PublicJwk;
+
+/// An issued X509-SVID. The private key lives only in memory.
+#[derive(Clone)]
+pub struct X509Svid {
+    pub spiffe_id: spiffe::SpiffeId,
+    /// DER leaf (no intermediates: the CA signs directly).
+    pub chain_der: Bytes,
+    /// PKCS#8 DER private key.
+    pub key_pkcs8: Bytes,
+    pub issued_at: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl std::fmt::Debug for X509Svid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("X509Svid")
+            .field("spiffe_id", &self.spiffe_id.to_string())
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A certificate signed over a public key the signer never saw the private
+/// half of.
+#[derive(Debug, Clone)]
+pub struct SignedCert {
+    pub cert_der: Bytes,
+    pub issued_at: SystemTime,
+    pub not_after: SystemTime,
+}
+
+/// A signed JWT-SVID.
+#[derive(Clone)]
+pub struct JwtSvid {
+    pub token: String,
+    pub issued_at: SystemTime,
+    pub expires_at: SystemTime,
+}
+
+/// What relying parties need: CA certificates and the JWKS. Shared by every
+/// stream via `Arc`, rebuilt only when a key is added or removed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrustBundle {
+    /// Concatenated DER CA certificates.
+    pub x509: Bytes,
+    /// JWKS document with `use: jwt-svid` keys, each with a `kid`.
+    pub jwks: Bytes,
+    pub jwt_keys: Arc<[PublicJwk]>,
+    pub sequence: u64,
+}
+
+impl TrustBundle {
+    /// A bundle of `cas` (DER, concatenated) and `jwt_keys`.
+    pub fn new(x509: Vec<u8>, jwt_keys: Vec<PublicJwk>, sequence: u64) -> Self {
+        let jwks = serde_json::json!({
+            "keys": jwt_keys.iter().map(|k| k.to_json("jwt-svid")).collect::<Vec<_>>(),
+        });
+        Self {
+            x509: Bytes::from(x509),
+            jwks: Bytes::from(jwks.to_string()),
+            jwt_keys: jwt_keys.into(),
+            sequence,
+        }
+    }
+}

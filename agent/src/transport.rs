@@ -1,0 +1,20 @@
+//! How callers reach the agent: Unix sockets whose peers are identified by
+//! their kernel credentials, never by anything they send.
+//!
+//! * [`accept`]: the one accept loop every socket uses (the Workload API,
+//!   the exchange, the operator socket): a connection cap, peer credentials
+//!   read at accept time, accept errors paused on instead of fatal.
+//! * [`peer`]: what the loop learns about a connection ([`PeerConnection`]).
+//! * [`grpc`]: the stream type tonic serves, carrying that connection's facts.
+//! * [`http`]: HTTP/1.1 for axum routers, with header and request deadlines.
+//! * [`authority_header`]: accepts the socket path that some gRPC clients
+//!   send as HTTP/2 `:authority`.
+
+pub mod accept;
+pub mod authority_header;
+pub mod grpc;
+pub mod http;
+pub mod peer;
+
+pub use accept::{Accepted, Acceptor};
+pub use peer::PeerConnection;

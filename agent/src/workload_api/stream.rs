@@ -1,0 +1,142 @@
+//! A Workload API stream as an async body that sends its messages, run
+//! inside the response stream itself.
+//!
+//! `body` runs inside the stream (see [`Generated`]), polled by the HTTP/2
+//! stream that carries it, not as a task of its own feeding a channel: an
+//! idle stream is then one boxed future, which is most of what a Workload
+//! API stream costs in memory. When the client resets the stream, the
+//! transport drops it, and `body` with it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::metrics::OpenStream;
+use crate::sync::Mutex;
+
+/// Runs `body` as a stream: it gets a sender and must send the first
+/// message as soon as it can. The stream ends only with an error status
+/// (client gone aside): PermissionDenied when identities vanish,
+/// Unavailable on shutdown.
+pub fn generated<M, F, Fut>(
+    body: F,
+    shutdown: CancellationToken,
+    open: OpenStream,
+) -> impl Stream<Item = Result<M, Status>> + Send + 'static
+where
+    M: Send + 'static,
+    F: FnOnce(StreamSender<M>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slot = Arc::new(Mutex::new(None));
+    let body = body(StreamSender {
+        slot: slot.clone(),
+        shutdown,
+    });
+    Generated {
+        slot,
+        body: Some(Box::pin(body)),
+        _open: open,
+    }
+}
+
+/// The hand-over between a stream body and its consumer: one message at a
+/// time, boxed so the slot stays pointer-sized while the stream idles.
+type Slot<M> = Arc<Mutex<Option<Box<Result<M, Status>>>>>;
+
+fn take<M>(slot: &Slot<M>) -> Option<Result<M, Status>> {
+    slot.lock().take().map(|b| *b)
+}
+
+/// A stream produced by an async body that hands each message over through
+/// a one-message [`Slot`]: `poll_next` polls the body until it has put a
+/// message there (then returns it) or is waiting for something else (then
+/// the body's wakers are the transport's). Backpressure is the transport's:
+/// the body's `send` completes only once the message has been taken, which
+/// is when the transport asks for the next one.
+struct Generated<M, Fut> {
+    slot: Slot<M>,
+    /// None once the body has returned.
+    body: Option<Pin<Box<Fut>>>,
+    _open: OpenStream,
+}
+
+impl<M, Fut: std::future::Future<Output = ()>> Stream for Generated<M, Fut> {
+    type Item = Result<M, Status>;
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        // Every field is Unpin (the body is boxed), so the pin can be dropped.
+        let this = self.get_mut();
+        if let Some(item) = take(&this.slot) {
+            return Poll::Ready(Some(item));
+        }
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if body.as_mut().poll(cx).is_ready() {
+            this.body = None;
+            return Poll::Ready(take(&this.slot));
+        }
+        match take(&this.slot) {
+            Some(item) => Poll::Ready(Some(item)),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// Sends stream messages, giving up when the agent stops. (A client that
+/// leaves drops the stream, and the sender's body with it.)
+pub struct StreamSender<M> {
+    slot: Slot<M>,
+    shutdown: CancellationToken,
+}
+
+impl<M> StreamSender<M> {
+    fn put(&self, item: Result<M, Status>) {
+        *self.slot.lock() = Some(Box::new(item));
+    }
+
+    /// Hands `item` to the stream and waits until it is taken; false when
+    /// the agent is stopping instead. Not an `async fn`: the item goes into
+    /// the slot at once, so it is not also carried in the future (whose
+    /// size every idle stream would pay).
+    pub fn send(&self, item: Result<M, Status>) -> impl std::future::Future<Output = bool> + '_ {
+        self.put(item);
+        self.taken()
+    }
+
+    async fn taken(&self) -> bool {
+        let taken = std::future::poll_fn(|_| {
+            // No waker needed: only the consumer empties the slot, and it
+            // polls the body again right after.
+            if self.slot.lock().is_some() {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        });
+        tokio::select! {
+            biased;
+            _ = taken => true,
+            _ = self.shutdown.cancelled() => {
+                self.put(Err(Status::unavailable("agent is shutting down")));
+                false
+            }
+        }
+    }
+
+    /// Waits until the agent stops, then queues the final shutdown status.
+    pub async fn ended(&self) {
+        self.shutdown.cancelled().await;
+        self.put(Err(Status::unavailable("agent is shutting down")));
+    }
+}
+
+pub type BoxStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
