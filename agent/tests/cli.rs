@@ -476,7 +476,7 @@ async fn a_flooding_caller_is_slowed_down_and_others_are_unaffected() {
     );
     // This test process floods: the first `burst` calls pass, then
     // ResourceExhausted.
-    let mut api = tessera_agent::client::connect(&daemon.socket)
+    let mut api = tessera_agent::cli::client::connect(&daemon.socket)
         .await
         .unwrap();
     let mut codes = Vec::new();
@@ -497,7 +497,7 @@ async fn a_flooding_caller_is_slowed_down_and_others_are_unaffected() {
         "{codes:?}"
     );
     // The exchange socket shares the budget and says slow_down (429).
-    let (status, body) = tessera_agent::client::http_unix(
+    let (status, body) = tessera_agent::cli::client::http_unix(
         &dir.path().join("sock/exchange.sock"),
         http::Method::POST,
         "/introspect",

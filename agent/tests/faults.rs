@@ -36,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use serde_json::Value;
-use tessera_agent::client::{form, http_unix};
+use tessera_agent::cli::client::{form, http_unix};
 use tessera_workload_api as pb;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
@@ -184,7 +184,7 @@ async fn post(socket: &Path, path: &str, pairs: &[(&str, &str)]) -> anyhow::Resu
 }
 
 async fn subject_token(socket: &Path) -> anyhow::Result<String> {
-    let mut c = tessera_agent::client::connect(socket).await?;
+    let mut c = tessera_agent::cli::client::connect(socket).await?;
     let r = c
         .fetch_jwtsvid(pb::with_security_header(pb::JwtsvidRequest {
             audience: vec![ISSUER.into()],
@@ -259,7 +259,7 @@ async fn exchange_worker(
 /// Keeps an X509 stream open (SVID rotation pushes to it).
 async fn x509_watcher(agent_sock: PathBuf) {
     loop {
-        let Ok(mut c) = tessera_agent::client::connect(&agent_sock).await else {
+        let Ok(mut c) = tessera_agent::cli::client::connect(&agent_sock).await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
@@ -343,7 +343,9 @@ fn jwt_claims(token: &str) -> Value {
 /// signature verifies with the public key of one CA in the served bundle.
 /// Returns the DER of that CA.
 async fn check_x509(agent_sock: &Path) -> Vec<u8> {
-    let mut c = tessera_agent::client::connect(agent_sock).await.unwrap();
+    let mut c = tessera_agent::cli::client::connect(agent_sock)
+        .await
+        .unwrap();
     let mut stream = c
         .fetch_x509svid(pb::with_security_header(pb::X509svidRequest {}))
         .await

@@ -1,5 +1,5 @@
 //! criterion benchmarks for the token-exchange policy store
-//! (`tessera_agent::policy`): one decision for one scope with 2 and with
+//! (`tessera_agent::exchange::policy`): one decision for one scope with 2 and with
 //! 1,000 loaded policies (each policy for its own audience and scope, i.e.
 //! unrelated to the request but one), against the raw cost of one Cedar
 //! `Authorizer::is_authorized` call over the whole 1,000-policy set, which is
@@ -19,7 +19,7 @@ use cedar_policy::{
     PolicySet, Request, RestrictedExpression,
 };
 use criterion::{Criterion, criterion_group, criterion_main};
-use tessera_agent::policy::{PolicyRequest, PolicyStore};
+use tessera_agent::exchange::policy::{PolicyRequest, PolicyStore};
 
 const PRINCIPAL: &str = "spiffe://example.org/agents/planner";
 

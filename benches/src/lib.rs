@@ -15,10 +15,10 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tessera_agent::authority::{Authority, AuthoritySettings};
 use tessera_agent::clock::Clock;
 use tessera_agent::config::Config;
 use tessera_agent::entries::EntrySet;
+use tessera_agent::identity::{AuthoritySettings, LocalAuthority};
 use tessera_attestor::{Selector, SelectorSet};
 
 /// One operation, performed once per call.
@@ -245,8 +245,8 @@ pub fn unmatched_workload() -> SelectorSet {
 // SVID signing and JWT validation
 
 /// An in-memory authority (CA and JWT key generated, nothing persisted).
-pub fn authority(clock: Arc<dyn Clock>) -> Arc<Authority> {
-    Authority::load(
+pub fn authority(clock: Arc<dyn Clock>) -> Arc<LocalAuthority> {
+    LocalAuthority::load(
         AuthoritySettings {
             trust_domain: spiffe::TrustDomain::new("example.org").expect("trust domain"),
             ca_ttl: Duration::from_secs(24 * 3600),
@@ -392,6 +392,7 @@ pub fn catalog() -> Vec<OpSpec> {
                     .token;
                 let audience = aud.last().expect("an audience").clone();
                 authority
+                    .trust_store()
                     .validate_jwt(&token, &audience)
                     .expect("token validates");
                 let detail = format!("{} byte token, {count} audience(s)", token.len());
@@ -399,6 +400,7 @@ pub fn catalog() -> Vec<OpSpec> {
                     run: Box::new(move || {
                         black_box(
                             authority
+                                .trust_store()
                                 .validate_jwt(black_box(&token), black_box(&audience))
                                 .expect("validate"),
                         );

@@ -23,7 +23,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use libfuzzer_sys::fuzz_target;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
 use serde_json::{Map, Value};
-use tessera_agent::jws::{self, PublicJwk};
+use tessera_agent::identity::jws::{self, PublicJwk};
 
 struct Keys {
     signer: EcdsaKeyPair,

@@ -14,7 +14,7 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use tessera_agent::policy::{PolicyError, PolicyRequest, PolicyStore};
+use tessera_agent::exchange::policy::{PolicyError, PolicyRequest, PolicyStore};
 
 static DIR: LazyLock<tempfile::TempDir> = LazyLock::new(|| tempfile::tempdir().unwrap());
 

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tessera_agent::app::{self, RunningAgent};
 use tessera_agent::config::Config;
-use tessera_agent::daemon::{self, RunningAgent};
 
 pub struct TestAgent {
     pub dir: tempfile::TempDir,
@@ -30,7 +30,7 @@ impl TestAgent {
     pub async fn start_in(dir: tempfile::TempDir, body: &str) -> Self {
         let text = Self::config_text(dir.path(), body);
         let config = Config::parse(&text, "test.toml").expect("test config is valid");
-        let agent = daemon::start(config, Arc::new(tessera_agent::clock::SystemClock))
+        let agent = app::start(config, Arc::new(tessera_agent::clock::SystemClock))
             .await
             .expect("agent starts");
         Self {

@@ -10,7 +10,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
 use serde_json::Value;
-use tessera_agent::client::{form, http_unix};
+use tessera_agent::cli::client::{form, http_unix};
 use tessera_tests::{TestAgent, my_uid};
 
 const MCP: &str = "https://notes.example/mcp";
@@ -368,13 +368,14 @@ async fn denials_partial_scopes_forbid_and_ttl_clamping() {
 #[tokio::test]
 async fn subject_tokens_that_are_not_the_callers_are_refused() {
     let s = Setup::start().await;
-    let authority = s.agent.running().state.cache.authority().clone();
+    let signer = s.agent.running().cache.signer().clone();
     let ask = [("resource", MCP), ("scope", "notes:read"), ("task_id", "t")];
 
     // A valid JWT-SVID of this trust domain, but for another workload.
     let other = spiffe::SpiffeId::new("spiffe://example.org/someone-else").unwrap();
-    let foreign_sub = authority
-        .mint_jwt(&other, &[ISSUER.to_string()], Duration::from_secs(60))
+    let foreign_sub = signer
+        .jwt_svid(&other, &[ISSUER.to_string()], Duration::from_secs(60))
+        .await
         .unwrap();
     let (status, e) = s.exchange_with_subject(&foreign_sub.token, &ask).await;
     assert_eq!(
@@ -391,8 +392,9 @@ async fn subject_tokens_that_are_not_the_callers_are_refused() {
 
     // The caller's own SVID, but for another audience.
     let me = spiffe::SpiffeId::new("spiffe://example.org/agent/planner").unwrap();
-    let wrong_aud = authority
-        .mint_jwt(&me, &["some-service".to_string()], Duration::from_secs(60))
+    let wrong_aud = signer
+        .jwt_svid(&me, &["some-service".to_string()], Duration::from_secs(60))
+        .await
         .unwrap();
     let (status, e) = s.exchange_with_subject(&wrong_aud.token, &ask).await;
     assert_eq!(
@@ -402,8 +404,8 @@ async fn subject_tokens_that_are_not_the_callers_are_refused() {
     );
 
     // Signed by another trust domain's authority.
-    let foreign = tessera_agent::authority::Authority::load(
-        tessera_agent::authority::AuthoritySettings {
+    let foreign = tessera_agent::identity::LocalAuthority::load(
+        tessera_agent::identity::AuthoritySettings {
             trust_domain: spiffe::TrustDomain::new("other.org").unwrap(),
             ca_ttl: Duration::from_secs(3600),
             jwt_key_ttl: Duration::from_secs(3600),
@@ -425,8 +427,9 @@ async fn subject_tokens_that_are_not_the_callers_are_refused() {
     );
 
     // Expired.
-    let short = authority
-        .mint_jwt(&me, &[ISSUER.to_string()], Duration::from_secs(1))
+    let short = signer
+        .jwt_svid(&me, &[ISSUER.to_string()], Duration::from_secs(1))
+        .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let (status, e) = s.exchange_with_subject(&short.token, &ask).await;

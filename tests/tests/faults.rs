@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
-use tessera_agent::client::{form, http_unix};
+use tessera_agent::app;
+use tessera_agent::cli::client::{form, http_unix};
 use tessera_agent::clock::Clock;
 use tessera_agent::config::Config;
-use tessera_agent::daemon;
 use tessera_tests::{TestAgent, my_uid};
 use tessera_workload_api as pb;
 
@@ -78,7 +78,7 @@ fn judge(msg: &pb::X509svidResponse) -> Served {
 }
 
 async fn fetch_x509(socket: &Path) -> Result<pb::X509svidResponse, tonic::Status> {
-    let mut c = tessera_agent::client::connect(socket).await.unwrap();
+    let mut c = tessera_agent::cli::client::connect(socket).await.unwrap();
     let mut stream = c
         .fetch_x509svid(pb::with_security_header(pb::X509svidRequest {}))
         .await?
@@ -88,7 +88,7 @@ async fn fetch_x509(socket: &Path) -> Result<pb::X509svidResponse, tonic::Status
 
 async fn fetch_jwt_claims(socket: &Path) -> Result<Value, tonic::Status> {
     use base64::Engine;
-    let mut c = tessera_agent::client::connect(socket).await.unwrap();
+    let mut c = tessera_agent::cli::client::connect(socket).await.unwrap();
     let r = c
         .fetch_jwtsvid(pb::with_security_header(pb::JwtsvidRequest {
             audience: vec!["db".into()],
@@ -134,14 +134,14 @@ async fn wall_clock_jumps_forward_and_back() {
     );
     let config = Config::parse(&TestAgent::config_text(dir.path(), &body), "t.toml").unwrap();
     let clock = Arc::new(JumpClock(AtomicI64::new(0)));
-    let agent = daemon::start(config, clock.clone()).await.unwrap();
+    let agent = app::start(config, clock.clone()).await.unwrap();
     let socket = dir.path().join("sock/agent.sock");
 
     // One long-lived stream: every message it ever gets must be well formed.
     let watcher = {
         let socket = socket.clone();
         tokio::spawn(async move {
-            let mut c = tessera_agent::client::connect(&socket).await.unwrap();
+            let mut c = tessera_agent::cli::client::connect(&socket).await.unwrap();
             let mut stream = c
                 .fetch_x509svid(pb::with_security_header(pb::X509svidRequest {}))
                 .await
@@ -201,7 +201,7 @@ async fn wall_clock_jumps_forward_and_back() {
         ));
     }
     assert!(
-        agent.state.ready.load(Ordering::Acquire),
+        agent.callers.ready.load(Ordering::Acquire),
         "still ready after the jumps"
     );
     agent.stop().await.expect("clean stop, no panic");
@@ -515,7 +515,7 @@ async fn read_only_data_dir_keeps_serving_and_recovers() {
     // Starting on a read-only data dir is one clear error naming the file.
     mount.remount("ro").unwrap();
     let config = Config::parse(&TestAgent::config_text(&dir_path, &body), "t.toml").unwrap();
-    let err = match daemon::start(config, Arc::new(tessera_agent::clock::SystemClock)).await {
+    let err = match app::start(config, Arc::new(tessera_agent::clock::SystemClock)).await {
         Ok(_) => panic!("started on a read-only data dir"),
         Err(e) => format!("{e:#}"),
     };

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
 use serde_json::Value;
-use tessera_agent::client::{form, http_unix};
+use tessera_agent::cli::client::{form, http_unix};
 use tessera_agent::config::Config;
 use tessera_agent::fleet::server::{RunningAuthority, start};
 use tessera_tests::{TestAgent, my_uid};
@@ -74,7 +74,7 @@ impl Fleet {
     async fn start_with(server_extra: &str, entry_extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let td = spiffe::TrustDomain::new("example.org").unwrap();
-        tessera_agent::authority::init_key_dir(
+        tessera_agent::identity::key_files::init_key_dir(
             &td,
             &dir.path().join("keys"),
             Duration::from_secs(30 * 24 * 3600),
@@ -372,7 +372,7 @@ async fn a_node_asking_for_another_nodes_workload_is_refused_and_audited() {
         ),
     );
     let cfg = Config::parse(&text, "t.toml").unwrap();
-    let err = tessera_agent::daemon::start(cfg, Arc::new(tessera_agent::clock::SystemClock))
+    let err = tessera_agent::app::start(cfg, Arc::new(tessera_agent::clock::SystemClock))
         .await
         .err()
         .expect("a used join token is refused");
@@ -384,7 +384,7 @@ async fn agents_fail_over_ride_out_an_outage_and_recover() {
     let mut fleet = Fleet::start().await;
     let a = fleet.agent("node-a", None).await;
     let first = a.spiffe_client().await.fetch_x509_svid().await.unwrap();
-    let reachable = |a: &TestAgent| a.running().state.metrics.upstream_reachable.get();
+    let reachable = |a: &TestAgent| a.running().callers.metrics.upstream_reachable.get();
     assert_eq!(reachable(&a), 1);
 
     // One replica gone: new signing requests go to the other.
@@ -569,7 +569,7 @@ async fn kubernetes_nodes_attest_with_projected_tokens_and_get_only_their_pods()
     let api = api_server(api_dir.path()).await;
     let dir = tempfile::tempdir().unwrap();
     let td = spiffe::TrustDomain::new("example.org").unwrap();
-    tessera_agent::authority::init_key_dir(
+    tessera_agent::identity::key_files::init_key_dir(
         &td,
         &dir.path().join("keys"),
         Duration::from_secs(86400),
@@ -646,7 +646,7 @@ async fn a_new_ca_reaches_every_open_stream_before_it_signs() {
         .collect();
     assert_eq!(old_cas.len(), 1);
 
-    let name = tessera_agent::authority::add_ca(
+    let name = tessera_agent::identity::key_files::add_ca(
         &td,
         &fleet.dir.path().join("keys"),
         Duration::from_secs(30 * 24 * 3600),

@@ -88,9 +88,10 @@ async fn slow_http_clients_are_cut_off_and_others_served() {
         .unwrap();
 
     // Meanwhile an honest request is answered at once.
-    let (status, _) = tessera_agent::client::http_unix(&xsock, http::Method::GET, "/jwks", None)
-        .await
-        .unwrap();
+    let (status, _) =
+        tessera_agent::cli::client::http_unix(&xsock, http::Method::GET, "/jwks", None)
+            .await
+            .unwrap();
     assert_eq!(status, 200);
 
     let mut buf = Vec::new();

@@ -381,13 +381,13 @@ async fn stale_socket_is_replaced_and_a_live_agent_blocks_a_second() {
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     let text = TestAgent::config_text(dir.path(), &TestAgent::entry_for_me("x", ""));
     let clock = std::sync::Arc::new(tessera_agent::clock::SystemClock);
-    let first = tessera_agent::daemon::start(
+    let first = tessera_agent::app::start(
         tessera_agent::config::Config::parse(&text, "t").unwrap(),
         clock.clone(),
     )
     .await
     .expect("stale socket replaced");
-    let second = tessera_agent::daemon::start(
+    let second = tessera_agent::app::start(
         tessera_agent::config::Config::parse(&text, "t").unwrap(),
         clock.clone(),
     )
@@ -402,7 +402,7 @@ async fn stale_socket_is_replaced_and_a_live_agent_blocks_a_second() {
     first.stop().await.unwrap();
     // A regular file at the socket path is never deleted.
     std::fs::write(&sock, b"precious").unwrap();
-    let third = tessera_agent::daemon::start(
+    let third = tessera_agent::app::start(
         tessera_agent::config::Config::parse(&text, "t").unwrap(),
         clock,
     )

@@ -701,7 +701,7 @@ fn unconstrained_policy_applies_to_every_scope() {
 /// Every ```cedar example in docs/policy.md loads (together, so ids are unique).
 #[test]
 fn docs_examples_load() {
-    let doc = include_str!("../../../docs/policy.md");
+    let doc = include_str!("../../../../docs/policy.md");
     let dir = tempfile::tempdir().unwrap();
     let mut count = 0;
     for (i, block) in doc.split("```cedar\n").skip(1).enumerate() {

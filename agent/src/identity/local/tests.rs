@@ -1,6 +1,9 @@
 use super::*;
 use crate::clock::{TokioClock, until};
 use crate::identity::Signer;
+use crate::identity::jws;
+use crate::identity::state_file::STATE_FILE;
+use base64::Engine;
 
 fn td() -> spiffe::TrustDomain {
     spiffe::TrustDomain::new("example.org").unwrap()
