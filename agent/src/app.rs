@@ -444,7 +444,7 @@ fn build_exchange(
             .with_context(|| format!("creating the audit log directory {}", dir.display()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
-    let (audit, report) = AuditLog::open(&x.audit_log)
+    let (audit, report) = AuditLog::open(&x.audit_log, clock.clone())
         .with_context(|| format!("opening the audit log {}", x.audit_log.display()))?;
     tracing::info!(path = %x.audit_log.display(), records = report.records, "audit log open");
     Ok(Exchange::new(

@@ -75,6 +75,8 @@ use ring::digest;
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
+use crate::clock::Clock;
+
 /// Longest line the log writes or reads as a record (1 MiB).
 pub const MAX_LINE_BYTES: usize = 1 << 20;
 /// Most records written with one fsync.
@@ -264,9 +266,11 @@ impl AuditLog {
     /// Opens (creating with mode 0600; the parent directory must exist) and
     /// recovers the chain head (last seq + line hash) from the file. A torn
     /// last line is acknowledged with a recovery record (see the module doc).
-    pub fn open(path: &Path) -> Result<(Self, OpenReport), AuditError> {
+    /// Records are timestamped from `clock`.
+    pub fn open(path: &Path, clock: Arc<dyn Clock>) -> Result<(Self, OpenReport), AuditError> {
         Self::open_inner(
             path,
+            clock,
             #[cfg(test)]
             Arc::default(),
         )
@@ -274,6 +278,7 @@ impl AuditLog {
 
     fn open_inner(
         path: &Path,
+        clock: Arc<dyn Clock>,
         #[cfg(test)] faults: Arc<faults::Faults>,
     ) -> Result<(Self, OpenReport), AuditError> {
         let open_err = |source| AuditError::Open {
@@ -338,6 +343,7 @@ impl AuditLog {
             head_prev: scan.head_prev.clone(),
             good_len: scan.len,
             dirty: false,
+            clock: clock.clone(),
             #[cfg(test)]
             faults: faults.clone(),
         };
@@ -350,7 +356,7 @@ impl AuditLog {
             buf.push(b'\n');
         }
         let mut torn = Vec::new();
-        let ts = now_ts();
+        let ts = timestamp(clock.now());
         for p in &scan.pending {
             tracing::warn!(
                 path = %path.display(),
@@ -505,8 +511,8 @@ fn build_line(seq: u64, ts: &str, prev: &str, members: &str) -> (String, String)
 }
 
 /// RFC 3339 UTC with milliseconds.
-fn now_ts() -> String {
-    let t = time::OffsetDateTime::now_utc();
+fn timestamp(now: std::time::SystemTime) -> String {
+    let t = time::OffsetDateTime::from(now);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
         t.year(),
@@ -529,6 +535,7 @@ struct Writer {
     good_len: u64,
     /// A failed batch may have left bytes past `good_len`.
     dirty: bool,
+    clock: Arc<dyn Clock>,
     #[cfg(test)]
     faults: Arc<faults::Faults>,
 }
@@ -539,7 +546,7 @@ impl Writer {
         let mut waiters = Vec::new();
         while let Ok(first) = rx.recv() {
             buf.clear();
-            let ts = now_ts();
+            let ts = timestamp(self.clock.now());
             let mut seq = self.head_seq;
             let mut prev = self.head_prev.clone();
             let mut next = Some(first);
@@ -918,6 +925,7 @@ mod faults {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::SystemClock;
     use std::sync::atomic::Ordering;
 
     fn fields(i: u64) -> Map<String, Value> {
@@ -959,7 +967,7 @@ mod tests {
     async fn log_of(n: u64) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let (log, report) = AuditLog::open(&path).unwrap();
+        let (log, report) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
         assert_eq!(report.records, 0);
         write_n(&log, 0, n).await;
         (dir, path)
@@ -992,7 +1000,7 @@ mod tests {
     async fn receipt_matches_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
-        let (log, _) = AuditLog::open(&path).unwrap();
+        let (log, _) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
         let r = log.append(fields(1)).await.unwrap();
         assert_eq!(r.seq, 1);
         let v: Value = serde_json::from_str(&lines(&path)[0]).unwrap();
@@ -1003,7 +1011,7 @@ mod tests {
     #[tokio::test]
     async fn rejects_reserved_and_non_objects() {
         let dir = tempfile::tempdir().unwrap();
-        let (log, _) = AuditLog::open(&dir.path().join("a.jsonl")).unwrap();
+        let (log, _) = AuditLog::open(&dir.path().join("a.jsonl"), Arc::new(SystemClock)).unwrap();
         let mut f = fields(1);
         f.insert("seq".into(), 5.into());
         assert!(matches!(
@@ -1034,7 +1042,7 @@ mod tests {
     async fn concurrent_appends_are_gapless() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let (log, _) = AuditLog::open(&path).unwrap();
+        let (log, _) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
         let mut tasks = Vec::new();
         for t in 0..50u64 {
             let log = log.clone();
@@ -1147,7 +1155,7 @@ mod tests {
         let p = problem(&path);
         assert_eq!((p.line, p.kind), (10, ProblemKind::TornTail));
 
-        let (log, report) = AuditLog::open(&path).unwrap();
+        let (log, report) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
         let torn = report.torn_tail.expect("torn tail");
         assert!(torn.newline_added);
         assert_eq!(torn.lines.len(), 1);
@@ -1168,7 +1176,7 @@ mod tests {
         drop(log);
 
         // Reopening again finds nothing to recover.
-        let (_log, report) = AuditLog::open(&path).unwrap();
+        let (_log, report) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
         assert_eq!(report.torn_tail, None);
         assert_eq!(report.problem, None);
         assert_eq!(report.records, 11);
@@ -1192,7 +1200,7 @@ mod tests {
         f.set_len(len - 1).unwrap();
         drop(f);
         assert_eq!(verify_file(&path).unwrap().first_problem, None);
-        let (log, report) = AuditLog::open(&path).unwrap();
+        let (log, report) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
         assert_eq!(report.torn_tail, None);
         assert_eq!(log.append(fields(9)).await.unwrap().seq, 6);
         let v = verify_file(&path).unwrap();
@@ -1202,10 +1210,10 @@ mod tests {
     #[tokio::test]
     async fn reopen_continues_seq_and_locks() {
         let (_dir, path) = log_of(7).await;
-        let (log, report) = AuditLog::open(&path).unwrap();
+        let (log, report) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
         assert_eq!(report.records, 7);
         assert!(matches!(
-            AuditLog::open(&path),
+            AuditLog::open(&path, Arc::new(SystemClock)),
             Err(AuditError::Locked { .. })
         ));
         assert_eq!(log.append(fields(1)).await.unwrap().seq, 8);
@@ -1217,7 +1225,7 @@ mod tests {
     async fn failed_write_is_cut_off_and_log_stays_usable() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let (log, _) = AuditLog::open(&path).unwrap();
+        let (log, _) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
         write_n(&log, 0, 3).await;
         let faults = log.inner.as_ref().unwrap().faults.clone();
 
@@ -1241,7 +1249,7 @@ mod tests {
     async fn crash_after_failed_write_recovers_on_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let (log, _) = AuditLog::open(&path).unwrap();
+        let (log, _) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
         write_n(&log, 0, 3).await;
         let faults = log.inner.as_ref().unwrap().faults.clone();
         faults.fail_writes.store(1, Ordering::SeqCst);
@@ -1250,7 +1258,7 @@ mod tests {
         drop(log); // "crash" with the partial line still there
 
         assert_eq!(problem(&path).kind, ProblemKind::TornTail);
-        let (log, report) = AuditLog::open(&path).unwrap();
+        let (log, report) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
         assert_eq!(report.torn_tail.unwrap().lines[0].line, 4);
         assert_eq!(log.append(fields(4)).await.unwrap().seq, 5);
         let v = verify_file(&path).unwrap();
@@ -1267,7 +1275,7 @@ mod tests {
         std::fs::write(&path, &junk).unwrap();
         let p = problem(&path);
         assert_eq!(p.line, 1);
-        let (log, report) = AuditLog::open(&path).unwrap();
+        let (log, report) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
         assert!(report.torn_tail.is_some());
         assert_eq!(log.append(fields(1)).await.unwrap().seq, 7);
     }

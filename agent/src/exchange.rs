@@ -156,7 +156,7 @@ impl Exchange {
         caller: &Caller,
         req: TokenRequest,
     ) -> Result<TokenResponse, OAuthError> {
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let mut record = Map::new();
         record.insert("event".into(), "token.exchange".into());
         record.insert("caller".into(), caller_json(caller));

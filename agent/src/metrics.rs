@@ -231,7 +231,12 @@ impl Metrics {
         }
     }
 
-    pub fn record_rpc(&self, method: &'static str, code: tonic::Code, started: std::time::Instant) {
+    pub fn record_rpc(
+        &self,
+        method: &'static str,
+        code: tonic::Code,
+        started: tokio::time::Instant,
+    ) {
         self.rpcs
             .get_or_create(&RpcLabels {
                 method,

@@ -13,7 +13,7 @@
 
 use crate::sync::Mutex;
 use std::collections::HashMap;
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// Idle buckets are dropped once the table holds this many callers.
 const PRUNE_AT: usize = 4096;

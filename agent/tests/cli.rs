@@ -1,6 +1,10 @@
 //! The `tessera` binary as a user runs it: exit codes, one-line errors, the
 //! `--dev` quickstart, `api fetch --write` output checked with openssl(1).
 
+// These tests drive agent processes and wait on real time, which the
+// agent's own rule (injected clock, paused tokio time) does not govern.
+#![allow(clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

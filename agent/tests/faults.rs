@@ -28,6 +28,11 @@
 //! No root needed. `TESSERA_FAULT_ITERATIONS` (default 12) and
 //! `TESSERA_FAULT_SEED` rerun it longer or reproduce a run.
 
+// These tests drive agent processes and wait on real time, which the
+// agent's own rules (injected clock, paused tokio time, its lock type) do
+// not govern.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

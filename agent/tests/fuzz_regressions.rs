@@ -2,6 +2,10 @@
 //! "Fuzzing"). Each test replays the input kept in `fuzz/corpus/<target>/`
 //! (the fuzzers re-run it too) and checks the fixed behaviour.
 
+// These tests drive agent processes and wait on real time, which the
+// agent's own rule (injected clock, paused tokio time) does not govern.
+#![allow(clippy::disallowed_methods)]
+
 use std::time::{Duration, Instant};
 
 use tessera_agent::config::Config;

@@ -6,6 +6,10 @@
 //! RELIABILITY.md; only behaviour and generous memory bounds are asserted,
 //! never wall-clock times.
 
+// These tests drive agent processes and wait on real time, which the
+// agent's own rule (injected clock, paused tokio time) does not govern.
+#![allow(clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};

@@ -1,13 +1,14 @@
 //! `tessera api` and `tessera healthcheck`: the Workload API as a client sees it.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use tessera_workload_api as pb;
 
 use super::{client, status};
+use crate::clock::{Clock, SystemClock};
 use crate::identity::pem;
 
 #[derive(Subcommand)]
@@ -133,7 +134,7 @@ pub(super) async fn api(cmd: ApiCommand) -> anyhow::Result<()> {
             while let Some(resp) = stream.message().await.map_err(status)? {
                 println!(
                     "--- update at {}",
-                    humantime::format_rfc3339_seconds(SystemTime::now())
+                    humantime::format_rfc3339_seconds(SystemClock.now())
                 );
                 print_x509(&resp)?;
             }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use clap::Subcommand;
 
 use super::init_logging;
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 
 #[derive(Subcommand)]
@@ -66,7 +67,7 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
                 &td(&trust_domain)?,
                 &dir,
                 ttl,
-                std::time::SystemTime::now(),
+                SystemClock.now(),
             )?;
             println!(
                 "wrote {}/{{ca.crt,ca.key,jwt.key,access.key}}",
@@ -88,7 +89,7 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
                 &td(&trust_domain)?,
                 &dir,
                 ttl,
-                std::time::SystemTime::now(),
+                SystemClock.now(),
             )?;
             println!(
                 "wrote {}; replicas publish it within server.key_reload_interval and sign with it after server.ca_publish_lead",
@@ -98,7 +99,7 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
         }
         AuthorityCommand::JoinToken { dir, node, ttl } => {
             let ttl = duration("ttl", &ttl)?;
-            let token = crate::fleet::join::create(&dir, &node, ttl, std::time::SystemTime::now())?;
+            let token = crate::fleet::join::create(&dir, &node, ttl, SystemClock.now())?;
             println!("{token}");
             Ok(())
         }

@@ -11,6 +11,10 @@
 //! someone else), a copy of this binary started from another path runs
 //! `tessera api watch`, which the agent sees as a different program.
 
+// A load generator measures real elapsed time, which paused test time must
+// not touch: std's monotonic clock is the right one here.
+#![allow(clippy::disallowed_methods)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

@@ -180,7 +180,7 @@ async fn token_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
         Some(p) => client::connect(p).await?,
         None => client::connect_resolved(None).await?,
     };
-    let deadline = wait.map(|w| std::time::Instant::now() + w);
+    let deadline = wait.map(|w| tokio::time::Instant::now() + w);
     loop {
         // A fresh JWT-SVID per attempt: polling may outlast one.
         let svid = api
@@ -248,7 +248,7 @@ async fn token_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
                 );
             }
             approval_id = Some(id);
-            if std::time::Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline {
                 bail!(
                     "approval {} still pending after the --wait time",
                     approval_id.unwrap_or_default()

@@ -103,7 +103,7 @@ mod tests {
     fn a_token_works_once_and_expires() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("join");
-        let now = SystemTime::now();
+        let now = crate::clock::Clock::now(&crate::clock::SystemClock);
         let t = create(&d, "vm-1", Duration::from_secs(600), now).unwrap();
         assert_eq!(redeem(&d, &t, now).unwrap(), "vm-1");
         assert!(matches!(redeem(&d, &t, now), Err(JoinError::Unknown)));

@@ -180,10 +180,11 @@ pub async fn start(
     };
     let audit = match &config.audit_log {
         Some(path) => {
-            let (log, report) = AuditLog::open(path).map_err(|source| StartError::AuditLog {
-                path: path.clone(),
-                source,
-            })?;
+            let (log, report) =
+                AuditLog::open(path, clock.clone()).map_err(|source| StartError::AuditLog {
+                    path: path.clone(),
+                    source,
+                })?;
             if let Some(torn) = report.torn_tail {
                 tracing::warn!(
                     lines = torn.lines.len(),
@@ -207,7 +208,7 @@ pub async fn start(
                 rate: ATTEST_PER_SECOND,
                 burst: ATTEST_PER_SECOND * 4.0,
             },
-            std::time::Instant::now(),
+            tokio::time::Instant::now(),
         )),
         td,
         config: config.clone(),
@@ -560,7 +561,7 @@ async fn attest(
     State(s): State<Arc<Shared>>,
     Json(req): Json<wire::AttestRequest>,
 ) -> Result<Json<wire::NodeSvidResponse>, ApiError> {
-    let allowed = s.attest_budget.lock().try_take(std::time::Instant::now());
+    let allowed = s.attest_budget.lock().try_take(tokio::time::Instant::now());
     if !allowed {
         s.count("attest", "rate_limited");
         return Err(ApiError(

@@ -51,7 +51,8 @@ fn x509_svid_passes_the_spiffe_crate_validator() {
     assert!(eku.value.server_auth && eku.value.client_auth);
     let san = cert.subject_alternative_name().unwrap().unwrap();
     assert_eq!(san.value.general_names.len(), 1);
-    let backdate = unix_seconds(SystemTime::now()) as i64 - cert.validity().not_before.timestamp();
+    let backdate = unix_seconds(crate::clock::SystemClock.now()) as i64
+        - cert.validity().not_before.timestamp();
     assert!(
         (20..=40).contains(&backdate),
         "NotBefore backdated ~30s, got {backdate}"
