@@ -20,7 +20,7 @@ use tessera_workload_api as pb;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use super::stream::{self, BoxStream, StreamSender};
+use super::stream::{self, BoxStream, Outcome, StreamSender};
 use crate::caller::{CallerError, Callers};
 use crate::entries::{EntrySet, Identity};
 use crate::identity::{SvidCache, TrustBundle, X509Svid};
@@ -92,27 +92,41 @@ impl WorkloadApi {
     ) -> Result<Response<BoxStream<M>>, Status>
     where
         M: Send + 'static,
-        F: FnOnce(Arc<ApiState>, Arc<AttestedPeer>, StreamSender<M>, Instant) -> Fut,
+        F: FnOnce(Arc<ApiState>, Arc<AttestedPeer>, Opened, StreamSender<M>, Instant) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let started = Instant::now();
         let result = async {
             pb::check_security_header(request.metadata())?;
             let peer = self.state.caller(request).await?;
-            if self.state.callers.identities(&peer).is_empty() {
+            // The entries are matched once here; the stream starts from this
+            // match and re-matches only when they change.
+            let mut entries = self.state.callers.entries.clone();
+            let identities = entries.borrow_and_update().identities_for(&peer.selectors);
+            if identities.is_empty() {
                 return Err(no_identity());
             }
             let state = self.state.clone();
-            Ok(self.stream_of(method, move |out| body(state, peer, out, started)))
+            let opened = Opened {
+                entries,
+                identities,
+            };
+            Ok(self.stream_of(method, started, move |out| {
+                body(state, peer, opened, out, started)
+            }))
         }
         .await;
-        self.record(method, started, &result);
+        // A stream's outcome is recorded when its first message is known.
+        if result.is_err() {
+            self.record(method, started, &result);
+        }
         result.map(|s| Response::new(Box::pin(s) as BoxStream<M>))
     }
 
     fn stream_of<M, F, Fut>(
         &self,
         method: &'static str,
+        started: Instant,
         body: F,
     ) -> impl Stream<Item = Result<M, Status>> + Send + 'static
     where
@@ -120,12 +134,25 @@ impl WorkloadApi {
         F: FnOnce(StreamSender<M>) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
+        let metrics = &self.state.callers.metrics;
         stream::generated(
             body,
             self.state.callers.shutdown.clone(),
-            OpenStream::new(&self.state.callers.metrics, method),
+            OpenStream::new(metrics, method),
+            Outcome {
+                metrics: metrics.clone(),
+                method,
+                started,
+            },
         )
     }
+}
+
+/// What a stream starts from: the entries as they were matched when it
+/// opened (its receiver has seen that version), and the identities they gave.
+struct Opened {
+    entries: watch::Receiver<EntrySet>,
+    identities: Vec<Identity>,
 }
 
 /// What woke a stream task.
@@ -177,12 +204,16 @@ impl pb::server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        self.open_stream("FetchX509Bundles", &request, |state, peer, out, _| {
-            bundle_stream(state, peer, out, |td, b| pb::X509BundlesResponse {
-                crl: Vec::new(),
-                bundles: HashMap::from([(td, b.x509.clone())]),
-            })
-        })
+        self.open_stream(
+            "FetchX509Bundles",
+            &request,
+            |state, peer, opened, out, _| {
+                bundle_stream(state, peer, opened, out, |td, b| pb::X509BundlesResponse {
+                    crl: Vec::new(),
+                    bundles: HashMap::from([(td, b.x509.clone())]),
+                })
+            },
+        )
         .await
     }
 
@@ -190,11 +221,15 @@ impl pb::server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        self.open_stream("FetchJWTBundles", &request, |state, peer, out, _| {
-            bundle_stream(state, peer, out, |td, b| pb::JwtBundlesResponse {
-                bundles: HashMap::from([(td, b.jwks.clone())]),
-            })
-        })
+        self.open_stream(
+            "FetchJWTBundles",
+            &request,
+            |state, peer, opened, out, _| {
+                bundle_stream(state, peer, opened, out, |td, b| pb::JwtBundlesResponse {
+                    bundles: HashMap::from([(td, b.jwks.clone())]),
+                })
+            },
+        )
         .await
     }
 
@@ -323,14 +358,22 @@ async fn next_wake<M>(
 async fn x509_svid_stream(
     state: Arc<ApiState>,
     peer: Arc<AttestedPeer>,
+    opened: Opened,
     out: StreamSender<pb::X509svidResponse>,
     started: Instant,
 ) {
-    let mut entries = state.callers.entries.clone();
+    let Opened {
+        mut entries,
+        identities,
+    } = opened;
+    let mut matched = Some(identities);
     let mut bundle_rx = state.cache.trust_store().subscribe();
     let mut first = true;
     'identities: loop {
-        let identities = entries.borrow_and_update().identities_for(&peer.selectors);
+        let identities = match matched.take() {
+            Some(identities) => identities,
+            None => entries.borrow_and_update().identities_for(&peer.selectors),
+        };
         if identities.is_empty() {
             out.send(Err(no_identity())).await;
             return;
@@ -423,21 +466,27 @@ async fn still_the_caller<M>(peer: &AttestedPeer, out: &StreamSender<M>) -> bool
 async fn bundle_stream<M: Send + PartialEq + 'static>(
     state: Arc<ApiState>,
     peer: Arc<AttestedPeer>,
+    opened: Opened,
     out: StreamSender<M>,
     build: impl Fn(String, &TrustBundle) -> M,
 ) {
-    let mut entries = state.callers.entries.clone();
+    // Entitled at open (a caller with no identity gets no bundle either);
+    // re-matched only when the entries change.
+    let mut entries = opened.entries;
+    drop(opened.identities);
     let mut bundle_rx = state.cache.trust_store().subscribe();
     let td = state.cache.trust_store().trust_domain().id_string();
     let mut last: Option<M> = None;
+    let mut entries_changed = false;
     loop {
         if last.is_some() && !still_the_caller(&peer, &out).await {
             return;
         }
-        if entries
-            .borrow_and_update()
-            .identities_for(&peer.selectors)
-            .is_empty()
+        if entries_changed
+            && entries
+                .borrow_and_update()
+                .identities_for(&peer.selectors)
+                .is_empty()
         {
             out.send(Err(no_identity())).await;
             return;
@@ -451,8 +500,10 @@ async fn bundle_stream<M: Send + PartialEq + 'static>(
             }
             last = Some(copy);
         }
-        if let Wake::Ended = next_wake(&out, &mut entries, &mut bundle_rx, &mut []).await {
-            return;
+        match next_wake(&out, &mut entries, &mut bundle_rx, &mut []).await {
+            Wake::Ended => return,
+            Wake::Entries => entries_changed = true,
+            Wake::Update => entries_changed = false,
         }
     }
 }

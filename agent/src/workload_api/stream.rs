@@ -14,8 +14,23 @@ use futures_util::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::metrics::OpenStream;
+use crate::metrics::{Metrics, OpenStream};
 use crate::sync::Mutex;
+
+/// Records a streaming RPC's outcome once, when it is known: the code of
+/// the first message the stream yields (OK for an answer, else the error's
+/// status), or Cancelled when the client leaves before any.
+pub struct Outcome {
+    pub metrics: Arc<Metrics>,
+    pub method: &'static str,
+    pub started: tokio::time::Instant,
+}
+
+impl Outcome {
+    fn record(self, code: tonic::Code) {
+        self.metrics.record_rpc(self.method, code, self.started);
+    }
+}
 
 /// Runs `body` as a stream: it gets a sender and must send the first
 /// message as soon as it can. The stream ends only with an error status
@@ -25,6 +40,7 @@ pub fn generated<M, F, Fut>(
     body: F,
     shutdown: CancellationToken,
     open: OpenStream,
+    outcome: Outcome,
 ) -> impl Stream<Item = Result<M, Status>> + Send + 'static
 where
     M: Send + 'static,
@@ -40,6 +56,7 @@ where
         slot,
         body: Some(Box::pin(body)),
         _open: open,
+        outcome: Some(outcome),
     }
 }
 
@@ -62,6 +79,28 @@ struct Generated<M, Fut> {
     /// None once the body has returned.
     body: Option<Pin<Box<Fut>>>,
     _open: OpenStream,
+    /// Until the first message.
+    outcome: Option<Outcome>,
+}
+
+impl<M, Fut> Generated<M, Fut> {
+    fn yielded(&mut self, item: Option<Result<M, Status>>) -> Option<Result<M, Status>> {
+        if let (Some(outcome), Some(item)) = (self.outcome.take(), item.as_ref()) {
+            outcome.record(match item {
+                Ok(_) => tonic::Code::Ok,
+                Err(status) => status.code(),
+            });
+        }
+        item
+    }
+}
+
+impl<M, Fut> Drop for Generated<M, Fut> {
+    fn drop(&mut self) {
+        if let Some(outcome) = self.outcome.take() {
+            outcome.record(tonic::Code::Cancelled);
+        }
+    }
 }
 
 impl<M, Fut: std::future::Future<Output = ()>> Stream for Generated<M, Fut> {
@@ -75,17 +114,18 @@ impl<M, Fut: std::future::Future<Output = ()>> Stream for Generated<M, Fut> {
         // Every field is Unpin (the body is boxed), so the pin can be dropped.
         let this = self.get_mut();
         if let Some(item) = take(&this.slot) {
-            return Poll::Ready(Some(item));
+            return Poll::Ready(this.yielded(Some(item)));
         }
         let Some(body) = this.body.as_mut() else {
             return Poll::Ready(None);
         };
         if body.as_mut().poll(cx).is_ready() {
             this.body = None;
-            return Poll::Ready(take(&this.slot));
+            let item = take(&this.slot);
+            return Poll::Ready(this.yielded(item));
         }
         match take(&this.slot) {
-            Some(item) => Poll::Ready(Some(item)),
+            Some(item) => Poll::Ready(this.yielded(Some(item))),
             None => Poll::Pending,
         }
     }
@@ -140,3 +180,68 @@ impl<M> StreamSender<M> {
 }
 
 pub type BoxStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    fn outcome(metrics: &Arc<Metrics>, method: &'static str) -> Outcome {
+        Outcome {
+            metrics: metrics.clone(),
+            method,
+            started: tokio::time::Instant::now(),
+        }
+    }
+
+    fn count(metrics: &Metrics, method: &str, code: &str) -> usize {
+        let line =
+            format!("tessera_workload_api_requests_total{{method=\"{method}\",code=\"{code}\"}} 1");
+        metrics.encode().lines().filter(|l| *l == line).count()
+    }
+
+    #[tokio::test]
+    async fn the_outcome_is_the_first_message_or_cancelled() {
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
+        let ok = generated(
+            |out: StreamSender<u32>| async move {
+                out.send(Ok(1)).await;
+                out.send(Err(Status::unavailable("later"))).await;
+            },
+            shutdown.clone(),
+            OpenStream::new(&metrics, "Ok"),
+            outcome(&metrics, "Ok"),
+        );
+        let items: Vec<_> = ok.collect().await;
+        assert_eq!(items.len(), 2);
+        assert_eq!(count(&metrics, "Ok", "OK"), 1);
+        assert_eq!(
+            count(&metrics, "Ok", "Unavailable"),
+            0,
+            "only the first counts"
+        );
+
+        let failed = generated(
+            |out: StreamSender<u32>| async move {
+                out.send(Err(Status::unavailable("could not issue"))).await;
+            },
+            shutdown.clone(),
+            OpenStream::new(&metrics, "Failed"),
+            outcome(&metrics, "Failed"),
+        );
+        let _: Vec<_> = failed.collect().await;
+        assert_eq!(count(&metrics, "Failed", "Unavailable"), 1);
+        assert_eq!(count(&metrics, "Failed", "OK"), 0);
+
+        let left = generated(
+            |_out: StreamSender<u32>| std::future::pending::<()>(),
+            shutdown,
+            OpenStream::new(&metrics, "Left"),
+            outcome(&metrics, "Left"),
+        );
+        drop(left);
+        assert_eq!(count(&metrics, "Left", "Canceled"), 1);
+    }
+}
