@@ -96,6 +96,27 @@ struct ParentToken {
     jti: String,
 }
 
+/// Who a token is for and on whose behalf it is asked: the principal and
+/// task, and the delegating token when there is one.
+struct Chain {
+    principal: String,
+    task_id: String,
+    depth: u32,
+    /// The delegating token's `client_id`.
+    delegator: Option<String>,
+    parent: Option<ParentToken>,
+}
+
+/// What policy permits.
+#[derive(Default)]
+struct Grant {
+    scopes: Vec<String>,
+    policy_ids: Vec<String>,
+    /// The smallest `@max_ttl` of the deciding policies.
+    policy_ttl: Option<Duration>,
+    needs_approval: bool,
+}
+
 /// Everything the exchange endpoint needs, shared by all connections.
 pub struct Exchange {
     pub config: ExchangeConfig,
@@ -210,6 +231,8 @@ impl Exchange {
         outcome
     }
 
+    /// One exchange, stage by stage (numbered as in the module doc). Each
+    /// stage adds what it learnt to the audit `record`.
     async fn decide_and_issue(
         &self,
         caller: &Caller,
@@ -218,8 +241,74 @@ impl Exchange {
     ) -> Result<TokenResponse, OAuthError> {
         let now = self.now();
         let now_s = unix_seconds(now);
+        let (caller_id, identity) = self.authenticate(caller, req, now_s, record)?;
+        let chain = self.delegation_chain(req, &caller_id, now_s, record)?;
+        if self
+            .revocations
+            .is_task_ended(&task_key(&chain.principal, &chain.task_id), now)
+        {
+            return Err(OAuthError::invalid_request(format!(
+                "task {:?} has ended; start a new task",
+                chain.task_id
+            )));
+        }
+        let approval = req.approval_id.as_ref().map(|id| {
+            let fp = fingerprint(
+                &caller_id,
+                &chain.principal,
+                req,
+                &chain.task_id,
+                chain.parent.as_ref(),
+            );
+            (id.clone(), fp)
+        });
+        let approved = self.approval_state(approval.as_ref(), now, record)?;
+        let requested_ttl = req
+            .requested_ttl
+            .unwrap_or(self.config.default_ttl)
+            .min(self.config.max_ttl);
+        let grant = self.decide(
+            caller,
+            req,
+            &caller_id,
+            &chain,
+            approved,
+            requested_ttl,
+            record,
+        )?;
+        if grant.needs_approval && !approved {
+            return Err(self.wait_for_approval(req, &caller_id, &chain, &grant, now, record)?);
+        }
+        let (bound_by, ttl, svid) = self
+            .lifetime(identity, requested_ttl, &grant, &chain, now)
+            .await?;
+        if let Some((id, fp)) = &approval
+            && !self.approvals.redeem(id, fp, now)
+        {
+            return Err(OAuthError::invalid_request("approval_id was already used"));
+        }
+        self.sign(
+            req,
+            &caller_id,
+            chain,
+            grant,
+            (bound_by, ttl),
+            &svid,
+            now_s,
+            record,
+        )
+        .await
+    }
 
-        // 2. The subject token authenticates the caller a second time.
+    /// Stage 2: The subject token authenticates the caller a second time: it must
+    /// name one of the calling process's identities.
+    fn authenticate<'c>(
+        &self,
+        caller: &'c Caller,
+        req: &TokenRequest,
+        now_s: u64,
+        record: &mut Map<String, Value>,
+    ) -> Result<(String, &'c Identity), OAuthError> {
         let caller_id = self.validate_subject(&req.subject_token, now_s)?;
         record.insert("subject".into(), caller_id.clone().into());
         let identity = caller.identity(&caller_id).ok_or_else(|| {
@@ -227,20 +316,35 @@ impl Exchange {
                 "subject_token names {caller_id}, which is not an identity of the calling process"
             ))
         })?;
+        Ok((caller_id, identity))
+    }
 
-        // 3. Delegation: the parent token bounds everything.
+    /// Stage 3: Delegation: the parent token bounds everything.
+    fn delegation_chain(
+        &self,
+        req: &TokenRequest,
+        caller_id: &str,
+        now_s: u64,
+        record: &mut Map<String, Value>,
+    ) -> Result<Chain, OAuthError> {
         let parent = match &req.actor_token {
             None => None,
             Some(t) => Some(self.verify_parent(t, now_s)?),
         };
-        let (principal, task_id, depth, delegator) = match &parent {
+        let chain = match parent {
             None => {
                 let task = req.task_id.clone().ok_or_else(|| {
                     OAuthError::invalid_request(
                         "task_id is required: every token belongs to a task that can be ended",
                     )
                 })?;
-                (caller_id.clone(), task, 0u32, None)
+                Chain {
+                    principal: caller_id.to_string(),
+                    task_id: task,
+                    depth: 0,
+                    delegator: None,
+                    parent: None,
+                }
             }
             Some(p) => {
                 if let Some(t) = &req.task_id
@@ -278,121 +382,114 @@ impl Exchange {
                         ),
                     ));
                 }
-                (
-                    p.sub.clone(),
-                    p.txn.clone(),
+                Chain {
+                    principal: p.sub.clone(),
+                    task_id: p.txn.clone(),
                     depth,
-                    Some(p.client_id.clone()),
-                )
-            }
-        };
-        record.insert("principal".into(), principal.clone().into());
-        record.insert("task_id".into(), task_id.clone().into());
-        if let Some(p) = &parent {
-            record.insert(
-                "actor".into(),
-                json!({"delegator": p.client_id, "parent_jti": p.jti, "depth": depth}),
-            );
-        }
-        if self
-            .revocations
-            .is_task_ended(&task_key(&principal, &task_id), now)
-        {
-            return Err(OAuthError::invalid_request(format!(
-                "task {task_id:?} has ended; start a new task"
-            )));
-        }
-
-        // 4. Policy, one decision per scope.
-        let approval = req.approval_id.as_ref().map(|id| {
-            (
-                id.clone(),
-                fingerprint(&caller_id, &principal, req, &task_id, parent.as_ref()),
-            )
-        });
-        let approved = match &approval {
-            None => false,
-            Some((id, fp)) => {
-                record.insert("approval_id".into(), id.clone().into());
-                match self.approvals.poll(id, fp, now) {
-                    Poll::Approved => true,
-                    Poll::Pending => {
-                        return Err(self.pending(id));
-                    }
-                    Poll::Denied => {
-                        return Err(OAuthError::new(
-                            ErrorCode::AccessDenied,
-                            "an operator denied this request",
-                        ));
-                    }
-                    Poll::Expired => {
-                        return Err(OAuthError::new(
-                            ErrorCode::ExpiredToken,
-                            "the approval expired; send the request again without approval_id",
-                        ));
-                    }
-                    Poll::Unknown => {
-                        return Err(OAuthError::invalid_request(
-                            "approval_id is unknown, already used, or was issued for a different request",
-                        ));
-                    }
+                    delegator: Some(p.client_id.clone()),
+                    parent: Some(p),
                 }
             }
         };
+        record.insert("principal".into(), chain.principal.clone().into());
+        record.insert("task_id".into(), chain.task_id.clone().into());
+        if let Some(p) = &chain.parent {
+            record.insert(
+                "actor".into(),
+                json!({"delegator": p.client_id, "parent_jti": p.jti, "depth": chain.depth}),
+            );
+        }
+        Ok(chain)
+    }
+
+    /// Stage 5a: A request that names an approval: approved, or the answer to
+    /// give while it is not.
+    fn approval_state(
+        &self,
+        approval: Option<&(String, String)>,
+        now: SystemTime,
+        record: &mut Map<String, Value>,
+    ) -> Result<bool, OAuthError> {
+        let Some((id, fp)) = approval else {
+            return Ok(false);
+        };
+        record.insert("approval_id".into(), id.clone().into());
+        match self.approvals.poll(id, fp, now) {
+            Poll::Approved => Ok(true),
+            Poll::Pending => Err(self.pending(id)),
+            Poll::Denied => Err(OAuthError::new(
+                ErrorCode::AccessDenied,
+                "an operator denied this request",
+            )),
+            Poll::Expired => Err(OAuthError::new(
+                ErrorCode::ExpiredToken,
+                "the approval expired; send the request again without approval_id",
+            )),
+            Poll::Unknown => Err(OAuthError::invalid_request(
+                "approval_id is unknown, already used, or was issued for a different request",
+            )),
+        }
+    }
+
+    /// Stage 4: Policy, one decision per scope.
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &self,
+        caller: &Caller,
+        req: &TokenRequest,
+        caller_id: &str,
+        chain: &Chain,
+        approved: bool,
+        requested_ttl: Duration,
+        record: &mut Map<String, Value>,
+    ) -> Result<Grant, OAuthError> {
         let selectors = caller.selectors();
-        let requested_ttl = req
-            .requested_ttl
-            .unwrap_or(self.config.default_ttl)
-            .min(self.config.max_ttl);
         let decision = self.policy.evaluate(&PolicyRequest {
-            principal: &caller_id,
+            principal: caller_id,
             selectors: &selectors,
             audience: req.target.as_str(),
             scopes: &req.scopes,
-            task_id: &task_id,
+            task_id: &chain.task_id,
             requested_ttl_secs: requested_ttl.as_secs() as i64,
-            delegation_depth: i64::from(depth),
-            delegator: delegator.as_deref(),
+            delegation_depth: i64::from(chain.depth),
+            delegator: chain.delegator.as_deref(),
             approved,
         });
-        let mut granted = Vec::new();
+        let mut grant = Grant::default();
         let mut denied = Vec::new();
-        let mut policy_ids = Vec::new();
-        let mut policy_ttl: Option<Duration> = None;
-        let mut needs_approval = false;
         let mut delegation_refused = false;
         for d in &decision.scopes {
             for e in &d.errors {
                 tracing::warn!(scope = %d.scope, error = %e, "policy evaluation error (treated as not permitting)");
             }
             for id in &d.policy_ids {
-                if !policy_ids.contains(id) {
-                    policy_ids.push(id.clone());
+                if !grant.policy_ids.contains(id) {
+                    grant.policy_ids.push(id.clone());
                 }
             }
-            if d.allowed && depth > 0 && !d.delegation_allowed {
+            if d.allowed && chain.depth > 0 && !d.delegation_allowed {
                 // Delegation is opt-in per policy (`@allow_delegation`).
                 denied.push(d.scope.clone());
                 delegation_refused = true;
             } else if d.allowed {
-                granted.push(d.scope.clone());
-                needs_approval |= d.approval_required;
+                grant.scopes.push(d.scope.clone());
+                grant.needs_approval |= d.approval_required;
                 if let Some(t) = d.max_ttl {
-                    policy_ttl = Some(policy_ttl.map_or(t, |p| p.min(t)));
+                    grant.policy_ttl = Some(grant.policy_ttl.map_or(t, |p| p.min(t)));
                 }
             } else {
                 denied.push(d.scope.clone());
             }
         }
-        policy_ids.sort();
-        record.insert("policies".into(), json!(policy_ids));
+        grant.policy_ids.sort();
+        record.insert("policies".into(), json!(grant.policy_ids));
         record.insert("denied_scopes".into(), json!(denied));
         let why = if delegation_refused {
             " (a delegated exchange needs a permit marked @allow_delegation)"
         } else {
             ""
         };
-        if granted.is_empty() {
+        if grant.scopes.is_empty() {
             return Err(OAuthError::new(
                 ErrorCode::AccessDenied,
                 format!(
@@ -411,36 +508,62 @@ impl Exchange {
                 ),
             ));
         }
+        Ok(grant)
+    }
 
-        // 5. Approval.
-        if needs_approval && !approved {
-            let fp = fingerprint(&caller_id, &principal, req, &task_id, parent.as_ref());
-            let id = self
-                .approvals
-                .create(
-                    ApprovalRequest {
-                        caller: caller_id.clone(),
-                        principal: principal.clone(),
-                        audience: req.target.as_str().to_string(),
-                        scopes: granted.clone(),
-                        task_id: task_id.clone(),
-                        delegation_depth: depth,
-                        policy_ids: policy_ids.clone(),
-                    },
-                    fp,
-                    now,
-                    self.config.approval_timeout,
-                )
-                .map_err(|e| OAuthError::new(ErrorCode::AccessDenied, e.to_string()))?;
-            self.metrics
-                .approvals_pending
-                .set(self.approvals.pending() as i64);
-            record.insert("approval_id".into(), id.clone().into());
-            tracing::info!(approval_id = %id, principal = %principal, task = %task_id, "exchange waits for an operator's approval");
-            return Err(self.pending(&id));
-        }
+    /// Stage 5b: Policy wants an operator's approval: park the request and answer
+    /// `authorization_pending` (the error to return).
+    fn wait_for_approval(
+        &self,
+        req: &TokenRequest,
+        caller_id: &str,
+        chain: &Chain,
+        grant: &Grant,
+        now: SystemTime,
+        record: &mut Map<String, Value>,
+    ) -> Result<OAuthError, OAuthError> {
+        let fp = fingerprint(
+            caller_id,
+            &chain.principal,
+            req,
+            &chain.task_id,
+            chain.parent.as_ref(),
+        );
+        let id = self
+            .approvals
+            .create(
+                ApprovalRequest {
+                    caller: caller_id.to_string(),
+                    principal: chain.principal.clone(),
+                    audience: req.target.as_str().to_string(),
+                    scopes: grant.scopes.clone(),
+                    task_id: chain.task_id.clone(),
+                    delegation_depth: chain.depth,
+                    policy_ids: grant.policy_ids.clone(),
+                },
+                fp,
+                now,
+                self.config.approval_timeout,
+            )
+            .map_err(|e| OAuthError::new(ErrorCode::AccessDenied, e.to_string()))?;
+        self.metrics
+            .approvals_pending
+            .set(self.approvals.pending() as i64);
+        record.insert("approval_id".into(), id.clone().into());
+        tracing::info!(approval_id = %id, principal = %chain.principal, task = %chain.task_id, "exchange waits for an operator's approval");
+        Ok(self.pending(&id))
+    }
 
-        // 6. Lifetime.
+    /// Stage 6: Lifetime: the smallest of every bound, and which one it was; also
+    /// the caller's X509-SVID, whose certificate the token is bound to.
+    async fn lifetime(
+        &self,
+        identity: &Identity,
+        requested_ttl: Duration,
+        grant: &Grant,
+        chain: &Chain,
+        now: SystemTime,
+    ) -> Result<(&'static str, u64, Arc<crate::identity::X509Svid>), OAuthError> {
         let svid = self
             .cache
             .subscribe(&identity.spiffe_id, identity.x509_ttl)
@@ -458,17 +581,17 @@ impl Exchange {
             .signer
             .access_token_not_after()
             .map_err(|e| OAuthError::new(ErrorCode::ServerError, format!("no signing key: {e}")))?;
-        let mut limits: Vec<(&str, u64)> = vec![
+        let mut limits: Vec<(&'static str, u64)> = vec![
             ("requested", requested_ttl.as_secs()),
             ("max_ttl", self.config.max_ttl.as_secs()),
             ("caller certificate", secs_until(svid.not_after, now)),
             ("signing key", secs_until(key_not_after, now)),
         ];
-        if let Some(t) = policy_ttl {
+        if let Some(t) = grant.policy_ttl {
             limits.push(("policy", t.as_secs()));
         }
-        if let Some(p) = &parent {
-            limits.push(("delegating token", p.exp.saturating_sub(now_s)));
+        if let Some(p) = &chain.parent {
+            limits.push(("delegating token", p.exp.saturating_sub(unix_seconds(now))));
         }
         let (bound_by, ttl) = limits
             .iter()
@@ -480,31 +603,41 @@ impl Exchange {
                 "no lifetime left for a token (bounded by the {bound_by})"
             )));
         }
-        if let Some((id, fp)) = &approval
-            && !self.approvals.redeem(id, fp, now)
-        {
-            return Err(OAuthError::invalid_request("approval_id was already used"));
-        }
+        Ok((bound_by, ttl, svid))
+    }
 
-        // 7. Sign.
+    /// Stage 7: Sign: the claims of RFC 9068 plus `txn` (the task), `cnf` (the
+    /// caller's certificate) and `act` (the delegation chain).
+    #[allow(clippy::too_many_arguments)]
+    async fn sign(
+        &self,
+        req: &TokenRequest,
+        caller_id: &str,
+        chain: Chain,
+        grant: Grant,
+        (bound_by, ttl): (&'static str, u64),
+        svid: &crate::identity::X509Svid,
+        now_s: u64,
+        record: &mut Map<String, Value>,
+    ) -> Result<TokenResponse, OAuthError> {
         let jti = jws::random_kid();
         let exp = now_s + ttl;
         let mut claims = json!({
             "iss": self.config.issuer,
-            "sub": principal,
+            "sub": chain.principal,
             "aud": req.target.as_str(),
             "client_id": caller_id,
-            "scope": granted.join(" "),
+            "scope": grant.scopes.join(" "),
             "iat": now_s,
             "nbf": now_s,
             "exp": exp,
             "jti": jti,
-            "txn": task_id,
+            "txn": chain.task_id,
             "cnf": {"x5t#S256": B64URL.encode(ring::digest::digest(&ring::digest::SHA256, leaf_der(&svid.chain_der)))},
         });
-        if let Some(p) = &parent {
+        if let Some(p) = &chain.parent {
             let mut act = Map::new();
-            act.insert("sub".into(), caller_id.clone().into());
+            act.insert("sub".into(), caller_id.into());
             if let Some(prior) = &p.act {
                 act.insert("act".into(), prior.clone());
             }
@@ -525,7 +658,7 @@ impl Exchange {
             "granted".into(),
             json!({
                 "audience": req.target.as_str(),
-                "scopes": granted,
+                "scopes": grant.scopes,
                 "ttl": ttl,
                 "ttl_bound_by": bound_by,
             }),
@@ -537,8 +670,8 @@ impl Exchange {
             issued_token_type: TOKEN_TYPE_ACCESS_TOKEN,
             token_type: "Bearer",
             expires_in: ttl,
-            scope: granted.join(" "),
-            task_id,
+            scope: grant.scopes.join(" "),
+            task_id: chain.task_id,
         })
     }
 
