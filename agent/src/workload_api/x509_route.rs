@@ -11,6 +11,11 @@
 //! would, and the stream itself is [`WorkloadApi::fetch_x509svid`], so header
 //! checks, attestation, status codes and metrics are the same code as for
 //! every other method. Every other path goes to the generated server.
+//!
+//! The request limit given to [`WorkloadApiRoutes::new`] bounds both paths
+//! alike (a test below sends the same oversized request down each), and a
+//! layer added with `Server::builder().layer(..)` wraps this whole service,
+//! so it sees every method, FetchX509SVID included.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -236,6 +241,119 @@ mod tests {
             code(read_request(body(&[0, 0, 0, 0, 2, 0x08, 0x80]), 64).await),
             tonic::Code::Internal
         );
+    }
+
+    /// The Workload API as the server registers it, over a memory-only
+    /// authority; no request carries peer credentials, so any request that
+    /// passes the transport reaches the service and is refused there.
+    fn routes(max_request: usize) -> WorkloadApiRoutes {
+        use crate::caller::Callers;
+        use crate::clock::SystemClock;
+        use crate::identity::{AuthoritySettings, LocalAuthority, SvidCache};
+        let clock = Arc::new(SystemClock);
+        let authority = LocalAuthority::load(
+            AuthoritySettings {
+                trust_domain: spiffe::TrustDomain::new("example.org").unwrap(),
+                ca_ttl: std::time::Duration::from_secs(3600),
+                jwt_key_ttl: std::time::Duration::from_secs(3600),
+                state_dir: None,
+                ca_files: None,
+            },
+            clock.clone(),
+        )
+        .unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let trust = authority.trust_store().clone();
+        let callers = Arc::new(Callers {
+            attestor: tessera_attestor::WorkloadAttestor::new(
+                tessera_attestor::ProcRoot::new("/proc"),
+                Vec::new(),
+            ),
+            entries: tokio::sync::watch::channel(crate::entries::EntrySet::default()).1,
+            metrics: metrics.clone(),
+            ready: std::sync::atomic::AtomicBool::new(true),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            limiter: crate::rate_limit::RateLimiter::new(crate::rate_limit::Budget {
+                rate: 1000.0,
+                burst: 1000.0,
+            }),
+        });
+        let cache = SvidCache::new(authority, trust, clock, metrics);
+        WorkloadApiRoutes::new(
+            WorkloadApi::new(Arc::new(super::super::ApiState { callers, cache })),
+            max_request,
+        )
+    }
+
+    /// The gRPC status of a response: trailers-only in the headers, else in
+    /// the body's trailers.
+    async fn grpc_status(response: http::Response<Body>) -> tonic::Code {
+        let from = |h: &http::HeaderMap| {
+            h.get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i32>().ok())
+                .map(tonic::Code::from)
+        };
+        if let Some(code) = from(response.headers()) {
+            return code;
+        }
+        let collected = response.into_body().collect().await.unwrap();
+        from(collected.trailers().expect("trailers")).expect("grpc-status")
+    }
+
+    fn call(path: &str, message: Vec<u8>) -> http::Request<Body> {
+        let mut framed = vec![0];
+        framed.extend((message.len() as u32).to_be_bytes());
+        framed.extend(message);
+        http::Request::builder()
+            .method("POST")
+            .uri(format!("http://localhost{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("workload.spiffe.io", "true")
+            .body(Body::new(http_body_util::Full::new(Bytes::from(framed))))
+            .unwrap()
+    }
+
+    /// FetchX509SVID is framed here, every other method by the generated
+    /// server: the request limit given to the routes must hold for both, and
+    /// a request within it must reach the same service code.
+    #[tokio::test]
+    async fn the_request_limit_and_the_service_are_the_same_for_both_paths() {
+        let limit = 256;
+        let mut routes = routes(limit);
+        // An unknown field (number 15, bytes) pads a request past the limit.
+        let padded = |extra: usize| {
+            let mut m = vec![0x7a];
+            let len = extra;
+            m.push(0x80 | (len & 0x7f) as u8);
+            m.push((len >> 7) as u8);
+            m.extend(std::iter::repeat_n(b'x', len));
+            m
+        };
+        let jwt = |extra: usize| {
+            let mut m = pb::JwtsvidRequest {
+                audience: vec!["a".into()],
+                spiffe_id: String::new(),
+            }
+            .encode_to_vec();
+            m.extend(padded(extra));
+            m
+        };
+        for (path, big, small) in [
+            (FETCH_X509_SVID, padded(limit), padded(10)),
+            ("/SpiffeWorkloadAPI/FetchJWTSVID", jwt(limit), jwt(10)),
+        ] {
+            let over = tower::Service::call(&mut routes, call(path, big))
+                .await
+                .unwrap();
+            assert_eq!(grpc_status(over).await, tonic::Code::OutOfRange, "{path}");
+            let within = tower::Service::call(&mut routes, call(path, small))
+                .await
+                .unwrap();
+            // Reached the service: refused there for want of peer credentials.
+            assert_eq!(grpc_status(within).await, tonic::Code::Internal, "{path}");
+        }
     }
 
     #[test]
