@@ -360,19 +360,10 @@ async fn ten_thousand_idle_connections_keep_memory_bounded_and_honest_clients_se
 /// A raw tonic client whose HTTP/2 windows are the protocol's initial 65,535
 /// bytes: a client that never reads gives the agent no more room than that.
 async fn never_reading_channel(socket: &Path) -> tonic::transport::Channel {
-    let path = socket.to_path_buf();
-    tonic::transport::Endpoint::try_from("http://localhost")
-        .unwrap()
+    let endpoint = tonic::transport::Endpoint::from_static("http://localhost")
         .initial_stream_window_size(65_535)
-        .initial_connection_window_size(65_535)
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
+        .initial_connection_window_size(65_535);
+    tessera_agent::cli::client::channel(socket, endpoint)
         .await
         .unwrap()
 }

@@ -95,19 +95,23 @@ impl TestAgent {
 /// A raw tonic channel to the agent socket (for requests the `spiffe` crate
 /// will not send, such as ones without the security header).
 pub async fn raw_channel(socket: &Path) -> tonic::transport::Channel {
-    let path = socket.to_path_buf();
-    tonic::transport::Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap()
+    tessera_agent::cli::client::channel(
+        socket,
+        tonic::transport::Endpoint::from_static("http://localhost"),
+    )
+    .await
+    .unwrap()
 }
+
+/// Fails the test at once, naming it, when it is not run as root (it
+/// mounts, enters namespaces or runs processes as other users). Never a
+/// silent skip: CI runs the suite as root.
+pub fn require_root(test: &str, why: &str) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "{test} NEEDS ROOT ({why}); run the tests as root, as CI does"
+    );
+}
+
 pub mod fake_apiserver;
 pub mod fake_kubelet;

@@ -8,7 +8,6 @@ use std::io::{IoSliceMut, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
@@ -81,21 +80,10 @@ async fn client_over(
     stream: UnixStream,
 ) -> pb::client::SpiffeWorkloadApiClient<tonic::transport::Channel> {
     stream.set_nonblocking(true).unwrap();
-    let slot = Arc::new(Mutex::new(Some(
-        tokio::net::UnixStream::from_std(stream).unwrap(),
-    )));
-    let channel = tonic::transport::Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let taken = slot.lock().unwrap().take();
-            async move {
-                taken
-                    .map(hyper_util::rt::TokioIo::new)
-                    .ok_or_else(|| std::io::Error::other("the passed socket was already used"))
-            }
-        }))
-        .await
-        .unwrap();
+    let channel =
+        tessera_agent::cli::client::channel_over(tokio::net::UnixStream::from_std(stream).unwrap())
+            .await
+            .unwrap();
     pb::client::SpiffeWorkloadApiClient::new(channel)
 }
 

@@ -24,7 +24,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
@@ -42,13 +41,6 @@ const POD_UID_: &str = "2c48913c_b29f_11e7_9350_020968147796";
 const APP: &str = "9bca8d63d5fa610783847915bcff0ecac1273e5b4bed3f6fa1b07350e0135961";
 /// The same pod's `sidecar` container.
 const SIDECAR: &str = "4444444444444444444444444444444444444444444444444444444444444444";
-
-fn require_root(test: &str) {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "{test} NEEDS ROOT; run the tests as root, as CI does"
-    );
-}
 
 fn k8s_attestor(dir: &Path, port: u16) -> K8sAttestor {
     K8sAttestor::new(K8sAttestorConfig {
@@ -249,7 +241,10 @@ fn as_nobody(program: &str) -> Command {
 
 #[tokio::test]
 async fn an_unprivileged_process_forging_mountinfo_for_real_gets_nothing() {
-    require_root("an_unprivileged_process_forging_mountinfo_for_real_gets_nothing");
+    tessera_tests::require_root(
+        "an_unprivileged_process_forging_mountinfo_for_real_gets_nothing",
+        "other users and namespaces",
+    );
     let base = tempfile::tempdir().unwrap();
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let cg = CgroupDir::create(base.path());
@@ -393,21 +388,10 @@ fn rand_suffix() -> u64 {
 /// every identity), or the gRPC error.
 async fn identities_over(stream: UnixStream) -> Result<Vec<String>, tonic::Status> {
     stream.set_nonblocking(true).unwrap();
-    let slot = Arc::new(Mutex::new(Some(
-        tokio::net::UnixStream::from_std(stream).unwrap(),
-    )));
-    let channel = tonic::transport::Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let taken = slot.lock().unwrap().take();
-            async move {
-                taken
-                    .map(hyper_util::rt::TokioIo::new)
-                    .ok_or_else(|| std::io::Error::other("the passed socket was already used"))
-            }
-        }))
-        .await
-        .unwrap();
+    let channel =
+        tessera_agent::cli::client::channel_over(tokio::net::UnixStream::from_std(stream).unwrap())
+            .await
+            .unwrap();
     let mut c = pb::client::SpiffeWorkloadApiClient::new(channel);
     let r = c
         .fetch_jwtsvid(pb::with_security_header(pb::JwtsvidRequest {
@@ -533,7 +517,10 @@ fn python_for_everyone() -> PathBuf {
 
 #[tokio::test]
 async fn callers_in_other_pid_namespaces_get_exactly_their_own_identity() {
-    require_root("callers_in_other_pid_namespaces_get_exactly_their_own_identity");
+    tessera_tests::require_root(
+        "callers_in_other_pid_namespaces_get_exactly_their_own_identity",
+        "other users and namespaces",
+    );
     let python = std::fs::canonicalize(python_for_everyone()).unwrap();
     let work = tempfile::tempdir().unwrap();
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();

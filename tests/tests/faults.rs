@@ -215,13 +215,6 @@ async fn wall_clock_jumps_forward_and_back() {
 
 // --------------------------------------------------------- disk full / ro
 
-fn require_root(test: &str) {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "{test} NEEDS ROOT (mount -t tmpfs); run the tests as root, as CI does"
-    );
-}
-
 /// A tmpfs mounted on `path`, unmounted on drop (also when the test panics).
 struct Tmpfs(PathBuf);
 
@@ -340,7 +333,10 @@ fn audit_hashes(path: &Path) -> std::collections::HashSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_refuses_exchanges_keeps_serving_and_recovers() {
-    require_root("disk_full_refuses_exchanges_keeps_serving_and_recovers");
+    tessera_tests::require_root(
+        "disk_full_refuses_exchanges_keeps_serving_and_recovers",
+        "mount -t tmpfs",
+    );
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -464,7 +460,10 @@ async fn disk_full_refuses_exchanges_keeps_serving_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_data_dir_keeps_serving_and_recovers() {
-    require_root("read_only_data_dir_keeps_serving_and_recovers");
+    tessera_tests::require_root(
+        "read_only_data_dir_keeps_serving_and_recovers",
+        "mount -t tmpfs",
+    );
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

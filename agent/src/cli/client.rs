@@ -36,10 +36,19 @@ pub fn parse_endpoint(value: &str) -> anyhow::Result<PathBuf> {
 }
 
 pub async fn connect(path: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Channel>> {
+    let channel = channel(path, Endpoint::from_static("http://localhost"))
+        .await
+        .with_context(|| format!("cannot connect to the Workload API at {}", path.display()))?;
+    Ok(SpiffeWorkloadApiClient::new(channel))
+}
+
+/// A gRPC channel to the Unix socket `path`, with `endpoint`'s settings
+/// (its URI is required by tonic but unused: the connector dials the
+/// socket). The one Unix-socket connector of the CLI, the bench and the
+/// tests.
+pub async fn channel(path: &Path, endpoint: Endpoint) -> Result<Channel, tonic::transport::Error> {
     let path = path.to_path_buf();
-    let shown = path.display().to_string();
-    // The URI is required by tonic but unused: the connector dials the socket.
-    let channel = Endpoint::try_from("http://localhost")?
+    endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move {
@@ -47,8 +56,25 @@ pub async fn connect(path: &Path) -> anyhow::Result<SpiffeWorkloadApiClient<Chan
             }
         }))
         .await
-        .with_context(|| format!("cannot connect to the Workload API at {shown}"))?;
-    Ok(SpiffeWorkloadApiClient::new(channel))
+}
+
+/// A gRPC channel over a stream that is already connected (a test hands
+/// over a socket a process of another user or namespace connected). The
+/// channel cannot reconnect: a second dial fails.
+pub async fn channel_over(
+    stream: tokio::net::UnixStream,
+) -> Result<Channel, tonic::transport::Error> {
+    let slot = std::sync::Arc::new(crate::sync::Mutex::new(Some(stream)));
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let taken = slot.lock().take();
+            async move {
+                taken
+                    .map(TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("the passed socket was already used"))
+            }
+        }))
+        .await
 }
 
 /// `--socket` or `SPIFFE_ENDPOINT_SOCKET`, then [`connect`].
