@@ -122,12 +122,12 @@ impl WorkloadAttestor {
             uid: peer.uid,
             gid: peer.gid,
         };
-        let pin = ProcessPin::new(&self.proc_root, pid, peer.uid, peer.pidfd.clone())?;
-        if let Some(before) = peer.exe_at_accept
-            && pin.exe_inode() != Some(before)
-        {
-            return Err(AttestError::Liveness(LivenessError::Executed { pid }));
-        }
+        let pidfd = peer.pidfd.clone();
+        let pin = match peer.exe_at_accept {
+            // An `exec` since accept fails the re-check below.
+            Some(exe) => ProcessPin::since_accept(&self.proc_root, pid, peer.uid, pidfd, exe)?,
+            None => ProcessPin::new(&self.proc_root, pid, peer.uid, pidfd)?,
+        };
         let mut selectors = Vec::new();
         for attestor in &self.attestors {
             selectors.extend(attestor.attest(&process, &self.proc_root).await?);

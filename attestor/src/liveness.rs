@@ -54,6 +54,27 @@ impl ProcessPin {
         })
     }
 
+    /// Pins `pid` to the executable it ran when its connection was accepted
+    /// (`exe_at_accept`, from [`crate::PeerInfo::record_exe`]) instead of
+    /// reading it again: the re-check after reading /proc then catches an
+    /// `exec` at any time since accept, with one `stat` fewer.
+    pub fn since_accept(
+        proc_root: &ProcRoot,
+        pid: i32,
+        uid: u32,
+        pidfd: Option<Arc<OwnedFd>>,
+        exe_at_accept: (u64, u64),
+    ) -> Result<Self, LivenessError> {
+        Ok(Self {
+            proc_root: proc_root.clone(),
+            pid,
+            uid,
+            start_time: proc_root.start_time(pid)?,
+            exe_inode: Some(exe_at_accept),
+            pidfd,
+        })
+    }
+
     pub fn pid(&self) -> i32 {
         self.pid
     }
@@ -166,6 +187,26 @@ mod tests {
         assert!(matches!(
             pin.check_alive(),
             Err(LivenessError::Exited { .. })
+        ));
+    }
+
+    #[test]
+    fn a_pin_from_accept_fails_when_the_executable_differs() {
+        let root = ProcRoot::default();
+        let pid = std::process::id() as i32;
+        let uid = nix::unistd::geteuid().as_raw();
+        let running = exe_inode(&root, pid).expect("own executable is visible");
+        ProcessPin::since_accept(&root, pid, uid, None, running)
+            .unwrap()
+            .check_alive()
+            .unwrap();
+        // As if another program ran when the connection was accepted.
+        let other = (running.0, running.1.wrapping_add(1));
+        assert!(matches!(
+            ProcessPin::since_accept(&root, pid, uid, None, other)
+                .unwrap()
+                .check_alive(),
+            Err(LivenessError::Executed { .. })
         ));
     }
 
