@@ -113,5 +113,39 @@ pub fn require_root(test: &str, why: &str) {
     );
 }
 
+/// Receives the one socket a helper process passes over `control` with
+/// SCM_RIGHTS, and the bytes it sent with it (at most 16). Tests use it to
+/// talk through a connection another user, namespace or program opened.
+pub fn receive_socket(
+    control: &std::os::unix::net::UnixStream,
+) -> (std::os::unix::net::UnixStream, Vec<u8>) {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut buf = [0u8; 16];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        std::os::fd::AsRawFd::as_raw_fd(control),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .unwrap();
+    let n = msg.bytes;
+    let fd = msg
+        .cmsgs()
+        .unwrap()
+        .find_map(|c| match c {
+            ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+            _ => None,
+        })
+        .expect("helper sent a socket");
+    // SAFETY: the kernel just installed `fd` in this process through
+    // SCM_RIGHTS; nothing else owns it, so taking ownership once is sound.
+    #[allow(unsafe_code)]
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    (owned.into(), buf[..n].to_vec())
+}
+
 pub mod fake_apiserver;
 pub mod fake_kubelet;

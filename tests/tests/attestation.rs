@@ -4,13 +4,11 @@
 //! connected socket to this test over SCM_RIGHTS, so the test can speak
 //! through a connection whose kernel credentials name the helper.
 
-use std::io::{IoSliceMut, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use tessera_tests::TestAgent;
 use tessera_workload_api as pb;
 
@@ -50,29 +48,8 @@ fn connect_via_helper(
         .spawn()
         .expect("python3 is required for this test");
     let (control, _) = back.accept().unwrap();
-    let mut byte = [0u8; 1];
-    let mut iov = [IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let msg = recvmsg::<()>(
-        std::os::fd::AsRawFd::as_raw_fd(&control),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::empty(),
-    )
-    .unwrap();
-    let fd = msg
-        .cmsgs()
-        .unwrap()
-        .find_map(|c| match c {
-            ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
-            _ => None,
-        })
-        .expect("helper sent a socket");
-    // SAFETY: the kernel just installed `fd` in this process through
-    // SCM_RIGHTS; nothing else owns it, so taking ownership once is sound.
-    #[allow(unsafe_code)]
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    (child, UnixStream::from(owned), control)
+    let (stream, _) = tessera_tests::receive_socket(&control);
+    (child, stream, control)
 }
 
 /// A tonic client that speaks over one already-connected socket.

@@ -18,15 +18,12 @@
 //!
 //! Tests that need root FAIL, not skip, without it: CI runs them as root.
 
-use std::io::IoSliceMut;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use tessera_attestor::kubelet::KubeletConfig;
 use tessera_attestor::{
     Attestor, K8sAttestor, K8sAttestorConfig, ProcRoot, ProcessRef, Selector, SelectorSet,
@@ -348,33 +345,11 @@ fn helper(mut cmd: Command, agent: &Path, dir: &Path) -> Helper {
         .unwrap();
     back.set_nonblocking(false).unwrap();
     let (control, _) = back.accept().unwrap();
-    let mut buf = [0u8; 16];
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let msg = recvmsg::<()>(
-        std::os::fd::AsRawFd::as_raw_fd(&control),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::empty(),
-    )
-    .unwrap();
-    let n = msg.bytes;
-    let fd = msg
-        .cmsgs()
-        .unwrap()
-        .find_map(|c| match c {
-            ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
-            _ => None,
-        })
-        .expect("helper sent a socket");
-    // SAFETY: the kernel just installed `fd` in this process through
-    // SCM_RIGHTS; nothing else owns it, so taking ownership once is sound.
-    #[allow(unsafe_code)]
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let (stream, sent) = tessera_tests::receive_socket(&control);
     Helper {
         child,
-        stream: UnixStream::from(owned),
-        inner_pid: String::from_utf8_lossy(&buf[..n]).into_owned(),
+        stream,
+        inner_pid: String::from_utf8_lossy(&sent).into_owned(),
     }
 }
 

@@ -3,11 +3,23 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 
 use super::init_logging;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+
+/// A fleet key directory and the CA to put in it.
+#[derive(Args)]
+pub(super) struct KeyDirArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long)]
+    trust_domain: String,
+    /// CA lifetime.
+    #[arg(long, default_value = "1y")]
+    ca_ttl: String,
+}
 
 #[derive(Subcommand)]
 pub(super) enum AuthorityCommand {
@@ -17,25 +29,10 @@ pub(super) enum AuthorityCommand {
         config: PathBuf,
     },
     /// Create a key directory: ca.crt, ca.key, jwt.key, access.key (0600).
-    Init {
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long)]
-        trust_domain: String,
-        /// CA lifetime.
-        #[arg(long, default_value = "1y")]
-        ca_ttl: String,
-    },
+    Init(KeyDirArgs),
     /// Add a successor CA (ca-<time>.crt/.key) to a key directory; replicas
     /// publish it at once and sign with it after `ca_publish_lead`.
-    RotateCa {
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long)]
-        trust_domain: String,
-        #[arg(long, default_value = "1y")]
-        ca_ttl: String,
-    },
+    RotateCa(KeyDirArgs),
     /// Create a single-use join token for a machine outside Kubernetes; prints it.
     JoinToken {
         /// The authority's `server.join_token_dir`.
@@ -57,11 +54,11 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
         spiffe::TrustDomain::new(v).map_err(|e| anyhow::anyhow!("--trust-domain {v:?}: {e}"))
     };
     match cmd {
-        AuthorityCommand::Init {
+        AuthorityCommand::Init(KeyDirArgs {
             dir,
             trust_domain,
             ca_ttl,
-        } => {
+        }) => {
             let ttl = duration("ca-ttl", &ca_ttl)?;
             crate::identity::key_files::init_key_dir(
                 &td(&trust_domain)?,
@@ -79,11 +76,11 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        AuthorityCommand::RotateCa {
+        AuthorityCommand::RotateCa(KeyDirArgs {
             dir,
             trust_domain,
             ca_ttl,
-        } => {
+        }) => {
             let ttl = duration("ca-ttl", &ca_ttl)?;
             let name = crate::identity::key_files::add_ca(
                 &td(&trust_domain)?,

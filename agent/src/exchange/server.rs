@@ -58,9 +58,6 @@ pub async fn serve(
     crate::transport::http::serve(acceptor, router(exchange, callers), limits, shutdown).await
 }
 
-/// The connection's peer credentials, as the accept loop read them.
-type Conn = ConnectInfo<Option<PeerConnection>>;
-
 /// Attests the connection's process and looks up its identities.
 async fn caller(s: &ServerState, conn: &Option<PeerConnection>) -> Result<Caller, OAuthError> {
     let conn = conn.as_ref().ok_or_else(|| {
@@ -112,14 +109,41 @@ fn json_no_store(value: impl serde::Serialize) -> Response {
     response
 }
 
+/// A form request from an attested caller: the body parsed (it must be
+/// `application/x-www-form-urlencoded`), then the caller attested, in that
+/// order, for every route that takes one.
+struct AttestedForm {
+    form: Form,
+    caller: Caller,
+}
+
+impl axum::extract::FromRequest<ServerState> for AttestedForm {
+    type Rejection = Response;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        s: &ServerState,
+    ) -> Result<Self, Response> {
+        let (mut parts, body) = request.into_parts();
+        let conn = parts
+            .extensions
+            .remove::<ConnectInfo<Option<PeerConnection>>>()
+            .and_then(|ConnectInfo(c)| c);
+        let body = Bytes::from_request(axum::extract::Request::from_parts(parts.clone(), body), s)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let form = form(&parts.headers, &body).map_err(IntoResponse::into_response)?;
+        let caller = caller(s, &conn)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Self { form, caller })
+    }
+}
+
 async fn token(
     State(s): State<ServerState>,
-    ConnectInfo(conn): Conn,
-    headers: HeaderMap,
-    body: Bytes,
+    AttestedForm { form, caller }: AttestedForm,
 ) -> Result<Response, OAuthError> {
-    let form = form(&headers, &body)?;
-    let caller = caller(&s, &conn).await?;
     let request = TokenRequest::from_form(&form)?;
     let response = s.exchange.exchange(&caller, request).await?;
     Ok(json_no_store(response))
@@ -127,12 +151,8 @@ async fn token(
 
 async fn revoke(
     State(s): State<ServerState>,
-    ConnectInfo(conn): Conn,
-    headers: HeaderMap,
-    body: Bytes,
+    AttestedForm { form, caller }: AttestedForm,
 ) -> Result<Response, OAuthError> {
-    let form = form(&headers, &body)?;
-    let caller = caller(&s, &conn).await?;
     match (form.single("token")?, form.single("task_id")?) {
         (Some(token), None) => {
             if let Some(hint) = form.single("token_type_hint")?
@@ -157,12 +177,8 @@ async fn revoke(
 
 async fn introspect(
     State(s): State<ServerState>,
-    ConnectInfo(conn): Conn,
-    headers: HeaderMap,
-    body: Bytes,
+    AttestedForm { form, .. }: AttestedForm,
 ) -> Result<Response, OAuthError> {
-    let form = form(&headers, &body)?;
-    caller(&s, &conn).await?;
     let token = form.required("token")?;
     Ok(json_no_store(s.exchange.introspect(token)))
 }

@@ -211,14 +211,7 @@ impl LocalAuthority {
         dns_names: &[String],
     ) -> Result<SignedCert, SignError> {
         let now = self.clock.now();
-        let (times, ca) = {
-            let rings = self.rings.lock();
-            let (t, ca) = rings
-                .cas
-                .active(unix_seconds(now))
-                .ok_or(SignError::NoKey)?;
-            (*t, ca.clone())
-        };
+        let (times, ca) = self.active(now, |r| &r.cas)?;
         let ca_end = SystemTime::UNIX_EPOCH + Duration::from_secs(times.not_after);
         ca.sign_leaf(id, public_key, now, (now + ttl).min(ca_end), dns_names)
     }
@@ -231,14 +224,7 @@ impl LocalAuthority {
         ttl: Duration,
     ) -> Result<JwtSvid, SignError> {
         let now = self.clock.now();
-        let (times, key) = {
-            let rings = self.rings.lock();
-            let (t, k) = rings
-                .jwt
-                .active(unix_seconds(now))
-                .ok_or(SignError::NoKey)?;
-            (*t, k.clone())
-        };
+        let (times, key) = self.active(now, |r| &r.jwt)?;
         let iat = unix_seconds(now);
         let exp = (iat + ttl.as_secs().max(1)).min(times.not_after);
         let claims = serde_json::json!({
@@ -257,13 +243,24 @@ impl LocalAuthority {
 
     /// The key that signs access tokens now.
     pub fn access_signing_key(&self) -> Result<AccessSigningKey, SignError> {
-        let now = unix_seconds(self.clock.now());
-        let rings = self.rings.lock();
-        let (t, k) = rings.access.active(now).ok_or(SignError::NoKey)?;
+        let (t, key) = self.active(self.clock.now(), |r| &r.access)?;
         Ok(AccessSigningKey {
-            key: k.clone(),
+            key,
             not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(t.not_after),
         })
+    }
+
+    /// The key of `ring` that signs at `now`, and its times.
+    fn active<K>(
+        &self,
+        now: SystemTime,
+        ring: impl FnOnce(&Rings) -> &KeyRing<K>,
+    ) -> Result<(KeyTimes, Arc<K>), SignError> {
+        let rings = self.rings.lock();
+        let (t, k) = ring(&rings)
+            .active(unix_seconds(now))
+            .ok_or(SignError::NoKey)?;
+        Ok((*t, k.clone()))
     }
 
     /// Runs key rollover; returns when it next needs to run.

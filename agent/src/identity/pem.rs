@@ -61,18 +61,18 @@ pub fn decode_first_cert(pem: &[u8]) -> Result<Vec<u8>, PemError> {
 /// A P-256 private key as PKCS#8 DER, from a `PRIVATE KEY` (PKCS#8) or an
 /// `EC PRIVATE KEY` (SEC1) block.
 pub fn decode_private_key(pem: &[u8]) -> Result<Vec<u8>, PemError> {
-    match PrivateKeyDer::from_pem_slice(pem) {
-        Ok(PrivateKeyDer::Pkcs8(der)) => Ok(der.secret_pkcs8_der().to_vec()),
-        Ok(PrivateKeyDer::Sec1(der)) => Ok(sec1_to_pkcs8(der.secret_sec1_der())),
-        Ok(_) | Err(rustls::pki_types::pem::Error::NoItemsFound) => Err(PemError::NoKey),
-        Err(e) => Err(e.into()),
-    }
+    decode_key(pem, true)
 }
 
 /// A `PRIVATE KEY` (PKCS#8) block only: fleet JWT and access-token keys.
 pub fn decode_pkcs8_key(pem: &[u8]) -> Result<Vec<u8>, PemError> {
+    decode_key(pem, false)
+}
+
+fn decode_key(pem: &[u8], sec1_too: bool) -> Result<Vec<u8>, PemError> {
     match PrivateKeyDer::from_pem_slice(pem) {
         Ok(PrivateKeyDer::Pkcs8(der)) => Ok(der.secret_pkcs8_der().to_vec()),
+        Ok(PrivateKeyDer::Sec1(der)) if sec1_too => Ok(sec1_to_pkcs8(der.secret_sec1_der())),
         Ok(_) | Err(rustls::pki_types::pem::Error::NoItemsFound) => Err(PemError::NoKey),
         Err(e) => Err(e.into()),
     }
