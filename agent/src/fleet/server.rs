@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use axum::extract::{Extension, State};
@@ -87,9 +87,10 @@ struct Shared {
     registry: Registry,
 }
 
-/// The caller's node, from its verified client certificate.
+/// The caller's node, from its verified client certificate, and when that
+/// certificate expires.
 #[derive(Clone)]
-struct PeerNode(Option<Node>);
+struct PeerNode(Option<(Node, SystemTime)>);
 
 struct ApiError(StatusCode, String);
 
@@ -358,8 +359,10 @@ pub async fn start(
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .and_then(|c| tls::spiffe_id_of(c))
-                    .and_then(|id| Node::from_spiffe_id(&id, &td));
+                    .and_then(|c| {
+                        let node = Node::from_spiffe_id(&tls::spiffe_id_of(c)?, &td)?;
+                        Some((node, tls::not_after(c)?))
+                    });
                 let peer = PeerNode(peer);
                 let service = hyper::service::service_fn(
                     move |mut req: http::Request<hyper::body::Incoming>| {
@@ -548,13 +551,22 @@ impl Shared {
     }
 }
 
-fn require_node(peer: &PeerNode) -> Result<Node, ApiError> {
-    peer.0.clone().ok_or_else(|| {
-        ApiError(
+/// The node that makes this request. Its certificate was verified at the
+/// handshake; it must also still be valid now, since a connection (kept
+/// alive by the client) can outlive it.
+fn require_node(peer: &PeerNode, now: SystemTime) -> Result<Node, ApiError> {
+    match &peer.0 {
+        None => Err(ApiError(
             StatusCode::UNAUTHORIZED,
             "a node SVID is required as the TLS client certificate".into(),
-        )
-    })
+        )),
+        Some((_, not_after)) if *not_after <= now => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "the node SVID presented on this connection has expired; reconnect with a valid one"
+                .into(),
+        )),
+        Some((node, _)) => Ok(node.clone()),
+    }
 }
 
 async fn attest(
@@ -651,7 +663,7 @@ async fn renew(
     Extension(peer): Extension<PeerNode>,
     Json(req): Json<wire::RenewRequest>,
 ) -> Result<Json<wire::NodeSvidResponse>, ApiError> {
-    let node = require_node(&peer)?;
+    let node = require_node(&peer, s.clock.now())?;
     if node.kind == NodeKind::Kubernetes {
         // A Kubernetes node proves itself afresh with its (rotating,
         // pod-bound) token, so a node SVID stolen from it dies with its TTL.
@@ -678,7 +690,7 @@ async fn sign(
     Extension(peer): Extension<PeerNode>,
     Json(req): Json<wire::SignRequest>,
 ) -> Result<Json<wire::SignResponse>, ApiError> {
-    let node = require_node(&peer)?;
+    let node = require_node(&peer, s.clock.now())?;
     if req.x509.len() + req.jwt.len() > wire::MAX_BATCH {
         return Err(bad(format!(
             "at most {} items per request",
@@ -802,7 +814,7 @@ async fn access_token(
     Extension(peer): Extension<PeerNode>,
     Json(req): Json<wire::AccessTokenRequest>,
 ) -> Result<Json<wire::AccessTokenResponse>, ApiError> {
-    let node = require_node(&peer)?;
+    let node = require_node(&peer, s.clock.now())?;
     let claims = &req.claims;
     let sub = claims
         .get("sub")
