@@ -482,13 +482,16 @@ fn bind_operator_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener>
 /// is replaced; a live agent on the same path makes this one refuse to start;
 /// any other kind of file is never deleted.
 fn bind_socket(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.exists()
-    {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.exists() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating socket directory {}", dir.display()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
     }
+    crate::fsutil::check_socket_dir(dir)?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {

@@ -20,6 +20,8 @@ pub enum FsError {
         owner: u32,
         agent: u32,
     },
+    #[error("{} {why}: whoever can write there can replace the agent's socket with their own; refusing to serve under it (give it to root or the agent's user, mode 0755)", path.display())]
+    UnsafeSocketDir { path: PathBuf, why: String },
 }
 
 impl FsError {
@@ -29,6 +31,46 @@ impl FsError {
             source,
         }
     }
+}
+
+/// Checks the directory a socket is bound in, and every directory above it:
+/// each must belong to root or the agent's user and be writable by no one
+/// else, unless it is sticky (like `/tmp`, where others cannot rename what
+/// is ours). Otherwise another user could rename the socket away and bind
+/// their own in its place. The socket's own directory, if it is the agent's
+/// and others may write it, is tightened (with a warning) instead.
+pub fn check_socket_dir(dir: &Path) -> Result<(), FsError> {
+    let dir = std::fs::canonicalize(dir).map_err(|e| FsError::io(dir, e))?;
+    let me = nix::unistd::geteuid().as_raw();
+    for (level, d) in dir.ancestors().enumerate() {
+        let meta = std::fs::metadata(d).map_err(|e| FsError::io(d, e))?;
+        let unsafe_dir = |why: String| FsError::UnsafeSocketDir {
+            path: d.to_path_buf(),
+            why,
+        };
+        if meta.uid() != 0 && meta.uid() != me {
+            return Err(unsafe_dir(format!(
+                "belongs to uid {}, not to root or the agent (uid {me})",
+                meta.uid()
+            )));
+        }
+        let writable_by_others = meta.mode() & 0o022 != 0;
+        let sticky = meta.mode() & 0o1000 != 0;
+        if writable_by_others && !sticky {
+            if level == 0 && meta.uid() == me {
+                let mode = meta.mode() & 0o7777 & !0o022;
+                tracing::warn!(dir = %d.display(), mode = format!("{:o}", meta.mode() & 0o777), "the socket directory was writable by others; removing group and other write");
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| FsError::io(d, e))?;
+            } else {
+                return Err(unsafe_dir(format!(
+                    "is writable by group or others (mode {:o})",
+                    meta.mode() & 0o777
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A directory for keys, revocations and the audit log: 0700. An existing
@@ -94,6 +136,31 @@ pub fn write_private_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_directory_others_can_write_is_tightened_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = dir.path().join("sock");
+        std::fs::create_dir(&own).unwrap();
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o777)).unwrap();
+        check_socket_dir(&own).unwrap();
+        let mode = std::fs::metadata(&own).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755, "the agent's own directory is repaired");
+
+        // A writable directory above it cannot be repaired here: refused.
+        let inner = own.join("inner");
+        std::fs::create_dir(&inner).unwrap();
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = check_socket_dir(&inner).unwrap_err();
+        assert!(
+            matches!(err, FsError::UnsafeSocketDir { ref path, .. } if *path == own),
+            "{err}"
+        );
+
+        // Sticky and world-writable (like /tmp) is fine.
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        check_socket_dir(&inner).unwrap();
+    }
 
     #[test]
     fn writes_0600_and_replaces() {

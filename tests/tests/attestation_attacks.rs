@@ -550,3 +550,62 @@ async fn callers_in_other_pid_namespaces_get_exactly_their_own_identity() {
     drop(h);
     agent.stop().await;
 }
+
+/// An unprivileged user who owns the directory a socket is bound in can
+/// rename the agent's socket away and bind their own in its place, then
+/// answer every workload that connects. Such a directory (here made by
+/// `nobody` in a sticky, world-writable parent, as under `/tmp`) must make
+/// the agent refuse to start, for the Workload API and the exchange socket
+/// alike; before the fix it started silently.
+#[tokio::test]
+async fn a_socket_directory_owned_by_another_user_is_refused() {
+    tessera_tests::require_root(
+        "a_socket_directory_owned_by_another_user_is_refused",
+        "another user creates the directory",
+    );
+    for (socket_key, socket_dir) in [("socket_path", "wl"), ("exchange", "ex")] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let attacker_dir = dir.path().join(socket_dir);
+        let made = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "mkdir"])
+            .arg(&attacker_dir)
+            .status()
+            .expect("setpriv (util-linux) is required");
+        assert!(
+            made.success(),
+            "nobody could not create {}",
+            attacker_dir.display()
+        );
+        let d = dir.path().display();
+        let text = match socket_key {
+            "socket_path" => format!(
+                "trust_domain = \"example.org\"\nsocket_path = \"{d}/wl/agent.sock\"\ndata_dir = \"{d}/data\"\n"
+            ),
+            _ => format!(
+                "trust_domain = \"example.org\"\nsocket_path = \"{d}/sock/agent.sock\"\ndata_dir = \"{d}/data\"\n\
+                 [exchange]\nsocket_path = \"{d}/ex/exchange.sock\"\n"
+            ),
+        };
+        let config = tessera_agent::config::Config::parse(&text, "t.toml").unwrap();
+        let started = tessera_agent::app::start(
+            config,
+            std::sync::Arc::new(tessera_agent::clock::SystemClock),
+        )
+        .await;
+        let err = match started {
+            Ok(agent) => {
+                agent.stop().await.unwrap();
+                panic!(
+                    "the agent served from {}, which uid 65534 owns",
+                    attacker_dir.display()
+                );
+            }
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains(&attacker_dir.display().to_string()) && err.contains("uid 65534"),
+            "{err}"
+        );
+    }
+}
