@@ -101,3 +101,240 @@ impl Callers {
         self.entries.borrow().identities_for(&peer.selectors)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tessera_attestor::{PeerInfo, ProcRoot, Selector, UnixAttestor, UnixAttestorConfig};
+
+    use super::*;
+    use crate::entries::{Entry, IdTemplate};
+    use crate::rate_limit::Budget;
+
+    const ROOMY: Budget = Budget {
+        rate: 1000.0,
+        burst: 1000.0,
+    };
+
+    fn uid() -> u32 {
+        nix::unistd::geteuid().as_raw()
+    }
+
+    fn entry(id: &str, selectors: &[&str], hint: Option<&str>) -> Entry {
+        Entry {
+            template: IdTemplate::parse(id).unwrap(),
+            selectors: selectors
+                .iter()
+                .map(|s| Selector::parse(s).unwrap())
+                .collect(),
+            hint: hint.map(str::to_string),
+            x509_ttl: Duration::from_secs(3600),
+            jwt_ttl: Duration::from_secs(300),
+        }
+    }
+
+    fn callers(entries: Vec<Entry>, budget: Budget) -> Callers {
+        // No path discovery: hashing the test binary is slow and beside the point.
+        let unix = UnixAttestor::new(UnixAttestorConfig {
+            discover_workload_path: false,
+            workload_size_limit: 0,
+        });
+        let (_, entries) = watch::channel(EntrySet::new(entries));
+        Callers {
+            attestor: WorkloadAttestor::new(ProcRoot::new("/proc"), vec![Arc::new(unix)]),
+            entries,
+            metrics: Arc::new(Metrics::new()),
+            ready: AtomicBool::new(true),
+            shutdown: CancellationToken::new(),
+            limiter: RateLimiter::new(budget),
+        }
+    }
+
+    /// This process, as the other end of a real Unix socket sees it.
+    fn own_connection() -> (PeerConnection, tokio::net::UnixStream) {
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        let conn = PeerConnection::from_stream(&ours, &ProcRoot::new("/proc")).unwrap();
+        (conn, theirs)
+    }
+
+    fn connection_of(pid: Option<i32>) -> PeerConnection {
+        PeerConnection {
+            peer: PeerInfo {
+                pid,
+                uid: uid(),
+                gid: nix::unistd::getegid().as_raw(),
+                pidfd: None,
+                exe_at_accept: None,
+            },
+            attested: Arc::default(),
+        }
+    }
+
+    fn attestations(c: &Callers, result: &'static str) -> u64 {
+        c.metrics
+            .attestations
+            .get_or_create(&ResultLabels { result })
+            .get()
+    }
+
+    #[tokio::test]
+    async fn callers_are_not_ready_before_ready_is_set() {
+        let c = callers(Vec::new(), ROOMY);
+        c.ready.store(false, Ordering::Release);
+        let (conn, _other_end) = own_connection();
+        assert!(matches!(
+            c.attest_connection(&conn).await,
+            Err(CallerError::NotReady)
+        ));
+        assert!(conn.attested.get().is_none(), "nothing was attested");
+        assert_eq!(attestations(&c, "ok") + attestations(&c, "error"), 0);
+    }
+
+    #[tokio::test]
+    async fn callers_are_not_ready_once_shutdown_begins() {
+        let c = callers(Vec::new(), ROOMY);
+        let (conn, _other_end) = own_connection();
+        c.attest_connection(&conn).await.unwrap();
+        c.shutdown.cancel();
+        // Even an already attested connection is refused.
+        assert!(matches!(
+            c.attest_connection(&conn).await,
+            Err(CallerError::NotReady)
+        ));
+    }
+
+    #[tokio::test]
+    async fn attesting_this_process_yields_its_uid_and_gid() {
+        let c = callers(Vec::new(), ROOMY);
+        let (conn, _other_end) = own_connection();
+        let peer = c.attest_connection(&conn).await.unwrap();
+        assert_eq!(peer.process.pid, std::process::id() as i32);
+        assert!(
+            peer.selectors
+                .contains(&Selector::new("unix:uid", uid().to_string())),
+            "{:?}",
+            peer.selectors
+        );
+        let gid = nix::unistd::getegid().as_raw().to_string();
+        assert!(peer.selectors.contains(&Selector::new("unix:gid", gid)));
+        assert_eq!(attestations(&c, "ok"), 1);
+    }
+
+    #[tokio::test]
+    async fn later_calls_on_a_connection_reuse_its_attestation() {
+        let c = callers(Vec::new(), ROOMY);
+        let (conn, _other_end) = own_connection();
+        let first = c.attest_connection(&conn).await.unwrap();
+        assert!(Arc::ptr_eq(conn.attested.get().unwrap(), &first));
+        // Each request sees a clone of the connection's facts: it shares the cache.
+        let second = c.attest_connection(&conn.clone()).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(attestations(&c, "ok"), 1, "attested once");
+    }
+
+    #[tokio::test]
+    async fn a_caller_without_a_visible_pid_fails_and_is_not_cached() {
+        let c = callers(Vec::new(), ROOMY);
+        let conn = connection_of(None);
+        assert!(matches!(
+            c.attest_connection(&conn).await,
+            Err(CallerError::Failed(AttestError::NoPid))
+        ));
+        assert!(conn.attested.get().is_none());
+        assert_eq!(attestations(&c, "error"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_exited_since_attestation_is_gone() {
+        let c = callers(Vec::new(), ROOMY);
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep(1)");
+        let conn = connection_of(Some(child.id() as i32));
+        let attested = c.attest_connection(&conn).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        attested.unwrap();
+        assert!(matches!(
+            c.attest_connection(&conn).await,
+            Err(CallerError::Gone)
+        ));
+    }
+
+    #[tokio::test]
+    async fn within_budget_refuses_once_the_budget_is_spent() {
+        let c = callers(
+            Vec::new(),
+            Budget {
+                rate: 0.001,
+                burst: 2.0,
+            },
+        );
+        let (conn, _other_end) = own_connection();
+        assert!(c.within_budget(&conn));
+        assert!(c.within_budget(&conn));
+        assert_eq!(c.metrics.rate_limited.get(), 0);
+        assert!(!c.within_budget(&conn));
+        assert!(!c.within_budget(&conn));
+        assert_eq!(c.metrics.rate_limited.get(), 2);
+        // Another process has a budget of its own.
+        assert!(c.within_budget(&connection_of(Some(1))));
+    }
+
+    #[tokio::test]
+    async fn callers_without_a_visible_pid_share_one_budget() {
+        let c = callers(
+            Vec::new(),
+            Budget {
+                rate: 0.001,
+                burst: 1.0,
+            },
+        );
+        assert!(c.within_budget(&connection_of(None)));
+        assert!(!c.within_budget(&connection_of(None)));
+        assert_eq!(c.metrics.rate_limited.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn identities_are_the_entries_matching_the_caller() {
+        let me = uid();
+        let c = callers(
+            vec![
+                entry(
+                    "spiffe://example.org/me",
+                    &[&format!("unix:uid:{me}")],
+                    Some("me"),
+                ),
+                entry(
+                    "spiffe://example.org/someone-else",
+                    &[&format!("unix:uid:{}", me.wrapping_add(1))],
+                    None,
+                ),
+                entry("spiffe://example.org/uid/{unix:uid}", &["unix:uid"], None),
+                entry(
+                    "spiffe://example.org/needs-k8s",
+                    &[&format!("unix:uid:{me}"), "k8s:ns:prod"],
+                    None,
+                ),
+            ],
+            ROOMY,
+        );
+        let (conn, _other_end) = own_connection();
+        let peer = c.attest_connection(&conn).await.unwrap();
+        let ids: Vec<String> = c
+            .identities(&peer)
+            .iter()
+            .map(|i| i.spiffe_id.to_string())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "spiffe://example.org/me".to_string(),
+                format!("spiffe://example.org/uid/{me}"),
+            ]
+        );
+        assert_eq!(c.identities(&peer)[0].hint.as_deref(), Some("me"));
+    }
+}

@@ -106,3 +106,321 @@ pub struct AccessTokenResponse {
 pub struct ErrorBody {
     pub error: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as B64;
+    use serde::de::DeserializeOwned;
+    use serde_json::json;
+
+    use super::*;
+    use crate::identity::jws::PublicJwk;
+
+    /// The keys of a serialised value, sorted.
+    fn keys_of(value: &impl Serialize) -> Vec<String> {
+        let v = serde_json::to_value(value).unwrap();
+        let mut keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    fn parse<T: DeserializeOwned>(v: Value) -> Result<T, serde_json::Error> {
+        serde_json::from_value(v)
+    }
+
+    fn csr_for(id: &str) -> String {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+        B64.encode(params.serialize_request(&key).unwrap().der())
+    }
+
+    fn jwk(kid: &str, byte: u8) -> PublicJwk {
+        let mut point = vec![4u8];
+        point.extend(std::iter::repeat_n(byte, 64));
+        PublicJwk {
+            kid: kid.into(),
+            point,
+        }
+    }
+
+    fn bundle() -> BundleDoc {
+        BundleDoc {
+            x509_authorities: vec![B64.encode(b"ca-1"), B64.encode(b"ca-2")],
+            jwt_keys: vec![jwk("j1", 1).to_json("jwt-svid")],
+            access_keys: vec![jwk("a1", 2).to_json("sig")],
+        }
+    }
+
+    #[test]
+    fn attest_request_uses_method_token_csr_and_round_trips() {
+        let req = AttestRequest {
+            method: "join_token".into(),
+            token: "secret".into(),
+            csr: "Q1NS".into(),
+        };
+        assert_eq!(keys_of(&req), ["csr", "method", "token"]);
+        let back: AttestRequest =
+            serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();
+        assert_eq!(
+            (back.method.as_str(), back.token.as_str(), back.csr.as_str()),
+            ("join_token", "secret", "Q1NS")
+        );
+    }
+
+    #[test]
+    fn renew_request_carries_only_the_csr() {
+        let req = RenewRequest { csr: "Q1NS".into() };
+        assert_eq!(serde_json::to_value(&req).unwrap(), json!({"csr": "Q1NS"}));
+        let back: RenewRequest = parse(json!({"csr": "Q1NS"})).unwrap();
+        assert_eq!(back.csr, "Q1NS");
+    }
+
+    #[test]
+    fn requests_refuse_unknown_fields() {
+        let extra = |mut v: Value| {
+            v.as_object_mut().unwrap().insert("extra".into(), json!(1));
+            v
+        };
+        let attest = json!({"method": "k8s_psat", "token": "t", "csr": "c"});
+        assert!(parse::<AttestRequest>(attest.clone()).is_ok());
+        assert!(parse::<AttestRequest>(extra(attest)).is_err());
+        assert!(parse::<RenewRequest>(extra(json!({"csr": "c"}))).is_err());
+        assert!(parse::<SignRequest>(extra(json!({}))).is_err());
+        let x509 = json!({"csr": "c", "ttl_seconds": 60});
+        assert!(parse::<X509Request>(extra(x509.clone())).is_err());
+        assert!(parse::<SignRequest>(json!({"x509": [extra(x509)]})).is_err());
+        let jwt = json!({"spiffe_id": "spiffe://td/w", "audience": ["a"], "ttl_seconds": 60});
+        assert!(parse::<JwtRequest>(extra(jwt.clone())).is_err());
+        assert!(parse::<SignRequest>(json!({"jwt": [extra(jwt)]})).is_err());
+        assert!(parse::<AccessTokenRequest>(extra(json!({"claims": {}}))).is_err());
+    }
+
+    #[test]
+    fn requests_refuse_missing_fields() {
+        assert!(parse::<AttestRequest>(json!({"method": "join_token", "token": "t"})).is_err());
+        assert!(parse::<RenewRequest>(json!({})).is_err());
+        assert!(parse::<X509Request>(json!({"csr": "c"})).is_err());
+        assert!(
+            parse::<JwtRequest>(json!({"spiffe_id": "spiffe://td/w", "ttl_seconds": 1})).is_err()
+        );
+        assert!(parse::<AccessTokenRequest>(json!({})).is_err());
+    }
+
+    #[test]
+    fn sign_request_lists_default_to_empty() {
+        let empty: SignRequest = parse(json!({})).unwrap();
+        assert!(empty.x509.is_empty() && empty.jwt.is_empty());
+        let jwt_only: SignRequest = parse(json!({
+            "jwt": [{"spiffe_id": "spiffe://td/w", "audience": ["db", "cache"], "ttl_seconds": 300}]
+        }))
+        .unwrap();
+        assert!(jwt_only.x509.is_empty());
+        assert_eq!(jwt_only.jwt[0].spiffe_id, "spiffe://td/w");
+        assert_eq!(jwt_only.jwt[0].audience, ["db", "cache"]);
+        assert_eq!(jwt_only.jwt[0].ttl_seconds, 300);
+    }
+
+    #[test]
+    fn sign_request_round_trips_with_documented_field_names() {
+        let req = SignRequest {
+            x509: vec![X509Request {
+                csr: "Q1NS".into(),
+                ttl_seconds: 3600,
+            }],
+            jwt: vec![JwtRequest {
+                spiffe_id: "spiffe://td/w".into(),
+                audience: vec!["db".into()],
+                ttl_seconds: 300,
+            }],
+        };
+        let v = serde_json::to_value(&req).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "x509": [{"csr": "Q1NS", "ttl_seconds": 3600}],
+                "jwt": [{"spiffe_id": "spiffe://td/w", "audience": ["db"], "ttl_seconds": 300}],
+            })
+        );
+        let back: SignRequest = parse(v).unwrap();
+        assert_eq!(back.x509[0].csr, "Q1NS");
+        assert_eq!(back.x509[0].ttl_seconds, 3600);
+        assert_eq!(back.jwt[0].audience, ["db"]);
+    }
+
+    #[test]
+    fn signed_omits_the_absent_half() {
+        let ok = Signed {
+            svid: Some("der".into()),
+            error: None,
+        };
+        assert_eq!(serde_json::to_value(&ok).unwrap(), json!({"svid": "der"}));
+        let refused = Signed {
+            svid: None,
+            error: Some("not entitled".into()),
+        };
+        assert_eq!(
+            serde_json::to_value(&refused).unwrap(),
+            json!({"error": "not entitled"})
+        );
+        let neither: Signed = parse(json!({})).unwrap();
+        assert!(neither.svid.is_none() && neither.error.is_none());
+        let back: Signed = parse(json!({"error": "not entitled"})).unwrap();
+        assert_eq!(back.error.as_deref(), Some("not entitled"));
+        assert!(back.svid.is_none());
+    }
+
+    #[test]
+    fn sign_response_round_trips_in_order() {
+        let resp = SignResponse {
+            x509: vec![
+                Signed {
+                    svid: Some("a".into()),
+                    error: None,
+                },
+                Signed {
+                    svid: None,
+                    error: Some("b".into()),
+                },
+            ],
+            jwt: vec![Signed {
+                svid: Some("t".into()),
+                error: None,
+            }],
+        };
+        let v = serde_json::to_value(&resp).unwrap();
+        assert_eq!(
+            v,
+            json!({"x509": [{"svid": "a"}, {"error": "b"}], "jwt": [{"svid": "t"}]})
+        );
+        let back: SignResponse = parse(v).unwrap();
+        assert_eq!(back.x509[0].svid.as_deref(), Some("a"));
+        assert_eq!(back.x509[1].error.as_deref(), Some("b"));
+        assert_eq!(back.jwt[0].svid.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn sign_response_needs_both_lists() {
+        // No `serde(default)` here: the authority always sends both.
+        assert!(parse::<SignResponse>(json!({"x509": []})).is_err());
+        assert!(parse::<SignResponse>(json!({"jwt": []})).is_err());
+    }
+
+    #[test]
+    fn responses_accept_unknown_fields() {
+        // Answers have no `deny_unknown_fields`: a newer authority may add fields.
+        let doc = serde_json::to_value(bundle()).unwrap();
+        let mut doc_plus = doc.clone();
+        doc_plus["refresh_hint"] = json!(5);
+        assert_eq!(parse::<BundleDoc>(doc_plus).unwrap(), bundle());
+        let node: NodeSvidResponse =
+            parse(json!({"node_id": "n", "svid": "s", "bundle": doc, "extra": true})).unwrap();
+        assert_eq!(node.node_id, "n");
+        assert!(parse::<SignResponse>(json!({"x509": [], "jwt": [], "extra": 1})).is_ok());
+        assert!(parse::<Signed>(json!({"svid": "s", "extra": 1})).is_ok());
+        assert_eq!(
+            parse::<AccessTokenResponse>(json!({"token": "t", "expires_in": 60}))
+                .unwrap()
+                .token,
+            "t"
+        );
+        assert_eq!(
+            parse::<ErrorBody>(json!({"error": "e", "code": 7}))
+                .unwrap()
+                .error,
+            "e"
+        );
+    }
+
+    #[test]
+    fn node_svid_response_round_trips_with_its_bundle() {
+        let resp = NodeSvidResponse {
+            node_id: "spiffe://td/tessera/node/join/n1".into(),
+            svid: B64.encode(b"leaf"),
+            bundle: bundle(),
+        };
+        assert_eq!(keys_of(&resp), ["bundle", "node_id", "svid"]);
+        assert_eq!(
+            keys_of(&resp.bundle),
+            ["access_keys", "jwt_keys", "x509_authorities"]
+        );
+        let back: NodeSvidResponse =
+            serde_json::from_slice(&serde_json::to_vec(&resp).unwrap()).unwrap();
+        assert_eq!(back.node_id, resp.node_id);
+        assert_eq!(B64.decode(back.svid).unwrap(), b"leaf");
+        assert_eq!(back.bundle, resp.bundle);
+    }
+
+    #[test]
+    fn bundle_keys_are_rfc7517_ec_jwks_that_parse_back() {
+        let doc: BundleDoc =
+            serde_json::from_str(&serde_json::to_string(&bundle()).unwrap()).unwrap();
+        let key = &doc.jwt_keys[0];
+        for field in ["kty", "crv", "x", "y", "kid", "use"] {
+            assert!(key.get(field).is_some(), "JWK field {field}");
+        }
+        assert_eq!(
+            (key["kty"].as_str(), key["crv"].as_str()),
+            (Some("EC"), Some("P-256"))
+        );
+        assert_eq!(PublicJwk::from_json(key), Some(jwk("j1", 1)));
+        assert_eq!(
+            PublicJwk::from_json(&doc.access_keys[0]),
+            Some(jwk("a1", 2))
+        );
+        let cas: Vec<Vec<u8>> = doc
+            .x509_authorities
+            .iter()
+            .map(|c| B64.decode(c).unwrap())
+            .collect();
+        assert_eq!(cas, [b"ca-1".to_vec(), b"ca-2".to_vec()]);
+    }
+
+    #[test]
+    fn access_token_bodies_round_trip() {
+        let claims = json!({"sub": "spiffe://td/w", "exp": 1, "scope": ["a", "b"]});
+        let req = AccessTokenRequest {
+            claims: claims.clone(),
+        };
+        assert_eq!(
+            serde_json::to_value(&req).unwrap(),
+            json!({ "claims": claims })
+        );
+        let back: AccessTokenRequest =
+            serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();
+        assert_eq!(back.claims, claims);
+        let resp = AccessTokenResponse {
+            token: "a.b.c".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&resp).unwrap(),
+            json!({"token": "a.b.c"})
+        );
+        let err = ErrorBody { error: "no".into() };
+        assert_eq!(serde_json::to_value(&err).unwrap(), json!({"error": "no"}));
+    }
+
+    #[test]
+    fn a_full_batch_of_typical_csrs_fits_the_servers_body_limit() {
+        // `server::MAX_BODY` (private there): 1 MiB.
+        const SERVER_MAX_BODY: usize = 1024 * 1024;
+        assert_eq!(MAX_BATCH, 500, "the documented batch size");
+        let csr = csr_for("spiffe://example.org/ns/production/sa/payments-api-worker");
+        let req = SignRequest {
+            x509: (0..MAX_BATCH)
+                .map(|_| X509Request {
+                    csr: csr.clone(),
+                    ttl_seconds: 3600,
+                })
+                .collect(),
+            jwt: Vec::new(),
+        };
+        let body = serde_json::to_vec(&req).unwrap();
+        assert!(
+            body.len() < SERVER_MAX_BODY,
+            "{} bytes for {MAX_BATCH} CSRs",
+            body.len()
+        );
+    }
+}

@@ -62,16 +62,16 @@ impl TrustStore {
     /// open streams get it. Returns false (and sends nothing) when it is the
     /// bundle already published.
     pub fn publish(&self, x509: Vec<u8>, jwt_keys: Vec<PublicJwk>) -> bool {
-        let current = self.current();
-        if current.x509.as_ref() == x509.as_slice() && *current.jwt_keys == *jwt_keys {
-            return false;
-        }
-        self.bundle.send_replace(Arc::new(TrustBundle::new(
-            x509,
-            jwt_keys,
-            current.sequence + 1,
-        )));
-        true
+        // Compared and replaced under the channel's lock: two publishers
+        // can neither reuse a sequence number nor lose a bundle.
+        self.bundle.send_if_modified(|current| {
+            if current.x509.as_ref() == x509.as_slice() && *current.jwt_keys == *jwt_keys {
+                return false;
+            }
+            let sequence = current.sequence + 1;
+            *current = Arc::new(TrustBundle::new(x509, jwt_keys, sequence));
+            true
+        })
     }
 
     /// Every published access-token key (current, next and retiring).
@@ -126,5 +126,285 @@ impl TrustStore {
             return Err(JwtError::Audience(audience.to_string()));
         }
         Ok((id, claims))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+
+    use super::*;
+    use crate::clock::{SystemClock, TokioClock};
+    use crate::identity::jws::Es256Signer;
+    use crate::identity::{AuthoritySettings, LocalAuthority};
+
+    fn td(name: &str) -> spiffe::TrustDomain {
+        spiffe::TrustDomain::new(name).unwrap()
+    }
+
+    fn id(text: &str) -> spiffe::SpiffeId {
+        spiffe::SpiffeId::new(text).unwrap()
+    }
+
+    fn authority(trust_domain: &str, clock: Arc<dyn Clock>) -> Arc<LocalAuthority> {
+        LocalAuthority::load(
+            AuthoritySettings {
+                trust_domain: td(trust_domain),
+                ca_ttl: Duration::from_secs(3600),
+                jwt_key_ttl: Duration::from_secs(3600),
+                state_dir: None,
+                ca_files: None,
+            },
+            clock,
+        )
+        .unwrap()
+    }
+
+    fn mint(a: &LocalAuthority, sub: &str, aud: &str, ttl: Duration) -> String {
+        a.mint_jwt(&id(sub), &[aud.to_string()], ttl).unwrap().token
+    }
+
+    fn es256(kid: &str) -> Es256Signer {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        Es256Signer::from_pkcs8(kid.into(), pkcs8.as_ref()).unwrap()
+    }
+
+    fn jwk(kid: &str, byte: u8) -> PublicJwk {
+        let mut point = vec![4u8];
+        point.extend(std::iter::repeat_n(byte, 64));
+        PublicJwk {
+            kid: kid.into(),
+            point,
+        }
+    }
+
+    fn store(x509: &[u8], jwt_keys: Vec<PublicJwk>) -> Arc<TrustStore> {
+        TrustStore::new(
+            td("example.org"),
+            Arc::new(SystemClock),
+            x509.to_vec(),
+            jwt_keys,
+            Vec::new(),
+        )
+    }
+
+    /// The independent judge: rust-spiffe's offline JWT-SVID validator over
+    /// the JWKS documents of `stores`.
+    fn spiffe_validates(stores: &[&TrustStore], token: &str, aud: &str) -> bool {
+        let mut set = spiffe::JwtBundleSet::new();
+        for s in stores {
+            let jwks = s.current().jwks.clone();
+            set.add_bundle(
+                spiffe::JwtBundle::from_jwt_authorities(s.trust_domain().clone(), &jwks).unwrap(),
+            );
+        }
+        spiffe::JwtSvid::parse_and_validate(token, &set, &[aud]).is_ok()
+    }
+
+    #[test]
+    fn publishing_the_same_bundle_changes_nothing() {
+        let s = store(b"ca-1", vec![jwk("k1", 1)]);
+        let rx = s.subscribe();
+        assert!(!s.publish(b"ca-1".to_vec(), vec![jwk("k1", 1)]));
+        assert_eq!(s.current().sequence, 1);
+        assert!(!rx.has_changed().unwrap());
+    }
+
+    #[test]
+    fn publishing_new_cas_bumps_the_sequence_and_notifies_subscribers() {
+        let s = store(b"ca-1", vec![jwk("k1", 1)]);
+        let mut rx = s.subscribe();
+        assert!(s.publish(b"ca-1ca-2".to_vec(), vec![jwk("k1", 1)]));
+        assert!(rx.has_changed().unwrap());
+        let seen = rx.borrow_and_update().clone();
+        assert_eq!(seen.sequence, 2);
+        assert_eq!(seen.x509.as_ref(), b"ca-1ca-2");
+        assert_eq!(*s.current(), *seen);
+        assert!(!rx.has_changed().unwrap());
+    }
+
+    #[test]
+    fn publishing_new_jwt_keys_bumps_the_sequence_and_rebuilds_the_jwks() {
+        let s = store(b"ca-1", vec![jwk("k1", 1)]);
+        let rx = s.subscribe();
+        assert!(s.publish(b"ca-1".to_vec(), vec![jwk("k1", 1), jwk("k2", 2)]));
+        assert!(rx.has_changed().unwrap());
+        let b = s.current();
+        assert_eq!(b.sequence, 2);
+        let jwks: serde_json::Value = serde_json::from_slice(&b.jwks).unwrap();
+        let kids: Vec<&str> = jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap())
+            .collect();
+        assert_eq!(kids, ["k1", "k2"]);
+        // Same kid, other key material: still a change.
+        assert!(s.publish(b"ca-1".to_vec(), vec![jwk("k1", 1), jwk("k2", 3)]));
+        assert_eq!(s.current().sequence, 3);
+    }
+
+    #[test]
+    fn set_access_keys_reports_whether_the_keys_changed() {
+        let s = store(b"ca", Vec::new());
+        assert!(s.access_keys().is_empty());
+        assert!(s.set_access_keys(vec![jwk("a1", 1)]));
+        assert_eq!(*s.access_keys(), [jwk("a1", 1)]);
+        assert!(!s.set_access_keys(vec![jwk("a1", 1)]));
+        assert!(s.set_access_keys(vec![jwk("a1", 1), jwk("a2", 2)]));
+        assert_eq!(s.access_keys().len(), 2);
+        // Access keys are not part of the SPIFFE bundle.
+        assert_eq!(s.current().sequence, 1);
+    }
+
+    #[test]
+    fn a_jwt_svid_validates_for_its_audience() {
+        let a = authority("example.org", Arc::new(SystemClock));
+        let token = mint(&a, "spiffe://example.org/w", "db", Duration::from_secs(300));
+        let (sub, claims) = a.trust_store().validate_jwt(&token, "db").unwrap();
+        assert_eq!(sub, id("spiffe://example.org/w"));
+        assert_eq!(claims["aud"], serde_json::json!(["db"]));
+        assert!(spiffe_validates(&[a.trust_store()], &token, "db"));
+    }
+
+    #[test]
+    fn a_jwt_svid_for_another_audience_is_refused() {
+        let a = authority("example.org", Arc::new(SystemClock));
+        let token = mint(&a, "spiffe://example.org/w", "db", Duration::from_secs(300));
+        assert_eq!(
+            a.trust_store().validate_jwt(&token, "cache").unwrap_err(),
+            JwtError::Audience("cache".into())
+        );
+        assert!(!spiffe_validates(&[a.trust_store()], &token, "cache"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_jwt_svid_is_refused() {
+        let a = authority("example.org", Arc::new(TokioClock::new()));
+        let token = mint(&a, "spiffe://example.org/w", "db", Duration::from_secs(60));
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(a.trust_store().validate_jwt(&token, "db").is_ok());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            a.trust_store().validate_jwt(&token, "db").unwrap_err(),
+            JwtError::Expired
+        );
+        // On the real clock the token is still young: only expiry refused it.
+        assert!(spiffe_validates(&[a.trust_store()], &token, "db"));
+    }
+
+    #[test]
+    fn a_subject_in_another_trust_domain_is_refused_even_with_a_trusted_key() {
+        let ours = authority("example.org", Arc::new(SystemClock));
+        let theirs = authority("other.org", Arc::new(SystemClock));
+        let both_keys: Vec<PublicJwk> = ours
+            .trust_store()
+            .current()
+            .jwt_keys
+            .iter()
+            .chain(theirs.trust_store().current().jwt_keys.iter())
+            .cloned()
+            .collect();
+        let s = store(&ours.trust_store().current().x509, both_keys);
+        let token = mint(
+            &theirs,
+            "spiffe://other.org/w",
+            "db",
+            Duration::from_secs(300),
+        );
+        assert_eq!(
+            s.validate_jwt(&token, "db").unwrap_err(),
+            JwtError::Claims("sub is not in this trust domain")
+        );
+        // The other trust domain's own bundle does accept it: the token is sound.
+        assert!(spiffe_validates(&[theirs.trust_store()], &token, "db"));
+        assert!(!spiffe_validates(&[&s], &token, "db"));
+    }
+
+    #[test]
+    fn a_token_signed_by_a_key_outside_the_bundle_is_refused() {
+        let ours = authority("example.org", Arc::new(SystemClock));
+        let impostor = authority("example.org", Arc::new(SystemClock));
+        let token = mint(
+            &impostor,
+            "spiffe://example.org/w",
+            "db",
+            Duration::from_secs(300),
+        );
+        assert!(matches!(
+            ours.trust_store().validate_jwt(&token, "db"),
+            Err(JwtError::UnknownKey(_))
+        ));
+        assert!(!spiffe_validates(&[ours.trust_store()], &token, "db"));
+    }
+
+    #[test]
+    fn a_token_reusing_a_trusted_kid_with_another_key_is_refused() {
+        let ours = authority("example.org", Arc::new(SystemClock));
+        let kid = ours.trust_store().current().jwt_keys[0].kid.clone();
+        let exp = unix_seconds(SystemClock.now()) + 300;
+        let claims =
+            serde_json::json!({"sub": "spiffe://example.org/w", "aud": ["db"], "exp": exp});
+        let token = es256(&kid).sign("JWT", &claims).unwrap();
+        assert_eq!(
+            ours.trust_store().validate_jwt(&token, "db").unwrap_err(),
+            JwtError::Signature
+        );
+        assert!(!spiffe_validates(&[ours.trust_store()], &token, "db"));
+    }
+
+    #[test]
+    fn an_access_token_does_not_pass_as_a_jwt_svid() {
+        let a = authority("example.org", Arc::new(SystemClock));
+        let bundle = a.trust_store().current();
+        let access = a.trust_store().access_keys();
+        assert!(!access.is_empty());
+        assert!(access.iter().all(|k| !bundle.jwt_keys.contains(k)));
+        let exp = unix_seconds(SystemClock.now()) + 300;
+        let claims =
+            serde_json::json!({"sub": "spiffe://example.org/w", "aud": ["db"], "exp": exp});
+        let token = a.access_signing_key().unwrap().sign(&claims).unwrap();
+        assert!(matches!(
+            a.trust_store().validate_jwt(&token, "db"),
+            Err(JwtError::Header(_))
+        ));
+        assert!(!spiffe_validates(&[a.trust_store()], &token, "db"));
+    }
+
+    #[test]
+    fn claims_sub_aud_and_exp_are_required() {
+        let signer = es256("k1");
+        let s = store(b"", vec![signer.public_jwk()]);
+        let exp = unix_seconds(SystemClock.now()) + 300;
+        let check =
+            |claims: serde_json::Value| s.validate_jwt(&signer.sign("JWT", &claims).unwrap(), "db");
+        assert!(
+            check(serde_json::json!({"sub": "spiffe://example.org/w", "aud": "db", "exp": exp}))
+                .is_ok()
+        );
+        assert_eq!(
+            check(serde_json::json!({"aud": "db", "exp": exp})).unwrap_err(),
+            JwtError::Claims("sub missing")
+        );
+        assert_eq!(
+            check(serde_json::json!({"sub": "not-an-id", "aud": "db", "exp": exp})).unwrap_err(),
+            JwtError::Claims("sub is not a SPIFFE ID")
+        );
+        assert_eq!(
+            check(serde_json::json!({"sub": "spiffe://example.org/w", "aud": "db"})).unwrap_err(),
+            JwtError::Claims("exp missing")
+        );
+        assert_eq!(
+            check(serde_json::json!({"sub": "spiffe://example.org/w", "aud": [], "exp": exp}))
+                .unwrap_err(),
+            JwtError::Claims("aud missing or empty")
+        );
+        assert_eq!(
+            check(serde_json::json!({"sub": "spiffe://example.org/w", "exp": exp})).unwrap_err(),
+            JwtError::Claims("aud missing or empty")
+        );
     }
 }
