@@ -263,10 +263,9 @@ impl Exchange {
             (id.clone(), fp)
         });
         let approved = self.approval_state(approval.as_ref(), now, record)?;
-        let requested_ttl = req
-            .requested_ttl
-            .unwrap_or(self.config.default_ttl)
-            .min(self.config.max_ttl);
+        // Policy sees what was asked; `max_ttl` bounds the token later, with
+        // every other bound (`lifetime`).
+        let requested_ttl = req.requested_ttl.unwrap_or(self.config.default_ttl);
         let grant = self.decide(
             caller,
             req,

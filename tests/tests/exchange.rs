@@ -36,6 +36,10 @@ when {{ context.task like "prod-*" }};
 @id("notes-export-direct-only")
 permit(principal, action == Tessera::Action::"notes:export", resource == Tessera::Audience::"{MCP}");
 
+@id("no-long-lived-exports")
+forbid(principal, action == Tessera::Action::"notes:export", resource)
+when {{ context.requested_ttl > 3600 }};
+
 @id("notes-delete-needs-approval")
 @require_approval
 permit(principal, action == Tessera::Action::"notes:delete", resource == Tessera::Audience::"{MCP}");
@@ -337,6 +341,21 @@ async fn denials_partial_scopes_forbid_and_ttl_clamping() {
         ])
         .await;
     assert_eq!(r["expires_in"], 600, "config max_ttl = 10m");
+
+    // Policy sees the lifetime that was asked for, not the one max_ttl
+    // would cut it to: a forbid on long requests fires even above max_ttl.
+    let export = |ttl: &'static str| {
+        [
+            ("resource", MCP),
+            ("scope", "notes:export"),
+            ("task_id", "t"),
+            ("requested_ttl", ttl),
+        ]
+    };
+    let (_, e) = s.exchange(&export("7200")).await;
+    assert_eq!(e["error"].as_str(), Some("access_denied"), "{e}");
+    let (_, r) = s.exchange(&export("3600")).await;
+    assert_eq!(r["expires_in"], 600, "{r}");
 
     // Malformed requests name the problem with the OAuth code.
     let (status, e) = s
