@@ -115,6 +115,35 @@ struct Grant {
     /// The smallest `@max_ttl` of the deciding policies.
     policy_ttl: Option<Duration>,
     needs_approval: bool,
+    /// The lifetime an operator approved, in seconds.
+    approved_ttl: Option<u64>,
+}
+
+/// An approved request is issued no more than the operator saw: scopes
+/// policy permits now but that were not approved are dropped (they may have
+/// been withheld only until approval), and the lifetime is bounded by the
+/// approved one.
+fn within_approval(
+    grant: &mut Grant,
+    approved: &ApprovalRequest,
+    record: &mut Map<String, Value>,
+) -> Result<(), OAuthError> {
+    let (within, beyond): (Vec<String>, Vec<String>) = grant
+        .scopes
+        .drain(..)
+        .partition(|s| approved.scopes.contains(s));
+    if !beyond.is_empty() {
+        record.insert("not_approved_scopes".into(), json!(beyond));
+    }
+    if within.is_empty() {
+        return Err(OAuthError::new(
+            ErrorCode::AccessDenied,
+            "policy no longer permits any scope the operator approved",
+        ));
+    }
+    grant.scopes = within;
+    grant.approved_ttl = Some(approved.ttl_seconds);
+    Ok(())
 }
 
 /// Everything the exchange endpoint needs, shared by all connections.
@@ -266,17 +295,29 @@ impl Exchange {
         // Policy sees what was asked; `max_ttl` bounds the token later, with
         // every other bound (`lifetime`).
         let requested_ttl = req.requested_ttl.unwrap_or(self.config.default_ttl);
-        let grant = self.decide(
+        let mut grant = self.decide(
             caller,
             req,
             &caller_id,
             &chain,
-            approved,
+            approved.is_some(),
             requested_ttl,
             record,
         )?;
-        if grant.needs_approval && !approved {
-            return Err(self.wait_for_approval(req, &caller_id, &chain, &grant, now, record)?);
+        match &approved {
+            Some(approved) => within_approval(&mut grant, approved, record)?,
+            None if grant.needs_approval => {
+                return Err(self.wait_for_approval(
+                    req,
+                    &caller_id,
+                    &chain,
+                    &grant,
+                    requested_ttl,
+                    now,
+                    record,
+                )?);
+            }
+            None => {}
         }
         let (bound_by, ttl, svid) = self
             .lifetime(identity, requested_ttl, &grant, &chain, now)
@@ -408,13 +449,13 @@ impl Exchange {
         approval: Option<&(String, String)>,
         now: SystemTime,
         record: &mut Map<String, Value>,
-    ) -> Result<bool, OAuthError> {
+    ) -> Result<Option<ApprovalRequest>, OAuthError> {
         let Some((id, fp)) = approval else {
-            return Ok(false);
+            return Ok(None);
         };
         record.insert("approval_id".into(), id.clone().into());
         match self.approvals.poll(id, fp, now) {
-            Poll::Approved => Ok(true),
+            Poll::Approved(approved) => Ok(Some(*approved)),
             Poll::Pending => Err(self.pending(id)),
             Poll::Denied => Err(OAuthError::new(
                 ErrorCode::AccessDenied,
@@ -512,15 +553,40 @@ impl Exchange {
 
     /// Stage 5b: Policy wants an operator's approval: park the request and answer
     /// `authorization_pending` (the error to return).
+    #[allow(clippy::too_many_arguments)]
     fn wait_for_approval(
         &self,
         req: &TokenRequest,
         caller_id: &str,
         chain: &Chain,
         grant: &Grant,
+        requested_ttl: Duration,
         now: SystemTime,
         record: &mut Map<String, Value>,
     ) -> Result<OAuthError, OAuthError> {
+        // The operator is shown the longest lifetime the token could get;
+        // the caller's certificate and the signing key may shorten it.
+        let ttl_seconds = [
+            Some(requested_ttl),
+            Some(self.config.max_ttl),
+            grant.policy_ttl,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(self.config.max_ttl)
+        .as_secs();
+        let mut delegation_chain = Vec::new();
+        if let Some(p) = &chain.parent {
+            delegation_chain.push(p.client_id.clone());
+            let mut act = p.act.as_ref();
+            while let Some(a) = act {
+                if let Some(sub) = a.get("sub").and_then(Value::as_str) {
+                    delegation_chain.push(sub.to_string());
+                }
+                act = a.get("act");
+            }
+        }
         let fp = fingerprint(
             caller_id,
             &chain.principal,
@@ -536,8 +602,10 @@ impl Exchange {
                     principal: chain.principal.clone(),
                     audience: req.target.as_str().to_string(),
                     scopes: grant.scopes.clone(),
+                    ttl_seconds,
                     task_id: chain.task_id.clone(),
                     delegation_depth: chain.depth,
+                    delegation_chain,
                     policy_ids: grant.policy_ids.clone(),
                 },
                 fp,
@@ -588,6 +656,9 @@ impl Exchange {
         ];
         if let Some(t) = grant.policy_ttl {
             limits.push(("policy", t.as_secs()));
+        }
+        if let Some(t) = grant.approved_ttl {
+            limits.push(("approval", t));
         }
         if let Some(p) = &chain.parent {
             limits.push(("delegating token", p.exp.saturating_sub(unix_seconds(now))));

@@ -40,6 +40,13 @@ permit(principal, action == Tessera::Action::"notes:export", resource == Tessera
 forbid(principal, action == Tessera::Action::"notes:export", resource)
 when {{ context.requested_ttl > 3600 }};
 
+@id("notes-secret")
+permit(principal, action == Tessera::Action::"notes:secret", resource == Tessera::Audience::"{MCP}");
+
+@id("notes-secret-only-once-approved")
+forbid(principal, action == Tessera::Action::"notes:secret", resource)
+unless {{ context.approved }};
+
 @id("notes-delete-needs-approval")
 @require_approval
 permit(principal, action == Tessera::Action::"notes:delete", resource == Tessera::Audience::"{MCP}");
@@ -753,6 +760,64 @@ async fn approval_pending_then_approved_then_token_and_denied() {
     assert!(
         !log.contains(ok["access_token"].as_str().unwrap()),
         "never the token itself"
+    );
+}
+
+/// An operator approves what the pending approval showed, and the token
+/// gets exactly that: a scope policy withholds until approval (`forbid ...
+/// unless { context.approved }`) is not added at redemption, and the
+/// lifetime is bounded by the one shown. Before the fix the token carried
+/// `notes:delete notes:secret` although only `notes:delete` was approved.
+#[tokio::test]
+async fn an_approved_token_carries_no_more_than_the_operator_approved() {
+    let s = Setup::start().await;
+    let admin = s.dir().join("admin/admin.sock");
+    let ask = [
+        ("resource", MCP),
+        ("scope", "notes:delete notes:secret"),
+        ("scope_mode", "subset"),
+        ("task_id", "cleanup"),
+        ("requested_ttl", "120"),
+    ];
+    let (_, p) = s.exchange(&ask).await;
+    assert_eq!(p["error"], "authorization_pending", "{p}");
+    let id = p["approval_id"].as_str().unwrap().to_string();
+    let (_, body) = http_unix(&admin, http::Method::GET, "/approvals", None)
+        .await
+        .unwrap();
+    let list: Value = serde_json::from_slice(&body).unwrap();
+    let shown = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(shown["scopes"], serde_json::json!(["notes:delete"]));
+    assert_eq!(shown["ttl_seconds"], 120);
+    assert_eq!(shown["audience"], MCP);
+    assert_eq!(shown["task_id"], "cleanup");
+    assert_eq!(shown["delegation_chain"], serde_json::json!([]));
+    let (status, _) = s
+        .call(&admin, &format!("/approvals/{id}/approve"), &[])
+        .await;
+    assert_eq!(status, 200);
+
+    // Redeemed asking for longer: still the approved scope and lifetime.
+    let mut redeem = ask.to_vec();
+    redeem.retain(|(k, _)| *k != "requested_ttl");
+    redeem.push(("requested_ttl", "600"));
+    redeem.push(("approval_id", &id));
+    let (status, ok) = s.exchange(&redeem).await;
+    assert_eq!(status, 200, "{ok}");
+    let claims = s.verify(ok["access_token"].as_str().unwrap(), MCP).await;
+    assert_eq!(claims["scope"], "notes:delete", "{claims}");
+    let life = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
+    assert!(life <= 120, "lifetime {life}s beyond the approved 120s");
+    let log = std::fs::read_to_string(s.dir().join("data/audit.jsonl")).unwrap();
+    assert!(
+        log.contains("\"not_approved_scopes\":[\"notes:secret\"]"),
+        "{log}"
     );
 }
 

@@ -30,15 +30,22 @@ pub enum ApprovalState {
     Redeemed { at: u64 },
 }
 
-/// What an operator sees, and what the audit log records, about one request.
-#[derive(Debug, Clone, Serialize)]
+/// What an operator sees, and what the audit log records, about one
+/// request: exactly what would be issued. An approved request is issued no
+/// more than this (scopes, lifetime), whatever policy says at redemption.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ApprovalRequest {
     pub caller: String,
     pub principal: String,
     pub audience: String,
     pub scopes: Vec<String>,
+    /// The longest lifetime the token could get, in seconds.
+    pub ttl_seconds: u64,
     pub task_id: String,
     pub delegation_depth: u32,
+    /// The delegating tokens' actors, nearest first (empty when not
+    /// delegated).
+    pub delegation_chain: Vec<String>,
     pub policy_ids: Vec<String>,
 }
 
@@ -60,7 +67,8 @@ pub struct Approval {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Poll {
     Pending,
-    Approved,
+    /// Approved: what the operator approved, the most that may be issued.
+    Approved(Box<ApprovalRequest>),
     Denied,
     Expired,
     /// Unknown id, or an id issued for a different request.
@@ -134,7 +142,7 @@ impl ApprovalBook {
             Some(a) => match &a.state {
                 _ if now >= a.deadline => Poll::Expired,
                 ApprovalState::Pending => Poll::Pending,
-                ApprovalState::Approved { .. } => Poll::Approved,
+                ApprovalState::Approved { .. } => Poll::Approved(Box::new(a.request.clone())),
                 ApprovalState::Denied { .. } => Poll::Denied,
                 ApprovalState::Redeemed { .. } => Poll::Unknown,
             },
@@ -233,8 +241,10 @@ mod tests {
             principal: principal.into(),
             audience: "aud".into(),
             scopes: vec!["s".into()],
+            ttl_seconds: 60,
             task_id: "t".into(),
             delegation_depth: 0,
+            delegation_chain: vec![],
             policy_ids: vec![],
         }
     }
@@ -253,7 +263,10 @@ mod tests {
             book.decide(&id, false, "uid:0", t0, min).unwrap_err(),
             ApprovalError::AlreadyDecided(id.clone())
         );
-        assert_eq!(book.poll(&id, "fp", t0), Poll::Approved);
+        assert_eq!(
+            book.poll(&id, "fp", t0),
+            Poll::Approved(Box::new(request("p")))
+        );
         assert!(book.redeem(&id, "fp", t0));
         assert!(!book.redeem(&id, "fp", t0), "single use");
     }

@@ -123,6 +123,11 @@ async fn decide(
             record.insert("task_id".into(), approval.request.task_id.clone().into());
             record.insert("scopes".into(), json!(approval.request.scopes));
             record.insert("audience".into(), approval.request.audience.clone().into());
+            record.insert("ttl_seconds".into(), approval.request.ttl_seconds.into());
+            record.insert(
+                "delegation_chain".into(),
+                json!(approval.request.delegation_chain),
+            );
             s.exchange.audit_best_effort(record).await;
             tracing::info!(approval_id = %id, %operator, approved = approve, "approval decided");
             axum::Json(approval).into_response()
