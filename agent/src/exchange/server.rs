@@ -15,7 +15,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio_util::sync::CancellationToken;
@@ -89,11 +89,8 @@ async fn caller(s: &ServerState, conn: &Option<PeerConnection>) -> Result<Caller
     Ok(Caller { peer, identities })
 }
 
-fn form(headers: &HeaderMap, body: &Bytes) -> Result<Form, OAuthError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+fn form(content_type: Option<&HeaderValue>, body: &Bytes) -> Result<Form, OAuthError> {
+    let content_type = content_type.and_then(|v| v.to_str().ok()).unwrap_or("");
     let essence = content_type.split(';').next().unwrap_or("").trim();
     if !essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
         return Err(OAuthError::invalid_request(
@@ -121,18 +118,18 @@ impl axum::extract::FromRequest<ServerState> for AttestedForm {
     type Rejection = Response;
 
     async fn from_request(
-        request: axum::extract::Request,
+        mut request: axum::extract::Request,
         s: &ServerState,
     ) -> Result<Self, Response> {
-        let (mut parts, body) = request.into_parts();
-        let conn = parts
-            .extensions
+        let conn = request
+            .extensions_mut()
             .remove::<ConnectInfo<Option<PeerConnection>>>()
             .and_then(|ConnectInfo(c)| c);
-        let body = Bytes::from_request(axum::extract::Request::from_parts(parts.clone(), body), s)
+        let content_type = request.headers().get(header::CONTENT_TYPE).cloned();
+        let body = Bytes::from_request(request, s)
             .await
             .map_err(IntoResponse::into_response)?;
-        let form = form(&parts.headers, &body).map_err(IntoResponse::into_response)?;
+        let form = form(content_type.as_ref(), &body).map_err(IntoResponse::into_response)?;
         let caller = caller(s, &conn)
             .await
             .map_err(IntoResponse::into_response)?;

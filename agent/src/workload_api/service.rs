@@ -364,16 +364,11 @@ async fn x509_svid_stream(
 ) {
     let Opened {
         mut entries,
-        identities,
+        mut identities,
     } = opened;
-    let mut matched = Some(identities);
     let mut bundle_rx = state.cache.trust_store().subscribe();
     let mut first = true;
     'identities: loop {
-        let identities = match matched.take() {
-            Some(identities) => identities,
-            None => entries.borrow_and_update().identities_for(&peer.selectors),
-        };
         if identities.is_empty() {
             out.send(Err(no_identity())).await;
             return;
@@ -411,7 +406,10 @@ async fn x509_svid_stream(
                 state.cache.renew_due_now();
                 match next_wake(&out, &mut entries, &mut bundle_rx, &mut rxs).await {
                     Wake::Ended => return,
-                    Wake::Entries => continue 'identities,
+                    Wake::Entries => {
+                        identities = entries.borrow_and_update().identities_for(&peer.selectors);
+                        continue 'identities;
+                    }
                     Wake::Update => continue,
                 }
             }
@@ -438,7 +436,10 @@ async fn x509_svid_stream(
             }
             match next_wake(&out, &mut entries, &mut bundle_rx, &mut rxs).await {
                 Wake::Ended => return,
-                Wake::Entries => continue 'identities,
+                Wake::Entries => {
+                    identities = entries.borrow_and_update().identities_for(&peer.selectors);
+                    continue 'identities;
+                }
                 Wake::Update => {}
             }
         }

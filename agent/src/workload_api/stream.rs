@@ -56,7 +56,7 @@ where
         slot,
         body: Some(Box::pin(body)),
         _open: open,
-        outcome: Some(outcome),
+        outcome: Some(Box::new(outcome)),
     }
 }
 
@@ -79,8 +79,8 @@ struct Generated<M, Fut> {
     /// None once the body has returned.
     body: Option<Pin<Box<Fut>>>,
     _open: OpenStream,
-    /// Until the first message.
-    outcome: Option<Outcome>,
+    /// Until the first message (boxed: an idle stream keeps a pointer).
+    outcome: Option<Box<Outcome>>,
 }
 
 impl<M, Fut> Generated<M, Fut> {
