@@ -84,6 +84,11 @@ pub struct TokenResponse {
     pub task_id: String,
 }
 
+/// Claim naming the `jti`s of the tokens a delegated token derives from,
+/// nearest first: revoking any of them revokes it too (RFC 7009 §2.1 lets a
+/// server revoke related tokens).
+const DELEGATED_FROM: &str = "delegated_from";
+
 /// A verified parent token presented as `actor_token`.
 struct ParentToken {
     sub: String,
@@ -94,6 +99,8 @@ struct ParentToken {
     txn: String,
     act: Option<Value>,
     jti: String,
+    /// The parent's own `delegated_from`.
+    delegated_from: Vec<String>,
 }
 
 /// Who a token is for and on whose behalf it is asked: the principal and
@@ -712,6 +719,10 @@ impl Exchange {
                 act.insert("act".into(), prior.clone());
             }
             claims["act"] = Value::Object(act);
+            let from: Vec<&str> = std::iter::once(p.jti.as_str())
+                .chain(p.delegated_from.iter().map(String::as_str))
+                .collect();
+            claims[DELEGATED_FROM] = json!(from);
         }
         let token = self
             .signer
@@ -823,6 +834,7 @@ impl Exchange {
             txn: text("txn"),
             act: claims.get("act").cloned(),
             jti: text("jti"),
+            delegated_from: ancestors(&claims),
         })
     }
 
@@ -855,6 +867,12 @@ impl Exchange {
         let now = self.now();
         if self.revocations.is_token_revoked(jti, now) {
             return Err("has been revoked".into());
+        }
+        if ancestors(&claims)
+            .iter()
+            .any(|parent| self.revocations.is_token_revoked(parent, now))
+        {
+            return Err("derives by delegation from a token that has been revoked".into());
         }
         if self.revocations.is_task_ended(&task_key(sub, txn), now) {
             return Err("belongs to a task that has ended".into());
@@ -1117,6 +1135,19 @@ fn fingerprint(
         .to_string()
         .as_bytes(),
     )
+}
+
+/// The `delegated_from` claim of a verified token (empty when absent).
+fn ancestors(claims: &Map<String, Value>) -> Vec<String> {
+    claims
+        .get(DELEGATED_FROM)
+        .and_then(Value::as_array)
+        .map(|list| {
+            list.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Number of actors in an `act` chain.

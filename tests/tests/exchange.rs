@@ -821,6 +821,81 @@ async fn an_approved_token_carries_no_more_than_the_operator_approved() {
     );
 }
 
+/// Revoking a token revokes every token derived from it by delegation, at
+/// any depth, as ending its task would; an unrelated token of the same task
+/// stays active. Before the fix the derived tokens stayed active.
+#[tokio::test]
+async fn revoking_a_token_revokes_the_tokens_delegated_from_it() {
+    let s = Setup::start().await;
+    let issue = |task: &'static str| {
+        [
+            ("resource", MCP),
+            ("scope", "notes:read"),
+            ("task_id", task),
+            ("requested_ttl", "120"),
+        ]
+    };
+    let delegate = |parent: &str| -> Vec<(&str, String)> {
+        vec![
+            ("resource", MCP.to_string()),
+            ("scope", "notes:read".to_string()),
+            ("actor_token", parent.to_string()),
+            (
+                "actor_token_type",
+                "urn:ietf:params:oauth:token-type:access_token".to_string(),
+            ),
+        ]
+    };
+    let token = |v: &Value| v["access_token"].as_str().unwrap().to_string();
+    let (_, parent) = s.exchange(&issue("tree")).await;
+    let parent = token(&parent);
+    let (_, sibling) = s.exchange(&issue("tree")).await;
+    let sibling = token(&sibling);
+    let ask = delegate(&parent);
+    let ask: Vec<(&str, &str)> = ask.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, child) = s.exchange(&ask).await;
+    assert_eq!(status, 200, "{child}");
+    let child = token(&child);
+    let ask = delegate(&child);
+    let ask: Vec<(&str, &str)> = ask.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, grandchild) = s.exchange(&ask).await;
+    assert_eq!(status, 200, "{grandchild}");
+    let grandchild = token(&grandchild);
+    for t in [&parent, &child, &grandchild, &sibling] {
+        assert_eq!(s.introspect(t).await["active"], true);
+    }
+
+    let (status, r) = s.post("/revoke", &[("token", &parent)]).await;
+    assert_eq!(status, 200, "{r}");
+    for (name, t) in [
+        ("parent", &parent),
+        ("child", &child),
+        ("grandchild", &grandchild),
+    ] {
+        assert_eq!(
+            s.introspect(t).await["active"],
+            false,
+            "{name} still active"
+        );
+    }
+    assert_eq!(
+        s.introspect(&sibling).await["active"],
+        true,
+        "a token not derived from the revoked one stays active"
+    );
+
+    // Revoking a child leaves its parent alone.
+    let (_, other) = s.exchange(&issue("tree2")).await;
+    let other = token(&other);
+    let ask = delegate(&other);
+    let ask: Vec<(&str, &str)> = ask.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (_, derived) = s.exchange(&ask).await;
+    let derived = token(&derived);
+    s.post("/revoke", &[("token", &derived)]).await;
+    assert_eq!(s.introspect(&derived).await["active"], false);
+    assert_eq!(s.introspect(&other).await["active"], true);
+}
+
 #[tokio::test]
 async fn policy_hot_reload_valid_and_invalid() {
     let s = Setup::start().await;
