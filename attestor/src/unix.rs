@@ -130,7 +130,11 @@ impl UnixAttestor {
         if self.config.discover_workload_path {
             match proc_root.exe_path(process.pid) {
                 Ok(path) => {
-                    out.push(Selector::new("unix:path", path.to_string_lossy()));
+                    if names_the_executable(&path, process.pid, proc_root) {
+                        out.push(Selector::new("unix:path", path.to_string_lossy()));
+                    } else {
+                        tracing::debug!(pid = process.pid, path = %path.display(), "no unix:path selector: in the agent's mount namespace that path is another file (the caller's own mount namespace, a bind mount, or a replaced file)");
+                    }
                     match self
                         .exe_sha256(process.pid, proc_root, lookup)
                         .unwrap_or(Hash::Unavailable)
@@ -280,6 +284,23 @@ impl Attestor for UnixAttestor {
                 .map(|selectors| selectors.unwrap_or_default())
         })
     }
+}
+
+/// Whether `path`, as the agent resolves it, is the file process `pid`
+/// runs. `readlink /proc/<pid>/exe` is resolved in the *caller's* mount
+/// namespace: a user with its own mount namespace (unprivileged user
+/// namespaces allow one) can bind-mount any program over a registered path
+/// and exec it, and every container reports paths in its own namespace. A
+/// `unix:path` selector is therefore emitted only when the agent, looking
+/// up the same path, finds the very file (device and inode) the caller runs.
+fn names_the_executable(path: &std::path::Path, pid: i32, proc_root: &ProcRoot) -> bool {
+    let (Ok(seen), Ok(running)) = (
+        std::fs::metadata(path),
+        std::fs::metadata(proc_root.pid_path(pid, "exe")),
+    ) else {
+        return false;
+    };
+    (seen.dev(), seen.ino()) == (running.dev(), running.ino())
 }
 
 #[cfg(test)]

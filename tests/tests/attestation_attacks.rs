@@ -551,6 +551,85 @@ async fn callers_in_other_pid_namespaces_get_exactly_their_own_identity() {
     agent.stop().await;
 }
 
+/// `readlink /proc/<pid>/exe` is resolved in the caller's mount namespace.
+/// An unprivileged user makes its own (user + mount namespace), bind-mounts
+/// Python over a registered binary's path, execs it, and asks for SVIDs: it
+/// must not get the `unix:path` entry's identity, although its `exe` link
+/// shows the registered path. Before the fix it did. The genuine binary at
+/// that path, run without namespaces, still gets it.
+#[tokio::test]
+async fn a_bind_mount_in_a_private_mount_namespace_does_not_fake_unix_path() {
+    tessera_tests::require_root(
+        "a_bind_mount_in_a_private_mount_namespace_does_not_fake_unix_path",
+        "other users and namespaces",
+    );
+    let python = std::fs::canonicalize(python_for_everyone()).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The registered program: a Python copy, so the genuine one can run the
+    // helper too; the attacker mounts the system Python over it, a
+    // different file with the same behaviour.
+    let registered = work.path().join("registered-tool");
+    std::fs::copy(&python, &registered).unwrap();
+    std::fs::set_permissions(&registered, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let body = format!(
+        "{}{}",
+        entry("nobody", "unix:uid:65534"),
+        entry("tool", &format!("unix:path:{}", registered.display()))
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut agent = TestAgent::start_in(dir, &body).await;
+
+    let script = format!(
+        "mount --bind '{}' '{}' && exec '{}' \"$@\"",
+        python.display(),
+        registered.display(),
+        registered.display()
+    );
+    let mut cmd = as_nobody("unshare");
+    cmd.args([
+        "--user",
+        "--map-root-user",
+        "--mount",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ]);
+    let h = helper(cmd, &agent.socket(), work.path());
+    let exe = std::fs::read_link(format!("/proc/{}/exe", h.child.id())).unwrap();
+    assert_eq!(
+        exe, registered,
+        "the attacker's exe link shows the registered path"
+    );
+    let ids = identities_over(h.stream.try_clone().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        ids,
+        ["spiffe://example.org/nobody"],
+        "a bind mount in the caller's own mount namespace passed as the registered binary"
+    );
+    drop(h);
+
+    // The genuine binary, as the same user, in the agent's namespace.
+    let h = helper(
+        as_nobody(registered.to_str().unwrap()),
+        &agent.socket(),
+        work.path(),
+    );
+    let ids = identities_over(h.stream.try_clone().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        ids,
+        ["spiffe://example.org/nobody", "spiffe://example.org/tool"]
+    );
+    drop(h);
+    agent.stop().await;
+}
+
 /// An unprivileged user who owns the directory a socket is bound in can
 /// rename the agent's socket away and bind their own in its place, then
 /// answer every workload that connects. Such a directory (here made by
