@@ -26,8 +26,8 @@ use crate::exchange::policy::PolicyStore;
 use crate::exchange::revocation::RevocationStore;
 use crate::identity::{AuthoritySettings, LocalAuthority, Signer, SvidCache, TrustStore};
 use crate::metrics::{MethodLabels, Metrics};
-use crate::transport::Acceptor;
 use crate::transport::http::Limits;
+use crate::transport::{Acceptor, ConnectionCaps};
 use crate::workload_api::{ApiState, WorkloadApi, WorkloadApiRoutes};
 
 /// A started agent. Dropping it does not stop it; call [`RunningAgent::shutdown`].
@@ -81,12 +81,18 @@ impl RunningAgent {
     }
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit (the soft default of 1,024
-/// would cap the agent far below `limits.max_connections`), and warns when
-/// even that cannot hold every allowed connection: each holds its socket and
-/// the caller's pidfd, and once descriptors run out new callers wait in the
-/// listen queue instead of being refused.
-fn check_descriptor_budget(config: &Config) {
+/// Descriptors kept free of connections: files, the kubelet, the fleet
+/// authority, the admin listener.
+const RESERVED_DESCRIPTORS: u64 = 128;
+
+/// The connection caps of each socket. Raises the soft RLIMIT_NOFILE to the
+/// hard limit (the soft default of 1,024 would cap the agent far below
+/// `limits.max_connections`), then lowers the cap to what the descriptors
+/// hold: each connection costs its socket and the caller's pidfd, and a
+/// connection the agent cannot accept waits in the listen queue, unserved,
+/// instead of being refused. Of the cap, one uid and one process may hold
+/// only their share (`limits.max_connections_per_uid`, `_per_process`).
+fn connection_caps(config: &Config) -> ConnectionCaps {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     if let (Some(soft), Some(hard)) = (limit.current, limit.maximum)
@@ -100,20 +106,25 @@ fn check_descriptor_budget(config: &Config) {
             tracing::warn!(error = %e, soft, hard, "could not raise RLIMIT_NOFILE");
         }
     }
-    let Some(soft) = getrlimit(Resource::Nofile).current else {
-        return;
-    };
-    let sockets = 1 + usize::from(config.exchange.is_some());
-    // Two descriptors per connection, plus files, the kubelet and the authority.
-    let needed = (2 * config.max_connections * sockets + 256) as u64;
-    if needed > soft {
-        tracing::warn!(
-            rlimit_nofile = soft,
-            max_connections = config.max_connections,
-            needed,
-            "RLIMIT_NOFILE cannot hold limits.max_connections on every socket; past it new callers queue instead of being refused: lower limits.max_connections or raise the limit (LimitNOFILE=, ulimit -n)"
-        );
+    let mut total = config.max_connections;
+    if let Some(soft) = getrlimit(Resource::Nofile).current {
+        let sockets = 1 + u64::from(config.exchange.is_some());
+        let fit = (soft.saturating_sub(RESERVED_DESCRIPTORS) / (2 * sockets)).max(1);
+        if (total as u64) > fit {
+            tracing::warn!(
+                rlimit_nofile = soft,
+                max_connections = config.max_connections,
+                per_socket = fit,
+                "RLIMIT_NOFILE cannot hold limits.max_connections on every socket; holding fewer, so callers past them are refused at once instead of waiting unserved (raise LimitNOFILE= or ulimit -n for more)"
+            );
+            total = fit as usize;
+        }
     }
+    ConnectionCaps::new(
+        total,
+        config.max_connections_per_uid,
+        config.max_connections_per_process,
+    )
 }
 
 /// Upstream mode: every caller on this node gets `tessera:node:<node name>`,
@@ -146,7 +157,7 @@ fn refused_counter(metrics: &Metrics, method: &'static str) -> impl Fn() + Send 
 /// Starts the agent described by `config` and returns once its sockets are listening.
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<RunningAgent> {
     crate::fsutil::create_private_dir(&config.data_dir).context("data_dir")?;
-    check_descriptor_budget(&config);
+    let caps = connection_caps(&config);
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
     let mut attestors: Vec<Arc<dyn tessera_attestor::Attestor>> =
@@ -223,7 +234,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             let acceptor = Acceptor::new(
                 bind_socket(&x.socket_path, 0o777)?,
                 proc_root.clone(),
-                config.max_connections,
+                caps,
                 refused_counter(&metrics, "exchange"),
             );
             extra_sockets.push(x.socket_path.clone());
@@ -254,7 +265,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                 let acceptor = Acceptor::new(
                     bind_operator_socket(path)?,
                     proc_root.clone(),
-                    OPERATOR_CONNECTIONS,
+                    ConnectionCaps::new(OPERATOR_CONNECTIONS, None, Some(OPERATOR_CONNECTIONS)),
                     refused_counter(&metrics, "operator"),
                 );
                 extra_sockets.push(path.clone());
@@ -315,9 +326,13 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let incoming = crate::transport::grpc::incoming(Acceptor::new(
         listener,
         proc_root,
-        config.max_connections,
+        caps,
         refused_counter(&metrics, "workload_api"),
     ));
+    // Ready before the server runs: connections already waiting in the
+    // listen queue are answered the moment it starts, and must not be told
+    // the agent is not ready (everything they need is built by now).
+    callers.ready.store(true, Ordering::Release);
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -330,7 +345,6 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             .await
             .context("Workload API server failed")
     });
-    callers.ready.store(true, Ordering::Release);
     tracing::info!(
         socket = %config.socket_path.display(),
         trust_domain = config.trust_domain.as_str(),

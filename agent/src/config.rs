@@ -219,6 +219,8 @@ struct RawLimits {
     shutdown_grace: Option<Spanned<String>>,
     requests_per_second: Option<Spanned<f64>>,
     max_connections: Option<Spanned<u32>>,
+    max_connections_per_uid: Option<Spanned<u32>>,
+    max_connections_per_process: Option<Spanned<u32>>,
     http_header_timeout: Option<Spanned<String>>,
     http_request_timeout: Option<Spanned<String>>,
     request_burst: Option<Spanned<f64>>,
@@ -244,6 +246,11 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Open connections per socket (Workload API, exchange) before new ones are refused.
     pub max_connections: usize,
+    /// Of those, at most this many from one uid (None: three quarters of
+    /// the socket's cap), so one user cannot take every slot.
+    pub max_connections_per_uid: Option<usize>,
+    /// And at most this many from one process (None: a quarter of the cap).
+    pub max_connections_per_process: Option<usize>,
     /// HTTP sockets (exchange, operator): the request head must arrive within this.
     pub http_header_timeout: Duration,
     /// HTTP sockets: a whole request must complete within this (else 408).
@@ -522,11 +529,21 @@ impl Config {
             burst: positive("limits.request_burst", &raw.limits.request_burst, 2000.0)?,
         };
 
-        let max_connections = match &raw.limits.max_connections {
-            None => 16_384,
-            Some(m) if *m.get_ref() >= 1 => *m.get_ref() as usize,
-            Some(m) => return Err(cx.invalid("limits.max_connections", m, "must be at least 1")),
+        let at_least_one = |key: &str, v: &Option<Spanned<u32>>| match v {
+            None => Ok(None),
+            Some(m) if *m.get_ref() >= 1 => Ok(Some(*m.get_ref() as usize)),
+            Some(m) => Err(cx.invalid(key, m, "must be at least 1")),
         };
+        let max_connections =
+            at_least_one("limits.max_connections", &raw.limits.max_connections)?.unwrap_or(16_384);
+        let max_connections_per_uid = at_least_one(
+            "limits.max_connections_per_uid",
+            &raw.limits.max_connections_per_uid,
+        )?;
+        let max_connections_per_process = at_least_one(
+            "limits.max_connections_per_process",
+            &raw.limits.max_connections_per_process,
+        )?;
 
         let http_timeout = |key: &str, v: &Option<Spanned<String>>, default: u64| match v {
             None => Ok(Duration::from_secs(default)),
@@ -617,6 +634,8 @@ impl Config {
             shutdown_grace,
             caller_budget,
             max_connections,
+            max_connections_per_uid,
+            max_connections_per_process,
             http_header_timeout,
             http_request_timeout,
             exchange,

@@ -9,7 +9,9 @@ use tessera_workload_api as pb;
 #[tokio::test]
 async fn connections_beyond_the_cap_are_refused_and_slots_come_back() {
     let mut agent = TestAgent::start(&format!(
-        "{}[limits]\nmax_connections = 3\n",
+        // One process holds all three: its share is the whole cap here (the
+        // per-caller shares have a test of their own below).
+        "{}[limits]\nmax_connections = 3\nmax_connections_per_uid = 3\nmax_connections_per_process = 3\n",
         TestAgent::entry_for_me("capped", "default")
     ))
     .await;
@@ -112,5 +114,100 @@ async fn slow_http_clients_are_cut_off_and_others_served() {
         "{}",
         String::from_utf8_lossy(&buf)
     );
+    agent.stop().await;
+}
+
+/// One unprivileged user floods the Workload API socket with idle
+/// connections from several processes. It gets its share of the cap and no
+/// more: an honest workload of another user still connects and is served.
+/// Before per-caller shares the flood took every slot and the honest
+/// workload was refused.
+#[tokio::test]
+async fn a_flooding_user_gets_its_share_and_others_are_still_served() {
+    tessera_tests::require_root(
+        "a_flooding_user_gets_its_share_and_others_are_still_served",
+        "the flood runs as another user",
+    );
+    // 8 slots: 6 for one uid, 2 for one process (the derived shares).
+    let mut agent = TestAgent::start(&format!(
+        "{}[limits]\nmax_connections = 8\n",
+        TestAgent::entry_for_me("honest", "default")
+    ))
+    .await;
+    // The flood's user must reach the socket.
+    use std::os::unix::fs::PermissionsExt as _;
+    for dir in [
+        agent.dir.path().to_path_buf(),
+        agent.dir.path().join("sock"),
+    ] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    const FLOOD: &str = r#"
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    held.append(s)
+print("holding", flush=True)
+time.sleep(30)
+"#;
+    let mut flooders = Vec::new();
+    for _ in 0..4 {
+        let mut child = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+                FLOOD,
+            ])
+            .arg(agent.socket())
+            .arg("5")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("setpriv and /usr/bin/python3 are required");
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "holding");
+        flooders.push(child);
+    }
+    // 20 connections tried: 2 per process and 6 for the uid are held, the
+    // other 14 refused as the agent accepts them.
+    let refused = |a: &TestAgent| {
+        a.running()
+            .callers
+            .metrics
+            .connections_refused
+            .get_or_create(&tessera_agent::metrics::MethodLabels {
+                method: "workload_api",
+            })
+            .get()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while refused(&agent) < 14 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "refused only {}",
+            refused(&agent)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(refused(&agent), 14, "the flood holds exactly its share");
+    let svid = tokio::time::timeout(Duration::from_secs(5), async {
+        agent.spiffe_client().await.fetch_x509_svid().await
+    })
+    .await
+    .expect("the honest workload is answered")
+    .expect("and gets its SVID while the flood holds its share");
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/honest");
+    for mut f in flooders {
+        let _ = f.kill();
+        let _ = f.wait();
+    }
     agent.stop().await;
 }

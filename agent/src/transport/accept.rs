@@ -1,13 +1,15 @@
 //! The one accept loop for every agent socket.
 //!
 //! Workloads are untrusted: a caller may open thousands of connections. At
-//! most `max_connections` are held at once; past that a new connection is
-//! closed at once (and `on_refused` is called), so a flood cannot exhaust
-//! the agent's descriptors or memory. Accept errors (out of descriptors and
-//! the like) are logged and retried after a pause, never fatal. The
-//! caller's credentials are read here, at accept time, while the process
-//! that connected surely exists.
+//! most [`ConnectionCaps::total`] are held at once, and of those at most
+//! `per_uid` from one user and `per_process` from one process, so one
+//! caller can never take every slot and others always find room. A
+//! connection past a cap is closed at once (and `on_refused` is called).
+//! Accept errors (out of descriptors and the like) are logged and retried
+//! after a pause, never fatal. The caller's credentials are read here, at
+//! accept time, while the process that connected surely exists.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +18,70 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::peer::PeerConnection;
+use crate::sync::Mutex;
+
+/// How many connections a socket holds: in all, per user, per process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionCaps {
+    pub total: usize,
+    pub per_uid: usize,
+    pub per_process: usize,
+}
+
+impl ConnectionCaps {
+    /// `total`, with the per-caller shares given or derived from it (three
+    /// quarters per user, a quarter per process), never above `total`.
+    pub fn new(total: usize, per_uid: Option<usize>, per_process: Option<usize>) -> Self {
+        let total = total.max(1);
+        let per_uid = per_uid.unwrap_or(total * 3 / 4).clamp(1, total);
+        let per_process = per_process.unwrap_or(total / 4).clamp(1, per_uid);
+        Self {
+            total,
+            per_uid,
+            per_process,
+        }
+    }
+}
+
+/// Who holds how many connections.
+#[derive(Default)]
+struct Holders {
+    /// Callers without credentials count as one user, `u32::MAX`.
+    by_uid: HashMap<u32, usize>,
+    by_pid: HashMap<i32, usize>,
+}
+
+/// One caller's hold on a connection, given back when it closes.
+struct Share {
+    holders: Arc<Mutex<Holders>>,
+    uid: u32,
+    pid: Option<i32>,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut h = self.holders.lock();
+        release(&mut h.by_uid, self.uid);
+        if let Some(pid) = self.pid {
+            release(&mut h.by_pid, pid);
+        }
+    }
+}
+
+fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: K) {
+    if let Some(n) = map.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&key);
+        }
+    }
+}
+
+/// A connection's place under the caps, held for its life.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _share: Share,
+}
 
 /// How long to pause after a failed `accept` before trying again.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -26,13 +92,15 @@ pub struct Accepted {
     /// None when the kernel would not give the peer's credentials; each
     /// protocol decides what such a caller gets (nothing, in practice).
     pub peer: Option<PeerConnection>,
-    /// Held for the connection's life: its share of the connection cap.
-    pub slot: OwnedSemaphorePermit,
+    /// Held for the connection's life: its place under the caps.
+    pub slot: Slot,
 }
 
 pub struct Acceptor {
     listener: UnixListener,
     slots: Arc<Semaphore>,
+    caps: ConnectionCaps,
+    holders: Arc<Mutex<Holders>>,
     proc_root: ProcRoot,
     on_refused: Box<dyn Fn() + Send + Sync>,
 }
@@ -41,15 +109,38 @@ impl Acceptor {
     pub fn new(
         listener: UnixListener,
         proc_root: ProcRoot,
-        max_connections: usize,
+        caps: ConnectionCaps,
         on_refused: impl Fn() + Send + Sync + 'static,
     ) -> Self {
         Self {
             listener,
-            slots: Arc::new(Semaphore::new(max_connections)),
+            slots: Arc::new(Semaphore::new(caps.total)),
+            caps,
+            holders: Arc::default(),
             proc_root,
             on_refused: Box::new(on_refused),
         }
+    }
+
+    /// Takes a share for a caller, unless it holds its part already.
+    fn share(&self, peer: Option<&PeerConnection>) -> Option<Share> {
+        let uid = peer.map_or(u32::MAX, |p| p.peer.uid);
+        let pid = peer.and_then(|p| p.peer.pid);
+        let mut h = self.holders.lock();
+        let by_uid = h.by_uid.get(&uid).copied().unwrap_or(0);
+        let by_pid = pid.map_or(0, |pid| h.by_pid.get(&pid).copied().unwrap_or(0));
+        if by_uid >= self.caps.per_uid || by_pid >= self.caps.per_process {
+            return None;
+        }
+        *h.by_uid.entry(uid).or_default() += 1;
+        if let Some(pid) = pid {
+            *h.by_pid.entry(pid).or_default() += 1;
+        }
+        Some(Share {
+            holders: self.holders.clone(),
+            uid,
+            pid,
+        })
     }
 
     /// The next connection within the cap.
@@ -63,7 +154,7 @@ impl Acceptor {
                     continue;
                 }
             };
-            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                 (self.on_refused)();
                 continue; // dropping the stream closes it
             };
@@ -73,6 +164,14 @@ impl Acceptor {
                     tracing::warn!(error = %e, "connection without peer credentials");
                     None
                 }
+            };
+            let Some(share) = self.share(peer.as_ref()) else {
+                (self.on_refused)();
+                continue;
+            };
+            let slot = Slot {
+                _permit: permit,
+                _share: share,
             };
             return Accepted { stream, peer, slot };
         }
@@ -94,7 +193,7 @@ mod tests {
         let acceptor = Acceptor::new(
             UnixListener::bind(&path).unwrap(),
             ProcRoot::new("/proc"),
-            1,
+            ConnectionCaps::new(1, None, None),
             move || {
                 counter.fetch_add(1, Ordering::SeqCst);
             },
@@ -127,5 +226,50 @@ mod tests {
             .await
             .expect("a slot frees when a connection ends");
         assert!(after.peer.is_some());
+    }
+
+    #[test]
+    fn caps_derive_per_caller_shares_and_never_exceed_the_total() {
+        assert_eq!(
+            ConnectionCaps::new(16_384, None, None),
+            ConnectionCaps {
+                total: 16_384,
+                per_uid: 12_288,
+                per_process: 4_096
+            }
+        );
+        let small = ConnectionCaps::new(3, None, None);
+        assert_eq!((small.per_uid, small.per_process), (2, 1));
+        let given = ConnectionCaps::new(10, Some(50), Some(50));
+        assert_eq!((given.per_uid, given.per_process), (10, 10));
+    }
+
+    #[tokio::test]
+    async fn one_process_gets_its_share_and_others_keep_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let acceptor = Acceptor::new(
+            UnixListener::bind(&path).unwrap(),
+            ProcRoot::new("/proc"),
+            ConnectionCaps::new(4, Some(4), Some(2)),
+            || {},
+        );
+        let _a = UnixStream::connect(&path).await.unwrap();
+        let _b = UnixStream::connect(&path).await.unwrap();
+        let mut c = UnixStream::connect(&path).await.unwrap();
+        let first = acceptor.accept().await;
+        let _second = acceptor.accept().await;
+        // The third from this process is over its share: closed at once.
+        let waited = tokio::time::timeout(Duration::from_millis(300), acceptor.accept()).await;
+        assert!(waited.is_err());
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1];
+        assert_eq!(c.read(&mut buf).await.unwrap(), 0, "closed by the agent");
+        // A share comes back when its connection closes.
+        drop(first);
+        let _d = UnixStream::connect(&path).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), acceptor.accept())
+            .await
+            .expect("the share was given back");
     }
 }

@@ -19,7 +19,7 @@ use super::peer::PeerConnection;
 pub struct PeerStream {
     inner: UnixStream,
     /// Held for the connection's life: the socket's connection cap.
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    _slot: super::accept::Slot,
     info: PeerConnection,
     inbound: AuthorityRewriter,
     eof: bool,

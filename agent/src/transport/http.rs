@@ -134,7 +134,7 @@ mod tests {
         let acceptor = Acceptor::new(
             UnixListener::bind(&path).unwrap(),
             ProcRoot::new("/proc"),
-            8,
+            crate::transport::ConnectionCaps::new(8, Some(8), Some(8)),
             || {},
         );
         let app = Router::new()
