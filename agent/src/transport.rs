@@ -16,5 +16,5 @@ pub mod grpc;
 pub mod http;
 pub mod peer;
 
-pub use accept::{Accepted, Acceptor};
+pub use accept::{Accepted, Acceptor, ConnectionCaps};
 pub use peer::PeerConnection;
