@@ -124,6 +124,8 @@ struct Grant {
     needs_approval: bool,
     /// The lifetime an operator approved, in seconds.
     approved_ttl: Option<u64>,
+    /// Every granted scope may go in a bearer token (`@bearer`).
+    bearer: bool,
 }
 
 /// An approved request is issued no more than the operator saw: scopes
@@ -502,7 +504,10 @@ impl Exchange {
             delegator: chain.delegator.as_deref(),
             approved,
         });
-        let mut grant = Grant::default();
+        let mut grant = Grant {
+            bearer: true,
+            ..Grant::default()
+        };
         let mut denied = Vec::new();
         let mut delegation_refused = false;
         for d in &decision.scopes {
@@ -520,6 +525,7 @@ impl Exchange {
                 delegation_refused = true;
             } else if d.allowed {
                 grant.scopes.push(d.scope.clone());
+                grant.bearer &= d.bearer_allowed;
                 grant.needs_approval |= d.approval_required;
                 if let Some(t) = d.max_ttl {
                     grant.policy_ttl = Some(grant.policy_ttl.map_or(t, |p| p.min(t)));
@@ -710,8 +716,12 @@ impl Exchange {
             "exp": exp,
             "jti": jti,
             "txn": chain.task_id,
-            "cnf": {"x5t#S256": B64URL.encode(ring::digest::digest(&ring::digest::SHA256, leaf_der(&svid.chain_der)))},
         });
+        // Bound to the caller's certificate (RFC 8705) unless policy made
+        // every granted scope a bearer scope; the token says which it is.
+        if !grant.bearer {
+            claims["cnf"] = json!({"x5t#S256": B64URL.encode(ring::digest::digest(&ring::digest::SHA256, leaf_der(&svid.chain_der)))});
+        }
         if let Some(p) = &chain.parent {
             let mut act = Map::new();
             act.insert("sub".into(), caller_id.into());
@@ -742,6 +752,7 @@ impl Exchange {
                 "scopes": grant.scopes,
                 "ttl": ttl,
                 "ttl_bound_by": bound_by,
+                "bound_to_certificate": !grant.bearer,
             }),
         );
         record.insert("jti".into(), jti.into());

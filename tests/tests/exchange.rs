@@ -47,6 +47,10 @@ permit(principal, action == Tessera::Action::"notes:secret", resource == Tessera
 forbid(principal, action == Tessera::Action::"notes:secret", resource)
 unless {{ context.approved }};
 
+@id("notes-share-bearer")
+@bearer
+permit(principal, action == Tessera::Action::"notes:share", resource == Tessera::Audience::"{MCP}");
+
 @id("notes-delete-needs-approval")
 @require_approval
 permit(principal, action == Tessera::Action::"notes:delete", resource == Tessera::Audience::"{MCP}");
@@ -894,6 +898,23 @@ async fn revoking_a_token_revokes_the_tokens_delegated_from_it() {
     s.post("/revoke", &[("token", &derived)]).await;
     assert_eq!(s.introspect(&derived).await["active"], false);
     assert_eq!(s.introspect(&other).await["active"], true);
+}
+
+/// Bearer or bound is decided at issuance: a scope whose permit says
+/// `@bearer` is issued without `cnf`; a token that also carries a scope
+/// without it is bound to the caller's certificate.
+#[tokio::test]
+async fn bearer_scopes_are_issued_without_cnf() {
+    let s = Setup::start().await;
+    let ask = |scope: &'static str| [("resource", MCP), ("scope", scope), ("task_id", "b")];
+    let (status, r) = s.exchange(&ask("notes:share")).await;
+    assert_eq!(status, 200, "{r}");
+    let c = s.verify(r["access_token"].as_str().unwrap(), MCP).await;
+    assert!(c.get("cnf").is_none(), "{c}");
+    let (status, r) = s.exchange(&ask("notes:share notes:write")).await;
+    assert_eq!(status, 200, "{r}");
+    let c = s.verify(r["access_token"].as_str().unwrap(), MCP).await;
+    assert!(c["cnf"]["x5t#S256"].is_string(), "{c}");
 }
 
 #[tokio::test]

@@ -64,7 +64,6 @@ pub(crate) struct Settings {
     pub mcp_rule: Option<McpScopeRule>,
     pub mcp_source: McpScopeSource,
     pub max_body_bytes: usize,
-    pub require_cnf_match: bool,
     pub resource_metadata: Option<String>,
     pub clock: Clock,
 }
@@ -85,7 +84,6 @@ pub struct TokenGuardBuilder {
     pub(crate) mcp_rule: Option<McpScopeRule>,
     pub(crate) mcp_source: McpScopeSource,
     pub(crate) max_body_bytes: usize,
-    pub(crate) require_cnf_match: bool,
     pub(crate) resource_metadata: Option<String>,
     pub(crate) clock: Clock,
 }
@@ -106,7 +104,6 @@ impl Default for TokenGuardBuilder {
             mcp_rule: None,
             mcp_source: McpScopeSource::Body,
             max_body_bytes: 1024 * 1024,
-            require_cnf_match: false,
             resource_metadata: None,
             clock: Arc::new(SystemTime::now),
         }
@@ -224,16 +221,6 @@ impl TokenGuardBuilder {
         self
     }
 
-    /// Policy for certificate-bound tokens (`cnf.x5t#S256`, RFC 8705) on a
-    /// request without a [`PeerCertificate`](crate::PeerCertificate):
-    /// `false` (default) accepts them, for servers that do not terminate
-    /// mTLS themselves; `true` rejects them. When the request does carry a peer
-    /// certificate, a bound token must match it either way.
-    pub fn require_cnf_match(mut self, require: bool) -> Self {
-        self.require_cnf_match = require;
-        self
-    }
-
     /// RFC 9728 metadata URL announced in `WWW-Authenticate` (`resource_metadata="…"`).
     pub fn resource_metadata(mut self, url: impl Into<String>) -> Self {
         self.resource_metadata = Some(url.into());
@@ -285,7 +272,6 @@ impl TokenGuardBuilder {
             mcp_rule: self.mcp_rule.clone(),
             mcp_source: self.mcp_source,
             max_body_bytes: self.max_body_bytes,
-            require_cnf_match: self.require_cnf_match,
             resource_metadata: self.resource_metadata.clone(),
             clock: self.clock.clone(),
         })

@@ -289,12 +289,16 @@ impl Guard {
                 skew,
             },
         )?;
-        // Both thumbprints are public (the token carries one): a plain compare is fine.
+        // A token that names a certificate (RFC 8705 §3) is accepted only
+        // over a connection that presented that certificate: whether tokens
+        // are bound is decided at issuance (policy `@bearer`) and visible in
+        // the token, never a resource-server default. Both thumbprints are
+        // public (the token carries one): a plain compare is fine.
         match (&verified.cnf_x5t_s256, peer) {
             (Some(bound), Some(cert)) if *bound != cert.x5t_s256() => {
                 return Err(TokenError::CnfMismatch.into());
             }
-            (Some(_), None) if s.require_cnf_match => return Err(TokenError::CnfRequired.into()),
+            (Some(_), None) => return Err(TokenError::CnfRequired.into()),
             _ => {}
         }
         if let Some(introspector) = &self.introspector {

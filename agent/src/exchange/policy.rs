@@ -35,6 +35,9 @@
 //! `@require_approval` asks for a human approval (any value),
 //! `@allow_delegation` lets the permit apply to delegated exchanges (an
 //! `actor_token` is present); without it a permit only serves direct ones.
+//! `@bearer` lets the scope be issued in a bearer token (no `cnf`): a token
+//! is issued unbound only when every determining permit of every granted
+//! scope says so, and bound to the caller's certificate otherwise.
 //!
 //! Semantics are Cedar's: default deny, any satisfied `forbid` wins.
 //! Files: every `*.cedar` (and `*.cedarschema`) directly in the directory,
@@ -192,6 +195,9 @@ pub struct ScopeDecision {
     /// is opt-in per policy, so a permit written for direct use never lets a
     /// parent token be passed around).
     pub delegation_allowed: bool,
+    /// Every determining permit policy carries `@bearer`: the scope may be
+    /// issued in a token not bound to the caller's certificate.
+    pub bearer_allowed: bool,
     /// Evaluation errors (policy id and message); an erroring policy is skipped.
     pub errors: Vec<String>,
 }
@@ -205,6 +211,7 @@ impl ScopeDecision {
             max_ttl: None,
             approval_required: false,
             delegation_allowed: false,
+            bearer_allowed: false,
             errors: Vec::new(),
         }
     }
@@ -216,6 +223,7 @@ struct PolicyMeta {
     max_ttl: Option<Duration>,
     require_approval: bool,
     allow_delegation: bool,
+    bearer: bool,
 }
 
 /// One loaded generation of policies; immutable, swapped whole on reload.
@@ -465,10 +473,12 @@ impl PolicySnapshot {
             decision.policy_ids = forbids.into_iter().collect();
         } else if !permits.is_empty() {
             decision.allowed = true;
+            decision.bearer_allowed = true;
             for id in &permits {
                 if let Some(meta) = self.meta.get(id) {
                     decision.approval_required |= meta.require_approval;
                     decision.delegation_allowed |= meta.allow_delegation;
+                    decision.bearer_allowed &= meta.bearer;
                     decision.max_ttl = match (decision.max_ttl, meta.max_ttl) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),

@@ -265,6 +265,7 @@ fn policy_meta(files: &[SourceFile], l: &Loaded) -> Result<PolicyMeta, PolicyErr
             && p.effect() == Effect::Permit,
         allow_delegation: p.annotation("allow_delegation").is_some()
             && p.effect() == Effect::Permit,
+        bearer: p.annotation("bearer").is_some() && p.effect() == Effect::Permit,
     })
 }
 
