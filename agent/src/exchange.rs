@@ -290,16 +290,15 @@ impl Exchange {
                 chain.task_id
             )));
         }
-        let approval = req.approval_id.as_ref().map(|id| {
-            let fp = fingerprint(
-                &caller_id,
-                &chain.principal,
-                req,
-                &chain.task_id,
-                chain.parent.as_ref(),
-            );
-            (id.clone(), fp)
-        });
+        // What an approval is bound to: this very request.
+        let fp = fingerprint(
+            &caller_id,
+            &chain.principal,
+            req,
+            &chain.task_id,
+            chain.parent.as_ref(),
+        );
+        let approval = req.approval_id.as_ref().map(|id| (id.clone(), fp.clone()));
         let approved = self.approval_state(approval.as_ref(), now, record)?;
         // Policy sees what was asked; `max_ttl` bounds the token later, with
         // every other bound (`lifetime`).
@@ -322,6 +321,7 @@ impl Exchange {
                     &chain,
                     &grant,
                     requested_ttl,
+                    fp,
                     now,
                     record,
                 )?);
@@ -574,6 +574,7 @@ impl Exchange {
         chain: &Chain,
         grant: &Grant,
         requested_ttl: Duration,
+        fp: String,
         now: SystemTime,
         record: &mut Map<String, Value>,
     ) -> Result<OAuthError, OAuthError> {
@@ -600,13 +601,6 @@ impl Exchange {
                 act = a.get("act");
             }
         }
-        let fp = fingerprint(
-            caller_id,
-            &chain.principal,
-            req,
-            &chain.task_id,
-            chain.parent.as_ref(),
-        );
         let id = self
             .approvals
             .create(

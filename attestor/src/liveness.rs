@@ -44,14 +44,7 @@ impl ProcessPin {
         // Callers re-check with `check_alive` after reading /proc, which also
         // compares the uid with `SO_PEERCRED`; checking here too would only
         // repeat the same reads.
-        Ok(Self {
-            proc_root: proc_root.clone(),
-            pid,
-            uid,
-            start_time: proc_root.start_time(pid)?,
-            exe_inode: exe_inode(proc_root, pid),
-            pidfd,
-        })
+        Self::pinned(proc_root, pid, uid, pidfd, exe_inode(proc_root, pid))
     }
 
     /// Pins `pid` to the executable it ran when its connection was accepted
@@ -65,12 +58,22 @@ impl ProcessPin {
         pidfd: Option<Arc<OwnedFd>>,
         exe_at_accept: (u64, u64),
     ) -> Result<Self, LivenessError> {
+        Self::pinned(proc_root, pid, uid, pidfd, Some(exe_at_accept))
+    }
+
+    fn pinned(
+        proc_root: &ProcRoot,
+        pid: i32,
+        uid: u32,
+        pidfd: Option<Arc<OwnedFd>>,
+        exe_inode: Option<(u64, u64)>,
+    ) -> Result<Self, LivenessError> {
         Ok(Self {
             proc_root: proc_root.clone(),
             pid,
             uid,
             start_time: proc_root.start_time(pid)?,
-            exe_inode: Some(exe_at_accept),
+            exe_inode,
             pidfd,
         })
     }

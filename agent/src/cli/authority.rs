@@ -21,6 +21,17 @@ pub(super) struct KeyDirArgs {
     ca_ttl: String,
 }
 
+impl KeyDirArgs {
+    /// The trust domain, directory and CA lifetime, each checked.
+    fn parse(self) -> anyhow::Result<(spiffe::TrustDomain, PathBuf, std::time::Duration)> {
+        let td = spiffe::TrustDomain::new(&self.trust_domain)
+            .map_err(|e| anyhow::anyhow!("--trust-domain {:?}: {e}", self.trust_domain))?;
+        let ttl = humantime::parse_duration(&self.ca_ttl)
+            .map_err(|e| anyhow::anyhow!("--ca-ttl {:?}: {e}", self.ca_ttl))?;
+        Ok((td, self.dir, ttl))
+    }
+}
+
 #[derive(Subcommand)]
 pub(super) enum AuthorityCommand {
     /// Run the authority (`[server]` table of the config file).
@@ -50,22 +61,10 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
     let duration = |flag: &str, v: &str| {
         humantime::parse_duration(v).map_err(|e| anyhow::anyhow!("--{flag} {v:?}: {e}"))
     };
-    let td = |v: &str| {
-        spiffe::TrustDomain::new(v).map_err(|e| anyhow::anyhow!("--trust-domain {v:?}: {e}"))
-    };
     match cmd {
-        AuthorityCommand::Init(KeyDirArgs {
-            dir,
-            trust_domain,
-            ca_ttl,
-        }) => {
-            let ttl = duration("ca-ttl", &ca_ttl)?;
-            crate::identity::key_files::init_key_dir(
-                &td(&trust_domain)?,
-                &dir,
-                ttl,
-                SystemClock.now(),
-            )?;
+        AuthorityCommand::Init(args) => {
+            let (td, dir, ttl) = args.parse()?;
+            crate::identity::key_files::init_key_dir(&td, &dir, ttl, SystemClock.now())?;
             println!(
                 "wrote {}/{{ca.crt,ca.key,jwt.key,access.key}}",
                 dir.display()
@@ -76,18 +75,9 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        AuthorityCommand::RotateCa(KeyDirArgs {
-            dir,
-            trust_domain,
-            ca_ttl,
-        }) => {
-            let ttl = duration("ca-ttl", &ca_ttl)?;
-            let name = crate::identity::key_files::add_ca(
-                &td(&trust_domain)?,
-                &dir,
-                ttl,
-                SystemClock.now(),
-            )?;
+        AuthorityCommand::RotateCa(args) => {
+            let (td, dir, ttl) = args.parse()?;
+            let name = crate::identity::key_files::add_ca(&td, &dir, ttl, SystemClock.now())?;
             println!(
                 "wrote {}; replicas publish it within server.key_reload_interval and sign with it after server.ca_publish_lead",
                 dir.join(name).display()

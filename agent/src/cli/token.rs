@@ -140,13 +140,7 @@ async fn exchange_call(
         serde_json::json!({"error": "invalid_response", "error_description": String::from_utf8_lossy(&body)})
     });
     if !status.is_success() {
-        println!("{json}");
-        bail!(
-            "{} ({}): {}",
-            json["error"].as_str().unwrap_or("error"),
-            status.as_u16(),
-            json["error_description"].as_str().unwrap_or("")
-        );
+        return Err(oauth_failure(status, &json));
     }
     Ok(json)
 }
@@ -259,15 +253,21 @@ async fn token_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
             continue;
         }
         if !code.is_success() {
-            println!("{json}");
-            bail!(
-                "{} ({}): {}",
-                json["error"].as_str().unwrap_or("error"),
-                code.as_u16(),
-                json["error_description"].as_str().unwrap_or("")
-            );
+            return Err(oauth_failure(code, &json));
         }
         println!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(());
     }
+}
+
+/// A non-2xx OAuth answer: its JSON body goes to stdout (scripts read it),
+/// the error names the OAuth code.
+fn oauth_failure(status: http::StatusCode, json: &serde_json::Value) -> anyhow::Error {
+    println!("{json}");
+    anyhow::anyhow!(
+        "{} ({}): {}",
+        json["error"].as_str().unwrap_or("error"),
+        status.as_u16(),
+        json["error_description"].as_str().unwrap_or("")
+    )
 }

@@ -110,13 +110,18 @@ fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn encode_then_decode_round_trips() {
+    fn self_signed() -> (rcgen::KeyPair, rcgen::Certificate) {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let cert = rcgen::CertificateParams::new(vec!["a.example".into()])
             .unwrap()
             .self_signed(&key)
             .unwrap();
+        (key, cert)
+    }
+
+    #[test]
+    fn encode_then_decode_round_trips() {
+        let (key, cert) = self_signed();
         let pem = format!(
             "{}{}",
             encode("CERTIFICATE", cert.der()),
@@ -144,11 +149,7 @@ mod tests {
 
     #[test]
     fn splits_concatenated_der() {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["a.example".into()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
+        let (_, cert) = self_signed();
         let both = [cert.der().as_ref(), cert.der().as_ref()].concat();
         assert_eq!(split_der_certs(&both).unwrap().len(), 2);
         assert!(split_der_certs(&both[..both.len() - 1]).is_err());
