@@ -490,6 +490,13 @@ fn python_for_everyone() -> PathBuf {
         .expect("a system python3 (/usr/bin/python3) is required for this test")
 }
 
+/// A directory anyone may enter (0755), for helpers run as other users.
+fn open_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
 #[tokio::test]
 async fn callers_in_other_pid_namespaces_get_exactly_their_own_identity() {
     tessera_tests::require_root(
@@ -497,17 +504,14 @@ async fn callers_in_other_pid_namespaces_get_exactly_their_own_identity() {
         "other users and namespaces",
     );
     let python = std::fs::canonicalize(python_for_everyone()).unwrap();
-    let work = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let work = open_dir();
     let body = format!(
         "{}{}{}",
         entry("root", "unix:uid:0"),
         entry("nobody", "unix:uid:65534"),
         entry("python", &format!("unix:path:{}", python.display()))
     );
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut agent = TestAgent::start_in(dir, &body).await;
+    let mut agent = TestAgent::start_in(open_dir(), &body).await;
 
     // Root in a new PID namespace: PID 1 there, some other PID here. The
     // kernel translates SO_PEERCRED into the agent's namespace, so the agent
@@ -564,8 +568,7 @@ async fn a_bind_mount_in_a_private_mount_namespace_does_not_fake_unix_path() {
         "other users and namespaces",
     );
     let python = std::fs::canonicalize(python_for_everyone()).unwrap();
-    let work = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let work = open_dir();
     // The registered program: a Python copy, so the genuine one can run the
     // helper too; the attacker mounts the system Python over it, a
     // different file with the same behaviour.
@@ -577,9 +580,7 @@ async fn a_bind_mount_in_a_private_mount_namespace_does_not_fake_unix_path() {
         entry("nobody", "unix:uid:65534"),
         entry("tool", &format!("unix:path:{}", registered.display()))
     );
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut agent = TestAgent::start_in(dir, &body).await;
+    let mut agent = TestAgent::start_in(open_dir(), &body).await;
 
     let script = format!(
         "mount --bind '{}' '{}' && exec '{}' \"$@\"",

@@ -137,12 +137,7 @@ mod tests {
     }
 
     fn jwk(kid: &str, byte: u8) -> PublicJwk {
-        let mut point = vec![4u8];
-        point.extend(std::iter::repeat_n(byte, 64));
-        PublicJwk {
-            kid: kid.into(),
-            point,
-        }
+        PublicJwk::for_tests(kid, byte)
     }
 
     fn bundle() -> BundleDoc {

@@ -45,6 +45,20 @@ pub struct PublicJwk {
     pub point: Vec<u8>,
 }
 
+#[cfg(test)]
+impl PublicJwk {
+    /// A key whose point is `byte` repeated (not on the curve: for tests of
+    /// bundles and wire formats, never for verification).
+    pub(crate) fn for_tests(kid: &str, byte: u8) -> Self {
+        let mut point = vec![4u8];
+        point.extend(std::iter::repeat_n(byte, 64));
+        Self {
+            kid: kid.into(),
+            point,
+        }
+    }
+}
+
 impl PartialEq for PublicJwk {
     fn eq(&self, other: &Self) -> bool {
         self.kid == other.kid && self.point == other.point

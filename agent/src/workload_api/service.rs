@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::time::Instant;
 
-use futures_util::Stream;
 use tessera_attestor::AttestedPeer;
 use tessera_workload_api as pb;
 use tokio::sync::watch;
@@ -111,9 +110,17 @@ impl WorkloadApi {
                 entries,
                 identities,
             };
-            Ok(self.stream_of(method, started, move |out| {
-                body(state, peer, opened, out, started)
-            }))
+            let metrics = &self.state.callers.metrics;
+            Ok(stream::generated(
+                move |out| body(state, peer, opened, out, started),
+                self.state.callers.shutdown.clone(),
+                OpenStream::new(metrics, method),
+                Outcome {
+                    metrics: metrics.clone(),
+                    method,
+                    started,
+                },
+            ))
         }
         .await;
         // A stream's outcome is recorded when its first message is known.
@@ -121,30 +128,6 @@ impl WorkloadApi {
             self.record(method, started, &result);
         }
         result.map(|s| Response::new(Box::pin(s) as BoxStream<M>))
-    }
-
-    fn stream_of<M, F, Fut>(
-        &self,
-        method: &'static str,
-        started: Instant,
-        body: F,
-    ) -> impl Stream<Item = Result<M, Status>> + Send + 'static
-    where
-        M: Send + 'static,
-        F: FnOnce(StreamSender<M>) -> Fut,
-        Fut: std::future::Future<Output = ()> + Send + 'static,
-    {
-        let metrics = &self.state.callers.metrics;
-        stream::generated(
-            body,
-            self.state.callers.shutdown.clone(),
-            OpenStream::new(metrics, method),
-            Outcome {
-                metrics: metrics.clone(),
-                method,
-                started,
-            },
-        )
     }
 }
 

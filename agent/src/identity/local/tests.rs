@@ -191,15 +191,19 @@ fn operator_ca_pkcs8_and_sec1() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    run(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        "sec1.pem",
-    ]);
+    // A new P-256 key in SEC1 form (`EC PRIVATE KEY`).
+    let ec_key = |file: &str| {
+        run(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            file,
+        ])
+    };
+    ec_key("sec1.pem");
     run(&[
         "pkcs8",
         "-topk8",
@@ -255,15 +259,7 @@ fn operator_ca_pkcs8_and_sec1() {
         ]);
     }
     // A mismatched key and a garbage key are clear errors.
-    run(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        "other.pem",
-    ]);
+    ec_key("other.pem");
     let mut s = settings(None);
     s.ca_files = Some((dir.path().join("ca.pem"), dir.path().join("other.pem")));
     assert!(
