@@ -42,6 +42,7 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::Engine;
 use serde_json::Value;
 use tessera_agent::cli::client::{form, http_unix};
+use tessera_agent::exchange::request::{GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_JWT};
 use tessera_workload_api as pb;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
@@ -205,12 +206,9 @@ async fn exchange(agent_sock: &Path, ex_sock: &Path, task: &str) -> anyhow::Resu
         ex_sock,
         "/token",
         &[
-            (
-                "grant_type",
-                "urn:ietf:params:oauth:grant-type:token-exchange",
-            ),
+            ("grant_type", GRANT_TOKEN_EXCHANGE),
+            ("subject_token_type", TOKEN_TYPE_JWT),
             ("subject_token", &subject),
-            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
             ("resource", MCP),
             ("scope", "notes:read"),
             ("task_id", task),

@@ -32,6 +32,9 @@ use tessera_tests::TestAgent;
 use tessera_tests::fake_kubelet::{fixture, podlist_kubelet};
 use tessera_workload_api as pb;
 
+/// Why the tests that call `require_root` here need root.
+const NAMESPACES: &str = "other users and namespaces";
+
 const POD_UID: &str = "2c48913c-b29f-11e7-9350-020968147796";
 const POD_UID_: &str = "2c48913c_b29f_11e7_9350_020968147796";
 /// The billing pod's `app` container (the identity an attacker wants).
@@ -240,7 +243,7 @@ fn as_nobody(program: &str) -> Command {
 async fn an_unprivileged_process_forging_mountinfo_for_real_gets_nothing() {
     tessera_tests::require_root(
         "an_unprivileged_process_forging_mountinfo_for_real_gets_nothing",
-        "other users and namespaces",
+        NAMESPACES,
     );
     let base = tempfile::tempdir().unwrap();
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -501,7 +504,7 @@ fn open_dir() -> tempfile::TempDir {
 async fn callers_in_other_pid_namespaces_get_exactly_their_own_identity() {
     tessera_tests::require_root(
         "callers_in_other_pid_namespaces_get_exactly_their_own_identity",
-        "other users and namespaces",
+        NAMESPACES,
     );
     let python = std::fs::canonicalize(python_for_everyone()).unwrap();
     let work = open_dir();
@@ -565,7 +568,7 @@ async fn callers_in_other_pid_namespaces_get_exactly_their_own_identity() {
 async fn a_bind_mount_in_a_private_mount_namespace_does_not_fake_unix_path() {
     tessera_tests::require_root(
         "a_bind_mount_in_a_private_mount_namespace_does_not_fake_unix_path",
-        "other users and namespaces",
+        NAMESPACES,
     );
     let python = std::fs::canonicalize(python_for_everyone()).unwrap();
     let work = open_dir();

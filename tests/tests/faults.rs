@@ -18,8 +18,12 @@ use tessera_agent::app;
 use tessera_agent::cli::client::{form, http_unix};
 use tessera_agent::clock::Clock;
 use tessera_agent::config::Config;
+use tessera_agent::exchange::request::{GRANT_TOKEN_EXCHANGE, TOKEN_TYPE_JWT};
 use tessera_tests::{TestAgent, my_uid};
 use tessera_workload_api as pb;
+
+/// Why the tests that call `require_root` here need root.
+const TMPFS: &str = "mount -t tmpfs";
 
 const ISSUER: &str = "spiffe://example.org/tessera";
 const MCP: &str = "https://notes.example/mcp";
@@ -308,12 +312,9 @@ async fn exchange(agent: &TestAgent, task: &str) -> (u16, Value) {
         agent.dir.path(),
         "/token",
         &[
-            (
-                "grant_type",
-                "urn:ietf:params:oauth:grant-type:token-exchange",
-            ),
+            ("grant_type", GRANT_TOKEN_EXCHANGE),
+            ("subject_token_type", TOKEN_TYPE_JWT),
             ("subject_token", &subject),
-            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
             ("resource", MCP),
             ("scope", "notes:read"),
             ("task_id", task),
@@ -335,7 +336,7 @@ fn audit_hashes(path: &Path) -> std::collections::HashSet<String> {
 async fn disk_full_refuses_exchanges_keeps_serving_and_recovers() {
     tessera_tests::require_root(
         "disk_full_refuses_exchanges_keeps_serving_and_recovers",
-        "mount -t tmpfs",
+        TMPFS,
     );
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
@@ -460,10 +461,7 @@ async fn disk_full_refuses_exchanges_keeps_serving_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_data_dir_keeps_serving_and_recovers() {
-    tessera_tests::require_root(
-        "read_only_data_dir_keeps_serving_and_recovers",
-        "mount -t tmpfs",
-    );
+    tessera_tests::require_root("read_only_data_dir_keeps_serving_and_recovers", TMPFS);
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

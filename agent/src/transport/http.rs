@@ -182,12 +182,16 @@ mod tests {
         out
     }
 
+    async fn get_pid(server: &TestServer) -> (StatusCode, Vec<u8>) {
+        http_unix(&server.path, http::Method::GET, "/pid", None)
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn handlers_see_the_callers_pid() {
         let server = start(Limits::default());
-        let (status, body) = http_unix(&server.path, http::Method::GET, "/pid", None)
-            .await
-            .unwrap();
+        let (status, body) = get_pid(&server).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(
             String::from_utf8(body).unwrap(),
@@ -269,9 +273,7 @@ mod tests {
     #[tokio::test]
     async fn serve_returns_on_shutdown_and_stops_accepting() {
         let server = start(Limits::default());
-        let (status, _) = http_unix(&server.path, http::Method::GET, "/pid", None)
-            .await
-            .unwrap();
+        let (status, _) = get_pid(&server).await;
         assert_eq!(status, StatusCode::OK);
         server.shutdown.cancel();
         let result = tokio::time::timeout(Duration::from_secs(2), server.task)
