@@ -886,7 +886,11 @@ impl Exchange {
     }
 
     /// `POST /introspect` (RFC 7662).
-    pub fn introspect(&self, token: &str) -> Value {
+    ///
+    /// Only the token's parties (a caller holding its `sub` or `client_id`)
+    /// see its claims; anyone else, a resource server checking a token it
+    /// was shown, learns only that it is active, its `jti` and `exp`.
+    pub fn introspect(&self, caller: &Caller, token: &str) -> Value {
         let now_s = unix_seconds(self.now());
         match self.verify_access_token(token, now_s) {
             Ok(claims) => {
@@ -894,11 +898,19 @@ impl Exchange {
                     .introspections
                     .get_or_create(&ResultLabels { result: "active" })
                     .inc();
+                let party = ["sub", "client_id"].iter().any(|k| {
+                    claims
+                        .get(*k)
+                        .and_then(Value::as_str)
+                        .is_some_and(|id| caller.identity(id).is_some())
+                });
                 let mut out = Map::new();
                 out.insert("active".into(), true.into());
                 out.insert("token_type".into(), "Bearer".into());
                 for (k, v) in claims {
-                    out.insert(k, v);
+                    if party || k == "jti" || k == "exp" {
+                        out.insert(k, v);
+                    }
                 }
                 Value::Object(out)
             }

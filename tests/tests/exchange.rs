@@ -917,6 +917,73 @@ async fn bearer_scopes_are_issued_without_cnf() {
     assert!(c["cnf"]["x5t#S256"].is_string(), "{c}");
 }
 
+/// Introspection shows a token's claims only to its parties: another
+/// workload (a resource server checking a token it was shown; here uid
+/// 65534 with an identity of its own) learns that it is active, its `jti`
+/// and `exp`, not its subject, scopes or task.
+#[tokio::test]
+async fn introspection_shows_claims_only_to_the_tokens_parties() {
+    tessera_tests::require_root(
+        "introspection_shows_claims_only_to_the_tokens_parties",
+        "the resource server runs as another user",
+    );
+    let other = "[[entries]]\nspiffe_id = \"spiffe://example.org/rs/other\"\nselectors = [\"unix:uid:65534\"]\n";
+    let s = Setup::start_with(other).await;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(s.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (_, r) = s
+        .exchange(&[("resource", MCP), ("scope", "notes:read"), ("task_id", "i")])
+        .await;
+    let token = r["access_token"].as_str().unwrap().to_string();
+    let mine = s.introspect(&token).await;
+    assert_eq!(mine["sub"], "spiffe://example.org/agent/planner", "{mine}");
+    assert_eq!(mine["scope"], "notes:read");
+
+    const INTROSPECT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+body = "token=" + sys.argv[2]
+s.sendall(("POST /introspect HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)).encode())
+print(s.makefile("rb").read().split(b"\r\n\r\n", 1)[1].decode())
+"#;
+    // Off the runtime: the agent under test answers on it meanwhile.
+    let (socket, t) = (s.exchange_socket(), token.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+                INTROSPECT,
+            ])
+            .arg(socket)
+            .arg(t)
+            .output()
+            .expect("setpriv and /usr/bin/python3 are required")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(theirs["active"], true, "{theirs}");
+    assert_eq!(theirs["jti"], mine["jti"]);
+    assert_eq!(theirs["exp"], mine["exp"]);
+    for hidden in ["sub", "client_id", "scope", "txn", "cnf", "aud"] {
+        assert!(
+            theirs.get(hidden).is_none(),
+            "{hidden} shown to a non-party: {theirs}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn policy_hot_reload_valid_and_invalid() {
     let s = Setup::start().await;

@@ -174,10 +174,10 @@ async fn revoke(
 
 async fn introspect(
     State(s): State<ServerState>,
-    AttestedForm { form, .. }: AttestedForm,
+    AttestedForm { form, caller }: AttestedForm,
 ) -> Result<Response, OAuthError> {
     let token = form.required("token")?;
-    Ok(json_no_store(s.exchange.introspect(token)))
+    Ok(json_no_store(s.exchange.introspect(&caller, token)))
 }
 
 async fn metadata(State(s): State<ServerState>) -> Response {
