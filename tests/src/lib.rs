@@ -103,6 +103,21 @@ pub async fn raw_channel(socket: &Path) -> tonic::transport::Channel {
     .unwrap()
 }
 
+/// `/usr/bin/python3 -c script` as uid/gid 65534 with no supplementary
+/// groups: an unprivileged workload of another user (add its arguments).
+pub fn python_as_nobody(script: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "/usr/bin/python3",
+        "-c",
+        script,
+    ]);
+    cmd
+}
+
 /// Fails the test at once, naming it, when it is not run as root (it
 /// mounts, enters namespaces or runs processes as other users). Never a
 /// silent skip: CI runs the suite as root.

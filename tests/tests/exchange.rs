@@ -950,15 +950,7 @@ print(s.makefile("rb").read().split(b"\r\n\r\n", 1)[1].decode())
     // Off the runtime: the agent under test answers on it meanwhile.
     let (socket, t) = (s.exchange_socket(), token.clone());
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "/usr/bin/python3",
-                "-c",
-                INTROSPECT,
-            ])
+        tessera_tests::python_as_nobody(INTROSPECT)
             .arg(socket)
             .arg(t)
             .output()

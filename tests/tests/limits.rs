@@ -154,15 +154,7 @@ time.sleep(30)
 "#;
     let mut flooders = Vec::new();
     for _ in 0..4 {
-        let mut child = std::process::Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "/usr/bin/python3",
-                "-c",
-                FLOOD,
-            ])
+        let mut child = tessera_tests::python_as_nobody(FLOOD)
             .arg(agent.socket())
             .arg("5")
             .stdout(std::process::Stdio::piped())
