@@ -8,8 +8,6 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use serde_json::{Value, json};
 
 /// What the fake knows and what it saw.
@@ -164,20 +162,4 @@ pub async fn fake_apiserver(dir: &Path, state: ApiState) -> FakeApiServer {
     })
     .await;
     FakeApiServer { port, state, task }
-}
-
-/// Reads a request body fully (bounded by the test's own inputs).
-pub(crate) async fn body_bytes(body: hyper::body::Incoming) -> Bytes {
-    body.collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default()
-}
-
-pub(crate) fn full(status: u16, body: String) -> hyper::Response<Full<Bytes>> {
-    hyper::Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap()
 }

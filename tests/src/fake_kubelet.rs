@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 
 /// A file from the attestor's fixtures (`attestor/tests/fixtures`).
@@ -176,11 +177,9 @@ where
                                 .unwrap_or("")
                                 .to_string();
                             let (parts, body) = req.into_parts();
-                            let body = crate::fake_apiserver::body_bytes(body).await;
+                            let body = body_bytes(body).await;
                             let (status, text) = handle(parts.method, parts.uri, auth, body);
-                            Ok::<_, std::convert::Infallible>(crate::fake_apiserver::full(
-                                status, text,
-                            ))
+                            Ok::<_, std::convert::Infallible>(full(status, text))
                         }
                     },
                 );
@@ -233,4 +232,21 @@ pub async fn podlist_kubelet(dir: &Path) -> FakeKubelet {
         },
     )
     .await
+}
+
+/// The request body, whole (empty if it could not be read).
+async fn body_bytes(body: hyper::body::Incoming) -> Bytes {
+    body.collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default()
+}
+
+/// A JSON response with `status`.
+fn full(status: u16, body: String) -> hyper::Response<Full<Bytes>> {
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
 }
