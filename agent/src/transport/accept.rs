@@ -206,7 +206,7 @@ mod tests {
         // Over the cap: closed at once and counted; the held one stays.
         let mut second = UnixStream::connect(&path).await.unwrap();
         let _third = UnixStream::connect(&path).await.unwrap();
-        let waited = tokio::time::timeout(Duration::from_millis(300), acceptor.accept()).await;
+        let waited = tokio::time::timeout(Duration::from_millis(1500), acceptor.accept()).await;
         assert!(
             waited.is_err(),
             "nothing is accepted while the cap is reached"
@@ -260,7 +260,7 @@ mod tests {
         let first = acceptor.accept().await;
         let _second = acceptor.accept().await;
         // The third from this process is over its share: closed at once.
-        let waited = tokio::time::timeout(Duration::from_millis(300), acceptor.accept()).await;
+        let waited = tokio::time::timeout(Duration::from_millis(1500), acceptor.accept()).await;
         assert!(waited.is_err());
         use tokio::io::AsyncReadExt;
         let mut buf = [0u8; 1];
