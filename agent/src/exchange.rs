@@ -290,15 +290,21 @@ impl Exchange {
                 chain.task_id
             )));
         }
-        // What an approval is bound to: this very request.
-        let fp = fingerprint(
-            &caller_id,
-            &chain.principal,
-            req,
-            &chain.task_id,
-            chain.parent.as_ref(),
-        );
-        let approval = req.approval_id.as_ref().map(|id| (id.clone(), fp.clone()));
+        // What an approval is bound to: this very request. Hashed only when
+        // an approval is involved, not on every exchange.
+        let request_fingerprint = || {
+            fingerprint(
+                &caller_id,
+                &chain.principal,
+                req,
+                &chain.task_id,
+                chain.parent.as_ref(),
+            )
+        };
+        let approval = req
+            .approval_id
+            .as_ref()
+            .map(|id| (id.clone(), request_fingerprint()));
         let approved = self.approval_state(approval.as_ref(), now, record)?;
         // Policy sees what was asked; `max_ttl` bounds the token later, with
         // every other bound (`lifetime`).
@@ -321,7 +327,7 @@ impl Exchange {
                     &chain,
                     &grant,
                     requested_ttl,
-                    fp,
+                    request_fingerprint(),
                     now,
                     record,
                 )?);
