@@ -7,10 +7,12 @@
 //! The flow of one exchange, in order:
 //! 1. the caller is attested from its socket credentials (as on the Workload
 //!    API) and must hold an identity;
-//! 2. the subject token must be a valid JWT-SVID of this trust domain whose
-//!    `aud` contains our issuer and whose `sub` is one of the caller's IDs;
-//! 3. an optional actor token (a parent access token) must be ours, live, for
-//!    the same audience and task, and not narrower than the request;
+//! 2. the caller's JWT-SVID (the subject token, or the actor token when
+//!    delegating) must be valid for this trust domain, its `aud` must contain
+//!    our issuer and its `sub` must be one of the caller's IDs;
+//! 3. when delegating, the subject token is the access token acted for: it
+//!    must be ours, live, for the same audience and task, not narrower than
+//!    the request, and name the caller in `may_act` (the holder's consent);
 //! 4. Cedar decides each scope ([`policy`]);
 //! 5. approval, if a deciding policy requires it ([`approvals`]);
 //! 6. TTL = min(requested, policy `@max_ttl`, `max_ttl`, parent token, the
@@ -89,7 +91,8 @@ pub struct TokenResponse {
 /// server revoke related tokens).
 const DELEGATED_FROM: &str = "delegated_from";
 
-/// A verified parent token presented as `actor_token`.
+/// A verified delegating token, presented as `subject_token` with the
+/// caller's JWT-SVID as `actor_token`.
 struct ParentToken {
     sub: String,
     client_id: String,
@@ -101,6 +104,8 @@ struct ParentToken {
     jti: String,
     /// The parent's own `delegated_from`.
     delegated_from: Vec<String>,
+    /// The one SPIFFE ID its holder consented to delegate to (`may_act.sub`).
+    may_act: Option<String>,
 }
 
 /// Who a token is for and on whose behalf it is asked: the principal and
@@ -226,6 +231,7 @@ impl Exchange {
                 "scopes": req.scopes,
                 "ttl": req.requested_ttl.map(|d| d.as_secs()),
                 "task_id": req.task_id,
+                "may_act": req.may_act,
                 "scope_mode": if req.allow_partial { "subset" } else { "exact" },
             }),
         );
@@ -364,11 +370,16 @@ impl Exchange {
         now_s: u64,
         record: &mut Map<String, Value>,
     ) -> Result<(String, &'c Identity), OAuthError> {
-        let caller_id = self.validate_subject(&req.subject_token, now_s)?;
+        let param = if req.delegating_token.is_some() {
+            "actor_token"
+        } else {
+            "subject_token"
+        };
+        let caller_id = self.validate_svid(&req.svid, param, now_s)?;
         record.insert("subject".into(), caller_id.clone().into());
         let identity = caller.identity(&caller_id).ok_or_else(|| {
             OAuthError::invalid_request(format!(
-                "subject_token names {caller_id}, which is not an identity of the calling process"
+                "{param} names {caller_id}, which is not an identity of the calling process"
             ))
         })?;
         Ok((caller_id, identity))
@@ -382,7 +393,7 @@ impl Exchange {
         now_s: u64,
         record: &mut Map<String, Value>,
     ) -> Result<Chain, OAuthError> {
-        let parent = match &req.actor_token {
+        let parent = match &req.delegating_token {
             None => None,
             Some(t) => Some(self.verify_parent(t, now_s)?),
         };
@@ -402,6 +413,20 @@ impl Exchange {
                 }
             }
             Some(p) => {
+                // RFC 8693 §4.4: the holder of the delegating token must have
+                // named this actor. Without it, anyone who obtained the token
+                // (from a log, a compromised resource server) could turn it
+                // into a token bound to their own certificate.
+                if p.may_act.as_deref() != Some(caller_id) {
+                    return Err(OAuthError::invalid_request(match &p.may_act {
+                        None => format!(
+                            "the delegating token does not consent to delegation: its holder must exchange with may_act={caller_id} (RFC 8693 §4.4)"
+                        ),
+                        Some(other) => format!(
+                            "the delegating token may be acted on only by {other}, not by {caller_id}"
+                        ),
+                    }));
+                }
                 if let Some(t) = &req.task_id
                     && *t != p.txn
                 {
@@ -619,6 +644,7 @@ impl Exchange {
                     task_id: chain.task_id.clone(),
                     delegation_depth: chain.depth,
                     delegation_chain,
+                    may_act: req.may_act.clone(),
                     policy_ids: grant.policy_ids.clone(),
                 },
                 fp,
@@ -734,6 +760,9 @@ impl Exchange {
                 .collect();
             claims[DELEGATED_FROM] = json!(from);
         }
+        if let Some(actor) = &req.may_act {
+            claims["may_act"] = json!({ "sub": actor });
+        }
         let token = self
             .signer
             .sign_access_token(&claims)
@@ -767,7 +796,7 @@ impl Exchange {
         })
     }
 
-    /// Validates a JWT-SVID subject token and returns its SPIFFE ID.
+    /// Validates the caller's JWT-SVID (sent as `param`) and returns its SPIFFE ID.
     ///
     /// Workloads reuse one JWT-SVID for many exchanges (the Workload API
     /// caches them), and the ECDSA verification is the largest cost of an
@@ -776,7 +805,7 @@ impl Exchange {
     /// validation, and the key that signed it stays published until after
     /// every token it signed has expired, so the cache cannot accept anything
     /// a fresh validation would refuse.
-    fn validate_subject(&self, token: &str, now_s: u64) -> Result<String, OAuthError> {
+    fn validate_svid(&self, token: &str, param: &str, now_s: u64) -> Result<String, OAuthError> {
         {
             let cache = self.subjects.lock();
             if let Some((id, exp)) = cache.get(token)
@@ -790,7 +819,7 @@ impl Exchange {
             .validate_jwt(token, &self.config.issuer)
             .map_err(|e| {
                 OAuthError::invalid_request(format!(
-                    "subject_token is not a valid JWT-SVID for audience {:?}: {e}",
+                    "{param} is not a valid JWT-SVID for audience {:?}: {e}",
                     self.config.issuer
                 ))
             })?;
@@ -820,11 +849,11 @@ impl Exchange {
         )
     }
 
-    /// Checks a parent token presented as `actor_token`.
+    /// Checks a delegating token (sent as `subject_token`).
     fn verify_parent(&self, token: &str, now_s: u64) -> Result<ParentToken, OAuthError> {
         let claims = self
             .verify_access_token(token, now_s)
-            .map_err(|why| OAuthError::invalid_request(format!("actor_token {why}")))?;
+            .map_err(|why| OAuthError::invalid_request(format!("subject_token {why}")))?;
         let text = |k: &str| {
             claims
                 .get(k)
@@ -846,6 +875,11 @@ impl Exchange {
             act: claims.get("act").cloned(),
             jti: text("jti"),
             delegated_from: ancestors(&claims),
+            may_act: claims
+                .get("may_act")
+                .and_then(|m| m.get("sub"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
         })
     }
 
@@ -1046,8 +1080,8 @@ impl Exchange {
             "token_endpoint_auth_signing_alg_values_supported": ["ES256"],
             "response_types_supported": [],
             "tls_client_certificate_bound_access_tokens": true,
-            "subject_token_types_supported": [request::TOKEN_TYPE_JWT],
-            "actor_token_types_supported": [TOKEN_TYPE_ACCESS_TOKEN],
+            "subject_token_types_supported": [request::TOKEN_TYPE_JWT, TOKEN_TYPE_ACCESS_TOKEN],
+            "actor_token_types_supported": [request::TOKEN_TYPE_JWT],
             "tessera_task_parameter": "task_id",
         })
     }
@@ -1153,7 +1187,8 @@ fn fingerprint(
             scopes,
             task_id,
             req.allow_partial,
-            parent.map(|p| &p.jti)
+            parent.map(|p| &p.jti),
+            req.may_act,
         ])
         .to_string()
         .as_bytes(),

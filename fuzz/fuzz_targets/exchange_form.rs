@@ -33,8 +33,8 @@ fuzz_target!(|data: &[u8]| {
         for id in [&req.task_id, &req.approval_id].into_iter().flatten() {
             assert!(check_id("id", id).is_ok(), "{id:?}");
         }
-        assert!(!req.subject_token.is_empty() && req.subject_token.len() <= 16 * 1024);
-        if let Some(a) = &req.actor_token {
+        assert!(!req.svid.is_empty() && req.svid.len() <= 16 * 1024);
+        if let Some(a) = &req.delegating_token {
             assert!(!a.is_empty() && a.len() <= 16 * 1024);
         }
         if let Some(ttl) = req.requested_ttl {

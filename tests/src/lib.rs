@@ -103,19 +103,74 @@ pub async fn raw_channel(socket: &Path) -> tonic::transport::Channel {
     .unwrap()
 }
 
-/// `/usr/bin/python3 -c script` as uid/gid 65534 with no supplementary
-/// groups: an unprivileged workload of another user (add its arguments).
-pub fn python_as_nobody(script: &str) -> std::process::Command {
+/// `program` as uid/gid 65534 with no supplementary groups: an
+/// unprivileged workload of another user (add its arguments).
+pub fn as_nobody(program: &str) -> std::process::Command {
     let mut cmd = std::process::Command::new("setpriv");
-    cmd.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "/usr/bin/python3",
-        "-c",
-        script,
-    ]);
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", program]);
     cmd
+}
+
+/// `/usr/bin/python3 -c script` as uid/gid 65534 (see [`as_nobody`]).
+pub fn python_as_nobody(script: &str) -> std::process::Command {
+    let mut cmd = as_nobody("/usr/bin/python3");
+    cmd.args(["-c", script]);
+    cmd
+}
+
+/// Connects to the socket named first, passes the connection back over
+/// SCM_RIGHTS on the second, then sleeps: the connection's kernel
+/// credentials keep naming a live process while the test speaks through it.
+const CONNECT_AND_PASS: &str = r#"
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+c.connect(sys.argv[2])
+socket.send_fds(c, [str(os.getpid()).encode()], [s.fileno()])
+time.sleep(30)
+"#;
+
+/// A connection another process opened, and that process (killed on drop).
+pub struct Connected {
+    pub child: std::process::Child,
+    pub stream: std::os::unix::net::UnixStream,
+    /// The process's PID as it sees itself (its own PID namespace).
+    pub inner_pid: String,
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Spawns `cmd` (ending in a Python interpreter: a plain one, one as
+/// another user, one in new namespaces) to connect to `socket`, and
+/// receives its connection. `dir` holds the rendezvous socket.
+pub fn connect_from(mut cmd: std::process::Command, socket: &Path, dir: &Path) -> Connected {
+    use std::os::unix::fs::PermissionsExt;
+    let mut suffix = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut suffix).unwrap();
+    let back_path = dir.join(format!("back-{}.sock", u64::from_le_bytes(suffix)));
+    let back = std::os::unix::net::UnixListener::bind(&back_path).unwrap();
+    std::fs::set_permissions(&back_path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let child = cmd
+        .args(["-c", CONNECT_AND_PASS])
+        .arg(socket)
+        .arg(&back_path)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (control, _) = back.accept().unwrap();
+    let (stream, sent) = receive_socket(&control);
+    let _ = std::fs::remove_file(&back_path);
+    Connected {
+        child,
+        stream,
+        inner_pid: String::from_utf8_lossy(&sent).into_owned(),
+    }
 }
 
 /// Fails the test at once, naming it, when it is not run as root (it

@@ -19,17 +19,17 @@
 //! Tests that need root FAIL, not skip, without it: CI runs them as root.
 
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tessera_attestor::kubelet::KubeletConfig;
 use tessera_attestor::{
     Attestor, K8sAttestor, K8sAttestorConfig, ProcRoot, ProcessRef, Selector, SelectorSet,
 };
-use tessera_tests::TestAgent;
 use tessera_tests::fake_kubelet::{fixture, podlist_kubelet};
+use tessera_tests::{TestAgent, as_nobody, connect_from};
 use tessera_workload_api as pb;
 
 /// Why the tests that call `require_root` here need root.
@@ -233,12 +233,6 @@ impl Drop for CgroupDir {
 }
 
 /// `program` run as uid/gid 65534 with no supplementary groups.
-fn as_nobody(program: &str) -> Command {
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", program]);
-    cmd
-}
-
 #[tokio::test]
 async fn an_unprivileged_process_forging_mountinfo_for_real_gets_nothing() {
     tessera_tests::require_root(
@@ -305,62 +299,6 @@ async fn an_unprivileged_process_forging_mountinfo_for_real_gets_nothing() {
 }
 
 // ------------------------------------------------------- socket helpers
-
-/// Connects to `agent` from `program` (a Python interpreter), passes the
-/// connected socket back over SCM_RIGHTS and then sleeps, so the test can
-/// speak through a connection whose kernel credentials name that process.
-const HELPER: &str = r#"
-import os, socket, sys, time
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.connect(sys.argv[1])
-c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-c.connect(sys.argv[2])
-socket.send_fds(c, [str(os.getpid()).encode()], [s.fileno()])
-time.sleep(30)
-"#;
-
-struct Helper {
-    child: Child,
-    stream: UnixStream,
-    /// The helper's PID as it sees itself (its own PID namespace).
-    inner_pid: String,
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Spawns `cmd` (ending in a Python interpreter) with the helper script and
-/// receives its connection to `agent`.
-fn helper(mut cmd: Command, agent: &Path, dir: &Path) -> Helper {
-    let back_path = dir.join(format!("back-{}.sock", rand_suffix()));
-    let back = UnixListener::bind(&back_path).unwrap();
-    std::fs::set_permissions(&back_path, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let child = cmd
-        .args(["-c", HELPER])
-        .arg(agent)
-        .arg(&back_path)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    back.set_nonblocking(false).unwrap();
-    let (control, _) = back.accept().unwrap();
-    let (stream, sent) = tessera_tests::receive_socket(&control);
-    Helper {
-        child,
-        stream,
-        inner_pid: String::from_utf8_lossy(&sent).into_owned(),
-    }
-}
-
-fn rand_suffix() -> u64 {
-    let mut b = [0u8; 8];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).unwrap();
-    u64::from_le_bytes(b)
-}
 
 /// The SPIFFE IDs the agent gives the caller behind `stream` (JWT-SVIDs for
 /// every identity), or the gRPC error.
@@ -463,7 +401,7 @@ async fn symlinked_executables_are_judged_by_what_the_kernel_runs() {
         ),
     ];
     for (name, program, expected) in cases {
-        let h = helper(Command::new(&program), &agent.socket(), work.path());
+        let h = connect_from(Command::new(&program), &agent.socket(), work.path());
         let exe = std::fs::read_link(format!("/proc/{}/exe", h.child.id())).unwrap();
         let got = identities_over(h.stream.try_clone().unwrap()).await;
         let expected: Vec<String> = expected
@@ -523,7 +461,7 @@ async fn callers_in_other_pid_namespaces_get_exactly_their_own_identity() {
     // (another executable), and the path entry would not match.
     let mut cmd = Command::new("unshare");
     cmd.args(["--pid", "--fork"]).arg(&python);
-    let h = helper(cmd, &agent.socket(), work.path());
+    let h = connect_from(cmd, &agent.socket(), work.path());
     assert_eq!(
         h.inner_pid.trim(),
         "1",
@@ -544,7 +482,7 @@ async fn callers_in_other_pid_namespaces_get_exactly_their_own_identity() {
     let mut cmd = as_nobody("unshare");
     cmd.args(["--user", "--map-root-user", "--pid", "--fork"])
         .arg(&python);
-    let h = helper(cmd, &agent.socket(), work.path());
+    let h = connect_from(cmd, &agent.socket(), work.path());
     assert_eq!(h.inner_pid.trim(), "1");
     let ids = identities_over(h.stream.try_clone().unwrap())
         .await
@@ -601,7 +539,7 @@ async fn a_bind_mount_in_a_private_mount_namespace_does_not_fake_unix_path() {
         &script,
         "sh",
     ]);
-    let h = helper(cmd, &agent.socket(), work.path());
+    let h = connect_from(cmd, &agent.socket(), work.path());
     let exe = std::fs::read_link(format!("/proc/{}/exe", h.child.id())).unwrap();
     assert_eq!(
         exe, registered,
@@ -618,7 +556,7 @@ async fn a_bind_mount_in_a_private_mount_namespace_does_not_fake_unix_path() {
     drop(h);
 
     // The genuine binary, as the same user, in the agent's namespace.
-    let h = helper(
+    let h = connect_from(
         as_nobody(registered.to_str().unwrap()),
         &agent.socket(),
         work.path(),

@@ -15,6 +15,8 @@ use tessera_tests::{TestAgent, my_uid};
 
 const MCP: &str = "https://notes.example/mcp";
 const ISSUER: &str = "spiffe://example.org/tessera";
+/// The test process's identity (its entry in `agent_body`).
+const ME: &str = "spiffe://example.org/agent/planner";
 
 fn policies(uid: u32) -> String {
     format!(
@@ -124,6 +126,27 @@ impl Setup {
             ),
             ("subject_token", subject),
             ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ];
+        pairs.extend_from_slice(extra);
+        self.post("/token", &pairs).await
+    }
+
+    /// POST /token acting on behalf of `parent` (RFC 8693 §2.1: the token
+    /// acted for is the subject, the caller's JWT-SVID the actor).
+    async fn exchange_on_behalf_of(&self, parent: &str, extra: &[(&str, &str)]) -> (u16, Value) {
+        let svid = self.subject_token().await;
+        let mut pairs = vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", parent),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:access_token",
+            ),
+            ("actor_token", svid.as_str()),
+            ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
         ];
         pairs.extend_from_slice(extra);
         self.post("/token", &pairs).await
@@ -488,36 +511,33 @@ async fn subject_tokens_that_are_not_the_callers_are_refused() {
 #[tokio::test]
 async fn delegation_only_narrows_and_is_bounded_in_depth() {
     let s = Setup::start().await;
+    // Every token that is delegated from consents to its actor (`may_act`);
+    // here the one workload delegates to itself, hop by hop.
     let (_, parent) = s
         .exchange(&[
             ("resource", MCP),
             ("scope", "notes:read notes:write"),
             ("task_id", "deleg"),
             ("requested_ttl", "120"),
+            ("may_act", ME),
         ])
         .await;
     let parent = parent["access_token"].as_str().unwrap().to_string();
     let parent_claims = s.verify(&parent, MCP).await;
-    fn act(token: &str) -> Vec<(&str, &str)> {
-        vec![
-            ("resource", MCP),
-            ("actor_token", token),
-            (
-                "actor_token_type",
-                "urn:ietf:params:oauth:token-type:access_token",
-            ),
-        ]
-    }
+    assert_eq!(parent_claims["may_act"]["sub"], ME);
 
     // Narrower scope: fine; act names the current actor; task inherited.
-    let mut ask = act(&parent);
-    ask.push(("scope", "notes:read"));
-    let (status, child) = s.exchange(&ask).await;
+    let (status, child) = s
+        .exchange_on_behalf_of(
+            &parent,
+            &[("resource", MCP), ("scope", "notes:read"), ("may_act", ME)],
+        )
+        .await;
     assert_eq!(status, 200, "{child}");
     let child = child["access_token"].as_str().unwrap().to_string();
     let c = s.verify(&child, MCP).await;
     assert_eq!(c["sub"], parent_claims["sub"]);
-    assert_eq!(c["act"]["sub"], "spiffe://example.org/agent/planner");
+    assert_eq!(c["act"]["sub"], ME);
     assert_eq!(c["txn"], "deleg");
     assert!(c["exp"].as_u64() <= parent_claims["exp"].as_u64());
 
@@ -528,12 +548,13 @@ async fn delegation_only_narrows_and_is_bounded_in_depth() {
             ("resource", MCP),
             ("scope", "notes:read notes:export"),
             ("task_id", "deleg"),
+            ("may_act", ME),
         ])
         .await;
     let exporter = exporter["access_token"].as_str().unwrap().to_string();
-    let mut ask = act(&exporter);
-    ask.push(("scope", "notes:export"));
-    let (status, e) = s.exchange(&ask).await;
+    let (status, e) = s
+        .exchange_on_behalf_of(&exporter, &[("resource", MCP), ("scope", "notes:export")])
+        .await;
     assert_eq!(
         (status, e["error"].as_str()),
         (400, Some("access_denied")),
@@ -546,43 +567,52 @@ async fn delegation_only_narrows_and_is_bounded_in_depth() {
             .contains("@allow_delegation"),
         "{e}"
     );
-    let mut ask = act(&exporter);
-    ask.push(("scope", "notes:read notes:export"));
-    ask.push(("scope_mode", "subset"));
-    let (status, narrowed) = s.exchange(&ask).await;
+    let (status, narrowed) = s
+        .exchange_on_behalf_of(
+            &exporter,
+            &[
+                ("resource", MCP),
+                ("scope", "notes:read notes:export"),
+                ("scope_mode", "subset"),
+            ],
+        )
+        .await;
     assert_eq!(
         (status, narrowed["scope"].as_str()),
         (200, Some("notes:read")),
         "{narrowed}"
     );
 
-    // Widening the scope or changing the audience is refused.
-    let mut ask = act(&parent);
-    ask.push(("scope", "notes:read notes:delete"));
-    let (status, e) = s.exchange(&ask).await;
+    // Widening the scope, changing the audience or the task is refused.
+    let (status, e) = s
+        .exchange_on_behalf_of(
+            &parent,
+            &[("resource", MCP), ("scope", "notes:read notes:delete")],
+        )
+        .await;
     assert_eq!(
         (status, e["error"].as_str()),
         (400, Some("invalid_scope")),
         "{e}"
     );
-    let mut ask = vec![
-        ("audience", "billing"),
-        ("actor_token", parent.as_str()),
-        (
-            "actor_token_type",
-            "urn:ietf:params:oauth:token-type:access_token",
-        ),
-        ("scope", "notes:read"),
-    ];
-    let (status, e) = s.exchange(&ask).await;
+    let (status, e) = s
+        .exchange_on_behalf_of(&parent, &[("audience", "billing"), ("scope", "notes:read")])
+        .await;
     assert_eq!(
         (status, e["error"].as_str()),
         (400, Some("invalid_target")),
         "{e}"
     );
-    ask[0] = ("resource", MCP);
-    ask.push(("task_id", "another-task"));
-    let (status, e) = s.exchange(&ask).await;
+    let (status, e) = s
+        .exchange_on_behalf_of(
+            &parent,
+            &[
+                ("resource", MCP),
+                ("scope", "notes:read"),
+                ("task_id", "another-task"),
+            ],
+        )
+        .await;
     assert_eq!(
         (status, e["error"].as_str()),
         (400, Some("invalid_request")),
@@ -590,16 +620,19 @@ async fn delegation_only_narrows_and_is_bounded_in_depth() {
     );
 
     // Depth 2 is the configured limit: the grandchild nests act; a third hop is refused.
-    let mut ask = act(&child);
-    ask.push(("scope", "notes:read"));
-    let (status, grandchild) = s.exchange(&ask).await;
+    let (status, grandchild) = s
+        .exchange_on_behalf_of(
+            &child,
+            &[("resource", MCP), ("scope", "notes:read"), ("may_act", ME)],
+        )
+        .await;
     assert_eq!(status, 200, "{grandchild}");
     let grandchild = grandchild["access_token"].as_str().unwrap().to_string();
     let g = s.verify(&grandchild, MCP).await;
-    assert_eq!(g["act"]["act"]["sub"], "spiffe://example.org/agent/planner");
-    let mut ask = act(&grandchild);
-    ask.push(("scope", "notes:read"));
-    let (status, e) = s.exchange(&ask).await;
+    assert_eq!(g["act"]["act"]["sub"], ME);
+    let (status, e) = s
+        .exchange_on_behalf_of(&grandchild, &[("resource", MCP), ("scope", "notes:read")])
+        .await;
     assert_eq!(
         (status, e["error"].as_str()),
         (400, Some("access_denied")),
@@ -613,14 +646,203 @@ async fn delegation_only_narrows_and_is_bounded_in_depth() {
     for t in [&parent, &child, &grandchild] {
         assert_eq!(s.introspect(t).await, serde_json::json!({"active": false}));
     }
-    let mut ask = act(&child);
-    ask.push(("scope", "notes:read"));
-    let (status, e) = s.exchange(&ask).await;
+    let (status, e) = s
+        .exchange_on_behalf_of(&child, &[("resource", MCP), ("scope", "notes:read")])
+        .await;
     assert_eq!(
         (status, e["error"].as_str()),
         (400, Some("invalid_request")),
         "{e}"
     );
+}
+
+/// A token whose holder did not consent (no `may_act`) cannot be acted on,
+/// and the pre-RFC order of the two tokens is refused with a message that
+/// says which goes where.
+#[tokio::test]
+async fn delegation_needs_the_holders_consent_and_the_rfc_token_roles() {
+    let s = Setup::start().await;
+    let (_, plain) = s
+        .exchange(&[("resource", MCP), ("scope", "notes:read"), ("task_id", "c")])
+        .await;
+    let plain = plain["access_token"].as_str().unwrap().to_string();
+    let (status, e) = s
+        .exchange_on_behalf_of(&plain, &[("resource", MCP), ("scope", "notes:read")])
+        .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    assert!(
+        e["error_description"].as_str().unwrap().contains("may_act"),
+        "{e}"
+    );
+
+    let (status, e) = s
+        .exchange(&[
+            ("resource", MCP),
+            ("scope", "notes:read"),
+            ("actor_token", &plain),
+            (
+                "actor_token_type",
+                "urn:ietf:params:oauth:token-type:access_token",
+            ),
+        ])
+        .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    assert!(
+        e["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("reversed"),
+        "{e}"
+    );
+}
+
+/// A stolen access token cannot be laundered by delegation. The thief is
+/// another user (uid 65534, with an identity of its own) holding the
+/// victim's token, as if read from a log or a compromised resource server,
+/// and its own JWT-SVID; it asks for a token on the victim's behalf bound
+/// to its own certificate, in RFC 8693 order and in the order the agent
+/// used to take. Both are refused. A token whose holder named the thief in
+/// `may_act` can be acted on: the same attack path, consented, works.
+#[tokio::test]
+async fn a_stolen_token_cannot_be_laundered_by_delegation() {
+    tessera_tests::require_root(
+        "a_stolen_token_cannot_be_laundered_by_delegation",
+        "the thief runs as another user",
+    );
+    const THIEF: &str = "spiffe://example.org/agent/thief";
+    let entry = format!("[[entries]]\nspiffe_id = \"{THIEF}\"\nselectors = [\"unix:uid:65534\"]\n");
+    let s = Setup::start_with(&entry).await;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(s.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut victim_tokens = Vec::new();
+    for may_act in [None, Some("spiffe://example.org/agent/helper"), Some(THIEF)] {
+        let mut ask = vec![
+            ("resource", MCP),
+            ("scope", "notes:write"),
+            ("task_id", "v"),
+        ];
+        ask.extend(may_act.map(|m| ("may_act", m)));
+        let (status, r) = s.exchange(&ask).await;
+        assert_eq!(status, 200, "{r}");
+        victim_tokens.push(r["access_token"].as_str().unwrap().to_string());
+    }
+    let [stolen, for_someone_else, consented] = <[String; 3]>::try_from(victim_tokens).unwrap();
+
+    // The thief's own connections, opened by its own process.
+    let api = tessera_tests::connect_from(
+        tessera_tests::as_nobody("/usr/bin/python3"),
+        &s.agent.socket(),
+        s.dir(),
+    );
+    api.stream.set_nonblocking(true).unwrap();
+    let channel = tessera_agent::cli::client::channel_over(
+        tokio::net::UnixStream::from_std(api.stream.try_clone().unwrap()).unwrap(),
+    )
+    .await
+    .unwrap();
+    let thief_svid = tessera_workload_api::client::SpiffeWorkloadApiClient::new(channel)
+        .fetch_jwtsvid(tessera_workload_api::with_security_header(
+            tessera_workload_api::JwtsvidRequest {
+                audience: vec![ISSUER.into()],
+                spiffe_id: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .svids
+        .remove(0);
+    assert_eq!(thief_svid.spiffe_id, THIEF);
+    let thief_exchange = |pairs| thief_exchange(&s, pairs);
+    const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+    const ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
+    let on_behalf_of = |token: &str| {
+        vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange".to_string(),
+            ),
+            ("subject_token", token.to_string()),
+            ("subject_token_type", ACCESS.to_string()),
+            ("actor_token", thief_svid.svid.clone()),
+            ("actor_token_type", JWT.to_string()),
+            ("resource", MCP.to_string()),
+            ("scope", "notes:write".to_string()),
+        ]
+    };
+
+    let (status, e) = thief_exchange(on_behalf_of(&stolen)).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{e}"
+    );
+    assert!(
+        e["error_description"].as_str().unwrap().contains("may_act"),
+        "{e}"
+    );
+    let (status, e) = thief_exchange(on_behalf_of(&for_someone_else)).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{e}"
+    );
+    // The order the agent took before: its own JWT-SVID as subject, the
+    // victim's token as actor.
+    let reversed = vec![
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange".to_string(),
+        ),
+        ("subject_token", thief_svid.svid.clone()),
+        ("subject_token_type", JWT.to_string()),
+        ("actor_token", stolen.clone()),
+        ("actor_token_type", ACCESS.to_string()),
+        ("resource", MCP.to_string()),
+        ("scope", "notes:write".to_string()),
+    ];
+    let (status, e) = thief_exchange(reversed).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{e}"
+    );
+
+    let (status, r) = thief_exchange(on_behalf_of(&consented)).await;
+    assert_eq!(status, 200, "{r}");
+    let c = s.verify(r["access_token"].as_str().unwrap(), MCP).await;
+    assert_eq!(c["sub"], ME, "acts for the consenting holder");
+    assert_eq!(c["act"]["sub"], THIEF);
+    assert_eq!(c["client_id"], THIEF);
+    drop(api);
+}
+
+/// POST /token from a process of uid 65534 (its own connection).
+async fn thief_exchange(s: &Setup, pairs: Vec<(&'static str, String)>) -> (u16, Value) {
+    let conn = tessera_tests::connect_from(
+        tessera_tests::as_nobody("/usr/bin/python3"),
+        &s.exchange_socket(),
+        s.dir(),
+    );
+    conn.stream.set_nonblocking(true).unwrap();
+    let stream = tokio::net::UnixStream::from_std(conn.stream.try_clone().unwrap()).unwrap();
+    let body: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, body) = tessera_agent::cli::client::http_over(
+        stream,
+        http::Method::POST,
+        "/token",
+        Some(form(&body)),
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    (status.as_u16(), serde_json::from_slice(&body).unwrap())
 }
 
 #[tokio::test]
@@ -837,32 +1059,19 @@ async fn revoking_a_token_revokes_the_tokens_delegated_from_it() {
             ("scope", "notes:read"),
             ("task_id", task),
             ("requested_ttl", "120"),
+            ("may_act", ME),
         ]
     };
-    let delegate = |parent: &str| -> Vec<(&str, String)> {
-        vec![
-            ("resource", MCP.to_string()),
-            ("scope", "notes:read".to_string()),
-            ("actor_token", parent.to_string()),
-            (
-                "actor_token_type",
-                "urn:ietf:params:oauth:token-type:access_token".to_string(),
-            ),
-        ]
-    };
+    let delegate = [("resource", MCP), ("scope", "notes:read"), ("may_act", ME)];
     let token = |v: &Value| v["access_token"].as_str().unwrap().to_string();
     let (_, parent) = s.exchange(&issue("tree")).await;
     let parent = token(&parent);
     let (_, sibling) = s.exchange(&issue("tree")).await;
     let sibling = token(&sibling);
-    let ask = delegate(&parent);
-    let ask: Vec<(&str, &str)> = ask.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let (status, child) = s.exchange(&ask).await;
+    let (status, child) = s.exchange_on_behalf_of(&parent, &delegate).await;
     assert_eq!(status, 200, "{child}");
     let child = token(&child);
-    let ask = delegate(&child);
-    let ask: Vec<(&str, &str)> = ask.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let (status, grandchild) = s.exchange(&ask).await;
+    let (status, grandchild) = s.exchange_on_behalf_of(&child, &delegate).await;
     assert_eq!(status, 200, "{grandchild}");
     let grandchild = token(&grandchild);
     for t in [&parent, &child, &grandchild, &sibling] {
@@ -891,9 +1100,7 @@ async fn revoking_a_token_revokes_the_tokens_delegated_from_it() {
     // Revoking a child leaves its parent alone.
     let (_, other) = s.exchange(&issue("tree2")).await;
     let other = token(&other);
-    let ask = delegate(&other);
-    let ask: Vec<(&str, &str)> = ask.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let (_, derived) = s.exchange(&ask).await;
+    let (_, derived) = s.exchange_on_behalf_of(&other, &delegate).await;
     let derived = token(&derived);
     s.post("/revoke", &[("token", &derived)]).await;
     assert_eq!(s.introspect(&derived).await["active"], false);

@@ -108,8 +108,24 @@ pub(super) async fn approvals(cmd: ApprovalsCommand) -> anyhow::Result<()> {
                 .unwrap_or_default(),
             a["audience"].as_str().unwrap_or(""),
         );
+        // What else the token would carry, so an operator approves all of it.
+        let mut details = vec![format!("ttl {}s", a["ttl_seconds"].as_u64().unwrap_or(0))];
+        let chain = strings(&a["delegation_chain"]);
+        if !chain.is_empty() {
+            details.push(format!("delegation chain {}", chain.join(" <- ")));
+        }
+        if let Some(actor) = a["may_act"].as_str() {
+            details.push(format!("may be delegated to {actor}"));
+        }
+        println!("{:<28} {}", "", details.join("; "));
     }
     Ok(())
+}
+
+fn strings(v: &serde_json::Value) -> Vec<&str> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default()
 }
 
 fn urlencode(s: &str) -> String {

@@ -92,10 +92,22 @@ pub async fn http_unix(
     path: &str,
     form: Option<String>,
 ) -> anyhow::Result<(http::StatusCode, Vec<u8>)> {
-    use http_body_util::{BodyExt, Full};
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    http_over(stream, method, path, form)
+        .await
+        .with_context(|| format!("request to {} failed", socket.display()))
+}
+
+/// One HTTP/1.1 request over a connected stream (see [`http_unix`]).
+pub async fn http_over(
+    stream: tokio::net::UnixStream,
+    method: http::Method,
+    path: &str,
+    form: Option<String>,
+) -> anyhow::Result<(http::StatusCode, Vec<u8>)> {
+    use http_body_util::{BodyExt, Full};
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .context("HTTP handshake failed")?;
@@ -113,10 +125,7 @@ pub async fn http_unix(
     let req = req.body(Full::new(prost::bytes::Bytes::from(
         form.unwrap_or_default(),
     )))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .with_context(|| format!("request to {} failed", socket.display()))?;
+    let resp = sender.send_request(req).await?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes().to_vec();
     Ok((status, body))

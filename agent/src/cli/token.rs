@@ -66,9 +66,15 @@ pub(super) struct ExchangeArgs {
     /// Requested lifetime (e.g. 60s); policy and config may shorten it.
     #[arg(long, value_parser = humantime::parse_duration)]
     ttl: Option<Duration>,
-    /// Delegate: a token issued to another workload, to act on its behalf.
-    #[arg(long)]
-    actor_token: Option<String>,
+    /// Delegate: act on behalf of another workload's access token (sent as
+    /// RFC 8693 `subject_token`, with this workload's JWT-SVID as
+    /// `actor_token`). That token must name this workload in `may_act`.
+    #[arg(long, alias = "actor-token", value_name = "ACCESS_TOKEN")]
+    on_behalf_of: Option<String>,
+    /// Consent to delegation: the issued token names this SPIFFE ID in
+    /// `may_act`, so that workload (and only it) may act on its behalf.
+    #[arg(long, value_name = "SPIFFE_ID")]
+    may_act: Option<String>,
     /// Accept the permitted subset of the scopes instead of failing.
     #[arg(long)]
     subset: bool,
@@ -153,7 +159,8 @@ async fn token_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
         scope,
         task,
         ttl,
-        actor_token,
+        on_behalf_of,
+        may_act,
         subset,
         mut approval_id,
         wait,
@@ -191,15 +198,33 @@ async fn token_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
             .context("the agent returned no JWT-SVID")?;
         let scopes = scope.join(" ");
         let ttl_secs = ttl.map(|t| t.as_secs().max(1).to_string());
+        // RFC 8693 §2.1 roles: the subject is who the token is for, the
+        // actor who acts.
         let mut pairs: Vec<(&str, &str)> = vec![
             ("grant_type", crate::exchange::request::GRANT_TOKEN_EXCHANGE),
-            ("subject_token", &svid.svid),
-            (
-                "subject_token_type",
-                crate::exchange::request::TOKEN_TYPE_JWT,
-            ),
             ("scope", &scopes),
         ];
+        match &on_behalf_of {
+            None => pairs.extend([
+                ("subject_token", svid.svid.as_str()),
+                (
+                    "subject_token_type",
+                    crate::exchange::request::TOKEN_TYPE_JWT,
+                ),
+            ]),
+            Some(parent) => pairs.extend([
+                ("subject_token", parent.as_str()),
+                (
+                    "subject_token_type",
+                    crate::exchange::request::TOKEN_TYPE_ACCESS_TOKEN,
+                ),
+                ("actor_token", svid.svid.as_str()),
+                ("actor_token_type", crate::exchange::request::TOKEN_TYPE_JWT),
+            ]),
+        }
+        if let Some(m) = &may_act {
+            pairs.push(("may_act", m));
+        }
         if let Some(a) = &audience {
             pairs.push(("audience", a));
         }
@@ -211,13 +236,6 @@ async fn token_exchange(args: ExchangeArgs) -> anyhow::Result<()> {
         }
         if let Some(t) = &ttl_secs {
             pairs.push(("requested_ttl", t));
-        }
-        if let Some(a) = &actor_token {
-            pairs.push(("actor_token", a));
-            pairs.push((
-                "actor_token_type",
-                crate::exchange::request::TOKEN_TYPE_ACCESS_TOKEN,
-            ));
         }
         if subset {
             pairs.push(("scope_mode", "subset"));

@@ -46,6 +46,8 @@ pub struct ApprovalRequest {
     /// The delegating tokens' actors, nearest first (empty when not
     /// delegated).
     pub delegation_chain: Vec<String>,
+    /// The workload the issued token will let act on its behalf (`may_act`).
+    pub may_act: Option<String>,
     pub policy_ids: Vec<String>,
 }
 
@@ -245,6 +247,7 @@ mod tests {
             task_id: "t".into(),
             delegation_depth: 0,
             delegation_chain: vec![],
+            may_act: None,
             policy_ids: vec![],
         }
     }

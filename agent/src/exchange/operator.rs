@@ -128,6 +128,7 @@ async fn decide(
                 "delegation_chain".into(),
                 json!(approval.request.delegation_chain),
             );
+            record.insert("may_act".into(), json!(approval.request.may_act));
             s.exchange.audit_best_effort(record).await;
             tracing::info!(approval_id = %id, %operator, approved = approve, "approval decided");
             axum::Json(approval).into_response()

@@ -33,8 +33,9 @@
 //! unique across files), `@max_ttl("300s")` caps the token lifetime (humantime
 //! syntax; the minimum over the determining permit policies wins),
 //! `@require_approval` asks for a human approval (any value),
-//! `@allow_delegation` lets the permit apply to delegated exchanges (an
-//! `actor_token` is present); without it a permit only serves direct ones.
+//! `@allow_delegation` lets the permit apply to delegated exchanges (the
+//! subject token is an access token acted on); without it a permit only
+//! serves direct ones.
 //! `@bearer` lets the scope be issued in a bearer token (no `cnf`): a token
 //! is issued unbound only when every determining permit of every granted
 //! scope says so, and bound to the caller's certificate otherwise.

@@ -73,9 +73,22 @@ impl Target {
 }
 
 /// A well-formed RFC 8693 exchange request.
+///
+/// The roles are RFC 8693 §2.1's: `subject_token` is the party the token is
+/// for, `actor_token` the party acting. A direct exchange sends only the
+/// caller's JWT-SVID, as `subject_token`; a delegated one sends the
+/// delegating access token as `subject_token` and the caller's JWT-SVID as
+/// `actor_token`. Both arrive here under the names of what they are.
 #[derive(Debug, Clone)]
 pub struct TokenRequest {
-    pub subject_token: String,
+    /// The caller's own JWT-SVID (the subject of a direct exchange, the actor
+    /// of a delegated one).
+    pub svid: String,
+    /// The access token acted for, when delegating.
+    pub delegating_token: Option<String>,
+    /// The one SPIFFE ID the issued token names in `may_act` (RFC 8693 §4.4):
+    /// the workload this token's holder consents to delegate to.
+    pub may_act: Option<String>,
     pub target: Target,
     /// Requested scopes, deduplicated, in request order.
     pub scopes: Vec<String>,
@@ -83,7 +96,6 @@ pub struct TokenRequest {
     pub requested_ttl: Option<Duration>,
     /// Grant the permitted subset instead of refusing when some scopes are denied.
     pub allow_partial: bool,
-    pub actor_token: Option<String>,
     pub approval_id: Option<String>,
 }
 
@@ -96,35 +108,18 @@ impl TokenRequest {
                 format!("grant_type must be {GRANT_TOKEN_EXCHANGE}"),
             ));
         }
-        let subject_token = token_param(form, "subject_token")?
-            .ok_or_else(|| OAuthError::invalid_request("parameter `subject_token` is required"))?;
-        match form.required("subject_token_type")? {
-            TOKEN_TYPE_JWT => {}
-            other => {
-                return Err(OAuthError::invalid_request(format!(
-                    "subject_token_type {other:?} is not supported; send the caller's JWT-SVID as {TOKEN_TYPE_JWT}"
-                )));
+        let (svid, delegating_token) = token_roles(form)?;
+        let may_act = match form.single("may_act")? {
+            None => None,
+            Some(id) => {
+                if id.len() > MAX_TARGET_LEN || spiffe::SpiffeId::new(id).is_err() {
+                    return Err(OAuthError::invalid_request(
+                        "`may_act` must be the SPIFFE ID of the one workload that may act on this token's behalf",
+                    ));
+                }
+                Some(id.to_string())
             }
-        }
-        let actor_token = token_param(form, "actor_token")?;
-        match (actor_token.is_some(), form.single("actor_token_type")?) {
-            (true, Some(TOKEN_TYPE_ACCESS_TOKEN)) | (false, None) => {}
-            (true, Some(other)) => {
-                return Err(OAuthError::invalid_request(format!(
-                    "actor_token_type {other:?} is not supported; the actor token is a Tessera access token ({TOKEN_TYPE_ACCESS_TOKEN})"
-                )));
-            }
-            (true, None) => {
-                return Err(OAuthError::invalid_request(
-                    "actor_token_type is required with actor_token",
-                ));
-            }
-            (false, Some(_)) => {
-                return Err(OAuthError::invalid_request(
-                    "actor_token_type must not be sent without actor_token",
-                ));
-            }
-        }
+        };
         if let Some(t) = form.single("requested_token_type")?
             && t != TOKEN_TYPE_ACCESS_TOKEN
         {
@@ -169,15 +164,52 @@ impl TokenRequest {
             }
         };
         Ok(Self {
-            subject_token,
+            svid,
+            delegating_token,
+            may_act,
             target,
             scopes,
             task_id,
             requested_ttl,
             allow_partial,
-            actor_token,
             approval_id,
         })
+    }
+}
+
+/// Which token is the caller's JWT-SVID and which, if any, the delegating
+/// access token, from the four token parameters (RFC 8693 §2.1).
+fn token_roles(form: &Form) -> Result<(String, Option<String>), OAuthError> {
+    let subject = token_param(form, "subject_token")?
+        .ok_or_else(|| OAuthError::invalid_request("parameter `subject_token` is required"))?;
+    let subject_type = form.required("subject_token_type")?;
+    let actor = token_param(form, "actor_token")?;
+    let actor_type = form.single("actor_token_type")?;
+    match (subject_type, actor, actor_type) {
+        (TOKEN_TYPE_JWT, None, None) => Ok((subject, None)),
+        (TOKEN_TYPE_ACCESS_TOKEN, Some(actor), Some(TOKEN_TYPE_JWT)) => Ok((actor, Some(subject))),
+        (_, Some(_), None) => Err(OAuthError::invalid_request(
+            "actor_token_type is required with actor_token",
+        )),
+        (_, None, Some(_)) => Err(OAuthError::invalid_request(
+            "actor_token_type must not be sent without actor_token",
+        )),
+        (TOKEN_TYPE_JWT, Some(_), Some(TOKEN_TYPE_ACCESS_TOKEN)) => {
+            Err(OAuthError::invalid_request(format!(
+                "the token roles are reversed: to act on behalf of a token's holder, send that access token as subject_token ({TOKEN_TYPE_ACCESS_TOKEN}) and your JWT-SVID as actor_token ({TOKEN_TYPE_JWT}), as RFC 8693 §2.1 defines them"
+            )))
+        }
+        (TOKEN_TYPE_ACCESS_TOKEN, None, None) => Err(OAuthError::invalid_request(format!(
+            "a delegated exchange needs the caller's JWT-SVID as actor_token ({TOKEN_TYPE_JWT})"
+        ))),
+        (TOKEN_TYPE_JWT | TOKEN_TYPE_ACCESS_TOKEN, Some(_), Some(other)) => {
+            Err(OAuthError::invalid_request(format!(
+                "actor_token_type {other:?} is not supported; the actor token is the caller's JWT-SVID ({TOKEN_TYPE_JWT})"
+            )))
+        }
+        (other, _, _) => Err(OAuthError::invalid_request(format!(
+            "subject_token_type {other:?} is not supported; send the caller's JWT-SVID as {TOKEN_TYPE_JWT}, or a delegating access token as {TOKEN_TYPE_ACCESS_TOKEN}"
+        ))),
     }
 }
 
@@ -358,5 +390,56 @@ mod tests {
         let e = req("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange")
             .unwrap_err();
         assert!(e.description.contains("subject_token"), "{e}");
+    }
+
+    const JWT: &str = "urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Ajwt";
+    const ACCESS: &str = "urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aaccess_token";
+    const GRANT: &str =
+        "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&audience=x&scope=a";
+
+    #[test]
+    fn token_roles_follow_rfc_8693() {
+        let direct = req(&format!(
+            "{GRANT}&subject_token=svid&subject_token_type={JWT}"
+        ))
+        .unwrap();
+        assert_eq!(direct.svid, "svid");
+        assert_eq!(direct.delegating_token, None);
+
+        let delegated = req(&format!(
+            "{GRANT}&subject_token=parent&subject_token_type={ACCESS}&actor_token=svid&actor_token_type={JWT}"
+        ))
+        .unwrap();
+        assert_eq!(delegated.svid, "svid");
+        assert_eq!(delegated.delegating_token.as_deref(), Some("parent"));
+
+        let reversed = req(&format!(
+            "{GRANT}&subject_token=svid&subject_token_type={JWT}&actor_token=parent&actor_token_type={ACCESS}"
+        ))
+        .unwrap_err();
+        assert_eq!(reversed.code, ErrorCode::InvalidRequest);
+        assert!(reversed.description.contains("reversed"), "{reversed}");
+
+        let no_actor = req(&format!(
+            "{GRANT}&subject_token=parent&subject_token_type={ACCESS}"
+        ))
+        .unwrap_err();
+        assert!(no_actor.description.contains("actor_token"), "{no_actor}");
+    }
+
+    #[test]
+    fn may_act_must_be_a_spiffe_id() {
+        let base = format!("{GRANT}&subject_token=svid&subject_token_type={JWT}");
+        let ok = req(&format!("{base}&may_act=spiffe%3A%2F%2Fexample.org%2Fsub")).unwrap();
+        assert_eq!(ok.may_act.as_deref(), Some("spiffe://example.org/sub"));
+        for bad in [
+            "https%3A%2F%2Fexample.org",
+            "spiffe%3A%2F%2F",
+            "spiffe%3A%2F%2Fexample.org%2Fa%2F%2Fb",
+            "anyone",
+        ] {
+            let e = req(&format!("{base}&may_act={bad}")).unwrap_err();
+            assert!(e.description.contains("may_act"), "{bad}: {e}");
+        }
     }
 }
