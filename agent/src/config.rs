@@ -204,6 +204,7 @@ struct RawExchange {
     approval_timeout: Option<Spanned<String>>,
     approval_grant_ttl: Option<Spanned<String>>,
     approval_poll_interval: Option<Spanned<String>>,
+    denial_records_per_minute: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -921,6 +922,17 @@ impl Config {
                 &x.approval_poll_interval,
                 Duration::from_secs(2),
             )?,
+            denial_records_per_minute: match &x.denial_records_per_minute {
+                Some(n) if *n.get_ref() == 0 => {
+                    return Err(cx.invalid(
+                        "exchange.denial_records_per_minute",
+                        n,
+                        "must be at least 1 (denials are always audited, up to this many per principal per minute)",
+                    ));
+                }
+                Some(n) => *n.get_ref(),
+                None => 600,
+            },
         })
     }
 
@@ -1245,6 +1257,7 @@ mod tests {
             (Duration::from_secs(900), Duration::from_secs(300))
         );
         assert_eq!(x.max_delegation_depth, 3);
+        assert_eq!(x.denial_records_per_minute, 600);
         assert!(x.policy_dir.is_none());
         let off =
             Config::parse(&format!("{MINIMAL}[exchange]\nenabled = false\n"), "t.toml").unwrap();
@@ -1264,6 +1277,9 @@ mod tests {
         };
         assert!(err("max_ttl = \"soon\"\n").contains("exchange.max_ttl"));
         assert!(err("max_delegation_depth = 99\n").contains("exchange.max_delegation_depth"));
+        assert!(
+            err("denial_records_per_minute = 0\n").contains("exchange.denial_records_per_minute")
+        );
         assert!(err("socket_path = \"/tmp/x/agent.sock\"\n").contains("exchange.socket_path"));
         assert!(err("approval_timeout = \"0s\"\n").contains("exchange.approval_timeout"));
         assert!(

@@ -32,6 +32,7 @@ pub mod policy;
 pub mod request;
 pub mod revocation;
 pub mod server;
+pub mod tasks;
 
 pub use config::ExchangeConfig;
 
@@ -51,6 +52,7 @@ use crate::metrics::{Metrics, ResultLabels};
 use crate::sync::Mutex;
 use policy::{PolicyRequest, PolicyStore};
 use revocation::RevocationStore;
+use tasks::{EndKind, TaskLedger};
 
 use approvals::{ApprovalBook, ApprovalRequest, Poll};
 use oauth::{ErrorCode, OAuthError};
@@ -177,6 +179,12 @@ pub struct Exchange {
     last_policy_error: Mutex<Option<String>>,
     /// Validated subject tokens: token -> (SPIFFE ID, exp).
     subjects: Mutex<std::collections::HashMap<String, (String, u64)>>,
+    /// Which tasks may have live tokens (what ending one must write).
+    tasks: TaskLedger,
+    /// Per-principal budget for records that change nothing.
+    audit_budget: crate::rate_limit::RateLimiter<String>,
+    /// Records left out per principal since the last summary.
+    suppressed: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// Bound on remembered subject tokens (a few hundred bytes each).
@@ -194,7 +202,18 @@ impl Exchange {
         metrics: Arc<Metrics>,
     ) -> Self {
         metrics.policies_loaded.set(policy.policy_count() as i64);
+        let per_minute = f64::from(config.denial_records_per_minute);
+        let tasks = TaskLedger::new(
+            unix_seconds(clock.now()),
+            (config.max_ttl + TASK_END_SLACK).as_secs(),
+        );
         Self {
+            tasks,
+            audit_budget: crate::rate_limit::RateLimiter::new(crate::rate_limit::Budget {
+                rate: per_minute / 60.0,
+                burst: per_minute,
+            }),
+            suppressed: Default::default(),
             config,
             signer: cache.signer().clone(),
             trust: cache.trust_store().clone(),
@@ -255,8 +274,13 @@ impl Exchange {
             record.insert("error_description".into(), e.description.clone().into());
         }
         // The token is released only once its record is durable: an
-        // unaudited token must not exist.
-        let audited = self.audit.append(record).await;
+        // unaudited token must not exist. A request that changed nothing is
+        // audited within its principal's budget, and counted beyond it.
+        let audited = if outcome.is_ok() || self.may_audit_unchanged(caller) {
+            self.audit.append(record).await.map(|_| ())
+        } else {
+            Ok(())
+        };
         self.metrics
             .exchanges
             .get_or_create(&ResultLabels { result: label })
@@ -287,10 +311,7 @@ impl Exchange {
         let now_s = unix_seconds(now);
         let (caller_id, identity) = self.authenticate(caller, req, now_s, record)?;
         let chain = self.delegation_chain(req, &caller_id, now_s, record)?;
-        if self
-            .revocations
-            .is_task_ended(&task_key(&chain.principal, &chain.task_id), now)
-        {
+        if self.is_task_ended(&chain.principal, &chain.task_id, now) {
             return Err(OAuthError::invalid_request(format!(
                 "task {:?} has ended; start a new task",
                 chain.task_id
@@ -786,6 +807,8 @@ impl Exchange {
         );
         record.insert("jti".into(), jti.into());
         record.insert("token_sha256".into(), sha256_hex(token.as_bytes()).into());
+        self.tasks
+            .issued(&task_key(&chain.principal, &chain.task_id), exp, now_s);
         Ok(TokenResponse {
             access_token: token,
             issued_token_type: TOKEN_TYPE_ACCESS_TOKEN,
@@ -919,7 +942,7 @@ impl Exchange {
         {
             return Err("derives by delegation from a token that has been revoked".into());
         }
-        if self.revocations.is_task_ended(&task_key(sub, txn), now) {
+        if self.is_task_ended(sub, txn, now) {
             return Err("belongs to a task that has ended".into());
         }
         Ok(claims)
@@ -1011,13 +1034,27 @@ impl Exchange {
     /// can only ever end its own tasks.
     pub async fn end_task(&self, caller: &Caller, task_id: &str) -> Result<(), OAuthError> {
         request::check_id("task_id", task_id)?;
+        let now = self.now();
+        let now_s = unix_seconds(now);
         // Any token of this task expires within max_ttl from now.
-        let until = self.now() + self.config.max_ttl + Duration::from_secs(60);
+        let until = now + self.config.max_ttl + TASK_END_SLACK;
         for identity in &caller.identities {
             let principal = identity.spiffe_id.to_string();
             let key = task_key(&principal, task_id);
-            self.durable_revocation(move |r| r.end_task(&key, until))
-                .await?;
+            // Durable only when a token of the task may be live: ending
+            // random task ids must not fill the disk ([`tasks`]).
+            let kind = self.tasks.end_kind(&principal, &key, now_s);
+            match kind {
+                EndKind::Durable => {
+                    self.durable_revocation(move |r| r.end_task(&key, until))
+                        .await?;
+                }
+                EndKind::Memory => {
+                    self.tasks
+                        .end_in_memory(&principal, &key, unix_seconds(until), now_s);
+                    self.metrics.task_ends_in_memory.inc();
+                }
+            }
             self.approvals.cancel_task(&principal, task_id);
             let mut record = Map::new();
             record.insert("event".into(), "task.end".into());
@@ -1025,10 +1062,55 @@ impl Exchange {
             record.insert("principal".into(), principal.into());
             record.insert("task_id".into(), task_id.into());
             record.insert("decision".into(), "ended".into());
-            self.audit_best_effort(record).await;
+            record.insert("durable".into(), (kind == EndKind::Durable).into());
+            if kind == EndKind::Durable || self.may_audit_unchanged(caller) {
+                self.audit_best_effort(record).await;
+            }
         }
         self.count_revocation("task");
         Ok(())
+    }
+
+    /// Whether `principal`'s task has ended (durably or in memory).
+    fn is_task_ended(&self, principal: &str, task_id: &str, now: SystemTime) -> bool {
+        let key = task_key(principal, task_id);
+        self.revocations.is_task_ended(&key, now)
+            || self
+                .tasks
+                .ended_in_memory(principal, &key, unix_seconds(now))
+    }
+
+    /// Whether a record that changes nothing (a denial, a pending poll, the
+    /// end of a task without tokens) may be written for this caller: at most
+    /// `denial_records_per_minute` per principal. Beyond it the record is
+    /// counted, and the count written as one `audit.suppressed` record by
+    /// [`Exchange::run_maintenance`], so a flooding workload costs one record
+    /// per round instead of one fsync per request.
+    fn may_audit_unchanged(&self, caller: &Caller) -> bool {
+        let principal = caller
+            .identities
+            .first()
+            .map(|i| i.spiffe_id.to_string())
+            .unwrap_or_default();
+        if self.audit_budget.allow(principal.clone()) {
+            return true;
+        }
+        *self.suppressed.lock().entry(principal).or_default() += 1;
+        self.metrics.audit_records_suppressed.inc();
+        false
+    }
+
+    /// Writes one summary record per principal whose records were left out.
+    async fn flush_suppressed(&self) {
+        let counts = std::mem::take(&mut *self.suppressed.lock());
+        for (principal, count) in counts {
+            tracing::warn!(%principal, count, "audit records left out: the principal exceeded exchange.denial_records_per_minute");
+            let mut record = Map::new();
+            record.insert("event".into(), "audit.suppressed".into());
+            record.insert("principal".into(), principal.into());
+            record.insert("count".into(), count.into());
+            self.audit_best_effort(record).await;
+        }
     }
 
     async fn durable_revocation(
@@ -1154,10 +1236,15 @@ impl Exchange {
             self.metrics
                 .approvals_pending
                 .set(self.approvals.pending() as i64);
+            self.flush_suppressed().await;
             rounds += 1;
         }
     }
 }
+
+/// How long a task's end outlives the longest token it could have: clock
+/// skew between the agent and resource servers.
+const TASK_END_SLACK: Duration = Duration::from_secs(60);
 
 /// Revocation key of a task: tasks are named by their principal and id, so
 /// two workloads using the same task id never touch each other's tokens.

@@ -45,6 +45,12 @@ pub struct Metrics {
     pub policy_reloads: Family<ResultLabels, Counter>,
     pub policies_loaded: Gauge,
     pub audit_write_errors: Counter,
+    /// Denials and other records that change nothing, left out because
+    /// their principal exceeded its audit budget (summarised instead).
+    pub audit_records_suppressed: Counter,
+    /// Task ends kept in memory only (no token of the task could be live,
+    /// or the principal used up its durable share after a restart).
+    pub task_ends_in_memory: Counter,
     pub approvals_pending: Gauge,
     /// Connections closed at accept because the socket was at its limit.
     pub connections_refused: Family<MethodLabels, Counter>,
@@ -174,6 +180,18 @@ impl Metrics {
             "Audit records that could not be made durable (the exchange was refused)",
             audit_write_errors.clone(),
         );
+        let audit_records_suppressed = Counter::default();
+        registry.register(
+            "audit_records_suppressed",
+            "Denial records a principal sent beyond exchange.denial_records_per_minute (counted in audit.suppressed summaries)",
+            audit_records_suppressed.clone(),
+        );
+        let task_ends_in_memory = Counter::default();
+        registry.register(
+            "task_ends_in_memory",
+            "Task ends kept in memory only, because no token of the task could be live",
+            task_ends_in_memory.clone(),
+        );
         let approvals_pending = Gauge::default();
         registry.register(
             "approvals_pending",
@@ -217,6 +235,8 @@ impl Metrics {
             policy_reloads,
             policies_loaded,
             audit_write_errors,
+            audit_records_suppressed,
+            task_ends_in_memory,
             approvals_pending,
             rpcs,
             rpc_seconds,

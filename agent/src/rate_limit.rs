@@ -58,13 +58,15 @@ impl TokenBucket {
     }
 }
 
+/// A token bucket per caller, keyed by PID (requests) or by another name of
+/// the caller (a SPIFFE ID, for durable writes).
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct RateLimiter<K = i32> {
     budget: Budget,
-    buckets: Mutex<HashMap<i32, TokenBucket>>,
+    buckets: Mutex<HashMap<K, TokenBucket>>,
 }
 
-impl RateLimiter {
+impl<K: std::hash::Hash + Eq> RateLimiter<K> {
     pub fn new(budget: Budget) -> Self {
         Self {
             budget,
@@ -73,11 +75,11 @@ impl RateLimiter {
     }
 
     /// Takes one request from `caller`'s budget; false when it is exhausted.
-    pub fn allow(&self, caller: i32) -> bool {
+    pub fn allow(&self, caller: K) -> bool {
         self.allow_at(caller, Instant::now())
     }
 
-    fn allow_at(&self, caller: i32, now: Instant) -> bool {
+    fn allow_at(&self, caller: K, now: Instant) -> bool {
         let Budget { rate, burst } = self.budget;
         let mut buckets = self.buckets.lock();
         if buckets.len() >= PRUNE_AT && !buckets.contains_key(&caller) {

@@ -845,6 +845,158 @@ async fn thief_exchange(s: &Setup, pairs: Vec<(&'static str, String)>) -> (u16, 
     (status.as_u16(), serde_json::from_slice(&body).unwrap())
 }
 
+/// Durable state from a hostile workload is bounded per principal. Four
+/// processes of uid 65534 (an identity of their own) end 600 random task ids
+/// each and send 600 denied exchanges each, over the real socket. Before the
+/// fix that was 2,400 fsynced revocation lines and 2,400 audit records. Now
+/// ends of tasks that cannot have live tokens cost no disk (at most
+/// `UNKNOWN_DURABLE_ENDS` in the window after start, where the agent cannot
+/// know what an earlier run issued), denials are audited up to the
+/// principal's budget and summarised beyond it, and an honest workload's
+/// records and task ends are untouched.
+#[tokio::test]
+async fn a_flooding_workload_cannot_grow_durable_state_without_bound() {
+    tessera_tests::require_root(
+        "a_flooding_workload_cannot_grow_durable_state_without_bound",
+        "the flood runs as another user",
+    );
+    const FLOODER: &str = "spiffe://example.org/agent/flooder";
+    let entry = format!(
+        "denial_records_per_minute = 100\n[[entries]]\nspiffe_id = \"{FLOODER}\"\nselectors = [\"unix:uid:65534\"]\n"
+    );
+    let s = Setup::start_with(&entry).await;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(s.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // An honest task with a live token, ended before the flood.
+    let (status, r) = s
+        .exchange(&[
+            ("resource", MCP),
+            ("scope", "notes:read"),
+            ("task_id", "honest"),
+        ])
+        .await;
+    assert_eq!(status, 200, "{r}");
+    let honest_token = r["access_token"].as_str().unwrap().to_string();
+
+    const FLOOD: &str = r#"
+import http.client, json, os, socket, sys
+class Unix(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(sys.argv[1])
+conn, codes = Unix("localhost"), {}
+for i in range(int(sys.argv[3])):
+    if sys.argv[2] == "end":
+        path, body = "/revoke", "task_id=flood-%d-%d" % (os.getpid(), i)
+    else:
+        path, body = "/token", ("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange"
+            "&subject_token=not.a.jwt&subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Ajwt"
+            "&audience=notes&scope=notes%3Aread&task_id=t")
+    conn.request("POST", path, body, {"Content-Type": "application/x-www-form-urlencoded"})
+    r = conn.getresponse()
+    r.read()
+    codes[r.status] = codes.get(r.status, 0) + 1
+print(json.dumps(codes))
+"#;
+    let socket = s.exchange_socket();
+    let flood = tokio::task::spawn_blocking(move || {
+        let children: Vec<_> = ["end", "end", "end", "end", "deny", "deny", "deny", "deny"]
+            .iter()
+            .map(|mode| {
+                tessera_tests::python_as_nobody(FLOOD)
+                    .arg(&socket)
+                    .arg(mode)
+                    .arg("600")
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("setpriv and /usr/bin/python3 are required")
+            })
+            .collect();
+        children
+            .into_iter()
+            .map(|c| {
+                let out = c.wait_with_output().unwrap();
+                assert!(out.status.success());
+                serde_json::from_slice::<Value>(&out.stdout).unwrap()
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    // Every request was answered as before: ends acknowledged, denials 400.
+    for (i, codes) in flood.iter().enumerate() {
+        let expected = if i < 4 { "200" } else { "400" };
+        assert_eq!(codes[expected], 600, "flooder {i}: {codes}");
+    }
+
+    let revocations = std::fs::read_to_string(s.dir().join("data/revocations.jsonl")).unwrap();
+    let durable = revocations.lines().count();
+    assert!(
+        durable <= tessera_agent::exchange::tasks::UNKNOWN_DURABLE_ENDS as usize,
+        "2,400 ends of random tasks wrote {durable} durable entries"
+    );
+    // The ended random tasks still cannot be used.
+    let metrics = &s.agent.running().callers.metrics;
+    assert!(metrics.task_ends_in_memory.get() >= 2400 - durable as u64);
+
+    // Let the maintenance round write its summary.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let log = std::fs::read_to_string(s.dir().join("data/audit.jsonl")).unwrap();
+    let records: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let from_flooder = |r: &&Value| {
+        r["caller"]["selectors"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|x| x == "unix:uid:65534"))
+    };
+    let written = records.iter().filter(from_flooder).count() as u64;
+    let durable_ends = records
+        .iter()
+        .filter(from_flooder)
+        .filter(|r| r["event"] == "task.end" && r["durable"] == true)
+        .count() as u64;
+    let suppressed: u64 = records
+        .iter()
+        .filter(|r| r["event"] == "audit.suppressed" && r["principal"] == FLOODER)
+        .map(|r| r["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(durable_ends, durable as u64, "each durable end is audited");
+    assert!(
+        written - durable_ends < 300,
+        "requests that changed nothing wrote {} audit records (budget: 100 a minute)",
+        written - durable_ends
+    );
+    assert_eq!(
+        written + suppressed,
+        4800,
+        "every request is either recorded or counted in a summary"
+    );
+
+    // The honest workload: its task end is durable, its denials recorded.
+    let (status, _) = s.post("/revoke", &[("task_id", "honest")]).await;
+    assert_eq!(status, 200);
+    assert_eq!(s.introspect(&honest_token).await["active"], false);
+    let (status, _) = s
+        .exchange(&[("audience", "billing"), ("scope", "x"), ("task_id", "h")])
+        .await;
+    assert_eq!(status, 400);
+    let revocations = std::fs::read_to_string(s.dir().join("data/revocations.jsonl")).unwrap();
+    assert_eq!(
+        revocations.lines().count(),
+        durable + 1,
+        "the honest end is durable"
+    );
+    let log = std::fs::read_to_string(s.dir().join("data/audit.jsonl")).unwrap();
+    let last: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (last["event"].as_str(), last["decision"].as_str()),
+        (Some("token.exchange"), Some("denied")),
+        "{last}"
+    );
+}
+
 #[tokio::test]
 async fn task_end_and_revocation_survive_a_restart() {
     let s = Setup::start().await;

@@ -27,4 +27,8 @@ pub struct ExchangeConfig {
     pub approval_grant_ttl: Duration,
     /// `interval` told to clients polling a pending approval.
     pub approval_poll_interval: Duration,
+    /// Audit records per principal per minute for requests that change
+    /// nothing (denials, pending polls, ends of tasks without tokens); the
+    /// rest are counted and summarised.
+    pub denial_records_per_minute: u32,
 }
