@@ -458,7 +458,17 @@ fn build_exchange(
             .with_context(|| format!("creating the audit log directory {}", dir.display()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
-    let (audit, report) = AuditLog::open(&x.audit_log, clock.clone())
+    if let Some(dir) = x
+        .audit_anchor
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the audit anchor directory {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let (audit, report) = AuditLog::open_anchored(&x.audit_log, &x.audit_anchor, clock.clone())
         .with_context(|| format!("opening the audit log {}", x.audit_log.display()))?;
     tracing::info!(path = %x.audit_log.display(), records = report.records, "audit log open");
     Ok(Exchange::new(

@@ -29,9 +29,15 @@
 //! | a non-record line inserted               | that line              | `Malformed`       |
 //! | a crash cut the last line (not reopened) | that line              | `TornTail`        |
 //!
-//! Without an outside anchor nobody can detect a rewrite of the whole tail or
-//! clean removal of the last records; keep the latest [`AuditReceipt`] (seq and
-//! hash) somewhere else and compare it with [`VerifyReport::last`].
+//! The chain alone cannot show a rewrite of the whole tail or a clean cut of
+//! the last records. The [`anchor`] can: after every batch, before any record
+//! of it is acknowledged, the log writes the last record's `seq` and line hash
+//! to a file of its own. A log that ends before the anchored record, or whose
+//! record at that `seq` differs, is refused at open ([`AuditError::Tampered`])
+//! and reported by [`verify_file`] (`Truncated`, `Rewritten`). Records after
+//! the anchor were never acknowledged (a crash between the two writes, or
+//! someone appending): `open` acknowledges them with an
+//! `audit.unanchored_records` record naming them, as it does torn lines.
 //!
 //! # Durability
 //!
@@ -77,6 +83,9 @@ use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 
+pub mod anchor;
+use anchor::{Anchor, Mark};
+
 /// Longest line the log writes or reads as a record (1 MiB).
 pub const MAX_LINE_BYTES: usize = 1 << 20;
 /// Most records written with one fsync.
@@ -85,6 +94,10 @@ pub const MAX_BATCH_RECORDS: usize = 4096;
 const MAX_BATCH_BYTES: usize = 8 << 20;
 /// `event` value of the record that acknowledges a torn line.
 pub const RECOVERY_EVENT: &str = "audit.recovered_torn_line";
+/// `event` value of the record that acknowledges records found after the anchor.
+pub const UNANCHORED_EVENT: &str = "audit.unanchored_records";
+/// How often the writer logs the anchored position (for an off-host copy).
+const CHECKPOINT_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 /// `prev` of the first record.
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Members the log sets itself; callers may not provide them.
@@ -128,6 +141,20 @@ pub enum AuditError {
     Serialize(String),
     #[error("audit log writer has stopped")]
     Closed,
+    #[error("audit anchor {path}: {source}")]
+    Anchor {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "audit log {path} does not hold what was acknowledged: {message}. Keep the file and its anchor {anchor} as evidence, move both aside, and start again to begin a new log"
+    )]
+    Tampered {
+        path: PathBuf,
+        anchor: PathBuf,
+        message: String,
+    },
 }
 
 /// Acknowledgement of a durable record.
@@ -183,6 +210,26 @@ pub struct VerifyReport {
     pub recovered_torn_lines: Vec<u64>,
     /// `seq` and `hash` of the last record, to compare with a kept receipt.
     pub last: Option<AuditReceipt>,
+    /// What the log holds against its anchor (`None`: no anchor was given).
+    pub anchor: Option<AnchorState>,
+}
+
+/// The log compared with its anchor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnchorState {
+    /// No anchor file, or no valid mark in it: truncation and rewriting
+    /// cannot be detected.
+    Missing,
+    /// Every record up to `seq` is the one acknowledged; `after` records
+    /// follow it, not (yet) acknowledged: being written now, or left by a
+    /// crash between the log write and the anchor write, or appended by
+    /// someone else (an agent reopening the log names them in an
+    /// `audit.unanchored_records` record).
+    Holds { seq: u64, after: u64 },
+    /// The log ends before the anchored record (also reported as a problem).
+    Truncated { anchored: u64, last: u64 },
+    /// The record at the anchored `seq` is not the acknowledged one.
+    Rewritten { seq: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,6 +264,11 @@ pub enum ProblemKind {
     /// Incomplete line(s) at the end of the file, not yet recovered (the agent
     /// crashed mid-write and has not reopened the log since).
     TornTail,
+    /// The log ends before the last acknowledged record (its anchor).
+    Truncated,
+    /// The record at the anchored `seq` is not the acknowledged one: records
+    /// were rewritten (hashes recomputed) from there or before.
+    Rewritten,
 }
 
 /// A shared handle on the audit log; clones share one writer.
@@ -268,8 +320,18 @@ impl AuditLog {
     /// last line is acknowledged with a recovery record (see the module doc).
     /// Records are timestamped from `clock`.
     pub fn open(path: &Path, clock: Arc<dyn Clock>) -> Result<(Self, OpenReport), AuditError> {
+        Self::open_anchored(path, &anchor::default_path(path), clock)
+    }
+
+    /// [`open`](Self::open) with the anchor at `anchor_path` (see [`anchor`]).
+    pub fn open_anchored(
+        path: &Path,
+        anchor_path: &Path,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Self, OpenReport), AuditError> {
         Self::open_inner(
             path,
+            anchor_path,
             clock,
             #[cfg(test)]
             Arc::default(),
@@ -278,6 +340,7 @@ impl AuditLog {
 
     fn open_inner(
         path: &Path,
+        anchor_path: &Path,
         clock: Arc<dyn Clock>,
         #[cfg(test)] faults: Arc<faults::Faults>,
     ) -> Result<(Self, OpenReport), AuditError> {
@@ -325,12 +388,51 @@ impl AuditLog {
                 .map_err(open_err)?;
         }
 
-        let scan = scan(BufReader::with_capacity(64 * 1024, &*file)).map_err(|source| {
-            AuditError::Read {
-                path: path.to_owned(),
-                source,
+        // Opened under the log's lock: one writer for both.
+        let anchor_err = |source| AuditError::Anchor {
+            path: anchor_path.to_owned(),
+            source,
+        };
+        let (anchor, mark) = Anchor::open(anchor_path).map_err(anchor_err)?;
+        let scan =
+            scan(BufReader::with_capacity(64 * 1024, &*file), mark.as_ref()).map_err(|source| {
+                AuditError::Read {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?;
+        // Acknowledged records must all be there, unchanged: refuse to
+        // append to (and so bury) a log that lost or rewrote some.
+        match &scan.report.anchor {
+            Some(AnchorState::Truncated { anchored, last }) => {
+                return Err(AuditError::Tampered {
+                    path: path.to_owned(),
+                    anchor: anchor_path.to_owned(),
+                    message: format!(
+                        "record {anchored} was acknowledged, but the last readable record is {last} (records were removed, or the acknowledged last line was overwritten)"
+                    ),
+                });
             }
-        })?;
+            Some(AnchorState::Rewritten { seq }) => {
+                return Err(AuditError::Tampered {
+                    path: path.to_owned(),
+                    anchor: anchor_path.to_owned(),
+                    message: format!(
+                        "record {seq} is not the record that was acknowledged (records were rewritten)"
+                    ),
+                });
+            }
+            Some(AnchorState::Missing) if scan.report.records > 0 => {
+                tracing::warn!(path = %path.display(), anchor = %anchor_path.display(), "audit log has no anchor yet (first start with anchoring, or the anchor was removed); anchoring its current end");
+            }
+            _ => {}
+        }
+        let unanchored = match (&scan.report.anchor, &mark) {
+            (Some(AnchorState::Holds { after, .. }), Some(m)) if *after > 0 => {
+                Some((m.seq, *after))
+            }
+            _ => None,
+        };
         let problem = scan.report.first_problem.clone();
         if let Some(p) = &problem {
             tracing::error!(path = %path.display(), line = p.line, kind = ?p.kind, "audit log chain problem: {}", p.message);
@@ -338,6 +440,8 @@ impl AuditLog {
 
         let mut writer = Writer {
             path: path.to_owned(),
+            anchor,
+            checkpoint_logged: None,
             file,
             head_seq: scan.head_seq,
             head_prev: scan.head_prev.clone(),
@@ -357,6 +461,22 @@ impl AuditLog {
         }
         let mut torn = Vec::new();
         let ts = timestamp(clock.now());
+        if let Some((anchored, after)) = unanchored {
+            tracing::warn!(path = %path.display(), anchored, after, "audit log holds records after its anchor (never acknowledged: a crash between writing and anchoring, or appended by someone else); writing a record naming them");
+            let mut fields = Map::new();
+            fields.insert("event".into(), UNANCHORED_EVENT.into());
+            fields.insert("anchored_seq".into(), anchored.into());
+            fields.insert("first_seq".into(), (anchored + 1).into());
+            fields.insert("last_seq".into(), writer.head_seq.into());
+            let members = serialize_members(&fields)?;
+            let seq = writer.head_seq + 1;
+            let (line, _hash) = build_line(seq, &ts, &writer.head_prev, &members);
+            writer.head_prev = sha256_hex(line.as_bytes());
+            writer.head_seq = seq;
+            buf.extend_from_slice(line.as_bytes());
+            buf.push(b'\n');
+            records += 1;
+        }
         for p in &scan.pending {
             tracing::warn!(
                 path = %path.display(),
@@ -394,6 +514,9 @@ impl AuditLog {
                     message: format!("recovering the end of the file: {e}"),
                 })?;
             writer.good_len += buf.len() as u64;
+        }
+        if writer.head_seq > 0 && mark.as_ref().map(|m| m.seq) != Some(writer.head_seq) {
+            writer.anchor_head().map_err(anchor_err)?;
         }
         let torn_tail = (!torn.is_empty()).then_some(TornTail {
             lines: torn,
@@ -527,6 +650,9 @@ fn timestamp(now: std::time::SystemTime) -> String {
 
 struct Writer {
     path: PathBuf,
+    anchor: Anchor,
+    /// When the anchored position was last logged.
+    checkpoint_logged: Option<std::time::SystemTime>,
     file: Flock<File>,
     head_seq: u64,
     /// SHA-256 of the last record's line: the next record's `prev`.
@@ -566,8 +692,28 @@ impl Writer {
                     self.head_seq = seq;
                     self.head_prev = prev;
                     self.good_len += buf.len() as u64;
-                    for (reply, seq, hash) in waiters.drain(..) {
-                        let _ = reply.send(Ok(AuditReceipt { seq, hash }));
+                    // Acknowledged only once anchored. If the anchor cannot
+                    // be written the records stay in the log, unacknowledged,
+                    // and the next open names them.
+                    match self.anchor_head() {
+                        Ok(()) => {
+                            for (reply, seq, hash) in waiters.drain(..) {
+                                let _ = reply.send(Ok(AuditReceipt { seq, hash }));
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(anchor = %self.anchor.path().display(), error = %e, records = waiters.len(), "audit anchor write failed; records not acknowledged");
+                            let message = format!(
+                                "the anchor {} could not be written: {e}",
+                                self.anchor.path().display()
+                            );
+                            for (reply, _, _) in waiters.drain(..) {
+                                let _ = reply.send(Err(AuditError::Write {
+                                    path: self.path.clone(),
+                                    message: message.clone(),
+                                }));
+                            }
+                        }
                     }
                 }
                 Err(e) => {
@@ -584,6 +730,30 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Anchors the chain head, and now and then logs it, so a copy of the
+    /// position also lives wherever the agent's logs are shipped.
+    fn anchor_head(&mut self) -> io::Result<()> {
+        #[cfg(test)]
+        if self.faults.take(&self.faults.fail_anchors) {
+            return Err(io::Error::other("injected anchor failure"));
+        }
+        let mark = Mark {
+            seq: self.head_seq,
+            line_sha256: self.head_prev.clone(),
+        };
+        self.anchor.record(&mark)?;
+        let now = self.clock.now();
+        let due = self.checkpoint_logged.is_none_or(|t| {
+            now.duration_since(t)
+                .is_ok_and(|d| d >= CHECKPOINT_LOG_INTERVAL)
+        });
+        if due {
+            tracing::info!(path = %self.path.display(), seq = mark.seq, line_sha256 = %mark.line_sha256, "audit checkpoint");
+            self.checkpoint_logged = Some(now);
+        }
+        Ok(())
     }
 
     fn write_batch(&mut self, buf: &[u8]) -> io::Result<()> {
@@ -617,18 +787,33 @@ impl Writer {
     }
 }
 
-/// Checks the hash chain of the audit log at `path`, streaming.
-pub fn verify_file(path: &Path) -> Result<VerifyReport, AuditError> {
+/// Checks the hash chain of the audit log at `path`, streaming, and, given
+/// its anchor, that every acknowledged record is there unchanged.
+pub fn verify_file(path: &Path, anchor_path: Option<&Path>) -> Result<VerifyReport, AuditError> {
     let file = File::open(path).map_err(|source| AuditError::Open {
         path: path.to_owned(),
         source,
     })?;
-    let scan =
-        scan(BufReader::with_capacity(64 * 1024, file)).map_err(|source| AuditError::Read {
-            path: path.to_owned(),
+    let mark = match anchor_path {
+        None => None,
+        Some(a) => Some(anchor::read(a).map_err(|source| AuditError::Anchor {
+            path: a.to_owned(),
             source,
-        })?;
-    Ok(scan.report)
+        })?),
+    };
+    let scan = scan(
+        BufReader::with_capacity(64 * 1024, file),
+        mark.as_ref().and_then(Option::as_ref),
+    )
+    .map_err(|source| AuditError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut report = scan.report;
+    if mark.is_none() {
+        report.anchor = None;
+    }
+    Ok(report)
 }
 
 /// An invalid line not (yet) acknowledged by a recovery record.
@@ -718,13 +903,14 @@ fn parse_record(line: &[u8]) -> Result<Record, String> {
     })
 }
 
-fn scan<R: BufRead>(mut reader: R) -> io::Result<Scan> {
+fn scan<R: BufRead>(mut reader: R, mark: Option<&Mark>) -> io::Result<Scan> {
     let mut s = Scan {
         report: VerifyReport {
             records: 0,
             first_problem: None,
             recovered_torn_lines: Vec::new(),
             last: None,
+            anchor: None,
         },
         head_seq: 0,
         head_prev: GENESIS_PREV.to_owned(),
@@ -735,6 +921,8 @@ fn scan<R: BufRead>(mut reader: R) -> io::Result<Scan> {
     let mut prev_line = 0u64;
     let mut buf = Vec::new();
     let mut n = 0u64;
+    // The line number and line hash of the anchored record, in its place.
+    let mut anchored: Option<(u64, String)> = None;
     while let Some(info) = read_line_capped(&mut reader, &mut buf, MAX_LINE_BYTES)? {
         n += 1;
         s.len += info.len + u64::from(info.terminated);
@@ -814,6 +1002,9 @@ fn scan<R: BufRead>(mut reader: R) -> io::Result<Scan> {
             };
             s.problem(n, Some(rec.seq), ProblemKind::PrevMismatch, msg);
         }
+        if mark.is_some_and(|m| m.seq == rec.seq) && rec.seq == expected {
+            anchored = Some((n, info.sha256.clone()));
+        }
         // Continue from this record whatever happened, to find the head.
         s.head_seq = rec.seq;
         s.head_prev = info.sha256;
@@ -834,6 +1025,42 @@ fn scan<R: BufRead>(mut reader: R) -> io::Result<Scan> {
         );
         s.problem(line, None, ProblemKind::TornTail, msg);
     }
+    s.report.anchor = Some(match mark {
+        None => AnchorState::Missing,
+        Some(m) if s.head_seq < m.seq => {
+            s.problem(
+                n + 1,
+                Some(m.seq),
+                ProblemKind::Truncated,
+                format!(
+                    "the anchor says record {} was acknowledged, but the log ends at record {}: acknowledged records were removed",
+                    m.seq, s.head_seq
+                ),
+            );
+            AnchorState::Truncated {
+                anchored: m.seq,
+                last: s.head_seq,
+            }
+        }
+        Some(m) => match anchored {
+            Some((_, hash)) if hash == m.line_sha256 => AnchorState::Holds {
+                seq: m.seq,
+                after: s.head_seq - m.seq,
+            },
+            found => {
+                s.problem(
+                    found.map_or(n, |(line, _)| line),
+                    Some(m.seq),
+                    ProblemKind::Rewritten,
+                    format!(
+                        "record {} is not the one acknowledged (its hash differs from the anchor's): records were rewritten",
+                        m.seq
+                    ),
+                );
+                AnchorState::Rewritten { seq: m.seq }
+            }
+        },
+    });
     Ok(s)
 }
 
@@ -911,6 +1138,8 @@ mod faults {
         pub(super) fail_writes: AtomicU32,
         /// Truncations (after a failed write) that fail.
         pub(super) fail_truncates: AtomicU32,
+        /// Anchor writes that fail (after the batch is in the log).
+        pub(super) fail_anchors: AtomicU32,
     }
 
     impl Faults {
@@ -961,7 +1190,10 @@ mod tests {
     }
 
     fn problem(path: &Path) -> Problem {
-        verify_file(path).unwrap().first_problem.expect("a problem")
+        verify_file(path, None)
+            .unwrap()
+            .first_problem
+            .expect("a problem")
     }
 
     async fn log_of(n: u64) -> (tempfile::TempDir, PathBuf) {
@@ -976,7 +1208,7 @@ mod tests {
     #[tokio::test]
     async fn clean_log_verifies() {
         let (_dir, path) = log_of(300).await;
-        let r = verify_file(&path).unwrap();
+        let r = verify_file(&path, None).unwrap();
         assert_eq!(r.first_problem, None);
         assert_eq!(r.records, 300);
         assert_eq!(r.last.as_ref().unwrap().seq, 300);
@@ -1005,7 +1237,7 @@ mod tests {
         assert_eq!(r.seq, 1);
         let v: Value = serde_json::from_str(&lines(&path)[0]).unwrap();
         assert_eq!(v["hash"], r.hash.as_str());
-        assert_eq!(verify_file(&path).unwrap().last, Some(r));
+        assert_eq!(verify_file(&path, None).unwrap().last, Some(r));
     }
 
     #[tokio::test]
@@ -1060,7 +1292,7 @@ mod tests {
         }
         all.sort_unstable();
         assert_eq!(all, (1..=2000).collect::<Vec<_>>());
-        let r = verify_file(&path).unwrap();
+        let r = verify_file(&path, None).unwrap();
         assert_eq!(r.first_problem, None);
         assert_eq!(r.records, 2000);
     }
@@ -1143,43 +1375,182 @@ mod tests {
         assert_eq!((p.line, p.kind), (21, ProblemKind::Malformed));
     }
 
+    /// A crash in the middle of writing record 11: part of its line is on
+    /// disk, it was never acknowledged (nor anchored).
+    fn tear_a_write(path: &Path) {
+        let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+        f.write_all(b"{\"seq\":11,\"ts\":\"2025-01-01T").unwrap();
+    }
+
     #[tokio::test]
     async fn torn_tail_recovered_on_reopen() {
         let (_dir, path) = log_of(10).await;
-        let len = std::fs::metadata(&path).unwrap().len();
-        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.set_len(len - 20).unwrap();
-        drop(f);
+        tear_a_write(&path);
 
         // Before a restart: reported as a torn tail.
         let p = problem(&path);
-        assert_eq!((p.line, p.kind), (10, ProblemKind::TornTail));
+        assert_eq!((p.line, p.kind), (11, ProblemKind::TornTail));
 
         let (log, report) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
         let torn = report.torn_tail.expect("torn tail");
         assert!(torn.newline_added);
         assert_eq!(torn.lines.len(), 1);
-        assert_eq!(torn.lines[0].line, 10);
-        assert_eq!(torn.lines[0].recovery_seq, 10);
-        assert_eq!(report.records, 10);
+        assert_eq!(torn.lines[0].line, 11);
+        assert_eq!(torn.lines[0].recovery_seq, 11);
+        assert_eq!(report.records, 11);
         assert_eq!(report.problem.map(|p| p.kind), Some(ProblemKind::TornTail));
 
         let r = log.append(fields(99)).await.unwrap();
-        assert_eq!(r.seq, 11);
-        let v = verify_file(&path).unwrap();
+        assert_eq!(r.seq, 12);
+        let v = verify_file(&path, Some(&anchor::default_path(&path))).unwrap();
         assert_eq!(v.first_problem, None);
-        assert_eq!(v.recovered_torn_lines, vec![10]);
-        assert_eq!(v.records, 11);
-        let rec: Value = serde_json::from_str(&lines(&path)[10]).unwrap();
+        assert_eq!(v.recovered_torn_lines, vec![11]);
+        assert_eq!(v.records, 12);
+        assert_eq!(v.anchor, Some(AnchorState::Holds { seq: 12, after: 0 }));
+        let rec: Value = serde_json::from_str(&lines(&path)[11]).unwrap();
         assert_eq!(rec["event"], RECOVERY_EVENT);
-        assert_eq!(rec["torn_line"], 10);
+        assert_eq!(rec["torn_line"], 11);
         drop(log);
 
         // Reopening again finds nothing to recover.
         let (_log, report) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
         assert_eq!(report.torn_tail, None);
         assert_eq!(report.problem, None);
-        assert_eq!(report.records, 11);
+        assert_eq!(report.records, 12);
+    }
+
+    /// What the chain alone let through: cutting the tail, rewriting the
+    /// tail with recomputed hashes, and overwriting the last acknowledged
+    /// record (which reopening used to label torn by a crash). The anchor
+    /// catches each; `open` refuses to append to such a log.
+    #[tokio::test]
+    async fn the_anchor_catches_truncation_and_rewriting() {
+        let anchored = |path: &Path| verify_file(path, Some(&anchor::default_path(path))).unwrap();
+        let refused = |path: &Path| match AuditLog::open(path, Arc::new(SystemClock)) {
+            Err(e @ AuditError::Tampered { .. }) => e.to_string(),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("opened a tampered log"),
+        };
+
+        // Cut the last two records cleanly: the chain verifies, the anchor not.
+        let (_dir, path) = log_of(10).await;
+        let orig = lines(&path);
+        write_lines(&path, &orig[..8]);
+        assert_eq!(verify_file(&path, None).unwrap().first_problem, None);
+        let v = anchored(&path);
+        assert_eq!(
+            v.anchor,
+            Some(AnchorState::Truncated {
+                anchored: 10,
+                last: 8
+            })
+        );
+        assert_eq!(v.first_problem.unwrap().kind, ProblemKind::Truncated);
+        assert!(refused(&path).contains("record 10 was acknowledged"));
+
+        // Overwrite the last acknowledged record with garbage: not a crash.
+        let mut ls = orig.clone();
+        ls[9] = "{\"seq\":10,\"ts\":\"x".into();
+        write_lines(&path, &ls);
+        assert_eq!(
+            verify_file(&path, None)
+                .unwrap()
+                .first_problem
+                .unwrap()
+                .kind,
+            ProblemKind::TornTail
+        );
+        assert_eq!(
+            anchored(&path).anchor,
+            Some(AnchorState::Truncated {
+                anchored: 10,
+                last: 9
+            })
+        );
+        refused(&path);
+
+        // Rewrite record 6 onwards with every hash recomputed, and append a
+        // forged record: the chain verifies, the anchor not.
+        let mut head = GENESIS_PREV.to_owned();
+        let mut forged = Vec::new();
+        for (i, line) in orig.iter().enumerate() {
+            let mut v: Map<String, Value> = serde_json::from_str(line).unwrap();
+            if i >= 5 {
+                v.insert("decision".into(), "deny".into());
+            }
+            let members: Map<String, Value> = v
+                .into_iter()
+                .filter(|(k, _)| !RESERVED_FIELDS.contains(&k.as_str()))
+                .collect();
+            let (l, _) = build_line(
+                i as u64 + 1,
+                "2025-01-01T00:00:00.000Z",
+                &head,
+                &serialize_members(&members).unwrap(),
+            );
+            head = sha256_hex(l.as_bytes());
+            forged.push(l);
+        }
+        write_lines(&path, &forged);
+        assert_eq!(verify_file(&path, None).unwrap().first_problem, None);
+        assert_eq!(
+            anchored(&path).anchor,
+            Some(AnchorState::Rewritten { seq: 10 })
+        );
+        assert!(refused(&path).contains("rewritten"));
+
+        // Records appended after the anchor are named when the log reopens.
+        write_lines(&path, &orig);
+        let mut extra = orig.clone();
+        let (l, _) = build_line(
+            11,
+            "2025-01-01T00:00:00.000Z",
+            &sha256_hex(orig[9].as_bytes()),
+            &serialize_members(&fields(11)).unwrap(),
+        );
+        extra.push(l);
+        write_lines(&path, &extra);
+        assert_eq!(
+            anchored(&path).anchor,
+            Some(AnchorState::Holds { seq: 10, after: 1 })
+        );
+        let (log, _) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
+        drop(log);
+        let rec: Value = serde_json::from_str(&lines(&path)[11]).unwrap();
+        assert_eq!(
+            (
+                rec["event"].as_str(),
+                rec["first_seq"].as_u64(),
+                rec["last_seq"].as_u64()
+            ),
+            (Some(UNANCHORED_EVENT), Some(11), Some(11))
+        );
+        assert_eq!(
+            anchored(&path).anchor,
+            Some(AnchorState::Holds { seq: 12, after: 0 })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_anchor_write_acknowledges_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let faults = Arc::new(faults::Faults::default());
+        let (log, _) = AuditLog::open_inner(
+            &path,
+            &anchor::default_path(&path),
+            Arc::new(SystemClock),
+            faults.clone(),
+        )
+        .unwrap();
+        write_n(&log, 0, 3).await;
+        faults.fail_anchors.store(1, Ordering::SeqCst);
+        assert!(log.append(fields(3)).await.is_err());
+        assert_eq!(log.append(fields(4)).await.unwrap().seq, 5);
+        drop(log);
+        let v = verify_file(&path, Some(&anchor::default_path(&path))).unwrap();
+        assert_eq!((v.records, v.first_problem), (5, None));
+        assert_eq!(v.anchor, Some(AnchorState::Holds { seq: 5, after: 0 }));
     }
 
     #[tokio::test]
@@ -1199,11 +1570,11 @@ mod tests {
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(len - 1).unwrap();
         drop(f);
-        assert_eq!(verify_file(&path).unwrap().first_problem, None);
+        assert_eq!(verify_file(&path, None).unwrap().first_problem, None);
         let (log, report) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
         assert_eq!(report.torn_tail, None);
         assert_eq!(log.append(fields(9)).await.unwrap().seq, 6);
-        let v = verify_file(&path).unwrap();
+        let v = verify_file(&path, None).unwrap();
         assert_eq!((v.records, v.first_problem), (6, None));
     }
 
@@ -1217,7 +1588,7 @@ mod tests {
             Err(AuditError::Locked { .. })
         ));
         assert_eq!(log.append(fields(1)).await.unwrap().seq, 8);
-        let v = verify_file(&path).unwrap();
+        let v = verify_file(&path, None).unwrap();
         assert_eq!((v.records, v.first_problem), (8, None));
     }
 
@@ -1240,7 +1611,7 @@ mod tests {
         assert!(log.append(fields(5)).await.is_err());
         assert!(log.append(fields(6)).await.is_err());
         assert_eq!(log.append(fields(7)).await.unwrap().seq, 5);
-        let v = verify_file(&path).unwrap();
+        let v = verify_file(&path, None).unwrap();
         assert_eq!((v.records, v.first_problem), (5, None));
         assert!(v.recovered_torn_lines.is_empty());
     }
@@ -1261,7 +1632,7 @@ mod tests {
         let (log, report) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
         assert_eq!(report.torn_tail.unwrap().lines[0].line, 4);
         assert_eq!(log.append(fields(4)).await.unwrap().seq, 5);
-        let v = verify_file(&path).unwrap();
+        let v = verify_file(&path, None).unwrap();
         assert_eq!(v.first_problem, None);
         assert_eq!(v.recovered_torn_lines, vec![4]);
     }

@@ -87,7 +87,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Healthcheck { socket } => api::healthcheck(socket).await,
         Command::Token(cmd) => token::token(cmd).await,
         Command::Approvals(cmd) => approvals::approvals(cmd).await,
-        Command::Audit(audit::AuditCommand::Verify { file }) => audit::audit_verify(&file),
+        Command::Audit(audit::AuditCommand::Verify {
+            file,
+            anchor,
+            no_anchor,
+        }) => audit::audit_verify(&file, anchor.as_deref(), no_anchor),
         Command::Authority(cmd) => authority::authority(cmd).await,
         Command::Bench(b) => bench(b).await,
     }

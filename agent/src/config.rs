@@ -200,6 +200,7 @@ struct RawExchange {
     max_ttl: Option<Spanned<String>>,
     default_ttl: Option<Spanned<String>>,
     audit_log: Option<PathBuf>,
+    audit_anchor: Option<PathBuf>,
     max_delegation_depth: Option<Spanned<u32>>,
     approval_timeout: Option<Spanned<String>>,
     approval_grant_ttl: Option<Spanned<String>>,
@@ -891,6 +892,10 @@ impl Config {
             Some(d) => *d.get_ref(),
             None => 3,
         };
+        let audit_log = x
+            .audit_log
+            .clone()
+            .unwrap_or_else(|| data_dir.join("audit.jsonl"));
         Ok(ExchangeConfig {
             socket_path,
             policy_dir: x.policy_dir.clone(),
@@ -902,10 +907,11 @@ impl Config {
             issuer,
             max_ttl,
             default_ttl: default_ttl.min(max_ttl),
-            audit_log: x
-                .audit_log
+            audit_anchor: x
+                .audit_anchor
                 .clone()
-                .unwrap_or_else(|| data_dir.join("audit.jsonl")),
+                .unwrap_or_else(|| crate::audit::anchor::default_path(&audit_log)),
+            audit_log,
             max_delegation_depth,
             approval_timeout: duration(
                 "exchange.approval_timeout",
@@ -1258,6 +1264,10 @@ mod tests {
         );
         assert_eq!(x.max_delegation_depth, 3);
         assert_eq!(x.denial_records_per_minute, 600);
+        assert!(
+            x.audit_anchor.ends_with("audit.jsonl.anchor"),
+            "beside the log by default"
+        );
         assert!(x.policy_dir.is_none());
         let off =
             Config::parse(&format!("{MINIMAL}[exchange]\nenabled = false\n"), "t.toml").unwrap();

@@ -1130,7 +1130,11 @@ async fn approval_pending_then_approved_then_token_and_denied() {
     assert_eq!((status, e["error"].as_str()), (400, Some("access_denied")));
 
     // Every decision is in the audit log, chained.
-    let report = tessera_agent::audit::verify_file(&s.dir().join("data/audit.jsonl")).unwrap();
+    let report = tessera_agent::audit::verify_file(
+        &s.dir().join("data/audit.jsonl"),
+        Some(&s.dir().join("data/audit.jsonl.anchor")),
+    )
+    .unwrap();
     assert!(report.first_problem.is_none(), "{:?}", report.first_problem);
     let log = std::fs::read_to_string(s.dir().join("data/audit.jsonl")).unwrap();
     assert!(log.contains("\"approval.decision\""));
@@ -1381,7 +1385,7 @@ async fn policy_hot_reload_valid_and_invalid() {
 
 #[tokio::test]
 async fn audit_log_verifies_clean_and_finds_the_first_tampered_record() {
-    let s = Setup::start().await;
+    let mut s = Setup::start().await;
     for task in ["t1", "t2", "t3"] {
         s.exchange(&[
             ("resource", MCP),
@@ -1393,9 +1397,14 @@ async fn audit_log_verifies_clean_and_finds_the_first_tampered_record() {
     s.exchange(&[("audience", "nope"), ("scope", "x"), ("task_id", "t4")])
         .await;
     let path = s.dir().join("data/audit.jsonl");
-    let report = tessera_agent::audit::verify_file(&path).unwrap();
+    let anchor = s.dir().join("data/audit.jsonl.anchor");
+    let report = tessera_agent::audit::verify_file(&path, Some(&anchor)).unwrap();
     assert!(report.first_problem.is_none(), "{:?}", report.first_problem);
     assert_eq!(report.records, 4);
+    assert_eq!(
+        report.anchor,
+        Some(tessera_agent::audit::AnchorState::Holds { seq: 4, after: 0 })
+    );
     let lines: Vec<Value> = std::fs::read_to_string(&path)
         .unwrap()
         .lines()
@@ -1414,9 +1423,40 @@ async fn audit_log_verifies_clean_and_finds_the_first_tampered_record() {
     let mut out: Vec<String> = text.lines().map(str::to_string).collect();
     out[1] = out[1].replacen("\"task_id\":\"t2\"", "\"task_id\":\"tX\"", 1);
     std::fs::write(&path, out.join("\n") + "\n").unwrap();
-    let report = tessera_agent::audit::verify_file(&path).unwrap();
+    let report = tessera_agent::audit::verify_file(&path, Some(&anchor)).unwrap();
     let problem = report.first_problem.expect("tampering is detected");
     assert_eq!(problem.line, 2, "{problem}");
+
+    // With the agent stopped, remove the record of the denial cleanly (the
+    // chain of the rest is intact): the anchor shows it, and the agent will
+    // not start on, and append to, a log that lost acknowledged records.
+    s.agent.stop().await;
+    let lines: Vec<&str> = text.lines().collect();
+    std::fs::write(&path, lines[..3].join("\n") + "\n").unwrap();
+    let chain_only = tessera_agent::audit::verify_file(&path, None).unwrap();
+    assert_eq!(
+        chain_only.first_problem, None,
+        "the chain alone cannot tell"
+    );
+    let report = tessera_agent::audit::verify_file(&path, Some(&anchor)).unwrap();
+    assert_eq!(
+        report.first_problem.map(|p| p.kind),
+        Some(tessera_agent::audit::ProblemKind::Truncated)
+    );
+    let text = TestAgent::config_text(s.dir(), &agent_body(s.dir(), ""));
+    let config = tessera_agent::config::Config::parse(&text, "test.toml").unwrap();
+    let err = tessera_agent::app::start(
+        config,
+        std::sync::Arc::new(tessera_agent::clock::SystemClock),
+    )
+    .await
+    .err()
+    .expect("the agent refuses a truncated audit log");
+    let message = format!("{err:#}");
+    assert!(
+        message.contains("record 4 was acknowledged, but the last readable record is 3"),
+        "{message}"
+    );
 }
 
 #[tokio::test]

@@ -422,7 +422,11 @@ async fn disk_full_refuses_exchanges_keeps_serving_and_recovers() {
     issued.push(resp["access_token"].as_str().unwrap().to_string());
     let (status, _) = post(&d, "/revoke", &[("task_id", &task(999))]).await;
     assert_eq!(status, 200);
-    let report = tessera_agent::audit::verify_file(&audit_log).unwrap();
+    let report = tessera_agent::audit::verify_file(
+        &audit_log,
+        Some(&tessera_agent::audit::anchor::default_path(&audit_log)),
+    )
+    .unwrap();
     assert!(report.first_problem.is_none(), "{:?}", report.first_problem);
     let hashes = audit_hashes(&audit_log);
     for t in &issued {

@@ -20,6 +20,9 @@ pub struct ExchangeConfig {
     pub default_ttl: Duration,
     /// Hash-chained decision log; defaults to `data_dir/audit.jsonl`.
     pub audit_log: PathBuf,
+    /// The log's high-water mark (`crate::audit::anchor`); defaults to
+    /// `<audit_log>.anchor`. Keep it apart from the log.
+    pub audit_anchor: PathBuf,
     pub max_delegation_depth: u32,
     /// How long a pending approval waits for an operator.
     pub approval_timeout: Duration,
