@@ -323,12 +323,15 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         })),
         64 * 1024,
     );
-    let incoming = crate::transport::grpc::incoming(Acceptor::new(
-        listener,
-        proc_root,
-        caps,
-        refused_counter(&metrics, "workload_api"),
-    ));
+    let incoming = crate::transport::grpc::incoming(
+        Acceptor::new(
+            listener,
+            proc_root,
+            caps,
+            refused_counter(&metrics, "workload_api"),
+        ),
+        config.idle_timeout,
+    );
     // Ready before the server runs: connections already waiting in the
     // listen queue are answered the moment it starts, and must not be told
     // the agent is not ready (everything they need is built by now).
@@ -338,6 +341,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         tonic::transport::Server::builder()
             // Streams per connection; clients multiplex a handful at most.
             .max_concurrent_streams(Some(1024))
+            // Streams count as activity until they end, so a connection is
+            // closed only after the idle timeout with none open.
+            .layer(crate::transport::idle::CountStreams)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(api)
@@ -424,6 +430,7 @@ fn http_limits(config: &Config) -> Limits {
         header_read_timeout: config.http_header_timeout,
         request_timeout: config.http_request_timeout,
         shutdown_grace: config.shutdown_grace,
+        idle_timeout: config.idle_timeout,
     }
 }
 

@@ -168,6 +168,7 @@ mod tests {
                 exe_at_accept: None,
             },
             attested: Arc::default(),
+            activity: crate::transport::idle::Activity::new(),
         }
     }
 

@@ -225,6 +225,7 @@ struct RawLimits {
     max_connections_per_process: Option<Spanned<u32>>,
     http_header_timeout: Option<Spanned<String>>,
     http_request_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
     request_burst: Option<Spanned<f64>>,
 }
 
@@ -257,6 +258,9 @@ pub struct Config {
     pub http_header_timeout: Duration,
     /// HTTP sockets: a whole request must complete within this (else 408).
     pub http_request_timeout: Duration,
+    /// Every socket: a connection with no request or stream open for this
+    /// long is closed.
+    pub idle_timeout: Duration,
     /// Per-caller budget for Workload API calls and exchange requests.
     pub caller_budget: crate::rate_limit::Budget,
     /// Per-task token exchange, when an `[exchange]` table is present (and
@@ -565,6 +569,7 @@ impl Config {
             &raw.limits.http_request_timeout,
             30,
         )?;
+        let idle_timeout = http_timeout("limits.idle_timeout", &raw.limits.idle_timeout, 120)?;
 
         let k8s_attestor = match &raw.attestor.k8s {
             Some(k) if k.enabled.unwrap_or(true) => Some(Self::k8s_config(&cx, k)?),
@@ -640,6 +645,7 @@ impl Config {
             max_connections_per_process,
             http_header_timeout,
             http_request_timeout,
+            idle_timeout,
             exchange,
             upstream,
             server,

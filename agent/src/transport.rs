@@ -9,11 +9,13 @@
 //! * [`http`]: HTTP/1.1 for axum routers, with header and request deadlines.
 //! * [`authority_header`]: accepts the socket path that some gRPC clients
 //!   send as HTTP/2 `:authority`.
+//! * [`idle`]: closes connections with nothing open for a while.
 
 pub mod accept;
 pub mod authority_header;
 pub mod grpc;
 pub mod http;
+pub mod idle;
 pub mod peer;
 
 pub use accept::{Accepted, Acceptor, ConnectionCaps};

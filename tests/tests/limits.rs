@@ -203,3 +203,74 @@ time.sleep(30)
     }
     agent.stop().await;
 }
+
+/// A connection that does nothing is closed after `limits.idle_timeout`, on
+/// both sockets: a raw connection that only sends the HTTP/2 preface, and an
+/// HTTP/1.1 keep-alive connection after its one request. A connection whose
+/// watch stream is open stays, however quiet, and the client's channel
+/// keeps working after its idle connection was closed. Before, idle
+/// connections were held until the caller closed them.
+#[tokio::test]
+async fn idle_connections_are_closed_and_open_streams_are_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "{}[limits]\nidle_timeout = \"1s\"\n[exchange]\nsocket_path = \"{}/sock/exchange.sock\"\n",
+        TestAgent::entry_for_me("idle", "default"),
+        dir.path().display()
+    );
+    let mut agent = TestAgent::start_in(dir, &body).await;
+    let exchange = agent.dir.path().join("sock/exchange.sock");
+
+    // A watch stream that stays open (and quiet) longer than the timeout,
+    // and a client that makes one call and then waits.
+    let watcher = agent.spiffe_client().await;
+    let mut watch = watcher.stream_x509_contexts().await.unwrap();
+    use tokio_stream::StreamExt;
+    watch.next().await.expect("first update").unwrap();
+    let unary = agent.spiffe_client().await;
+    unary.fetch_x509_svid().await.unwrap();
+
+    let started = tokio::time::Instant::now();
+    let mut preface_only = tokio::net::UnixStream::connect(agent.socket())
+        .await
+        .unwrap();
+    preface_only
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let mut keep_alive = tokio::net::UnixStream::connect(&exchange).await.unwrap();
+    keep_alive
+        .write_all(b"GET /jwks HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    keep_alive.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+
+    for (name, conn) in [
+        ("Workload API, preface only", &mut preface_only),
+        ("exchange, keep-alive after a request", &mut keep_alive),
+    ] {
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: still open after 5 s"))
+            .unwrap();
+    }
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(900),
+        "closed before the idle timeout ({closed_after:?})"
+    );
+
+    // The quiet stream is still open: nothing ended it, and after another
+    // timeout it still delivers (a rotation is not due, so nothing arrives).
+    let next = tokio::time::timeout(Duration::from_millis(1500), watch.next()).await;
+    assert!(next.is_err(), "the watch stream ended: {next:?}");
+    // The client whose connection was closed while idle reconnects on its
+    // next call.
+    let svid = unary.fetch_x509_svid().await.unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/idle");
+    agent.stop().await;
+}

@@ -11,13 +11,14 @@ use tokio::net::UnixStream;
 
 use super::accept::{Accepted, Acceptor};
 use super::authority_header::AuthorityRewriter;
+use super::idle::IdleStream;
 use super::peer::PeerConnection;
 
 /// An accepted Unix stream plus its [`PeerConnection`]. Inbound bytes pass
 /// through an [`AuthorityRewriter`] so clients that send the socket path as
 /// `:authority` are served (see `authority_header`).
 pub struct PeerStream {
-    inner: UnixStream,
+    inner: IdleStream<UnixStream>,
     /// Held for the connection's life: the socket's connection cap.
     _slot: super::accept::Slot,
     info: PeerConnection,
@@ -86,15 +87,20 @@ impl AsyncWrite for PeerStream {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        tokio::io::AsyncWrite::is_write_vectored(&self.inner)
     }
 }
 
 /// The connections of `acceptor` as tonic's incoming stream. A connection
 /// whose credentials could not be read is dropped: no Workload API answer
-/// can be given to a caller that cannot be attested.
-pub fn incoming(acceptor: Acceptor) -> impl futures_util::Stream<Item = io::Result<PeerStream>> {
-    futures_util::stream::unfold(acceptor, |acceptor| async move {
+/// can be given to a caller that cannot be attested. A connection with no
+/// stream open for `idle_timeout` is closed (serve with
+/// [`CountStreams`](super::idle::CountStreams) so streams are counted).
+pub fn incoming(
+    acceptor: Acceptor,
+    idle_timeout: std::time::Duration,
+) -> impl futures_util::Stream<Item = io::Result<PeerStream>> {
+    futures_util::stream::unfold(acceptor, move |acceptor| async move {
         loop {
             let Accepted { stream, peer, slot } = acceptor.accept().await;
             let Some(info) = peer else {
@@ -102,7 +108,7 @@ pub fn incoming(acceptor: Acceptor) -> impl futures_util::Stream<Item = io::Resu
             };
             return Some((
                 Ok(PeerStream {
-                    inner: stream,
+                    inner: IdleStream::new(stream, info.activity.clone(), idle_timeout),
                     _slot: slot,
                     info,
                     inbound: AuthorityRewriter::new(),

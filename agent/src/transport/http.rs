@@ -6,6 +6,8 @@
 //! router sees a request:
 //!
 //! * the request head must arrive within `header_read_timeout`;
+//! * a connection with no request in progress for `idle_timeout` is closed
+//!   ([`idle`](super::idle));
 //! * a whole request (body and handler) must finish within `request_timeout`,
 //!   else 408;
 //! * the caller's kernel credentials, read at accept time, reach handlers as
@@ -23,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::accept::{Accepted, Acceptor};
+use super::idle::{Activity, IdleStream};
 use super::peer::PeerConnection;
 
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +34,8 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// How long open connections may finish after shutdown begins.
     pub shutdown_grace: Duration,
+    /// A connection with no request in progress for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -39,6 +44,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -57,12 +63,18 @@ pub async fn serve(
             accepted = acceptor.accept() => accepted,
         };
         let info: Option<PeerConnection> = peer;
+        let activity = info
+            .as_ref()
+            .map_or_else(Activity::new, |p| p.activity.clone());
+        let stream = IdleStream::new(stream, activity.clone(), limits.idle_timeout);
         let app = app.clone();
         let service =
             hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(ConnectInfo(info.clone()));
                 let app = app.clone();
+                let active = activity.begin();
                 async move {
+                    let _active = active;
                     let req = req.map(axum::body::Body::new);
                     match tokio::time::timeout(limits.request_timeout, app.oneshot(req)).await {
                         Ok(response) => response,
@@ -125,6 +137,7 @@ mod tests {
             header_read_timeout: Duration::from_millis(header_read_timeout_ms),
             request_timeout: Duration::from_millis(request_timeout_ms),
             shutdown_grace: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(120),
         }
     }
 

@@ -15,6 +15,8 @@ pub struct PeerConnection {
     /// Filled by the first request on this connection (attestation is lazy,
     /// so the accept loop never waits on /proc or hashing).
     pub attested: Arc<OnceCell<Arc<AttestedPeer>>>,
+    /// Open requests and streams, for closing the connection when idle.
+    pub activity: Arc<super::idle::Activity>,
 }
 
 impl PeerConnection {
@@ -29,6 +31,7 @@ impl PeerConnection {
         Ok(Self {
             peer,
             attested: Arc::new(OnceCell::new()),
+            activity: super::idle::Activity::new(),
         })
     }
 }
