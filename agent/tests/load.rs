@@ -551,3 +551,251 @@ async fn a_client_that_never_reads_its_streams_costs_bounded_memory() {
     );
     daemon.terminate();
 }
+
+/// Holds a user's flood: each process connects to both sockets in turn
+/// (the Workload API ones send the HTTP/2 preface), then reports how many of
+/// its connections the agent kept open, and again whenever asked on stdin.
+const FLOOD: &str = r#"
+import json, socket, sys
+api, exchange, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+held = {"api": [], "exchange": []}
+for i in range(n):
+    which, path = ("api", api) if i % 2 == 0 else ("exchange", exchange)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    if which == "api":
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    held[which].append(s)
+def still_open(s):
+    try:
+        while True:
+            data = s.recv(4096, socket.MSG_DONTWAIT)
+            if not data:
+                return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+for line in sys.stdin:
+    print(json.dumps({k: sum(map(still_open, v)) for k, v in held.items()}), flush=True)
+"#;
+
+/// Latencies of `n` honest calls, each on a new connection: (p50, p99) in ms.
+async fn honest_latencies(
+    n: usize,
+    mut call: impl AsyncFnMut() -> anyhow::Result<()>,
+) -> (f64, f64) {
+    let mut ms = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        within("an honest call", call()).await.expect("honest call");
+        ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    (ms[n / 2], ms[n * 99 / 100])
+}
+
+/// One unprivileged user (uid 65534, an identity of its own) opens 10,000
+/// connections from 8 processes, half to each socket, and holds them. It
+/// keeps at most its per-user share of each socket's cap; an honest root
+/// workload meanwhile connects and is served on both sockets, and after
+/// `limits.idle_timeout` the agent has closed every connection the flood
+/// held and given its descriptors back. Figures go to RELIABILITY.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_flooding_both_sockets_keeps_its_share_and_others_are_served() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "a_user_flooding_both_sockets_keeps_its_share_and_others_are_served NEEDS ROOT \
+         (the flood runs as another user); run the tests as root, as CI does"
+    );
+    const PROCESSES: usize = 8;
+    const PER_PROCESS: usize = 1_250;
+    let _serial = SERIAL.lock().await;
+    let soft = raise_nofile_limit(20_200);
+    let policies = tempfile::tempdir().unwrap();
+    let uid = nix::unistd::geteuid().as_raw();
+    std::fs::write(
+        policies.path().join("honest.cedar"),
+        format!(
+            "permit(principal, action == Tessera::Action::\"read\", resource == Tessera::Audience::\"api\")\n\
+             when {{ principal.selectors.contains(\"unix:uid:{uid}\") }};\n"
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&format!(
+        "[[entries]]\nspiffe_id = \"spiffe://example.org/flooder\"\nselectors = [\"unix:uid:65534\"]\n\
+         [limits]\nidle_timeout = \"8s\"\n[exchange]\npolicy_dir = \"{}\"\n",
+        policies.path().display()
+    ));
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [
+        daemon.dir.path().to_path_buf(),
+        daemon.dir.path().join("sock"),
+    ] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let (api, exchange) = (
+        daemon.socket(),
+        daemon.dir.path().join("sock/exchange.sock"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !exchange.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no exchange socket; log:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // What the agent derives from RLIMIT_NOFILE (app::connection_caps): two
+    // descriptors per connection, 128 kept free, two sockets; a user gets
+    // three quarters of a socket's cap.
+    let per_socket = ((soft - 128) / 4).min(16_384) as usize;
+    let user_share = per_socket * 3 / 4;
+
+    let issuer_svid = tessera_agent::cli::client::connect(&api)
+        .await
+        .unwrap()
+        .fetch_jwtsvid(pb::with_security_header(pb::JwtsvidRequest {
+            audience: vec!["spiffe://example.org/tessera".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .svids
+        .remove(0)
+        .svid;
+    let measure = async || {
+        let api_ms = honest_latencies(200, async || {
+            tessera_agent::cli::client::connect(&api)
+                .await?
+                .fetch_jwtsvid(pb::with_security_header(pb::JwtsvidRequest {
+                    audience: vec!["db".into()],
+                    spiffe_id: String::new(),
+                }))
+                .await?;
+            Ok(())
+        })
+        .await;
+        let mut n = 0;
+        let exchange_ms = honest_latencies(200, async || {
+            n += 1;
+            let task = format!("t-{n}");
+            let form = tessera_agent::cli::client::form(&[
+                (
+                    "grant_type",
+                    "urn:ietf:params:oauth:grant-type:token-exchange",
+                ),
+                ("subject_token", &issuer_svid),
+                ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+                ("audience", "api"),
+                ("scope", "read"),
+                ("task_id", &task),
+            ]);
+            let (status, body) = tessera_agent::cli::client::http_unix(
+                &exchange,
+                http::Method::POST,
+                "/token",
+                Some(form),
+            )
+            .await?;
+            anyhow::ensure!(
+                status == 200,
+                "{status}: {}",
+                String::from_utf8_lossy(&body)
+            );
+            Ok(())
+        })
+        .await;
+        (api_ms, exchange_ms)
+    };
+    let descriptors = || {
+        std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+            .unwrap()
+            .count()
+    };
+    let (quiet_api, quiet_exchange) = measure().await;
+    let quiet_fds = settled(|| descriptors() as u64).await;
+
+    let mut flooders: Vec<Child> = (0..PROCESSES)
+        .map(|_| {
+            Command::new("setpriv")
+                .args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "/usr/bin/python3",
+                    "-c",
+                    FLOOD,
+                ])
+                .arg(&api)
+                .arg(&exchange)
+                .arg(PER_PROCESS.to_string())
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("setpriv and /usr/bin/python3 are required")
+        })
+        .collect();
+    // Asks every flooder how many connections the agent still holds.
+    let mut outputs: Vec<_> = flooders
+        .iter_mut()
+        .map(|c| std::io::BufReader::new(c.stdout.take().unwrap()))
+        .collect();
+    let mut held = |flooders: &mut Vec<Child>| -> (u64, u64) {
+        use std::io::{BufRead, Write};
+        let mut total = (0, 0);
+        for (child, out) in flooders.iter_mut().zip(outputs.iter_mut()) {
+            writeln!(child.stdin.as_mut().unwrap()).unwrap();
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            let v: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|_| panic!("flooder said {line:?}"));
+            total.0 += v["api"].as_u64().unwrap();
+            total.1 += v["exchange"].as_u64().unwrap();
+        }
+        total
+    };
+    // Let the agent accept (and refuse) them all.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (held_api, held_exchange) = tokio::task::block_in_place(|| held(&mut flooders));
+    let flood_fds = descriptors();
+    let (flood_api, flood_exchange) = measure().await;
+    assert!(
+        held_api as usize <= user_share && held_exchange as usize <= user_share,
+        "the flood holds {held_api} + {held_exchange}, over its share of {user_share} per socket"
+    );
+
+    // Nothing on those connections: the idle timeout closes them all.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (idle_api, idle_exchange) = tokio::task::block_in_place(|| held(&mut flooders));
+    let idle_fds = settled(|| descriptors() as u64).await;
+    assert_eq!(
+        (idle_api, idle_exchange),
+        (0, 0),
+        "idle connections still held"
+    );
+    for mut c in flooders {
+        drop(c.stdin.take());
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    println!(
+        "flood of {} connections by uid 65534 from {PROCESSES} processes (RLIMIT_NOFILE {soft}; cap {per_socket} \
+         per socket, user share {user_share}): held {held_api} on the Workload API socket and {held_exchange} on \
+         the exchange socket; agent descriptors {quiet_fds} quiet, {flood_fds} flooded, {idle_fds} after the 8 s \
+         idle timeout closed them all. Honest root workload, new connection per call, p50/p99 ms: FetchJWTSVID \
+         {:.2}/{:.2} quiet, {:.2}/{:.2} flooded; exchange {:.2}/{:.2} quiet, {:.2}/{:.2} flooded",
+        PROCESSES * PER_PROCESS,
+        quiet_api.0,
+        quiet_api.1,
+        flood_api.0,
+        flood_api.1,
+        quiet_exchange.0,
+        quiet_exchange.1,
+        flood_exchange.0,
+        flood_exchange.1,
+    );
+    daemon.terminate();
+}
