@@ -545,20 +545,39 @@ async fn kill_9_at_random_points_loses_nothing_acknowledged() {
             );
         }
         let now = unix_now();
-        for token in ended
+        for (how, token) in ended
             .iter()
-            .map(|(_, t)| t)
-            .chain(revoked.iter())
-            .filter(|t| jwt_claims(t)["exp"].as_u64().unwrap() > now)
+            .map(|(_, t)| ("its task was ended", t))
+            .chain(revoked.iter().map(|t| ("it was revoked", t)))
+            .filter(|(_, t)| jwt_claims(t)["exp"].as_u64().unwrap() > now)
         {
             let (status, json) = post(&agent.exchange_socket(), "/introspect", &[("token", token)])
                 .await
                 .unwrap();
             assert_eq!(status, 200);
-            assert_eq!(
-                json["active"], false,
-                "iteration {iteration}: an acknowledged revocation was lost"
-            );
+            if json["active"] != false {
+                // Everything needed to tell which write went missing.
+                let claims = jwt_claims(token);
+                let header: Value = serde_json::from_slice(
+                    &Engine::decode(
+                        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                        token.split('.').next().unwrap(),
+                    )
+                    .unwrap(),
+                )
+                .unwrap();
+                let jti = claims["jti"].as_str().unwrap_or_default();
+                let file = std::fs::read_to_string(&revocations).unwrap_or_default();
+                panic!(
+                    "iteration {iteration}: an acknowledged revocation was lost: {how}, yet it is active \
+                     (kid {}, claims {claims}, now {now}); its jti is {} the revocation file ({} lines); \
+                     agent log:\n{}",
+                    header["kid"],
+                    if file.contains(jti) { "in" } else { "not in" },
+                    file.lines().count(),
+                    tail(&dir.join("agent.log"))
+                );
+            }
             non_vacuous += 1;
         }
         checked += ended.len() + revoked.len();
