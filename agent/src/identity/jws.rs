@@ -33,6 +33,8 @@ pub enum JwtError {
     Claims(&'static str),
     #[error("token has expired")]
     Expired,
+    #[error("token is not valid yet (nbf)")]
+    NotYetValid,
     #[error("expected audience {0:?} is not in the token's aud claim")]
     Audience(String),
 }

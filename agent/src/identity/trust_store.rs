@@ -91,6 +91,9 @@ impl TrustStore {
     /// Verifies a JWT-SVID per the spec: signature by a key in our bundle,
     /// `sub` a SPIFFE ID of our trust domain, `aud` containing `audience`, not
     /// expired. Returns the SPIFFE ID and all claims.
+    /// Validates a JWT-SVID: signature by a bundle key, `sub` a SPIFFE ID of
+    /// this trust domain, `exp` in the future, `nbf` (if any) not more than
+    /// [`NBF_LEEWAY_SECS`] ahead, `audience` in `aud`.
     pub fn validate_jwt(
         &self,
         token: &str,
@@ -112,8 +115,22 @@ impl TrustStore {
             .get("exp")
             .and_then(|v| v.as_f64())
             .ok_or(JwtError::Claims("exp missing"))?;
-        if exp <= unix_seconds(self.clock.now()) as f64 {
+        let now = unix_seconds(self.clock.now()) as f64;
+        if exp <= now {
             return Err(JwtError::Expired);
+        }
+        // Optional in a JWT-SVID; when present it binds (RFC 7519 §4.1.5),
+        // with the leeway certificates get for clock skew.
+        match claims.get("nbf") {
+            None => {}
+            Some(nbf) => {
+                let nbf = nbf
+                    .as_f64()
+                    .ok_or(JwtError::Claims("nbf is not a number"))?;
+                if now + NBF_LEEWAY_SECS < nbf {
+                    return Err(JwtError::NotYetValid);
+                }
+            }
         }
         let aud_ok = match claims.get("aud") {
             Some(serde_json::Value::String(a)) => a == audience,
@@ -128,6 +145,10 @@ impl TrustStore {
         Ok((id, claims))
     }
 }
+
+/// How far ahead a JWT-SVID's `nbf` may be: the clock skew certificates
+/// are backdated for.
+pub const NBF_LEEWAY_SECS: f64 = super::keyring::BACKDATE.as_secs() as f64;
 
 #[cfg(test)]
 mod tests {
@@ -376,6 +397,32 @@ mod tests {
             refused_by_both(a.trust_store(), &token),
             JwtError::Header(_)
         ));
+    }
+
+    /// A JWT-SVID that says it is not valid yet is refused (the check was
+    /// missing), within the clock-skew leeway it is accepted.
+    #[test]
+    fn a_jwt_svid_before_its_nbf_is_refused() {
+        let signer = es256("k1");
+        let s = store(b"", vec![signer.public_jwk()]);
+        let now = unix_seconds(SystemClock.now());
+        let with_nbf = |nbf: serde_json::Value| {
+            let claims = serde_json::json!({"sub": "spiffe://example.org/w", "aud": "db", "exp": now + 600, "nbf": nbf});
+            s.validate_jwt(&signer.sign("JWT", &claims).unwrap(), "db")
+        };
+        assert_eq!(
+            with_nbf((now + 300).into()).unwrap_err(),
+            JwtError::NotYetValid
+        );
+        assert!(
+            with_nbf((now + 10).into()).is_ok(),
+            "within the skew leeway"
+        );
+        assert!(with_nbf((now - 10).into()).is_ok());
+        assert_eq!(
+            with_nbf("soon".into()).unwrap_err(),
+            JwtError::Claims("nbf is not a number")
+        );
     }
 
     #[test]
