@@ -10,21 +10,24 @@
 //! durable entries in 15 s).
 //!
 //! The ledger knows every task this process issued a token for, with the
-//! latest expiry. It cannot know what an earlier process issued: until
-//! `max_ttl` after start (or after the table was last too full to track a
-//! token), a task it does not know *may* have live tokens. Those ends are
-//! durable up to [`UNKNOWN_DURABLE_ENDS`] per principal; past that they are
-//! kept in memory (effective at once, but not across another restart) and
-//! counted, so a flood in that window cannot fill the disk either.
+//! latest expiry, in 16 bytes or so per task (a 64-bit digest of the task
+//! key: a collision can only make an end durable that need not be). It
+//! cannot know what an earlier process issued: until `max_ttl` after start,
+//! a task it does not know *may* have live tokens. Those ends are durable up
+//! to [`UNKNOWN_DURABLE_ENDS`] per principal; past that they are kept in
+//! memory (effective at once, but not across another restart) and counted,
+//! so a flood in that window cannot fill the disk either. If the table is
+//! full ([`MAX_TRACKED`] tasks with live tokens, which only issuance can
+//! make), every end is durable until the untracked tokens have expired.
 
 use std::collections::{HashMap, VecDeque};
 
 use crate::sync::Mutex;
 
-/// Tasks with live tokens tracked at once; past this (after dropping
-/// expired ones) new ones go untracked and the ledger answers `Unknown`
-/// until they would have expired.
-const MAX_TRACKED: usize = 1 << 17;
+/// Tasks with live tokens tracked at once (about 24 MiB when full); past
+/// this (after dropping expired ones) new ones go untracked, and every end
+/// is durable until they would have expired.
+pub const MAX_TRACKED: usize = 1 << 20;
 /// Ends kept in memory per principal.
 pub const MEMORY_ENDS_PER_PRINCIPAL: usize = 1024;
 /// Principals with ends in memory; past this, expired ones are dropped and
@@ -51,11 +54,15 @@ struct MemoryEnds {
 
 #[derive(Default)]
 struct State {
-    /// Task key -> latest `exp` of a token issued for it by this process.
-    issued: HashMap<String, u64>,
+    /// Digest of a task key -> latest `exp` of a token issued for it by
+    /// this process.
+    issued: HashMap<u64, u64>,
     /// Before this (unix seconds), a task not in `issued` may have live
-    /// tokens: ones issued before start, or while `issued` was full.
+    /// tokens issued before this process started.
     blind_until: u64,
+    /// Before this, a task not in `issued` may have live tokens that were
+    /// not tracked because `issued` was full.
+    overflow_until: u64,
     /// Principal -> ends kept in memory.
     memory_ends: HashMap<String, MemoryEnds>,
     /// Principal -> durable ends of unknown tasks in the blind window.
@@ -80,8 +87,9 @@ impl TaskLedger {
 
     /// A token of task `key` was issued, valid until `exp`.
     pub fn issued(&self, key: &str, exp: u64, now_s: u64) {
+        let digest = digest(key);
         let mut s = self.state.lock();
-        if let Some(e) = s.issued.get_mut(key) {
+        if let Some(e) = s.issued.get_mut(&digest) {
             *e = (*e).max(exp);
             return;
         }
@@ -89,16 +97,16 @@ impl TaskLedger {
             s.issued.retain(|_, e| *e > now_s);
         }
         if s.issued.len() >= MAX_TRACKED {
-            s.blind_until = s.blind_until.max(exp);
+            s.overflow_until = s.overflow_until.max(exp);
             return;
         }
-        s.issued.insert(key.to_owned(), exp);
+        s.issued.insert(digest, exp);
     }
 
     /// How the end of task `key` of `principal` is to be kept.
     pub fn end_kind(&self, principal: &str, key: &str, now_s: u64) -> EndKind {
         let mut s = self.state.lock();
-        if s.issued.get(key).is_some_and(|&exp| exp > now_s) {
+        if s.issued.get(&digest(key)).is_some_and(|&exp| exp > now_s) || now_s < s.overflow_until {
             return EndKind::Durable;
         }
         if now_s >= s.blind_until {
@@ -155,6 +163,17 @@ impl TaskLedger {
         let s = self.state.lock();
         (s.issued.len(), s.memory_ends.len())
     }
+}
+
+/// 64 bits of a task key (itself a SHA-256 in hex, so any 16 digits are
+/// as good as a hash); another string is hashed.
+fn digest(key: &str) -> u64 {
+    key.get(..16)
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or_else(|| {
+            use std::hash::{BuildHasher, BuildHasherDefault};
+            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(key)
+        })
 }
 
 #[cfg(test)]
