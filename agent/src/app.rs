@@ -38,6 +38,8 @@ pub struct RunningAgent {
     /// Sockets to remove on stop besides the Workload API socket.
     extra_sockets: Vec<PathBuf>,
     pub admin_addr: Option<SocketAddr>,
+    /// The HTTPS face's issuer URL, when `[https]` is configured.
+    pub https_issuer: Option<String>,
     pub callers: Arc<Callers>,
     pub cache: Arc<SvidCache>,
     entries: watch::Sender<EntrySet>,
@@ -162,6 +164,13 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let metrics = Arc::new(Metrics::new());
     let mut attestors: Vec<Arc<dyn tessera_attestor::Attestor>> =
         vec![Arc::new(UnixAttestor::new(config.unix_attestor.clone()))];
+    // Bound first: with port 0 the port names the issuer, which JWT-SVIDs
+    // carry from the first one on.
+    let https = match &config.https {
+        None => None,
+        Some(h) => Some(crate::https::bind(h).await?),
+    };
+    let mut local_authority = None;
     let (signer, trust): (Arc<dyn Signer>, Arc<TrustStore>) = match &config.upstream {
         None => {
             let authority = LocalAuthority::load(
@@ -175,7 +184,11 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                 clock.clone(),
             )
             .context("loading the signing authority")?;
+            if let Some(bound) = &https {
+                authority.set_jwt_issuer(bound.issuer.clone());
+            }
             let trust = authority.trust_store().clone();
+            local_authority = Some(authority.clone());
             (authority, trust)
         }
         Some(up) => {
@@ -200,7 +213,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     };
 
     let listener = bind_socket(&config.socket_path, 0o777)?;
-    let cache = SvidCache::new(signer, trust, clock.clone(), metrics.clone());
+    let cache = SvidCache::new(signer, trust.clone(), clock.clone(), metrics.clone());
     tokio::spawn(cache.clone().run_rotation(shutdown.clone()));
 
     if let Some(k8s) = &config.k8s_attestor {
@@ -253,6 +266,24 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             tokio::spawn(exchange.clone().run_maintenance(shutdown.clone()));
             Some(exchange)
         }
+    };
+    let https_issuer = match (&config.https, https) {
+        (Some(h), Some(bound)) => {
+            let issuer = bound.issuer.clone();
+            crate::https::serve(
+                h,
+                bound,
+                local_authority,
+                trust,
+                exchange
+                    .clone()
+                    .map(|x| -> crate::https::TokenKeys { Arc::new(move || x.jwks()) }),
+                clock.clone(),
+                shutdown.clone(),
+            )?;
+            Some(issuer)
+        }
+        _ => None,
     };
     if let Some(path) = &config.admin_socket_path {
         match &exchange {
@@ -362,6 +393,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         exchange,
         extra_sockets,
         admin_addr,
+        https_issuer,
         callers,
         cache,
         entries: entries_tx,

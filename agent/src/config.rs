@@ -81,6 +81,17 @@ struct RawConfig {
     limits: RawLimits,
     upstream: Option<RawUpstream>,
     server: Option<RawServer>,
+    https: Option<RawHttps>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttps {
+    listen: Spanned<String>,
+    issuer: Option<Spanned<String>>,
+    server_name: Option<String>,
+    cert_file: Option<Spanned<PathBuf>>,
+    key_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -266,6 +277,9 @@ pub struct Config {
     /// Per-task token exchange, when an `[exchange]` table is present (and
     /// not `enabled = false`).
     pub exchange: Option<ExchangeConfig>,
+    /// The trust domain's HTTPS face (`[https]`): OpenID discovery and keys,
+    /// and the `iss` of JWT-SVIDs.
+    pub https: Option<crate::https::HttpsConfig>,
     /// Upstream mode: the fleet authority signs (`[upstream]`).
     pub upstream: Option<crate::fleet::client::UpstreamConfig>,
     /// `tessera authority run`: the `[server]` table.
@@ -576,6 +590,10 @@ impl Config {
             _ => None,
         };
 
+        let https = match &raw.https {
+            None => None,
+            Some(h) => Some(Self::https_config(&cx, h, max_connections)?),
+        };
         let exchange = match &raw.exchange {
             Some(x) if x.enabled.unwrap_or(true) => Some(Self::exchange_config(
                 &cx,
@@ -647,6 +665,7 @@ impl Config {
             http_request_timeout,
             idle_timeout,
             exchange,
+            https,
             upstream,
             server,
             warnings,
@@ -948,6 +967,55 @@ impl Config {
         })
     }
 
+    fn https_config(
+        cx: &Ctx<'_>,
+        h: &RawHttps,
+        max_connections: usize,
+    ) -> Result<crate::https::HttpsConfig, ConfigError> {
+        let listen = h.listen.get_ref().parse::<SocketAddr>().map_err(|e| {
+            cx.invalid(
+                "https.listen",
+                &h.listen,
+                format!("not an address like 0.0.0.0:8443 ({e})"),
+            )
+        })?;
+        let issuer = match &h.issuer {
+            None => None,
+            Some(i) => {
+                let text = i.get_ref();
+                let valid = crate::https::issuer_host(text).is_some()
+                    && !text.ends_with('/')
+                    && !text.contains(['?', '#'])
+                    && text.len() <= 512;
+                if !valid {
+                    return Err(cx.invalid(
+                        "https.issuer",
+                        i,
+                        "must be an https:// URL without query, fragment or trailing slash, such as https://tessera.example.com",
+                    ));
+                }
+                Some(text.clone())
+            }
+        };
+        let files = match (&h.cert_file, &h.key_file) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some((c.get_ref().clone(), k.get_ref().clone())),
+            (Some(c), None) => {
+                return Err(cx.invalid("https.key_file", c, "is required with https.cert_file"));
+            }
+            (None, Some(k)) => {
+                return Err(cx.invalid("https.cert_file", k, "is required with https.key_file"));
+            }
+        };
+        Ok(crate::https::HttpsConfig {
+            listen,
+            issuer,
+            server_name: h.server_name.clone(),
+            files,
+            max_connections,
+        })
+    }
+
     fn k8s_config(
         cx: &Ctx<'_>,
         k: &RawK8sAttestor,
@@ -1033,6 +1101,13 @@ selectors = ["unix:uid:{uid}"]
 hint      = "dev"
 
 [admin]
+listen = "127.0.0.1:0"
+
+# The trust domain's HTTPS face on a free port: OpenID discovery and keys
+# at https://localhost:<port>, which JWT-SVIDs carry as `iss`. Its
+# certificate is issued by this trust domain's CA (`tessera api fetch x509
+# --write DIR` writes the bundle to trust).
+[https]
 listen = "127.0.0.1:0"
 
 # Token exchange on {base}/exchange.sock. No policy_dir: every exchange is
@@ -1255,6 +1330,34 @@ mod tests {
         let x = c.exchange.expect("the example enables the exchange");
         assert_eq!(x.max_ttl, Duration::from_secs(900));
         assert_eq!(x.issuer, "spiffe://example.org/tessera");
+    }
+
+    #[test]
+    fn https_table_defaults_and_errors() {
+        let c = Config::parse(
+            &format!("{MINIMAL}[https]\nlisten = \"127.0.0.1:0\"\n"),
+            "t.toml",
+        )
+        .unwrap();
+        let h = c.https.unwrap();
+        assert_eq!(h.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!((h.issuer, h.files), (None, None));
+        assert!(Config::parse(MINIMAL, "t.toml").unwrap().https.is_none());
+        let bad = |body: &str| err(&format!("{MINIMAL}[https]\n{body}"));
+        assert!(bad("listen = \"localhost\"\n").contains("https.listen"));
+        for issuer in ["http://x", "https://x/", "https://x?a=b", "tessera"] {
+            let e = bad(&format!(
+                "listen = \"127.0.0.1:0\"\nissuer = \"{issuer}\"\n"
+            ));
+            assert!(e.contains("https.issuer"), "{issuer}: {e}");
+        }
+        assert!(
+            bad("listen = \"127.0.0.1:0\"\ncert_file = \"/c.pem\"\n").contains("https.key_file")
+        );
+        assert!(bad("listen = \"127.0.0.1:0\"\nport = 1\n").contains("port"));
+        // The embedded dev config turns the face on.
+        let dev = Config::dev(std::path::Path::new("/tmp/dev")).unwrap();
+        assert_eq!(dev.https.map(|h| h.listen.port()), Some(0));
     }
 
     #[test]

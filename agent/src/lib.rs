@@ -9,7 +9,7 @@
 //! | identity | [`identity`]: signer seam, local authority, keys, trust store, SVID cache |
 //! | transport | [`transport`]: the one accept loop, peer credentials, gRPC and HTTP serving |
 //! | callers | [`caller`]: attestation per connection, budgets, identities |
-//! | services | [`workload_api`], [`exchange`] (policy, approvals, revocation, operator socket), [`fleet`], [`admin`] |
+//! | services | [`workload_api`], [`exchange`] (policy, approvals, revocation, operator socket), [`fleet`], [`https`] (the trust domain's HTTPS face), [`admin`] |
 //! | wiring | [`config`] (builds each component's config), [`app`] (starts an agent) |
 //! | edge | [`cli`] (one file per subcommand group; the bench among them) |
 
@@ -26,6 +26,7 @@ pub mod entries;
 pub mod exchange;
 pub mod fleet;
 pub mod fsutil;
+pub mod https;
 pub mod identity;
 pub mod metrics;
 pub mod rate_limit;

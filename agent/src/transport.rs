@@ -10,6 +10,7 @@
 //! * [`authority_header`]: accepts the socket path that some gRPC clients
 //!   send as HTTP/2 `:authority`.
 //! * [`idle`]: closes connections with nothing open for a while.
+//! * [`tls`]: axum over TLS on TCP (the fleet authority, the HTTPS face).
 
 pub mod accept;
 pub mod authority_header;
@@ -17,6 +18,7 @@ pub mod grpc;
 pub mod http;
 pub mod idle;
 pub mod peer;
+pub mod tls;
 
 pub use accept::{Accepted, Acceptor, ConnectionCaps};
 pub use peer::PeerConnection;

@@ -22,7 +22,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("identity and transport", &["identity", "transport"]),
     ("callers", &["caller"]),
-    ("services", &["workload_api", "exchange", "fleet", "admin"]),
+    (
+        "services",
+        &["workload_api", "exchange", "fleet", "https", "admin"],
+    ),
     ("wiring", &["config", "app"]),
     ("edge", &["cli"]),
 ];

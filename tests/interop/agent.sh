@@ -26,6 +26,10 @@ data_dir     = "$dir/data"
 x509_ttl = "6s"
 jwt_ttl  = "2m"
 
+# The HTTPS face on a free port: JWT-SVIDs carry its URL as iss.
+[https]
+listen = "127.0.0.1:0"
+
 [[entries]]
 spiffe_id = "spiffe://example.org/interop/uid-{unix:uid}"
 selectors = ["unix:uid:$uid"]

@@ -141,13 +141,22 @@ impl Anchor {
         &self.path
     }
 
-    /// Makes `mark` the anchor, durably (one write and one `fdatasync`).
-    pub fn record(&mut self, mark: &Mark) -> io::Result<()> {
+    /// Makes `mark` the anchor: written at once (so it holds against any
+    /// reader, and survives the process), and synced to the device when
+    /// `sync` (see [`super`] on how often).
+    pub fn record(&mut self, mark: &Mark, sync: bool) -> io::Result<()> {
         self.file
             .write_all_at(&encode(mark), self.next_slot * SLOT as u64)?;
-        self.file.sync_data()?;
+        if sync {
+            self.file.sync_data()?;
+        }
         self.next_slot = 1 - self.next_slot;
         Ok(())
+    }
+
+    /// Syncs the last mark written.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
     }
 }
 
@@ -169,7 +178,7 @@ mod tests {
         let (mut a, current) = Anchor::open(&path).unwrap();
         assert_eq!(current, None);
         for seq in 1..=5 {
-            a.record(&mark(seq)).unwrap();
+            a.record(&mark(seq), seq % 2 == 0).unwrap();
         }
         drop(a);
         assert_eq!(read(&path).unwrap(), Some(mark(5)));

@@ -65,6 +65,9 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(a) = agent.admin_addr {
             println!("admin: http://{a}/healthz /readyz /metrics");
         }
+        if let Some(issuer) = &agent.https_issuer {
+            println!("issuer: {issuer} ({issuer}/.well-known/openid-configuration)");
+        }
     }
     crate::app::run_until_signalled(agent, config_path).await
 }

@@ -28,9 +28,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use rcgen::CertificateSigningRequestParams;
 use serde_json::json;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
 use super::kube::{KubeClient, KubeConfig, ReviewError};
 use super::wire::{self, BundleDoc};
@@ -326,74 +324,25 @@ pub async fn start(
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared.clone());
     tracing::info!(address = %addr, trust_domain = shared.td.as_str(), "tessera authority listening (mTLS)");
-    let sd = shutdown.clone();
-    let max = config.max_connections;
-    let task = tokio::spawn(async move {
-        let slots = Arc::new(Semaphore::new(max));
-        loop {
-            let tcp = tokio::select! {
-                _ = sd.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((tcp, _)) => tcp,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed; pausing");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                continue;
-            };
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls_config.load_full());
-            let (app, td, sd) = (app.clone(), shared.td.clone(), sd.clone());
-            tokio::spawn(async move {
-                let _slot = slot;
-                let Ok(Ok(stream)) =
-                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                else {
-                    return;
-                };
-                let peer = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
+    let td = shared.td.clone();
+    let server = crate::transport::tls::TlsServer {
+        listener,
+        config: tls_config,
+        app,
+        max_connections: config.max_connections,
+        // The node a connection's client certificate names, and until when.
+        peer: move |conn: &rustls::ServerConnection| {
+            PeerNode(
+                conn.peer_certificates()
                     .and_then(|c| c.first())
                     .and_then(|c| {
                         let node = Node::from_spiffe_id(&tls::spiffe_id_of(c)?, &td)?;
                         Some((node, tls::not_after(c)?))
-                    });
-                let peer = PeerNode(peer);
-                let service = hyper::service::service_fn(
-                    move |mut req: http::Request<hyper::body::Incoming>| {
-                        req.extensions_mut().insert(peer.clone());
-                        let app = app.clone();
-                        async move {
-                            let req = req.map(axum::body::Body::new);
-                            match tokio::time::timeout(Duration::from_secs(30), app.oneshot(req))
-                                .await
-                            {
-                                Ok(r) => r,
-                                Err(_) => Ok((
-                                    StatusCode::REQUEST_TIMEOUT,
-                                    "request not completed in time\n",
-                                )
-                                    .into_response()),
-                            }
-                        }
-                    },
-                );
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                tokio::select! {
-                    _ = conn => {}
-                    _ = sd.cancelled() => {}
-                }
-            });
-        }
-    });
+                    }),
+            )
+        },
+    };
+    let task = tokio::spawn(server.serve(shutdown.clone()));
     Ok(RunningAuthority {
         addr,
         admin_addr,

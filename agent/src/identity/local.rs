@@ -56,6 +56,8 @@ pub struct LocalAuthority {
     clock: Arc<dyn Clock>,
     rings: Mutex<Rings>,
     store: Arc<TrustStore>,
+    /// `iss` of JWT-SVIDs (the HTTPS face's URL), set once at start.
+    jwt_issuer: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for LocalAuthority {
@@ -148,7 +150,15 @@ impl LocalAuthority {
             clock,
             rings: Mutex::new(rings),
             store,
+            jwt_issuer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// JWT-SVIDs minted from now on carry `iss` = `issuer` (SPIRE's
+    /// `jwt_issuer`), so relying parties can find their keys by OpenID
+    /// discovery. Set once, before serving; later calls are ignored.
+    pub fn set_jwt_issuer(&self, issuer: String) {
+        let _ = self.jwt_issuer.set(issuer);
     }
 
     /// What this authority publishes (bundle and access-token keys).
@@ -227,12 +237,15 @@ impl LocalAuthority {
         let (times, key) = self.active(now, |r| &r.jwt)?;
         let iat = unix_seconds(now);
         let exp = (iat + ttl.as_secs().max(1)).min(times.not_after);
-        let claims = serde_json::json!({
+        let mut claims = serde_json::json!({
             "sub": id.to_string(),
             "aud": audience,
             "exp": exp,
             "iat": iat,
         });
+        if let Some(iss) = self.jwt_issuer.get() {
+            claims["iss"] = iss.as_str().into();
+        }
         let token = key.sign("JWT", &claims)?;
         Ok(JwtSvid {
             token,

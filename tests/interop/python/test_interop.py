@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import pathlib
 import select
 import threading
 import time
@@ -312,6 +313,52 @@ def test_fetch_jwt_svid_verified_with_pyjwt(
     # py-spiffe's own offline validation agrees.
     parsed = JwtSvid.parse_and_validate(token, bundle, {AUDIENCE})
     assert parsed.spiffe_id == expected_id
+
+
+def test_a_jwt_svid_verifies_from_its_iss_by_openid_discovery(
+    client: WorkloadApiClient, expected_id: SpiffeId, trust_domain: TrustDomain, tmp_path: pathlib.Path
+):
+    """A relying party off the node (a cloud's workload identity federation,
+    an OAuth server doing RFC 7523) has only the token: it reads ``iss``,
+    fetches the OpenID discovery document there, and verifies with the keys
+    at its ``jwks_uri``, via PyJWT's PyJWKClient. agent.sh turns on the HTTPS
+    face, whose certificate the trust domain's CA issued."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    token = client.fetch_jwt_svid(audience={AUDIENCE}, timeout=TIMEOUT).token
+    iss = jwt.decode(token, options={"verify_signature": False})["iss"]
+    assert iss.startswith("https://localhost:"), iss
+
+    bundle = client.fetch_x509_bundles(timeout=TIMEOUT).get_bundle_for_trust_domain(trust_domain)
+    assert bundle is not None
+    cafile = tmp_path / "bundle.pem"
+    cafile.write_bytes(
+        b"".join(ca.public_bytes(serialization.Encoding.PEM) for ca in bundle.x509_authorities)
+    )
+    tls = ssl.create_default_context(cafile=str(cafile))
+    with urllib.request.urlopen(f"{iss}/.well-known/openid-configuration", context=tls, timeout=TIMEOUT) as r:
+        metadata = json.load(r)
+    assert metadata["issuer"] == iss, metadata
+    assert "ES256" in metadata["id_token_signing_alg_values_supported"], metadata
+
+    signing_key = jwt.PyJWKClient(metadata["jwks_uri"], ssl_context=tls).get_signing_key_from_jwt(token)
+    claims = jwt.decode(
+        token,
+        signing_key.key,
+        algorithms=["ES256"],
+        audience=AUDIENCE,
+        issuer=iss,
+        options={"require": ["sub", "aud", "exp", "iss"]},
+    )
+    assert claims["sub"] == str(expected_id)
+    with pytest.raises(jwt.InvalidIssuerError):
+        jwt.decode(token, signing_key.key, algorithms=["ES256"], audience=AUDIENCE, issuer="https://elsewhere")
+    # The face is TLS with the trust domain's CA: a client trusting only the
+    # public roots refuses it.
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"{iss}/keys", context=ssl.create_default_context(), timeout=TIMEOUT)
 
 
 def test_validate_jwt_svid_through_agent(client: WorkloadApiClient, expected_id: SpiffeId):

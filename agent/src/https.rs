@@ -1,0 +1,362 @@
+//! The trust domain's HTTPS face: what relying parties that cannot reach
+//! the node's Unix sockets fetch to trust Tessera identities, under one
+//! `https://` issuer URL (`https.issuer`), which JWT-SVIDs then carry as
+//! `iss`.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /.well-known/openid-configuration` | OpenID Provider metadata (issuer, `jwks_uri`), as cloud workload identity federation and OAuth servers doing RFC 7523 expect |
+//! | `GET /keys` | the JWT-SVID verification keys (JWKS) |
+//! | `GET /token-keys` | the task-token (access-token) verification keys, when the exchange is on |
+//!
+//! Served over TLS on `https.listen`. The certificate is the operator's
+//! (`https.cert_file` and `key_file`, for a public CA; re-read when either
+//! file changes) or issued by the trust domain's CA for `https.server_name`
+//! and renewed at half its life; clients then trust the trust domain's
+//! bundle (`tessera api fetch x509 --write` writes it).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::identity::{LocalAuthority, SignError, TrustStore};
+
+/// The `[https]` table, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpsConfig {
+    pub listen: SocketAddr,
+    /// `None`: `https://<server_name>:<bound port>`.
+    pub issuer: Option<String>,
+    /// DNS name in an issued serving certificate; defaults to the issuer's
+    /// host, or `localhost`.
+    pub server_name: Option<String>,
+    /// Operator-provided certificate chain and PKCS#8 key (PEM).
+    pub files: Option<(PathBuf, PathBuf)>,
+    pub max_connections: usize,
+}
+
+impl HttpsConfig {
+    /// The DNS name an issued certificate carries.
+    fn server_name(&self) -> String {
+        self.server_name
+            .clone()
+            .or_else(|| self.issuer.as_deref().and_then(issuer_host))
+            .unwrap_or_else(|| "localhost".into())
+    }
+}
+
+/// The host of an `https://host[:port][/path]` URL.
+pub fn issuer_host(issuer: &str) -> Option<String> {
+    let rest = issuer.strip_prefix("https://")?;
+    let authority = rest.split('/').next()?;
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    (!host.is_empty()).then(|| host.to_string())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpsError {
+    #[error("https.listen {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the HTTPS serving certificate: {0}")]
+    Sign(#[from] SignError),
+    #[error("the HTTPS serving certificate: {0}")]
+    Key(#[from] rcgen::Error),
+    #[error("the HTTPS serving certificate: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("reading {path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error(
+        "https without cert_file and key_file needs this agent's own CA; in upstream mode give the certificate files"
+    )]
+    NoLocalCa,
+}
+
+/// A bound listener and the issuer URL it serves.
+pub struct Bound {
+    listener: tokio::net::TcpListener,
+    pub issuer: String,
+    pub addr: SocketAddr,
+}
+
+/// Binds `https.listen` (so that port 0 can name the issuer).
+pub async fn bind(config: &HttpsConfig) -> Result<Bound, HttpsError> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| HttpsError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| HttpsError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let issuer = config
+        .issuer
+        .clone()
+        .unwrap_or_else(|| format!("https://{}:{}", config.server_name(), addr.port()));
+    Ok(Bound {
+        listener,
+        issuer,
+        addr,
+    })
+}
+
+/// Where the serving certificate comes from.
+enum Source {
+    Files(PathBuf, PathBuf),
+    Issued {
+        authority: Arc<LocalAuthority>,
+        server_name: String,
+    },
+}
+
+/// Lifetime of an issued serving certificate (renewed at half of it).
+const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How often the certificate files are checked for a change.
+const FILE_CHECK: Duration = Duration::from_secs(10);
+
+impl Source {
+    /// A TLS configuration, and when it must be renewed (files: never, the
+    /// files are watched instead).
+    fn load(
+        &self,
+        now: SystemTime,
+    ) -> Result<(rustls::ServerConfig, Option<SystemTime>), HttpsError> {
+        let (chain, key, renew_at) = match self {
+            Source::Files(cert, key) => {
+                let read = |p: &PathBuf| {
+                    std::fs::read(p).map_err(|source| HttpsError::File {
+                        path: p.clone(),
+                        source,
+                    })
+                };
+                let pem_err = |p: &PathBuf, e: crate::identity::pem::PemError| HttpsError::Pem {
+                    path: p.clone(),
+                    message: e.to_string(),
+                };
+                let chain = crate::identity::pem::decode_certs(&read(cert)?)
+                    .map_err(|e| pem_err(cert, e))?;
+                let pkcs8 = crate::identity::pem::decode_pkcs8_key(&read(key)?)
+                    .map_err(|e| pem_err(key, e))?;
+                (chain, pkcs8, None)
+            }
+            Source::Issued {
+                authority,
+                server_name,
+            } => {
+                let id = spiffe::SpiffeId::new(format!(
+                    "{}/tessera/https",
+                    authority.trust_domain().id_string()
+                ))
+                .map_err(|e| HttpsError::Pem {
+                    path: PathBuf::new(),
+                    message: e.to_string(),
+                })?;
+                let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+                let signed = authority.sign_svid(
+                    &id,
+                    &key,
+                    SERVING_TTL,
+                    std::slice::from_ref(server_name),
+                )?;
+                let life = signed
+                    .not_after
+                    .duration_since(now)
+                    .unwrap_or(Duration::ZERO);
+                (
+                    vec![signed.cert_der.to_vec()],
+                    key.serialize_der(),
+                    Some(now + life / 2),
+                )
+            }
+        };
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            chain.into_iter().map(CertificateDer::from).collect(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+        )?;
+        Ok((config, renew_at))
+    }
+
+    fn files_changed_since(&self, when: SystemTime) -> bool {
+        match self {
+            Source::Files(cert, key) => [cert, key].iter().any(|p| {
+                std::fs::metadata(p)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|m| m > when)
+            }),
+            Source::Issued { .. } => false,
+        }
+    }
+}
+
+/// The task-token JWKS, when the exchange is on (services do not import
+/// each other: the wiring passes it in).
+pub type TokenKeys = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// Everything the routes read.
+#[derive(Clone)]
+struct Face {
+    issuer: String,
+    trust: Arc<TrustStore>,
+    token_keys: Option<TokenKeys>,
+}
+
+/// Starts serving on `bound`; returns once the first certificate is in place.
+pub fn serve(
+    config: &HttpsConfig,
+    bound: Bound,
+    authority: Option<Arc<LocalAuthority>>,
+    trust: Arc<TrustStore>,
+    token_keys: Option<TokenKeys>,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, HttpsError> {
+    let source = match (&config.files, authority) {
+        (Some((cert, key)), _) => Source::Files(cert.clone(), key.clone()),
+        (None, Some(authority)) => Source::Issued {
+            authority,
+            server_name: config.server_name(),
+        },
+        (None, None) => return Err(HttpsError::NoLocalCa),
+    };
+    let (tls, mut renew_at) = source.load(clock.now())?;
+    let tls = Arc::new(ArcSwap::from_pointee(tls));
+    let mut loaded = clock.now();
+    {
+        let (tls, shutdown, clock) = (tls.clone(), shutdown.clone(), clock.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(FILE_CHECK) => {}
+                }
+                let now = clock.now();
+                let due = renew_at.is_some_and(|t| now >= t) || source.files_changed_since(loaded);
+                if !due {
+                    continue;
+                }
+                match source.load(now) {
+                    Ok((config, next)) => {
+                        tls.store(Arc::new(config));
+                        renew_at = next;
+                        loaded = now;
+                        tracing::info!("HTTPS serving certificate renewed");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not renew the HTTPS serving certificate; keeping the current one")
+                    }
+                }
+            }
+        });
+    }
+    let face = Face {
+        issuer: bound.issuer.clone(),
+        trust,
+        token_keys,
+    };
+    let app = Router::new()
+        .route("/.well-known/openid-configuration", get(discovery))
+        .route("/keys", get(keys))
+        .route("/token-keys", get(token_jwks))
+        .with_state(face);
+    tracing::info!(address = %bound.addr, issuer = %bound.issuer, "HTTPS face listening");
+    let server = crate::transport::tls::TlsServer {
+        listener: bound.listener,
+        config: tls,
+        app,
+        max_connections: config.max_connections,
+        peer: |_: &rustls::ServerConnection| (),
+    };
+    Ok(tokio::spawn(server.serve(shutdown)))
+}
+
+fn cacheable(body: serde_json::Value) -> Response {
+    ([(header::CACHE_CONTROL, "max-age=60")], axum::Json(body)).into_response()
+}
+
+/// OpenID Provider metadata (OpenID Connect Discovery 1.0 §3), the fields
+/// SPIRE's discovery provider serves and that relying parties require.
+async fn discovery(State(f): State<Face>) -> Response {
+    cacheable(json!({
+        "issuer": f.issuer,
+        "jwks_uri": format!("{}/keys", f.issuer),
+        "authorization_endpoint": "",
+        "response_types_supported": ["id_token"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["ES256"],
+    }))
+}
+
+async fn keys(State(f): State<Face>) -> Response {
+    let bundle = f.trust.current();
+    cacheable(jwks(bundle.jwt_keys.iter()))
+}
+
+async fn token_jwks(State(f): State<Face>) -> Response {
+    match &f.token_keys {
+        Some(keys) => cacheable(keys()),
+        None => (
+            axum::http::StatusCode::NOT_FOUND,
+            "the token exchange is not enabled on this agent\n",
+        )
+            .into_response(),
+    }
+}
+
+fn jwks<'a>(keys: impl Iterator<Item = &'a crate::identity::jws::PublicJwk>) -> serde_json::Value {
+    json!({
+        "keys": keys.map(|k| {
+            let mut j = k.to_json("sig");
+            j["alg"] = "ES256".into();
+            j
+        }).collect::<Vec<_>>()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_issuer_host_names_the_certificate() {
+        assert_eq!(
+            issuer_host("https://tessera.example.com").as_deref(),
+            Some("tessera.example.com")
+        );
+        assert_eq!(
+            issuer_host("https://localhost:8443/td").as_deref(),
+            Some("localhost")
+        );
+        assert_eq!(issuer_host("http://x"), None);
+    }
+}

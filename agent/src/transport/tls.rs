@@ -1,0 +1,107 @@
+//! Serving an axum router over TLS on TCP: the fleet authority's mTLS
+//! endpoint and the trust domain's HTTPS face.
+//!
+//! The TLS configuration is swapped in place (serving certificates are
+//! renewed, or reloaded from files) and applies to every new connection. At
+//! most `max_connections` are held; a connection past it is closed at once.
+//! The handshake must finish within 10 s, a request head arrive within 10 s
+//! and a request complete within 30 s (else 408), so slow clients cannot
+//! hold connections.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// What one connection is served with.
+pub struct TlsServer<F> {
+    pub listener: TcpListener,
+    pub config: Arc<ArcSwap<rustls::ServerConfig>>,
+    pub app: Router,
+    pub max_connections: usize,
+    /// Facts about the connection (such as the client certificate) put in
+    /// every request's extensions.
+    pub peer: F,
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl<F, P> TlsServer<F>
+where
+    F: Fn(&rustls::ServerConnection) -> P + Send + Sync + 'static,
+    P: Clone + Send + Sync + 'static,
+{
+    /// Serves until `shutdown`.
+    pub async fn serve(self, shutdown: CancellationToken) {
+        let Self {
+            listener,
+            config,
+            app,
+            max_connections,
+            peer,
+        } = self;
+        let peer = Arc::new(peer);
+        let slots = Arc::new(Semaphore::new(max_connections));
+        loop {
+            let tcp = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed; pausing");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                continue; // dropping the stream closes it
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(config.load_full());
+            let (app, peer, shutdown) = (app.clone(), peer.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let _slot = slot;
+                let Ok(Ok(stream)) =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                else {
+                    return;
+                };
+                let facts = peer(stream.get_ref().1);
+                let service = hyper::service::service_fn(
+                    move |mut req: http::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(facts.clone());
+                        let app = app.clone();
+                        async move {
+                            let req = req.map(axum::body::Body::new);
+                            match tokio::time::timeout(REQUEST_TIMEOUT, app.oneshot(req)).await {
+                                Ok(r) => r,
+                                Err(_) => Ok((
+                                    StatusCode::REQUEST_TIMEOUT,
+                                    "request not completed in time\n",
+                                )
+                                    .into_response()),
+                            }
+                        }
+                    },
+                );
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            });
+        }
+    }
+}
