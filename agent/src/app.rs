@@ -38,8 +38,9 @@ pub struct RunningAgent {
     /// Sockets to remove on stop besides the Workload API socket.
     extra_sockets: Vec<PathBuf>,
     pub admin_addr: Option<SocketAddr>,
-    /// The HTTPS face's issuer URL, when `[https]` is configured.
+    /// The HTTPS face's issuer URL and address, when `[https]` is configured.
     pub https_issuer: Option<String>,
+    pub https_addr: Option<SocketAddr>,
     pub callers: Arc<Callers>,
     pub cache: Arc<SvidCache>,
     entries: watch::Sender<EntrySet>,
@@ -267,6 +268,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             Some(exchange)
         }
     };
+    let https_addr = https.as_ref().map(|b| b.addr);
     let https_issuer = match (&config.https, https) {
         (Some(h), Some(bound)) => {
             let issuer = bound.issuer.clone();
@@ -394,6 +396,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         extra_sockets,
         admin_addr,
         https_issuer,
+        https_addr,
         callers,
         cache,
         entries: entries_tx,

@@ -92,6 +92,7 @@ struct RawHttps {
     server_name: Option<String>,
     cert_file: Option<Spanned<PathBuf>>,
     key_file: Option<Spanned<PathBuf>>,
+    reload_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1007,11 +1008,26 @@ impl Config {
                 return Err(cx.invalid("https.cert_file", k, "is required with https.key_file"));
             }
         };
+        let reload_interval = match &h.reload_interval {
+            None => Duration::from_secs(10),
+            Some(v) => match parse_duration(v.get_ref()) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    return Err(cx.invalid(
+                        "https.reload_interval",
+                        v,
+                        "must be greater than zero",
+                    ));
+                }
+                Err(e) => return Err(cx.invalid("https.reload_interval", v, e.to_string())),
+            },
+        };
         Ok(crate::https::HttpsConfig {
             listen,
             issuer,
             server_name: h.server_name.clone(),
             files,
+            reload_interval,
             max_connections,
         })
     }

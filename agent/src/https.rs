@@ -44,6 +44,9 @@ pub struct HttpsConfig {
     pub server_name: Option<String>,
     /// Operator-provided certificate chain and PKCS#8 key (PEM).
     pub files: Option<(PathBuf, PathBuf)>,
+    /// How often the files are checked for a change (and an issued
+    /// certificate for renewal).
+    pub reload_interval: Duration,
     pub max_connections: usize,
 }
 
@@ -137,8 +140,6 @@ enum Source {
 
 /// Lifetime of an issued serving certificate (renewed at half of it).
 const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
-/// How often the certificate files are checked for a change.
-const FILE_CHECK: Duration = Duration::from_secs(10);
 
 impl Source {
     /// A TLS configuration, and when it must be renewed (files: never, the
@@ -207,14 +208,23 @@ impl Source {
         Ok((config, renew_at))
     }
 
-    fn files_changed_since(&self, when: SystemTime) -> bool {
+    /// What identifies the files' current contents: device, inode, size
+    /// and mtime of each (a Secret update swaps a symlink to new files; an
+    /// editor rewrites in place), `None` for issued certificates.
+    fn fingerprint(&self) -> Option<Vec<(u64, u64, u64, i64, i64)>> {
+        use std::os::unix::fs::MetadataExt;
         match self {
-            Source::Files(cert, key) => [cert, key].iter().any(|p| {
-                std::fs::metadata(p)
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|m| m > when)
-            }),
-            Source::Issued { .. } => false,
+            Source::Files(cert, key) => Some(
+                [cert, key]
+                    .iter()
+                    .map(|p| {
+                        std::fs::metadata(p).map_or((0, 0, 0, 0, 0), |m| {
+                            (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec())
+                        })
+                    })
+                    .collect(),
+            ),
+            Source::Issued { .. } => None,
         }
     }
 }
@@ -249,32 +259,38 @@ pub fn serve(
         },
         (None, None) => return Err(HttpsError::NoLocalCa),
     };
+    let mut loaded = source.fingerprint();
     let (tls, mut renew_at) = source.load(clock.now())?;
     let tls = Arc::new(ArcSwap::from_pointee(tls));
-    let mut loaded = clock.now();
     {
         let (tls, shutdown, clock) = (tls.clone(), shutdown.clone(), clock.clone());
+        let interval = config.reload_interval;
         tokio::spawn(async move {
+            let mut failed = None;
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(FILE_CHECK) => {}
+                    _ = tokio::time::sleep(interval) => {}
                 }
                 let now = clock.now();
-                let due = renew_at.is_some_and(|t| now >= t) || source.files_changed_since(loaded);
-                if !due {
+                let seen = source.fingerprint();
+                if !renew_at.is_some_and(|t| now >= t) && seen == loaded {
                     continue;
                 }
                 match source.load(now) {
                     Ok((config, next)) => {
                         tls.store(Arc::new(config));
                         renew_at = next;
-                        loaded = now;
+                        loaded = seen;
+                        failed = None;
                         tracing::info!("HTTPS serving certificate renewed");
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "could not renew the HTTPS serving certificate; keeping the current one")
+                    // A half-written file: tried again next round, said once.
+                    Err(e) if failed != Some(seen.clone()) => {
+                        tracing::error!(error = %e, "could not load the HTTPS serving certificate; keeping the current one");
+                        failed = Some(seen);
                     }
+                    Err(_) => {}
                 }
             }
         });
