@@ -129,6 +129,9 @@ pub async fn bind(config: &HttpsConfig) -> Result<Bound, HttpsError> {
     })
 }
 
+/// Device, inode, size, mtime seconds and nanoseconds of a file.
+type FileStamp = (u64, u64, u64, i64, i64);
+
 /// Where the serving certificate comes from.
 enum Source {
     Files(PathBuf, PathBuf),
@@ -211,7 +214,7 @@ impl Source {
     /// What identifies the files' current contents: device, inode, size
     /// and mtime of each (a Secret update swaps a symlink to new files; an
     /// editor rewrites in place), `None` for issued certificates.
-    fn fingerprint(&self) -> Option<Vec<(u64, u64, u64, i64, i64)>> {
+    fn fingerprint(&self) -> Option<Vec<FileStamp>> {
         use std::os::unix::fs::MetadataExt;
         match self {
             Source::Files(cert, key) => Some(
@@ -274,7 +277,7 @@ pub fn serve(
                 }
                 let now = clock.now();
                 let seen = source.fingerprint();
-                if !renew_at.is_some_and(|t| now >= t) && seen == loaded {
+                if renew_at.is_none_or(|t| now < t) && seen == loaded {
                     continue;
                 }
                 match source.load(now) {
