@@ -229,7 +229,7 @@ async fn operator_certificate_files_are_served_and_reloaded() {
         .to_string();
     let (meta, leaf) = get(
         &addr,
-        &[first_ca.clone()],
+        std::slice::from_ref(&first_ca),
         "/.well-known/openid-configuration",
     )
     .await
@@ -241,7 +241,10 @@ async fn operator_certificate_files_are_served_and_reloaded() {
     std::fs::write(&live_cert, b"-----BEGIN CERTIFICATE-----\nMIIB").unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(
-        get(&addr, &[first_ca.clone()], "/keys").await.unwrap().1,
+        get(&addr, std::slice::from_ref(&first_ca), "/keys")
+            .await
+            .unwrap()
+            .1,
         first
     );
 
@@ -251,7 +254,7 @@ async fn operator_certificate_files_are_served_and_reloaded() {
     let mut served = Vec::new();
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if let Ok((_, leaf)) = get(&addr, &[second_ca.clone()], "/keys").await {
+        if let Ok((_, leaf)) = get(&addr, std::slice::from_ref(&second_ca), "/keys").await {
             served = leaf;
             break;
         }
