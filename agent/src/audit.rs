@@ -481,13 +481,7 @@ impl AuditLog {
             fields.insert("anchored_seq".into(), anchored.into());
             fields.insert("first_seq".into(), (anchored + 1).into());
             fields.insert("last_seq".into(), writer.head_seq.into());
-            let members = serialize_members(&fields)?;
-            let seq = writer.head_seq + 1;
-            let (line, _hash) = build_line(seq, &ts, &writer.head_prev, &members);
-            writer.head_prev = sha256_hex(line.as_bytes());
-            writer.head_seq = seq;
-            buf.extend_from_slice(line.as_bytes());
-            buf.push(b'\n');
+            writer.chain_onto(&mut buf, &ts, &fields)?;
             records += 1;
         }
         for p in &scan.pending {
@@ -503,13 +497,7 @@ impl AuditLog {
             fields.insert("torn_line".into(), p.line.into());
             fields.insert("torn_bytes".into(), p.bytes.into());
             fields.insert("torn_bytes_sha256".into(), p.sha256.clone().into());
-            let members = serialize_members(&fields)?;
-            let seq = writer.head_seq + 1;
-            let (line, _hash) = build_line(seq, &ts, &writer.head_prev, &members);
-            writer.head_prev = sha256_hex(line.as_bytes());
-            writer.head_seq = seq;
-            buf.extend_from_slice(line.as_bytes());
-            buf.push(b'\n');
+            let seq = writer.chain_onto(&mut buf, &ts, &fields)?;
             records += 1;
             torn.push(TornLine {
                 line: p.line,
@@ -684,6 +672,24 @@ struct Writer {
 }
 
 impl Writer {
+    /// Chains one record the log writes itself (a recovery record) onto the
+    /// head, into `buf`; returns its `seq`. Written by the caller.
+    fn chain_onto(
+        &mut self,
+        buf: &mut Vec<u8>,
+        ts: &str,
+        fields: &Map<String, Value>,
+    ) -> Result<u64, AuditError> {
+        let members = serialize_members(fields)?;
+        let seq = self.head_seq + 1;
+        let (line, _hash) = build_line(seq, ts, &self.head_prev, &members);
+        self.head_prev = sha256_hex(line.as_bytes());
+        self.head_seq = seq;
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        Ok(seq)
+    }
+
     fn run(mut self, rx: mpsc::Receiver<Request>) {
         let mut buf = Vec::new();
         let mut waiters = Vec::new();

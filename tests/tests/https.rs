@@ -123,18 +123,7 @@ async fn the_face_serves_discovery_and_keys_under_a_certificate_of_the_trust_dom
 /// CA would hand them out: (CA DER, leaf DER, leaf PEM path, key PEM path).
 fn openssl_cert(dir: &Path, name: &str) -> (Vec<u8>, Vec<u8>, PathBuf, PathBuf) {
     let path = |ext: &str| dir.join(format!("{name}.{ext}"));
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl(1) is required for this test");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let openssl = |args: &[&str]| tessera_tests::fake_kubelet::openssl(dir, args);
     let ec = [
         "-newkey",
         "ec",
