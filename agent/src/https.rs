@@ -262,6 +262,7 @@ pub fn serve(
         },
         (None, None) => return Err(HttpsError::NoLocalCa),
     };
+    let source = Arc::new(source);
     let mut loaded = source.fingerprint();
     let (tls, mut renew_at) = source.load(clock.now())?;
     let tls = Arc::new(ArcSwap::from_pointee(tls));
@@ -276,11 +277,21 @@ pub fn serve(
                     _ = tokio::time::sleep(interval) => {}
                 }
                 let now = clock.now();
-                let seen = source.fingerprint();
+                // File reads, key generation and signing: off the runtime.
+                let check = {
+                    let source = source.clone();
+                    tokio::task::spawn_blocking(move || source.fingerprint()).await
+                };
+                let Ok(seen) = check else { continue };
                 if renew_at.is_none_or(|t| now < t) && seen == loaded {
                     continue;
                 }
-                match source.load(now) {
+                let loading = {
+                    let source = source.clone();
+                    tokio::task::spawn_blocking(move || source.load(now)).await
+                };
+                let Ok(result) = loading else { continue };
+                match result {
                     Ok((config, next)) => {
                         tls.store(Arc::new(config));
                         renew_at = next;
