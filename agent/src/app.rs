@@ -411,37 +411,58 @@ const OPERATOR_CONNECTIONS: usize = 64;
 
 /// Runs until SIGTERM/SIGINT. SIGHUP reloads the entries from `config_path`.
 /// Returns on SIGTERM or SIGINT.
-pub async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+/// The process's stop and reload signals, listened to from before start-up
+/// until exit. Created once: a signal that arrives while no listener exists
+/// is lost (tokio keeps its handler installed), so handing over from a
+/// start-up listener to a run-time one dropped a SIGTERM sent right after
+/// start, and the agent ran on.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Resolves at SIGTERM or SIGINT.
+    pub async fn stop(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
-        _ => {
+    }
+}
+
+/// Resolves at SIGTERM or SIGINT (for commands without a reload).
+pub async fn wait_for_signal() {
+    match Signals::new() {
+        Ok(mut s) => s.stop().await,
+        Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
 }
 
+/// Serves until SIGTERM or SIGINT; SIGHUP reloads the entries (and the
+/// policies) from `config_path`.
 pub async fn run_until_signalled(
     agent: RunningAgent,
     config_path: Option<PathBuf>,
+    mut signals: Signals,
 ) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => match &config_path {
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+            _ = signals.hup.recv() => match &config_path {
                 None => tracing::info!("SIGHUP ignored: the embedded config has nothing to reload"),
                 Some(path) => match Config::load(path) {
                     Ok(c) => {

@@ -1118,6 +1118,9 @@ hint      = "dev"
 
 [admin]
 listen = "127.0.0.1:0"
+# The operator socket (approvals), beside the workload socket directory,
+# never in it.
+socket_path = "{base}-operator/admin.sock"
 
 # The trust domain's HTTPS face on a free port: OpenID discovery and keys
 # at https://localhost:<port>, which JWT-SVIDs carry as `iss`. Its
@@ -1126,10 +1129,32 @@ listen = "127.0.0.1:0"
 [https]
 listen = "127.0.0.1:0"
 
-# Token exchange on {base}/exchange.sock. No policy_dir: every exchange is
-# denied until you point policy_dir at *.cedar files (see docs/policy.md).
+# Token exchange on {base}/exchange.sock, with the demo policy `tessera run
+# --dev` writes to {base}/policies/demo.cedar the first time: audience
+# "demo", scope demo:read for your uid, demo:write once an operator approves
+# (see docs/policy.md to write your own).
 [exchange]
 max_ttl = "15m"
+policy_dir = "{base}/policies"
+"#
+    )
+}
+
+/// The demo policy of `--dev` (see [`dev_config_text`]): for `uid`, scope
+/// `demo:read` on audience `demo`, and `demo:write` after an approval.
+pub fn dev_demo_policy(uid: u32) -> String {
+    format!(
+        r#"// Written by `tessera run --dev` (once; edit freely, it is reloaded).
+@id("dev-demo-read")
+@max_ttl("10m")
+@allow_delegation
+permit(principal, action == Tessera::Action::"demo:read", resource == Tessera::Audience::"demo")
+when {{ principal.selectors.contains("unix:uid:{uid}") }};
+
+@id("dev-demo-write-needs-approval")
+@require_approval
+permit(principal, action == Tessera::Action::"demo:write", resource == Tessera::Audience::"demo")
+when {{ principal.selectors.contains("unix:uid:{uid}") }};
 "#
     )
 }

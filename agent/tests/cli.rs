@@ -67,7 +67,15 @@ impl Daemon {
             if self.child.try_wait().unwrap().is_some() {
                 break;
             }
-            assert!(Instant::now() < deadline, "agent did not stop on SIGTERM");
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let out = self.child.wait_with_output().unwrap();
+                panic!(
+                    "agent did not stop on SIGTERM; its output:\n{}\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         let out = self.child.wait_with_output().unwrap();
@@ -515,4 +523,95 @@ async fn a_flooding_caller_is_slowed_down_and_others_are_unaffected() {
     let out = tessera(&["api", "fetch", "jwt", "--audience", "db"], &daemon.socket);
     assert!(out.status.success(), "{}", stderr(&out));
     daemon.terminate();
+}
+
+/// The walk-through a newcomer follows with nothing written by hand: `run
+/// --dev`, then an exchange for the demo audience, then the scope that needs
+/// an approval, approved on the operator socket and redeemed. Each token is
+/// checked by jsonwebtoken against the keys the agent publishes.
+#[test]
+fn dev_mode_token_exchange_walkthrough_needs_nothing_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join(".tessera/agent.sock");
+    let exchange_socket = dir.path().join(".tessera/exchange.sock");
+    let daemon = Daemon::start(&["run", "--dev"], dir.path(), socket.clone());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !exchange_socket.exists() {
+        assert!(Instant::now() < deadline, "no exchange socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let jwks: jsonwebtoken::jwk::JwkSet = runtime.block_on(async {
+        let (status, body) = tessera_agent::cli::client::http_unix(
+            &exchange_socket,
+            http::Method::GET,
+            "/jwks",
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200);
+        serde_json::from_slice(&body).unwrap()
+    });
+    let verify = |out: &Output| -> serde_json::Value {
+        assert!(out.status.success(), "{}", stderr(out));
+        let resp: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let token = resp["access_token"].as_str().unwrap();
+        let kid = jsonwebtoken::decode_header(token).unwrap().kid.unwrap();
+        let key = jsonwebtoken::DecodingKey::from_jwk(jwks.find(&kid).unwrap()).unwrap();
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        v.set_audience(&["demo"]);
+        jsonwebtoken::decode::<serde_json::Value>(token, &key, &v)
+            .unwrap()
+            .claims
+    };
+
+    let exchange = |extra: &[&str]| {
+        let mut args = vec![
+            "token",
+            "exchange",
+            "--audience",
+            "demo",
+            "--task",
+            "first-minute",
+        ];
+        args.extend_from_slice(extra);
+        tessera(&args, &socket)
+    };
+    let read = verify(&exchange(&["--scope", "demo:read"]));
+    assert_eq!(read["scope"], "demo:read");
+    assert_eq!(read["txn"], "first-minute");
+
+    // demo:write waits for an operator.
+    let pending = exchange(&["--scope", "demo:write"]);
+    assert!(!pending.status.success());
+    let pending: serde_json::Value = serde_json::from_slice(&pending.stdout).unwrap();
+    assert_eq!(pending["error"], "authorization_pending", "{pending}");
+    let id = pending["approval_id"].as_str().unwrap().to_string();
+    let operator = dir.path().join(".tessera-operator/admin.sock");
+    let approved = Command::new(BIN)
+        .args(["approvals", "approve", &id, "--admin-socket"])
+        .arg(&operator)
+        .output()
+        .unwrap();
+    assert!(approved.status.success(), "{}", stderr(&approved));
+    let write = verify(&exchange(&["--scope", "demo:write", "--approval-id", &id]));
+    assert_eq!(write["scope"], "demo:write");
+
+    // The policy is written once: an edit survives the next start.
+    let policy = dir.path().join(".tessera/policies/demo.cedar");
+    assert!(
+        std::fs::read_to_string(&policy)
+            .unwrap()
+            .contains("demo:write")
+    );
+    let printed = stdout(&daemon.terminate());
+    assert!(
+        printed.contains("try: tessera token exchange --audience demo"),
+        "{printed}"
+    );
+    std::fs::write(&policy, "// mine\n").unwrap();
+    let again = Daemon::start(&["run", "--dev"], dir.path(), socket.clone());
+    assert_eq!(std::fs::read_to_string(&policy).unwrap(), "// mine\n");
+    again.terminate();
 }
