@@ -474,16 +474,8 @@ impl AuditLog {
         }
         let mut torn = Vec::new();
         let ts = timestamp(clock.now());
-        if let Some((anchored, after)) = unanchored {
-            tracing::warn!(path = %path.display(), anchored, after, "audit log holds records after its anchor (never acknowledged: a crash between writing and anchoring, or appended by someone else); writing a record naming them");
-            let mut fields = Map::new();
-            fields.insert("event".into(), UNANCHORED_EVENT.into());
-            fields.insert("anchored_seq".into(), anchored.into());
-            fields.insert("first_seq".into(), (anchored + 1).into());
-            fields.insert("last_seq".into(), writer.head_seq.into());
-            writer.chain_onto(&mut buf, &ts, &fields)?;
-            records += 1;
-        }
+        // The last record read, before this open adds any.
+        let scanned_head = writer.head_seq;
         for p in &scan.pending {
             tracing::warn!(
                 path = %path.display(),
@@ -505,6 +497,17 @@ impl AuditLog {
                 sha256: p.sha256.clone(),
                 recovery_seq: seq,
             });
+        }
+        // After the recovery records: those must follow their torn lines.
+        if let Some((anchored, after)) = unanchored {
+            tracing::warn!(path = %path.display(), anchored, after, "audit log holds records after its anchor (never acknowledged: a crash between writing and anchoring, or appended by someone else); writing a record naming them");
+            let mut fields = Map::new();
+            fields.insert("event".into(), UNANCHORED_EVENT.into());
+            fields.insert("anchored_seq".into(), anchored.into());
+            fields.insert("first_seq".into(), (anchored + 1).into());
+            fields.insert("last_seq".into(), scanned_head.into());
+            writer.chain_onto(&mut buf, &ts, &fields)?;
+            records += 1;
         }
         if !buf.is_empty() {
             (&*writer.file)
@@ -1586,6 +1589,45 @@ mod tests {
         assert_eq!(
             anchored(&path).anchor,
             Some(AnchorState::Holds { seq: 12, after: 0 })
+        );
+    }
+
+    /// A kill between the log write and the anchor write, then a power
+    /// loss mid-write: a record after the anchor and a torn line after it.
+    /// The recovery record must follow the torn line, the unanchored one
+    /// comes after (the order was the other way round, and verify failed).
+    #[tokio::test]
+    async fn unanchored_records_and_a_torn_tail_recover_together() {
+        let (_dir, path) = log_of(10).await;
+        let mut ls = lines(&path);
+        let (l, _) = build_line(
+            11,
+            "2025-01-01T00:00:00.000Z",
+            &sha256_hex(ls[9].as_bytes()),
+            &serialize_members(&fields(11)).unwrap(),
+        );
+        ls.push(l);
+        write_lines(&path, &ls);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"{\"seq\":12,\"ts\":\"20").unwrap();
+        drop(f);
+        let (log, report) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
+        assert_eq!(report.torn_tail.unwrap().lines[0].line, 12);
+        drop(log);
+        let v = verify_file(&path, Some(&anchor::default_path(&path))).unwrap();
+        assert_eq!(v.first_problem, None, "{:?}", v.first_problem);
+        assert_eq!(v.recovered_torn_lines, vec![12]);
+        let last: Value = serde_json::from_str(lines(&path).last().unwrap()).unwrap();
+        assert_eq!(
+            (
+                last["event"].as_str(),
+                last["first_seq"].as_u64(),
+                last["last_seq"].as_u64()
+            ),
+            (Some(UNANCHORED_EVENT), Some(11), Some(11))
         );
     }
 
