@@ -103,6 +103,19 @@ pub async fn raw_channel(socket: &Path) -> tonic::transport::Channel {
     .unwrap()
 }
 
+/// The CA certificates (DER) an X.509 context's bundle set holds for
+/// `example.org`, the test trust domain.
+pub fn example_org_cas(ctx: &spiffe::X509Context) -> Vec<Vec<u8>> {
+    let td = spiffe::TrustDomain::new("example.org").expect("valid trust domain");
+    ctx.bundle_set()
+        .get(&td)
+        .expect("a bundle for example.org")
+        .authorities()
+        .iter()
+        .map(|c| c.as_ref().to_vec())
+        .collect()
+}
+
 /// `program` as uid/gid 65534 with no supplementary groups: an
 /// unprivileged workload of another user (add its arguments).
 pub fn as_nobody(program: &str) -> std::process::Command {

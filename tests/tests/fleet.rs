@@ -636,14 +636,7 @@ async fn a_new_ca_reaches_every_open_stream_before_it_signs() {
     let mut stream = client.stream_x509_contexts().await.unwrap();
     let td = spiffe::TrustDomain::new("example.org").unwrap();
     let first = stream.next().await.unwrap().unwrap();
-    let old_cas: Vec<Vec<u8>> = first
-        .bundle_set()
-        .get(&td)
-        .unwrap()
-        .authorities()
-        .iter()
-        .map(|c| c.as_ref().to_vec())
-        .collect();
+    let old_cas = tessera_tests::example_org_cas(&first);
     assert_eq!(old_cas.len(), 1);
 
     let name = tessera_agent::identity::key_files::add_ca(
@@ -673,14 +666,7 @@ async fn a_new_ca_reaches_every_open_stream_before_it_signs() {
             .expect("the new CA signs within lead + one renewal")
             .unwrap()
             .unwrap();
-        let cas: Vec<Vec<u8>> = ctx
-            .bundle_set()
-            .get(&td)
-            .unwrap()
-            .authorities()
-            .iter()
-            .map(|c| c.as_ref().to_vec())
-            .collect();
+        let cas = tessera_tests::example_org_cas(&ctx);
         let leaf = ctx.default_svid().unwrap().cert_chain()[0]
             .as_ref()
             .to_vec();

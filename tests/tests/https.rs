@@ -65,15 +65,7 @@ async fn the_face_serves_discovery_and_keys_under_a_certificate_of_the_trust_dom
         .fetch_x509_context()
         .await
         .unwrap();
-    let td = spiffe::TrustDomain::new("example.org").unwrap();
-    let roots: Vec<Vec<u8>> = ctx
-        .bundle_set()
-        .get(&td)
-        .unwrap()
-        .authorities()
-        .iter()
-        .map(|c| c.as_ref().to_vec())
-        .collect();
+    let roots = tessera_tests::example_org_cas(&ctx);
 
     let addr = host_port(&issuer);
     let (meta, leaf) = get(&addr, &roots, "/.well-known/openid-configuration")
