@@ -1,6 +1,8 @@
 //! The SPIFFE Workload API protocol as Tessera speaks it: the generated gRPC
 //! code (committed under `src/gen`, checked for drift by a test), the security
-//! header rule and the conversion of JWT claims to a protobuf `Struct`.
+//! header rule and the conversion of JWT claims to a protobuf `Struct`; and,
+//! in [`sds`], the subset of Envoy's Secret Discovery Service v3 served on
+//! the same socket.
 //!
 //! This crate knows nothing about attestation or certificates; the agent crate
 //! implements the service trait.
@@ -24,6 +26,48 @@ pub mod server {
 /// Client-side types (used by the `tessera api` and `tessera healthcheck` CLI).
 pub mod client {
     pub use crate::generated::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+}
+
+/// Envoy's Secret Discovery Service v3: the generated messages (Envoy's
+/// package paths, so `envoy::service::discovery::v3::DiscoveryRequest`), the
+/// service, and the names and type URLs the protocol fixes.
+pub mod sds {
+    #[allow(clippy::all, missing_docs, rust_2018_idioms)]
+    mod generated {
+        include!("gen/envoy/_includes.rs");
+    }
+
+    pub use generated::*;
+
+    pub use envoy::config::core::v3 as core;
+    pub use envoy::extensions::transport_sockets::tls::v3 as tls;
+    pub use envoy::service::discovery::v3 as discovery;
+
+    /// Server-side types for implementing SDS.
+    pub mod server {
+        pub use super::envoy::service::secret::v3::secret_discovery_service_server::{
+            SecretDiscoveryService, SecretDiscoveryServiceServer,
+        };
+    }
+
+    /// Client-side types (tests and `tessera bench`).
+    pub mod client {
+        pub use super::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+    }
+
+    /// Fully-qualified gRPC service name.
+    pub const SERVICE_NAME: &str = "envoy.service.secret.v3.SecretDiscoveryService";
+    /// The one resource type SDS serves, in requests and responses.
+    pub const SECRET_TYPE_URL: &str =
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    /// The `typed_config` type of Envoy's SPIFFE certificate validator.
+    pub const SPIFFE_VALIDATOR_TYPE_URL: &str =
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";
+    /// The extension name of Envoy's SPIFFE certificate validator.
+    pub const SPIFFE_VALIDATOR_NAME: &str = "envoy.tls.cert_validator.spiffe";
+
+    /// The encoded `FileDescriptorSet` of the SDS protos, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/envoy/descriptor.bin");
 }
 
 /// The protobuf codec used by the generated code (`codec_path` in the drift
@@ -176,6 +220,33 @@ mod tests {
             check_security_header(&md).is_err(),
             "two values are rejected"
         );
+    }
+
+    /// The type URLs name messages the SDS protos really declare.
+    #[test]
+    fn sds_type_urls_name_declared_messages() {
+        use prost::Message;
+        let fds = prost_types::FileDescriptorSet::decode(sds::FILE_DESCRIPTOR_SET).unwrap();
+        let mut declared = Vec::new();
+        for file in &fds.file {
+            for message in &file.message_type {
+                declared.push(format!("{}.{}", file.package(), message.name()));
+            }
+        }
+        for url in [sds::SECRET_TYPE_URL, sds::SPIFFE_VALIDATOR_TYPE_URL] {
+            let name = url.strip_prefix("type.googleapis.com/").unwrap();
+            assert!(declared.iter().any(|d| d == name), "{name} not declared");
+        }
+        let service = fds
+            .file
+            .iter()
+            .flat_map(|f| {
+                f.service
+                    .iter()
+                    .map(move |s| format!("{}.{}", f.package(), s.name()))
+            })
+            .collect::<Vec<_>>();
+        assert_eq!(service, [sds::SERVICE_NAME]);
     }
 
     #[test]
