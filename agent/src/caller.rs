@@ -41,7 +41,38 @@ pub enum CallerError {
     Failed(#[source] AttestError),
 }
 
+/// The gRPC status of a caller that could not be identified, on every gRPC
+/// service of the socket (Workload API, SDS).
+impl From<CallerError> for tonic::Status {
+    fn from(e: CallerError) -> Self {
+        match e {
+            CallerError::NotReady => tonic::Status::unavailable(e.to_string()),
+            CallerError::Gone => tonic::Status::unauthenticated(e.to_string()),
+            CallerError::Failed(_) => tonic::Status::unavailable(e.to_string()),
+        }
+    }
+}
+
 impl Callers {
+    /// The caller of a gRPC request on the Workload API socket: one request
+    /// from its budget, then its attestation (cached per connection, with
+    /// the liveness re-check).
+    pub async fn grpc_caller<T>(
+        &self,
+        request: &tonic::Request<T>,
+    ) -> Result<Arc<AttestedPeer>, tonic::Status> {
+        let conn = request
+            .extensions()
+            .get::<PeerConnection>()
+            .ok_or_else(|| tonic::Status::internal("missing peer information"))?;
+        if !self.within_budget(conn) {
+            return Err(tonic::Status::resource_exhausted(
+                "too many requests from this process; slow down",
+            ));
+        }
+        Ok(self.attest_connection(conn).await?)
+    }
+
     /// Takes one request from the calling process's budget.
     pub fn within_budget(&self, conn: &PeerConnection) -> bool {
         // Callers in a PID namespace we cannot see share one bucket.

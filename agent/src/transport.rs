@@ -6,6 +6,10 @@
 //!   read at accept time, accept errors paused on instead of fatal.
 //! * [`peer`]: what the loop learns about a connection ([`PeerConnection`]).
 //! * [`grpc`]: the stream type tonic serves, carrying that connection's facts.
+//! * [`grpc_frames`]: gRPC messages framed by hand for long-lived streams
+//!   (no per-stream encode or decode buffer).
+//! * [`grpc_stream`]: a response stream run as an async body inside it, with
+//!   its outcome metric.
 //! * [`http`]: HTTP/1.1 for axum routers, with header and request deadlines.
 //! * [`authority_header`]: accepts the socket path that some gRPC clients
 //!   send as HTTP/2 `:authority`.
@@ -15,6 +19,8 @@
 pub mod accept;
 pub mod authority_header;
 pub mod grpc;
+pub mod grpc_frames;
+pub mod grpc_stream;
 pub mod http;
 pub mod idle;
 pub mod peer;

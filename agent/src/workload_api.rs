@@ -2,12 +2,10 @@
 //!
 //! * [`service`]: the five RPCs: header check, caller, entries, SVID cache,
 //!   response; the spec's status codes are chosen there only.
-//! * [`stream`]: how a stream body runs inside its response stream.
 //! * [`x509_route`]: FetchX509SVID's response framing (why it is separate
 //!   is written there).
 
 pub mod service;
-pub mod stream;
 pub mod x509_route;
 
 pub use service::{ApiState, WorkloadApi};

@@ -19,12 +19,11 @@ use tessera_workload_api as pb;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use super::stream::{self, BoxStream, Outcome, StreamSender};
-use crate::caller::{CallerError, Callers};
+use crate::caller::Callers;
 use crate::entries::{EntrySet, Identity};
 use crate::identity::{SvidCache, TrustBundle, X509Svid};
 use crate::metrics::OpenStream;
-use crate::transport::PeerConnection;
+use crate::transport::grpc_stream::{self as stream, BoxStream, Outcome, StreamSender};
 
 /// What the Workload API serves from.
 pub struct ApiState {
@@ -32,30 +31,11 @@ pub struct ApiState {
     pub cache: Arc<SvidCache>,
 }
 
-impl From<CallerError> for Status {
-    fn from(e: CallerError) -> Self {
-        match e {
-            CallerError::NotReady => Status::unavailable(e.to_string()),
-            CallerError::Gone => Status::unauthenticated(e.to_string()),
-            CallerError::Failed(_) => Status::unavailable(e.to_string()),
-        }
-    }
-}
-
 impl ApiState {
     /// Attests the caller of `request` (cached per connection) and re-checks
     /// that the process is still the one that connected.
     async fn caller<T>(&self, request: &Request<T>) -> Result<Arc<AttestedPeer>, Status> {
-        let conn = request
-            .extensions()
-            .get::<PeerConnection>()
-            .ok_or_else(|| Status::internal("missing peer information"))?;
-        if !self.callers.within_budget(conn) {
-            return Err(Status::resource_exhausted(
-                "too many requests from this process; slow down",
-            ));
-        }
-        Ok(self.callers.attest_connection(conn).await?)
+        self.callers.grpc_caller(request).await
     }
 }
 

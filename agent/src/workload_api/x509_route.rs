@@ -3,9 +3,9 @@
 //! An X509-SVID stream idles for hours between rotations, and a node can hold
 //! tens of thousands of them. tonic encodes every response stream through a
 //! per-stream buffer that keeps the allocation of the largest message sent
-//! (about 1 KiB for one SVID and its bundle) until the stream ends. Here each
-//! message becomes one exactly-sized frame that is freed once HTTP/2 has
-//! written it, so an idle stream holds no encoded bytes at all.
+//! (about 1 KiB for one SVID and its bundle) until the stream ends. Here the
+//! messages are framed by [`grpc_frames`], so an idle stream holds no encoded
+//! bytes at all.
 //!
 //! Only the transport differs: the request is read and checked as tonic
 //! would, and the stream itself is [`WorkloadApi::fetch_x509svid`], so header
@@ -20,23 +20,16 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
-use futures_util::{Stream, StreamExt};
-use http_body_util::BodyExt;
-use hyper::body::Frame;
-use prost::Message;
-use prost::bytes::{BufMut, Bytes, BytesMut};
 use tessera_workload_api as pb;
 use tessera_workload_api::server::SpiffeWorkloadApi;
-use tonic::Status;
 use tonic::body::Body;
 
 use super::service::WorkloadApi;
+use crate::transport::grpc_frames;
 
 const FETCH_X509_SVID: &str = "/SpiffeWorkloadAPI/FetchX509SVID";
-/// A gRPC message's prefix: compression flag and big-endian length.
-const HEADER_LEN: usize = 5;
 
 /// The Workload API service as registered with the server: FetchX509SVID
 /// here, everything else in the generated server.
@@ -90,158 +83,24 @@ async fn fetch_x509svid(
     limit: usize,
 ) -> http::Response<Body> {
     let (parts, body) = request.into_parts();
-    let message = match read_request(body, limit).await {
+    let message: pb::X509svidRequest = match grpc_frames::read_unary(body, limit).await {
         Ok(m) => m,
         Err(status) => return status.into_http(),
     };
     let request = tonic::Request::from_http(http::Request::from_parts(parts, message));
     match api.fetch_x509svid(request).await {
-        Ok(response) => {
-            let mut http = http::Response::new(Body::new(MessageFrames {
-                stream: Some(response.into_inner()),
-            }));
-            http.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/grpc"),
-            );
-            http
-        }
+        Ok(response) => grpc_frames::streaming_response(response.into_inner()),
         Err(status) => status.into_http(),
     }
 }
 
-/// Reads the one request message of a server-streaming call.
-async fn read_request(body: Body, limit: usize) -> Result<pb::X509svidRequest, Status> {
-    // The length prefix is checked below; this bounds what is buffered.
-    let bytes = http_body_util::Limited::new(body, limit + HEADER_LEN)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                Status::out_of_range(format!("request message larger than {limit} bytes"))
-            } else {
-                Status::internal(format!("reading the request: {e}"))
-            }
-        })?
-        .to_bytes();
-    if bytes.len() < HEADER_LEN {
-        return Err(Status::internal("Missing request message."));
-    }
-    if bytes[0] != 0 {
-        return Err(Status::unimplemented(
-            "compressed requests are not supported",
-        ));
-    }
-    let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
-    if len > limit {
-        return Err(Status::out_of_range(format!(
-            "request message of {len} bytes; the limit is {limit}"
-        )));
-    }
-    if bytes.len() != HEADER_LEN + len {
-        return Err(Status::internal(
-            "expected exactly one request message in a server-streaming call",
-        ));
-    }
-    pb::X509svidRequest::decode(&bytes[HEADER_LEN..])
-        .map_err(|e| Status::internal(format!("failed to decode Protobuf message: {e}")))
-}
-
-/// A response body of gRPC messages from `stream`, ended by trailers with the
-/// stream's final status (OK when it simply ends).
-struct MessageFrames<S> {
-    /// None once the trailers are out.
-    stream: Option<S>,
-}
-
-impl<S, M> hyper::body::Body for MessageFrames<S>
-where
-    S: Stream<Item = Result<M, Status>> + Unpin,
-    M: Message,
-{
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let Some(stream) = self.stream.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let end = match ready!(stream.poll_next_unpin(cx)) {
-            Some(Ok(message)) => return Poll::Ready(Some(Ok(Frame::data(frame(&message))))),
-            Some(Err(status)) => status,
-            None => Status::ok(""),
-        };
-        self.stream = None;
-        let mut trailers = http::HeaderMap::new();
-        if end.add_header(&mut trailers).is_err() {
-            trailers.insert("grpc-status", http::HeaderValue::from_static("13"));
-        }
-        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.stream.is_none()
-    }
-}
-
-/// One length-prefixed, uncompressed gRPC message in a buffer of exactly its
-/// size.
-fn frame(message: &impl Message) -> Bytes {
-    let len = message.encoded_len();
-    let mut buf = BytesMut::with_capacity(HEADER_LEN + len);
-    buf.put_u8(0);
-    buf.put_u32(len as u32);
-    // Cannot fail: the buffer has room for the whole message.
-    let _ = message.encode(&mut buf);
-    buf.freeze()
-}
-
 #[cfg(test)]
 mod tests {
+    use http_body_util::BodyExt;
+    use prost::Message;
+    use prost::bytes::Bytes;
+
     use super::*;
-
-    fn body(bytes: &'static [u8]) -> Body {
-        Body::new(http_body_util::Full::new(Bytes::from_static(bytes)))
-    }
-
-    #[tokio::test]
-    async fn request_framing_errors_get_grpc_codes() {
-        let code = |r: Result<pb::X509svidRequest, Status>| r.unwrap_err().code();
-        assert!(read_request(body(&[0, 0, 0, 0, 0]), 64).await.is_ok());
-        assert_eq!(
-            code(read_request(body(&[]), 64).await),
-            tonic::Code::Internal
-        );
-        assert_eq!(
-            code(read_request(body(&[1, 0, 0, 0, 0]), 64).await),
-            tonic::Code::Unimplemented
-        );
-        assert_eq!(
-            code(read_request(body(&[0, 0, 0, 1, 0]), 64).await),
-            tonic::Code::OutOfRange
-        );
-        assert_eq!(
-            code(read_request(body(&[0; 100]), 64).await),
-            tonic::Code::OutOfRange
-        );
-        // Two messages, or a length that runs past the body.
-        assert_eq!(
-            code(read_request(body(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 64).await),
-            tonic::Code::Internal
-        );
-        assert_eq!(
-            code(read_request(body(&[0, 0, 0, 0, 3, 0]), 64).await),
-            tonic::Code::Internal
-        );
-        // Field 1 as a truncated varint: not protobuf.
-        assert_eq!(
-            code(read_request(body(&[0, 0, 0, 0, 2, 0x08, 0x80]), 64).await),
-            tonic::Code::Internal
-        );
-    }
 
     /// The Workload API as the server registers it, over a memory-only
     /// authority; no request carries peer credentials, so any request that
@@ -354,24 +213,5 @@ mod tests {
             // Reached the service: refused there for want of peer credentials.
             assert_eq!(grpc_status(within).await, tonic::Code::Internal, "{path}");
         }
-    }
-
-    #[test]
-    fn frames_are_length_prefixed_and_exactly_sized() {
-        let message = pb::X509svidResponse {
-            crl: vec![Bytes::from_static(&[1, 2, 3])],
-            ..Default::default()
-        };
-        let f = frame(&message);
-        assert_eq!(f.len(), HEADER_LEN + message.encoded_len());
-        assert_eq!(f[0], 0);
-        assert_eq!(
-            u32::from_be_bytes([f[1], f[2], f[3], f[4]]) as usize,
-            message.encoded_len()
-        );
-        assert_eq!(
-            pb::X509svidResponse::decode(&f[HEADER_LEN..]).unwrap(),
-            message
-        );
     }
 }

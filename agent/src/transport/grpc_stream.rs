@@ -1,10 +1,10 @@
-//! A Workload API stream as an async body that sends its messages, run
-//! inside the response stream itself.
+//! A gRPC response stream (Workload API, SDS) as an async body that sends
+//! its messages, run inside the response stream itself.
 //!
 //! `body` runs inside the stream (see [`Generated`]), polled by the HTTP/2
 //! stream that carries it, not as a task of its own feeding a channel: an
 //! idle stream is then one boxed future, which is most of what a Workload
-//! API stream costs in memory. When the client resets the stream, the
+//! API or SDS stream costs in memory. When the client resets the stream, the
 //! transport drops it, and `body` with it.
 
 use std::pin::Pin;
