@@ -1,0 +1,416 @@
+"""The resource-server side: verify task tokens, require scopes per MCP tool.
+
+`Verifier` checks a token as RFC 9068 and RFC 8705 say a resource server
+must: ES256 signature by a key of the exchange's `/jwks`, `typ` `at+jwt`,
+`iss`, `aud` (this server), `exp`/`nbf`/`iat`, and, when the token carries
+`cnf`, the client certificate of the connection (a bound token without the
+matching certificate is refused, RFC 8705 §3). Revocation (a task ended, a
+token revoked) is seen through introspection at the exchange, cached for
+`introspection_cache` seconds.
+
+`ToolScopes` is an ASGI middleware in front of an MCP app: a `tools/call`
+for a tool whose scopes the token lacks gets a real
+`403 insufficient_scope` with `WWW-Authenticate: Bearer error=...,
+scope="<what the tool needs>", resource_metadata=...` (RFC 6750 §3.1, the
+MCP scope challenge), before the MCP SDK sees the request.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextvars
+import hashlib
+import json
+import logging
+import os
+import ssl
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+import jwt
+
+from .challenge import BearerChallenge
+from .errors import TesseraError
+from .sockets import exchange_socket
+
+log = logging.getLogger("tessera_sdk.server")
+
+# The client certificate (DER) of the connection being served, set by
+# `ToolScopes` from the ASGI TLS extension, read by the MCP token verifier.
+CLIENT_CERTIFICATE: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
+    "tessera_client_certificate", default=None
+)
+
+_MAX_CACHED = 10_000
+_JWKS_REFETCH_SECONDS = 10.0
+
+
+class TokenRejected(TesseraError):
+    """The token is not acceptable here; `reason` says why (never the token)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class VerifiedToken:
+    """A verified task token."""
+
+    token: str = field(repr=False)
+    subject: str
+    client_id: str
+    scopes: frozenset[str]
+    audience: str
+    expires_at: int
+    task_id: str | None
+    actor: str | None
+    claims: dict[str, Any] = field(repr=False)
+
+
+def certificate_thumbprint(der: bytes) -> str:
+    """RFC 8705 `x5t#S256`: base64url(SHA-256(DER)) without padding."""
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+
+
+class Verifier:
+    """Verifies task tokens for one audience (this server's resource URI).
+
+    - `audience`: what tokens for this server carry in `aud`.
+    - `issuer`: expected `iss` (default: the exchange's metadata).
+    - `exchange_socket`: the agent's exchange socket (default:
+      `TESSERA_EXCHANGE_SOCKET`, or `exchange.sock` beside
+      `SPIFFE_ENDPOINT_SOCKET`); keys and introspection come from there.
+    - `introspect`: ask the exchange whether the token is still active (a
+      revoked token, an ended task); `False` verifies offline only, so a
+      revoked token works until it expires.
+    - `introspection_cache`: seconds an answer is reused (a revocation takes
+      at most this long to be seen here).
+    """
+
+    def __init__(
+        self,
+        audience: str,
+        *,
+        issuer: str | None = None,
+        exchange_socket_path: str | os.PathLike[str] | None = None,
+        introspect: bool = True,
+        introspection_cache: float = 5.0,
+        leeway: float = 5.0,
+    ) -> None:
+        self.audience = audience
+        self._issuer = issuer
+        self._introspect = introspect
+        self._cache_seconds = introspection_cache
+        self._leeway = leeway
+        socket = exchange_socket(exchange_socket_path)
+        self._http = httpx2.AsyncClient(
+            transport=httpx2.AsyncHTTPTransport(uds=str(socket)), base_url="http://localhost", timeout=10
+        )
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._keys_fetched = 0.0
+        self._verified: dict[str, dict[str, Any]] = {}
+        self._introspected: dict[str, tuple[bool, float]] = {}
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _get(self, path: str, form: dict[str, str] | None = None) -> dict[str, Any]:
+        try:
+            if form is None:
+                response = await self._http.get(path)
+            else:
+                response = await self._http.post(path, data=form)
+        except httpx2.TransportError as e:
+            raise TokenRejected(f"cannot reach the exchange to check the token: {e}") from e
+        if response.status_code != 200:
+            raise TokenRejected(f"the exchange answered {path} with HTTP {response.status_code}")
+        body = response.json()
+        if not isinstance(body, dict):
+            raise TokenRejected(f"the exchange answered {path} without a JSON object")
+        return body
+
+    async def issuer(self) -> str:
+        if self._issuer is None:
+            self._issuer = str((await self._get("/.well-known/oauth-authorization-server"))["issuer"])
+        return self._issuer
+
+    async def _key(self, kid: str) -> jwt.PyJWK:
+        key = self._keys.get(kid)
+        if key is None and time.monotonic() - self._keys_fetched > _JWKS_REFETCH_SECONDS:
+            self._keys_fetched = time.monotonic()
+            jwks = await self._get("/jwks")
+            keys: dict[str, jwt.PyJWK] = {}
+            for jwk in jwks.get("keys", []):
+                if isinstance(jwk, dict) and isinstance(jwk.get("kid"), str):
+                    try:
+                        keys[jwk["kid"]] = jwt.PyJWK(jwk)
+                    except jwt.PyJWKError as e:
+                        log.warning("ignoring an unusable key %s of the exchange: %s", jwk["kid"], e)
+            self._keys = keys
+            key = keys.get(kid)
+        if key is None:
+            raise TokenRejected(f"signed with an unknown key {kid!r}")
+        return key
+
+    async def _claims(self, token: str) -> dict[str, Any]:
+        cached = self._verified.get(token)
+        if cached is not None and cached["exp"] + self._leeway > time.time():
+            return cached
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as e:
+            raise TokenRejected(f"not a JWT: {e}") from e
+        typ = str(header.get("typ", "")).lower()
+        if typ not in ("at+jwt", "application/at+jwt"):
+            raise TokenRejected(f"not an access token (typ {header.get('typ')!r}, RFC 9068 wants at+jwt)")
+        if header.get("alg") != "ES256" or not isinstance(header.get("kid"), str):
+            raise TokenRejected("only ES256 tokens with a kid are issued by Tessera")
+        key = await self._key(header["kid"])
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key=key.key,
+                algorithms=["ES256"],
+                audience=self.audience,
+                issuer=await self.issuer(),
+                leeway=self._leeway,
+                options={"require": ["exp", "iat", "iss", "aud", "sub", "jti"]},
+            )
+        except jwt.InvalidTokenError as e:
+            raise TokenRejected(f"invalid token: {e}") from e
+        if len(self._verified) >= _MAX_CACHED:
+            now = time.time()
+            self._verified = {t: c for t, c in self._verified.items() if c["exp"] > now}
+            if len(self._verified) >= _MAX_CACHED:
+                self._verified.clear()
+        self._verified[token] = claims
+        return claims
+
+    async def _active(self, token: str) -> bool:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        now = time.monotonic()
+        cached = self._introspected.get(digest)
+        if cached is not None and now - cached[1] < self._cache_seconds:
+            return cached[0]
+        active = (await self._get("/introspect", {"token": token})).get("active") is True
+        if len(self._introspected) >= _MAX_CACHED:
+            self._introspected = {d: v for d, v in self._introspected.items() if now - v[1] < self._cache_seconds}
+            if len(self._introspected) >= _MAX_CACHED:
+                self._introspected.clear()
+        self._introspected[digest] = (active, now)
+        return active
+
+    async def verify(self, token: str, *, client_certificate: bytes | None = None) -> VerifiedToken:
+        """The verified token, or `TokenRejected`. `client_certificate` is the DER
+        certificate the client presented on this connection, if any."""
+        claims = await self._claims(token)
+        cnf = claims.get("cnf")
+        if isinstance(cnf, dict) and "x5t#S256" in cnf:
+            if client_certificate is None:
+                raise TokenRejected(
+                    "the token is bound to a client certificate (cnf) and the connection has none (RFC 8705 §3)"
+                )
+            if certificate_thumbprint(client_certificate) != cnf["x5t#S256"]:
+                raise TokenRejected("the token is bound to another client certificate (cnf)")
+        elif cnf is not None:
+            raise TokenRejected("the token carries a cnf this server cannot check")
+        if self._introspect and not await self._active(token):
+            raise TokenRejected("token is not active (revoked, expired or its task has ended)")
+        act = claims.get("act")
+        return VerifiedToken(
+            token=token,
+            subject=str(claims["sub"]),
+            client_id=str(claims.get("client_id", claims["sub"])),
+            scopes=frozenset(str(claims.get("scope", "")).split()),
+            audience=self.audience,
+            expires_at=int(claims["exp"]),
+            task_id=claims.get("txn") if isinstance(claims.get("txn"), str) else None,
+            actor=str(act["sub"]) if isinstance(act, dict) and "sub" in act else None,
+            claims=claims,
+        )
+
+
+def client_certificate(scope: Mapping[str, Any]) -> bytes | None:
+    """The client's leaf certificate (DER) from the ASGI TLS extension, if the server
+    terminates mTLS and reports it (`scope["extensions"]["tls"]["client_cert_chain"]`)."""
+    chain = (scope.get("extensions") or {}).get("tls", {}).get("client_cert_chain")
+    if not chain:
+        return None
+    try:
+        return ssl.PEM_cert_to_DER_cert(str(chain[0]))
+    except ValueError:
+        return None
+
+
+def _bearer(scope: Mapping[str, Any]) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"authorization":
+            text = bytes(value).decode("latin-1")
+            if text[:7].lower() == "bearer ":
+                return text[7:].strip()
+    return None
+
+
+def _tools_called(body: bytes) -> list[str] | None:
+    """Names of the tools a JSON-RPC body calls; None if it is not JSON-RPC."""
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return None
+    messages = message if isinstance(message, list) else [message]
+    names = []
+    for m in messages:
+        if isinstance(m, dict) and m.get("method") == "tools/call":
+            params = m.get("params")
+            name = params.get("name") if isinstance(params, dict) else None
+            names.append(name if isinstance(name, str) else "")
+    return names
+
+
+ASGIApp = Any  # (scope, receive, send) -> Awaitable[None]; kept loose to fit any framework
+
+
+class ToolScopes:
+    """ASGI middleware: `tools/call` needs the scopes listed for the tool.
+
+    `tools` maps a tool name to the scopes it needs (all of them). Tools not
+    listed need `other_tools` (default: nothing beyond the server-wide check of
+    the MCP SDK). `resource_metadata_url` (RFC 9728) goes into every challenge.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        verifier: Verifier,
+        tools: Mapping[str, Sequence[str]],
+        *,
+        resource_metadata_url: str | None = None,
+        other_tools: Sequence[str] = (),
+        max_body_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        self.app = app
+        self.verifier = verifier
+        self.tools = {name: frozenset(scopes) for name, scopes in tools.items()}
+        self.other_tools = frozenset(other_tools)
+        self.resource_metadata_url = resource_metadata_url
+        self.max_body_bytes = max_body_bytes
+
+    def required(self, tool: str) -> frozenset[str]:
+        return self.tools.get(tool, self.other_tools)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        certificate = client_certificate(scope)
+        reset = CLIENT_CERTIFICATE.set(certificate)
+        try:
+            if scope.get("method") != "POST":
+                await self.app(scope, receive, send)
+                return
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    await self._answer(send, 413, {"error": "request body too large"}, None)
+                    return
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+            names = _tools_called(body) or []
+            needed = frozenset().union(*(self.required(n) for n in names)) if names else frozenset()
+            if needed and not await self._allowed(scope, send, needed, names, certificate):
+                return
+
+            replayed = False
+
+            async def replay() -> dict[str, Any]:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                result: dict[str, Any] = await receive()
+                return result
+
+            await self.app(scope, replay, send)
+        finally:
+            CLIENT_CERTIFICATE.reset(reset)
+
+    async def _allowed(
+        self, scope: dict[str, Any], send: Any, needed: frozenset[str], tools: list[str], certificate: bytes | None
+    ) -> bool:
+        token = _bearer(scope)
+        if token is None:
+            await self._challenge(send, 401, BearerChallenge(resource_metadata=self.resource_metadata_url))
+            return False
+        try:
+            verified = await self.verifier.verify(token, client_certificate=certificate)
+        except TokenRejected as e:
+            log.debug("bearer token rejected: %s", e.reason)
+            await self._challenge(
+                send,
+                401,
+                BearerChallenge("invalid_token", _plain(e.reason), resource_metadata=self.resource_metadata_url),
+            )
+            return False
+        missing = needed - verified.scopes
+        if missing:
+            log.debug(
+                "insufficient scope: sub=%s jti=%s tools=%s missing=%s",
+                verified.subject,
+                verified.claims.get("jti"),
+                ",".join(tools),
+                " ".join(sorted(missing)),
+            )
+            await self._challenge(
+                send,
+                403,
+                BearerChallenge(
+                    "insufficient_scope",
+                    f"tool {', '.join(sorted(set(tools)))} needs scope {' '.join(sorted(needed))}",
+                    scope=needed,
+                    resource_metadata=self.resource_metadata_url,
+                ),
+            )
+            return False
+        return True
+
+    async def _challenge(self, send: Any, status: int, challenge: BearerChallenge) -> None:
+        body = {"error": challenge.error, "error_description": challenge.error_description}
+        if challenge.error is None:
+            body = {"error": "invalid_token", "error_description": "a bearer token is required"}
+        await self._answer(send, status, body, challenge.header())
+
+    @staticmethod
+    async def _answer(send: Any, status: int, body: dict[str, Any], www_authenticate: str | None) -> None:
+        data = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        if www_authenticate is not None:
+            headers.append((b"www-authenticate", www_authenticate.encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+
+def _plain(text: str) -> str:
+    """RFC 6750 §3: error_description is printable ASCII without `"` and `\\`."""
+    return "".join(c if 0x20 <= ord(c) <= 0x7E and c not in '"\\' else " " for c in text)
+
+
+def resource_metadata_url(resource: str) -> str:
+    """Where RFC 9728 puts the metadata of `resource`: `/.well-known/oauth-protected-resource`
+    inserted before its path (what the MCP SDK serves for `resource_server_url`)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(resource)
+    path = parts.path.rstrip("/")
+    return f"{parts.scheme}://{parts.netloc}/.well-known/oauth-protected-resource{path}"
