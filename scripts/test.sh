@@ -6,8 +6,9 @@
 #    end-to-end tests over real sockets (judged by the `spiffe` crate), CLI tests;
 # 3. interop: py-spiffe, go-spiffe and java-spiffe against a real agent;
 # 4. the Helm chart rendered and validated offline;
-# 5. the examples: mTLS between two workloads, the MCP server and agent with
-#    per-task tokens;
+# 5. the SDKs (sdk/python, sdk/typescript: lint, strict types, and suites
+#    against a real agent with the official MCP SDKs) and the examples: mTLS
+#    between two workloads, the MCP servers and agents with per-task tokens;
 # 6. supply chain (cargo-deny: licences, bans, sources) and fuzzing (each
 #    cargo-fuzz target for a short fixed time).
 #
@@ -26,6 +27,8 @@ need go "go-spiffe interop suite"
 need mvn "java-spiffe interop suite"
 need java "java-spiffe interop suite"
 need openssl "certificate checks in the tests"
+need node "the TypeScript SDK suite (node >= 20)"
+need npm "the TypeScript SDK suite"
 need unshare "fault and attestation-attack tests (util-linux)"
 need setpriv "fault and attestation-attack tests (util-linux)"
 need mount "fault tests mount a small tmpfs (util-linux)"
@@ -41,6 +44,11 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 section "cargo test"
 cargo test --locked --workspace
 cargo build --locked -p tessera-agent
+
+section "SDK: Python (ruff, mypy --strict, pytest with the official MCP Python SDK)"
+sdk/python/run-tests.sh
+section "SDK: TypeScript (prettier, tsc --strict, node:test with the official MCP TypeScript SDK)"
+sdk/typescript/run-tests.sh
 
 section "Helm chart: real Helm engine, kubernetes-validate --strict, checkov"
 tests/helm/run.sh

@@ -1145,14 +1145,18 @@ policy_dir = "{base}/policies"
 pub fn dev_demo_policy(uid: u32) -> String {
     format!(
         r#"// Written by `tessera run --dev` (once; edit freely, it is reloaded).
+// Bearer tokens (no cnf): the SDK walk-throughs' servers speak plain HTTP on
+// loopback and see no client certificate. Drop @bearer behind mTLS.
 @id("dev-demo-read")
 @max_ttl("10m")
 @allow_delegation
+@bearer
 permit(principal, action == Tessera::Action::"demo:read", resource == Tessera::Audience::"demo")
 when {{ principal.selectors.contains("unix:uid:{uid}") }};
 
 @id("dev-demo-write-needs-approval")
 @require_approval
+@bearer
 permit(principal, action == Tessera::Action::"demo:write", resource == Tessera::Audience::"demo")
 when {{ principal.selectors.contains("unix:uid:{uid}") }};
 "#

@@ -111,7 +111,7 @@ spiffe_id = "{AGENT_ID}"
 selectors = ["unix:uid:{uid}"]
 
 [exchange]
-policy_dir = "{Path(__file__).parent}"
+policy_dir = "{SDK.parent / "testdata" / "policies"}"
 max_ttl = "5m"
 approval_poll_interval = "1s"
 """

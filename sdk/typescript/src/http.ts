@@ -1,0 +1,55 @@
+/** HTTP/1.1 over a Unix socket (the exchange socket), with node:http. */
+import http from "node:http";
+
+export interface UnixResponse {
+  status: number;
+  body: unknown;
+}
+
+export function unixRequest(
+  socketPath: string,
+  method: "GET" | "POST",
+  path: string,
+  form?: Record<string, string>,
+): Promise<UnixResponse> {
+  const data = form ? new URLSearchParams(form).toString() : undefined;
+  return new Promise((resolve, reject) => {
+    const request = http.request(
+      {
+        socketPath,
+        method,
+        path,
+        headers: {
+          host: "localhost",
+          accept: "application/json",
+          ...(data !== undefined
+            ? {
+                "content-type": "application/x-www-form-urlencoded",
+                "content-length": Buffer.byteLength(data),
+              }
+            : {}),
+        },
+        timeout: 30_000,
+      },
+      (response) => {
+        const chunks: Buffer[] = [];
+        response.on("data", (c: Buffer) => chunks.push(c));
+        response.on("end", () => {
+          const text = Buffer.concat(chunks).toString("utf8");
+          let body: unknown = undefined;
+          try {
+            body = text ? JSON.parse(text) : undefined;
+          } catch {
+            body = undefined;
+          }
+          resolve({ status: response.statusCode ?? 0, body });
+        });
+        response.on("error", reject);
+      },
+    );
+    request.on("timeout", () => request.destroy(new Error(`no answer from ${socketPath} in 30 s`)));
+    request.on("error", reject);
+    if (data !== undefined) request.write(data);
+    request.end();
+  });
+}
