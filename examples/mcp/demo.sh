@@ -2,19 +2,29 @@
 # Per-task tokens for MCP tool calls: an agent stand-in trades its SPIFFE
 # identity for a token scoped to one task, and an MCP server (rmcp) behind
 # tessera-token-guard checks every call. Both programs are told apart by the
-# agent from their executable path (unix:path selector).
+# agent from their executable path (unix:path selector). Then the same with
+# the SDKs: a Python MCP server (official MCP Python SDK + tessera_sdk), and
+# a Python agent, a TypeScript agent and a LangGraph agent calling it.
 #
 #   examples/mcp/demo.sh          # builds what it needs, prints every step
 #
 # Exit status 0 only if: a permitted tool call succeeds; a call outside the
 # task's scopes gets 403; after the task ends its token gets 401; a scope no
 # policy grants is refused at the exchange; a delete waits for an operator's
-# approval and then succeeds; and the audit log's hash chain verifies.
+# approval and then succeeds; the SDK agents step up on 403 within what their
+# task may hold and are refused beyond it; and the audit log's hash chain
+# verifies.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 cargo build -q --locked -p tessera-agent -p tessera-mcp-example
 bin="$root/target/debug"
+# The SDKs and their examples: a venv with the pinned packages, the
+# TypeScript SDK built and the TypeScript agent compiled against it.
+sdk/python/setup.sh
+python="$root/sdk/python/.venv/bin/python"
+(cd sdk/typescript && { [ -d node_modules ] || npm ci --no-audit --no-fund --ignore-scripts; } && npm run --silent build)
+(cd examples/mcp/typescript && npm ci --no-audit --no-fund --ignore-scripts >/dev/null && npm run --silent build)
 dir=$(mktemp -d /tmp/tessera-mcp.XXXXXX)
 uid=$(id -u)
 mkdir -p "$dir/admin"
@@ -33,6 +43,15 @@ selectors = ["unix:uid:$uid", "unix:path:$bin/notes-server"]
 [[entries]]
 spiffe_id = "spiffe://example.org/demo/notes-agent"
 selectors = ["unix:uid:$uid", "unix:path:$bin/notes-agent"]
+
+# The SDK agents run on the Python interpreter and on node.
+[[entries]]
+spiffe_id = "spiffe://example.org/demo/notes-agent"
+selectors = ["unix:uid:$uid", "unix:path:$(readlink -f "$python")"]
+
+[[entries]]
+spiffe_id = "spiffe://example.org/demo/notes-agent"
+selectors = ["unix:uid:$uid", "unix:path:$(readlink -f "$(command -v node)")"]
 
 [exchange]
 socket_path = "$dir/sock/exchange.sock"
@@ -96,6 +115,42 @@ echo "\$ tessera approvals approve $approval"
   || fail "approving $approval failed"
 wait "$cleanup_pid" || { cat "$dir/cleanup.out"; fail "the approved delete did not succeed"; }
 sed -n '/approval_id=/,$p' "$dir/cleanup.out" | tail -n +2   # the lines after those shown above
+
+echo
+echo "=== the same with the SDKs: a Python MCP server (official MCP Python SDK + tessera_sdk)"
+pyport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$python" examples/mcp/python/notes_server.py --port "$pyport" --introspection-cache 1 >"$dir/py-server.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do grep -q '^listening on' "$dir/py-server.log" 2>/dev/null && break; sleep 0.1; done
+grep '^listening on' "$dir/py-server.log" || fail "the Python notes server did not start"
+pyurl="http://127.0.0.1:$pyport/mcp"
+
+echo
+echo "--- Python agent: task py-1 holds notes:read, may hold notes:write: add_note gets 403, steps up, succeeds"
+timeout 60 "$python" examples/mcp/python/notes_agent.py --server "$pyurl" --task py-1 \
+  --scopes "notes:read" --may-hold "notes:read notes:write" "add_note:from python" list_notes \
+  || fail "the Python agent's calls did not go as expected"
+
+echo
+echo "--- Python agent: task py-2 may hold notes:read only: add_note is refused (403, no step-up)"
+timeout 60 "$python" examples/mcp/python/notes_agent.py --server "$pyurl" --task py-2 \
+  --scopes "notes:read" list_notes "add_note:sneaky@refused" \
+  || fail "the Python agent was not refused"
+
+echo
+echo "--- TypeScript agent: task ts-1, the same step-up through its fetch"
+timeout 60 node examples/mcp/typescript/dist/notes-agent.js --server "$pyurl" --task ts-1 \
+  --scopes "notes:read" --may-hold "notes:read notes:write" "add_note:from typescript" list_notes \
+  || fail "the TypeScript agent's calls did not go as expected"
+
+echo
+echo "--- LangGraph agent (a scripted tool plan, no model): list, add (step-up), list"
+timeout 60 "$python" examples/mcp/python/langgraph_agent.py --server "$pyurl" --task langgraph-1 \
+  || fail "the LangGraph agent did not add its note"
+
+echo
+echo "--- what the Python notes server saw"
+grep -E 'tool call|insufficient scope|rejected' "$dir/py-server.log" || true
 
 echo
 echo "--- what the notes server saw (tool calls, and the guard's reasons for refusals)"
