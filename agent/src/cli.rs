@@ -106,6 +106,10 @@ async fn bench(b: bench::BenchArgs) -> anyhow::Result<()> {
         policies: b.policies,
         duration: b.duration,
         socket: b.socket,
+        agent_pid: b.agent_pid,
+        rotation_timeout: b.rotation_timeout,
+        register_command: b.register_command,
+        rounds: b.rounds,
     };
     bench::run(&b.scenarios, params, b.json).await
 }

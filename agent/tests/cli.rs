@@ -323,6 +323,111 @@ fn bench_emits_one_json_object_per_scenario_with_the_contract_fields() {
     assert!(!bad.status.success() && stderr(&bad).contains("unknown scenario"));
 }
 
+/// `--socket` with `--agent-pid` measures any running agent as fully as one
+/// the bench starts: CPU per operation and memory from /proc of that PID, the
+/// idle-memory figure per stream, a pushed renewal (fanout) and a new entry
+/// registered by a command (here the way a Tessera agent takes one: appended
+/// to its config, then SIGHUP). This is how BENCHMARKS.md measures SPIRE's
+/// agent beside Tessera's.
+#[test]
+fn bench_measures_a_running_agent_given_its_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    // A 4 s X509-SVID renews at 1.6-2.4 s, inside the fanout's wait.
+    let config = write_config(
+        dir.path(),
+        "[svid]\nx509_ttl = \"4s\"\n[limits]\nrequests_per_second = 1e9\nrequest_burst = 1e9\n",
+    );
+    let socket = dir.path().join("sock/agent.sock");
+    let daemon = Daemon::start(
+        &["run", "--config", config.to_str().unwrap()],
+        dir.path(),
+        socket.clone(),
+    );
+    let pid = daemon.child.id().to_string();
+    let uid = nix::unistd::geteuid().as_raw();
+    let register = format!(
+        "printf '[[entries]]\\nspiffe_id = \"%s\"\\nselectors = [\"unix:uid:{uid}\"]\\n' \"$TESSERA_BENCH_NEW_ID\" >> {} && kill -HUP {pid}",
+        config.display()
+    );
+    let out = Command::new(BIN)
+        .args(["bench", "--json", "--socket", socket.to_str().unwrap()])
+        .args(["--agent-pid", &pid, "--duration", "300ms", "--clients", "2"])
+        .args([
+            "--streams",
+            "20",
+            "--rounds",
+            "2",
+            "--rotation-timeout",
+            "20s",
+        ])
+        .args(["--register-command", &register])
+        .args([
+            "x509-first",
+            "jwt-fetch",
+            "jwt-validate",
+            "idle-memory",
+            "fanout",
+        ])
+        .args(["new-entry", "x509-cold", "exchange"])
+        .output()
+        .unwrap();
+    let printed = stdout(&out);
+    let agent = daemon.terminate();
+    assert!(
+        out.status.success(),
+        "{}\nagent: {}",
+        stderr(&out),
+        String::from_utf8_lossy(&agent.stderr)
+    );
+    let lines: Vec<serde_json::Value> = printed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = lines
+        .iter()
+        .map(|v| v["scenario"].as_str().unwrap())
+        .collect();
+    // x509-cold and exchange need a config only the bench can write: skipped, and said so.
+    assert_eq!(
+        names,
+        [
+            "x509-first",
+            "jwt-fetch",
+            "jwt-fetch",
+            "jwt-validate",
+            "idle-memory",
+            "fanout",
+            "new-entry"
+        ]
+    );
+    assert!(stderr(&out).contains("x509-cold: skipped with --socket"));
+    for v in &lines {
+        assert!(v["agent_rss_bytes"].as_u64().unwrap() > 1024 * 1024, "{v}");
+        assert!(v["ops"].as_u64().unwrap() > 0, "{v}");
+    }
+    for v in &lines[..4] {
+        assert!(v["agent_cpu_us_per_op"].as_f64().unwrap() > 0.0, "{v}");
+    }
+    let idle = &lines[4];
+    assert!(idle["baseline_rss_bytes"].as_u64().unwrap() > 1024 * 1024);
+    assert!(idle["rss_per_stream_bytes"].as_u64().is_some(), "{idle}");
+    assert_eq!(lines[5]["ops"], 20, "every stream got the renewal");
+    assert!(lines[5]["all_updated_ms"].as_f64().is_some());
+    assert_eq!(lines[6]["ops"], 2, "both new entries arrived");
+
+    let refused = Command::new(BIN)
+        .args(["bench", "--agent-pid", &pid, "x509-first"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success() && stderr(&refused).contains("--socket"));
+    let gone = Command::new(BIN)
+        .args(["bench", "--socket", socket.to_str().unwrap()])
+        .args(["--agent-pid", "999999999", "x509-first"])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success() && stderr(&gone).contains("--agent-pid 999999999"));
+}
+
 /// No key, certificate or token may reach the logs, even at trace level.
 #[test]
 fn logs_carry_no_secrets_even_at_trace_level() {

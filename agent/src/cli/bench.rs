@@ -3,8 +3,14 @@
 //! By default every scenario starts its own agent (this binary, `tessera run`,
 //! as a child process with a config made for the scenario) in a temporary
 //! directory, so one command gives the numbers and `agent_rss_bytes` is the
-//! agent's own memory. `--socket` targets a running agent instead (scenarios
-//! that need a special config are then skipped with a note).
+//! agent's own memory. `--socket` targets a running agent instead, which
+//! may be any Workload API agent (SPIRE's too): `--agent-pid` names its
+//! process, so its CPU time and memory are read from `/proc` just as for an
+//! agent the bench started. Scenarios that need a config only the bench can
+//! write (K fresh entries, P generated policies) are then skipped with a
+//! note; the others need the agent set up as BENCHMARKS.md describes (an
+//! entry for the bench's uid, a short X509-SVID TTL for `fanout`, a
+//! `--register-command` for `new-entry`).
 //!
 //! The bench process is the workload: entries select it by uid and executable
 //! path. Where a scenario needs a second workload (identities cached by
@@ -36,13 +42,14 @@ pub const SCENARIOS: &[&str] = &[
     "fanout",
     "exchange",
     "idle-memory",
+    "new-entry",
 ];
 
 /// The `tessera bench` command line.
 #[derive(Args)]
 pub struct BenchArgs {
     /// Scenarios to run (default: all): x509-first, x509-cold, jwt-fetch,
-    /// jwt-validate, fanout, exchange, idle-memory.
+    /// jwt-validate, fanout, exchange, idle-memory, new-entry.
     pub scenarios: Vec<String>,
     /// One JSON object per line per scenario instead of a table.
     #[arg(long)]
@@ -65,6 +72,24 @@ pub struct BenchArgs {
     /// Target a running agent instead of starting one.
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// With --socket: the running agent's PID, whose CPU time and resident
+    /// memory are then measured (/proc/PID/stat and /proc/PID/status).
+    #[arg(long, requires = "socket")]
+    pub agent_pid: Option<u32>,
+    /// fanout: how long to wait for the agent to push a renewed X509-SVID
+    /// to every open stream (with --socket, give the bench's entry an
+    /// X509-SVID TTL well under this).
+    #[arg(long, default_value = "90s", value_parser = humantime::parse_duration)]
+    pub rotation_timeout: Duration,
+    /// new-entry with --socket: a shell command that registers a new entry
+    /// for the bench's process with the SPIFFE ID in $TESSERA_BENCH_NEW_ID
+    /// (e.g. `spire-server entry create ...`, or appending to a Tessera
+    /// config and sending SIGHUP). Timing starts when it exits.
+    #[arg(long)]
+    pub register_command: Option<String>,
+    /// new-entry: how many entries are registered, one after another.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +100,10 @@ pub struct BenchParams {
     pub policies: usize,
     pub duration: Duration,
     pub socket: Option<PathBuf>,
+    pub agent_pid: Option<u32>,
+    pub rotation_timeout: Duration,
+    pub register_command: Option<String>,
+    pub rounds: usize,
 }
 
 /// One scenario's figures.
@@ -153,6 +182,11 @@ pub async fn run(names: &[String], params: BenchParams, json: bool) -> anyhow::R
             );
         }
     }
+    if let Some(pid) = params.agent_pid
+        && cpu_seconds_of(pid).is_none()
+    {
+        bail!("--agent-pid {pid}: cannot read /proc/{pid}/stat (no such process?)");
+    }
     if !json {
         println!(
             "{:<13} {:>9} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10}  notes",
@@ -171,6 +205,7 @@ pub async fn run(names: &[String], params: BenchParams, json: bool) -> anyhow::R
             "fanout" => fanout(&params).await?,
             "idle-memory" => idle_memory(&params).await?,
             "exchange" => exchange(&params).await?,
+            "new-entry" => new_entry(&params).await?,
             _ => unreachable!(),
         };
         for mut r in results {
@@ -225,6 +260,7 @@ struct BenchAgent {
     /// Keeps the agent's directory alive for as long as the agent runs.
     _dir: tempfile::TempDir,
     socket: PathBuf,
+    config: PathBuf,
 }
 
 impl BenchAgent {
@@ -278,6 +314,7 @@ impl BenchAgent {
             child,
             _dir: dir,
             socket,
+            config: path,
         })
     }
 
@@ -288,6 +325,21 @@ impl BenchAgent {
     /// CPU time (user + system, all threads) the agent has used so far.
     fn cpu_seconds(&self) -> Option<f64> {
         cpu_seconds_of(self.child.id())
+    }
+
+    /// Appends `entries` (TOML) to the agent's config and has it reload.
+    fn add_entries(&self, entries: &str) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.config)?;
+        f.write_all(format!("\n{entries}").as_bytes())?;
+        f.sync_all()?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )?;
+        Ok(())
     }
 }
 
@@ -342,17 +394,12 @@ fn insert_cpu_per_op(
 
 /// [`insert_cpu_per_op`] for a scenario whose window ends now.
 fn cpu_per_op_extra(
-    agent: Option<&BenchAgent>,
+    target: &Target,
     before: Option<f64>,
     ops: usize,
 ) -> serde_json::Map<String, serde_json::Value> {
     let mut extra = serde_json::Map::new();
-    insert_cpu_per_op(
-        &mut extra,
-        before,
-        agent.and_then(BenchAgent::cpu_seconds),
-        ops,
-    );
+    insert_cpu_per_op(&mut extra, before, target.cpu_seconds(), ops);
     extra
 }
 
@@ -373,18 +420,41 @@ fn entry_for_me(id: &str) -> anyhow::Result<String> {
     ))
 }
 
-/// The socket to use: `--socket`, or a fresh agent with `entries`.
-fn target(
-    params: &BenchParams,
-    entries: &str,
-    svid: &str,
-) -> anyhow::Result<(Option<BenchAgent>, PathBuf)> {
+/// The agent a scenario measures: one the bench started for it, or a
+/// running one (`--socket`, and `--agent-pid` for its CPU and memory).
+struct Target {
+    agent: Option<BenchAgent>,
+    socket: PathBuf,
+    pid: Option<u32>,
+}
+
+impl Target {
+    /// CPU time (user + system, all threads) the agent has used so far.
+    fn cpu_seconds(&self) -> Option<f64> {
+        self.pid.and_then(cpu_seconds_of)
+    }
+
+    fn rss_bytes(&self) -> Option<u64> {
+        self.pid.and_then(rss_of)
+    }
+}
+
+/// The agent to measure: `--socket` (with `--agent-pid`), or a fresh agent
+/// with `entries` and the `[svid]` table body `svid`.
+fn target(params: &BenchParams, entries: &str, svid: &str) -> anyhow::Result<Target> {
     match &params.socket {
-        Some(s) => Ok((None, s.clone())),
+        Some(s) => Ok(Target {
+            agent: None,
+            socket: s.clone(),
+            pid: params.agent_pid,
+        }),
         None => {
             let agent = BenchAgent::start(entries, svid)?;
-            let socket = agent.socket.clone();
-            Ok((Some(agent), socket))
+            Ok(Target {
+                socket: agent.socket.clone(),
+                pid: Some(agent.child.id()),
+                agent: Some(agent),
+            })
         }
     }
 }
@@ -444,11 +514,11 @@ where
 }
 
 async fn x509_first(p: &BenchParams) -> anyhow::Result<BenchResult> {
-    let (agent, socket) = target(p, &entry_for_me("bench/x509")?, "")?;
+    let target = target(p, &entry_for_me("bench/x509")?, "")?;
     // Warm the cache: the scenario measures a cached identity.
-    first_x509(&mut client::connect(&socket).await?).await?;
-    let socket = Arc::new(socket);
-    let cpu_before = agent.as_ref().and_then(BenchAgent::cpu_seconds);
+    first_x509(&mut client::connect(&target.socket).await?).await?;
+    let socket = Arc::new(target.socket.clone());
+    let cpu_before = target.cpu_seconds();
     let (latencies, seconds) = closed_loop(p.clients, p.duration, move |_| {
         let socket = socket.clone();
         async move {
@@ -459,7 +529,7 @@ async fn x509_first(p: &BenchParams) -> anyhow::Result<BenchResult> {
         }
     })
     .await?;
-    let extra = cpu_per_op_extra(agent.as_ref(), cpu_before, latencies.len());
+    let extra = cpu_per_op_extra(&target, cpu_before, latencies.len());
     Ok(BenchResult {
         scenario: "x509-first".into(),
         params: params_map(&[
@@ -469,7 +539,7 @@ async fn x509_first(p: &BenchParams) -> anyhow::Result<BenchResult> {
         ops: latencies.len() as u64,
         seconds,
         latencies,
-        agent_rss_bytes: agent.as_ref().and_then(BenchAgent::rss_bytes),
+        agent_rss_bytes: target.rss_bytes(),
         extra,
     })
 }
@@ -535,14 +605,14 @@ async fn x509_cold(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
 }
 
 async fn jwt_fetch(p: &BenchParams, unique_audiences: bool) -> anyhow::Result<BenchResult> {
-    let (agent, socket) = target(p, &entry_for_me("bench/jwt")?, "")?;
+    let target = target(p, &entry_for_me("bench/jwt")?, "")?;
     let mut clients = Vec::new();
     for _ in 0..p.clients {
-        clients.push(client::connect(&socket).await?);
+        clients.push(client::connect(&target.socket).await?);
     }
     let clients = Arc::new(clients);
     let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let cpu_before = agent.as_ref().and_then(BenchAgent::cpu_seconds);
+    let cpu_before = target.cpu_seconds();
     let (latencies, seconds) = closed_loop(p.clients, p.duration, move |i| {
         let mut c = clients[i].clone();
         let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -563,7 +633,7 @@ async fn jwt_fetch(p: &BenchParams, unique_audiences: bool) -> anyhow::Result<Be
         }
     })
     .await?;
-    let extra = cpu_per_op_extra(agent.as_ref(), cpu_before, latencies.len());
+    let extra = cpu_per_op_extra(&target, cpu_before, latencies.len());
     Ok(BenchResult {
         scenario: "jwt-fetch".into(),
         params: params_map(&[
@@ -576,14 +646,14 @@ async fn jwt_fetch(p: &BenchParams, unique_audiences: bool) -> anyhow::Result<Be
         ops: latencies.len() as u64,
         seconds,
         latencies,
-        agent_rss_bytes: agent.as_ref().and_then(BenchAgent::rss_bytes),
+        agent_rss_bytes: target.rss_bytes(),
         extra,
     })
 }
 
 async fn jwt_validate(p: &BenchParams) -> anyhow::Result<BenchResult> {
-    let (agent, socket) = target(p, &entry_for_me("bench/jwt")?, "")?;
-    let mut first = client::connect(&socket).await?;
+    let target = target(p, &entry_for_me("bench/jwt")?, "")?;
+    let mut first = client::connect(&target.socket).await?;
     let token = first
         .fetch_jwtsvid(pb::with_security_header(pb::JwtsvidRequest {
             audience: vec!["bench".into()],
@@ -598,10 +668,11 @@ async fn jwt_validate(p: &BenchParams) -> anyhow::Result<BenchResult> {
         .clone();
     let mut clients = Vec::new();
     for _ in 0..p.clients {
-        clients.push(client::connect(&socket).await?);
+        clients.push(client::connect(&target.socket).await?);
     }
     let clients = Arc::new(clients);
     let token = Arc::new(token);
+    let cpu_before = target.cpu_seconds();
     let (latencies, seconds) = closed_loop(p.clients, p.duration, move |i| {
         let mut c = clients[i].clone();
         let token = token.clone();
@@ -615,26 +686,39 @@ async fn jwt_validate(p: &BenchParams) -> anyhow::Result<BenchResult> {
         }
     })
     .await?;
+    let extra = cpu_per_op_extra(&target, cpu_before, latencies.len());
     Ok(BenchResult {
         scenario: "jwt-validate".into(),
         params: params_map(&[("clients", p.clients.into())]),
         ops: latencies.len() as u64,
         seconds,
         latencies,
-        agent_rss_bytes: agent.as_ref().and_then(BenchAgent::rss_bytes),
-        extra: Default::default(),
+        agent_rss_bytes: target.rss_bytes(),
+        extra,
     })
 }
 
 /// Streams per HTTP/2 connection (below common max-concurrent-streams limits).
 const STREAMS_PER_CONNECTION: usize = 100;
 
+/// A digest of the X509-SVIDs (chains) in a response: tells a rotation from
+/// a message that re-sends the same SVIDs (a bundle update, say).
+fn svids_digest(r: &pb::X509svidResponse) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for s in &r.svids {
+        s.x509_svid.hash(&mut h);
+    }
+    h.finish()
+}
+
 /// Opens `n` FetchX509SVID streams and waits for each first message; returns
-/// the streams and the time it took.
+/// the streams with the digest of their first message's SVIDs, and the time
+/// it took.
 async fn open_streams(
     socket: &Path,
     n: usize,
-) -> anyhow::Result<(Vec<tonic::Streaming<pb::X509svidResponse>>, Duration)> {
+) -> anyhow::Result<(Vec<(tonic::Streaming<pb::X509svidResponse>, u64)>, Duration)> {
     let t = Instant::now();
     let mut conns = Vec::new();
     for _ in 0..n.div_ceil(STREAMS_PER_CONNECTION) {
@@ -648,8 +732,8 @@ async fn open_streams(
                 .fetch_x509svid(pb::with_security_header(pb::X509svidRequest {}))
                 .await?
                 .into_inner();
-            s.message().await?.context("no first message")?;
-            Ok::<_, anyhow::Error>(s)
+            let first = s.message().await?.context("no first message")?;
+            Ok::<_, anyhow::Error>((s, svids_digest(&first)))
         }));
     }
     let mut streams = Vec::with_capacity(n);
@@ -659,28 +743,52 @@ async fn open_streams(
     Ok((streams, t.elapsed()))
 }
 
+/// S streams open on one identity; the figure is how long the agent takes to
+/// push the next renewed X509-SVID to all of them. Started by the bench, the
+/// agent has a 10 s TTL (renewal 4-6 s after issue); a running agent must
+/// give the bench's entry a TTL short enough to renew within
+/// `--rotation-timeout`.
 async fn fanout(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
-    if p.socket.is_some() {
-        eprintln!("fanout: skipped with --socket (needs an agent with a short SVID TTL)");
-        return Ok(vec![]);
-    }
-    // 10 s TTL: the renewal lands 4-6 s after issue and is pushed to all streams.
-    let agent = BenchAgent::start(&entry_for_me("bench/fanout")?, "x509_ttl = \"10s\"")?;
-    let (streams, opened) = open_streams(&agent.socket, p.streams).await?;
+    let target = target(p, &entry_for_me("bench/fanout")?, "x509_ttl = \"10s\"")?;
+    let (streams, opened) = open_streams(&target.socket, p.streams).await?;
+    // The SVIDs the streams opened with (two sets if a renewal happened while
+    // they were opening): the rotation measured is the first SVID set none
+    // of them has seen, which reaches every stream as a push.
+    let seen: Arc<std::collections::HashSet<u64>> =
+        Arc::new(streams.iter().map(|(_, d)| *d).collect());
+    let deadline = tokio::time::Instant::now() + p.rotation_timeout;
+    let timeout = p.rotation_timeout;
     let mut tasks = Vec::with_capacity(streams.len());
-    for mut s in streams {
+    for (mut s, _) in streams {
+        let seen = seen.clone();
         tasks.push(tokio::spawn(async move {
-            tokio::time::timeout(Duration::from_secs(30), s.message())
-                .await
-                .context("no rotation within 30 s")??
-                .context("stream ended")?;
-            Ok::<_, anyhow::Error>(Instant::now())
+            loop {
+                let m = tokio::time::timeout_at(deadline, s.message())
+                    .await
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "no renewed X509-SVID within {} (--rotation-timeout); is the SVID TTL short enough?",
+                            humantime::format_duration(timeout)
+                        )
+                    })??
+                    .context("stream ended")?;
+                let digest = svids_digest(&m);
+                if !seen.contains(&digest) {
+                    return Ok::<_, anyhow::Error>((Instant::now(), digest));
+                }
+            }
         }));
     }
     let mut arrivals = Vec::with_capacity(tasks.len());
     for t in tasks {
         arrivals.push(t.await??);
     }
+    if arrivals.iter().any(|(_, d)| *d != arrivals[0].1) {
+        bail!(
+            "the SVID was renewed twice while the streams waited; lengthen its TTL beyond the push time"
+        );
+    }
+    let mut arrivals: Vec<Instant> = arrivals.into_iter().map(|(t, _)| t).collect();
     arrivals.sort();
     let first = arrivals[0];
     let latencies: Vec<Duration> = arrivals.iter().map(|a| *a - first).collect();
@@ -697,35 +805,37 @@ async fn fanout(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
         ops: arrivals.len() as u64,
         seconds: all.as_secs_f64(),
         latencies,
-        agent_rss_bytes: agent.rss_bytes(),
+        agent_rss_bytes: target.rss_bytes(),
         extra,
     }])
 }
 
+/// Agent memory with S idle FetchX509SVID streams open. Started by the
+/// bench, the agent also caches I identities for a second workload; a
+/// running agent is measured as it is (start it fresh for a fair figure).
 async fn idle_memory(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
-    if p.socket.is_some() {
-        eprintln!("idle-memory: skipped with --socket (measures the memory of an agent it starts)");
-        return Ok(vec![]);
-    }
     // A second workload, this binary copied elsewhere, holds I identities.
     let holder_dir = tempfile::tempdir()?;
     let holder = holder_dir.path().join("tessera-holder");
-    std::fs::copy(std::env::current_exe()?, &holder)?;
+    let identities = if p.socket.is_some() { 0 } else { p.identities };
     let uid = nix::unistd::geteuid();
     let mut entries = entry_for_me("bench/idle")?;
-    for i in 0..p.identities {
+    if identities > 0 {
+        std::fs::copy(std::env::current_exe()?, &holder)?;
+    }
+    for i in 0..identities {
         entries.push_str(&format!(
             "[[entries]]\nspiffe_id = \"spiffe://example.org/bench/held-{i}\"\nselectors = [\"unix:uid:{uid}\", \"unix:path:{}\"]\n",
             holder.display()
         ));
     }
-    let agent = BenchAgent::start(&entries, "")?;
-    let baseline = agent.rss_bytes();
+    let target = target(p, &entries, "")?;
+    let baseline = target.rss_bytes();
     let mut held = None;
-    if p.identities > 0 {
+    if identities > 0 {
         let mut child = Command::new(&holder)
             .args(["api", "watch", "--socket"])
-            .arg(&agent.socket)
+            .arg(&target.socket)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
@@ -742,9 +852,10 @@ async fn idle_memory(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
         }
         held = Some((child, out));
     }
-    let (streams, opened) = open_streams(&agent.socket, p.streams).await?;
+    let with_identities = target.rss_bytes();
+    let (streams, opened) = open_streams(&target.socket, p.streams).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss = agent.rss_bytes();
+    let rss = target.rss_bytes();
     drop(streams);
     if let Some((mut child, _)) = held {
         let _ = child.kill();
@@ -755,16 +866,104 @@ async fn idle_memory(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
         "baseline_rss_bytes".into(),
         baseline.map_or(serde_json::Value::Null, Into::into),
     );
+    if let (Some(before), Some(after)) = (with_identities, rss) {
+        extra.insert(
+            "rss_per_stream_bytes".into(),
+            (after.saturating_sub(before) / p.streams.max(1) as u64).into(),
+        );
+    }
     Ok(vec![BenchResult {
         scenario: "idle-memory".into(),
         params: params_map(&[
             ("streams", p.streams.into()),
-            ("identities", p.identities.into()),
+            ("identities", identities.into()),
         ]),
         ops: p.streams as u64,
         seconds: opened.as_secs_f64(),
         latencies: Vec::new(),
         agent_rss_bytes: rss,
+        extra,
+    }])
+}
+
+/// From registering a new entry to the workload's first SVID for it: an
+/// open FetchX509SVID stream waits for the message that carries the new
+/// SPIFFE ID. The bench's own agent is told by appending to its config and
+/// SIGHUP; a running agent by `--register-command`. One operation per round.
+async fn new_entry(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
+    if p.socket.is_some() && p.register_command.is_none() {
+        eprintln!(
+            "new-entry: skipped with --socket unless --register-command says how to add an entry"
+        );
+        return Ok(vec![]);
+    }
+    let target = target(p, &entry_for_me("bench/new-entry")?, "")?;
+    let run_id = std::process::id();
+    let mut latencies = Vec::with_capacity(p.rounds);
+    let mut register = Vec::with_capacity(p.rounds);
+    for round in 0..p.rounds.max(1) {
+        let id = format!("spiffe://example.org/bench/new-{run_id}-{round}");
+        let mut c = client::connect(&target.socket).await?;
+        let mut stream = c
+            .fetch_x509svid(pb::with_security_header(pb::X509svidRequest {}))
+            .await?
+            .into_inner();
+        stream.message().await?.context("no first message")?;
+        let t = Instant::now();
+        match (&target.agent, &p.register_command) {
+            (Some(agent), _) => {
+                let path = std::env::current_exe()?;
+                agent.add_entries(&format!(
+                    "[[entries]]\nspiffe_id = \"{id}\"\nselectors = [\"unix:uid:{}\", \"unix:path:{}\"]\n",
+                    nix::unistd::geteuid(),
+                    path.display()
+                ))?;
+            }
+            (None, Some(command)) => {
+                let status = Command::new("sh")
+                    .args(["-c", command])
+                    .env("TESSERA_BENCH_NEW_ID", &id)
+                    .stdout(Stdio::null())
+                    .status()
+                    .context("running --register-command")?;
+                if !status.success() {
+                    bail!("--register-command failed ({status}) for {id}");
+                }
+            }
+            (None, None) => unreachable!("checked above"),
+        }
+        let registered = Instant::now();
+        register.push(registered - t);
+        loop {
+            let m = tokio::time::timeout(p.rotation_timeout, stream.message())
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "{id} not delivered within {} (--rotation-timeout)",
+                        humantime::format_duration(p.rotation_timeout)
+                    )
+                })??
+                .context("stream ended")?;
+            if m.svids.iter().any(|s| s.spiffe_id == id) {
+                latencies.push(registered.elapsed());
+                break;
+            }
+        }
+    }
+    register.sort();
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        "register_p50_ms".into(),
+        round3(register[register.len() / 2].as_secs_f64() * 1000.0).into(),
+    );
+    let seconds = latencies.iter().map(Duration::as_secs_f64).sum();
+    Ok(vec![BenchResult {
+        scenario: "new-entry".into(),
+        params: params_map(&[("rounds", latencies.len().into())]),
+        ops: latencies.len() as u64,
+        seconds,
+        latencies,
+        agent_rss_bytes: target.rss_bytes(),
         extra,
     }])
 }
