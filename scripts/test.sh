@@ -3,7 +3,9 @@
 #
 # 1. formatting and clippy with warnings as errors;
 # 2. `cargo test` for the workspace: unit tests, the codegen drift test, the
-#    end-to-end tests over real sockets (judged by the `spiffe` crate), CLI tests;
+#    end-to-end tests over real sockets (judged by the `spiffe` crate), CLI tests,
+#    the fleet against the genuine kube-apiserver and etcd (built from the Go
+#    module proxy on first use, ~6 minutes, then cached);
 # 3. interop: py-spiffe, go-spiffe and java-spiffe against a real agent;
 # 4. the Helm chart rendered and validated offline;
 # 5. the SDKs (sdk/python, sdk/typescript: lint, strict types, and suites
@@ -41,6 +43,12 @@ section "cargo fmt --check"
 cargo fmt --all -- --check
 section "cargo clippy -D warnings"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+section "the real Kubernetes API server for the tests (built once, cached)"
+# kube-apiserver, kubectl and etcd from the Go module proxy, cached under
+# ~/.cache/tessera/kube-<version>; tests/tests/kube.rs and tests/tests/fleet.rs
+# run against them (tessera_tests::kube finds them there).
+TESSERA_KUBE_BIN="$(bash tests/kube/build.sh)"
+export TESSERA_KUBE_BIN
 section "cargo test"
 cargo test --locked --workspace
 cargo build --locked -p tessera-agent

@@ -232,3 +232,4 @@ pub fn receive_socket(
 
 pub mod fake_apiserver;
 pub mod fake_kubelet;
+pub mod kube;
