@@ -50,6 +50,12 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     if !(s.callers.ready.load(Ordering::Acquire) && ca_ok && !s.callers.shutdown.is_cancelled()) {
         return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string());
     }
+    if let Some(why) = signer.not_ready() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        );
+    }
     match signer.reachable() {
         false => {
             // Outage: still ready while cached SVIDs are valid, and says so.

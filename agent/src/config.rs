@@ -624,6 +624,26 @@ impl Config {
             Some(srv) => Some(Self::server_config(&cx, srv)?),
             None => None,
         };
+        if upstream.is_some() || server.is_some() {
+            // In fleet mode the authority signs only what it can verify; an
+            // entry it can never confirm would fail every call of a caller
+            // that matches it.
+            let (mut i, authority) = (0, server.is_some());
+            entries.retain(|e| {
+                let keep = match crate::fleet::entitlement::never_entitled(e, authority) {
+                    Some(why) => {
+                        warnings.push(format!(
+                            "{file}: entries[{i}] ({}) is skipped in fleet mode: {why}",
+                            raw.entries[i].spiffe_id.get_ref()
+                        ));
+                        false
+                    }
+                    None => true,
+                };
+                i += 1;
+                keep
+            });
+        }
 
         Ok(Config {
             trust_domain,

@@ -106,7 +106,8 @@ impl IdTemplate {
         spiffe::SpiffeId::new(&text).ok()
     }
 
-    fn placeholders(&self) -> impl Iterator<Item = &str> {
+    /// The selector types the template fills in.
+    pub fn placeholders(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|p| match p {
             Part::Placeholder(k) => Some(k.as_str()),
             Part::Literal(_) => None,

@@ -30,7 +30,6 @@ pub mod oauth;
 pub mod operator;
 pub mod policy;
 pub mod request;
-pub mod revocation;
 pub mod server;
 pub mod tasks;
 
@@ -49,9 +48,9 @@ use crate::clock::{Clock, unix_seconds};
 use crate::entries::Identity;
 use crate::identity::{SignError, Signer, SvidCache, TrustStore, jws};
 use crate::metrics::{Metrics, ResultLabels};
+use crate::revocation::{self, RevocationStore};
 use crate::sync::Mutex;
 use policy::{PolicyRequest, PolicyStore};
-use revocation::RevocationStore;
 use tasks::{EndKind, TaskLedger};
 
 use approvals::{ApprovalBook, ApprovalRequest, Poll};
@@ -792,6 +791,10 @@ impl Exchange {
                 SignError::Remote(why) => OAuthError::new(
                     ErrorCode::TemporarilyUnavailable,
                     format!("the fleet authority could not sign: {why}"),
+                ),
+                SignError::Refused(why) => OAuthError::new(
+                    ErrorCode::AccessDenied,
+                    format!("the fleet authority refused to sign: {why}"),
                 ),
                 e => OAuthError::new(ErrorCode::ServerError, format!("signing failed: {e}")),
             })?;

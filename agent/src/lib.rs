@@ -5,11 +5,11 @@
 //!
 //! | layer | modules |
 //! |---|---|
-//! | foundations | [`clock`], [`sync`], [`fsutil`], [`metrics`], [`audit`], [`rate_limit`], [`entries`] |
+//! | foundations | [`clock`], [`sync`], [`fsutil`], [`metrics`], [`audit`], [`rate_limit`], [`entries`], [`revocation`] |
 //! | identity | [`identity`]: signer seam, local authority, keys, trust store, SVID cache |
 //! | transport | [`transport`]: the one accept loop, peer credentials, gRPC and HTTP serving |
 //! | callers | [`caller`]: attestation per connection, budgets, identities |
-//! | services | [`workload_api`], [`exchange`] (policy, approvals, revocation, operator socket), [`fleet`], [`https`] (the trust domain's HTTPS face), [`admin`] |
+//! | services | [`workload_api`], [`exchange`] (policy, approvals, operator socket), [`fleet`], [`https`] (the trust domain's HTTPS face), [`admin`] |
 //! | wiring | [`config`] (builds each component's config), [`app`] (starts an agent) |
 //! | edge | [`cli`] (one file per subcommand group; the bench among them) |
 
@@ -30,6 +30,7 @@ pub mod https;
 pub mod identity;
 pub mod metrics;
 pub mod rate_limit;
+pub mod revocation;
 pub mod sync;
 pub mod transport;
 pub mod workload_api;

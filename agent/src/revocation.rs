@@ -17,6 +17,14 @@
 //! naming the line. If a write fails, the revocation still takes effect in
 //! memory (fail closed) and the error reports that it is not durable; the
 //! partial line is cut off before the next write.
+//!
+//! In a fleet, the same store also holds what other nodes revoked
+//! ([`RevocationStore::apply_remote`]: memory only, the fleet's store keeps
+//! them durably) and hands what this node revokes to the fleet
+//! ([`RevocationStore::set_outbox`]). Every introspection path (the exchange
+//! socket, the HTTPS face, the authority) asks this one store, so a
+//! revocation anywhere is seen everywhere. It sits with the foundations so
+//! that every service can read it.
 
 use crate::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::collections::HashMap;
@@ -65,10 +73,13 @@ pub enum RevocationError {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What a revocation names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-enum Kind {
+pub enum Kind {
+    /// One token, by its `jti`.
     Jti,
+    /// Every token of a task, by its key (principal and task id, hashed).
     Task,
 }
 
@@ -81,18 +92,33 @@ impl Kind {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+/// One revocation: a line of the state file, and what the fleet shares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Entry {
-    k: Kind,
-    id: String,
-    until: u64,
+pub struct Record {
+    pub k: Kind,
+    pub id: String,
+    /// Unix seconds; the entry matters only before this.
+    pub until: u64,
 }
+
+impl Record {
+    /// Checks the id as a revocation made here would be checked.
+    pub fn validate(&self) -> Result<(), RevocationError> {
+        check_id(self.k, &self.id)
+    }
+}
+
+type Entry = Record;
 
 #[derive(Default)]
 struct State {
     tokens: HashMap<String, u64>,
     tasks: HashMap<String, u64>,
+    /// Made on this node (kept in the file), as opposed to learnt from the
+    /// fleet: what this node must hand to the fleet again after a restart
+    /// or reconnection.
+    local: std::collections::HashSet<(Kind, String)>,
 }
 
 impl State {
@@ -115,16 +141,32 @@ impl State {
     fn retain_live(&mut self, now: u64) {
         self.tokens.retain(|_, until| *until > now);
         self.tasks.retain(|_, until| *until > now);
+        let (tokens, tasks) = (&self.tokens, &self.tasks);
+        self.local.retain(|(k, id)| match k {
+            Kind::Jti => tokens.contains_key(id),
+            Kind::Task => tasks.contains_key(id),
+        });
     }
 
-    fn serialize(&self) -> Vec<u8> {
+    fn until(&self, kind: Kind, id: &str) -> Option<u64> {
+        match kind {
+            Kind::Jti => self.tokens.get(id).copied(),
+            Kind::Task => self.tasks.get(id).copied(),
+        }
+    }
+
+    /// The file's content: the entries made here (the fleet's are not kept
+    /// in the file).
+    fn serialize(&self) -> (Vec<u8>, u64) {
         let mut out = Vec::new();
-        for (kind, map) in [(Kind::Jti, &self.tokens), (Kind::Task, &self.tasks)] {
-            for (id, &until) in map {
-                out.extend(entry_line(kind, id, until));
+        let mut lines = 0;
+        for (kind, id) in &self.local {
+            if let Some(until) = self.until(*kind, id) {
+                out.extend(entry_line(*kind, id, until));
+                lines += 1;
             }
         }
-        out
+        (out, lines)
     }
 }
 
@@ -215,6 +257,8 @@ pub struct RevocationStore {
     state: RwLock<State>,
     /// Lock order: `persist` before `state`.
     persist: Option<Mutex<Persist>>,
+    /// Where revocations made here are handed to the fleet.
+    outbox: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Record>>>,
 }
 
 impl std::fmt::Debug for RevocationStore {
@@ -258,6 +302,7 @@ impl RevocationStore {
             return Ok(RevocationStore {
                 state: RwLock::default(),
                 persist: None,
+                outbox: Mutex::default(),
             });
         };
         let io_err = |source| RevocationError::Io {
@@ -313,6 +358,7 @@ impl RevocationStore {
             match parsed {
                 Ok(entry) => {
                     state.insert(entry.k, &entry.id, entry.until);
+                    state.local.insert((entry.k, entry.id));
                     lines += 1;
                     good_len = offset;
                 }
@@ -343,6 +389,7 @@ impl RevocationStore {
                 dirty: false,
                 lines,
             })),
+            outbox: Mutex::default(),
         };
         store.prune(now)?;
         tracing::info!(path = %path.display(), entries = store.len(), "revocation state loaded");
@@ -364,13 +411,14 @@ impl RevocationStore {
     fn revoke(&self, kind: Kind, id: &str, until: SystemTime) -> Result<(), RevocationError> {
         check_id(kind, id)?;
         let until = unix_ceil(until);
+        self.to_fleet(kind, id, until);
         let Some(mut persist) = self.persist() else {
-            self.write().insert(kind, id, until);
+            self.insert_local(kind, id, until);
             return Ok(());
         };
         let result = persist.append(&entry_line(kind, id, until));
         // Effective in memory even if the disk failed: fail closed.
-        self.write().insert(kind, id, until);
+        self.insert_local(kind, id, until);
         result.map_err(|source| {
             tracing::error!(path = %persist.path.display(), error = %source, "revocation not persisted");
             RevocationError::NotDurable {
@@ -378,6 +426,78 @@ impl RevocationStore {
                 source,
             }
         })
+    }
+
+    fn insert_local(&self, kind: Kind, id: &str, until: u64) {
+        let mut state = self.write();
+        state.insert(kind, id, until);
+        state.local.insert((kind, id.to_owned()));
+    }
+
+    fn to_fleet(&self, k: Kind, id: &str, until: u64) {
+        if let Some(tx) = &*self.outbox.lock() {
+            let _ = tx.send(Record {
+                k,
+                id: id.to_owned(),
+                until,
+            });
+        }
+    }
+
+    /// From now on, every revocation made here is also sent to `outbox` (the
+    /// fleet client publishes it). Returns the live ones made here before,
+    /// which the fleet may not have yet (after a restart or an outage).
+    pub fn set_outbox(
+        &self,
+        outbox: tokio::sync::mpsc::UnboundedSender<Record>,
+        now: SystemTime,
+    ) -> Vec<Record> {
+        *self.outbox.lock() = Some(outbox);
+        self.local_records(now)
+    }
+
+    /// The live revocations made on this node.
+    pub fn local_records(&self, now: SystemTime) -> Vec<Record> {
+        let now = unix_floor(now);
+        let state = self.read();
+        state
+            .local
+            .iter()
+            .filter_map(|(k, id)| {
+                let until = state.until(*k, id).filter(|u| *u > now)?;
+                Some(Record {
+                    k: *k,
+                    id: id.clone(),
+                    until,
+                })
+            })
+            .collect()
+    }
+
+    /// Revocations made elsewhere in the fleet: effective at once, kept in
+    /// memory only (the fleet's store is their durable home). Invalid or
+    /// expired records are skipped; returns how many changed something.
+    pub fn apply_remote(&self, records: &[Record], now: SystemTime) -> usize {
+        let now = unix_floor(now);
+        let mut state = self.write();
+        let mut changed = 0;
+        for r in records {
+            if r.until <= now || r.validate().is_err() {
+                continue;
+            }
+            if state.until(r.k, &r.id).is_none_or(|u| u < r.until) {
+                state.insert(r.k, &r.id, r.until);
+                changed += 1;
+            }
+        }
+        changed
+    }
+
+    /// Whether `record` is already in force (as long or longer).
+    pub fn covers(&self, record: &Record) -> bool {
+        self.read()
+            .until(record.k, &record.id)
+            .is_some_and(|u| u >= record.until)
     }
 
     /// Revokes one token until `until` (when it would have expired anyway).
@@ -412,12 +532,12 @@ impl RevocationStore {
         let Some(mut persist) = persist else {
             return Ok(());
         };
-        let live = state.len() as u64;
+        let live = state.local.len() as u64;
         let dead = persist.lines.saturating_sub(live);
         if dead < COMPACT_MIN_DEAD || dead <= live {
             return Ok(());
         }
-        let data = state.serialize();
+        let (data, live) = state.serialize();
         // Revocations wait on `persist`; lookups only need `state`.
         drop(state);
         persist
@@ -589,6 +709,53 @@ mod tests {
         s.prune(at(2000)).unwrap();
         assert_eq!(s.len(), 1);
         assert!(!s.is_token_revoked("j", at(1200)));
+    }
+
+    #[test]
+    fn the_fleets_revocations_count_but_stay_out_of_the_file() {
+        let (_d, path) = setup();
+        let s = RevocationStore::open(Some(&path), at(1000)).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        s.revoke_token("before", at(9000)).unwrap();
+        assert_eq!(
+            s.set_outbox(tx, at(1000)),
+            vec![Record {
+                k: Kind::Jti,
+                id: "before".into(),
+                until: 9000
+            }],
+            "made here before the fleet listened: handed over again"
+        );
+        s.end_task("mine", at(9000)).unwrap();
+        assert_eq!(rx.try_recv().unwrap().id, "mine");
+        let remote = [
+            Record {
+                k: Kind::Jti,
+                id: "theirs".into(),
+                until: 9000,
+            },
+            Record {
+                k: Kind::Task,
+                id: "expired".into(),
+                until: 900,
+            },
+            Record {
+                k: Kind::Jti,
+                id: String::new(),
+                until: 9000,
+            },
+        ];
+        assert_eq!(s.apply_remote(&remote, at(1000)), 1);
+        assert!(s.is_token_revoked("theirs", at(1000)));
+        assert!(s.covers(&remote[0]));
+        assert!(rx.try_recv().is_err(), "the fleet's own are not sent back");
+        assert_eq!(s.local_records(at(1000)).len(), 2);
+        drop(s);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("theirs"), "{text}");
+        let s = RevocationStore::open(Some(&path), at(1000)).unwrap();
+        assert!(s.is_task_ended("mine", at(1000)));
+        assert!(!s.is_token_revoked("theirs", at(1000)));
     }
 
     #[test]

@@ -18,6 +18,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "entries",
             "audit",
             "rate_limit",
+            "revocation",
         ],
     ),
     ("identity and transport", &["identity", "transport"]),

@@ -8,13 +8,13 @@ use serde::Deserialize;
 
 use crate::Selector;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(default)]
 pub struct PodList {
     pub items: Vec<Pod>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(default)]
 pub struct Pod {
     pub metadata: ObjectMeta,
@@ -22,7 +22,7 @@ pub struct Pod {
     pub status: PodStatus,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct ObjectMeta {
     pub name: String,
@@ -32,7 +32,7 @@ pub struct ObjectMeta {
     pub owner_references: Vec<OwnerReference>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(default)]
 pub struct OwnerReference {
     pub kind: String,
@@ -40,14 +40,25 @@ pub struct OwnerReference {
     pub uid: String,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct PodSpec {
     pub service_account_name: String,
     pub node_name: String,
+    pub containers: Vec<ContainerSpec>,
+    pub init_containers: Vec<ContainerSpec>,
+    pub ephemeral_containers: Vec<ContainerSpec>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// A container as the pod's spec names it.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct PodStatus {
     /// `Pending`, `Running`, `Succeeded`, `Failed` or `Unknown`.
@@ -57,7 +68,7 @@ pub struct PodStatus {
     pub ephemeral_container_statuses: Vec<ContainerStatus>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct ContainerStatus {
     pub name: String,
@@ -84,6 +95,43 @@ impl Pod {
             .iter()
             .chain(&self.status.init_container_statuses)
             .chain(&self.status.ephemeral_container_statuses)
+    }
+}
+
+impl Pod {
+    /// Adds a status for every container of the spec that has none yet (the
+    /// kubelet has not reported it): its name and the image the spec asks
+    /// for, no image ID and no container ID. Returns whether any was added.
+    ///
+    /// The Kubernetes API's view lags the node's: a container can run (and
+    /// ask the agent for its identity) before its status reaches the API
+    /// server. What the spec says is as trustworthy as what the status says,
+    /// so the fleet authority can decide from it; selectors that need the
+    /// kubelet's report (`imageID`) are simply absent until it arrives.
+    pub fn complete_statuses_from_spec(&mut self) -> bool {
+        let mut added = false;
+        let spec = &self.spec;
+        let status = &mut self.status;
+        for (specs, statuses) in [
+            (&spec.containers, &mut status.container_statuses),
+            (&spec.init_containers, &mut status.init_container_statuses),
+            (
+                &spec.ephemeral_containers,
+                &mut status.ephemeral_container_statuses,
+            ),
+        ] {
+            for c in specs {
+                if !statuses.iter().any(|s| s.name == c.name) {
+                    statuses.push(ContainerStatus {
+                        name: c.name.clone(),
+                        image: c.image.clone(),
+                        ..ContainerStatus::default()
+                    });
+                    added = true;
+                }
+            }
+        }
+        added
     }
 }
 

@@ -1071,7 +1071,7 @@ def test_authority_rbac_is_exactly_tokenreviews_and_pods(manifests, name):
     role = auth_one(docs, "ClusterRole")
     assert role["rules"] == [
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
     ]
     binding = auth_one(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {
@@ -1090,7 +1090,7 @@ def test_authority_rbac_is_exactly_tokenreviews_and_pods(manifests, name):
     verbs = {(g, r, v) for d in docs if d["kind"] in ("ClusterRole", "Role")
              for rule in d["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     assert verbs == {("authentication.k8s.io", "tokenreviews", "create"), ("", "pods", "get"),
-                     ("", "pods", "list"), ("", "pods", "watch"), ("", "nodes/pods", "get")}
+                     ("", "pods", "list"), ("", "nodes/pods", "get")}
 
 
 def test_authority_rbac_follows_rbac_create(chart):

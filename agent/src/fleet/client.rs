@@ -10,7 +10,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -59,6 +59,10 @@ pub struct UpstreamConfig {
 
 const NODE_STATE_FILE: &str = "node-svid.json";
 
+const REACH_UNKNOWN: u8 = 0;
+const REACH_UP: u8 = 1;
+const REACH_DOWN: u8 = 2;
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// No replica answered.
@@ -75,7 +79,14 @@ pub enum UpstreamError {
 
 impl From<UpstreamError> for SignError {
     fn from(e: UpstreamError) -> Self {
-        SignError::Remote(Box::new(e))
+        match e {
+            // The authority decided: this node may not have it.
+            UpstreamError::Refused {
+                status: 403,
+                message,
+            } => SignError::Refused(message),
+            e => SignError::Remote(Box::new(e)),
+        }
     }
 }
 
@@ -125,7 +136,9 @@ pub struct Upstream {
     node: ArcSwap<NodeCreds>,
     /// Index of the replica that answered last.
     preferred: AtomicUsize,
-    reachable: AtomicBool,
+    /// [`REACH_UNKNOWN`], [`REACH_UP`] or [`REACH_DOWN`]: whether the last
+    /// request reached a replica (unknown before the first).
+    reachable: AtomicU8,
     /// The trust domain's bundle as the fleet authority publishes it.
     store: Arc<TrustStore>,
     /// The latest expiry among the published CAs.
@@ -237,7 +250,7 @@ impl Upstream {
             roots: ArcSwap::new(roots),
             node: ArcSwap::from_pointee(placeholder),
             preferred: AtomicUsize::new(0),
-            reachable: AtomicBool::new(false),
+            reachable: AtomicU8::new(REACH_UNKNOWN),
             store,
             ca_expiry: Mutex::new(None),
         });
@@ -455,6 +468,7 @@ impl Upstream {
                 },
                 path,
                 bearer: None,
+                content_type: "application/json",
                 body: body.clone(),
                 timeout: self.config.request_timeout,
             })
@@ -501,17 +515,18 @@ impl Upstream {
         Err(UpstreamError::Unreachable(last))
     }
 
+    /// Records whether the last request reached a replica; logs only real
+    /// changes (not the first answer after start).
     fn set_reachable(&self, up: bool) {
-        let was = self.reachable.swap(up, Ordering::AcqRel);
+        let now = if up { REACH_UP } else { REACH_DOWN };
+        let was = self.reachable.swap(now, Ordering::AcqRel);
         self.metrics.upstream_reachable.set(i64::from(up));
-        if was != up {
-            if up {
-                tracing::info!("the fleet authority is reachable again");
-            } else {
-                tracing::warn!(
-                    "no fleet authority replica answers; serving cached SVIDs until they expire"
-                );
-            }
+        match (was, now) {
+            (REACH_DOWN, REACH_UP) => tracing::info!("the fleet authority is reachable again"),
+            (REACH_UNKNOWN | REACH_UP, REACH_DOWN) => tracing::warn!(
+                "no fleet authority replica answers; serving cached SVIDs until they expire"
+            ),
+            _ => {}
         }
     }
 
@@ -576,9 +591,7 @@ impl Upstream {
                         UpstreamError::Malformed(format!("signed certificate: {e}"))
                     })?,
                     (None, e) => {
-                        return Err(SignError::Remote(
-                            e.unwrap_or_else(|| "refused".into()).into(),
-                        ));
+                        return Err(SignError::Refused(e.unwrap_or_else(|| "refused".into())));
                     }
                 };
                 if tls::spiffe_id_of(&der).as_ref() != Some(id) {
@@ -623,9 +636,7 @@ impl Upstream {
         let token = match (item.svid, item.error) {
             (Some(t), _) => t,
             (None, e) => {
-                return Err(SignError::Remote(
-                    e.unwrap_or_else(|| "refused".into()).into(),
-                ));
+                return Err(SignError::Refused(e.unwrap_or_else(|| "refused".into())));
             }
         };
         let claims = token
@@ -698,7 +709,7 @@ impl Upstream {
                         tracing::error!(error = %e, "the node SVID has expired: this node needs a new join token (`tessera authority join-token`) and a restart");
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, expires = ?node.not_after, "node SVID renewal failed; retrying")
+                        tracing::warn!(error = %e, expires = %humantime::format_rfc3339_seconds(node.not_after), "node SVID renewal failed; retrying")
                     }
                 }
             }
@@ -751,6 +762,18 @@ impl Signer for Upstream {
 
     /// Whether the last request reached a replica.
     fn reachable(&self) -> bool {
-        self.reachable.load(Ordering::Acquire)
+        self.reachable.load(Ordering::Acquire) != REACH_DOWN
+    }
+
+    /// A node whose node SVID expired while every renewal failed can get
+    /// nothing signed any more: probes must take it out of rotation.
+    fn not_ready(&self) -> Option<String> {
+        let node = self.node.load();
+        (node.not_after <= self.clock.now()).then(|| {
+            format!(
+                "the node SVID expired at {} and could not be renewed",
+                humantime::format_rfc3339_seconds(node.not_after)
+            )
+        })
     }
 }

@@ -36,6 +36,15 @@ pub fn facts(node: &Node, pods: Option<&PodList>) -> Vec<SelectorSet> {
         {
             continue;
         }
+        // A container the kubelet has not reported yet is known from the
+        // spec (`Pod::complete_statuses_from_spec`): its first SVID must not
+        // wait for the status to reach the API server.
+        let mut completed = pod.clone();
+        let pod = if completed.complete_statuses_from_spec() {
+            &completed
+        } else {
+            pod
+        };
         for c in pod
             .status
             .container_statuses
@@ -49,6 +58,30 @@ pub fn facts(node: &Node, pods: Option<&PodList>) -> Vec<SelectorSet> {
         }
     }
     out
+}
+
+/// Why `entry` can never yield an SVID in fleet mode, if so. In fleet mode
+/// such an entry is skipped at load with a warning; kept, every call of a
+/// caller matching it would only be refused.
+///
+/// * Its ID template uses a value only the node can see (`{unix:uid}`): the
+///   authority can never render the ID from facts it checks, on either side.
+/// * On the authority (`authority = true`), it has no selector the authority
+///   can verify: it entitles no node. (An agent's entry may still have only
+///   `unix:*` selectors: the ID it gives is checked against the authority's
+///   own entries.)
+pub fn never_entitled(entry: &Entry, authority: bool) -> Option<String> {
+    if let Some(p) = entry.template.placeholders().find(|p| !verifiable(p)) {
+        return Some(format!(
+            "its SPIFFE ID uses {{{p}}}, a value only the node can see, so the fleet authority can never confirm the ID"
+        ));
+    }
+    if authority && !entry.selectors.iter().any(|s| verifiable(s.kind())) {
+        return Some(format!(
+            "it has no selector the fleet authority can verify ({NODE_SELECTOR} or k8s:*), so it entitles no node"
+        ));
+    }
+    None
 }
 
 /// The first entry (config order) that entitles a node with `facts` to `id`.
@@ -143,6 +176,63 @@ mod tests {
         // The node's own facts.
         assert!(entitling_entry(&entries, &fb, &id("spiffe://example.org/vm/node-b")).is_some());
         assert!(entitling_entry(&entries, &fb, &id("spiffe://example.org/vm/node-a")).is_none());
+    }
+
+    #[test]
+    fn entries_no_node_can_have_are_named() {
+        let uid_template = entry("spiffe://example.org/u/{unix:uid}", &["k8s:ns:shop"]);
+        for side in [true, false] {
+            assert!(
+                never_entitled(&uid_template, side)
+                    .unwrap()
+                    .contains("{unix:uid}")
+            );
+        }
+        let unix_only = entry("spiffe://example.org/u", &["unix:uid:0"]);
+        assert!(
+            never_entitled(&unix_only, true)
+                .unwrap()
+                .contains("no selector")
+        );
+        // On a node, the ID may be entitled by another of the authority's entries.
+        assert_eq!(never_entitled(&unix_only, false), None);
+        let fine = entry(
+            "spiffe://example.org/ns/{k8s:ns}",
+            &["k8s:ns", "unix:uid:0"],
+        );
+        assert_eq!(never_entitled(&fine, true), None);
+    }
+
+    #[test]
+    fn a_container_not_yet_reported_is_known_from_the_spec() {
+        let entries = EntrySet::new(vec![
+            entry(
+                "spiffe://example.org/ns/{k8s:ns}/c/{k8s:container-name}",
+                &["k8s:ns:shop", "k8s:container-image:shop/web:2"],
+            ),
+            entry(
+                "spiffe://example.org/pinned",
+                &["k8s:ns:shop", "k8s:container-image:sha256:beef"],
+            ),
+        ]);
+        let list = pod_list(
+            r#"{"items":[{"metadata":{"name":"web-2","namespace":"shop","uid":"u3"},
+              "spec":{"serviceAccountName":"web","nodeName":"node-a",
+                      "containers":[{"name":"web","image":"shop/web:2"}]},
+              "status":{"phase":"Pending"}}]}"#,
+        );
+        let a = Node {
+            kind: NodeKind::Kubernetes,
+            name: "node-a".into(),
+        };
+        let f = facts(&a, Some(&list));
+        let id = |s: &str| spiffe::SpiffeId::new(s).unwrap();
+        assert!(
+            entitling_entry(&entries, &f, &id("spiffe://example.org/ns/shop/c/web")).is_some(),
+            "entitled from the spec before the kubelet reports"
+        );
+        // What only the kubelet's report can say (the image ID) is not assumed.
+        assert!(entitling_entry(&entries, &f, &id("spiffe://example.org/pinned")).is_none());
     }
 
     #[test]

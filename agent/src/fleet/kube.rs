@@ -61,7 +61,20 @@ pub struct KubeClient {
     host: String,
     tls: Arc<rustls::ClientConfig>,
     pods: Mutex<HashMap<String, (Instant, Arc<PodList>)>>,
+    /// The last access check and when it was made ([`KubeClient::access`]).
+    access: Mutex<Option<(Instant, Result<(), String>)>>,
 }
+
+/// What the authority must be allowed to do (RBAC), as (verb, group,
+/// resource). Checked for readiness with SelfSubjectAccessReview.
+const NEEDED: &[(&str, &str, &str)] = &[
+    ("create", "authentication.k8s.io", "tokenreviews"),
+    ("list", "", "pods"),
+    ("get", "", "pods"),
+];
+
+/// How long an access check answers readiness probes.
+const ACCESS_CHECK_TTL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -114,9 +127,11 @@ pub enum PodListError {
 }
 
 /// A failed API call: the HTTP status when the server answered.
-struct CallError {
-    status: Option<u16>,
-    message: String,
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct CallError {
+    pub status: Option<u16>,
+    pub message: String,
 }
 
 const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
@@ -161,6 +176,7 @@ impl KubeClient {
             host,
             tls,
             pods: Mutex::default(),
+            access: Mutex::default(),
         })
     }
 
@@ -170,33 +186,175 @@ impl KubeClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::body::Bytes, CallError> {
-        let fail = |status: Option<u16>, message: String| CallError { status, message };
-        let token = tokio::fs::read_to_string(&self.config.token_file)
+        self.call_as(method, path, "application/json", body).await
+    }
+
+    /// The authority's own token, re-read each time (the kubelet rotates it).
+    async fn token(&self) -> Result<String, CallError> {
+        tokio::fs::read_to_string(&self.config.token_file)
             .await
-            .map_err(|e| fail(None, format!("{}: {e}", self.config.token_file.display())))?;
-        let (status, body) = http::send(http::Request {
+            .map(|t| t.trim().to_string())
+            .map_err(|e| CallError {
+                status: None,
+                message: format!("{}: {e}", self.config.token_file.display()),
+            })
+    }
+
+    fn request<'a>(
+        &'a self,
+        method: hyper::Method,
+        path: &'a str,
+        content_type: &'static str,
+        bearer: String,
+        body: Option<Vec<u8>>,
+    ) -> http::Request<'a> {
+        http::Request {
             addr: &self.addr,
             server_name: &self.host,
             tls: self.tls.clone(),
             method,
             path,
-            bearer: Some(token.trim().to_string()),
+            bearer: Some(bearer),
+            content_type,
             body,
             timeout: self.config.timeout,
-        })
-        .await
-        .map_err(|e| fail(None, format!("Kubernetes API {e}")))?;
+        }
+    }
+
+    async fn call_as(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        content_type: &'static str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::body::Bytes, CallError> {
+        let fail = |status: Option<u16>, message: String| CallError { status, message };
+        let token = self.token().await?;
+        let (status, body) = http::send(self.request(method, path, content_type, token, body))
+            .await
+            .map_err(|e| fail(None, format!("Kubernetes API {e}")))?;
+        if !(200..300).contains(&status) {
+            // The API server's own explanation (a `Status` object).
+            let detail = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(str::to_string));
+            if let Some(detail) = detail
+                && !matches!(status, 401 | 403)
+            {
+                return Err(fail(
+                    Some(status),
+                    format!("Kubernetes API {path}: {status}, {detail}"),
+                ));
+            }
+        }
         let why = match status {
-            200 | 201 => return Ok(body),
+            200..=299 => return Ok(body),
             401 => "the authority's own token was not accepted",
             403 => "the authority needs create on tokenreviews and get/list on pods",
             404 => "not found",
             _ => "unexpected status",
         };
-        Err(fail(
-            Some(status),
-            format!("Kubernetes API {path}: {status}, {why}"),
-        ))
+        let message = format!("Kubernetes API {path}: {status}, {why}");
+        if matches!(status, 401 | 403) {
+            // Readiness must see this now, not at the next check.
+            *self.access.lock() = Some((Instant::now(), Err(message.clone())));
+        }
+        Err(fail(Some(status), message))
+    }
+
+    /// One JSON request (`content_type` names a patch type where needed);
+    /// the decoded answer.
+    pub async fn json(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        content_type: &'static str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, CallError> {
+        let bytes = self
+            .call_as(
+                method,
+                path,
+                content_type,
+                body.map(|b| b.to_string().into_bytes()),
+            )
+            .await?;
+        serde_json::from_slice(&bytes).map_err(|e| CallError {
+            status: None,
+            message: format!("Kubernetes API {path}: not JSON: {e}"),
+        })
+    }
+
+    /// Opens a watch (`path` carries `watch=1` and its resource version).
+    pub async fn watch(&self, path: &str) -> Result<http::JsonStream, CallError> {
+        let token = self.token().await?;
+        let stream =
+            http::open(self.request(hyper::Method::GET, path, "application/json", token, None))
+                .await
+                .map_err(|e| CallError {
+                    status: None,
+                    message: format!("Kubernetes API {e}"),
+                })?;
+        if stream.status != 200 {
+            let status = stream.status;
+            let body = stream.rest().await;
+            let detail = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            return Err(CallError {
+                status: Some(status),
+                message: format!("Kubernetes API watch {path}: {status} {detail}"),
+            });
+        }
+        Ok(http::JsonStream::new(stream))
+    }
+
+    /// Whether the API server accepts the authority's token and lets it do
+    /// what attestation and entitlement need (SelfSubjectAccessReview for
+    /// each). Cached for a few seconds: readiness probes call it.
+    pub async fn access(&self) -> Result<(), String> {
+        if let Some((at, result)) = &*self.access.lock()
+            && at.elapsed() < ACCESS_CHECK_TTL
+        {
+            return result.clone();
+        }
+        let result = self.check_access().await;
+        *self.access.lock() = Some((Instant::now(), result.clone()));
+        result
+    }
+
+    async fn check_access(&self) -> Result<(), String> {
+        for (verb, group, resource) in NEEDED {
+            let body = json!({
+                "apiVersion": "authorization.k8s.io/v1",
+                "kind": "SelfSubjectAccessReview",
+                "spec": {"resourceAttributes": {"verb": verb, "group": group, "resource": resource}},
+            });
+            let answer = self
+                .call(
+                    hyper::Method::POST,
+                    "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                    Some(body.to_string().into_bytes()),
+                )
+                .await
+                .map_err(|e| e.message)?;
+            let allowed = serde_json::from_slice::<serde_json::Value>(&answer)
+                .ok()
+                .and_then(|v| v["status"]["allowed"].as_bool())
+                .unwrap_or(false);
+            if !allowed {
+                let what = if group.is_empty() {
+                    resource.to_string()
+                } else {
+                    format!("{resource}.{group}")
+                };
+                return Err(format!(
+                    "the authority's service account may not {verb} {what} (RBAC)"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Checks an agent's projected service account token with TokenReview:

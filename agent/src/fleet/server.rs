@@ -588,8 +588,15 @@ async fn attest(
                     return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e));
                 }
                 Err(ReviewError::Rejected(e)) => {
+                    // The detail (the API server's own error text, which
+                    // service accounts are allowed) is for the operator: it
+                    // goes to the log and the audit record, not to an
+                    // unauthenticated caller.
                     s.refuse("attest", None, "k8s_psat", &e).await;
-                    return Err(ApiError(StatusCode::UNAUTHORIZED, e));
+                    return Err(ApiError(
+                        StatusCode::UNAUTHORIZED,
+                        "the token does not attest a node; the authority's log says why".into(),
+                    ));
                 }
             }
         }
@@ -808,15 +815,28 @@ async fn bundle(State(s): State<Arc<Shared>>) -> Json<BundleDoc> {
     Json(bundle_doc(&s))
 }
 
-/// Ready while a CA can sign now.
-async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, &'static str) {
-    match s.authority.active_ca_expiry() {
-        Some(t) if t > s.clock.now() => (StatusCode::OK, "ready\n"),
-        _ => (
+/// Ready while a CA can sign now and, with `[server.kubernetes]`, the
+/// Kubernetes API accepts the authority's token and RBAC lets it review
+/// tokens and list pods (without them every attestation would fail).
+async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
+    if s.authority
+        .active_ca_expiry()
+        .is_none_or(|t| t <= s.clock.now())
+    {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no valid CA in server.keys_dir\n",
-        ),
+            "not ready: no valid CA in server.keys_dir\n".into(),
+        );
     }
+    if let Some(kube) = &s.kube
+        && let Err(why) = kube.access().await
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: server.kubernetes: {why}\n"),
+        );
+    }
+    (StatusCode::OK, "ready\n".into())
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {

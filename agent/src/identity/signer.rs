@@ -29,9 +29,14 @@ pub enum SignError {
     },
     #[error("no signing key is available")]
     NoKey,
-    /// The remote signer (the fleet authority) failed or refused.
+    /// The remote signer (the fleet authority) failed, or could not be asked.
     #[error("the fleet authority: {0}")]
     Remote(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The fleet authority answered and refused: this node is not entitled to
+    /// the identity. Permanent until the entries or the node's pods change,
+    /// so callers must not be told to retry.
+    #[error("the fleet authority refused: {0}")]
+    Refused(String),
 }
 
 impl SignError {
@@ -86,5 +91,11 @@ pub trait Signer: Send + Sync + std::fmt::Debug + 'static {
     /// from cache); a local signer is always reachable.
     fn reachable(&self) -> bool {
         true
+    }
+
+    /// Why this signer cannot serve at all any more (a remote signer whose
+    /// node credential expired while renewals failed); `None` while it can.
+    fn not_ready(&self) -> Option<String> {
+        None
     }
 }

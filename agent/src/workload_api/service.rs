@@ -6,6 +6,7 @@
 //! |---|---|
 //! | missing/incorrect `workload.spiffe.io` header, empty mandatory field, bad token | InvalidArgument |
 //! | no entry matches the caller (also mid-stream after an entry change) | PermissionDenied |
+//! | the fleet authority refuses every identity the caller matches | PermissionDenied |
 //! | agent starting/stopping, attestation could not run | Unavailable |
 //! | the caller process exited or changed since it connected | Unauthenticated |
 //! | WIT-SVID profile | Unimplemented |
@@ -21,7 +22,7 @@ use tonic::{Request, Response, Status};
 
 use crate::caller::Callers;
 use crate::entries::{EntrySet, Identity};
-use crate::identity::{SvidCache, TrustBundle, X509Svid};
+use crate::identity::{SignError, SvidCache, TrustBundle, X509Svid};
 use crate::metrics::OpenStream;
 use crate::transport::grpc_stream::{self as stream, BoxStream, Outcome, StreamSender};
 
@@ -41,6 +42,15 @@ impl ApiState {
 
 fn no_identity() -> Status {
     Status::permission_denied("no identity issued")
+}
+
+/// Every identity the caller matches was refused by the fleet authority: a
+/// decision, not an outage, so the client is not told to retry.
+fn refused_all(reasons: &[String]) -> Status {
+    Status::permission_denied(format!(
+        "no identity issued: the fleet authority refused {}",
+        reasons.join("; ")
+    ))
 }
 
 pub struct WorkloadApi {
@@ -223,18 +233,32 @@ impl pb::server::SpiffeWorkloadApi for WorkloadApi {
                 return Err(no_identity());
             }
             let mut svids = Vec::with_capacity(identities.len());
+            let mut refused = Vec::new();
             for ident in identities {
-                let jwt = self
+                let jwt = match self
                     .state
                     .cache
                     .jwt(&ident.spiffe_id, &req.audience, ident.jwt_ttl)
                     .await
-                    .map_err(|e| Status::unavailable(format!("could not sign JWT-SVID: {e}")))?;
+                {
+                    Ok(jwt) => jwt,
+                    Err(SignError::Refused(why)) => {
+                        tracing::warn!(spiffe_id = %ident.spiffe_id, reason = %why, "the fleet authority refuses an identity the caller matches");
+                        refused.push(why);
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(Status::unavailable(format!("could not sign JWT-SVID: {e}")));
+                    }
+                };
                 svids.push(pb::Jwtsvid {
                     spiffe_id: ident.spiffe_id.to_string(),
                     svid: jwt.token,
                     hint: ident.hint.unwrap_or_default(),
                 });
+            }
+            if svids.is_empty() {
+                return Err(refused_all(&refused));
             }
             Ok(Response::new(pb::JwtsvidResponse { svids }))
         }
@@ -337,13 +361,24 @@ async fn x509_svid_stream(
             return;
         }
         let mut rxs = Vec::with_capacity(identities.len());
-        for ident in &identities {
+        let mut refused = Vec::new();
+        let mut entitled = Vec::with_capacity(identities.len());
+        for ident in identities {
             match state
                 .cache
                 .subscribe(&ident.spiffe_id, ident.x509_ttl)
                 .await
             {
-                Ok(rx) => rxs.push(rx),
+                Ok(rx) => {
+                    rxs.push(rx);
+                    entitled.push(ident);
+                }
+                // The fleet authority will not sign this one for this node:
+                // serve the others rather than fail them all.
+                Err(SignError::Refused(why)) => {
+                    tracing::warn!(spiffe_id = %ident.spiffe_id, reason = %why, "the fleet authority refuses an identity the caller matches; serving its others");
+                    refused.push(why);
+                }
                 Err(e) => {
                     out.send(Err(Status::unavailable(format!(
                         "could not issue X509-SVID: {e}"
@@ -352,6 +387,11 @@ async fn x509_svid_stream(
                     return;
                 }
             }
+        }
+        identities = entitled;
+        if identities.is_empty() {
+            out.send(Err(refused_all(&refused))).await;
+            return;
         }
         loop {
             let svids: Vec<Arc<X509Svid>> = rxs

@@ -149,6 +149,20 @@ Refuses values the agent would refuse at start, or that would expose the
 operator socket; included by the DaemonSet template.
 */}}
 {{- define "tessera.validate" -}}
+{{- /*
+The agent needs hostPID, a hostPath volume and SYS_PTRACE, which the
+baseline and restricted Pod Security levels forbid: the DaemonSet would be
+accepted (with a warning) and no agent pod would ever be created. Refuse the
+install instead, naming the label. `lookup` sees the live namespace only
+during install/upgrade; offline rendering (helm template) skips the check.
+*/ -}}
+{{- if .Values.podSecurityCheck -}}
+{{- $ns := lookup "v1" "Namespace" "" .Release.Namespace -}}
+{{- $level := dig "metadata" "labels" "pod-security.kubernetes.io/enforce" "" $ns -}}
+{{- if and $level (ne $level "privileged") -}}
+{{- fail (printf "namespace %q enforces Pod Security level %q (label pod-security.kubernetes.io/enforce): the agent DaemonSet needs hostPID, a hostPath volume and the SYS_PTRACE capability, so the API server would refuse every agent pod (violates PodSecurity %q: host namespaces, hostPath volumes, non-default capabilities) and no agent would start. Install into a namespace labelled for privileged pods: kubectl label namespace %s pod-security.kubernetes.io/enforce=privileged --overwrite (or set podSecurityCheck=false to skip this check)" .Release.Namespace $level (printf "%s:latest" $level) .Release.Namespace) -}}
+{{- end -}}
+{{- end -}}
 {{- $sock := clean .Values.socket.hostPath -}}
 {{- $admin := clean .Values.admin.socketHostPath -}}
 {{- if or (eq $admin $sock) (hasPrefix (printf "%s/" (trimSuffix "/" $sock)) $admin) -}}
