@@ -37,7 +37,28 @@ need mount "fault tests mount a small tmpfs (util-linux)"
 [ -x /usr/bin/python3 ] || { echo "scripts/test.sh: /usr/bin/python3 is required (attestation-attack tests run it as another user)" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "scripts/test.sh: must run as root (tmpfs mounts in tests/tests/faults.rs, namespaces and other users in tests/tests/attestation_attacks.rs)" >&2; exit 2; }
 
-section() { printf '\n==== %s\n' "$*"; }
+# Each section's wall time, printed as a table at the end (and on failure), so
+# the CI budget (45 minutes) can be watched section by section.
+timings=()
+current=""
+started=$SECONDS
+close_section() {
+  [ -n "$current" ] && timings+=("$(printf '%6ds  %s' $((SECONDS - started)) "$current")")
+  return 0
+}
+report_timings() {
+  close_section
+  current=""
+  printf '\n==== time per section (total %ds)\n' "$SECONDS"
+  printf '%s\n' "${timings[@]}"
+}
+trap report_timings EXIT
+section() {
+  close_section
+  current="$*"
+  started=$SECONDS
+  printf '\n==== %s\n' "$*"
+}
 
 section "cargo fmt --check"
 cargo fmt --all -- --check
@@ -75,4 +96,6 @@ section "supply chain: cargo-deny licences, bans, sources"
 bash scripts/supply-chain.sh
 section "fuzzing: every cargo-fuzz target for 10 s"
 bash fuzz/run.sh 10
-section "all tests passed"
+close_section
+current=""
+printf '\n==== all tests passed\n'
