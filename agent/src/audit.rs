@@ -228,8 +228,8 @@ pub struct VerifyReport {
 /// The log compared with its anchor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AnchorState {
-    /// No anchor file, or no valid mark in it: truncation and rewriting
-    /// cannot be detected.
+    /// No anchor file, or one that is neither blank nor holds a valid mark:
+    /// truncation and rewriting cannot be detected.
     Missing,
     /// Every record up to `seq` is the one acknowledged; `after` records
     /// follow it, not (yet) acknowledged: being written now, or left by a
@@ -360,6 +360,13 @@ impl AuditLog {
             source,
         };
         let existed = path.symlink_metadata().is_ok();
+        let anchor_err = |source| AuditError::Anchor {
+            path: anchor_path.to_owned(),
+            source,
+        };
+        if !existed {
+            anchor::create_if_missing(anchor_path).map_err(anchor_err)?;
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .append(true)
@@ -400,10 +407,6 @@ impl AuditLog {
         }
 
         // Opened under the log's lock: one writer for both.
-        let anchor_err = |source| AuditError::Anchor {
-            path: anchor_path.to_owned(),
-            source,
-        };
         let (anchor, mark) = Anchor::open(anchor_path).map_err(anchor_err)?;
         let scan =
             scan(BufReader::with_capacity(64 * 1024, &*file), mark.as_ref()).map_err(|source| {
@@ -1088,6 +1091,11 @@ fn scan<R: BufRead>(mut reader: R, mark: Option<&Mark>) -> io::Result<Scan> {
     }
     s.report.anchor = Some(match mark {
         None => AnchorState::Missing,
+        // A blank anchor: nothing was acknowledged, so nothing can be missing.
+        Some(m) if m.seq == 0 => AnchorState::Holds {
+            seq: 0,
+            after: s.head_seq,
+        },
         Some(m) if s.head_seq < m.seq => {
             s.problem(
                 n + 1,
@@ -1478,6 +1486,45 @@ mod tests {
         assert_eq!(report.torn_tail, None);
         assert_eq!(report.problem, None);
         assert_eq!(report.records, 12);
+    }
+
+    /// A crash right after a new log's first open leaves an empty log: its
+    /// anchor already exists (it is created first), blank, and a blank anchor
+    /// means "nothing acknowledged", so the log verifies. A crash after the
+    /// first records but before their first anchor write leaves them after
+    /// that blank mark: unacknowledged, named when the log reopens. An anchor
+    /// that is neither blank nor valid is still no anchor.
+    #[tokio::test]
+    async fn a_new_log_is_anchored_from_its_first_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let anchor_path = anchor::default_path(&path);
+        let (log, _) = AuditLog::open(&path, Arc::new(SystemClock)).unwrap();
+        assert!(anchor_path.exists(), "anchor created with the log");
+        drop(log);
+        let v = verify_file(&path, Some(&anchor_path)).unwrap();
+        assert_eq!((v.records, v.first_problem), (0, None));
+        assert_eq!(v.anchor, Some(AnchorState::Holds { seq: 0, after: 0 }));
+
+        // Records written, their anchor write lost: blank anchor, 3 records.
+        let (_dir2, logged) = log_of(3).await;
+        let logged_anchor = anchor::default_path(&logged);
+        std::fs::write(&logged_anchor, b"").unwrap();
+        let v = verify_file(&logged, Some(&logged_anchor)).unwrap();
+        assert_eq!(v.anchor, Some(AnchorState::Holds { seq: 0, after: 3 }));
+        let (log, report) = AuditLog::open(&logged, Arc::new(SystemClock)).unwrap();
+        assert_eq!(report.problem, None);
+        drop(log);
+        let v = verify_file(&logged, Some(&logged_anchor)).unwrap();
+        assert_eq!(v.first_problem, None);
+        assert_eq!(v.anchor, Some(AnchorState::Holds { seq: 4, after: 0 }));
+        let rec: Value = serde_json::from_str(&lines(&logged)[3]).unwrap();
+        assert_eq!(rec["event"], UNANCHORED_EVENT);
+
+        // Garbage where the anchor should be: no anchor.
+        std::fs::write(&logged_anchor, b"{\"seq\": 4}").unwrap();
+        let v = verify_file(&logged, Some(&logged_anchor)).unwrap();
+        assert_eq!(v.anchor, Some(AnchorState::Missing));
     }
 
     /// What the chain alone let through: cutting the tail, rewriting the

@@ -77,14 +77,52 @@ pub fn read(path: &Path) -> io::Result<Option<Mark>> {
     }
 }
 
-/// The valid mark with the higher `seq`, and its slot.
+/// The valid mark with the higher `seq`, and its slot. A blank file (as
+/// created beside a new log, before its first batch) is the mark of `seq` 0:
+/// nothing acknowledged yet. Anything else without a valid slot is no mark.
 fn best(bytes: &[u8]) -> Option<(Mark, u64)> {
-    bytes
+    let found = bytes
         .chunks(SLOT)
         .take(2)
         .enumerate()
         .filter_map(|(i, s)| decode(s).map(|m| (m, i as u64)))
-        .max_by_key(|(m, _)| m.seq)
+        .max_by_key(|(m, _)| m.seq);
+    found.or_else(|| {
+        bytes.iter().all(u8::is_ascii_whitespace).then(|| {
+            (
+                Mark {
+                    seq: 0,
+                    line_sha256: String::new(),
+                },
+                1,
+            )
+        })
+    })
+}
+
+/// Creates an empty anchor at `path` (mode 0600) if there is none, durably.
+/// Called before a new log is created, so that a log on disk always has an
+/// anchor beside it: a crash between the two creations then leaves an anchor
+/// without a log (harmless; the next open uses it), never a log without an
+/// anchor, which verification must refuse because it cannot tell it from a
+/// log whose anchor was removed.
+pub fn create_if_missing(path: &Path) -> io::Result<()> {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(file) => {
+            file.sync_all()?;
+            if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The anchor file, open for writing by the log's one writer.
@@ -176,7 +214,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.anchor");
         let (mut a, current) = Anchor::open(&path).unwrap();
-        assert_eq!(current, None);
+        // A new (blank) anchor: nothing acknowledged yet.
+        assert_eq!(
+            current,
+            Some(Mark {
+                seq: 0,
+                line_sha256: String::new()
+            })
+        );
         for seq in 1..=5 {
             a.record(&mark(seq), seq % 2 == 0).unwrap();
         }

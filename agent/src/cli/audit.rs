@@ -45,6 +45,17 @@ pub(super) fn audit_verify(
         report.records
     );
     match (report.anchor, &anchor_path) {
+        (Some(AnchorState::Holds { seq: 0, after }), Some(a)) => {
+            println!(
+                "anchored: no record acknowledged yet (anchor {})",
+                a.display()
+            );
+            if after > 0 {
+                println!(
+                    "{after} record(s) not acknowledged (a crash before their first anchor write, or appended by someone else)"
+                );
+            }
+        }
         (Some(AnchorState::Holds { seq, after }), Some(a)) => {
             println!(
                 "anchored: every acknowledged record, up to seq {seq}, is present and unchanged (anchor {})",
