@@ -26,6 +26,7 @@ use crate::exchange::policy::PolicyStore;
 use crate::identity::{AuthoritySettings, LocalAuthority, Signer, SvidCache, TrustStore};
 use crate::metrics::{MethodLabels, Metrics};
 use crate::revocation::RevocationStore;
+use crate::sds::{Sds, SdsRoutes, SdsState};
 use crate::transport::http::Limits;
 use crate::transport::{Acceptor, ConnectionCaps};
 use crate::workload_api::{ApiState, WorkloadApi, WorkloadApiRoutes};
@@ -343,8 +344,28 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     health
         .set_serving::<pb::server::SpiffeWorkloadApiServer<WorkloadApi>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+    let mut reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET);
+    // Envoy SDS on the same socket (as SPIRE serves it), unless `[sds] enabled = false`.
+    let sds = match &config.sds {
+        Some(sds_config) => {
+            health
+                .set_service_status(pb::sds::SERVICE_NAME, tonic_health::ServingStatus::Serving)
+                .await;
+            reflection =
+                reflection.register_encoded_file_descriptor_set(pb::sds::FILE_DESCRIPTOR_SET);
+            Some(SdsRoutes::new(
+                Sds::new(Arc::new(SdsState {
+                    callers: callers.clone(),
+                    cache: cache.clone(),
+                    config: sds_config.clone(),
+                })),
+                crate::sds::route::MAX_REQUEST,
+            ))
+        }
+        None => None,
+    };
+    let reflection = reflection
         .build_v1()
         .context("building the reflection service")?;
     // Workload API requests are a few hundred bytes; anything past 64 KiB is
@@ -380,6 +401,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             .add_service(health_service)
             .add_service(reflection)
             .add_service(api)
+            .add_optional_service(sds)
             .serve_with_incoming_shutdown(incoming, server_shutdown.cancelled_owned())
             .await
             .context("Workload API server failed")
@@ -388,6 +410,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         socket = %config.socket_path.display(),
         trust_domain = config.trust_domain.as_str(),
         entries = config.entries.len(),
+        sds = config.sds.is_some(),
         "Workload API serving"
     );
     Ok(RunningAgent {

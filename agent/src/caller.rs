@@ -83,6 +83,16 @@ impl Callers {
         allowed
     }
 
+    /// Takes one request from the budget of an already attested caller (a
+    /// message on a stream it opened).
+    pub fn within_budget_of(&self, peer: &AttestedPeer) -> bool {
+        let allowed = self.limiter.allow(peer.process.pid);
+        if !allowed {
+            self.metrics.rate_limited.inc();
+        }
+        allowed
+    }
+
     /// Attests the connection's process (once per connection) and re-checks
     /// that it is still the process that connected.
     pub async fn attest_connection(

@@ -82,6 +82,17 @@ struct RawConfig {
     upstream: Option<RawUpstream>,
     server: Option<RawServer>,
     https: Option<RawHttps>,
+    sds: Option<RawSds>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSds {
+    enabled: Option<bool>,
+    default_svid_name: Option<Spanned<String>>,
+    default_bundle_name: Option<Spanned<String>>,
+    default_all_bundles_name: Option<Spanned<String>>,
+    disable_spiffe_cert_validation: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,6 +296,8 @@ pub struct Config {
     pub upstream: Option<crate::fleet::client::UpstreamConfig>,
     /// `tessera authority run`: the `[server]` table.
     pub server: Option<crate::fleet::server::ServerConfig>,
+    /// Envoy SDS on the Workload API socket: on unless `[sds] enabled = false`.
+    pub sds: Option<crate::sds::SdsConfig>,
     /// Warnings to log once logging is set up (e.g. very short TTLs).
     pub warnings: Vec<String>,
 }
@@ -595,6 +608,11 @@ impl Config {
             None => None,
             Some(h) => Some(Self::https_config(&cx, h, max_connections)?),
         };
+        let sds = match &raw.sds {
+            None => Some(crate::sds::SdsConfig::default()),
+            Some(s) if s.enabled.unwrap_or(true) => Some(Self::sds_config(&cx, s)?),
+            Some(_) => None,
+        };
         let exchange = match &raw.exchange {
             Some(x) if x.enabled.unwrap_or(true) => Some(Self::exchange_config(
                 &cx,
@@ -689,6 +707,7 @@ impl Config {
             https,
             upstream,
             server,
+            sds,
             warnings,
         })
     }
@@ -986,6 +1005,34 @@ impl Config {
                 None => 600,
             },
         })
+    }
+
+    fn sds_config(cx: &Ctx<'_>, raw: &RawSds) -> Result<crate::sds::SdsConfig, ConfigError> {
+        let defaults = crate::sds::SdsConfig::default();
+        let name = |v: &Option<Spanned<String>>, default: String| {
+            v.as_ref().map_or(default, |n| n.get_ref().clone())
+        };
+        let config = crate::sds::SdsConfig {
+            default_svid_name: name(&raw.default_svid_name, defaults.default_svid_name),
+            default_bundle_name: name(&raw.default_bundle_name, defaults.default_bundle_name),
+            default_all_bundles_name: name(
+                &raw.default_all_bundles_name,
+                defaults.default_all_bundles_name,
+            ),
+            disable_spiffe_cert_validation: raw.disable_spiffe_cert_validation.unwrap_or(false),
+        };
+        if let Err((key, message)) = config.check() {
+            let spanned = match key {
+                "sds.default_svid_name" => &raw.default_svid_name,
+                "sds.default_bundle_name" => &raw.default_bundle_name,
+                _ => &raw.default_all_bundles_name,
+            };
+            // The key that failed was set (defaults pass the check).
+            if let Some(spanned) = spanned {
+                return Err(cx.invalid(key, spanned, message));
+            }
+        }
+        Ok(config)
     }
 
     fn https_config(
@@ -1423,6 +1470,39 @@ mod tests {
         // The embedded dev config turns the face on.
         let dev = Config::dev(std::path::Path::new("/tmp/dev")).unwrap();
         assert_eq!(dev.https.map(|h| h.listen.port()), Some(0));
+    }
+
+    #[test]
+    fn sds_is_on_by_default_with_spires_names() {
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(c.sds, Some(crate::sds::SdsConfig::default()));
+        let off = Config::parse(&format!("{MINIMAL}[sds]\nenabled = false\n"), "t.toml").unwrap();
+        assert!(off.sds.is_none());
+        let c = Config::parse(
+            &format!(
+                "{MINIMAL}[sds]\ndefault_svid_name = \"cert\"\ndisable_spiffe_cert_validation = true\n"
+            ),
+            "t.toml",
+        )
+        .unwrap();
+        let sds = c.sds.unwrap();
+        assert_eq!(sds.default_svid_name, "cert");
+        assert_eq!(sds.default_bundle_name, "ROOTCA");
+        assert!(sds.disable_spiffe_cert_validation);
+        // Errors name the key and its line.
+        let e = Config::parse(
+            &format!("{MINIMAL}[sds]\n\ndefault_all_bundles_name = \"ROOTCA\"\n"),
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("sds.default_all_bundles_name"), "{e}");
+        let line = MINIMAL.lines().count() + 3;
+        assert!(e.contains(&format!(":{line}")), "{e}");
+        let e = Config::parse(&format!("{MINIMAL}[sds]\nport = 1\n"), "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("port"), "{e}");
     }
 
     #[test]

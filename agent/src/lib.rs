@@ -31,6 +31,7 @@ pub mod identity;
 pub mod metrics;
 pub mod rate_limit;
 pub mod revocation;
+pub mod sds;
 pub mod sync;
 pub mod transport;
 pub mod workload_api;

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub connections_refused: Family<MethodLabels, Counter>,
     /// Requests refused because their caller exceeded its budget.
     pub rate_limited: Counter,
+    /// SDS responses the client (Envoy) rejected: an xDS NACK.
+    pub sds_rejections: Counter,
     /// Upstream mode: 1 while the fleet authority answers, 0 during an outage.
     pub upstream_reachable: Gauge,
     /// Upstream mode: requests to the fleet authority by outcome
@@ -210,6 +212,12 @@ impl Metrics {
             "Requests refused because the calling process exceeded limits.requests_per_second",
             rate_limited.clone(),
         );
+        let sds_rejections = Counter::default();
+        registry.register(
+            "sds_rejections",
+            "SDS responses the client (Envoy) rejected (xDS NACKs); the agent log says why",
+            sds_rejections.clone(),
+        );
         let upstream_reachable = Gauge::default();
         registry.register(
             "upstream_reachable",
@@ -227,6 +235,7 @@ impl Metrics {
             upstream_reachable,
             upstream_requests,
             rate_limited,
+            sds_rejections,
             connections_refused,
             exchanges,
             exchange_seconds,

@@ -25,7 +25,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("callers", &["caller"]),
     (
         "services",
-        &["workload_api", "exchange", "fleet", "https", "admin"],
+        &["workload_api", "sds", "exchange", "fleet", "https", "admin"],
     ),
     ("wiring", &["config", "app"]),
     ("edge", &["cli"]),

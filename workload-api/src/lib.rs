@@ -39,7 +39,7 @@ pub mod sds {
 
     pub use generated::*;
 
-    pub use envoy::config::core::v3 as core;
+    pub use envoy::config::core::v3 as config_core;
     pub use envoy::extensions::transport_sockets::tls::v3 as tls;
     pub use envoy::service::discovery::v3 as discovery;
 
