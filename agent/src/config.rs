@@ -1442,6 +1442,7 @@ mod tests {
         let x = c.exchange.expect("the example enables the exchange");
         assert_eq!(x.max_ttl, Duration::from_secs(900));
         assert_eq!(x.issuer, "spiffe://example.org/tessera");
+        assert_eq!(c.sds, Some(crate::sds::SdsConfig::default()));
     }
 
     #[test]
