@@ -271,6 +271,8 @@ fn bench_emits_one_json_object_per_scenario_with_the_contract_fields() {
             "jwt-validate",
             "fanout",
             "idle-memory",
+            "sds-first",
+            "sds-idle-memory",
         ])
         .output()
         .unwrap();
@@ -292,7 +294,9 @@ fn bench_emits_one_json_object_per_scenario_with_the_contract_fields() {
             "jwt-fetch",
             "jwt-validate",
             "fanout",
-            "idle-memory"
+            "idle-memory",
+            "sds-first",
+            "sds-idle-memory"
         ]
     );
     for v in &lines {
@@ -312,6 +316,10 @@ fn bench_emits_one_json_object_per_scenario_with_the_contract_fields() {
         assert!(v["ops"].as_u64().unwrap() > 0, "{v}");
         assert!(v["agent_rss_bytes"].as_u64().unwrap() > 1024 * 1024, "{v}");
     }
+    let sds_idle = &lines[8];
+    assert_eq!(sds_idle["ops"], 20, "20 streams held");
+    assert_eq!(sds_idle["connections"], 10, "two per Envoy");
+    assert!(lines[7]["request_bytes"].as_u64().unwrap() >= 60 * 1024);
     let cold = &lines[1];
     assert_eq!(cold["ops"], 9, "3 identities x 3 rounds");
     assert!(

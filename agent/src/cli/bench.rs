@@ -34,6 +34,8 @@ use tonic::transport::Channel;
 
 use super::client;
 
+mod sds;
+
 pub const SCENARIOS: &[&str] = &[
     "x509-first",
     "x509-cold",
@@ -43,21 +45,24 @@ pub const SCENARIOS: &[&str] = &[
     "exchange",
     "idle-memory",
     "new-entry",
+    "sds-first",
+    "sds-idle-memory",
 ];
 
 /// The `tessera bench` command line.
 #[derive(Args)]
 pub struct BenchArgs {
     /// Scenarios to run (default: all): x509-first, x509-cold, jwt-fetch,
-    /// jwt-validate, fanout, exchange, idle-memory, new-entry.
+    /// jwt-validate, fanout, exchange, idle-memory, new-entry, sds-first,
+    /// sds-idle-memory.
     pub scenarios: Vec<String>,
     /// One JSON object per line per scenario instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Concurrent clients (x509-first, jwt-*).
+    /// Concurrent clients (x509-first, jwt-*, sds-first).
     #[arg(long, default_value_t = 100)]
     pub clients: usize,
-    /// Open streams (fanout, idle-memory).
+    /// Open streams (fanout, idle-memory, sds-idle-memory).
     #[arg(long, default_value_t = 1000)]
     pub streams: usize,
     /// Distinct identities (x509-cold: issued per round; idle-memory: cached).
@@ -206,6 +211,8 @@ pub async fn run(names: &[String], params: BenchParams, json: bool) -> anyhow::R
             "idle-memory" => idle_memory(&params).await?,
             "exchange" => exchange(&params).await?,
             "new-entry" => new_entry(&params).await?,
+            "sds-first" => vec![sds::sds_first(&params).await?],
+            "sds-idle-memory" => sds::sds_idle_memory(&params).await?,
             _ => unreachable!(),
         };
         for mut r in results {
@@ -277,9 +284,20 @@ impl BenchAgent {
         svid: &str,
         extra: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_with(dir, entries, svid, "", extra)
+    }
+
+    /// Like [`Self::start_in`], with `limits` TOML lines added to `[limits]`.
+    fn start_with(
+        dir: tempfile::TempDir,
+        entries: &str,
+        svid: &str,
+        limits: &str,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         let socket = dir.path().join("agent.sock");
         let config = format!(
-            "trust_domain = \"example.org\"\nsocket_path = \"{}\"\ndata_dir = \"{}/data\"\n[authority]\npersist = false\n[svid]\n{svid}\n[log]\nlevel = \"warn\"\n# The bench is one process measuring the agent, not an abusive caller.\n[limits]\nrequests_per_second = 1e12\nrequest_burst = 1e12\n{entries}\n{extra}",
+            "trust_domain = \"example.org\"\nsocket_path = \"{}\"\ndata_dir = \"{}/data\"\n[authority]\npersist = false\n[svid]\n{svid}\n[log]\nlevel = \"warn\"\n# The bench is one process measuring the agent, not an abusive caller.\n[limits]\nrequests_per_second = 1e12\nrequest_burst = 1e12\n{limits}{entries}\n{extra}",
             socket.display(),
             dir.path().display()
         );
@@ -442,6 +460,16 @@ impl Target {
 /// The agent to measure: `--socket` (with `--agent-pid`), or a fresh agent
 /// with `entries` and the `[svid]` table body `svid`.
 fn target(params: &BenchParams, entries: &str, svid: &str) -> anyhow::Result<Target> {
+    target_with_limits(params, entries, svid, "")
+}
+
+/// [`target`], with `limits` TOML lines added to a fresh agent's `[limits]`.
+fn target_with_limits(
+    params: &BenchParams,
+    entries: &str,
+    svid: &str,
+    limits: &str,
+) -> anyhow::Result<Target> {
     match &params.socket {
         Some(s) => Ok(Target {
             agent: None,
@@ -449,7 +477,7 @@ fn target(params: &BenchParams, entries: &str, svid: &str) -> anyhow::Result<Tar
             pid: params.agent_pid,
         }),
         None => {
-            let agent = BenchAgent::start(entries, svid)?;
+            let agent = BenchAgent::start_with(tempfile::tempdir()?, entries, svid, limits, "")?;
             Ok(Target {
                 socket: agent.socket.clone(),
                 pid: Some(agent.child.id()),
