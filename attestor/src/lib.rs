@@ -12,13 +12,17 @@
 //! 3. The selectors are cached per connection by the caller, and
 //!    [`AttestedPeer::check_alive`] is repeated on every RPC.
 
-#![forbid(unsafe_code)]
+// Unsafe code only in `pidfd` (one ioctl the kernel offers no safe call
+// for; see the module).
+#![deny(unsafe_code)]
 
 pub mod cgroup;
 mod k8s;
 pub mod kubelet;
 mod liveness;
 mod peer;
+#[allow(unsafe_code)]
+mod pidfd;
 pub mod pods;
 mod procfs;
 mod selector;

@@ -5,6 +5,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
+use crate::pidfd::{self, Creds};
 use crate::procfs::{ProcError, ProcRoot};
 
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +29,8 @@ pub struct ProcessPin {
     proc_root: ProcRoot,
     pid: i32,
     uid: u32,
-    start_time: u64,
+    /// Read only without a pidfd: the pidfd itself tells a successor apart.
+    start_time: Option<u64>,
     exe_inode: Option<(u64, u64)>,
     pidfd: Option<Arc<OwnedFd>>,
 }
@@ -72,7 +74,10 @@ impl ProcessPin {
             proc_root: proc_root.clone(),
             pid,
             uid,
-            start_time: proc_root.start_time(pid)?,
+            start_time: match pidfd {
+                Some(_) => None,
+                None => Some(proc_root.start_time(pid)?),
+            },
             exe_inode,
             pidfd,
         })
@@ -94,43 +99,38 @@ impl ProcessPin {
         match &self.pidfd {
             // The pidfd names the very process that connected: while it has
             // not exited, `pid` cannot have been reused, so its start time
-            // need not be read. Polling again after the /proc reads below
-            // proves they described that process, not a successor.
-            Some(pidfd) => {
-                exited(pidfd, pid)?;
-                self.same_uid_and_executable()?;
-                exited(pidfd, pid)
-            }
+            // need not be read. One poll *after* the /proc reads proves they
+            // described that process, not a successor: an exit before or
+            // during the reads leaves the pidfd readable, and the reads then
+            // count for nothing. A failed read or comparison polls again, so
+            // a caller that simply exited is reported as such.
+            Some(pidfd) => match self.same_uid_and_executable(Some(pidfd)) {
+                Ok(()) => exited(pidfd, pid),
+                Err(e) => {
+                    exited(pidfd, pid)?;
+                    Err(e)
+                }
+            },
             None => {
                 let start_time = self
                     .proc_root
                     .start_time(pid)
                     .map_err(|_| LivenessError::Exited { pid })?;
-                if start_time != self.start_time {
+                if Some(start_time) != self.start_time {
                     return Err(LivenessError::Replaced { pid });
                 }
-                self.same_uid_and_executable()
+                self.same_uid_and_executable(None)
             }
         }
     }
 
-    fn same_uid_and_executable(&self) -> Result<(), LivenessError> {
+    fn same_uid_and_executable(&self, pidfd: Option<&OwnedFd>) -> Result<(), LivenessError> {
         let pid = self.pid;
-        // Fast path: `/proc/<pid>` owned by a non-root uid proves the process
-        // is dumpable and runs with that effective uid. Root-owned means root
-        // *or* not dumpable, so then (and for root callers) read `status`.
-        let owner = self
-            .proc_root
-            .dir_owner(pid)
-            .map_err(|_| LivenessError::Exited { pid })?;
-        let same_uid = if owner != 0 {
-            owner == self.uid
-        } else {
-            let status = self
-                .proc_root
-                .status(pid)
-                .map_err(|_| LivenessError::Exited { pid })?;
-            status.effective_uid == self.uid
+        let same_uid = match pidfd.map(pidfd::credentials) {
+            // The kernel reads the credentials straight from the pidfd.
+            Some(Creds::EffectiveUid(euid)) => euid == self.uid,
+            Some(Creds::Gone) => return Err(LivenessError::Exited { pid }),
+            None | Some(Creds::Unsupported) => self.effective_uid_is_pinned_from_proc()?,
         };
         if !same_uid {
             return Err(LivenessError::UidChanged { pid });
@@ -139,6 +139,35 @@ impl ProcessPin {
             return Err(LivenessError::Executed { pid });
         }
         Ok(())
+    }
+
+    /// Whether the effective uid is still the pinned one, from `/proc` (no
+    /// pidfd, or a kernel before `PIDFD_GET_INFO`).
+    fn effective_uid_is_pinned_from_proc(&self) -> Result<bool, LivenessError> {
+        let pid = self.pid;
+        let effective_uid = || {
+            self.proc_root
+                .effective_uid(pid)
+                .map_err(|_| LivenessError::Exited { pid })
+        };
+        // Fast path: `/proc/<pid>` owned by a non-root uid proves the process
+        // is dumpable and runs with that effective uid. Root-owned means root
+        // *or* not dumpable, so then read `status`. For a caller that
+        // connected as root the owner is root in both cases that keep it
+        // root, so `status` is read straight away: the same answer, one
+        // `stat` fewer.
+        if self.uid == 0 {
+            return Ok(effective_uid()? == 0);
+        }
+        let owner = self
+            .proc_root
+            .dir_owner(pid)
+            .map_err(|_| LivenessError::Exited { pid })?;
+        Ok(if owner != 0 {
+            owner == self.uid
+        } else {
+            effective_uid()? == self.uid
+        })
     }
 }
 
@@ -242,6 +271,42 @@ mod tests {
     }
 
     #[test]
+    fn a_caller_that_connected_as_root_and_runs_as_another_uid_fails_the_check() {
+        use std::os::unix::process::CommandExt;
+        // A process whose effective uid is not root, pinned as if it had
+        // connected as root: the re-check reads its status (the owner of
+        // /proc/<pid> cannot tell root from a non-dumpable process) and
+        // refuses it, with and without a pidfd.
+        let me = rustix::process::geteuid().as_raw();
+        let mut command = std::process::Command::new("sleep");
+        command.arg("30");
+        if me == 0 {
+            command.uid(65534);
+        }
+        let mut child = command.spawn().expect("sleep(1) is available");
+        let pid = child.id() as i32;
+        let root = ProcRoot::default();
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap();
+        let with_pidfd =
+            ProcessPin::new(&root, pid, 0, Some(Arc::new(pidfd))).and_then(|pin| pin.check_alive());
+        let without = ProcessPin::new(&root, pid, 0, None).and_then(|pin| pin.check_alive());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            matches!(with_pidfd, Err(LivenessError::UidChanged { .. })),
+            "{with_pidfd:?}"
+        );
+        assert!(
+            matches!(without, Err(LivenessError::UidChanged { .. })),
+            "{without:?}"
+        );
+    }
+
+    #[test]
     fn a_different_start_time_means_replaced() {
         let dir = tempfile::tempdir().unwrap();
         let proc_dir = dir.path().join("77");
@@ -268,6 +333,18 @@ mod tests {
         .unwrap();
         assert!(matches!(
             pin.check_alive(),
+            Err(LivenessError::UidChanged { .. })
+        ));
+        // A caller that connected as root is checked by its status alone.
+        let as_root = ProcessPin::new(&root, 77, 0, None).unwrap();
+        as_root.check_alive().unwrap();
+        std::fs::write(
+            proc_dir.join("status"),
+            "Uid:\t0\t1000\t0\t1000\nGid:\t5\t5\t5\t5\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            as_root.check_alive(),
             Err(LivenessError::UidChanged { .. })
         ));
         let other_uid = ProcessPin::new(&root, 77, 5, None).unwrap();

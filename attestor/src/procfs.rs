@@ -47,12 +47,14 @@ impl ProcRoot {
     }
 
     pub fn pid_path(&self, pid: i32, file: &str) -> PathBuf {
-        self.root.join(pid.to_string()).join(file)
+        let mut path = self.root.join(pid.to_string());
+        path.push(file);
+        path
     }
 
     fn read(&self, pid: i32, file: &str) -> Result<(PathBuf, String), ProcError> {
         let path = self.pid_path(pid, file);
-        match std::fs::read_to_string(&path) {
+        match read_small(&path) {
             Ok(text) => Ok((path, text)),
             Err(source) => Err(ProcError::Io { pid, path, source }),
         }
@@ -73,6 +75,16 @@ impl ProcRoot {
         parse_status(&text).ok_or(ProcError::Format {
             path,
             detail: "missing Uid/Gid lines in status",
+        })
+    }
+
+    /// The effective uid from `status` alone (what the per-call liveness
+    /// re-check needs), without collecting the groups.
+    pub fn effective_uid(&self, pid: i32) -> Result<u32, ProcError> {
+        let (path, text) = self.read(pid, "status")?;
+        parse_effective_uid(&text).ok_or(ProcError::Format {
+            path,
+            detail: "missing Uid line in status",
         })
     }
 
@@ -102,11 +114,42 @@ impl ProcRoot {
     }
 }
 
+/// Reads a small `/proc` file in as few system calls as the kernel allows:
+/// open, reads into a page-sized buffer until end of file, close. (std's
+/// `read_to_string` also stats the file for a size hint, which `/proc`
+/// files do not give, and probes with a 32-byte read first.) The liveness
+/// re-check on every call of a root caller reads `status` this way.
+fn read_small(path: &Path) -> io::Result<String> {
+    use std::io::Read as _;
+    let mut file = File::open(path)?;
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(len * 2, 0);
+        }
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
 fn parse_start_time(stat: &str) -> Option<u64> {
     // `comm` (field 2) is in parentheses and may itself contain ") ", so split
     // after the last ')'. Field 3 (state) is then index 0; field 22 is index 19.
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
+fn parse_effective_uid(status: &str) -> Option<u32> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    // real, effective, saved, filesystem
+    line.split_ascii_whitespace().nth(1)?.parse().ok()
 }
 
 fn parse_status(status: &str) -> Option<ProcStatus> {
@@ -152,7 +195,9 @@ mod tests {
         assert_eq!(s.effective_uid, 1001);
         assert_eq!(s.effective_gid, 101);
         assert_eq!(s.supplementary_gids, vec![4, 27, 1000]);
+        assert_eq!(parse_effective_uid(status), Some(1001));
         assert!(parse_status("Name: x\n").is_none());
+        assert!(parse_effective_uid("Name: x\nUid:\t1\n").is_none());
     }
 
     #[test]
@@ -164,6 +209,21 @@ mod tests {
             root.status(pid).unwrap().effective_uid,
             nix::unistd::geteuid().as_raw()
         );
+        assert_eq!(
+            root.effective_uid(pid).unwrap(),
+            nix::unistd::geteuid().as_raw()
+        );
+        assert_eq!(
+            root.pid_path(pid, "status"),
+            Path::new("/proc").join(pid.to_string()).join("status")
+        );
+        assert_eq!(root.pid_path(-12, "x"), Path::new("/proc/-12/x"));
+        // The same bytes as std's reader, for a file larger than the first buffer.
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big");
+        let text: String = (0..3000).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&big, &text).unwrap();
+        assert_eq!(read_small(&big).unwrap(), text);
         assert_eq!(
             root.exe_path(pid).unwrap(),
             std::env::current_exe().unwrap()
