@@ -4,6 +4,7 @@
 //! The local authority writes it on key rollover, the fleet client when the
 //! fleet authority's bundle changes; everything else only reads it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -12,6 +13,27 @@ use tokio::sync::watch;
 use super::jws::{self, JwtError, PublicJwk};
 use super::svid::TrustBundle;
 use crate::clock::{Clock, unix_seconds};
+use crate::sync::Mutex;
+
+/// JWT claims as a validation returns them.
+pub type JwtClaims = Arc<serde_json::Map<String, serde_json::Value>>;
+
+/// How many verified JWT-SVIDs are remembered. The tokens a node's
+/// workloads pass around are few; when full, expired ones go, then all.
+const VERIFIED_JWT_LIMIT: usize = 4096;
+
+/// JWT-SVIDs whose signature (and header) already checked out against the
+/// bundle of `sequence`, by the SHA-256 of the whole compact token. A relying
+/// party validates the same token on every request it receives; ECDSA
+/// verification was most of ValidateJWTSVID's cost, and a hash of the token
+/// answers the same question for identical bytes against the same keys. A
+/// new bundle (a key added or withdrawn) empties it. The claims (`exp`,
+/// `nbf`, `aud`, `sub`) are checked on every call, cached or not.
+#[derive(Default)]
+struct VerifiedJwts {
+    sequence: u64,
+    tokens: HashMap<[u8; 32], JwtClaims>,
+}
 
 pub struct TrustStore {
     trust_domain: spiffe::TrustDomain,
@@ -19,6 +41,7 @@ pub struct TrustStore {
     bundle: watch::Sender<Arc<TrustBundle>>,
     /// Public access-token keys (the exchange's `/jwks`), swapped on rollover.
     access_keys: ArcSwap<Vec<PublicJwk>>,
+    verified: Mutex<VerifiedJwts>,
 }
 
 impl std::fmt::Debug for TrustStore {
@@ -43,6 +66,7 @@ impl TrustStore {
             clock,
             bundle: watch::Sender::new(Arc::new(TrustBundle::new(x509, jwt_keys, 1))),
             access_keys: ArcSwap::from_pointee(access_keys),
+            verified: Mutex::default(),
         })
     }
 
@@ -98,10 +122,8 @@ impl TrustStore {
         &self,
         token: &str,
         audience: &str,
-    ) -> Result<(spiffe::SpiffeId, serde_json::Map<String, serde_json::Value>), JwtError> {
-        let bundle = self.current();
-        let verified = jws::verify(token, bundle.jwt_keys.iter())?;
-        let claims = verified.claims;
+    ) -> Result<(spiffe::SpiffeId, JwtClaims), JwtError> {
+        let claims = self.verified_claims(token)?;
         let sub = claims
             .get("sub")
             .and_then(|v| v.as_str())
@@ -143,6 +165,48 @@ impl TrustStore {
             return Err(JwtError::Audience(audience.to_string()));
         }
         Ok((id, claims))
+    }
+}
+
+impl TrustStore {
+    /// The claims of `token` once its signature checks out against the
+    /// current bundle: from [`VerifiedJwts`] when these exact bytes were
+    /// verified against this bundle before.
+    fn verified_claims(&self, token: &str) -> Result<JwtClaims, JwtError> {
+        let bundle = self.current();
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes");
+        {
+            let mut verified = self.verified.lock();
+            if verified.sequence != bundle.sequence {
+                verified.tokens.clear();
+                verified.sequence = bundle.sequence;
+            }
+            if let Some(claims) = verified.tokens.get(&digest) {
+                return Ok(claims.clone());
+            }
+        }
+        let claims: JwtClaims = Arc::new(jws::verify(token, bundle.jwt_keys.iter())?.claims);
+        let mut verified = self.verified.lock();
+        // Another bundle may have been published meanwhile: then this
+        // verification belongs to the old one and is not kept.
+        if verified.sequence == bundle.sequence {
+            if verified.tokens.len() >= VERIFIED_JWT_LIMIT {
+                let now = unix_seconds(self.clock.now()) as f64;
+                verified.tokens.retain(|_, c| {
+                    c.get("exp")
+                        .and_then(serde_json::Value::as_f64)
+                        .is_some_and(|exp| exp > now)
+                });
+                if verified.tokens.len() >= VERIFIED_JWT_LIMIT {
+                    verified.tokens.clear();
+                }
+            }
+            verified.tokens.insert(digest, claims.clone());
+        }
+        Ok(claims)
     }
 }
 
@@ -300,6 +364,41 @@ mod tests {
         assert_eq!(sub, id("spiffe://example.org/w"));
         assert_eq!(claims["aud"], serde_json::json!(["db"]));
         assert!(spiffe_validates(&[a.trust_store()], &token, "db"));
+    }
+
+    #[test]
+    fn a_remembered_verification_counts_only_for_the_same_bytes_and_bundle() {
+        let a = authority("example.org", Arc::new(SystemClock));
+        let token = mint(&a, "spiffe://example.org/w", "db", Duration::from_secs(300));
+        let bundle = a.trust_store().current();
+        let s = store(&bundle.x509, bundle.jwt_keys.to_vec());
+        assert!(s.validate_jwt(&token, "db").is_ok());
+        assert_eq!(s.verified.lock().tokens.len(), 1, "remembered");
+        // Remembered, and still checked for its audience on every call.
+        assert!(s.validate_jwt(&token, "db").is_ok());
+        assert_eq!(
+            s.validate_jwt(&token, "cache").unwrap_err(),
+            JwtError::Audience("cache".into())
+        );
+        // The same header and claims with a changed signature are other
+        // bytes: verified afresh, and refused.
+        let mut forged = token.clone().into_bytes();
+        let i = forged.len() - 20;
+        forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert_eq!(
+            s.validate_jwt(&forged, "db").unwrap_err(),
+            JwtError::Signature
+        );
+        assert!(!spiffe_validates(&[&s], &forged, "db"));
+        // The key withdrawn from the bundle: what was verified against it
+        // no longer counts.
+        assert!(s.publish(bundle.x509.to_vec(), Vec::new()));
+        assert!(matches!(
+            s.validate_jwt(&token, "db"),
+            Err(JwtError::UnknownKey(_))
+        ));
+        assert!(s.verified.lock().tokens.is_empty());
     }
 
     #[test]
