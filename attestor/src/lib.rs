@@ -38,6 +38,7 @@ pub use unix::{UnixAttestor, UnixAttestorConfig};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Why a caller could not be attested.
 #[derive(Debug, thiserror::Error)]
@@ -94,12 +95,32 @@ pub struct AttestedPeer {
     pub process: ProcessRef,
     pub selectors: SelectorSet,
     pin: ProcessPin,
+    /// The last release (see [`Self::check_alive_to_release`]) the re-check
+    /// passed for; 0 for none.
+    released: AtomicU64,
 }
 
 impl AttestedPeer {
     /// Fails if the attested process exited or its PID now names another process.
     pub fn check_alive(&self) -> Result<(), LivenessError> {
         self.pin.check_alive()
+    }
+
+    /// [`Self::check_alive`] before this connection is sent `release`, a
+    /// non-zero key naming the content (e.g. a digest of a renewed SVID's
+    /// private key): checked once per release, not once per stream. A
+    /// connection holding many streams gets the same renewal on each of
+    /// them; once the check has passed for one, the content is in that
+    /// connection already, so whoever holds the connection learns nothing
+    /// new from the others, and checking again could only refuse what it
+    /// already has. Content not yet released is always checked.
+    pub fn check_alive_to_release(&self, release: u64) -> Result<(), LivenessError> {
+        if release != 0 && self.released.load(Ordering::Acquire) == release {
+            return Ok(());
+        }
+        self.pin.check_alive()?;
+        self.released.store(release, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -143,6 +164,49 @@ impl WorkloadAttestor {
             process,
             selectors: SelectorSet::new(selectors),
             pin,
+            released: AtomicU64::new(0),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_release_is_checked_once_and_new_content_always() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep(1) is available");
+        let pid = child.id() as i32;
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap();
+        let peer = PeerInfo {
+            pid: Some(pid),
+            uid: rustix::process::geteuid().as_raw(),
+            gid: rustix::process::getegid().as_raw(),
+            pidfd: Some(Arc::new(pidfd)),
+            exe_at_accept: None,
+        };
+        let attested = WorkloadAttestor::new(ProcRoot::default(), Vec::new())
+            .attest(&peer)
+            .await
+            .unwrap();
+        attested.check_alive_to_release(7).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // What passed the check once is not checked again on this connection…
+        attested.check_alive_to_release(7).unwrap();
+        // …but anything else is, and the caller is gone.
+        assert!(matches!(
+            attested.check_alive_to_release(8),
+            Err(LivenessError::Exited { .. })
+        ));
+        assert!(attested.check_alive_to_release(0).is_err());
+        assert!(attested.check_alive().is_err());
     }
 }

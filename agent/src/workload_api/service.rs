@@ -417,7 +417,7 @@ async fn x509_svid_stream(
                 }
             }
             let bundle = bundle_rx.borrow_and_update().clone();
-            if !first && !still_the_caller(&peer, &out).await {
+            if !first && !still_the_caller(&peer, &out, release_key(&svids, &bundle)).await {
                 return;
             }
             if !out
@@ -449,12 +449,27 @@ async fn x509_svid_stream(
     }
 }
 
+/// What an X509-SVID update releases, as a key for
+/// [`AttestedPeer::check_alive_to_release`]: a digest of the private keys and
+/// the bundle's sequence. A rotation pushed to many streams of one connection
+/// is then checked once on that connection, not once per stream.
+fn release_key(svids: &[Arc<X509Svid>], bundle: &TrustBundle) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bundle.sequence.hash(&mut h);
+    for svid in svids {
+        svid.key_pkcs8.hash(&mut h);
+    }
+    h.finish().max(1)
+}
+
 /// Before a stream sends an update (a renewed SVID, a new bundle), the
 /// process that opened it must still be the one that connected: otherwise a
 /// connection inherited by another program would keep receiving fresh keys.
-/// Ends the stream with Unauthenticated if not.
-async fn still_the_caller<M>(peer: &AttestedPeer, out: &StreamSender<M>) -> bool {
-    match peer.check_alive() {
+/// Ends the stream with Unauthenticated if not. `release` names the update's
+/// content (0: always check).
+async fn still_the_caller<M>(peer: &AttestedPeer, out: &StreamSender<M>, release: u64) -> bool {
+    match peer.check_alive_to_release(release) {
         Ok(()) => true,
         Err(e) => {
             tracing::info!(pid = peer.process.pid, error = %e, "stream caller failed liveness check; ending the stream");
@@ -483,7 +498,7 @@ async fn bundle_stream<M: Send + PartialEq + 'static>(
     let mut last: Option<M> = None;
     let mut entries_changed = false;
     loop {
-        if last.is_some() && !still_the_caller(&peer, &out).await {
+        if last.is_some() && !still_the_caller(&peer, &out, 0).await {
             return;
         }
         if entries_changed
