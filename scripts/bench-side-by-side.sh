@@ -9,6 +9,11 @@
 #   cargo build --release --locked -p tessera-agent
 #   sudo scripts/bench-side-by-side.sh /tmp/spire-bin target/release/tessera 3 > side.jsonl
 #
+# With a fourth argument, an older Tessera binary runs as a third agent
+# ("tessera-base") in the same rotation (SPIRE, old, new, SPIRE, ...), so a
+# change is measured before and after in the same run as SPIRE. The bench
+# client is always the new binary.
+#
 # Run as root (like the rest of the suite): the fanout phase runs the bench as
 # uid 65534, so that its streams hold one identity with a short X509-SVID TTL
 # while the other phases keep a 1 h one.
@@ -30,7 +35,9 @@ set -euo pipefail
 spire_bin=${1:?usage: bench-side-by-side.sh SPIRE_BIN_DIR [TESSERA_BIN] [ROUNDS]}
 tessera=$(realpath "${2:-target/release/tessera}")
 rounds=${3:-3}
+base=${4:+$(realpath "$4")}
 spire_bin=$(realpath "$spire_bin")
+agents=(spire ${base:+tessera-base} tessera)
 [ "$(id -u)" = 0 ] || { echo "bench-side-by-side.sh: run as root" >&2; exit 1; }
 command -v setpriv >/dev/null || { echo "bench-side-by-side.sh: needs setpriv (util-linux)" >&2; exit 1; }
 ulimit -n 20000
@@ -146,10 +153,12 @@ start() {
       done
       "$spire_bin/spire-agent" healthcheck -socketPath "$socket" >/dev/null
       ;;
-    tessera)
+    tessera | tessera-base)
       socket=$work/tessera/agent.sock
       cp "$work/tessera/agent.toml.orig" "$work/tessera/agent.toml"
-      "$tessera" run --config "$work/tessera/agent.toml" 2>>"$work/tessera/agent.log" &
+      local binary=$tessera
+      [ "$1" = tessera-base ] && binary=$base
+      "$binary" run --config "$work/tessera/agent.toml" 2>>"$work/tessera/agent.log" &
       agent_pid=$!
       for _ in $(seq 150); do
         "$tessera" healthcheck --socket "$socket" >/dev/null 2>&1 && break
@@ -171,7 +180,7 @@ register_command() {
     spire)
       echo "$spire_bin/spire-server entry create -socketPath $work/spire/server.sock -parentID spiffe://example.org/node -spiffeID \"\$TESSERA_BENCH_NEW_ID\" -selector unix:uid:0"
       ;;
-    tessera)
+    tessera | tessera-base)
       echo "printf '[[entries]]\\nspiffe_id = \"%s\"\\nselectors = [\"unix:uid:0\"]\\n' \"\$TESSERA_BENCH_NEW_ID\" >> $work/tessera/agent.toml && kill -HUP $agent_pid"
       ;;
   esac
@@ -194,13 +203,13 @@ bench() { # AGENT ROUND [setpriv args --] bench args...
 }
 
 for round in $(seq "$rounds"); do
-  for agent in spire tessera; do
+  for agent in "${agents[@]}"; do
     log "round $round: $agent idle-memory"
     start "$agent"
     bench "$agent" "$round" idle-memory --streams 10000
     stop
   done
-  for agent in spire tessera; do
+  for agent in "${agents[@]}"; do
     log "round $round: $agent x509-first, jwt-fetch, jwt-validate"
     start "$agent"
     bench "$agent" "$round" x509-first --clients 1 --duration 5s
@@ -209,13 +218,13 @@ for round in $(seq "$rounds"); do
     bench "$agent" "$round" jwt-validate --clients 1 --duration 5s
     stop
   done
-  for agent in spire tessera; do
+  for agent in "${agents[@]}"; do
     log "round $round: $agent fanout"
     start "$agent"
     bench "$agent" "$round" nobody fanout --streams 10000 --rotation-timeout 60s
     stop
   done
-  for agent in spire tessera; do
+  for agent in "${agents[@]}"; do
     log "round $round: $agent new-entry"
     start "$agent"
     bench "$agent" "$round" new-entry --rounds 3 --rotation-timeout 60s \
