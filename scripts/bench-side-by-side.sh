@@ -144,7 +144,7 @@ start() {
       socket=$work/spire/agent.sock
       rm -f "$socket"
       "$spire_bin/spire-agent" run -config "$work/spire/agent.conf" "${spire_join[@]}" \
-        2>>"$work/spire/agent.log" &
+        >>"$work/spire/agent.log" 2>&1 &
       agent_pid=$!
       spire_join=() # the node SVID is kept in the data directory from now on
       for _ in $(seq 150); do
@@ -152,6 +152,11 @@ start() {
         sleep 0.2
       done
       "$spire_bin/spire-agent" healthcheck -socketPath "$socket" >/dev/null
+      # Healthy is not yet serving: the entries arrive with the first sync.
+      for _ in $(seq 150); do
+        "$spire_bin/spire-agent" api fetch x509 -socketPath "$socket" >/dev/null 2>&1 && break
+        sleep 0.2
+      done
       ;;
     tessera | tessera-base)
       socket=$work/tessera/agent.sock

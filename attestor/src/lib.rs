@@ -155,7 +155,16 @@ impl WorkloadAttestor {
         };
         let mut selectors = Vec::new();
         for attestor in &self.attestors {
-            selectors.extend(attestor.attest(&process, &self.proc_root).await?);
+            match attestor.attest(&process, &self.proc_root).await {
+                Ok(found) => selectors.extend(found),
+                Err(e) => {
+                    // A caller that exited makes /proc reads fail: that is
+                    // a liveness failure (Unauthenticated), not an attestor
+                    // fault (Unavailable).
+                    pin.check_alive()?;
+                    return Err(e);
+                }
+            }
         }
         // The facts above were read from /proc/<pid>; they only describe the
         // caller if <pid> still names the process that connected.
