@@ -26,6 +26,13 @@ def field(name: str, scale: float = 1.0) -> Callable[[Row], float | None]:
     return read
 
 
+def registered_to_svid(row: Row) -> float | None:
+    # Timing of the first SVID starts when the registration command exits;
+    # Tessera's SIGHUP reload can deliver it before that, so both are added.
+    register, first = field("register_p50_ms")(row), field("p50_ms")(row)
+    return None if register is None or first is None else register + first
+
+
 # (label, scenario, params that must match, how to read the figure, unit, lower is better)
 Figure = tuple[str, str, dict[str, object], Callable[[Row], float | None], str, bool]
 FIGURES: list[Figure] = [
@@ -40,7 +47,7 @@ FIGURES: list[Figure] = [
     ("memory per held X.509 stream (10,000 streams, fresh agent)", "idle-memory", {}, field("rss_per_stream_bytes", 1 / 1024), "KiB", True),
     ("rotation pushed to 10,000 streams", "fanout", {}, field("all_updated_ms"), "ms", True),
     ("agent RSS with no streams", "idle-memory", {}, field("baseline_rss_bytes", 1 / 1048576), "MiB", True),
-    ("new entry to a workload's first SVID (median)", "new-entry", {}, field("p50_ms"), "ms", True),
+    ("new entry: registration command + first SVID (median)", "new-entry", {}, registered_to_svid, "ms", True),
 ]
 
 
