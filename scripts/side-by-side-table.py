@@ -14,9 +14,10 @@ import json
 import statistics
 import sys
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 Row = dict[str, object]
+
 
 def field(name: str, scale: float = 1.0) -> Callable[[Row], float | None]:
     def read(row: Row) -> float | None:
@@ -36,15 +37,57 @@ def registered_to_svid(row: Row) -> float | None:
 # (label, scenario, params that must match, how to read the figure, unit, lower is better)
 Figure = tuple[str, str, dict[str, object], Callable[[Row], float | None], str, bool]
 FIGURES: list[Figure] = [
-    ("new workload, agent CPU per connection (x509-first, N = 1)", "x509-first", {"clients": 1}, field("agent_cpu_us_per_op"), "µs", True),
-    ("new workload, agent CPU per connection (N = 100)", "x509-first", {"clients": 100}, field("agent_cpu_us_per_op"), "µs", True),
+    (
+        "new workload, agent CPU per connection (x509-first, N = 1)",
+        "x509-first",
+        {"clients": 1},
+        field("agent_cpu_us_per_op"),
+        "µs",
+        True,
+    ),
+    (
+        "new workload, agent CPU per connection (N = 100)",
+        "x509-first",
+        {"clients": 100},
+        field("agent_cpu_us_per_op"),
+        "µs",
+        True,
+    ),
     ("x509-first p99, N = 1", "x509-first", {"clients": 1}, field("p99_ms"), "ms", True),
     ("x509-first throughput, N = 100", "x509-first", {"clients": 100}, field("ops_per_sec"), "/s", False),
-    ("jwt-fetch cached, agent CPU per call (N = 100)", "jwt-fetch", {"clients": 100, "audiences": "cached"}, field("agent_cpu_us_per_op"), "µs", True),
-    ("jwt-fetch unique, agent CPU per call (N = 100)", "jwt-fetch", {"clients": 100, "audiences": "unique"}, field("agent_cpu_us_per_op"), "µs", True),
-    ("jwt-validate, agent CPU per call (N = 1)", "jwt-validate", {"clients": 1}, field("agent_cpu_us_per_op"), "µs", True),
+    (
+        "jwt-fetch cached, agent CPU per call (N = 100)",
+        "jwt-fetch",
+        {"clients": 100, "audiences": "cached"},
+        field("agent_cpu_us_per_op"),
+        "µs",
+        True,
+    ),
+    (
+        "jwt-fetch unique, agent CPU per call (N = 100)",
+        "jwt-fetch",
+        {"clients": 100, "audiences": "unique"},
+        field("agent_cpu_us_per_op"),
+        "µs",
+        True,
+    ),
+    (
+        "jwt-validate, agent CPU per call (N = 1)",
+        "jwt-validate",
+        {"clients": 1},
+        field("agent_cpu_us_per_op"),
+        "µs",
+        True,
+    ),
     ("jwt-validate p99, N = 1", "jwt-validate", {"clients": 1}, field("p99_ms"), "ms", True),
-    ("memory per held X.509 stream (10,000 streams, fresh agent)", "idle-memory", {}, field("rss_per_stream_bytes", 1 / 1024), "KiB", True),
+    (
+        "memory per held X.509 stream (10,000 streams, fresh agent)",
+        "idle-memory",
+        {},
+        field("rss_per_stream_bytes", 1 / 1024),
+        "KiB",
+        True,
+    ),
     ("rotation pushed to 10,000 streams", "fanout", {}, field("all_updated_ms"), "ms", True),
     ("agent RSS with no streams", "idle-memory", {}, field("baseline_rss_bytes", 1 / 1048576), "MiB", True),
     ("new entry: registration command + first SVID (median)", "new-entry", {}, registered_to_svid, "ms", True),
@@ -77,7 +120,12 @@ def main() -> None:
         medians: dict[str, float] = {}
         spread: dict[str, list[float]] = defaultdict(list)
         for agent in agents:
-            values = [v for r in rows if r.get("agent") == agent and matches(r, scenario, params) if (v := read(r)) is not None]
+            values = [
+                v
+                for r in rows
+                if r.get("agent") == agent and matches(r, scenario, params)
+                if (v := read(r)) is not None
+            ]
             if values:
                 medians[agent] = statistics.median(values)
                 spread[agent] = sorted(values)
