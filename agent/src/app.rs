@@ -173,6 +173,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         Some(h) => Some(crate::https::bind(h).await?),
     };
     let mut local_authority = None;
+    let mut upstream = None;
     let (signer, trust): (Arc<dyn Signer>, Arc<TrustStore>) = match &config.upstream {
         None => {
             let authority = LocalAuthority::load(
@@ -210,6 +211,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             attestors.push(Arc::new(NodeAttestor(client.node_name())));
             tokio::spawn(client.clone().run(shutdown.clone()));
             let trust = client.trust_store().clone();
+            upstream = Some(client.clone());
             (client, trust)
         }
     };
@@ -266,6 +268,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                 }
             });
             tokio::spawn(exchange.clone().run_maintenance(shutdown.clone()));
+            if let Some(up) = &upstream {
+                follow_fleet_revocations(up, &exchange, &metrics, &shutdown).await;
+            }
             Some(exchange)
         }
     };
@@ -510,6 +515,35 @@ fn http_limits(config: &Config) -> Limits {
         request_timeout: config.http_request_timeout,
         shutdown_grace: config.shutdown_grace,
         idle_timeout: config.idle_timeout,
+    }
+}
+
+/// How long start-up waits for the fleet's revocations before serving
+/// anyway (not ready, and saying why, until they arrive).
+const FLEET_REVOCATIONS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Upstream mode with an exchange: revocations made here go to the fleet and
+/// the fleet's come here. Waits (bounded) until every revocation the fleet's
+/// store holds is in force on this node, so a restarted node never answers
+/// `active` for a token revoked elsewhere.
+async fn follow_fleet_revocations(
+    up: &Arc<crate::fleet::client::Upstream>,
+    exchange: &Arc<Exchange>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) {
+    let mut synced = crate::fleet::follow::start(
+        up.clone(),
+        exchange.revocation_store().clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    let loaded = tokio::time::timeout(FLEET_REVOCATIONS_WAIT, synced.wait_for(|s| *s)).await;
+    if loaded.is_err() {
+        tracing::warn!(
+            waited = ?FLEET_REVOCATIONS_WAIT,
+            "the fleet's revocations are not loaded yet; serving, but not ready until they are"
+        );
     }
 }
 

@@ -131,6 +131,15 @@ struct RawServer {
     audit_log: Option<PathBuf>,
     max_access_token_ttl: Option<Spanned<String>>,
     kubernetes: Option<RawServerKube>,
+    store: Option<RawServerStore>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerStore {
+    kind: Spanned<String>,
+    namespace: Option<Spanned<String>>,
+    batch_window: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -856,6 +865,83 @@ impl Config {
             }
             _ => None,
         };
+        let store = match &srv.store {
+            None => None,
+            Some(st) => {
+                let kind = match st.kind.get_ref().as_str() {
+                    "kubernetes" => crate::fleet::store::StoreKind::Kubernetes,
+                    _ => {
+                        return Err(cx.invalid(
+                            "server.store.kind",
+                            &st.kind,
+                            "must be \"kubernetes\" (custom resources in the Kubernetes API)",
+                        ));
+                    }
+                };
+                if kubernetes.is_none() {
+                    return Err(cx.invalid(
+                        "server.store.kind",
+                        &st.kind,
+                        "\"kubernetes\" needs [server.kubernetes] (the API server and the authority's credentials)",
+                    ));
+                }
+                let namespace = match &st.namespace {
+                    Some(ns) => {
+                        let n = ns.get_ref();
+                        let dns_label = !n.is_empty()
+                            && n.len() <= 63
+                            && n.bytes()
+                                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                            && !n.starts_with('-')
+                            && !n.ends_with('-');
+                        if !dns_label {
+                            return Err(cx.invalid(
+                                "server.store.namespace",
+                                ns,
+                                "not a Kubernetes namespace name (lowercase letters, digits and '-', at most 63)",
+                            ));
+                        }
+                        n.clone()
+                    }
+                    // In a pod: the authority's own namespace.
+                    None => std::fs::read_to_string(
+                        "/var/run/secrets/kubernetes.io/serviceaccount/namespace",
+                    )
+                    .ok()
+                    .map(|n| n.trim().to_string())
+                    .filter(|n| !n.is_empty())
+                    .ok_or_else(|| {
+                        cx.invalid(
+                            "server.store.namespace",
+                            &st.kind,
+                            "required outside a pod (the namespace of the RevocationBatch objects)",
+                        )
+                    })?,
+                };
+                let batch_window = Self::duration_or(
+                    cx,
+                    "server.store.batch_window",
+                    &st.batch_window,
+                    Duration::from_millis(50),
+                )?;
+                if batch_window > Duration::from_secs(1) {
+                    let at = st
+                        .batch_window
+                        .as_ref()
+                        .expect("set when above the default");
+                    return Err(cx.invalid(
+                        "server.store.batch_window",
+                        at,
+                        "at most 1s (revocations must reach every node within 2 s)",
+                    ));
+                }
+                Some(crate::fleet::store::StoreConfig {
+                    kind,
+                    namespace,
+                    batch_window,
+                })
+            }
+        };
         Ok(crate::fleet::server::ServerConfig {
             listen,
             keys_dir: srv.keys_dir.clone(),
@@ -884,6 +970,7 @@ impl Config {
             join_token_dir: srv.join_token_dir.clone(),
             audit_log: srv.audit_log.clone(),
             kubernetes,
+            store,
             max_access_token_ttl: Self::duration_or(
                 cx,
                 "server.max_access_token_ttl",

@@ -951,6 +951,12 @@ impl Exchange {
         Ok(claims)
     }
 
+    /// The revocation state this exchange checks (the fleet client feeds
+    /// other nodes' revocations into it and publishes this node's).
+    pub fn revocation_store(&self) -> &Arc<RevocationStore> {
+        &self.revocations
+    }
+
     /// `POST /introspect` (RFC 7662).
     ///
     /// Only the token's parties (a caller holding its `sub` or `client_id`)

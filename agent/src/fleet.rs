@@ -10,15 +10,23 @@
 //!   sent as CSRs in batches; private keys never leave it. The trust bundle is
 //!   polled and pushed to open Workload API streams.
 //! * [`wire`]: the JSON bodies both sides exchange over mTLS ([`tls`], [`http`]).
+//! * The fleet's shared state: revocations made on any node reach every node
+//!   through a store the replicas share ([`store`], on the Kubernetes API
+//!   through [`informer`]); replicas take them from nodes and stream them
+//!   back ([`feed`]), nodes publish and follow them ([`follow`]).
 //!
 //! The design and its trust model are in `docs/architecture.md`.
 
 pub mod client;
 pub mod entitlement;
+pub mod feed;
+pub mod follow;
 pub mod http;
+pub mod informer;
 pub mod join;
 pub mod kube;
 pub mod server;
+pub mod store;
 pub mod tls;
 pub mod wire;
 

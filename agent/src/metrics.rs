@@ -63,6 +63,13 @@ pub struct Metrics {
     /// Upstream mode: requests to the fleet authority by outcome
     /// (`ok`, `refused`, `unreachable`).
     pub upstream_requests: Family<ResultLabels, Counter>,
+    /// Upstream mode: revocations made here that a replica confirmed stored
+    /// fleet-wide.
+    pub fleet_revocations_published: Counter,
+    /// Upstream mode: revocations received from the fleet's store.
+    pub fleet_revocations_received: Counter,
+    /// Upstream mode: 1 while the stream of the fleet's revocations is open.
+    pub fleet_stream_connected: Gauge,
 }
 
 impl Default for Metrics {
@@ -230,10 +237,31 @@ impl Metrics {
             "Upstream mode: requests to the fleet authority by result (ok, refused, unreachable)",
             upstream_requests.clone(),
         );
+        let fleet_revocations_published = Counter::default();
+        registry.register(
+            "fleet_revocations_published",
+            "Upstream mode: revocations made on this node that the fleet's store holds",
+            fleet_revocations_published.clone(),
+        );
+        let fleet_revocations_received = Counter::default();
+        registry.register(
+            "fleet_revocations_received",
+            "Upstream mode: revocations received from the fleet's store (this node's own included)",
+            fleet_revocations_received.clone(),
+        );
+        let fleet_stream_connected = Gauge::default();
+        registry.register(
+            "fleet_stream_connected",
+            "Upstream mode: 1 while the stream of the fleet's revocations is open",
+            fleet_stream_connected.clone(),
+        );
         Self {
             registry,
             upstream_reachable,
             upstream_requests,
+            fleet_revocations_published,
+            fleet_revocations_received,
+            fleet_stream_connected,
             rate_limited,
             sds_rejections,
             connections_refused,

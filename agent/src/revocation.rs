@@ -295,15 +295,20 @@ fn check_id(kind: Kind, id: &str) -> Result<(), RevocationError> {
 }
 
 impl RevocationStore {
+    /// Memory only (what an authority replica keeps of the fleet's).
+    pub fn memory() -> Self {
+        RevocationStore {
+            state: RwLock::default(),
+            persist: None,
+            outbox: Mutex::default(),
+        }
+    }
+
     /// `path: None` = memory only. Loads existing state, dropping entries whose
     /// `until` is already past (and compacting the file if it is mostly dead).
     pub fn open(path: Option<&Path>, now: SystemTime) -> Result<Self, RevocationError> {
         let Some(path) = path else {
-            return Ok(RevocationStore {
-                state: RwLock::default(),
-                persist: None,
-                outbox: Mutex::default(),
-            });
+            return Ok(Self::memory());
         };
         let io_err = |source| RevocationError::Io {
             path: path.to_owned(),

@@ -1053,7 +1053,7 @@ def test_authority_kinds(manifests):
     docs = manifests["authority"]
     assert kinds([d for d in docs if is_authority(d)]) == sorted([
         "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "NetworkPolicy",
-        "PodDisruptionBudget", "Service", "ServiceAccount",
+        "PodDisruptionBudget", "Role", "RoleBinding", "Service", "ServiceAccount",
     ])
     rel, ns = release("authority")
     for d in docs:
@@ -1090,15 +1090,33 @@ def test_authority_rbac_is_exactly_tokenreviews_and_pods(manifests, name):
     verbs = {(g, r, v) for d in docs if d["kind"] in ("ClusterRole", "Role")
              for rule in d["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     assert verbs == {("authentication.k8s.io", "tokenreviews", "create"), ("", "pods", "get"),
-                     ("", "pods", "list"), ("", "nodes/pods", "get")}
+                     ("", "pods", "list"), ("", "nodes/pods", "get"),
+                     *{("tessera.dev", "revocationbatches", v)
+                       for v in ("create", "list", "watch", "deletecollection")}}
+    # The fleet's state: a Role in the release namespace only, bound to the authority.
+    role = auth_one(docs, "Role")
+    assert role["metadata"]["namespace"] == sa["metadata"]["namespace"]
+    binding = auth_one(docs, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": sa["metadata"]["namespace"]}
+    ]
 
 
 def test_authority_rbac_follows_rbac_create(chart):
     values = copy.deepcopy(VALUE_SETS["authority"])
     values["rbac"] = {"create": False}
     docs = docs_of(render_files(chart, values))
-    assert not {"ClusterRole", "ClusterRoleBinding"} & set(kinds(docs))
+    assert not {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & set(kinds(docs))
     assert "Deployment" in kinds(docs)
+
+
+def test_authority_fleet_state_can_be_turned_off(chart):
+    values = copy.deepcopy(VALUE_SETS["authority"])
+    values["authority"]["fleetState"] = {"enabled": False, "batchWindow": "50ms"}
+    docs = docs_of(render_files(chart, values))
+    assert not {"Role", "RoleBinding"} & set(kinds(docs))
+    assert "store" not in authority_config_toml(docs)["server"]
 
 
 def secret_names(pod_spec: dict) -> set[str]:
@@ -1230,6 +1248,7 @@ def test_authority_config_toml(manifests):
             "audience": "tessera-authority",
             "allowed_service_accounts": [f"{ns}:{agent_one(docs, 'ServiceAccount')['metadata']['name']}"],
         },
+        "store": {"kind": "kubernetes", "namespace": ns, "batch_window": "50ms"},
     }
     assert auth["server"]["kubernetes"]["allowed_service_accounts"] == [f"{ns}:{rel}"]
     assert auth["admin"] == {"listen": "0.0.0.0:9090"}

@@ -143,7 +143,15 @@ pub struct Upstream {
     store: Arc<TrustStore>,
     /// The latest expiry among the published CAs.
     ca_expiry: Mutex<Option<SystemTime>>,
+    /// [`REVOCATIONS_OFF`], [`REVOCATIONS_LOADING`] or
+    /// [`REVOCATIONS_SYNCED`]: whether this node follows the fleet's
+    /// revocations and has them all ([`super::follow`]).
+    revocations: AtomicU8,
 }
+
+const REVOCATIONS_OFF: u8 = 0;
+const REVOCATIONS_LOADING: u8 = 1;
+const REVOCATIONS_SYNCED: u8 = 2;
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -253,6 +261,7 @@ impl Upstream {
             reachable: AtomicU8::new(REACH_UNKNOWN),
             store,
             ca_expiry: Mutex::new(None),
+            revocations: AtomicU8::new(REVOCATIONS_OFF),
         });
         let mut backoff = Duration::from_millis(500);
         if up.config.attestation == NodeAttestation::JoinToken && up.load_saved_node() {
@@ -437,9 +446,71 @@ impl Upstream {
         Ok(())
     }
 
+    /// The node's clock (the one its certificates are checked with).
+    pub fn now(&self) -> SystemTime {
+        self.clock.now()
+    }
+
+    /// Records whether the fleet's revocations are all here: until they are,
+    /// the node is not ready (a token revoked elsewhere could pass here).
+    pub(crate) fn set_revocations_synced(&self, synced: bool) {
+        self.revocations.store(
+            if synced {
+                REVOCATIONS_SYNCED
+            } else {
+                REVOCATIONS_LOADING
+            },
+            Ordering::Release,
+        );
+    }
+
+    /// Opens a long-lived `GET path` (node SVID as client certificate) on
+    /// the first replica that answers 200, starting with the preferred one.
+    pub(crate) async fn open_stream(&self, path: &str) -> Result<http::JsonStream, UpstreamError> {
+        let n = self.config.addresses.len();
+        let start = self.preferred.load(Ordering::Relaxed);
+        let mut last = String::new();
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let addr = &self.config.addresses[idx];
+            let opened = http::open(http::Request {
+                addr,
+                server_name: &self.config.server_name,
+                tls: self.node.load().tls.clone(),
+                method: hyper::Method::GET,
+                path,
+                bearer: None,
+                content_type: "application/json",
+                body: None,
+                timeout: self.config.request_timeout,
+            })
+            .await;
+            match opened {
+                Err(e) => last = e.to_string(),
+                Ok(s) if s.status == 200 => return Ok(http::JsonStream::new(s)),
+                Ok(s) if matches!(s.status, 429 | 503) => {
+                    let status = s.status;
+                    last = format!(
+                        "{addr}: {status} {}",
+                        String::from_utf8_lossy(&s.rest().await)
+                    );
+                }
+                Ok(s) => {
+                    let status = s.status;
+                    let b = s.rest().await;
+                    let message = serde_json::from_slice::<wire::ErrorBody>(&b)
+                        .map(|e| e.error)
+                        .unwrap_or_else(|_| String::from_utf8_lossy(&b).into_owned());
+                    return Err(UpstreamError::Refused { status, message });
+                }
+            }
+        }
+        Err(UpstreamError::Unreachable(last))
+    }
+
     /// One request, failing over across replicas on transport errors, 429
     /// and 503.
-    async fn call<B: Serialize, R: DeserializeOwned>(
+    pub(crate) async fn call<B: Serialize, R: DeserializeOwned>(
         &self,
         path: &str,
         body: Option<&B>,
@@ -769,11 +840,14 @@ impl Signer for Upstream {
     /// nothing signed any more: probes must take it out of rotation.
     fn not_ready(&self) -> Option<String> {
         let node = self.node.load();
-        (node.not_after <= self.clock.now()).then(|| {
-            format!(
+        if node.not_after <= self.clock.now() {
+            return Some(format!(
                 "the node SVID expired at {} and could not be renewed",
                 humantime::format_rfc3339_seconds(node.not_after)
-            )
+            ));
+        }
+        (self.revocations.load(Ordering::Acquire) == REVOCATIONS_LOADING).then(|| {
+            "the fleet's revocations are not loaded yet (a token revoked on another node could pass here)".to_string()
         })
     }
 }

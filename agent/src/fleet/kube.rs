@@ -63,6 +63,9 @@ pub struct KubeClient {
     pods: Mutex<HashMap<String, (Instant, Arc<PodList>)>>,
     /// The last access check and when it was made ([`KubeClient::access`]).
     access: Mutex<Option<(Instant, Result<(), String>)>>,
+    /// What else the authority needs, in one namespace (the fleet store's
+    /// custom resources): (verb, group, resource, namespace).
+    also_needed: Mutex<Vec<(&'static str, &'static str, &'static str, String)>>,
 }
 
 /// What the authority must be allowed to do (RBAC), as (verb, group,
@@ -177,6 +180,7 @@ impl KubeClient {
             tls,
             pods: Mutex::default(),
             access: Mutex::default(),
+            also_needed: Mutex::default(),
         })
     }
 
@@ -324,12 +328,39 @@ impl KubeClient {
         result
     }
 
+    /// Adds to what readiness checks: `verb` on `resource.group` in
+    /// `namespace`.
+    pub fn also_need(
+        &self,
+        verb: &'static str,
+        group: &'static str,
+        resource: &'static str,
+        namespace: &str,
+    ) {
+        self.also_needed
+            .lock()
+            .push((verb, group, resource, namespace.to_string()));
+        *self.access.lock() = None;
+    }
+
     async fn check_access(&self) -> Result<(), String> {
-        for (verb, group, resource) in NEEDED {
+        let mut needs: Vec<(&str, &str, &str, Option<String>)> =
+            NEEDED.iter().map(|(v, g, r)| (*v, *g, *r, None)).collect();
+        needs.extend(
+            self.also_needed
+                .lock()
+                .iter()
+                .map(|(v, g, r, ns)| (*v, *g, *r, Some(ns.clone()))),
+        );
+        for (verb, group, resource, namespace) in needs {
+            let mut attributes = json!({"verb": verb, "group": group, "resource": resource});
+            if let Some(ns) = &namespace {
+                attributes["namespace"] = json!(ns);
+            }
             let body = json!({
                 "apiVersion": "authorization.k8s.io/v1",
                 "kind": "SelfSubjectAccessReview",
-                "spec": {"resourceAttributes": {"verb": verb, "group": group, "resource": resource}},
+                "spec": {"resourceAttributes": attributes},
             });
             let answer = self
                 .call(
@@ -349,8 +380,11 @@ impl KubeClient {
                 } else {
                     format!("{resource}.{group}")
                 };
+                let place = namespace
+                    .map(|ns| format!(" in namespace {ns}"))
+                    .unwrap_or_default();
                 return Err(format!(
-                    "the authority's service account may not {verb} {what} (RBAC)"
+                    "the authority's service account may not {verb} {what}{place} (RBAC)"
                 ));
             }
         }

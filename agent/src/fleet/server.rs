@@ -7,7 +7,9 @@
 //!
 //! Routes (HTTP/1.1 over TLS; the client certificate is a node SVID):
 //! `POST /v1/attest` (no client certificate), `POST /v1/renew`,
-//! `POST /v1/sign`, `POST /v1/access-token`, `GET /v1/bundle`.
+//! `POST /v1/sign`, `POST /v1/access-token`, `GET /v1/bundle`, and with
+//! `[server.store]` the fleet's revocations: `POST /v1/revocations` and
+//! `GET /v1/stream` ([`super::feed`], [`super::store`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,8 +33,9 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::kube::{KubeClient, KubeConfig, ReviewError};
+use super::store::{FleetState, StoreConfig, StoreKind, StoreMetrics};
 use super::wire::{self, BundleDoc};
-use super::{Node, NodeKind, entitlement, join, tls};
+use super::{Node, NodeKind, entitlement, feed, join, tls};
 use crate::audit::AuditLog;
 use crate::clock::Clock;
 use crate::entries::EntrySet;
@@ -53,6 +56,9 @@ pub struct ServerConfig {
     pub join_token_dir: Option<PathBuf>,
     pub audit_log: Option<PathBuf>,
     pub kubernetes: Option<KubeConfig>,
+    /// Where the fleet's shared state (revocations) lives; `None`: each
+    /// node's revocations hold on that node only.
+    pub store: Option<StoreConfig>,
     /// Longest access token the authority signs.
     pub max_access_token_ttl: Duration,
     pub max_connections: usize,
@@ -78,7 +84,10 @@ struct Shared {
     config: ServerConfig,
     authority: Arc<LocalAuthority>,
     entries: EntrySet,
-    kube: Option<KubeClient>,
+    kube: Option<Arc<KubeClient>>,
+    fleet_state: Option<Arc<FleetState>>,
+    /// Cancelled when the authority stops (ends long-lived streams).
+    shutdown: CancellationToken,
     audit: AuditLog,
     clock: Arc<dyn Clock>,
     requests: Family<Labels, Counter>,
@@ -126,6 +135,8 @@ pub enum StartError {
     Keys(#[source] SignError),
     #[error("server.kubernetes: {0}")]
     Kubernetes(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("server.store: {0}")]
+    Store(String),
     #[error("server.audit_log {}: {source}", path.display())]
     AuditLog {
         path: std::path::PathBuf,
@@ -174,9 +185,14 @@ pub async fn start(
     )
     .map_err(StartError::Keys)?;
     let kube = match &config.kubernetes {
-        Some(k) => Some(KubeClient::new(k.clone()).map_err(|e| StartError::Kubernetes(e.into()))?),
+        Some(k) => Some(Arc::new(
+            KubeClient::new(k.clone()).map_err(|e| StartError::Kubernetes(e.into()))?,
+        )),
         None => None,
     };
+    let shutdown = CancellationToken::new();
+    // Whatever was started stops if start-up fails further on.
+    let stop_on_error = shutdown.clone().drop_guard();
     let audit = match &config.audit_log {
         Some(path) => {
             let (log, report) =
@@ -201,6 +217,53 @@ pub async fn start(
         "Authority decisions by kind (attest, renew, x509, jwt, access_token) and result (signed, refused, error)",
         requests.clone(),
     );
+    let fleet_state = match &config.store {
+        None => None,
+        Some(
+            store @ StoreConfig {
+                kind: StoreKind::Kubernetes,
+                ..
+            },
+        ) => {
+            let Some(kube) = kube.clone() else {
+                return Err(StartError::Store(
+                    "kind = \"kubernetes\" needs [server.kubernetes] (the API server and the authority's credentials)".into(),
+                ));
+            };
+            let metrics = StoreMetrics::default();
+            registry.register(
+                "store_requests",
+                "Requests to the fleet store by operation (write, collect, list, watch) and result",
+                metrics.requests.clone(),
+            );
+            registry.register(
+                "store_revocations_written",
+                "Revocations this replica wrote to the fleet store",
+                metrics.revocations_written.clone(),
+            );
+            for verb in ["create", "list", "watch", "deletecollection"] {
+                kube.also_need(
+                    verb,
+                    super::store::crd::GROUP,
+                    "revocationbatches",
+                    &store.namespace,
+                );
+            }
+            let backend = Arc::new(super::store::crd::CrdBackend::new(
+                kube,
+                store.namespace.clone(),
+                metrics.clone(),
+            ));
+            tracing::info!(backend = "kubernetes", namespace = %store.namespace, "fleet state: revocations are shared through RevocationBatch objects");
+            Some(FleetState::start(
+                backend,
+                clock.clone(),
+                store.batch_window,
+                metrics,
+                shutdown.clone(),
+            ))
+        }
+    };
     let shared = Arc::new(Shared {
         attest_budget: crate::sync::Mutex::new(crate::rate_limit::TokenBucket::new(
             crate::rate_limit::Budget {
@@ -214,6 +277,8 @@ pub async fn start(
         authority,
         entries,
         kube,
+        fleet_state,
+        shutdown: shutdown.clone(),
         audit,
         clock,
         requests,
@@ -235,7 +300,6 @@ pub async fn start(
         addr: config.listen,
         source,
     })?;
-    let shutdown = CancellationToken::new();
 
     let admin_addr = match admin_listen {
         None => None,
@@ -321,6 +385,8 @@ pub async fn start(
         .route("/v1/sign", post(sign))
         .route("/v1/access-token", post(access_token))
         .route("/v1/bundle", get(bundle))
+        .route("/v1/revocations", post(revocations))
+        .route("/v1/stream", get(stream))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared.clone());
     tracing::info!(address = %addr, trust_domain = shared.td.as_str(), "tessera authority listening (mTLS)");
@@ -343,6 +409,7 @@ pub async fn start(
         },
     };
     let task = tokio::spawn(server.serve(shutdown.clone()));
+    stop_on_error.disarm();
     Ok(RunningAuthority {
         addr,
         admin_addr,
@@ -811,13 +878,85 @@ async fn access_token(
     Ok(Json(wire::AccessTokenResponse { token }))
 }
 
+/// The fleet's state, or why this replica has none.
+fn fleet_state(s: &Shared) -> Result<&Arc<FleetState>, ApiError> {
+    s.fleet_state.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "this authority keeps no fleet state ([server.store] is not set)".into(),
+        )
+    })
+}
+
+/// A node hands over what it revoked; answered once the store holds it.
+async fn revocations(
+    State(s): State<Arc<Shared>>,
+    Extension(peer): Extension<PeerNode>,
+    Json(req): Json<wire::RevocationsRequest>,
+) -> Result<Json<wire::RevocationsAccepted>, ApiError> {
+    let now = s.clock.now();
+    let node = require_node(&peer, now)?;
+    let state = fleet_state(&s)?;
+    let records = feed::admit(req.revocations, now, s.config.max_access_token_ttl).map_err(bad)?;
+    let stored = records.len();
+    if stored > 0 {
+        if let Err(e) = state.writer.revoke(records).await {
+            s.count("revocations", "error");
+            return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
+        }
+        s.count("revocations", "stored");
+        s.audit(json!({"event": "fleet.revocations", "node": node.name, "count": stored}))
+            .await;
+    }
+    Ok(Json(wire::RevocationsAccepted { stored }))
+}
+
+/// The `cursor` of `?cursor=N` (0 when absent).
+fn stream_cursor(uri: &axum::http::Uri) -> Result<u64, ApiError> {
+    let Some(value) = uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("cursor="))
+    else {
+        return Ok(0);
+    };
+    value
+        .parse()
+        .map_err(|_| bad("cursor must be the number the stream last sent"))
+}
+
+/// A node follows the fleet's revocations from its cursor on.
+async fn stream(
+    State(s): State<Arc<Shared>>,
+    Extension(peer): Extension<PeerNode>,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    require_node(&peer, s.clock.now())?;
+    let cursor = stream_cursor(&uri)?;
+    let not_after = peer
+        .0
+        .as_ref()
+        .map(|(_, t)| *t)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let state = fleet_state(&s)?;
+    Ok(feed::stream(
+        state.view.clone(),
+        cursor,
+        not_after,
+        s.clock.clone(),
+        s.shutdown.clone(),
+    ))
+}
+
 async fn bundle(State(s): State<Arc<Shared>>) -> Json<BundleDoc> {
     Json(bundle_doc(&s))
 }
 
 /// Ready while a CA can sign now and, with `[server.kubernetes]`, the
 /// Kubernetes API accepts the authority's token and RBAC lets it review
-/// tokens and list pods (without them every attestation would fail).
+/// tokens and list pods (without them every attestation would fail), and
+/// with `[server.store]` once the fleet's revocations are loaded.
 async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
     if s.authority
         .active_ca_expiry()
@@ -834,6 +973,17 @@ async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: server.kubernetes: {why}\n"),
+        );
+    }
+    if let Some(state) = &s.fleet_state
+        && !state.view.is_synced()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: server.store: the fleet's revocations are not loaded from {} yet\n",
+                state.backend
+            ),
         );
     }
     (StatusCode::OK, "ready\n".into())

@@ -101,6 +101,35 @@ pub struct AccessTokenResponse {
     pub token: String,
 }
 
+/// `POST /v1/revocations` (node SVID): revocations made on the node, to be
+/// made fleet-wide. Answered once the fleet's store holds them.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationsRequest {
+    pub revocations: Vec<crate::revocation::Record>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RevocationsAccepted {
+    /// How many were stored (expired ones are dropped, known ones merged).
+    pub stored: usize,
+}
+
+/// One line of `GET /v1/stream?cursor=N` (newline-delimited JSON): stored
+/// revocations after the node's cursor, the `synced` marker once everything
+/// the store held has been sent, and heartbeats while idle.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct StreamEvent {
+    /// The store's position after this event: the node resumes from it.
+    pub cursor: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revocations: Vec<crate::revocation::Record>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub synced: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub heartbeat: bool,
+}
+
 /// Error body of every non-2xx answer.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {

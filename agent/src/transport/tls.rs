@@ -40,7 +40,7 @@ where
     F: Fn(&rustls::ServerConnection) -> P + Send + Sync + 'static,
     P: Clone + Send + Sync + 'static,
 {
-    /// Serves until `shutdown`.
+    /// Serves until `shutdown`, then returns once its connections have closed.
     pub async fn serve(self, shutdown: CancellationToken) {
         let Self {
             listener,
@@ -53,7 +53,15 @@ where
         let slots = Arc::new(Semaphore::new(max_connections));
         loop {
             let tcp = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => {
+                    // Every connection ends on `shutdown`; wait until they
+                    // have (bounded by the handshake timeout), so whatever
+                    // they hold (an open file lock, say) is released when
+                    // this returns.
+                    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+                    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, slots.acquire_many(all)).await;
+                    return;
+                }
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, _)) => tcp,
                     Err(e) => {

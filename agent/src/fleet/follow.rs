@@ -1,0 +1,241 @@
+//! The node's side of fleet-wide revocation.
+//!
+//! * **Publishing.** Every revocation made here (already durable in the
+//!   node's own file) is handed to the authority (`POST /v1/revocations`,
+//!   batched for a few milliseconds) until a replica confirms the fleet's
+//!   store holds it; while none can, it is retried. After a restart the
+//!   node hands over again everything it revoked that is still live (the
+//!   store ignores what it already has).
+//! * **Following.** One stream (`GET /v1/stream`) to whichever replica
+//!   answers delivers every revocation of the fleet into this node's
+//!   [`RevocationStore`], in memory: the store keeps them durably, and a
+//!   restarted node gets them all again before it reports ready. The stream
+//!   resumes from the store's cursor on any replica.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::client::{Upstream, UpstreamError};
+use super::feed::HEARTBEAT;
+use super::wire::{RevocationsAccepted, RevocationsRequest, StreamEvent};
+use crate::metrics::Metrics;
+use crate::revocation::{Record, RevocationStore};
+
+/// Revocations gathered into one request at most.
+const MAX_PER_REQUEST: usize = 5_000;
+/// How long the publisher waits for more before sending.
+const GATHER: Duration = Duration::from_millis(10);
+/// Revocations kept while no replica takes them; beyond it the oldest are
+/// dropped from the queue (they stay in force on this node, and in its file).
+const MAX_QUEUED: usize = 200_000;
+
+/// Starts publishing and following; the receiver turns true once the first
+/// stream has delivered everything the store held.
+pub fn start(
+    up: Arc<Upstream>,
+    store: Arc<RevocationStore>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> watch::Receiver<bool> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let backlog = store.set_outbox(tx, up.now());
+    if !backlog.is_empty() {
+        tracing::info!(
+            revocations = backlog.len(),
+            "handing this node's live revocations to the fleet again"
+        );
+    }
+    let (synced_tx, synced_rx) = watch::channel(false);
+    up.set_revocations_synced(false);
+    tokio::spawn(publish(
+        up.clone(),
+        backlog,
+        rx,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(follow(up, store, synced_tx, metrics, shutdown));
+    synced_rx
+}
+
+async fn publish(
+    up: Arc<Upstream>,
+    mut pending: Vec<Record>,
+    mut rx: mpsc::UnboundedReceiver<Record>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(200);
+    let mut warned = false;
+    loop {
+        if pending.is_empty() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = rx.recv() => match r {
+                    Some(r) => pending.push(r),
+                    None => return,
+                },
+            }
+            let deadline = tokio::time::Instant::now() + GATHER;
+            while pending.len() < MAX_PER_REQUEST {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(r)) => pending.push(r),
+                    _ => break,
+                }
+            }
+        }
+        let n = pending.len().min(MAX_PER_REQUEST);
+        let request = RevocationsRequest {
+            revocations: pending[..n].to_vec(),
+        };
+        let sent: Result<RevocationsAccepted, _> =
+            up.call("/v1/revocations", Some(&request), true).await;
+        match sent {
+            Ok(_) => {
+                metrics.fleet_revocations_published.inc_by(n as u64);
+                pending.drain(..n);
+                backoff = Duration::from_millis(200);
+                if warned {
+                    tracing::info!("revocations reach the fleet again");
+                    warned = false;
+                }
+                continue;
+            }
+            // No fleet state on this authority (404), or records it will
+            // never take (400): they hold on this node only; retrying
+            // cannot change the answer.
+            Err(UpstreamError::Refused {
+                status: status @ (400 | 404),
+                message,
+            }) => {
+                if status == 404 {
+                    tracing::debug!(
+                        dropped = n,
+                        "the authority keeps no fleet state; revocations hold on this node only"
+                    );
+                } else {
+                    tracing::error!(dropped = n, error = %message, "the authority refused revocations made here; they hold on this node only");
+                }
+                pending.drain(..n);
+                continue;
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e, queued = pending.len(), "revocations made here have not reached the fleet yet; retrying (they are in force on this node)");
+                    warned = true;
+                }
+                let wait = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                while let Ok(r) = rx.try_recv() {
+                    pending.push(r);
+                }
+                if pending.len() > MAX_QUEUED {
+                    let drop = pending.len() - MAX_QUEUED;
+                    tracing::error!(
+                        dropped = drop,
+                        "too many revocations waiting for the fleet; the oldest will only hold on this node"
+                    );
+                    pending.drain(..drop);
+                }
+            }
+        }
+    }
+}
+
+async fn follow(
+    up: Arc<Upstream>,
+    store: Arc<RevocationStore>,
+    synced: watch::Sender<bool>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut cursor = 0u64;
+    let mut backoff = Duration::from_millis(200);
+    let mut warned = false;
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let opened = up.open_stream(&format!("/v1/stream?cursor={cursor}")).await;
+        let mut stream = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                let wait = match &e {
+                    UpstreamError::Refused { status: 404, .. } => {
+                        if !warned {
+                            tracing::warn!(
+                                "the fleet authority keeps no fleet state ([server.store] is not set): revocations on other nodes are not seen here"
+                            );
+                        }
+                        // Nothing to wait for: report ready without it.
+                        up.set_revocations_synced(true);
+                        synced.send_replace(true);
+                        Duration::from_secs(60)
+                    }
+                    _ => {
+                        if !warned {
+                            tracing::warn!(error = %e, "cannot follow the fleet's revocations; retrying");
+                        }
+                        backoff
+                    }
+                };
+                warned = true;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+        };
+        if warned {
+            tracing::info!("following the fleet's revocations again");
+            warned = false;
+        }
+        backoff = Duration::from_millis(200);
+        metrics.fleet_stream_connected.set(1);
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = tokio::time::timeout(HEARTBEAT * 3, stream.next::<StreamEvent>()) => n,
+            };
+            let event = match next {
+                Ok(Some(Ok(event))) => event,
+                Ok(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "the fleet stream broke; reconnecting");
+                    break;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::debug!("the fleet stream went silent; reconnecting");
+                    break;
+                }
+            };
+            if !event.revocations.is_empty() {
+                let applied = store.apply_remote(&event.revocations, up.now());
+                metrics
+                    .fleet_revocations_received
+                    .inc_by(event.revocations.len() as u64);
+                tracing::debug!(
+                    received = event.revocations.len(),
+                    applied,
+                    "fleet revocations"
+                );
+            }
+            cursor = cursor.max(event.cursor);
+            if event.synced && !*synced.borrow() {
+                tracing::info!(revocations = store.len(), "fleet revocations loaded");
+                up.set_revocations_synced(true);
+                synced.send_replace(true);
+            }
+        }
+        metrics.fleet_stream_connected.set(0);
+    }
+}
