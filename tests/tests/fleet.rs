@@ -1021,7 +1021,7 @@ async fn until_everywhere(
 /// revocations per second), and what that load costs the API server, as
 /// counted by the API server itself (`apiserver_request_total`).
 ///
-/// `cargo test --release -p tessera-tests --test fleet -- --ignored --nocapture fleet_revocation_bench`
+/// `cargo test -p tessera-tests --test fleet -- --ignored --nocapture fleet_revocation_bench`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark (figures in BENCHMARKS.md); run with --ignored"]
 async fn fleet_revocation_bench() {
