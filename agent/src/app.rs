@@ -238,7 +238,15 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let limits = http_limits(&config);
 
     let mut extra_sockets = Vec::new();
-    let exchange = match &config.exchange {
+    let exchange_config = config.exchange.clone().map(|mut x| {
+        if let Some(bound) = &https
+            && x.issuer_follows_https
+        {
+            x.issuer = bound.issuer.clone();
+        }
+        x
+    });
+    let exchange = match &exchange_config {
         None => None,
         Some(x) => {
             let exchange = Arc::new(build_exchange(
@@ -283,9 +291,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                 bound,
                 local_authority,
                 trust,
-                exchange
-                    .clone()
-                    .map(|x| -> crate::https::TokenKeys { Arc::new(move || x.jwks()) }),
+                exchange.clone().map(|x| crate::https::TokenService {
+                    routes: crate::exchange::remote::router(x.clone(), config.caller_budget),
+                    keys: Arc::new(move || x.jwks()),
+                }),
                 clock.clone(),
                 shutdown.clone(),
             )?;

@@ -623,14 +623,25 @@ impl Config {
             Some(_) => None,
         };
         let exchange = match &raw.exchange {
-            Some(x) if x.enabled.unwrap_or(true) => Some(Self::exchange_config(
-                &cx,
-                x,
-                &trust_domain,
-                &socket_path,
-                &data_dir,
-                &mut warnings,
-            )?),
+            Some(x) if x.enabled.unwrap_or(true) => {
+                let mut exchange = Self::exchange_config(
+                    &cx,
+                    x,
+                    &trust_domain,
+                    &socket_path,
+                    &data_dir,
+                    &mut warnings,
+                )?;
+                // With an HTTPS face, the token service is under its issuer
+                // URL (set once the listener is bound, for port 0).
+                exchange.issuer_follows_https = https.is_some() && x.issuer.is_none();
+                if let Some(issuer) = https.as_ref().and_then(|h| h.issuer.clone())
+                    && exchange.issuer_follows_https
+                {
+                    exchange.issuer = issuer;
+                }
+                Some(exchange)
+            }
             _ => None,
         };
         let upstream = match &raw.upstream {
@@ -1057,6 +1068,7 @@ impl Config {
                 Duration::from_secs(2),
             )?,
             issuer,
+            issuer_follows_https: false,
             max_ttl,
             default_ttl: default_ttl.min(max_ttl),
             audit_anchor: x
@@ -1313,6 +1325,16 @@ when {{ principal.selectors.contains("unix:uid:{uid}") }};
 @bearer
 permit(principal, action == Tessera::Action::"demo:write", resource == Tessera::Audience::"demo")
 when {{ principal.selectors.contains("unix:uid:{uid}") }};
+
+// Over the HTTPS face (an OAuth client such as an MCP SDK) no process is
+// attested: the JWT-SVID alone names the principal (this agent gives IDs
+// only to your uid), and with no client certificate to bind to, the token
+// is a bearer token.
+@id("dev-demo-read-over-https")
+@max_ttl("5m")
+@bearer
+permit(principal, action == Tessera::Action::"demo:read", resource == Tessera::Audience::"demo")
+when {{ principal.path like "/user/*" && !principal.selectors.contains("unix:uid:{uid}") }};
 "#
     )
 }

@@ -25,14 +25,18 @@
 //! approvals socket in [`operator`].
 
 pub mod approvals;
+pub mod client;
 pub mod config;
 pub mod oauth;
 pub mod operator;
 pub mod policy;
+pub mod remote;
+pub mod replay;
 pub mod request;
 pub mod server;
 pub mod tasks;
 
+pub use client::{Caller, ClientCertificate, RemoteCaller};
 pub use config::ExchangeConfig;
 
 use std::sync::Arc;
@@ -41,7 +45,6 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use serde_json::{Map, Value, json};
-use tessera_attestor::AttestedPeer;
 
 use crate::audit::{AuditLog, sha256_hex};
 use crate::clock::{Clock, unix_seconds};
@@ -54,26 +57,25 @@ use policy::{PolicyRequest, PolicyStore};
 use tasks::{EndKind, TaskLedger};
 
 use approvals::{ApprovalBook, ApprovalRequest, Poll};
+use client::Holder;
 use oauth::{ErrorCode, OAuthError};
+use replay::{ReplayLedger, Use};
 use request::{TOKEN_TYPE_ACCESS_TOKEN, Target, TokenRequest};
 
-/// An attested caller of the exchange socket and the identities its entries give it.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub peer: Arc<AttestedPeer>,
-    pub identities: Vec<Identity>,
+/// The client of one token request, as its credential proved it: its
+/// SPIFFE ID, and what a token for it can be bound to.
+struct Client<'c> {
+    id: String,
+    proof: Proof<'c>,
 }
 
-impl Caller {
-    fn selectors(&self) -> Vec<String> {
-        self.peer.selectors.iter().map(|s| s.to_string()).collect()
-    }
-
-    fn identity(&self, id: &str) -> Option<&Identity> {
-        self.identities
-            .iter()
-            .find(|i| i.spiffe_id.to_string() == id)
-    }
+enum Proof<'c> {
+    /// An attested local process holding this identity: bound to its
+    /// current X509-SVID.
+    Local(&'c Identity),
+    /// A remote client: bound to its TLS client certificate, if it
+    /// presented one.
+    Remote(Option<Arc<ClientCertificate>>),
 }
 
 /// A successful exchange (RFC 8693 §2.2.1).
@@ -114,10 +116,20 @@ struct ParentToken {
 struct Chain {
     principal: String,
     task_id: String,
+    /// No task was named: the token is its own task, named by its `jti`.
+    own_task: bool,
     depth: u32,
     /// The delegating token's `client_id`.
     delegator: Option<String>,
     parent: Option<ParentToken>,
+}
+
+impl Chain {
+    /// The task the request named; `""` for a token that is its own task
+    /// (whose id is new at every request, so an approval cannot bind it).
+    fn named_task(&self) -> &str {
+        if self.own_task { "" } else { &self.task_id }
+    }
 }
 
 /// What policy permits.
@@ -184,6 +196,8 @@ pub struct Exchange {
     audit_budget: crate::rate_limit::RateLimiter<String>,
     /// Records left out per principal since the last summary.
     suppressed: Mutex<std::collections::HashMap<String, u64>>,
+    /// Assertions already presented over HTTPS.
+    replays: ReplayLedger,
 }
 
 /// Bound on remembered subject tokens (a few hundred bytes each).
@@ -225,7 +239,32 @@ impl Exchange {
             metrics,
             subjects: Default::default(),
             last_policy_error: Default::default(),
+            replays: ReplayLedger::default(),
         }
+    }
+
+    /// The token endpoint's URL under an `https://` issuer (the HTTPS face
+    /// serves it), else the URL a Unix-socket HTTP client uses.
+    pub fn token_endpoint(&self) -> String {
+        self.endpoint(crate::identity::svid::TOKEN_ENDPOINT_PATH)
+    }
+
+    fn endpoint(&self, path: &str) -> String {
+        if self.config.issuer.starts_with("https://") {
+            format!("{}{path}", self.config.issuer)
+        } else {
+            format!("http://localhost{path}")
+        }
+    }
+
+    /// What a JWT-SVID presented to the exchange must have in `aud`: the
+    /// issuer, or the token endpoint's URL (RFC 7523 §3 allows either).
+    fn audiences(&self) -> Vec<String> {
+        let mut aud = vec![self.config.issuer.clone()];
+        if self.config.issuer.starts_with("https://") {
+            aud.push(self.token_endpoint());
+        }
+        aud
     }
 
     fn now(&self) -> SystemTime {
@@ -241,7 +280,8 @@ impl Exchange {
         let started = tokio::time::Instant::now();
         let mut record = Map::new();
         record.insert("event".into(), "token.exchange".into());
-        record.insert("caller".into(), caller_json(caller));
+        record.insert("grant_type".into(), req.grant.as_str().into());
+        record.insert("caller".into(), caller.audit_json());
         record.insert(
             "requested".into(),
             json!({
@@ -275,7 +315,12 @@ impl Exchange {
         // The token is released only once its record is durable: an
         // unaudited token must not exist. A request that changed nothing is
         // audited within its principal's budget, and counted beyond it.
-        let audited = if outcome.is_ok() || self.may_audit_unchanged(caller) {
+        // A remote client counts against the identity it proved, if any.
+        let budget = match record.get("subject").and_then(Value::as_str) {
+            Some(subject) if caller.is_remote() => subject.to_string(),
+            _ => caller.budget_key(),
+        };
+        let audited = if outcome.is_ok() || self.may_audit_unchanged(budget) {
             self.audit.append(record).await.map(|_| ())
         } else {
             Ok(())
@@ -308,9 +353,13 @@ impl Exchange {
     ) -> Result<TokenResponse, OAuthError> {
         let now = self.now();
         let now_s = unix_seconds(now);
-        let (caller_id, identity) = self.authenticate(caller, req, now_s, record)?;
-        let chain = self.delegation_chain(req, &caller_id, now_s, record)?;
-        if self.is_task_ended(&chain.principal, &chain.task_id, now) {
+        let client = self.authenticate(caller, req, now_s, record)?;
+        let caller_id = client.id.clone();
+        // The token's id, known now: a token asked for without a task is
+        // its own task, named by it.
+        let jti = jws::random_kid();
+        let chain = self.delegation_chain(req, &caller_id, &jti, now_s, record)?;
+        if !chain.own_task && self.is_task_ended(&chain.principal, &chain.task_id, now) {
             return Err(OAuthError::invalid_request(format!(
                 "task {:?} has ended; start a new task",
                 chain.task_id
@@ -323,7 +372,7 @@ impl Exchange {
                 &caller_id,
                 &chain.principal,
                 req,
-                &chain.task_id,
+                chain.named_task(),
                 chain.parent.as_ref(),
             )
         };
@@ -360,8 +409,8 @@ impl Exchange {
             }
             None => {}
         }
-        let (bound_by, ttl, svid) = self
-            .lifetime(identity, requested_ttl, &grant, &chain, now)
+        let (bound_by, ttl, holder) = self
+            .lifetime(&client.proof, requested_ttl, &grant, &chain, now)
             .await?;
         if let Some((id, fp)) = &approval
             && !self.approvals.redeem(id, fp, now)
@@ -374,35 +423,63 @@ impl Exchange {
             chain,
             grant,
             (bound_by, ttl),
-            &svid,
+            holder.as_ref(),
+            jti,
             now_s,
             record,
         )
         .await
     }
 
-    /// Stage 2: The subject token authenticates the caller a second time: it must
-    /// name one of the calling process's identities.
+    /// Stage 2: the caller's JWT-SVID (whatever parameter carries it)
+    /// authenticates the client. A local caller is attested already: the
+    /// token must name one of its identities. A remote caller is known only
+    /// by it: the token is accepted once (`jti`), must not come from another
+    /// issuer, and must name the TLS client certificate's identity if there
+    /// is one.
     fn authenticate<'c>(
         &self,
         caller: &'c Caller,
         req: &TokenRequest,
         now_s: u64,
         record: &mut Map<String, Value>,
-    ) -> Result<(String, &'c Identity), OAuthError> {
-        let param = if req.delegating_token.is_some() {
-            "actor_token"
-        } else {
-            "subject_token"
+    ) -> Result<Client<'c>, OAuthError> {
+        let param = req.grant.svid_param(req.delegating_token.is_some());
+        let refuse = |why: String| req.grant.credential_error(why);
+        let id = match caller {
+            Caller::Local { .. } => self.validate_svid(&req.svid, now_s).map_err(|e| {
+                refuse(format!(
+                    "{param} is not a valid JWT-SVID for {}: {e}",
+                    self.audiences().join(" or ")
+                ))
+            })?,
+            Caller::Remote(_) => self.validate_remote_svid(req, param, now_s)?,
         };
-        let caller_id = self.validate_svid(&req.svid, param, now_s)?;
-        record.insert("subject".into(), caller_id.clone().into());
-        let identity = caller.identity(&caller_id).ok_or_else(|| {
-            OAuthError::invalid_request(format!(
-                "{param} names {caller_id}, which is not an identity of the calling process"
-            ))
-        })?;
-        Ok((caller_id, identity))
+        record.insert("subject".into(), id.clone().into());
+        if let Some(client_id) = &req.client_id
+            && *client_id != id
+        {
+            return Err(refuse(format!(
+                "client_id {client_id} is not the subject of {param} ({id})"
+            )));
+        }
+        let proof = match caller {
+            Caller::Local { .. } => Proof::Local(caller.local_identity(&id).ok_or_else(|| {
+                refuse(format!(
+                    "{param} names {id}, which is not an identity of the calling process"
+                ))
+            })?),
+            Caller::Remote(remote) => match &remote.certificate {
+                Some(cert) if cert.spiffe_id != id => {
+                    return Err(refuse(format!(
+                        "{param} names {id}, but the TLS client certificate is {}'s",
+                        cert.spiffe_id
+                    )));
+                }
+                cert => Proof::Remote(cert.clone()),
+            },
+        };
+        Ok(Client { id, proof })
     }
 
     /// Stage 3: Delegation: the parent token bounds everything.
@@ -410,6 +487,7 @@ impl Exchange {
         &self,
         req: &TokenRequest,
         caller_id: &str,
+        jti: &str,
         now_s: u64,
         record: &mut Map<String, Value>,
     ) -> Result<Chain, OAuthError> {
@@ -419,14 +497,14 @@ impl Exchange {
         };
         let chain = match parent {
             None => {
-                let task = req.task_id.clone().ok_or_else(|| {
-                    OAuthError::invalid_request(
-                        "task_id is required: every token belongs to a task that can be ended",
-                    )
-                })?;
+                let (task_id, own_task) = match &req.task_id {
+                    Some(task) => (task.clone(), false),
+                    None => (jti.to_string(), true),
+                };
                 Chain {
                     principal: caller_id.to_string(),
-                    task_id: task,
+                    task_id,
+                    own_task,
                     depth: 0,
                     delegator: None,
                     parent: None,
@@ -485,6 +563,7 @@ impl Exchange {
                 Chain {
                     principal: p.sub.clone(),
                     task_id: p.txn.clone(),
+                    own_task: false,
                     depth,
                     delegator: Some(p.client_id.clone()),
                     parent: Some(p),
@@ -684,25 +763,39 @@ impl Exchange {
     /// the caller's X509-SVID, whose certificate the token is bound to.
     async fn lifetime(
         &self,
-        identity: &Identity,
+        proof: &Proof<'_>,
         requested_ttl: Duration,
         grant: &Grant,
         chain: &Chain,
         now: SystemTime,
-    ) -> Result<(&'static str, u64, Arc<crate::identity::X509Svid>), OAuthError> {
-        let svid = self
-            .cache
-            .subscribe(&identity.spiffe_id, identity.x509_ttl)
-            .await
-            .map_err(|e| {
-                OAuthError::new(
-                    ErrorCode::ServerError,
-                    format!("could not get the caller's X509-SVID: {e}"),
-                )
-            })?
-            .borrow()
-            .clone()
-            .ok_or_else(|| OAuthError::new(ErrorCode::ServerError, "no X509-SVID for caller"))?;
+    ) -> Result<(&'static str, u64, Option<Holder>), OAuthError> {
+        let holder = match proof {
+            Proof::Local(identity) => Some(Holder::Svid(
+                self.cache
+                    .subscribe(&identity.spiffe_id, identity.x509_ttl)
+                    .await
+                    .map_err(|e| {
+                        OAuthError::new(
+                            ErrorCode::ServerError,
+                            format!("could not get the caller's X509-SVID: {e}"),
+                        )
+                    })?
+                    .borrow()
+                    .clone()
+                    .ok_or_else(|| {
+                        OAuthError::new(ErrorCode::ServerError, "no X509-SVID for caller")
+                    })?,
+            )),
+            Proof::Remote(cert) => cert.clone().map(Holder::Certificate),
+        };
+        // The binding rule holds whatever the grant: a scope policy did not
+        // mark `@bearer` is issued only bound to a certificate.
+        if holder.is_none() && !grant.bearer {
+            return Err(OAuthError::new(
+                ErrorCode::AccessDenied,
+                "policy binds these scopes to the client's certificate (RFC 8705) and none was presented: connect with your X509-SVID as TLS client certificate, or ask for scopes policy marks @bearer",
+            ));
+        }
         let key_not_after = self
             .signer
             .access_token_not_after()
@@ -710,9 +803,11 @@ impl Exchange {
         let mut limits: Vec<(&'static str, u64)> = vec![
             ("requested", requested_ttl.as_secs()),
             ("max_ttl", self.config.max_ttl.as_secs()),
-            ("caller certificate", secs_until(svid.not_after, now)),
             ("signing key", secs_until(key_not_after, now)),
         ];
+        if let Some(h) = &holder {
+            limits.push(("caller certificate", secs_until(h.not_after(), now)));
+        }
         if let Some(t) = grant.policy_ttl {
             limits.push(("policy", t.as_secs()));
         }
@@ -732,7 +827,7 @@ impl Exchange {
                 "no lifetime left for a token (bounded by the {bound_by})"
             )));
         }
-        Ok((bound_by, ttl, svid))
+        Ok((bound_by, ttl, holder))
     }
 
     /// Stage 7: Sign: the claims of RFC 9068 plus `txn` (the task), `cnf` (the
@@ -745,11 +840,11 @@ impl Exchange {
         chain: Chain,
         grant: Grant,
         (bound_by, ttl): (&'static str, u64),
-        svid: &crate::identity::X509Svid,
+        holder: Option<&Holder>,
+        jti: String,
         now_s: u64,
         record: &mut Map<String, Value>,
     ) -> Result<TokenResponse, OAuthError> {
-        let jti = jws::random_kid();
         let exp = now_s + ttl;
         let mut claims = json!({
             "iss": self.config.issuer,
@@ -765,8 +860,10 @@ impl Exchange {
         });
         // Bound to the caller's certificate (RFC 8705) unless policy made
         // every granted scope a bearer scope; the token says which it is.
-        if !grant.bearer {
-            claims["cnf"] = json!({"x5t#S256": B64URL.encode(ring::digest::digest(&ring::digest::SHA256, leaf_der(&svid.chain_der)))});
+        if !grant.bearer
+            && let Some(holder) = holder
+        {
+            claims["cnf"] = json!({"x5t#S256": B64URL.encode(ring::digest::digest(&ring::digest::SHA256, holder.leaf_der()))});
         }
         if let Some(p) = &chain.parent {
             let mut act = Map::new();
@@ -822,7 +919,7 @@ impl Exchange {
         })
     }
 
-    /// Validates the caller's JWT-SVID (sent as `param`) and returns its SPIFFE ID.
+    /// Validates a local caller's JWT-SVID and returns its SPIFFE ID.
     ///
     /// Workloads reuse one JWT-SVID for many exchanges (the Workload API
     /// caches them), and the ECDSA verification is the largest cost of an
@@ -831,7 +928,7 @@ impl Exchange {
     /// validation, and the key that signed it stays published until after
     /// every token it signed has expired, so the cache cannot accept anything
     /// a fresh validation would refuse.
-    fn validate_svid(&self, token: &str, param: &str, now_s: u64) -> Result<String, OAuthError> {
+    fn validate_svid(&self, token: &str, now_s: u64) -> Result<String, jws::JwtError> {
         {
             let cache = self.subjects.lock();
             if let Some((id, exp)) = cache.get(token)
@@ -840,15 +937,9 @@ impl Exchange {
                 return Ok(id.clone());
             }
         }
-        let (id, claims) = self
-            .trust
-            .validate_jwt(token, &self.config.issuer)
-            .map_err(|e| {
-                OAuthError::invalid_request(format!(
-                    "{param} is not a valid JWT-SVID for audience {:?}: {e}",
-                    self.config.issuer
-                ))
-            })?;
+        let audiences = self.audiences();
+        let audiences: Vec<&str> = audiences.iter().map(String::as_str).collect();
+        let (id, claims) = self.trust.validate_jwt_for(token, &audiences)?;
         let id = id.to_string();
         if let Some(exp) = claims.get("exp").and_then(Value::as_u64) {
             let mut cache = self.subjects.lock();
@@ -861,6 +952,47 @@ impl Exchange {
             cache.insert(token.to_string(), (id.clone(), exp));
         }
         Ok(id)
+    }
+
+    /// Validates a remote client's JWT-SVID, its only credential: fully
+    /// every time (nothing is remembered but its `jti`), and once.
+    fn validate_remote_svid(
+        &self,
+        req: &TokenRequest,
+        param: &str,
+        now_s: u64,
+    ) -> Result<String, OAuthError> {
+        let refuse = |why: String| req.grant.credential_error(format!("{param} {why}"));
+        let audiences = self.audiences();
+        let aud: Vec<&str> = audiences.iter().map(String::as_str).collect();
+        let (id, claims) = self.trust.validate_jwt_for(&req.svid, &aud).map_err(|e| {
+            refuse(format!(
+                "is not a valid JWT-SVID for {}: {e}",
+                audiences.join(" or ")
+            ))
+        })?;
+        let id = id.to_string();
+        let jti = claims
+            .get("jti")
+            .and_then(Value::as_str)
+            .filter(|j| !j.is_empty() && j.len() <= 256)
+            .ok_or_else(|| {
+                refuse("has no jti: over HTTPS a JWT-SVID is accepted once, by its jti".into())
+            })?;
+        let exp = claims.get("exp").and_then(Value::as_u64).unwrap_or(now_s);
+        match self.replays.first_use(&id, jti, exp, now_s) {
+            Use::First => Ok(id),
+            Use::Replayed => {
+                self.metrics.assertion_replays.inc();
+                Err(refuse(format!(
+                    "was already used (jti {jti}): fetch a new JWT-SVID for every request"
+                )))
+            }
+            Use::Full => Err(OAuthError::new(
+                ErrorCode::TemporarilyUnavailable,
+                "too many live assertions to check this one for replay; try again later",
+            )),
+        }
     }
 
     fn pending(&self, id: &str) -> OAuthError {
@@ -974,7 +1106,7 @@ impl Exchange {
                     claims
                         .get(*k)
                         .and_then(Value::as_str)
-                        .is_some_and(|id| caller.identity(id).is_some())
+                        .is_some_and(|id| caller.holds(id))
                 });
                 let mut out = Map::new();
                 out.insert("active".into(), true.into());
@@ -1010,12 +1142,10 @@ impl Exchange {
             text("jti").to_string(),
             c.get("exp").and_then(Value::as_u64).unwrap_or(0),
         );
-        let allowed = caller.identities.iter().any(|i| {
-            i.spiffe_id.to_string() == text("client_id") || i.spiffe_id.to_string() == text("sub")
-        });
+        let allowed = caller.holds(text("client_id")) || caller.holds(text("sub"));
         let mut record = Map::new();
         record.insert("event".into(), "token.revoke".into());
-        record.insert("caller".into(), caller_json(caller));
+        record.insert("caller".into(), caller.audit_json());
         record.insert("jti".into(), jti.clone().into());
         record.insert("task_id".into(), text("txn").into());
         record.insert("token_sha256".into(), sha256_hex(token.as_bytes()).into());
@@ -1047,8 +1177,7 @@ impl Exchange {
         let now_s = unix_seconds(now);
         // Any token of this task expires within max_ttl from now.
         let until = now + self.config.max_ttl + TASK_END_SLACK;
-        for identity in &caller.identities {
-            let principal = identity.spiffe_id.to_string();
+        for principal in caller.ids() {
             let key = task_key(&principal, task_id);
             // Durable only when a token of the task may be live: ending
             // random task ids must not fill the disk ([`tasks`]).
@@ -1067,12 +1196,12 @@ impl Exchange {
             self.approvals.cancel_task(&principal, task_id);
             let mut record = Map::new();
             record.insert("event".into(), "task.end".into());
-            record.insert("caller".into(), caller_json(caller));
-            record.insert("principal".into(), principal.into());
+            record.insert("caller".into(), caller.audit_json());
+            record.insert("principal".into(), principal.clone().into());
             record.insert("task_id".into(), task_id.into());
             record.insert("decision".into(), "ended".into());
             record.insert("durable".into(), (kind == EndKind::Durable).into());
-            if kind == EndKind::Durable || self.may_audit_unchanged(caller) {
+            if kind == EndKind::Durable || self.may_audit_unchanged(caller.budget_key()) {
                 self.audit_best_effort(record).await;
             }
         }
@@ -1095,12 +1224,7 @@ impl Exchange {
     /// counted, and the count written as one `audit.suppressed` record by
     /// [`Exchange::run_maintenance`], so a flooding workload costs one record
     /// per round instead of one fsync per request.
-    fn may_audit_unchanged(&self, caller: &Caller) -> bool {
-        let principal = caller
-            .identities
-            .first()
-            .map(|i| i.spiffe_id.to_string())
-            .unwrap_or_default();
+    fn may_audit_unchanged(&self, principal: String) -> bool {
         if self.audit_budget.allow(principal.clone()) {
             return true;
         }
@@ -1157,19 +1281,40 @@ impl Exchange {
         }
     }
 
-    /// RFC 8414 metadata. The endpoints are on a Unix socket, so their URLs
-    /// use the `http://localhost` authority a UDS HTTP client sends.
-    pub fn metadata(&self) -> Value {
+    /// RFC 8414 metadata, with the fields the MCP SDKs' schemas require
+    /// (`authorization_endpoint`, `response_types_supported`). Over HTTPS
+    /// the endpoints are under the issuer URL; on the Unix socket they use
+    /// the `http://localhost` authority a UDS HTTP client sends.
+    pub fn metadata(&self, over_https: bool) -> Value {
+        let url = |path: &str| {
+            if over_https {
+                format!("{}{path}", self.config.issuer)
+            } else {
+                format!("http://localhost{path}")
+            }
+        };
         json!({
             "issuer": self.config.issuer,
-            "token_endpoint": "http://localhost/token",
-            "revocation_endpoint": "http://localhost/revoke",
-            "introspection_endpoint": "http://localhost/introspect",
-            "jwks_uri": "http://localhost/jwks",
-            "grant_types_supported": [request::GRANT_TOKEN_EXCHANGE],
-            "token_endpoint_auth_methods_supported": ["none"],
-            "token_endpoint_auth_signing_alg_values_supported": ["ES256"],
+            "authorization_endpoint": url("/authorize"),
+            "token_endpoint": url("/token"),
+            "revocation_endpoint": url("/revoke"),
+            "introspection_endpoint": url("/introspect"),
+            "jwks_uri": if over_https { url("/token-keys") } else { url("/jwks") },
             "response_types_supported": [],
+            "grant_types_supported": [
+                request::GRANT_CLIENT_CREDENTIALS,
+                request::GRANT_JWT_BEARER,
+                request::GRANT_TOKEN_EXCHANGE,
+            ],
+            // client_credentials authenticates with a JWT-SVID assertion;
+            // the jwt-bearer and token-exchange grants carry theirs in the
+            // grant, so need no client authentication.
+            "token_endpoint_auth_methods_supported": ["private_key_jwt", "none"],
+            "token_endpoint_auth_signing_alg_values_supported": ["ES256"],
+            "client_assertion_types_supported": [
+                request::CLIENT_ASSERTION_JWT_BEARER,
+                request::CLIENT_ASSERTION_JWT_SPIFFE,
+            ],
             "tls_client_certificate_bound_access_tokens": true,
             "subject_token_types_supported": [request::TOKEN_TYPE_JWT, TOKEN_TYPE_ACCESS_TOKEN],
             "actor_token_types_supported": [request::TOKEN_TYPE_JWT],
@@ -1315,24 +1460,8 @@ fn act_depth(act: Option<&Value>) -> u32 {
     depth
 }
 
-/// The first certificate of a DER chain (RFC 8705 thumbprints the leaf only).
-fn leaf_der(chain: &[u8]) -> &[u8] {
-    match x509_parser::parse_x509_certificate(chain) {
-        Ok((rest, _)) => &chain[..chain.len() - rest.len()],
-        Err(_) => chain,
-    }
-}
-
 fn secs_until(t: SystemTime, now: SystemTime) -> u64 {
     t.duration_since(now).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-fn caller_json(caller: &Caller) -> Value {
-    json!({
-        "pid": caller.peer.process.pid,
-        "spiffe_ids": caller.identities.iter().map(|i| i.spiffe_id.to_string()).collect::<Vec<_>>(),
-        "selectors": caller.selectors(),
-    })
 }
 
 #[cfg(test)]

@@ -236,6 +236,13 @@ impl Source {
 /// each other: the wiring passes it in).
 pub type TokenKeys = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
+/// The token service under the issuer URL, when the exchange is on: its
+/// routes (token endpoint, RFC 8414 metadata) and its keys.
+pub struct TokenService {
+    pub routes: Router,
+    pub keys: TokenKeys,
+}
+
 /// Everything the routes read.
 #[derive(Clone)]
 struct Face {
@@ -250,7 +257,7 @@ pub fn serve(
     bound: Bound,
     authority: Option<Arc<LocalAuthority>>,
     trust: Arc<TrustStore>,
-    token_keys: Option<TokenKeys>,
+    token_service: Option<TokenService>,
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, HttpsError> {
@@ -309,23 +316,30 @@ pub fn serve(
             }
         });
     }
+    let (token_keys, token_routes) = match token_service {
+        Some(t) => (Some(t.keys), Some(t.routes)),
+        None => (None, None),
+    };
     let face = Face {
         issuer: bound.issuer.clone(),
         trust,
         token_keys,
     };
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/.well-known/openid-configuration", get(discovery))
         .route("/keys", get(keys))
         .route("/token-keys", get(token_jwks))
         .with_state(face);
+    if let Some(routes) = token_routes {
+        app = app.merge(routes);
+    }
     tracing::info!(address = %bound.addr, issuer = %bound.issuer, "HTTPS face listening");
     let server = crate::transport::tls::TlsServer {
         listener: bound.listener,
         config: tls,
         app,
         max_connections: config.max_connections,
-        peer: |_: &rustls::ServerConnection| (),
+        peer: crate::transport::tls::PeerCertificate::of,
     };
     Ok(tokio::spawn(server.serve(shutdown)))
 }
@@ -336,15 +350,23 @@ fn cacheable(body: serde_json::Value) -> Response {
 
 /// OpenID Provider metadata (OpenID Connect Discovery 1.0 §3), the fields
 /// SPIRE's discovery provider serves and that relying parties require.
+/// With the token service on, it also names the token endpoint and the
+/// (non-interactive) authorization endpoint, so OAuth clients that discover
+/// by OpenID find it too.
 async fn discovery(State(f): State<Face>) -> Response {
-    cacheable(json!({
+    let mut doc = json!({
         "issuer": f.issuer,
         "jwks_uri": format!("{}/keys", f.issuer),
         "authorization_endpoint": "",
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["ES256"],
-    }))
+    });
+    if f.token_keys.is_some() {
+        doc["authorization_endpoint"] = format!("{}/authorize", f.issuer).into();
+        doc["token_endpoint"] = format!("{}/token", f.issuer).into();
+    }
+    cacheable(doc)
 }
 
 async fn keys(State(f): State<Face>) -> Response {

@@ -48,6 +48,8 @@ pub struct Metrics {
     /// Denials and other records that change nothing, left out because
     /// their principal exceeded its audit budget (summarised instead).
     pub audit_records_suppressed: Counter,
+    /// JWT-SVIDs presented over HTTPS a second time (refused).
+    pub assertion_replays: Counter,
     /// Task ends kept in memory only (no token of the task could be live,
     /// or the principal used up its durable share after a restart).
     pub task_ends_in_memory: Counter,
@@ -195,6 +197,12 @@ impl Metrics {
             "Denial records a principal sent beyond exchange.denial_records_per_minute (counted in audit.suppressed summaries)",
             audit_records_suppressed.clone(),
         );
+        let assertion_replays = Counter::default();
+        registry.register(
+            "token_assertion_replays",
+            "JWT-SVIDs presented to the HTTPS token endpoint a second time (refused)",
+            assertion_replays.clone(),
+        );
         let task_ends_in_memory = Counter::default();
         registry.register(
             "task_ends_in_memory",
@@ -273,6 +281,7 @@ impl Metrics {
             policies_loaded,
             audit_write_errors,
             audit_records_suppressed,
+            assertion_replays,
             task_ends_in_memory,
             approvals_pending,
             rpcs,

@@ -391,15 +391,17 @@ async fn denials_partial_scopes_forbid_and_ttl_clamping() {
     let (_, r) = s.exchange(&export("3600")).await;
     assert_eq!(r["expires_in"], 600, "{r}");
 
-    // Malformed requests name the problem with the OAuth code.
-    let (status, e) = s
+    // A request naming no task gets a token that is its own task: `txn`
+    // and the answered `task_id` are its `jti`.
+    let (status, r) = s
         .exchange(&[("resource", MCP), ("scope", "notes:read")])
         .await;
-    assert_eq!(
-        (status, e["error"].as_str()),
-        (400, Some("invalid_request"))
-    );
-    assert!(e["error_description"].as_str().unwrap().contains("task_id"));
+    assert_eq!(status, 200, "{r}");
+    let own = s.verify(r["access_token"].as_str().unwrap(), MCP).await;
+    assert_eq!(own["txn"], own["jti"]);
+    assert_eq!(r["task_id"], own["jti"]);
+
+    // Malformed requests name the problem with the OAuth code.
     let (status, e) = s
         .exchange(&[
             ("resource", MCP),
@@ -409,9 +411,13 @@ async fn denials_partial_scopes_forbid_and_ttl_clamping() {
         ])
         .await;
     assert_eq!((status, e["error"].as_str()), (400, Some("invalid_target")));
+    // client_credentials without its client assertion: no client
+    // authentication (RFC 6749 §5.2).
     let (status, e) = s
         .post("/token", &[("grant_type", "client_credentials")])
         .await;
+    assert_eq!((status, e["error"].as_str()), (401, Some("invalid_client")));
+    let (status, e) = s.post("/token", &[("grant_type", "password")]).await;
     assert_eq!(
         (status, e["error"].as_str()),
         (400, Some("unsupported_grant_type"))

@@ -100,13 +100,17 @@ pub async fn http_unix(
         .with_context(|| format!("request to {} failed", socket.display()))
 }
 
-/// One HTTP/1.1 request over a connected stream (see [`http_unix`]).
-pub async fn http_over(
-    stream: tokio::net::UnixStream,
+/// One HTTP/1.1 request over a connected stream (see [`http_unix`]; a
+/// TLS stream works too).
+pub async fn http_over<S>(
+    stream: S,
     method: http::Method,
     path: &str,
     form: Option<String>,
-) -> anyhow::Result<(http::StatusCode, Vec<u8>)> {
+) -> anyhow::Result<(http::StatusCode, Vec<u8>)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     use http_body_util::{BodyExt, Full};
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await

@@ -14,6 +14,9 @@ pub struct ExchangeConfig {
     pub policy_reload_interval: Duration,
     /// `iss` of issued tokens and the audience subject tokens must carry.
     pub issuer: String,
+    /// `exchange.issuer` was not set and the HTTPS face is on: the issuer
+    /// is the face's URL, known once its listener is bound.
+    pub issuer_follows_https: bool,
     /// No token outlives this, whatever the request or policy says.
     pub max_ttl: Duration,
     /// TTL when the request names none.

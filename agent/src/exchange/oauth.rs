@@ -21,11 +21,15 @@ pub enum ErrorCode {
     AuthorizationPending,
     /// The approval was not decided in time.
     ExpiredToken,
+    /// The authorization grant (an RFC 7523 `assertion`) is invalid,
+    /// expired, replayed, or not ours (RFC 6749 §5.2, RFC 7523 §3.1).
+    InvalidGrant,
     UnsupportedGrantType,
     UnsupportedTokenType,
     /// The caller may not revoke this token or task.
     UnauthorizedClient,
-    /// The caller could not be attested or holds no identity.
+    /// The caller could not be attested or holds no identity, or its client
+    /// assertion failed (RFC 6749 §5.2: 401).
     InvalidClient,
     /// The agent cannot serve the request now (e.g. the audit log cannot be written).
     TemporarilyUnavailable,
@@ -43,6 +47,7 @@ impl ErrorCode {
             Self::AccessDenied => "access_denied",
             Self::AuthorizationPending => "authorization_pending",
             Self::ExpiredToken => "expired_token",
+            Self::InvalidGrant => "invalid_grant",
             Self::UnsupportedGrantType => "unsupported_grant_type",
             Self::UnsupportedTokenType => "unsupported_token_type",
             Self::UnauthorizedClient => "unauthorized_client",

@@ -9,6 +9,15 @@ use std::time::Duration;
 use super::oauth::{ErrorCode, OAuthError};
 
 pub const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub const GRANT_CLIENT_CREDENTIALS: &str = "client_credentials";
+/// RFC 7523 §2.1: a JWT as the authorization grant (MCP SEP-1933).
+pub const GRANT_JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// RFC 7523 §2.2: a JWT as client authentication (MCP SEP-1046, private_key_jwt).
+pub const CLIENT_ASSERTION_JWT_BEARER: &str =
+    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// draft-ietf-oauth-spiffe-client-auth: a JWT-SVID as client authentication.
+pub const CLIENT_ASSERTION_JWT_SPIFFE: &str =
+    "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe";
 pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 pub const TOKEN_TYPE_ACCESS_TOKEN: &str = "urn:ietf:params:oauth:token-type:access_token";
 
@@ -72,18 +81,70 @@ impl Target {
     }
 }
 
-/// A well-formed RFC 8693 exchange request.
+/// How the client asks for a token. Every grant presents the caller's own
+/// JWT-SVID; they differ in the parameter that carries it and in the error
+/// code a bad one gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// RFC 8693: the JWT-SVID is `subject_token` (or `actor_token` when
+    /// delegating).
+    TokenExchange,
+    /// RFC 6749 §4.4 with RFC 7523 §2.2 client authentication: the JWT-SVID
+    /// is `client_assertion`.
+    ClientCredentials,
+    /// RFC 7523 §2.1: the JWT-SVID is `assertion`.
+    JwtBearer,
+}
+
+impl Grant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Grant::TokenExchange => GRANT_TOKEN_EXCHANGE,
+            Grant::ClientCredentials => GRANT_CLIENT_CREDENTIALS,
+            Grant::JwtBearer => GRANT_JWT_BEARER,
+        }
+    }
+
+    /// The parameter that carries the caller's JWT-SVID.
+    pub fn svid_param(self, delegating: bool) -> &'static str {
+        match self {
+            Grant::TokenExchange if delegating => "actor_token",
+            Grant::TokenExchange => "subject_token",
+            Grant::ClientCredentials => "client_assertion",
+            Grant::JwtBearer => "assertion",
+        }
+    }
+
+    /// The error for a JWT-SVID that does not authenticate: RFC 8693
+    /// §2.2.2 `invalid_request`, RFC 6749 §5.2 `invalid_client` (a failed
+    /// client authentication), RFC 7523 §3.1 `invalid_grant`.
+    pub fn credential_error(self, description: impl Into<String>) -> OAuthError {
+        let code = match self {
+            Grant::TokenExchange => ErrorCode::InvalidRequest,
+            Grant::ClientCredentials => ErrorCode::InvalidClient,
+            Grant::JwtBearer => ErrorCode::InvalidGrant,
+        };
+        OAuthError::new(code, description)
+    }
+}
+
+/// A well-formed token request.
 ///
-/// The roles are RFC 8693 §2.1's: `subject_token` is the party the token is
-/// for, `actor_token` the party acting. A direct exchange sends only the
-/// caller's JWT-SVID, as `subject_token`; a delegated one sends the
-/// delegating access token as `subject_token` and the caller's JWT-SVID as
-/// `actor_token`. Both arrive here under the names of what they are.
+/// For RFC 8693 the roles are §2.1's: `subject_token` is the party the
+/// token is for, `actor_token` the party acting. A direct exchange sends
+/// only the caller's JWT-SVID, as `subject_token`; a delegated one sends
+/// the delegating access token as `subject_token` and the caller's JWT-SVID
+/// as `actor_token`. The other grants carry the JWT-SVID as
+/// `client_assertion` or `assertion` and cannot delegate. All arrive here
+/// under the names of what they are.
 #[derive(Debug, Clone)]
 pub struct TokenRequest {
+    pub grant: Grant,
     /// The caller's own JWT-SVID (the subject of a direct exchange, the actor
-    /// of a delegated one).
+    /// of a delegated one, the client assertion or the assertion).
     pub svid: String,
+    /// `client_id`, when sent: it must name the JWT-SVID's subject.
+    pub client_id: Option<String>,
     /// The access token acted for, when delegating.
     pub delegating_token: Option<String>,
     /// The one SPIFFE ID the issued token names in `may_act` (RFC 8693 §4.4):
@@ -101,14 +162,46 @@ pub struct TokenRequest {
 
 impl TokenRequest {
     pub fn from_form(form: &Form) -> Result<Self, OAuthError> {
-        let grant = form.required("grant_type")?;
-        if grant != GRANT_TOKEN_EXCHANGE {
-            return Err(OAuthError::new(
-                ErrorCode::UnsupportedGrantType,
-                format!("grant_type must be {GRANT_TOKEN_EXCHANGE}"),
-            ));
-        }
-        let (svid, delegating_token) = token_roles(form)?;
+        let (grant, svid, delegating_token) = match form.required("grant_type")? {
+            GRANT_TOKEN_EXCHANGE => {
+                refuse_params(
+                    form,
+                    GRANT_TOKEN_EXCHANGE,
+                    &["assertion", "client_assertion"],
+                )?;
+                let (svid, delegating) = token_roles(form)?;
+                (Grant::TokenExchange, svid, delegating)
+            }
+            GRANT_CLIENT_CREDENTIALS => {
+                refuse_params(form, GRANT_CLIENT_CREDENTIALS, &DELEGATION_PARAMS)?;
+                refuse_params(form, GRANT_CLIENT_CREDENTIALS, &["assertion"])?;
+                (Grant::ClientCredentials, client_assertion(form)?, None)
+            }
+            GRANT_JWT_BEARER => {
+                refuse_params(form, GRANT_JWT_BEARER, &DELEGATION_PARAMS)?;
+                refuse_params(form, GRANT_JWT_BEARER, &["client_assertion"])?;
+                let assertion = token_param(form, "assertion")?.ok_or_else(|| {
+                    OAuthError::invalid_request(
+                        "parameter `assertion` is required: the caller's JWT-SVID (RFC 7523 §2.1)",
+                    )
+                })?;
+                (Grant::JwtBearer, assertion, None)
+            }
+            other => {
+                return Err(OAuthError::new(
+                    ErrorCode::UnsupportedGrantType,
+                    format!(
+                        "grant_type {other:?} is not supported; use {GRANT_TOKEN_EXCHANGE}, {GRANT_CLIENT_CREDENTIALS} or {GRANT_JWT_BEARER}"
+                    ),
+                ));
+            }
+        };
+        let client_id = match form.single("client_id")? {
+            Some(id) if id.len() > MAX_TARGET_LEN => {
+                return Err(OAuthError::invalid_request("`client_id` is too long"));
+            }
+            id => id.map(str::to_string),
+        };
         let may_act = match form.single("may_act")? {
             None => None,
             Some(id) => {
@@ -164,7 +257,9 @@ impl TokenRequest {
             }
         };
         Ok(Self {
+            grant,
             svid,
+            client_id,
             delegating_token,
             may_act,
             target,
@@ -210,6 +305,55 @@ fn token_roles(form: &Form) -> Result<(String, Option<String>), OAuthError> {
         (other, _, _) => Err(OAuthError::invalid_request(format!(
             "subject_token_type {other:?} is not supported; send the caller's JWT-SVID as {TOKEN_TYPE_JWT}, or a delegating access token as {TOKEN_TYPE_ACCESS_TOKEN}"
         ))),
+    }
+}
+
+/// RFC 8693's token parameters, which only a token exchange takes.
+const DELEGATION_PARAMS: [&str; 4] = [
+    "subject_token",
+    "subject_token_type",
+    "actor_token",
+    "actor_token_type",
+];
+
+fn refuse_params(form: &Form, grant: &str, names: &[&str]) -> Result<(), OAuthError> {
+    match names
+        .iter()
+        .find(|n| form.all(n).iter().any(|v| !v.is_empty()))
+    {
+        Some(n) => Err(OAuthError::invalid_request(format!(
+            "`{n}` is not a parameter of grant_type {grant}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The JWT-SVID of a `client_credentials` request (RFC 7521 §4.2, RFC 7523
+/// §2.2). A missing or unknown assertion type is a failed client
+/// authentication (RFC 6749 §5.2: `invalid_client`).
+fn client_assertion(form: &Form) -> Result<String, OAuthError> {
+    let kind = form.single("client_assertion_type")?;
+    let assertion = token_param(form, "client_assertion")?;
+    let authenticate = format!(
+        "authenticate with your JWT-SVID: client_assertion=<JWT-SVID> and client_assertion_type={CLIENT_ASSERTION_JWT_BEARER} (or {CLIENT_ASSERTION_JWT_SPIFFE})"
+    );
+    match (kind, assertion) {
+        (Some(CLIENT_ASSERTION_JWT_BEARER | CLIENT_ASSERTION_JWT_SPIFFE), Some(a)) => Ok(a),
+        (None, None) => Err(OAuthError::new(
+            ErrorCode::InvalidClient,
+            format!("no client authentication: {authenticate}"),
+        )),
+        (Some(CLIENT_ASSERTION_JWT_BEARER | CLIENT_ASSERTION_JWT_SPIFFE), None) => Err(
+            OAuthError::new(ErrorCode::InvalidClient, "client_assertion is missing"),
+        ),
+        (None, Some(_)) => Err(OAuthError::new(
+            ErrorCode::InvalidClient,
+            format!("client_assertion_type is missing: {authenticate}"),
+        )),
+        (Some(other), _) => Err(OAuthError::new(
+            ErrorCode::InvalidClient,
+            format!("client_assertion_type {other:?} is not supported: {authenticate}"),
+        )),
     }
 }
 

@@ -86,10 +86,10 @@ async fn caller(s: &ServerState, conn: &Option<PeerConnection>) -> Result<Caller
             "no identity is registered for the calling process",
         ));
     }
-    Ok(Caller { peer, identities })
+    Ok(Caller::Local { peer, identities })
 }
 
-fn form(content_type: Option<&HeaderValue>, body: &Bytes) -> Result<Form, OAuthError> {
+pub(super) fn form(content_type: Option<&HeaderValue>, body: &Bytes) -> Result<Form, OAuthError> {
     let content_type = content_type.and_then(|v| v.to_str().ok()).unwrap_or("");
     let essence = content_type.split(';').next().unwrap_or("").trim();
     if !essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
@@ -100,7 +100,7 @@ fn form(content_type: Option<&HeaderValue>, body: &Bytes) -> Result<Form, OAuthE
     Ok(Form::parse(body))
 }
 
-fn json_no_store(value: impl serde::Serialize) -> Response {
+pub(super) fn json_no_store(value: impl serde::Serialize) -> Response {
     let mut response = axum::Json(value).into_response();
     no_store(&mut response);
     response
@@ -181,7 +181,7 @@ async fn introspect(
 }
 
 async fn metadata(State(s): State<ServerState>) -> Response {
-    axum::Json(s.exchange.metadata()).into_response()
+    axum::Json(s.exchange.metadata(false)).into_response()
 }
 
 async fn jwks(State(s): State<ServerState>) -> Response {

@@ -725,6 +725,7 @@ impl Upstream {
             token,
             issued_at: SystemTime::UNIX_EPOCH + Duration::from_secs(secs("iat")),
             expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(secs("exp")),
+            single_use: crate::identity::svid::for_token_service(&claims),
         })
     }
 

@@ -169,7 +169,8 @@ impl SvidCache {
         self.wake.notify_one();
     }
 
-    /// A JWT-SVID for (id, audience), reused while more than half its life is left.
+    /// A JWT-SVID for (id, audience), reused while more than half its life
+    /// is left, unless it is a single-use credential for the token service.
     pub async fn jwt(
         &self,
         id: &spiffe::SpiffeId,
@@ -207,6 +208,11 @@ impl SvidCache {
             }
         };
         self.metrics.svids_issued_jwt.inc();
+        if svid.single_use {
+            // A credential for the token service is accepted once: a
+            // second fetch must get a new one.
+            return Ok(svid);
+        }
         let mut cache = self.jwts.lock();
         if cache.len() >= JWT_CACHE_LIMIT {
             cache.retain(|_, v| v.expires_at > now);

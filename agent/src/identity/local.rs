@@ -237,11 +237,14 @@ impl LocalAuthority {
         let (times, key) = self.active(now, |r| &r.jwt)?;
         let iat = unix_seconds(now);
         let exp = (iat + ttl.as_secs().max(1)).min(times.not_after);
+        // `jti` lets a relying party accept the token once (RFC 7523 §3);
+        // the token service over HTTPS does.
         let mut claims = serde_json::json!({
             "sub": id.to_string(),
             "aud": audience,
             "exp": exp,
             "iat": iat,
+            "jti": super::jws::random_kid(),
         });
         if let Some(iss) = self.jwt_issuer.get() {
             claims["iss"] = iss.as_str().into();
@@ -251,6 +254,7 @@ impl LocalAuthority {
             token,
             issued_at: SystemTime::UNIX_EPOCH + Duration::from_secs(iat),
             expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(exp),
+            single_use: super::svid::for_token_service(&claims),
         })
     }
 

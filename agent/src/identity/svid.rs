@@ -44,6 +44,38 @@ pub struct JwtSvid {
     pub token: String,
     pub issued_at: SystemTime,
     pub expires_at: SystemTime,
+    /// A credential for the trust domain's own token service
+    /// ([`for_token_service`]): never handed out twice.
+    pub single_use: bool,
+}
+
+/// The path of the token endpoint under the trust domain's issuer URL.
+pub const TOKEN_ENDPOINT_PATH: &str = "/token";
+
+/// Whether JWT-SVID `claims` make a credential for the trust domain's own
+/// token service: `aud` names the token's `iss` (an `https://` issuer URL)
+/// or that issuer's token endpoint. Over HTTPS such a token is the client's
+/// only credential and its `jti` is accepted once, so the SVID cache mints
+/// one afresh for every fetch instead of reusing it.
+pub fn for_token_service(claims: &serde_json::Value) -> bool {
+    let Some(iss) = claims.get("iss").and_then(|v| v.as_str()) else {
+        return false;
+    };
+    if !iss.starts_with("https://") {
+        return false;
+    }
+    let names_us = |a: &serde_json::Value| {
+        a.as_str().is_some_and(|a| {
+            a == iss
+                || a.strip_prefix(iss)
+                    .is_some_and(|rest| rest == "/" || rest == TOKEN_ENDPOINT_PATH)
+        })
+    };
+    match claims.get("aud") {
+        Some(serde_json::Value::Array(list)) => list.iter().any(names_us),
+        Some(a) => names_us(a),
+        None => false,
+    }
 }
 
 /// What relying parties need: CA certificates and the JWKS. Shared by every

@@ -123,6 +123,16 @@ impl TrustStore {
         token: &str,
         audience: &str,
     ) -> Result<(spiffe::SpiffeId, JwtClaims), JwtError> {
+        self.validate_jwt_for(token, &[audience])
+    }
+
+    /// [`TrustStore::validate_jwt`] accepting any of `audiences` (the
+    /// first is the one errors name).
+    pub fn validate_jwt_for(
+        &self,
+        token: &str,
+        audiences: &[&str],
+    ) -> Result<(spiffe::SpiffeId, JwtClaims), JwtError> {
         let claims = self.verified_claims(token)?;
         let sub = claims
             .get("sub")
@@ -154,15 +164,18 @@ impl TrustStore {
                 }
             }
         }
+        let ours = |a: &str| audiences.contains(&a);
         let aud_ok = match claims.get("aud") {
-            Some(serde_json::Value::String(a)) => a == audience,
+            Some(serde_json::Value::String(a)) => ours(a),
             Some(serde_json::Value::Array(list)) if !list.is_empty() => {
-                list.iter().any(|a| a.as_str() == Some(audience))
+                list.iter().any(|a| a.as_str().is_some_and(ours))
             }
             _ => return Err(JwtError::Claims("aud missing or empty")),
         };
         if !aud_ok {
-            return Err(JwtError::Audience(audience.to_string()));
+            return Err(JwtError::Audience(
+                audiences.first().copied().unwrap_or_default().to_string(),
+            ));
         }
         Ok((id, claims))
     }

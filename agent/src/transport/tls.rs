@@ -20,6 +20,21 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+/// The leaf certificate a client presented, if any, as a request
+/// extension (DER; the server's verifier has checked it).
+#[derive(Debug, Clone, Default)]
+pub struct PeerCertificate(pub Option<Arc<Vec<u8>>>);
+
+impl PeerCertificate {
+    pub fn of(conn: &rustls::ServerConnection) -> Self {
+        Self(
+            conn.peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| Arc::new(c.to_vec())),
+        )
+    }
+}
+
 /// What one connection is served with.
 pub struct TlsServer<F> {
     pub listener: TcpListener,
@@ -52,7 +67,7 @@ where
         let peer = Arc::new(peer);
         let slots = Arc::new(Semaphore::new(max_connections));
         loop {
-            let tcp = tokio::select! {
+            let (tcp, remote) = tokio::select! {
                 _ = shutdown.cancelled() => {
                     // Every connection ends on `shutdown`; wait until they
                     // have (bounded by the handshake timeout), so whatever
@@ -63,7 +78,7 @@ where
                     return;
                 }
                 accepted = listener.accept() => match accepted {
-                    Ok((tcp, _)) => tcp,
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed; pausing");
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -87,6 +102,8 @@ where
                 let service = hyper::service::service_fn(
                     move |mut req: http::Request<hyper::body::Incoming>| {
                         req.extensions_mut().insert(facts.clone());
+                        req.extensions_mut()
+                            .insert(axum::extract::ConnectInfo(remote));
                         let app = app.clone();
                         async move {
                             let req = req.map(axum::body::Body::new);

@@ -1,0 +1,169 @@
+//! Who is asking the exchange, and what a token can be bound to.
+//!
+//! Two kinds of caller reach the same stages:
+//! - [`Caller::Local`]: a process on this node, attested from its Unix
+//!   socket credentials (the exchange socket). It holds the identities its
+//!   entries give it, and its current X509-SVID is in the SVID cache.
+//! - [`Caller::Remote`]: a client of the HTTPS face. Nothing is known of it
+//!   but its address, the X509-SVID it may present as TLS client
+//!   certificate, and the credentials in its request.
+//!
+//! Everything that differs between them is answered here (which SPIFFE IDs
+//! the caller holds, its selectors, how it appears in the audit log, whose
+//! budget its records count against), so the exchange's stages do not
+//! branch on the transport.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde_json::{Value, json};
+use tessera_attestor::AttestedPeer;
+
+use crate::entries::Identity;
+use crate::identity::X509Svid;
+
+/// Who is asking.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// A process on this node and the identities its entries give it.
+    Local {
+        peer: Arc<AttestedPeer>,
+        identities: Vec<Identity>,
+    },
+    /// A client over TCP (the HTTPS face).
+    Remote(RemoteCaller),
+}
+
+/// A client of the HTTPS face.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteCaller {
+    pub addr: Option<SocketAddr>,
+    /// The X509-SVID of this trust domain it presented as TLS client
+    /// certificate (verified against the bundle during the handshake).
+    pub certificate: Option<Arc<ClientCertificate>>,
+    /// SPIFFE IDs it proved before the request was read: its certificate's,
+    /// or that of a JWT-SVID sent as `Authorization: Bearer` (resource
+    /// servers introspecting and revoking).
+    pub proven: Vec<String>,
+}
+
+/// A verified TLS client certificate: an X509-SVID.
+#[derive(Debug, Clone)]
+pub struct ClientCertificate {
+    pub spiffe_id: String,
+    pub leaf_der: Vec<u8>,
+    pub not_after: SystemTime,
+}
+
+impl Caller {
+    /// Whether the caller holds `id`: an identity of the attested process,
+    /// or one the remote client proved.
+    pub fn holds(&self, id: &str) -> bool {
+        match self {
+            Caller::Local { identities, .. } => {
+                identities.iter().any(|i| i.spiffe_id.to_string() == id)
+            }
+            Caller::Remote(r) => r.proven.iter().any(|p| p == id),
+        }
+    }
+
+    /// Every SPIFFE ID the caller holds.
+    pub fn ids(&self) -> Vec<String> {
+        match self {
+            Caller::Local { identities, .. } => {
+                identities.iter().map(|i| i.spiffe_id.to_string()).collect()
+            }
+            Caller::Remote(r) => r.proven.clone(),
+        }
+    }
+
+    /// The local identity `id` (with its SVID lifetimes), for a local caller.
+    pub fn local_identity(&self, id: &str) -> Option<&Identity> {
+        match self {
+            Caller::Local { identities, .. } => {
+                identities.iter().find(|i| i.spiffe_id.to_string() == id)
+            }
+            Caller::Remote(_) => None,
+        }
+    }
+
+    /// Attested selectors as `type:value`; a remote caller has none, so a
+    /// policy that requires one never permits it.
+    pub fn selectors(&self) -> Vec<String> {
+        match self {
+            Caller::Local { peer, .. } => peer.selectors.iter().map(|s| s.to_string()).collect(),
+            Caller::Remote(_) => Vec::new(),
+        }
+    }
+
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Caller::Remote(_))
+    }
+
+    /// How the caller appears in audit records.
+    pub fn audit_json(&self) -> Value {
+        match self {
+            Caller::Local { peer, identities } => json!({
+                "pid": peer.process.pid,
+                "spiffe_ids": identities.iter().map(|i| i.spiffe_id.to_string()).collect::<Vec<_>>(),
+                "selectors": self.selectors(),
+            }),
+            Caller::Remote(r) => json!({
+                "remote": r.addr.map(|a| a.to_string()),
+                "certificate": r.certificate.as_ref().map(|c| c.spiffe_id.clone()),
+                "spiffe_ids": r.proven,
+            }),
+        }
+    }
+
+    /// Whose budget of records that change nothing this caller's count
+    /// against: its first identity, or, for a remote client that proved
+    /// none yet, its IP address.
+    pub fn budget_key(&self) -> String {
+        match self {
+            Caller::Local { identities, .. } => identities
+                .first()
+                .map(|i| i.spiffe_id.to_string())
+                .unwrap_or_default(),
+            Caller::Remote(r) => match (r.proven.first(), r.addr) {
+                (Some(id), _) => id.clone(),
+                (None, Some(addr)) => format!("remote:{}", addr.ip()),
+                (None, None) => "remote".into(),
+            },
+        }
+    }
+}
+
+/// The certificate a token is bound to (RFC 8705 `cnf`), and which bounds
+/// its lifetime: a local caller's current X509-SVID, or a remote client's
+/// TLS client certificate.
+pub enum Holder {
+    Svid(Arc<X509Svid>),
+    Certificate(Arc<ClientCertificate>),
+}
+
+impl Holder {
+    /// The leaf certificate (RFC 8705 thumbprints the leaf only).
+    pub fn leaf_der(&self) -> &[u8] {
+        match self {
+            Holder::Svid(svid) => leaf_der(&svid.chain_der),
+            Holder::Certificate(c) => &c.leaf_der,
+        }
+    }
+
+    pub fn not_after(&self) -> SystemTime {
+        match self {
+            Holder::Svid(svid) => svid.not_after,
+            Holder::Certificate(c) => c.not_after,
+        }
+    }
+}
+
+/// The first certificate of a DER chain.
+fn leaf_der(chain: &[u8]) -> &[u8] {
+    match x509_parser::parse_x509_certificate(chain) {
+        Ok((rest, _)) => &chain[..chain.len() - rest.len()],
+        Err(_) => chain,
+    }
+}
