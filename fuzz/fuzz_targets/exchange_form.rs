@@ -12,7 +12,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tessera_agent::exchange::request::{Form, Target, TokenRequest, check_id, parse_scopes};
+use tessera_agent::exchange::request::{Form, Grant, Target, TokenRequest, check_id, parse_scopes};
 
 fuzz_target!(|data: &[u8]| {
     let form = Form::parse(data);
@@ -36,6 +36,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(!req.svid.is_empty() && req.svid.len() <= 16 * 1024);
         if let Some(a) = &req.delegating_token {
             assert!(!a.is_empty() && a.len() <= 16 * 1024);
+            // Only a token exchange delegates.
+            assert_eq!(req.grant, Grant::TokenExchange);
         }
         if let Some(ttl) = req.requested_ttl {
             assert!(!ttl.is_zero());
