@@ -12,13 +12,15 @@
 # 5. the SDKs (sdk/python, sdk/typescript: lint, strict types, and suites
 #    against a real agent with the official MCP SDKs) and the examples: mTLS
 #    between two workloads, the MCP servers and agents with per-task tokens;
+#    the official MCP SDKs (Python and TypeScript) against the token service
+#    on the HTTPS face (tests/mcp-sdk);
 # 6. supply chain (cargo-deny: licences, bans, sources) and fuzzing (each
 #    cargo-fuzz target for a short fixed time).
 #
 # Needs: root (fault tests mount tmpfs; attestation-attack tests create
 # namespaces and run processes as other users), Rust (with rustfmt and
 # clippy, and the nightly toolchain for cargo-fuzz), python3 with venv and
-# /usr/bin/python3, Go >= 1.24, JDK 17 + Maven, openssl, util-linux
+# /usr/bin/python3, Go >= 1.24, JDK 17 + Maven, Node.js >= 20 + npm, openssl, util-linux
 # (unshare, setpriv, mount). Missing tools fail loudly; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -95,6 +97,10 @@ section "example: mTLS between two workloads"
 examples/mtls-demo.sh
 section "example: MCP server and agent with per-task tokens"
 examples/mcp/demo.sh
+section "MCP SDKs against the token service: Python (mcp, py-spiffe)"
+tests/mcp-sdk/python/run.sh
+section "MCP SDKs against the token service: TypeScript (@modelcontextprotocol/sdk)"
+tests/mcp-sdk/typescript/run.sh
 section "supply chain: cargo-deny licences, bans, sources"
 bash scripts/supply-chain.sh
 section "fuzzing: every cargo-fuzz target for 10 s"
