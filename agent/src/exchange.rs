@@ -1089,6 +1089,57 @@ impl Exchange {
         &self.revocations
     }
 
+    /// Authenticates a resource server at the HTTPS face's introspection
+    /// and revocation endpoints, adding what it proved to `caller`: its TLS
+    /// client certificate (an X509-SVID the handshake verified, still
+    /// valid now), and/or `bearer`, a JWT-SVID for this issuer sent as
+    /// `Authorization: Bearer`. Unlike an assertion at the token endpoint a
+    /// bearer JWT-SVID may be reused until it expires: it obtains nothing,
+    /// and resource servers keep one per audience.
+    pub fn authenticate_resource_server(
+        &self,
+        caller: &mut RemoteCaller,
+        bearer: Option<&str>,
+    ) -> Result<(), OAuthError> {
+        let now = self.now();
+        caller.proven.clear();
+        if let Some(cert) = &caller.certificate {
+            if cert.not_after <= now {
+                return Err(OAuthError::new(
+                    ErrorCode::InvalidClient,
+                    "the TLS client certificate has expired; reconnect with a current X509-SVID",
+                ));
+            }
+            caller.proven.push(cert.spiffe_id.clone());
+        }
+        if let Some(token) = bearer {
+            let issuer = [self.config.issuer.as_str()];
+            let (id, _) = self.trust.validate_jwt_for(token, &issuer).map_err(|e| {
+                OAuthError::new(
+                    ErrorCode::InvalidToken,
+                    format!(
+                        "the bearer credential is not a valid JWT-SVID for {}: {e}",
+                        self.config.issuer
+                    ),
+                )
+            })?;
+            let id = id.to_string();
+            if !caller.proven.contains(&id) {
+                caller.proven.push(id);
+            }
+        }
+        if caller.proven.is_empty() {
+            return Err(OAuthError::new(
+                ErrorCode::InvalidClient,
+                format!(
+                    "authenticate with an X509-SVID of this trust domain as TLS client certificate, or a JWT-SVID for audience {} as Authorization: Bearer",
+                    self.config.issuer
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// `POST /introspect` (RFC 7662).
     ///
     /// Only the token's parties (a caller holding its `sub` or `client_id`)
@@ -1293,7 +1344,7 @@ impl Exchange {
                 format!("http://localhost{path}")
             }
         };
-        json!({
+        let mut doc = json!({
             "issuer": self.config.issuer,
             "authorization_endpoint": url("/authorize"),
             "token_endpoint": url("/token"),
@@ -1319,7 +1370,15 @@ impl Exchange {
             "subject_token_types_supported": [request::TOKEN_TYPE_JWT, TOKEN_TYPE_ACCESS_TOKEN],
             "actor_token_types_supported": [request::TOKEN_TYPE_JWT],
             "tessera_task_parameter": "task_id",
-        })
+        });
+        if over_https {
+            // Resource servers prove an X509-SVID (RFC 8705
+            // tls_client_auth); a JWT-SVID as `Authorization: Bearer`
+            // (RFC 7662 §2.1) has no registered method name.
+            doc["introspection_endpoint_auth_methods_supported"] = json!(["tls_client_auth"]);
+            doc["revocation_endpoint_auth_methods_supported"] = json!(["tls_client_auth"]);
+        }
+        doc
     }
 
     /// `GET /jwks`: every access-token key that may have signed a live token.

@@ -9,11 +9,20 @@
 //! | `GET /keys` | the JWT-SVID verification keys (JWKS) |
 //! | `GET /token-keys` | the task-token (access-token) verification keys, when the exchange is on |
 //!
+//! With the exchange on, its routes are mounted here too (token endpoint,
+//! RFC 8414 metadata, introspection and revocation: `exchange::remote`).
+//!
 //! Served over TLS on `https.listen`. The certificate is the operator's
 //! (`https.cert_file` and `key_file`, for a public CA; re-read when either
 //! file changes) or issued by the trust domain's CA for `https.server_name`
 //! and renewed at half its life; clients then trust the trust domain's
 //! bundle (`tessera api fetch x509 --write` writes it).
+//!
+//! The face asks every client for a certificate but requires none: an
+//! X509-SVID of this trust domain (verified against the bundle current at
+//! the handshake, so a CA rollover applies at once) authenticates resource
+//! servers at introspection and revocation, and binds tokens to it. There is
+//! no session resumption, so every connection proves its certificate afresh.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,12 +35,17 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::identity::{LocalAuthority, SignError, TrustStore};
+use crate::sync::Mutex;
 
 /// The `[https]` table, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +164,7 @@ impl Source {
     fn load(
         &self,
         now: SystemTime,
+        clients: &Arc<BundleClientVerifier>,
     ) -> Result<(rustls::ServerConfig, Option<SystemTime>), HttpsError> {
         let (chain, key, renew_at) = match self {
             Source::Files(cert, key) => {
@@ -199,15 +214,17 @@ impl Source {
                 )
             }
         };
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(
-            chain.into_iter().map(CertificateDer::from).collect(),
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
-        )?;
+        let mut config = rustls::ServerConfig::builder_with_provider(clients.provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(clients.clone())
+            .with_single_cert(
+                chain.into_iter().map(CertificateDer::from).collect(),
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+            )?;
+        // A resumed session skips the client certificate check: a client
+        // whose X509-SVID expired would keep its identity.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Ok((config, renew_at))
     }
 
@@ -229,6 +246,116 @@ impl Source {
             ),
             Source::Issued { .. } => None,
         }
+    }
+}
+
+/// Verifies TLS client certificates against the trust domain's X.509
+/// bundle as it is at each handshake; a client without one is let in (the
+/// routes decide what they need).
+pub struct BundleClientVerifier {
+    trust: Arc<TrustStore>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    /// The verifier for the bundle of this sequence number.
+    built: Mutex<Option<(u64, Arc<dyn ClientCertVerifier>)>>,
+}
+
+impl std::fmt::Debug for BundleClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BundleClientVerifier")
+            .field("trust", &self.trust)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BundleClientVerifier {
+    pub fn new(trust: Arc<TrustStore>) -> Arc<Self> {
+        Arc::new(Self {
+            trust,
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            built: Mutex::new(None),
+        })
+    }
+
+    fn current(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+        let bundle = self.trust.current();
+        if let Some((sequence, verifier)) = &*self.built.lock()
+            && *sequence == bundle.sequence
+        {
+            return Ok(verifier.clone());
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        let cas = crate::identity::pem::split_der_certs(&bundle.x509)
+            .map_err(|e| rustls::Error::General(format!("the trust bundle: {e}")))?;
+        for der in cas {
+            roots.add(CertificateDer::from(der.to_vec()))?;
+        }
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| rustls::Error::General(format!("client verifier: {e}")))?;
+        *self.built.lock() = Some((bundle.sequence, verifier.clone()));
+        Ok(verifier)
+    }
+}
+
+impl ClientCertVerifier for BundleClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    /// No hints: the CAs change with the bundle, and clients of the face
+    /// hold one SVID at most.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()?
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -270,8 +397,9 @@ pub fn serve(
         (None, None) => return Err(HttpsError::NoLocalCa),
     };
     let source = Arc::new(source);
+    let clients = BundleClientVerifier::new(trust.clone());
     let mut loaded = source.fingerprint();
-    let (tls, mut renew_at) = source.load(clock.now())?;
+    let (tls, mut renew_at) = source.load(clock.now(), &clients)?;
     let tls = Arc::new(ArcSwap::from_pointee(tls));
     {
         let (tls, shutdown, clock) = (tls.clone(), shutdown.clone(), clock.clone());
@@ -294,8 +422,8 @@ pub fn serve(
                     continue;
                 }
                 let loading = {
-                    let source = source.clone();
-                    tokio::task::spawn_blocking(move || source.load(now)).await
+                    let (source, clients) = (source.clone(), clients.clone());
+                    tokio::task::spawn_blocking(move || source.load(now, &clients)).await
                 };
                 let Ok(result) = loading else { continue };
                 match result {

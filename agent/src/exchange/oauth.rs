@@ -31,6 +31,10 @@ pub enum ErrorCode {
     /// The caller could not be attested or holds no identity, or its client
     /// assertion failed (RFC 6749 §5.2: 401).
     InvalidClient,
+    /// The bearer credential of a resource server calling introspection or
+    /// revocation is not a valid JWT-SVID for the issuer (RFC 6750 §3.1:
+    /// 401 with `WWW-Authenticate`).
+    InvalidToken,
     /// The agent cannot serve the request now (e.g. the audit log cannot be written).
     TemporarilyUnavailable,
     /// The caller exceeded its request budget (429; RFC 8628 vocabulary).
@@ -52,6 +56,7 @@ impl ErrorCode {
             Self::UnsupportedTokenType => "unsupported_token_type",
             Self::UnauthorizedClient => "unauthorized_client",
             Self::InvalidClient => "invalid_client",
+            Self::InvalidToken => "invalid_token",
             Self::TemporarilyUnavailable => "temporarily_unavailable",
             Self::SlowDown => "slow_down",
             Self::ServerError => "server_error",
@@ -60,7 +65,7 @@ impl ErrorCode {
 
     fn status(self) -> StatusCode {
         match self {
-            Self::InvalidClient => StatusCode::UNAUTHORIZED,
+            Self::InvalidClient | Self::InvalidToken => StatusCode::UNAUTHORIZED,
             Self::UnauthorizedClient => StatusCode::FORBIDDEN,
             Self::TemporarilyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
@@ -106,11 +111,32 @@ impl std::fmt::Display for OAuthError {
 
 impl IntoResponse for OAuthError {
     fn into_response(self) -> Response {
+        let challenge = (self.code == ErrorCode::InvalidToken).then(|| {
+            // RFC 6750 §3: the description is quoted; keep it to the
+            // characters a quoted-string allows.
+            let description: String = self
+                .description
+                .chars()
+                .map(|c| {
+                    if c == '"' || c == '\\' || !(' '..='~').contains(&c) {
+                        '\''
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            format!("Bearer error=\"invalid_token\", error_description=\"{description}\"")
+        });
         let mut body = Map::new();
         body.insert("error".into(), self.code.as_str().into());
         body.insert("error_description".into(), self.description.into());
         body.extend(self.extra);
         let mut response = (self.code.status(), axum::Json(Value::Object(body))).into_response();
+        if let Some(value) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, value);
+        }
         no_store(&mut response);
         response
     }

@@ -7,11 +7,17 @@
 //! |---|---|
 //! | `GET /.well-known/oauth-authorization-server` | RFC 8414 metadata, with every field the MCP SDKs require |
 //! | `POST /token` | every grant of the socket: `client_credentials` with a JWT-SVID client assertion, RFC 7523 `jwt-bearer`, RFC 8693 token exchange |
+//! | `POST /introspect` | RFC 7662, for resource servers authenticated by their X509-SVID (TLS client certificate) or a JWT-SVID (`Authorization: Bearer`, audience = the issuer) |
+//! | `POST /revoke` | RFC 7009 (`token=`) or the end of a task (`task_id=`), authenticated the same way |
 //! | `GET /authorize` | answers that there is no interactive authorization (the metadata must name one) |
 //!
-//! A caller here is [`Caller::Remote`]: its JWT-SVID is its only
-//! credential, checked in full and accepted once. Requests are budgeted per
-//! client IP address, like processes on the socket.
+//! A caller here is [`Caller::Remote`]. At the token endpoint its JWT-SVID
+//! is its only credential, checked in full and accepted once; at
+//! introspection and revocation it proves an identity first
+//! ([`Exchange::authenticate_resource_server`]), and the same rules as on
+//! the socket follow (only a token's parties see its claims or revoke it).
+//! Requests are budgeted per client IP address, like processes on the
+//! socket.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -25,7 +31,7 @@ use axum::routing::{get, post};
 
 use super::oauth::{ErrorCode, OAuthError};
 use super::request::TokenRequest;
-use super::server::{MAX_BODY_BYTES, form, json_no_store};
+use super::server::{MAX_BODY_BYTES, form, introspect_form, json_no_store, revoke_form};
 use super::{Caller, ClientCertificate, Exchange, RemoteCaller};
 use crate::rate_limit::{Budget, RateLimiter};
 use crate::transport::tls::PeerCertificate;
@@ -40,6 +46,8 @@ struct RemoteState {
 pub fn router(exchange: Arc<Exchange>, budget: Budget) -> Router {
     Router::new()
         .route("/token", post(token))
+        .route("/introspect", post(introspect))
+        .route("/revoke", post(revoke))
         .route("/authorize", get(authorize))
         .route("/.well-known/oauth-authorization-server", get(metadata))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -94,6 +102,26 @@ fn client_certificate(der: &[u8]) -> Option<ClientCertificate> {
 struct RemoteForm {
     form: super::request::Form,
     caller: Caller,
+    /// The `Authorization: Bearer` credential, if any.
+    bearer: Option<Result<String, OAuthError>>,
+}
+
+/// The credential of an `Authorization` header: `Bearer <token>` (RFC
+/// 6750 §2.1; the scheme is case-insensitive), or an error for any other.
+fn bearer(headers: &axum::http::HeaderMap) -> Option<Result<String, OAuthError>> {
+    let value = headers.get(header::AUTHORIZATION)?;
+    let text = value.to_str().unwrap_or("");
+    Some(match text.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim().to_string())
+        }
+        _ => Err(OAuthError::new(
+            ErrorCode::InvalidClient,
+            "the Authorization header must be `Bearer <JWT-SVID>`",
+        )),
+    })
 }
 
 impl axum::extract::FromRequest<RemoteState> for RemoteForm {
@@ -114,6 +142,7 @@ impl axum::extract::FromRequest<RemoteState> for RemoteForm {
             .into_response());
         }
         let content_type = request.headers().get(header::CONTENT_TYPE).cloned();
+        let bearer = bearer(request.headers());
         let body = Bytes::from_request(request, s)
             .await
             .map_err(IntoResponse::into_response)?;
@@ -121,17 +150,57 @@ impl axum::extract::FromRequest<RemoteState> for RemoteForm {
         Ok(Self {
             form,
             caller: Caller::Remote(caller),
+            bearer,
         })
     }
 }
 
 async fn token(
     State(s): State<RemoteState>,
-    RemoteForm { form, caller }: RemoteForm,
+    RemoteForm { form, caller, .. }: RemoteForm,
 ) -> Result<Response, OAuthError> {
     let request = TokenRequest::from_form(&form)?;
     let response = s.exchange.exchange(&caller, request).await?;
     Ok(json_no_store(response))
+}
+
+/// The resource server behind a request to introspection or revocation.
+fn resource_server(
+    s: &RemoteState,
+    caller: Caller,
+    bearer: Option<Result<String, OAuthError>>,
+) -> Result<Caller, OAuthError> {
+    let Caller::Remote(mut remote) = caller else {
+        return Ok(caller);
+    };
+    let bearer = bearer.transpose()?;
+    s.exchange
+        .authenticate_resource_server(&mut remote, bearer.as_deref())?;
+    Ok(Caller::Remote(remote))
+}
+
+async fn introspect(
+    State(s): State<RemoteState>,
+    RemoteForm {
+        form,
+        caller,
+        bearer,
+    }: RemoteForm,
+) -> Result<Response, OAuthError> {
+    let caller = resource_server(&s, caller, bearer)?;
+    introspect_form(&s.exchange, &caller, &form)
+}
+
+async fn revoke(
+    State(s): State<RemoteState>,
+    RemoteForm {
+        form,
+        caller,
+        bearer,
+    }: RemoteForm,
+) -> Result<Response, OAuthError> {
+    let caller = resource_server(&s, caller, bearer)?;
+    revoke_form(&s.exchange, &caller, &form).await
 }
 
 async fn metadata(State(s): State<RemoteState>) -> Response {

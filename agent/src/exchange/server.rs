@@ -150,6 +150,15 @@ async fn revoke(
     State(s): State<ServerState>,
     AttestedForm { form, caller }: AttestedForm,
 ) -> Result<Response, OAuthError> {
+    revoke_form(&s.exchange, &caller, &form).await
+}
+
+/// `POST /revoke` on either transport: `token=` (RFC 7009) or `task_id=`.
+pub(super) async fn revoke_form(
+    exchange: &Exchange,
+    caller: &Caller,
+    form: &Form,
+) -> Result<Response, OAuthError> {
     match (form.single("token")?, form.single("task_id")?) {
         (Some(token), None) => {
             if let Some(hint) = form.single("token_type_hint")?
@@ -160,9 +169,9 @@ async fn revoke(
                     "only access tokens can be revoked",
                 ));
             }
-            s.exchange.revoke_token(&caller, token).await?;
+            exchange.revoke_token(caller, token).await?;
         }
-        (None, Some(task)) => s.exchange.end_task(&caller, task).await?,
+        (None, Some(task)) => exchange.end_task(caller, task).await?,
         _ => {
             return Err(OAuthError::invalid_request(
                 "send either `token` (revoke one token) or `task_id` (end a task)",
@@ -176,8 +185,17 @@ async fn introspect(
     State(s): State<ServerState>,
     AttestedForm { form, caller }: AttestedForm,
 ) -> Result<Response, OAuthError> {
+    introspect_form(&s.exchange, &caller, &form)
+}
+
+/// `POST /introspect` on either transport (RFC 7662).
+pub(super) fn introspect_form(
+    exchange: &Exchange,
+    caller: &Caller,
+    form: &Form,
+) -> Result<Response, OAuthError> {
     let token = form.required("token")?;
-    Ok(json_no_store(s.exchange.introspect(&caller, token)))
+    Ok(json_no_store(exchange.introspect(caller, token)))
 }
 
 async fn metadata(State(s): State<ServerState>) -> Response {

@@ -5,7 +5,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"
 ./setup.sh
-.venv/bin/ruff check test_mcp_python.py
-.venv/bin/ruff format --check test_mcp_python.py
-.venv/bin/mypy --strict test_mcp_python.py
-exec ../agent.sh .venv/bin/python -m pytest -q test_mcp_python.py "$@"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy --strict test_mcp_python.py test_resource_server.py
+exec ../agent.sh .venv/bin/python -m pytest -q test_mcp_python.py test_resource_server.py "$@"
