@@ -7,6 +7,7 @@
 //! | a name the caller may not have; a request for another resource type | InvalidArgument |
 //! | `ALL` asked by an Envoy without the SPIFFE validator | FailedPrecondition |
 //! | no entry matches the caller (also mid-stream after an entry change) | PermissionDenied |
+//! | the fleet authority refuses an X509-SVID a name needs | PermissionDenied |
 //! | agent starting/stopping, attestation could not run, SVID not issued | Unavailable |
 //! | the caller process exited or changed since it connected | Unauthenticated |
 //! | the caller's request budget is spent | ResourceExhausted |
@@ -26,7 +27,7 @@ use super::resources;
 use super::xds::Xds;
 use crate::caller::Callers;
 use crate::entries::{EntrySet, Identity};
-use crate::identity::{SvidCache, X509Svid};
+use crate::identity::{SignError, SvidCache, X509Svid};
 use crate::metrics::{MethodLabels, OpenStream};
 use crate::transport::grpc_frames::RequestMessages;
 use crate::transport::grpc_stream::{self, BoxStream, Outcome, StreamSender};
@@ -206,6 +207,19 @@ impl Svids {
     }
 }
 
+/// The status for an X509-SVID that could not be issued. The fleet
+/// authority's refusal is a decision, not an outage (as on the Workload
+/// API): PermissionDenied, so Envoy backs off instead of hammering; any
+/// other failure is Unavailable, which Envoy retries.
+fn issue_failure(e: SignError) -> Status {
+    match e {
+        SignError::Refused(why) => Status::permission_denied(format!(
+            "no identity issued: the fleet authority refused {why}"
+        )),
+        e => Status::unavailable(format!("could not issue X509-SVID: {e}")),
+    }
+}
+
 enum Prepared {
     Resources(Vec<prost_types::Any>),
     /// An SVID had expired (a wall-clock jump, or the signer was away):
@@ -235,9 +249,7 @@ async fn prepare(
         .map(|i| &identities[i])
         .collect();
     if let Err(e) = svids.hold(&state.cache, &needed).await {
-        return Prepared::Failed(Status::unavailable(format!(
-            "could not issue X509-SVID: {e}"
-        )));
+        return Prepared::Failed(issue_failure(e));
     }
     let mut current = Vec::with_capacity(needed.len());
     for ident in &needed {
@@ -385,5 +397,24 @@ async fn still_the_caller<M>(peer: &AttestedPeer, out: &StreamSender<M>) -> bool
             .await;
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_by_the_fleet_authority_is_permission_denied_an_outage_unavailable() {
+        let refused = issue_failure(SignError::Refused("node not entitled".into()));
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(refused.message().contains("node not entitled"));
+        let outage = issue_failure(SignError::Remote("connection refused".into()));
+        assert_eq!(outage.code(), tonic::Code::Unavailable);
+        assert!(outage.message().contains("connection refused"));
+        assert_eq!(
+            issue_failure(SignError::NoKey).code(),
+            tonic::Code::Unavailable
+        );
     }
 }
