@@ -116,15 +116,21 @@ pub struct RunningAuthority {
     pub addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    /// The server and its background tasks (admin listener, key reload).
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningAuthority {
     pub fn shutdown(&self) {
         self.shutdown.cancel();
     }
+    /// Returns once every task of this authority has ended, so what they
+    /// share (the audit log and its file lock, the listeners) is released: a
+    /// replica restarted in the same process can reopen them.
     pub async fn wait(self) {
-        let _ = self.task.await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
     }
 }
 
@@ -301,6 +307,7 @@ pub async fn start(
         source,
     })?;
 
+    let mut tasks = Vec::new();
     let admin_addr = match admin_listen {
         None => None,
         Some(a) => {
@@ -322,11 +329,11 @@ pub async fn start(
                 .route("/metrics", get(metrics))
                 .with_state(shared.clone());
             let sd = shutdown.clone();
-            tokio::spawn(async move {
+            tasks.push(tokio::spawn(async move {
                 let _ = axum::serve(l, app)
                     .with_graceful_shutdown(async move { sd.cancelled().await })
                     .await;
-            });
+            }));
             Some(local)
         }
     };
@@ -334,7 +341,7 @@ pub async fn start(
     // Key reload (Secret updates) and serving-certificate refresh.
     {
         let (shared, tls_config, sd) = (shared.clone(), tls_config.clone(), shutdown.clone());
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let mut issued = shared.clock.now();
             loop {
                 tokio::select! {
@@ -376,7 +383,7 @@ pub async fn start(
                     }
                 }
             }
-        });
+        }));
     }
 
     let app = Router::new()
@@ -408,13 +415,13 @@ pub async fn start(
             )
         },
     };
-    let task = tokio::spawn(server.serve(shutdown.clone()));
+    tasks.push(tokio::spawn(server.serve(shutdown.clone())));
     stop_on_error.disarm();
     Ok(RunningAuthority {
         addr,
         admin_addr,
         shutdown,
-        task,
+        tasks,
     })
 }
 
