@@ -42,6 +42,11 @@ pub struct RunningAgent {
     /// The HTTPS face's issuer URL and address, when `[https]` is configured.
     pub https_issuer: Option<String>,
     pub https_addr: Option<SocketAddr>,
+    /// The bundle endpoint, when `[bundle_endpoint]` is configured.
+    pub bundle_endpoint: Option<crate::federation::BundleEndpoint>,
+    /// Foreign bundle refresh (single-node mode; in upstream mode the fleet
+    /// authority fetches).
+    pub federation: Option<Arc<crate::federation::Federation>>,
     pub callers: Arc<Callers>,
     pub cache: Arc<SvidCache>,
     entries: watch::Sender<EntrySet>,
@@ -214,6 +219,34 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             upstream = Some(client.clone());
             (client, trust)
         }
+    };
+
+    // Foreign bundles kept from the last run (or bootstrap bundles) are in
+    // the trust store before the first workload connects.
+    let federation = local_authority.as_ref().map(|_| {
+        let federation = crate::federation::Federation::new(
+            trust.clone(),
+            Some(&config.data_dir),
+            metrics.federation.clone(),
+            clock.clone(),
+            crate::federation::RefreshBounds::default(),
+            shutdown.clone(),
+        );
+        federation.update(config.federation.clone());
+        federation
+    });
+    let bundle_endpoint = match (&config.bundle_endpoint, &local_authority) {
+        (Some(b), Some(authority)) => Some(
+            crate::federation::endpoint::serve(
+                b,
+                trust.clone(),
+                authority.clone(),
+                clock.clone(),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+        _ => None,
     };
 
     let listener = bind_socket(&config.socket_path, 0o777)?;
@@ -434,6 +467,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         admin_addr,
         https_issuer,
         https_addr,
+        bundle_endpoint,
+        federation,
         callers,
         cache,
         entries: entries_tx,
@@ -503,7 +538,12 @@ pub async fn run_until_signalled(
                 None => tracing::info!("SIGHUP ignored: the embedded config has nothing to reload"),
                 Some(path) => match Config::load(path) {
                     Ok(c) => {
-                        tracing::info!(entries = c.entries.len(), "reloaded entries from {}", path.display());
+                        tracing::info!(entries = c.entries.len(), federation = c.federation.len(), "reloaded entries and federation relationships from {}", path.display());
+                        // Relationships first: a new entry's federates_with
+                        // then finds its domain's bundle on the way.
+                        if let Some(f) = &agent.federation {
+                            f.update(c.federation);
+                        }
                         agent.set_entries(c.entries);
                         if let Some(ex) = agent.exchange.clone() {
                             let _ = tokio::task::spawn_blocking(move || ex.reload_policies()).await;

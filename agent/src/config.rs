@@ -83,6 +83,9 @@ struct RawConfig {
     server: Option<RawServer>,
     https: Option<RawHttps>,
     sds: Option<RawSds>,
+    #[serde(default)]
+    federation: Vec<RawFederation>,
+    bundle_endpoint: Option<RawBundleEndpoint>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +96,28 @@ struct RawSds {
     default_bundle_name: Option<Spanned<String>>,
     default_all_bundles_name: Option<Spanned<String>>,
     disable_spiffe_cert_validation: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFederation {
+    trust_domain: Spanned<String>,
+    bundle_endpoint_url: Spanned<String>,
+    bundle_endpoint_profile: Spanned<String>,
+    endpoint_spiffe_id: Option<Spanned<String>>,
+    bootstrap_bundle: Option<Spanned<PathBuf>>,
+    ca_file: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBundleEndpoint {
+    listen: Spanned<String>,
+    profile: Option<Spanned<String>>,
+    cert_file: Option<Spanned<PathBuf>>,
+    key_file: Option<Spanned<PathBuf>>,
+    refresh_hint: Option<Spanned<String>>,
+    reload_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +185,7 @@ struct RawServerKube {
 struct RawSvid {
     x509_ttl: Option<Spanned<String>>,
     jwt_ttl: Option<Spanned<String>>,
+    wit_ttl: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -212,6 +238,8 @@ struct RawEntry {
     hint: Option<Spanned<String>>,
     x509_ttl: Option<Spanned<String>>,
     jwt_ttl: Option<Spanned<String>>,
+    wit_ttl: Option<Spanned<String>>,
+    federates_with: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,6 +297,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub x509_ttl: Duration,
     pub jwt_ttl: Duration,
+    pub wit_ttl: Duration,
     pub authority: AuthorityConfig,
     pub proc_root: PathBuf,
     pub unix_attestor: tessera_attestor::UnixAttestorConfig,
@@ -307,6 +336,10 @@ pub struct Config {
     pub server: Option<crate::fleet::server::ServerConfig>,
     /// Envoy SDS on the Workload API socket: on unless `[sds] enabled = false`.
     pub sds: Option<crate::sds::SdsConfig>,
+    /// Foreign trust domains whose bundles are fetched (`[[federation]]`).
+    pub federation: Vec<crate::federation::Relationship>,
+    /// This trust domain's bundle endpoint (`[bundle_endpoint]`).
+    pub bundle_endpoint: Option<crate::federation::EndpointConfig>,
     /// Warnings to log once logging is set up (e.g. very short TTLs).
     pub warnings: Vec<String>,
 }
@@ -437,6 +470,12 @@ impl Config {
             Duration::from_secs(300),
             &mut warnings,
         )?;
+        let wit_ttl = cx.ttl(
+            "svid.wit_ttl",
+            &raw.svid.wit_ttl,
+            Duration::from_secs(3600),
+            &mut warnings,
+        )?;
         let ca_ttl = cx.ttl(
             "authority.ca_ttl",
             &raw.authority.ca_ttl,
@@ -450,6 +489,14 @@ impl Config {
             &mut warnings,
         )?;
 
+        let federation = Self::federation_config(&cx, &raw.federation, &trust_domain)?;
+        if let (Some(first), Some(_)) = (raw.federation.first(), &raw.upstream) {
+            return Err(cx.invalid(
+                "federation",
+                &first.trust_domain,
+                "in upstream mode the fleet authority fetches foreign bundles and agents receive them with the trust domain's bundle; configure [[federation]] on the authority",
+            ));
+        }
         let mut entries = Vec::with_capacity(raw.entries.len());
         for (i, e) in raw.entries.iter().enumerate() {
             let key = |k: &str| format!("entries[{i}].{k}");
@@ -484,12 +531,49 @@ impl Config {
             };
             let entry_x509 = cx.ttl(&key("x509_ttl"), &e.x509_ttl, x509_ttl, &mut warnings)?;
             let entry_jwt = cx.ttl(&key("jwt_ttl"), &e.jwt_ttl, jwt_ttl, &mut warnings)?;
+            let entry_wit = cx.ttl(&key("wit_ttl"), &e.wit_ttl, wit_ttl, &mut warnings)?;
+            let mut federates_with = Vec::new();
+            for d in e.federates_with.iter().flat_map(|l| l.get_ref()) {
+                let text = d.get_ref();
+                let td = spiffe::TrustDomain::new(text.strip_prefix("spiffe://").unwrap_or(text))
+                    .map_err(|err| {
+                    cx.invalid(
+                        &key("federates_with"),
+                        d,
+                        format!("{text:?} is not a trust domain: {err}"),
+                    )
+                })?;
+                if td == trust_domain {
+                    return Err(cx.invalid(
+                        &key("federates_with"),
+                        d,
+                        "names this agent's own trust domain, which every workload trusts already",
+                    ));
+                }
+                // Single node: the domain must be one this agent fetches. In
+                // upstream mode the fleet authority decides which it fetches.
+                if raw.upstream.is_none() && !federation.iter().any(|f| f.trust_domain == td) {
+                    return Err(cx.invalid(
+                        &key("federates_with"),
+                        d,
+                        format!(
+                            "no [[federation]] table for {:?}; add one naming its bundle endpoint",
+                            td.as_str()
+                        ),
+                    ));
+                }
+                if !federates_with.contains(&td.as_str().to_string()) {
+                    federates_with.push(td.as_str().to_string());
+                }
+            }
             entries.push(Entry {
                 template,
                 selectors,
                 hint,
                 x509_ttl: entry_x509,
                 jwt_ttl: entry_jwt,
+                wit_ttl: entry_wit,
+                federates_with: federates_with.into(),
             });
         }
 
@@ -682,6 +766,24 @@ impl Config {
                 keep
             });
         }
+        let bundle_endpoint = match &raw.bundle_endpoint {
+            None => None,
+            Some(_) if upstream.is_some() => {
+                return Err(ConfigError::Invalid {
+                    file: file.to_string(),
+                    line: 1,
+                    key: "bundle_endpoint".into(),
+                    message: "in upstream mode the fleet authority serves the trust domain's bundle endpoint; configure [bundle_endpoint] there".into(),
+                });
+            }
+            Some(b) => Some(Self::bundle_endpoint_config(
+                &cx,
+                b,
+                max_connections,
+                ca_ttl,
+                &mut warnings,
+            )?),
+        };
 
         Ok(Config {
             trust_domain,
@@ -689,6 +791,7 @@ impl Config {
             data_dir,
             x509_ttl,
             jwt_ttl,
+            wit_ttl,
             authority: AuthorityConfig {
                 ca_ttl,
                 jwt_key_ttl,
@@ -728,7 +831,239 @@ impl Config {
             upstream,
             server,
             sds,
+            federation,
+            bundle_endpoint,
             warnings,
+        })
+    }
+
+    fn federation_config(
+        cx: &Ctx<'_>,
+        raw: &[RawFederation],
+        own: &spiffe::TrustDomain,
+    ) -> Result<Vec<crate::federation::Relationship>, ConfigError> {
+        use crate::federation::{Profile, Relationship, url::EndpointUrl};
+        let mut out: Vec<Relationship> = Vec::with_capacity(raw.len());
+        for (i, f) in raw.iter().enumerate() {
+            let key = |k: &str| format!("federation[{i}].{k}");
+            let name = f.trust_domain.get_ref();
+            let td = spiffe::TrustDomain::new(name)
+                .ok()
+                .filter(|td| td.as_str() == name)
+                .ok_or_else(|| {
+                    cx.invalid(
+                        &key("trust_domain"),
+                        &f.trust_domain,
+                        "must be a bare, lowercase trust domain name such as \"partner.example\"",
+                    )
+                })?;
+            if &td == own {
+                return Err(cx.invalid(
+                    &key("trust_domain"),
+                    &f.trust_domain,
+                    "is this agent's own trust domain",
+                ));
+            }
+            if out.iter().any(|r| r.trust_domain == td) {
+                return Err(cx.invalid(
+                    &key("trust_domain"),
+                    &f.trust_domain,
+                    "appears in two [[federation]] tables",
+                ));
+            }
+            let url = EndpointUrl::parse(f.bundle_endpoint_url.get_ref()).map_err(|e| {
+                cx.invalid(
+                    &key("bundle_endpoint_url"),
+                    &f.bundle_endpoint_url,
+                    e.to_string(),
+                )
+            })?;
+            let profile = match f.bundle_endpoint_profile.get_ref().as_str() {
+                "https_web" => {
+                    for (k, v) in [
+                        (
+                            "endpoint_spiffe_id",
+                            f.endpoint_spiffe_id.as_ref().map(|s| s.span()),
+                        ),
+                        (
+                            "bootstrap_bundle",
+                            f.bootstrap_bundle.as_ref().map(|s| s.span()),
+                        ),
+                    ] {
+                        if let Some(span) = v {
+                            return Err(ConfigError::Invalid {
+                                file: cx.file.to_string(),
+                                line: cx.line(span),
+                                key: key(k),
+                                message:
+                                    "only used with bundle_endpoint_profile = \"https_spiffe\""
+                                        .into(),
+                            });
+                        }
+                    }
+                    Profile::HttpsWeb {
+                        ca_file: f.ca_file.as_ref().map(|p| p.get_ref().clone()),
+                    }
+                }
+                "https_spiffe" => {
+                    if let Some(ca) = &f.ca_file {
+                        return Err(cx.invalid(
+                            &key("ca_file"),
+                            ca,
+                            "only used with https_web; an https_spiffe endpoint is checked against its trust domain's bundle (bootstrap_bundle at first)",
+                        ));
+                    }
+                    let id_text = f.endpoint_spiffe_id.as_ref().ok_or_else(|| {
+                        cx.invalid(
+                            &key("endpoint_spiffe_id"),
+                            &f.bundle_endpoint_profile,
+                            "is required with https_spiffe: the SPIFFE ID the endpoint's certificate must carry",
+                        )
+                    })?;
+                    let endpoint_id = spiffe::SpiffeId::new(id_text.get_ref()).map_err(|e| {
+                        cx.invalid(
+                            &key("endpoint_spiffe_id"),
+                            id_text,
+                            format!("not a SPIFFE ID: {e}"),
+                        )
+                    })?;
+                    let same_domain = endpoint_id.is_member_of(&td);
+                    let bootstrap_bundle = match (&f.bootstrap_bundle, same_domain) {
+                        (Some(path), true) => {
+                            let bytes = std::fs::read(path.get_ref()).map_err(|e| {
+                                cx.invalid(
+                                    &key("bootstrap_bundle"),
+                                    path,
+                                    format!("cannot read {}: {e}", path.get_ref().display()),
+                                )
+                            })?;
+                            crate::identity::ForeignBundle::from_file_contents(td.clone(), &bytes)
+                                .map_err(|e| {
+                                    cx.invalid(
+                                        &key("bootstrap_bundle"),
+                                        path,
+                                        format!(
+                                            "{}: not a SPIFFE bundle or PEM certificates: {e}",
+                                            path.get_ref().display()
+                                        ),
+                                    )
+                                })?;
+                            Some(path.get_ref().clone())
+                        }
+                        (None, true) => {
+                            return Err(cx.invalid(
+                                &key("bootstrap_bundle"),
+                                &f.bundle_endpoint_profile,
+                                "is required with https_spiffe when the endpoint belongs to the trust domain it serves: the bundle (SPIFFE JSON or PEM) that authenticates the first fetch",
+                            ));
+                        }
+                        (Some(path), false) => {
+                            return Err(cx.invalid(
+                                &key("bootstrap_bundle"),
+                                path,
+                                format!("is not used: the endpoint's ID is in {:?}, whose bundle authenticates it", endpoint_id.trust_domain_name()),
+                            ));
+                        }
+                        (None, false) => None,
+                    };
+                    Profile::HttpsSpiffe {
+                        endpoint_id,
+                        bootstrap_bundle,
+                    }
+                }
+                _ => {
+                    return Err(cx.invalid(
+                        &key("bundle_endpoint_profile"),
+                        &f.bundle_endpoint_profile,
+                        "must be \"https_web\" or \"https_spiffe\"",
+                    ));
+                }
+            };
+            out.push(Relationship {
+                trust_domain: td,
+                url,
+                profile,
+            });
+        }
+        Ok(out)
+    }
+
+    fn bundle_endpoint_config(
+        cx: &Ctx<'_>,
+        b: &RawBundleEndpoint,
+        max_connections: usize,
+        ca_ttl: Duration,
+        warnings: &mut Vec<String>,
+    ) -> Result<crate::federation::EndpointConfig, ConfigError> {
+        use crate::federation::{EndpointConfig, EndpointProfile};
+        let listen = b.listen.get_ref().parse::<SocketAddr>().map_err(|e| {
+            cx.invalid(
+                "bundle_endpoint.listen",
+                &b.listen,
+                format!("not an address like 0.0.0.0:8443 ({e})"),
+            )
+        })?;
+        let profile = match b.profile.as_ref().map(|p| p.get_ref().as_str()) {
+            None | Some("https_spiffe") => {
+                if let Some(c) = b.cert_file.as_ref().or(b.key_file.as_ref()) {
+                    return Err(cx.invalid(
+                        "bundle_endpoint.cert_file",
+                        c,
+                        "only used with profile = \"https_web\"; https_spiffe serves an X509-SVID of this trust domain",
+                    ));
+                }
+                EndpointProfile::HttpsSpiffe
+            }
+            Some("https_web") => match (&b.cert_file, &b.key_file) {
+                (Some(c), Some(k)) => EndpointProfile::HttpsWeb {
+                    cert_file: c.get_ref().clone(),
+                    key_file: k.get_ref().clone(),
+                },
+                _ => {
+                    return Err(cx.invalid(
+                        "bundle_endpoint.cert_file",
+                        b.profile.as_ref().expect("matched Some"),
+                        "https_web needs cert_file and key_file: a Web PKI certificate for the endpoint's host name",
+                    ));
+                }
+            },
+            Some(_) => {
+                return Err(cx.invalid(
+                    "bundle_endpoint.profile",
+                    b.profile.as_ref().expect("matched Some"),
+                    "must be \"https_spiffe\" or \"https_web\"",
+                ));
+            }
+        };
+        let refresh_hint = Self::duration_or(
+            cx,
+            "bundle_endpoint.refresh_hint",
+            &b.refresh_hint,
+            Duration::from_secs(300),
+        )?;
+        // A new CA is published at half the CA's life and signs from two
+        // thirds: peers polling at the hint must see it well before.
+        let lead = ca_ttl / 6;
+        if lead < refresh_hint * 3 {
+            warnings.push(format!(
+                "{}: bundle_endpoint.refresh_hint {} is long for authority.ca_ttl {}: a new CA is published {} before it signs, and peers should fetch at least three times in between",
+                cx.file,
+                humantime::format_duration(refresh_hint),
+                humantime::format_duration(ca_ttl),
+                humantime::format_duration(lead),
+            ));
+        }
+        Ok(EndpointConfig {
+            listen,
+            profile,
+            refresh_hint,
+            reload_interval: Self::duration_or(
+                cx,
+                "bundle_endpoint.reload_interval",
+                &b.reload_interval,
+                Duration::from_secs(10),
+            )?,
+            max_connections,
         })
     }
 
@@ -1367,6 +1702,162 @@ mod tests {
         Config::parse(text, "t.toml").unwrap_err().to_string()
     }
 
+    fn federation(extra: &str) -> String {
+        format!(
+            "{MINIMAL}[[federation]]\ntrust_domain = \"partner.example\"\nbundle_endpoint_url = \"https://bundle.partner.example:8443/\"\nbundle_endpoint_profile = \"https_web\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn federation_tables_and_federates_with_validate_and_name_their_keys() {
+        use crate::federation::Profile;
+        let entry = |fw: &str| {
+            format!(
+                "[[entries]]\nspiffe_id = \"spiffe://example.org/w\"\nselectors = [\"unix:uid:1\"]\nfederates_with = {fw}\n"
+            )
+        };
+        let c = Config::parse(
+            &federation(&entry("[\"spiffe://partner.example\"]")),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.federation.len(), 1);
+        let r = &c.federation[0];
+        assert_eq!(r.trust_domain.as_str(), "partner.example");
+        assert_eq!(r.url.address(), "bundle.partner.example:8443");
+        assert_eq!(r.profile, Profile::HttpsWeb { ca_file: None });
+        let e = c.entries.iter().next().unwrap();
+        assert_eq!(&*e.federates_with, ["partner.example".to_string()]);
+
+        for (text, key, says) in [
+            (
+                format!("{MINIMAL}{}", entry("[\"partner.example\"]")),
+                "entries[0].federates_with",
+                "no [[federation]] table",
+            ),
+            (
+                federation(&entry("[\"example.org\"]")),
+                "entries[0].federates_with",
+                "own trust domain",
+            ),
+            (
+                federation(&entry("[\"Not A Domain\"]")),
+                "entries[0].federates_with",
+                "not a trust domain",
+            ),
+            (
+                federation("").replace("https://bundle", "http://bundle"),
+                "federation[0].bundle_endpoint_url",
+                "https://",
+            ),
+            (
+                federation("").replace("\"https_web\"", "\"https_pki\""),
+                "federation[0].bundle_endpoint_profile",
+                "https_web",
+            ),
+            (
+                federation("endpoint_spiffe_id = \"spiffe://partner.example/x\"\n"),
+                "federation[0].endpoint_spiffe_id",
+                "only used with",
+            ),
+            (
+                federation("").replace("\"https_web\"", "\"https_spiffe\""),
+                "federation[0].endpoint_spiffe_id",
+                "is required",
+            ),
+            (
+                federation("endpoint_spiffe_id = \"spiffe://partner.example/x\"\n")
+                    .replace("\"https_web\"", "\"https_spiffe\""),
+                "federation[0].bootstrap_bundle",
+                "is required",
+            ),
+            (
+                federation("endpoint_spiffe_id = \"spiffe://partner.example/x\"\nbootstrap_bundle = \"/nonexistent/b.pem\"\n")
+                    .replace("\"https_web\"", "\"https_spiffe\""),
+                "federation[0].bootstrap_bundle",
+                "cannot read",
+            ),
+            (
+                federation("").replace("partner.example\"\nbundle", "example.org\"\nbundle"),
+                "federation[0].trust_domain",
+                "own trust domain",
+            ),
+            (
+                format!("{}{}", federation(""), federation("").replace(MINIMAL, "")),
+                "federation[1].trust_domain",
+                "two [[federation]]",
+            ),
+        ] {
+            let e = err(&text);
+            assert!(e.contains(&format!("`{key}`")) && e.contains(says), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_https_spiffe_endpoint_of_another_domain_needs_no_bootstrap_bundle() {
+        let text =
+            federation("endpoint_spiffe_id = \"spiffe://example.org/tessera/bundle-endpoint\"\n")
+                .replace("\"https_web\"", "\"https_spiffe\"");
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert!(matches!(
+            &c.federation[0].profile,
+            crate::federation::Profile::HttpsSpiffe {
+                bootstrap_bundle: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn the_bundle_endpoint_table_validates_and_warns_about_a_long_hint() {
+        let c = Config::parse(
+            &format!("{MINIMAL}[bundle_endpoint]\nlisten = \"127.0.0.1:0\"\n"),
+            "t.toml",
+        )
+        .unwrap();
+        let b = c.bundle_endpoint.unwrap();
+        assert_eq!(b.profile, crate::federation::EndpointProfile::HttpsSpiffe);
+        assert_eq!(b.refresh_hint, Duration::from_secs(300));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let e = err(&format!(
+            "{MINIMAL}[bundle_endpoint]\nlisten = \"127.0.0.1:0\"\nprofile = \"https_web\"\n"
+        ));
+        assert!(e.contains("cert_file and key_file"), "{e}");
+        let e = err(&format!(
+            "{MINIMAL}[bundle_endpoint]\nlisten = \"127.0.0.1:0\"\ncert_file = \"/c\"\n"
+        ));
+        assert!(e.contains("`bundle_endpoint.cert_file`"), "{e}");
+        let c = Config::parse(
+            &format!("{MINIMAL}[authority]\nca_ttl = \"1h\"\n[bundle_endpoint]\nlisten = \"127.0.0.1:0\"\nrefresh_hint = \"1h\"\n"),
+            "t.toml",
+        )
+        .unwrap();
+        assert!(
+            c.warnings.iter().any(|w| w.contains("refresh_hint")),
+            "{:?}",
+            c.warnings
+        );
+    }
+
+    #[test]
+    fn upstream_mode_refuses_federation_and_the_bundle_endpoint() {
+        let up = "[upstream]\naddresses = [\"a:1\"]\nbundle_file = \"/b.pem\"\nnode_attestation = \"join_token\"\ntoken_file = \"/t\"\n";
+        let e = err(&format!("{}{up}", federation("")));
+        assert!(e.contains("`federation`") && e.contains("authority"), "{e}");
+        let e = err(&format!(
+            "{MINIMAL}{up}[bundle_endpoint]\nlisten = \"127.0.0.1:0\"\n"
+        ));
+        assert!(e.contains("`bundle_endpoint`"), "{e}");
+        // federates_with in upstream mode names any domain: the authority
+        // decides which it fetches.
+        let c = Config::parse(
+            &format!("{MINIMAL}{up}[[entries]]\nspiffe_id = \"spiffe://example.org/w\"\nselectors = [\"unix:uid:1\"]\nfederates_with = [\"partner.example\"]\n"),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.entries.len(), 1);
+    }
+
     #[test]
     fn upstream_and_server_tables_validate_and_name_their_keys() {
         let up = |extra: &str| {
@@ -1548,6 +2039,8 @@ mod tests {
         let text = include_str!("../../examples/tessera.toml");
         let c = Config::parse(text, "examples/tessera.toml").unwrap();
         assert!(c.entries.len() >= 2);
+        assert_eq!(c.federation.len(), 1);
+        assert!(c.bundle_endpoint.is_some());
         let x = c.exchange.expect("the example enables the exchange");
         assert_eq!(x.max_ttl, Duration::from_secs(900));
         assert_eq!(x.issuer, "spiffe://example.org/tessera");

@@ -138,6 +138,10 @@ pub struct Entry {
     pub hint: Option<String>,
     pub x509_ttl: Duration,
     pub jwt_ttl: Duration,
+    pub wit_ttl: Duration,
+    /// Foreign trust domains (names, without `spiffe://`) whose bundles the
+    /// workload receives and trusts.
+    pub federates_with: Arc<[String]>,
 }
 
 /// An identity a workload is entitled to.
@@ -147,6 +151,17 @@ pub struct Identity {
     pub hint: Option<String>,
     pub x509_ttl: Duration,
     pub jwt_ttl: Duration,
+    pub wit_ttl: Duration,
+    /// The entry's `federates_with`.
+    pub federates_with: Arc<[String]>,
+}
+
+/// The foreign trust domains any of `identities` federates with (names,
+/// possibly repeated): what a workload holding them may trust.
+pub fn federated_domains(identities: &[Identity]) -> impl Iterator<Item = &str> {
+    identities
+        .iter()
+        .flat_map(|i| i.federates_with.iter().map(String::as_str))
 }
 
 /// The ordered set of entries in force, indexed so that matching a workload
@@ -260,6 +275,8 @@ impl EntrySet {
                 hint,
                 x509_ttl: entry.x509_ttl,
                 jwt_ttl: entry.jwt_ttl,
+                wit_ttl: entry.wit_ttl,
+                federates_with: entry.federates_with.clone(),
             });
         }
         out
@@ -277,6 +294,8 @@ mod tests {
             hint: hint.map(str::to_string),
             x509_ttl: Duration::from_secs(3600),
             jwt_ttl: Duration::from_secs(300),
+            wit_ttl: Duration::from_secs(3600),
+            federates_with: Default::default(),
         }
     }
 

@@ -9,7 +9,8 @@
 //! * [`client`]: the agent side. Workload keys are generated on the node and
 //!   sent as CSRs in batches; private keys never leave it. The trust bundle is
 //!   polled and pushed to open Workload API streams.
-//! * [`wire`]: the JSON bodies both sides exchange over mTLS ([`tls`], [`http`]).
+//! * [`wire`]: the JSON bodies both sides exchange over mTLS ([`tls`], and
+//!   `transport::https_client`).
 //! * The fleet's shared state: revocations made on any node reach every node
 //!   through a store the replicas share ([`store`], on the Kubernetes API
 //!   through [`informer`]); replicas take them from nodes and stream them
@@ -21,7 +22,6 @@ pub mod client;
 pub mod entitlement;
 pub mod feed;
 pub mod follow;
-pub mod http;
 pub mod informer;
 pub mod join;
 pub mod kube;

@@ -10,16 +10,21 @@
 //! * Below them: [`keyring`] (the rollover schedule), [`keys`] (CA and JWT
 //!   key material and certificate profiles), [`key_files`] (operator CA and
 //!   the fleet key directory), [`state_file`] (`authority.json`), [`jws`]
-//!   (ES256 JWS) and [`pem`].
+//!   (ES256 JWS), [`pem`], [`certs`] (reading a certificate),
+//!   [`spiffe_bundle`] (the SPIFFE bundle document, ours and foreign ones)
+//!   and [`serving_cert`] (a TLS server certificate kept current).
 
 pub mod cache;
+pub mod certs;
 pub mod jws;
 pub mod key_files;
 pub mod keyring;
 pub mod keys;
 pub mod local;
 pub mod pem;
+pub mod serving_cert;
 pub mod signer;
+pub mod spiffe_bundle;
 pub mod state_file;
 pub mod svid;
 pub mod trust_store;
@@ -27,5 +32,6 @@ pub mod trust_store;
 pub use cache::SvidCache;
 pub use local::{AuthoritySettings, LocalAuthority};
 pub use signer::{SignError, SignFuture, Signer};
-pub use svid::{JwtSvid, SignedCert, TrustBundle, X509Svid};
+pub use spiffe_bundle::ForeignBundle;
+pub use svid::{FederatedBundles, JwtSvid, SignedCert, TrustBundle, X509Svid};
 pub use trust_store::TrustStore;

@@ -24,6 +24,7 @@ pub mod clock;
 pub mod config;
 pub mod entries;
 pub mod exchange;
+pub mod federation;
 pub mod fleet;
 pub mod fsutil;
 pub mod https;

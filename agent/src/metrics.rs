@@ -25,8 +25,53 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrustDomainLabels {
+    pub trust_domain: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FederationLabels {
+    pub trust_domain: String,
+    pub result: &'static str,
+}
+
+/// Federation: foreign bundle fetches. Registered in the agent's registry
+/// and in the fleet authority's (whichever fetches).
+#[derive(Clone, Debug, Default)]
+pub struct FederationMetrics {
+    /// Fetches by trust domain and result (`updated`, `unchanged`,
+    /// `fetch_error`, `invalid`, `stale`).
+    pub refreshes: Family<FederationLabels, Counter>,
+    /// Unix time of the last successful fetch, per trust domain.
+    pub last_success: Family<TrustDomainLabels, Gauge>,
+    /// `spiffe_sequence` of the bundle in use, per trust domain.
+    pub sequence: Family<TrustDomainLabels, Gauge>,
+}
+
+impl FederationMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "federation_bundle_refreshes",
+            "Foreign bundle fetches by trust domain and result (updated, unchanged, fetch_error, invalid, stale)",
+            self.refreshes.clone(),
+        );
+        registry.register(
+            "federation_bundle_last_success_timestamp_seconds",
+            "Unix time of the last successful fetch of a foreign trust domain's bundle",
+            self.last_success.clone(),
+        );
+        registry.register(
+            "federation_bundle_sequence",
+            "spiffe_sequence of the foreign bundle in use (0 if it has none)",
+            self.sequence.clone(),
+        );
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub federation: FederationMetrics,
     pub rpcs: Family<RpcLabels, Counter>,
     pub rpc_seconds: Family<MethodLabels, Histogram>,
     pub open_streams: Family<MethodLabels, Gauge>,
@@ -263,8 +308,11 @@ impl Metrics {
             "Upstream mode: 1 while the stream of the fleet's revocations is open",
             fleet_stream_connected.clone(),
         );
+        let federation = FederationMetrics::default();
+        federation.register(&mut registry);
         Self {
             registry,
+            federation,
             upstream_reachable,
             upstream_requests,
             fleet_revocations_published,

@@ -14,7 +14,10 @@
 //! * [`authority_header`]: accepts the socket path that some gRPC clients
 //!   send as HTTP/2 `:authority`.
 //! * [`idle`]: closes connections with nothing open for a while.
-//! * [`tls`]: axum over TLS on TCP (the fleet authority, the HTTPS face).
+//! * [`tls`]: axum over TLS on TCP (the fleet authority, the HTTPS face,
+//!   the bundle endpoint).
+//! * [`https_client`]: one HTTPS request (agent → fleet authority,
+//!   authority → Kubernetes API, federation → foreign bundle endpoints).
 
 pub mod accept;
 pub mod authority_header;
@@ -22,6 +25,7 @@ pub mod grpc;
 pub mod grpc_frames;
 pub mod grpc_stream;
 pub mod http;
+pub mod https_client;
 pub mod idle;
 pub mod peer;
 pub mod tls;

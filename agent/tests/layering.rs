@@ -25,7 +25,15 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("callers", &["caller"]),
     (
         "services",
-        &["workload_api", "sds", "exchange", "fleet", "https", "admin"],
+        &[
+            "workload_api",
+            "sds",
+            "exchange",
+            "fleet",
+            "federation",
+            "https",
+            "admin",
+        ],
     ),
     ("wiring", &["config", "app"]),
     ("edge", &["cli"]),

@@ -471,8 +471,8 @@ impl KubeApi {
         body: Option<&Value>,
     ) -> (u16, Value) {
         let addr = format!("127.0.0.1:{}", self.port);
-        let (status, bytes) =
-            tessera_agent::fleet::http::send(tessera_agent::fleet::http::Request {
+        let (status, bytes) = tessera_agent::transport::https_client::send(
+            tessera_agent::transport::https_client::Request {
                 addr: &addr,
                 server_name: "127.0.0.1",
                 tls: self.tls.clone(),
@@ -482,9 +482,10 @@ impl KubeApi {
                 content_type,
                 body: body.map(|b| b.to_string().into_bytes()),
                 timeout: Duration::from_secs(30),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("{path}: {e}"));
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
         (
             status,
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),

@@ -22,13 +22,14 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
+use super::tls;
 use super::wire::{self, BundleDoc};
-use super::{http, tls};
 use crate::clock::Clock;
 use crate::identity::jws::PublicJwk;
 use crate::identity::{JwtSvid, SignError, SignFuture, Signer, TrustStore, X509Svid};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::sync::Mutex;
+use crate::transport::https_client as http;
 
 /// How the node proves itself to the authority.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,6 +247,7 @@ impl Upstream {
         let store = TrustStore::new(
             trust_domain.clone(),
             clock.clone(),
+            Vec::new(),
             Vec::new(),
             Vec::new(),
             Vec::new(),
@@ -755,7 +757,7 @@ impl Upstream {
                 .max()
                 .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
         }
-        Ok(self.store.publish(x509, jwt))
+        Ok(self.store.publish(x509, jwt, Vec::new()))
     }
 
     /// Background work: poll the bundle (streams get changes), and renew the

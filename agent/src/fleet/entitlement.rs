@@ -125,6 +125,8 @@ mod tests {
             hint: None,
             x509_ttl: Duration::from_secs(3600),
             jwt_ttl: Duration::from_secs(300),
+            wit_ttl: Duration::from_secs(3600),
+            federates_with: Default::default(),
         }
     }
 

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tessera_attestor::pods::{Pod, PodList};
 
-use super::http;
+use crate::transport::https_client as http;
 
 #[derive(Debug, Clone)]
 pub struct KubeConfig {

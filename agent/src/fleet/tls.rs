@@ -93,27 +93,7 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// A certificate's notAfter.
-pub fn not_after(cert_der: &[u8]) -> Option<std::time::SystemTime> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
-    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
-    Some(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
-}
-
-/// The one `spiffe://` URI SAN of a certificate.
-pub fn spiffe_id_of(cert_der: &[u8]) -> Option<spiffe::SpiffeId> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(u) => Some(*u),
-        _ => None,
-    });
-    let first = uris.next()?;
-    if uris.next().is_some() {
-        return None;
-    }
-    spiffe::SpiffeId::new(first).ok()
-}
+pub use crate::identity::certs::{not_after, spiffe_id_of};
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,11 @@
-//! ES256 JSON Web Signatures in compact form, for JWT-SVIDs.
+//! JSON Web Signatures in compact form, for JWT-SVIDs, WIT-SVIDs and access
+//! tokens.
 //!
-//! ring signs ECDSA in the fixed r||s form JWS needs (rcgen and most X.509
-//! code use DER signatures instead).
+//! Tessera signs ES256 only ([`Es256Signer`], [`PublicJwk`]); ring signs
+//! ECDSA in the fixed r||s form JWS needs (rcgen and most X.509 code use DER
+//! signatures instead). A federated trust domain may sign with other keys,
+//! so verification goes through [`JwsKey`]: our own [`PublicJwk`]s, or the
+//! [`VerifyingKey`]s of a foreign bundle (P-256, P-384 and RSA keys).
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -29,6 +33,8 @@ pub enum JwtError {
     UnknownKey(String),
     #[error("token signature is invalid")]
     Signature,
+    #[error("key {kid:?} cannot verify {alg} signatures")]
+    KeyAlgorithm { kid: String, alg: String },
     #[error("token claims are invalid: {0}")]
     Claims(&'static str),
     #[error("token has expired")]
@@ -37,6 +43,10 @@ pub enum JwtError {
     NotYetValid,
     #[error("expected audience {0:?} is not in the token's aud claim")]
     Audience(String),
+    #[error(
+        "no trusted bundle for trust domain {0:?} (the workload's entries do not federate with it, or its bundle was never fetched)"
+    )]
+    UntrustedDomain(String),
 }
 
 /// Public half of an ES256 key, as published in a JWKS.
@@ -77,6 +87,172 @@ impl PublicJwk {
             "kid": self.kid,
             "use": key_use,
         })
+    }
+}
+
+/// A key that verifies JWS signatures, found by its `kid`.
+pub trait JwsKey {
+    fn kid(&self) -> &str;
+    /// Checks `signature` over `signed` for the header's `alg`.
+    fn verify(&self, alg: &str, signed: &[u8], signature: &[u8]) -> Result<(), JwtError>;
+}
+
+fn ring_verify(
+    algorithm: &'static dyn signature::VerificationAlgorithm,
+    public_key: &[u8],
+    signed: &[u8],
+    sig: &[u8],
+) -> Result<(), JwtError> {
+    signature::UnparsedPublicKey::new(algorithm, public_key)
+        .verify(signed, sig)
+        .map_err(|_| JwtError::Signature)
+}
+
+impl JwsKey for PublicJwk {
+    fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    fn verify(&self, alg: &str, signed: &[u8], sig: &[u8]) -> Result<(), JwtError> {
+        if alg != "ES256" {
+            return Err(JwtError::KeyAlgorithm {
+                kid: self.kid.clone(),
+                alg: alg.into(),
+            });
+        }
+        ring_verify(
+            &signature::ECDSA_P256_SHA256_FIXED,
+            &self.point,
+            signed,
+            sig,
+        )
+    }
+}
+
+/// The public material of a verification key from a JWK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyMaterial {
+    /// Uncompressed P-256 point.
+    P256(Vec<u8>),
+    /// Uncompressed P-384 point.
+    P384(Vec<u8>),
+    /// RSA modulus and exponent, big-endian.
+    Rsa { n: Vec<u8>, e: Vec<u8> },
+    /// A key type Tessera cannot verify with (P-521, Ed25519, ...): kept so
+    /// it is still handed to workloads, whose libraries may.
+    Unsupported(String),
+}
+
+/// A verification key of any trust domain's bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyingKey {
+    pub kid: String,
+    pub material: KeyMaterial,
+}
+
+/// Why a JWK could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwkError {
+    #[error("JWK has no {0:?}")]
+    Missing(&'static str),
+    #[error("JWK member {0:?} is not valid base64url")]
+    Encoding(&'static str),
+    #[error("JWK {0}")]
+    Invalid(&'static str),
+}
+
+impl VerifyingKey {
+    /// Reads the public key of an RFC 7517 JWK (`kid` required).
+    pub fn from_jwk(jwk: &Value) -> Result<Self, JwkError> {
+        let text = |k: &'static str| {
+            jwk.get(k)
+                .and_then(Value::as_str)
+                .ok_or(JwkError::Missing(k))
+        };
+        let bytes = |k: &'static str| B64.decode(text(k)?).map_err(|_| JwkError::Encoding(k));
+        let kid = text("kid")?;
+        if kid.is_empty() {
+            return Err(JwkError::Missing("kid"));
+        }
+        let material = match text("kty")? {
+            "EC" => {
+                let (x, y) = (bytes("x")?, bytes("y")?);
+                let (len, wrap): (usize, fn(Vec<u8>) -> KeyMaterial) = match text("crv")? {
+                    "P-256" => (32, KeyMaterial::P256),
+                    "P-384" => (48, KeyMaterial::P384),
+                    other => {
+                        return Ok(Self {
+                            kid: kid.into(),
+                            material: KeyMaterial::Unsupported(format!("EC {other}")),
+                        });
+                    }
+                };
+                if x.len() != len || y.len() != len {
+                    return Err(JwkError::Invalid(
+                        "x or y has the wrong length for its curve",
+                    ));
+                }
+                let mut point = vec![4u8];
+                point.extend_from_slice(&x);
+                point.extend_from_slice(&y);
+                wrap(point)
+            }
+            "RSA" => KeyMaterial::Rsa {
+                n: bytes("n")?,
+                e: bytes("e")?,
+            },
+            other => KeyMaterial::Unsupported(other.to_string()),
+        };
+        Ok(Self {
+            kid: kid.into(),
+            material,
+        })
+    }
+}
+
+impl From<&PublicJwk> for VerifyingKey {
+    fn from(k: &PublicJwk) -> Self {
+        Self {
+            kid: k.kid.clone(),
+            material: KeyMaterial::P256(k.point.clone()),
+        }
+    }
+}
+
+impl JwsKey for VerifyingKey {
+    fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    fn verify(&self, alg: &str, signed: &[u8], sig: &[u8]) -> Result<(), JwtError> {
+        use signature as s;
+        let mismatch = || JwtError::KeyAlgorithm {
+            kid: self.kid.clone(),
+            alg: alg.into(),
+        };
+        match (&self.material, alg) {
+            (KeyMaterial::P256(p), "ES256") => {
+                ring_verify(&s::ECDSA_P256_SHA256_FIXED, p, signed, sig)
+            }
+            (KeyMaterial::P384(p), "ES384") => {
+                ring_verify(&s::ECDSA_P384_SHA384_FIXED, p, signed, sig)
+            }
+            (KeyMaterial::Rsa { n, e }, _) => {
+                let params: &s::RsaParameters = match alg {
+                    "RS256" => &s::RSA_PKCS1_2048_8192_SHA256,
+                    "RS384" => &s::RSA_PKCS1_2048_8192_SHA384,
+                    "RS512" => &s::RSA_PKCS1_2048_8192_SHA512,
+                    "PS256" => &s::RSA_PSS_2048_8192_SHA256,
+                    "PS384" => &s::RSA_PSS_2048_8192_SHA384,
+                    "PS512" => &s::RSA_PSS_2048_8192_SHA512,
+                    _ => return Err(mismatch()),
+                };
+                s::RsaPublicKeyComponents { n, e }
+                    .verify(params, signed, sig)
+                    .map_err(|_| JwtError::Signature)
+            }
+            _ => Err(mismatch()),
+        }
     }
 }
 
@@ -136,9 +312,9 @@ pub struct VerifiedJwt {
 
 /// Verifies a JWT-SVID's compact JWS against `keys` (by `kid`): `typ`, when
 /// present, must be `JWT` or `JOSE`. Claims are not checked here.
-pub fn verify<'a>(
+pub fn verify<'a, K: JwsKey + 'a>(
     token: &str,
-    keys: impl IntoIterator<Item = &'a PublicJwk>,
+    keys: impl IntoIterator<Item = &'a K>,
 ) -> Result<VerifiedJwt, JwtError> {
     verify_typed(token, keys, |typ| match typ {
         None | Some("JWT" | "JOSE") => Ok(()),
@@ -158,9 +334,9 @@ pub fn verify_access_token<'a>(
     })
 }
 
-fn verify_typed<'a>(
+fn verify_typed<'a, K: JwsKey + 'a>(
     token: &str,
-    keys: impl IntoIterator<Item = &'a PublicJwk>,
+    keys: impl IntoIterator<Item = &'a K>,
     check_typ: impl FnOnce(Option<&str>) -> Result<(), JwtError>,
 ) -> Result<VerifiedJwt, JwtError> {
     let mut parts = token.split('.');
@@ -194,18 +370,25 @@ fn verify_typed<'a>(
         .ok_or(JwtError::MissingKid)?;
     let key = keys
         .into_iter()
-        .find(|k| k.kid == kid)
+        .find(|k| k.kid() == kid)
         .ok_or_else(|| JwtError::UnknownKey(kid.to_string()))?;
-    if alg != "ES256" {
-        return Err(JwtError::UnknownKey(kid.to_string()));
-    }
     let sig = B64.decode(s).map_err(|_| JwtError::Malformed)?;
     let signed_len = h.len() + 1 + c.len();
-    signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &key.point)
-        .verify(&token.as_bytes()[..signed_len], &sig)
-        .map_err(|_| JwtError::Signature)?;
+    key.verify(alg, &token.as_bytes()[..signed_len], &sig)?;
     let claims = decode_json(c).ok_or(JwtError::Claims("not base64url JSON"))?;
     Ok(VerifiedJwt { header, claims })
+}
+
+/// The claims of a compact JWS, signature unchecked: only to find which
+/// bundle verifies it.
+pub fn unverified_claims(token: &str) -> Result<Map<String, Value>, JwtError> {
+    let mut parts = token.split('.');
+    let (Some(_), Some(c), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwtError::Malformed);
+    };
+    decode_json(c).ok_or(JwtError::Claims("not base64url JSON"))
 }
 
 fn decode_json(part: &str) -> Option<Map<String, Value>> {
@@ -318,7 +501,47 @@ mod tests {
         ));
         assert!(matches!(
             verify(&tok(r#"{"alg":"RS256","kid":"k1"}"#), [&jwk]),
-            Err(JwtError::UnknownKey(_))
+            Err(JwtError::KeyAlgorithm { .. })
         ));
+    }
+
+    #[test]
+    fn foreign_keys_verify_their_own_algorithms_only() {
+        let s = signer();
+        let token = s.sign("JWT", &serde_json::json!({"sub": "x"})).unwrap();
+        let jwk = s.public_jwk().to_json("jwt-svid");
+        let key = VerifyingKey::from_jwk(&jwk).unwrap();
+        assert_eq!(key, VerifyingKey::from(&s.public_jwk()));
+        assert!(verify(&token, [&key]).is_ok());
+        let as_p384 = VerifyingKey {
+            kid: "k1".into(),
+            material: KeyMaterial::P384(vec![4; 97]),
+        };
+        assert!(matches!(
+            verify(&token, [&as_p384]),
+            Err(JwtError::KeyAlgorithm { .. })
+        ));
+        let rsa = VerifyingKey::from_jwk(
+            &serde_json::json!({"kty": "RSA", "kid": "r", "n": "AQAB", "e": "AQAB"}),
+        )
+        .unwrap();
+        assert!(matches!(rsa.material, KeyMaterial::Rsa { .. }));
+        let ed = VerifyingKey::from_jwk(
+            &serde_json::json!({"kty": "OKP", "crv": "Ed25519", "kid": "e", "x": "AA"}),
+        )
+        .unwrap();
+        assert_eq!(ed.material, KeyMaterial::Unsupported("OKP".into()));
+        assert_eq!(
+            VerifyingKey::from_jwk(&serde_json::json!({"kty": "EC", "crv": "P-256"})),
+            Err(JwkError::Missing("kid"))
+        );
+        assert_eq!(
+            VerifyingKey::from_jwk(
+                &serde_json::json!({"kty": "EC", "crv": "P-256", "kid": "k", "x": "AA", "y": "AA"})
+            ),
+            Err(JwkError::Invalid(
+                "x or y has the wrong length for its curve"
+            ))
+        );
     }
 }

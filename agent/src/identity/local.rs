@@ -143,6 +143,7 @@ impl LocalAuthority {
             clock.clone(),
             ca_bundle(&rings.cas),
             public_keys(&rings.jwt),
+            Vec::new(),
             public_keys(&rings.access),
         );
         Arc::new(Self {
@@ -192,7 +193,7 @@ impl LocalAuthority {
         *rings = fresh;
         self.store.set_access_keys(public_keys(&rings.access));
         self.store
-            .publish(ca_bundle(&rings.cas), public_keys(&rings.jwt));
+            .publish(ca_bundle(&rings.cas), public_keys(&rings.jwt), Vec::new());
         Ok(true)
     }
 
@@ -315,7 +316,7 @@ impl LocalAuthority {
             // (e.g. after the clock went back) must be in the bundle before
             // any SVID it signs can be served with a bundle.
             self.store
-                .publish(ca_bundle(&rings.cas), public_keys(&rings.jwt));
+                .publish(ca_bundle(&rings.cas), public_keys(&rings.jwt), Vec::new());
         }
         let next = [
             rings.cas.next_event(),

@@ -1,12 +1,14 @@
 //! What the identity layer hands out: issued SVIDs and the trust bundle.
 //! Plain values, shared by `Arc`; nothing here signs or verifies.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use prost::bytes::Bytes;
 
 use super::jws::PublicJwk;
+use super::spiffe_bundle::ForeignBundle;
 
 /// An issued X509-SVID. The private key lives only in memory.
 #[derive(Clone)]
@@ -78,8 +80,12 @@ pub fn for_token_service(claims: &serde_json::Value) -> bool {
     }
 }
 
-/// What relying parties need: CA certificates and the JWKS. Shared by every
-/// stream via `Arc`, rebuilt only when a key is added or removed.
+/// Foreign trust domains' bundles, by trust domain name.
+pub type FederatedBundles = BTreeMap<String, Arc<ForeignBundle>>;
+
+/// What relying parties need: this trust domain's CA certificates and
+/// signing keys, and the bundles of the trust domains it federates with.
+/// Shared by every stream via `Arc`, rebuilt only when a bundle changes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrustBundle {
     /// Concatenated DER CA certificates.
@@ -87,20 +93,55 @@ pub struct TrustBundle {
     /// JWKS document with `use: jwt-svid` keys, each with a `kid`.
     pub jwks: Bytes,
     pub jwt_keys: Arc<[PublicJwk]>,
+    /// WIT-SVID signing keys, and their JWKS document (`use: wit-svid`).
+    pub wit_keys: Arc<[PublicJwk]>,
+    pub wit_jwks: Bytes,
+    /// This trust domain's bundle sequence (`spiffe_sequence`): changes with
+    /// its own keys only, not with federated bundles.
     pub sequence: u64,
+    pub federated: Arc<FederatedBundles>,
+}
+
+fn jwks(keys: &[PublicJwk], key_use: &str) -> Bytes {
+    let doc = serde_json::json!({
+        "keys": keys.iter().map(|k| k.to_json(key_use)).collect::<Vec<_>>(),
+    });
+    Bytes::from(doc.to_string())
 }
 
 impl TrustBundle {
-    /// A bundle of `cas` (DER, concatenated) and `jwt_keys`.
-    pub fn new(x509: Vec<u8>, jwt_keys: Vec<PublicJwk>, sequence: u64) -> Self {
-        let jwks = serde_json::json!({
-            "keys": jwt_keys.iter().map(|k| k.to_json("jwt-svid")).collect::<Vec<_>>(),
-        });
+    /// A bundle of `cas` (DER, concatenated), `jwt_keys` and `wit_keys`,
+    /// federating with no one.
+    pub fn new(
+        x509: Vec<u8>,
+        jwt_keys: Vec<PublicJwk>,
+        wit_keys: Vec<PublicJwk>,
+        sequence: u64,
+    ) -> Self {
         Self {
             x509: Bytes::from(x509),
-            jwks: Bytes::from(jwks.to_string()),
+            jwks: jwks(&jwt_keys, "jwt-svid"),
             jwt_keys: jwt_keys.into(),
+            wit_jwks: jwks(&wit_keys, "wit-svid"),
+            wit_keys: wit_keys.into(),
             sequence,
+            federated: Arc::default(),
         }
+    }
+
+    /// The bundles of `domains` (trust domain names) that are known, in
+    /// name order, each once: what a workload whose entries federate with
+    /// `domains` may trust.
+    pub fn federated_for<'a>(
+        &'a self,
+        domains: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<&'a Arc<ForeignBundle>> {
+        let mut names: Vec<&str> = domains.into_iter().collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+            .into_iter()
+            .filter_map(|name| self.federated.get(name))
+            .collect()
     }
 }

@@ -21,8 +21,8 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::caller::Callers;
-use crate::entries::{EntrySet, Identity};
-use crate::identity::{SignError, SvidCache, TrustBundle, X509Svid};
+use crate::entries::{EntrySet, Identity, federated_domains};
+use crate::identity::{ForeignBundle, SignError, SvidCache, TrustBundle, X509Svid};
 use crate::metrics::OpenStream;
 use crate::transport::grpc_stream::{self as stream, BoxStream, Outcome, StreamSender};
 
@@ -132,7 +132,53 @@ struct Opened {
 enum Wake {
     Ended,
     Entries,
+    /// The trust bundle (own or federated) changed.
+    Bundle,
+    /// An SVID changed.
     Update,
+}
+
+/// The own trust domain's bundle (keyed by its SPIFFE ID) and those of the
+/// foreign domains `identities` federate with, by `pick`.
+fn bundle_map<V>(
+    td: &str,
+    identities: &[Identity],
+    bundle: &TrustBundle,
+    own: impl FnOnce(&TrustBundle) -> V,
+    foreign: impl Fn(&ForeignBundle) -> V,
+) -> HashMap<String, V> {
+    let mut map = federated_map(identities, bundle, foreign);
+    map.insert(td.to_string(), own(bundle));
+    map
+}
+
+/// The bundles of the foreign domains `identities` federate with, keyed by
+/// their trust domain's SPIFFE ID (`spiffe://<name>`, as SPIRE keys them).
+fn federated_map<V>(
+    identities: &[Identity],
+    bundle: &TrustBundle,
+    pick: impl Fn(&ForeignBundle) -> V,
+) -> HashMap<String, V> {
+    bundle
+        .federated_for(federated_domains(identities))
+        .into_iter()
+        .map(|b| (b.trust_domain.id_string(), pick(b)))
+        .collect()
+}
+
+/// Whether a workload holding `identities` sees the same in `old` and
+/// `new`: its own trust domain's bundle and the foreign bundles it
+/// federates with (compared by identity: a foreign bundle is replaced whole
+/// when its keys change).
+fn same_view(identities: &[Identity], old: &TrustBundle, new: &TrustBundle) -> bool {
+    old.sequence == new.sequence
+        && federated_domains(identities).all(|d| {
+            match (old.federated.get(d), new.federated.get(d)) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+        })
 }
 
 fn x509_response(
@@ -153,7 +199,7 @@ fn x509_response(
             })
             .collect(),
         crl: Vec::new(),
-        federated_bundles: HashMap::new(),
+        federated_bundles: federated_map(identities, bundle, |b| b.x509.clone()),
     }
 }
 
@@ -181,9 +227,11 @@ impl pb::server::SpiffeWorkloadApi for WorkloadApi {
             "FetchX509Bundles",
             &request,
             |state, peer, opened, out, _| {
-                bundle_stream(state, peer, opened, out, |td, b| pb::X509BundlesResponse {
-                    crl: Vec::new(),
-                    bundles: HashMap::from([(td, b.x509.clone())]),
+                bundle_stream(state, peer, opened, out, |td, ids, b| {
+                    pb::X509BundlesResponse {
+                        crl: Vec::new(),
+                        bundles: bundle_map(td, ids, b, |b| b.x509.clone(), |f| f.x509.clone()),
+                    }
                 })
             },
         )
@@ -198,8 +246,10 @@ impl pb::server::SpiffeWorkloadApi for WorkloadApi {
             "FetchJWTBundles",
             &request,
             |state, peer, opened, out, _| {
-                bundle_stream(state, peer, opened, out, |td, b| pb::JwtBundlesResponse {
-                    bundles: HashMap::from([(td, b.jwks.clone())]),
+                bundle_stream(state, peer, opened, out, |td, ids, b| {
+                    pb::JwtBundlesResponse {
+                        bundles: bundle_map(td, ids, b, |b| b.jwks.clone(), |f| f.jwt_jwks.clone()),
+                    }
                 })
             },
         )
@@ -274,7 +324,7 @@ impl pb::server::SpiffeWorkloadApi for WorkloadApi {
         let started = Instant::now();
         let result = async {
             pb::check_security_header(request.metadata())?;
-            self.state.caller(&request).await?;
+            let peer = self.state.caller(&request).await?;
             let req = request.get_ref();
             if req.audience.is_empty() {
                 return Err(Status::invalid_argument("audience must be specified"));
@@ -282,11 +332,14 @@ impl pb::server::SpiffeWorkloadApi for WorkloadApi {
             if req.svid.is_empty() {
                 return Err(Status::invalid_argument("svid must be specified"));
             }
+            // Tokens of foreign trust domains validate for callers whose
+            // entries federate with them, as their bundles reach only them.
+            let identities = self.state.callers.identities(&peer);
             let (id, claims) = self
                 .state
                 .cache
                 .trust_store()
-                .validate_jwt(&req.svid, &req.audience)
+                .validate_jwt_trusting(&req.svid, &[&req.audience], federated_domains(&identities))
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             Ok(Response::new(pb::ValidateJwtsvidResponse {
                 spiffe_id: id.to_string(),
@@ -337,7 +390,7 @@ async fn next_wake<M>(
     tokio::select! {
         _ = out.ended() => Wake::Ended,
         r = entries.changed() => if r.is_ok() { Wake::Entries } else { Wake::Ended },
-        r = bundle.changed() => if r.is_ok() { Wake::Update } else { Wake::Ended },
+        r = bundle.changed() => if r.is_ok() { Wake::Bundle } else { Wake::Ended },
         _ = any_svid => Wake::Update,
     }
 }
@@ -413,7 +466,7 @@ async fn x509_svid_stream(
                         identities = entries.borrow_and_update().identities_for(&peer.selectors);
                         continue 'identities;
                     }
-                    Wake::Update => continue,
+                    Wake::Bundle | Wake::Update => continue,
                 }
             }
             let bundle = bundle_rx.borrow_and_update().clone();
@@ -426,6 +479,10 @@ async fn x509_svid_stream(
             {
                 return;
             }
+            // The bundle this message carried: a change of a foreign bundle
+            // the workload does not federate with wakes the stream but
+            // sends nothing.
+            let mut shown = bundle;
             if first {
                 first = false;
                 state
@@ -437,13 +494,23 @@ async fn x509_svid_stream(
                     })
                     .observe(started.elapsed().as_secs_f64());
             }
-            match next_wake(&out, &mut entries, &mut bundle_rx, &mut rxs).await {
-                Wake::Ended => return,
-                Wake::Entries => {
-                    identities = entries.borrow_and_update().identities_for(&peer.selectors);
-                    continue 'identities;
+            loop {
+                match next_wake(&out, &mut entries, &mut bundle_rx, &mut rxs).await {
+                    Wake::Ended => return,
+                    Wake::Entries => {
+                        identities = entries.borrow_and_update().identities_for(&peer.selectors);
+                        continue 'identities;
+                    }
+                    Wake::Bundle
+                        if !rxs.iter().any(|rx| rx.has_changed().unwrap_or(false))
+                            && same_view(&identities, &shown, &bundle_rx.borrow()) =>
+                    {
+                        // Nothing this workload sees changed; the newer
+                        // bundle is taken as the one shown.
+                        shown = bundle_rx.borrow_and_update().clone();
+                    }
+                    Wake::Bundle | Wake::Update => break,
                 }
-                Wake::Update => {}
             }
         }
     }
@@ -482,17 +549,20 @@ async fn still_the_caller<M>(peer: &AttestedPeer, out: &StreamSender<M>, release
     }
 }
 
+/// A bundle stream: the own trust domain's bundle and those of the foreign
+/// domains the caller's entries federate with, built by `build` from the
+/// own trust domain's SPIFFE ID, the caller's identities and the bundle.
 async fn bundle_stream<M: Send + PartialEq + 'static>(
     state: Arc<ApiState>,
     peer: Arc<AttestedPeer>,
     opened: Opened,
     out: StreamSender<M>,
-    build: impl Fn(String, &TrustBundle) -> M,
+    build: impl Fn(&str, &[Identity], &TrustBundle) -> M,
 ) {
     // Entitled at open (a caller with no identity gets no bundle either);
     // re-matched only when the entries change.
     let mut entries = opened.entries;
-    drop(opened.identities);
+    let mut identities = opened.identities;
     let mut bundle_rx = state.cache.trust_store().subscribe();
     let td = state.cache.trust_store().trust_domain().id_string();
     let mut last: Option<M> = None;
@@ -501,19 +571,17 @@ async fn bundle_stream<M: Send + PartialEq + 'static>(
         if last.is_some() && !still_the_caller(&peer, &out, 0).await {
             return;
         }
-        if entries_changed
-            && entries
-                .borrow_and_update()
-                .identities_for(&peer.selectors)
-                .is_empty()
-        {
-            out.send(Err(no_identity())).await;
-            return;
+        if entries_changed {
+            identities = entries.borrow_and_update().identities_for(&peer.selectors);
+            if identities.is_empty() {
+                out.send(Err(no_identity())).await;
+                return;
+            }
         }
-        let message = build(td.clone(), &bundle_rx.borrow_and_update());
+        let message = build(&td, &identities, &bundle_rx.borrow_and_update());
         // Identical consecutive bundles are not re-sent.
         if last.as_ref() != Some(&message) {
-            let copy = build(td.clone(), &bundle_rx.borrow());
+            let copy = build(&td, &identities, &bundle_rx.borrow());
             if !out.send(Ok(message)).await {
                 return;
             }
@@ -522,7 +590,7 @@ async fn bundle_stream<M: Send + PartialEq + 'static>(
         match next_wake(&out, &mut entries, &mut bundle_rx, &mut []).await {
             Wake::Ended => return,
             Wake::Entries => entries_changed = true,
-            Wake::Update => entries_changed = false,
+            Wake::Bundle | Wake::Update => entries_changed = false,
         }
     }
 }

@@ -1,6 +1,7 @@
-//! One HTTPS request with a JSON body, for both the agent → authority and the
-//! authority → Kubernetes API clients. One connection per request keeps it
-//! simple: calls are batched and infrequent (rotation, bundle polls).
+//! One HTTPS request, for the agent → fleet authority and authority →
+//! Kubernetes API clients (JSON bodies) and federation's bundle fetches.
+//! One connection per request keeps it simple: calls are batched and
+//! infrequent (rotation, bundle polls).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,11 +39,25 @@ pub struct Request<'a> {
     pub timeout: Duration,
 }
 
+/// An answer: its status, `Location` (for redirects) and body.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub location: Option<String>,
+    pub body: Bytes,
+}
+
 /// Sends the request; returns the status and body of any answer.
 pub async fn send(req: Request<'_>) -> Result<(u16, Bytes), HttpError> {
+    let r = fetch(req, MAX_BODY).await?;
+    Ok((r.status, r.body))
+}
+
+/// Sends the request; reads at most `max_body` bytes of the answer.
+pub async fn fetch(req: Request<'_>, max_body: usize) -> Result<Response, HttpError> {
     let timeout = req.timeout;
     let addr = req.addr.to_string();
-    tokio::time::timeout(timeout, send_inner(req))
+    tokio::time::timeout(timeout, send_inner(req, max_body))
         .await
         .map_err(|_| HttpError::Timeout { addr, timeout })?
 }
@@ -108,7 +123,7 @@ async fn connect(
     Ok((sender, conn, request))
 }
 
-async fn send_inner(req: Request<'_>) -> Result<(u16, Bytes), HttpError> {
+async fn send_inner(req: Request<'_>, max_body: usize) -> Result<Response, HttpError> {
     let addr = req.addr.to_string();
     let http_err = |e: &dyn std::fmt::Display| HttpError::Http {
         addr: addr.clone(),
@@ -121,13 +136,22 @@ async fn send_inner(req: Request<'_>) -> Result<(u16, Bytes), HttpError> {
         .await
         .map_err(|e| http_err(&e))?;
     let status = response.status().as_u16();
-    let body = Limited::new(response.into_body(), MAX_BODY)
+    let location = response
+        .headers()
+        .get(hyper::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = Limited::new(response.into_body(), max_body)
         .collect()
         .await
         .map_err(|e| http_err(&e))?
         .to_bytes();
     conn.abort();
-    Ok((status, body))
+    Ok(Response {
+        status,
+        location,
+        body,
+    })
 }
 
 /// A response whose body is read as it arrives (a Kubernetes watch, the
