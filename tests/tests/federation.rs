@@ -14,6 +14,17 @@ use tessera_agent::config::Config;
 use tessera_tests::my_uid;
 use tokio_stream::StreamExt;
 
+/// Waits (bounded) until the agent's metrics contain `line`.
+async fn metric_appears(agent: &RunningAgent, line: &str) {
+    for _ in 0..200 {
+        if agent.callers.metrics.encode().contains(line) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no {line} within 20 s:\n{}", agent.callers.metrics.encode());
+}
+
 fn td(name: &str) -> TrustDomain {
     TrustDomain::new(name).unwrap()
 }
@@ -190,14 +201,13 @@ async fn a_workload_trusts_the_federated_domain_through_its_x509_context_and_jwt
         .unwrap();
     assert_eq!(validated.spiffe_id().to_string(), "spiffe://example.org/a");
 
-    // The agent's metrics say the fetch succeeded.
-    let metrics = b.callers.metrics.encode();
-    assert!(
-        metrics.contains(
-            "tessera_federation_bundle_refreshes_total{trust_domain=\"example.org\",result=\"updated\"} 1"
-        ),
-        "{metrics}"
-    );
+    // The agent's metrics say the fetch succeeded (counted once the bundle
+    // is also on disk, a moment after workloads have it).
+    metric_appears(
+        &b,
+        "tessera_federation_bundle_refreshes_total{trust_domain=\"example.org\",result=\"updated\"} 1",
+    )
+    .await;
     b.stop().await.unwrap();
     a.stop().await.unwrap();
 }
@@ -301,15 +311,7 @@ async fn fetched_bundles_survive_a_restart_while_the_endpoint_is_down() {
     assert_eq!(cas_of(&ctx, "example.org").unwrap(), a_cas);
     // The endpoint is down: the refresh fails, is counted, and the bundle stays.
     let metric = "tessera_federation_bundle_refreshes_total{trust_domain=\"example.org\",result=\"fetch_error\"}";
-    let mut seen = false;
-    for _ in 0..100 {
-        if b.callers.metrics.encode().contains(metric) {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(seen, "{}", b.callers.metrics.encode());
+    metric_appears(&b, metric).await;
     let ctx = client(b_dir.path())
         .await
         .fetch_x509_context()
@@ -364,15 +366,7 @@ async fn a_bundle_with_an_older_sequence_is_refused() {
     )
     .await;
     let metric = "tessera_federation_bundle_refreshes_total{trust_domain=\"example.org\",result=\"stale\"} 1";
-    let mut seen = false;
-    for _ in 0..100 {
-        if b.callers.metrics.encode().contains(metric) {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(seen, "{}", b.callers.metrics.encode());
+    metric_appears(&b, metric).await;
     let still: serde_json::Value =
         serde_json::from_slice(&std::fs::read(kept_dir.join("example.org.json")).unwrap()).unwrap();
     assert_eq!(still["spiffe_sequence"], 1_000_000, "the kept bundle stays");
@@ -441,15 +435,7 @@ async fn the_https_web_profile_checks_the_web_certificate_and_its_name() {
     )
     .await;
     let metric = "tessera_federation_bundle_refreshes_total{trust_domain=\"example.org\",result=\"fetch_error\"} 1";
-    let mut seen = false;
-    for _ in 0..100 {
-        if c.callers.metrics.encode().contains(metric) {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(seen, "{}", c.callers.metrics.encode());
+    metric_appears(&c, metric).await;
     assert!(c.cache.trust_store().current().federated.is_empty());
     c.stop().await.unwrap();
     a.stop().await.unwrap();
