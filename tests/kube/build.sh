@@ -35,23 +35,8 @@ if built; then
   exit 0
 fi
 
-# kube-apiserver v1.37 and etcd v3.7 declare `go 1.26.0`. An older Go (a
-# distribution's golang-go, as .ci/run installs on a bare machine) fetches the
-# pinned toolchain from the Go module proxy, where it is published as the
-# module golang.org/toolchain, and builds with that; nothing else is fetched.
-GO_TOOLCHAIN=go1.26.8
-command -v go >/dev/null || { echo "tests/kube/build.sh: a Go toolchain is required (any version; $GO_TOOLCHAIN is fetched through the Go module proxy if older)" >&2; exit 2; }
-go_minor=$(go env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')
-if [ "${go_minor:-0}" -lt 26 ]; then
-  echo "tests/kube/build.sh: $(go env GOVERSION) is older than Go 1.26; using $GO_TOOLCHAIN from the Go module proxy" >&2
-  goarch=$(go env GOARCH)
-  tc_dir=$(cd / && GOFLAGS= GO111MODULE=on go mod download -json \
-    "golang.org/toolchain@v0.0.1-$GO_TOOLCHAIN.linux-$goarch" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
-  [ -n "$tc_dir" ] && [ -x "$tc_dir/bin/go" ] || { echo "tests/kube/build.sh: could not fetch $GO_TOOLCHAIN through the Go module proxy" >&2; exit 2; }
-  chmod +x "$tc_dir/bin/go" "$tc_dir"/pkg/tool/*/* 2>/dev/null || true
-  export PATH="$tc_dir/bin:$PATH" GOROOT="$tc_dir"
-  go version >&2
-fi
+# kube-apiserver v1.37 and etcd v3.7 declare `go 1.26.0`.
+source "$(dirname "$0")/../../scripts/go-toolchain.sh"
 export GOFLAGS=-buildvcs=false GOTOOLCHAIN=local CGO_ENABLED=0
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
