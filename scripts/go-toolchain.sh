@@ -13,8 +13,9 @@ if [ "${go_minor:-0}" -lt 26 ]; then
   echo "$(go env GOVERSION) is older than Go 1.26; using $GO_TOOLCHAIN from the Go module proxy" >&2
   tc_dir=$(cd / && GOFLAGS= GO111MODULE=on go mod download -json \
     "golang.org/toolchain@v0.0.1-$GO_TOOLCHAIN.linux-$(go env GOARCH)" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
-  [ -n "$tc_dir" ] && [ -x "$tc_dir/bin/go" ] || { echo "could not fetch $GO_TOOLCHAIN through the Go module proxy" >&2; return 2; }
-  chmod +x "$tc_dir/bin/go" "$tc_dir"/pkg/tool/*/* 2>/dev/null || true
+  [ -n "$tc_dir" ] && [ -f "$tc_dir/bin/go" ] || { echo "could not fetch $GO_TOOLCHAIN through the Go module proxy" >&2; return 2; }
+  # The module cache keeps files read-only and without execute bits.
+  chmod +x "$tc_dir/bin/go" "$tc_dir/bin/gofmt" "$tc_dir"/pkg/tool/*/* 2>/dev/null || true
   export PATH="$tc_dir/bin:$PATH" GOROOT="$tc_dir"
 fi
 export GOTOOLCHAIN=local
