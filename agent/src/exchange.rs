@@ -1067,7 +1067,11 @@ impl Exchange {
         if now_s + 30 < nbf {
             return Err("is not valid yet".into());
         }
-        let now = self.now();
+        // The same instant as the expiry check: a revocation lasts until the
+        // token's `exp`, so a second clock read that crossed into the `exp`
+        // second would find the revocation over while the expiry check
+        // (made a moment earlier) still let the token through.
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now_s);
         if self.revocations.is_token_revoked(jti, now) {
             return Err("has been revoked".into());
         }
