@@ -10,7 +10,9 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 cargo build -q --locked -p tessera-agent -p tessera-examples
-bin="$root/target/debug"
+# The real path: unix:path selectors match the executable the kernel reports,
+# and target/ may be a link (CI keeps the build directory in a cache).
+bin=$(cd "$root/target/debug" && pwd -P)
 dir=$(mktemp -d /tmp/tessera-mtls.XXXXXX)
 uid=$(id -u)
 cat > "$dir/agent.toml" <<TOML

@@ -18,7 +18,9 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 cargo build -q --locked -p tessera-agent -p tessera-mcp-example
-bin="$root/target/debug"
+# The real path: unix:path selectors match the executable the kernel reports,
+# and target/ may be a link (CI keeps the build directory in a cache).
+bin=$(cd "$root/target/debug" && pwd -P)
 # The SDKs and their examples: a venv with the pinned packages, the
 # TypeScript SDK built and the TypeScript agent compiled against it.
 sdk/python/setup.sh
