@@ -11,9 +11,10 @@
 # Exit status 0 only if: a permitted tool call succeeds; a call outside the
 # task's scopes gets 403; after the task ends its token gets 401; a scope no
 # policy grants is refused at the exchange; a delete waits for an operator's
-# approval and then succeeds; the SDK agents step up on 403 within what their
-# task may hold and are refused beyond it; and the audit log's hash chain
-# verifies.
+# approval and then succeeds; an unmodified MCP SDK client finds Tessera's
+# https issuer in the server's metadata and its token works; the SDK agents
+# step up on 403 within what their task may hold and are refused beyond it;
+# and the audit log's hash chain verifies.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -30,6 +31,11 @@ python="$root/sdk/python/.venv/bin/python"
 dir=$(mktemp -d /tmp/tessera-mcp.XXXXXX)
 uid=$(id -u)
 mkdir -p "$dir/admin"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# The HTTPS face: the issuer MCP servers name in their Protected Resource
+# Metadata, where unmodified MCP clients find the token service.
+https_port=$(free_port)
+issuer="https://localhost:$https_port"
 cat > "$dir/agent.toml" <<TOML
 trust_domain = "example.org"
 socket_path  = "$dir/sock/agent.sock"
@@ -37,6 +43,10 @@ data_dir     = "$dir/data"
 
 [admin]
 socket_path = "$dir/admin/admin.sock"
+
+[https]
+listen = "127.0.0.1:$https_port"
+issuer = "$issuer"
 
 [[entries]]
 spiffe_id = "spiffe://example.org/demo/notes-server"
@@ -54,6 +64,11 @@ selectors = ["unix:uid:$uid", "unix:path:$(readlink -f "$python")"]
 [[entries]]
 spiffe_id = "spiffe://example.org/demo/notes-agent"
 selectors = ["unix:uid:$uid", "unix:path:$(readlink -f "$(command -v node)")"]
+
+# The CLI fetches the trust bundle that the HTTPS face's certificate chains to.
+[[entries]]
+spiffe_id = "spiffe://example.org/demo/operator"
+selectors = ["unix:uid:$uid", "unix:path:$bin/tessera"]
 
 [exchange]
 socket_path = "$dir/sock/exchange.sock"
@@ -73,8 +88,9 @@ pids+=($!)
 for _ in $(seq 100); do [ -S "$dir/sock/exchange.sock" ] && [ -S "$dir/admin/admin.sock" ] && break; sleep 0.1; done
 [ -S "$dir/sock/exchange.sock" ] || fail "the agent did not open its exchange socket"
 export SPIFFE_ENDPOINT_SOCKET="unix://$dir/sock/agent.sock"
+"$bin/tessera" api fetch x509 --write "$dir/certs" >/dev/null || fail "could not fetch the trust bundle"
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 "$bin/notes-server" --listen "127.0.0.1:$port" --exchange-socket "$dir/sock/exchange.sock" \
   --introspection-cache 1s >"$dir/server.log" 2>&1 &
 pids+=($!)
@@ -119,9 +135,22 @@ wait "$cleanup_pid" || { cat "$dir/cleanup.out"; fail "the approved delete did n
 sed -n '/approval_id=/,$p' "$dir/cleanup.out" | tail -n +2   # the lines after those shown above
 
 echo
+echo "--- an unmodified MCP client (the official Python SDK's PrivateKeyJWTOAuthProvider)"
+echo "    finds Tessera from the server's Protected Resource Metadata, gets a notes:read token"
+echo "    over HTTPS, and steps up to notes:write on the 403 add_note gets"
+prm=$(curl -sf "http://127.0.0.1:$port/.well-known/oauth-protected-resource/mcp") || fail "no PRM"
+echo "PRM: $prm"
+[ "$(echo "$prm" | python3 -c 'import json,sys; print(json.load(sys.stdin)["authorization_servers"])')" = "['$issuer']" ] \
+  || fail "the PRM does not name the https issuer $issuer"
+timeout 60 "$python" examples/mcp/python/mcp_sdk_client.py --server "http://127.0.0.1:$port/mcp" \
+  --resource https://notes.example/mcp --issuer "$issuer" --ca "$dir/certs/bundle.0.pem" \
+  --client-id spiffe://example.org/demo/notes-agent list_notes "add_note:from the MCP SDK" \
+  || fail "the MCP SDK client did not get a token the server accepts"
+
+echo
 echo "=== the same with the SDKs: a Python MCP server (official MCP Python SDK + tessera_sdk)"
 pyport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$python" examples/mcp/python/notes_server.py --port "$pyport" --introspection-cache 1 >"$dir/py-server.log" 2>&1 &
+"$python" examples/mcp/python/notes_server.py --port "$pyport" --issuer-url "$issuer" --introspection-cache 1 >"$dir/py-server.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do grep -q '^listening on' "$dir/py-server.log" 2>/dev/null && break; sleep 0.1; done
 grep '^listening on' "$dir/py-server.log" || fail "the Python notes server did not start"

@@ -65,6 +65,7 @@ pub(crate) struct Settings {
     pub mcp_source: McpScopeSource,
     pub max_body_bytes: usize,
     pub resource_metadata: Option<String>,
+    pub challenge_scope: Option<String>,
     pub clock: Clock,
 }
 
@@ -85,6 +86,7 @@ pub struct TokenGuardBuilder {
     pub(crate) mcp_source: McpScopeSource,
     pub(crate) max_body_bytes: usize,
     pub(crate) resource_metadata: Option<String>,
+    pub(crate) challenge_scope: Option<String>,
     pub(crate) clock: Clock,
 }
 
@@ -105,6 +107,7 @@ impl Default for TokenGuardBuilder {
             mcp_source: McpScopeSource::Body,
             max_body_bytes: 1024 * 1024,
             resource_metadata: None,
+            challenge_scope: None,
             clock: Arc::new(SystemTime::now),
         }
     }
@@ -227,6 +230,16 @@ impl TokenGuardBuilder {
         self
     }
 
+    /// The scopes a client with no valid token is told to ask for, as
+    /// `scope="…"` in the 401 challenge (space-separated). MCP clients
+    /// request these first (the MCP authorization spec's scope selection;
+    /// without it they ask for everything the resource metadata lists) and
+    /// step up on a 403 `insufficient_scope`.
+    pub fn challenge_scope(mut self, scope: impl Into<String>) -> Self {
+        self.challenge_scope = Some(scope.into());
+        self
+    }
+
     /// Replaces the clock (tests).
     pub fn clock<F>(mut self, clock: F) -> Self
     where
@@ -264,6 +277,11 @@ impl TokenGuardBuilder {
         {
             return Err(ConfigError::HeaderUnsafe("resource_metadata"));
         }
+        if let Some(scope) = &self.challenge_scope
+            && !header_safe(scope)
+        {
+            return Err(ConfigError::HeaderUnsafe("challenge_scope"));
+        }
         Ok(Settings {
             issuer,
             audience,
@@ -273,6 +291,7 @@ impl TokenGuardBuilder {
             mcp_source: self.mcp_source,
             max_body_bytes: self.max_body_bytes,
             resource_metadata: self.resource_metadata.clone(),
+            challenge_scope: self.challenge_scope.clone(),
             clock: self.clock.clone(),
         })
     }

@@ -353,8 +353,14 @@ impl Guard {
                 params.push(format!("error=\"{code}\""));
                 params.push(format!("error_description=\"{}\"", sanitize(&description)));
             }
-            if let Rejection::InsufficientScope(scopes) = &rejection {
-                params.push(format!("scope=\"{}\"", sanitize(&scopes.join(" "))));
+            match (&rejection, &self.settings.challenge_scope) {
+                (Rejection::InsufficientScope(scopes), _) => {
+                    params.push(format!("scope=\"{}\"", sanitize(&scopes.join(" "))));
+                }
+                (Rejection::Missing | Rejection::Invalid(_), Some(scope)) => {
+                    params.push(format!("scope=\"{scope}\""));
+                }
+                _ => {}
             }
             if let Some(url) = &self.settings.resource_metadata {
                 params.push(format!("resource_metadata=\"{url}\""));

@@ -399,6 +399,46 @@ async fn missing_token_gets_a_bare_challenge() {
     assert_eq!(send(&layer, twice).await.status, StatusCode::BAD_REQUEST);
 }
 
+/// With a challenge scope, a client without a valid token is told what to
+/// ask for first (MCP clients take the 401's `scope` over the resource
+/// metadata's full list); a 403 still names the scope the call needs.
+#[tokio::test]
+async fn the_challenge_scope_is_announced_on_401_only() {
+    let h = harness().await;
+    let layer = h.builder().challenge_scope("notes:read").build().unwrap();
+    let missing = send(
+        &layer,
+        Request::get("/mcp").body(Full::new(Bytes::new())).unwrap(),
+    )
+    .await;
+    assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        missing.www_authenticate.as_deref(),
+        Some(
+            "Bearer scope=\"notes:read\", resource_metadata=\"https://notes.example/.well-known/oauth-protected-resource/mcp\""
+        )
+    );
+    let invalid = send(&layer, get_with("not-a-jwt")).await;
+    assert_eq!(invalid.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        invalid
+            .www_authenticate
+            .as_deref()
+            .is_some_and(|c| c.starts_with("Bearer error=\"invalid_token\"")
+                && c.contains("scope=\"notes:read\"")),
+        "{invalid:?}"
+    );
+    let token = h.key.sign(&claims());
+    let forbidden = send(&layer, tool_call(&token, "delete_note")).await;
+    assert_eq!(forbidden.status, StatusCode::FORBIDDEN);
+    let challenge = forbidden.www_authenticate.unwrap();
+    assert!(challenge.contains("scope=\"notes:delete\""), "{challenge}");
+    assert!(!challenge.contains("notes:read"), "{challenge}");
+
+    let unsafe_scope = h.builder().challenge_scope("a\"b").build();
+    assert!(unsafe_scope.is_err());
+}
+
 #[tokio::test]
 async fn tool_scopes_come_from_the_body() {
     let h = harness().await;

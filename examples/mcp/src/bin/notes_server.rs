@@ -249,6 +249,9 @@ async fn main() -> anyhow::Result<()> {
         .exchange_socket(&exchange_socket)
         .introspection_cache_ttl(args.introspection_cache)
         .resource_metadata(&metadata_url)
+        // What an MCP client without a token asks for first; it steps up
+        // on the 403 a tool needing more gets.
+        .challenge_scope("notes:read")
         .mcp_scope_rule(
             |r: &McpRequest| match (r.method.as_str(), r.name.as_deref()) {
                 ("tools/call", Some(tool)) => Some(vec![tool_scope(tool).to_string()]),
