@@ -63,6 +63,12 @@ class Agent:
     admin_socket: Path
     sub_agent_python: Path
     https_issuer: str
+    # The trust domain's CA bundle (PEM), which issued the HTTPS face's certificate.
+    ca: Path
+    # An MCP server URL on loopback that policy lets AGENT_ID get notes:read
+    # and notes:write bearer tokens for, over HTTPS too (test_remote.py).
+    remote_resource: str
+    remote_port: int
     log: Path
 
     def tessera(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -87,8 +93,26 @@ def start_agent(dir: Path) -> tuple[Agent, subprocess.Popen[bytes]]:
     sub_agent_python = dir / "sub-agent-python"
     shutil.copy2(os.path.realpath(sys.executable), sub_agent_python)
     https_port = free_port()
+    remote_port = free_port()
+    remote_resource = f"http://127.0.0.1:{remote_port}/mcp"
     (dir / "admin").mkdir(mode=0o700)
     uid = os.getuid()
+    # The shared test policies, and one for a server whose port is only
+    # known now: over HTTPS nothing is attested, the JWT-SVID names the
+    # principal, and without a client certificate tokens are bearer tokens.
+    policies = dir / "policies"
+    shutil.copytree(SDK.parent / "testdata" / "policies", policies)
+    (policies / "remote.cedar").write_text(
+        f"""@id("agent-remote-read-write")
+@max_ttl("300s")
+@bearer
+permit (
+  principal == Tessera::Workload::"{AGENT_ID}",
+  action in [Tessera::Action::"notes:read", Tessera::Action::"notes:write"],
+  resource == Tessera::Audience::"{remote_resource}"
+);
+"""
+    )
     config = dir / "agent.toml"
     config.write_text(
         f"""trust_domain = "example.org"
@@ -111,7 +135,7 @@ spiffe_id = "{AGENT_ID}"
 selectors = ["unix:uid:{uid}"]
 
 [exchange]
-policy_dir = "{SDK.parent / "testdata" / "policies"}"
+policy_dir = "{policies}"
 max_ttl = "5m"
 approval_poll_interval = "1s"
 """
@@ -128,10 +152,18 @@ approval_poll_interval = "1s"
         admin_socket=dir / "admin" / "admin.sock",
         sub_agent_python=sub_agent_python,
         https_issuer=f"https://localhost:{https_port}",
+        ca=dir / "certs" / "bundle.0.pem",
+        remote_resource=remote_resource,
+        remote_port=remote_port,
         log=log,
     )
     try:
         wait_for(lambda: agent.exchange_socket.exists() and agent.admin_socket.exists(), "the agent's sockets", process)
+        fetched = agent.tessera(
+            "api", "fetch", "x509", "--write", str(dir / "certs"), "--socket", str(agent.workload_socket)
+        )
+        if fetched.returncode != 0:
+            raise RuntimeError(f"tessera api fetch x509: {fetched.stderr}")
     except Exception:
         process.kill()
         print(log.read_text(), file=sys.stderr)

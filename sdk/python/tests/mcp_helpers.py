@@ -4,6 +4,7 @@ what the server really said (the MCP client folds 4xx into a JSON-RPC error)."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,7 +32,11 @@ class Seen:
 
 @asynccontextmanager
 async def mcp_client(
-    url: str, auth: httpx2.Auth | None = None, headers: dict[str, str] | None = None, seen: Seen | None = None
+    url: str,
+    auth: httpx2.Auth | None = None,
+    headers: dict[str, str] | None = None,
+    seen: Seen | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> AsyncIterator[tuple[Client, Seen]]:
     seen = seen if seen is not None else Seen()
 
@@ -40,7 +45,9 @@ async def mcp_client(
             seen.answers.append((response.status_code, BearerChallenge.parse(response.headers.get("www-authenticate"))))
 
     async with (
-        httpx2.AsyncClient(auth=auth, headers=headers, event_hooks={"response": [record]}, timeout=30) as http,
+        httpx2.AsyncClient(
+            auth=auth, headers=headers, event_hooks={"response": [record]}, timeout=30, verify=verify
+        ) as http,
         Client(streamable_http_client(url, http_client=http)) as client,
     ):
         yield client, seen

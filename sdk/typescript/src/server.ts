@@ -26,12 +26,18 @@ import {
 } from "jose";
 
 import { formatChallenge } from "./challenge.js";
-import { TesseraError } from "./errors.js";
-import { unixRequest } from "./http.js";
-import { exchangeSocket } from "./sockets.js";
+import { ConfigurationError, TesseraError } from "./errors.js";
+import { httpsRequest, unixRequest, type UnixResponse } from "./http.js";
+import { exchangeSocket, findSockets } from "./sockets.js";
+import { WorkloadApi } from "./workload.js";
 
 const MAX_CACHED = 10_000;
+// An unknown `kid` fetches the keys again at most this often (made-up kids
+// must not become a flood of fetches).
 const JWKS_REFETCH_SECONDS = 10;
+// Keys are fetched again this often even when every kid is known, so a key
+// the issuer retired stops verifying here.
+const JWKS_REFRESH_SECONDS = 300;
 
 /** The token is not acceptable here; `reason` says why (never the token). */
 export class TokenRejected extends TesseraError {
@@ -66,49 +72,201 @@ export interface VerifierOptions {
   leeway?: number;
 }
 
+export interface RemoteVerifierOptions {
+  /** PEM CA bundle for the HTTPS face (default: the system's trust store). */
+  ca?: string | Buffer;
+  /** This server's Workload API socket, for its JWT-SVID at introspection (default: SPIFFE_ENDPOINT_SOCKET). */
+  workloadApi?: string;
+  /** Ask the issuer whether the token is still active (default true). */
+  introspect?: boolean;
+  /** Seconds an introspection answer is reused (default 5). */
+  introspectionCache?: number;
+  /** Seconds between key fetches when every kid is known (default 300). */
+  keysRefresh?: number;
+  /** Clock skew tolerated, seconds (default 5). */
+  leeway?: number;
+}
+
+/** Where RFC 8414 §3.1 puts an issuer's metadata: the well-known path between its host and its path. */
+export function metadataUrl(issuer: string): string {
+  const url = new URL(issuer);
+  return `${url.origin}/.well-known/oauth-authorization-server${url.pathname.replace(/\/$/, "")}`;
+}
+
+interface Endpoints {
+  jwks: string;
+  introspection: string;
+}
+
+/** How the verifier reaches the agent: its exchange socket, or its HTTPS face. */
+interface Backend {
+  where: string;
+  metadata: string;
+  endpoints?: Endpoints;
+  keysRefresh: number;
+  request(
+    pathOrUrl: string,
+    form?: Record<string, string>,
+    headers?: Record<string, string>,
+  ): Promise<UnixResponse>;
+  /** The `Authorization` header proving this server at introspection, if the transport does not. */
+  authorization?: () => Promise<string>;
+  close?: () => void;
+}
+
 /** RFC 8705 `x5t#S256` of a DER certificate. */
 export function certificateThumbprint(der: Uint8Array): string {
   return createHash("sha256").update(der).digest("base64url");
 }
 
-/** Verifies task tokens for one audience (this server's resource URI). */
+/**
+ * Verifies task tokens for one audience (this server's resource URI). On the
+ * node, keys, metadata and introspection come from the agent's exchange
+ * socket; on another host, `Verifier.remote(audience, issuer)` reaches the
+ * agent's HTTPS face instead.
+ */
 export class Verifier {
-  private readonly socket: string;
+  private readonly backend: Backend;
   private issuerValue: string | undefined;
   private keys: ReturnType<typeof createLocalJWKSet> | undefined;
   private kids = new Set<string>();
-  private keysFetched = 0;
+  private keysFetched: number | undefined;
   private readonly introspected = new Map<string, { active: boolean; at: number }>();
 
   constructor(
     readonly audience: string,
     private readonly options: VerifierOptions = {},
+    backend?: Backend,
   ) {
-    this.socket = exchangeSocket(options.exchangeSocket);
+    if (backend) this.backend = backend;
+    else {
+      const socket = exchangeSocket(options.exchangeSocket);
+      this.backend = {
+        where: "the exchange",
+        metadata: "/.well-known/oauth-authorization-server",
+        endpoints: { jwks: "/jwks", introspection: "/introspect" },
+        keysRefresh: JWKS_REFRESH_SECONDS,
+        request: (path, form) => unixRequest(socket, form ? "POST" : "GET", path, form),
+      };
+    }
     this.issuerValue = options.issuer;
   }
 
-  private async get(path: string, form?: Record<string, string>): Promise<Record<string, unknown>> {
+  /**
+   * A verifier for a server that cannot reach the agent's sockets (another
+   * host, another pod): everything comes from the HTTPS face at `issuer`.
+   * Keys: the `jwks_uri` of the issuer's RFC 8414 metadata (whose `issuer`
+   * must be exactly `issuer`, §3.3), cached, fetched again for an unknown
+   * `kid` (at most every 10 s) and every `keysRefresh` seconds. OpenID
+   * discovery is not used: its `jwks_uri` holds the JWT-SVID keys, not the
+   * access-token keys. Revocation: the metadata's `introspection_endpoint`
+   * (RFC 7662), answers cached `introspectionCache` seconds, this server
+   * proving itself with a JWT-SVID for audience `issuer` from its own node's
+   * Workload API (`Authorization: Bearer`).
+   */
+  static remote(audience: string, issuer: string, options: RemoteVerifierOptions = {}): Verifier {
+    if (!issuer.startsWith("https://"))
+      throw new ConfigurationError(
+        `issuer = ${JSON.stringify(issuer)}: the agent's HTTPS face is an https:// URL`,
+      );
+    let api: WorkloadApi | undefined;
+    const backend: Backend = {
+      where: issuer,
+      metadata: metadataUrl(issuer),
+      keysRefresh: options.keysRefresh ?? JWKS_REFRESH_SECONDS,
+      request: (url, form, headers) => httpsRequest(url, form, headers, options.ca),
+      authorization: async () => {
+        api ??= new WorkloadApi(findSockets({ workloadApi: options.workloadApi }).workloadApi);
+        try {
+          // Introspection does not consume it: the cached SVID is reused.
+          return `Bearer ${(await api.jwtSvid(issuer)).token}`;
+        } catch (e) {
+          throw new TokenRejected(
+            `no JWT-SVID to authenticate to ${issuer} for introspection: ${(e as Error).message}`,
+          );
+        }
+      },
+      close: () => api?.close(),
+    };
+    const { ca: _ca, workloadApi: _api, keysRefresh: _refresh, ...rest } = options;
+    return new Verifier(audience, { ...rest, issuer }, backend);
+  }
+
+  /** Closes the Workload API channel of a remote verifier. */
+  close(): void {
+    this.backend.close?.();
+  }
+
+  private async get(
+    path: string,
+    form?: Record<string, string>,
+    headers?: Record<string, string>,
+  ): Promise<Record<string, unknown>> {
     let response;
     try {
-      response = await unixRequest(this.socket, form ? "POST" : "GET", path, form);
+      response = await this.backend.request(path, form, headers);
     } catch (e) {
-      throw new TokenRejected(`cannot reach the exchange to check the token: ${(e as Error).message}`);
+      throw new TokenRejected(
+        `cannot reach ${this.backend.where} to check the token: ${(e as Error).message}`,
+      );
     }
-    if (response.status !== 200 || typeof response.body !== "object" || response.body === null)
-      throw new TokenRejected(`the exchange answered ${path} with HTTP ${response.status}`);
+    if (response.status !== 200 || typeof response.body !== "object" || response.body === null) {
+      const body = response.body as { error?: unknown; error_description?: unknown } | undefined;
+      const detail =
+        body && typeof body === "object" && "error" in body
+          ? ` (${String(body.error)}: ${String(body.error_description ?? "")})`
+          : "";
+      throw new TokenRejected(`${this.backend.where} answered ${path} with HTTP ${response.status}${detail}`);
+    }
     return response.body as Record<string, unknown>;
   }
 
+  private async metadata(): Promise<Record<string, unknown>> {
+    const meta = await this.get(this.backend.metadata);
+    const issuer = meta["issuer"];
+    if (this.issuerValue !== undefined && issuer !== this.issuerValue)
+      // RFC 8414 §3.3: metadata for another issuer is not this issuer's.
+      throw new TokenRejected(
+        `the metadata at ${this.backend.metadata} names issuer ${JSON.stringify(issuer)}, not ${JSON.stringify(this.issuerValue)}`,
+      );
+    if (typeof issuer !== "string")
+      throw new TokenRejected(`the metadata at ${this.backend.metadata} names no issuer`);
+    this.issuerValue = issuer;
+    return meta;
+  }
+
+  private async endpoints(): Promise<Endpoints> {
+    if (!this.backend.endpoints) {
+      const meta = await this.metadata();
+      const jwks = meta["jwks_uri"];
+      const introspection = meta["introspection_endpoint"];
+      if (
+        typeof jwks !== "string" ||
+        ((this.options.introspect ?? true) && typeof introspection !== "string")
+      )
+        throw new TokenRejected(
+          `the metadata of ${this.issuerValue} has no jwks_uri or introspection_endpoint`,
+        );
+      this.backend.endpoints = { jwks, introspection: String(introspection ?? "") };
+    }
+    return this.backend.endpoints;
+  }
+
   async issuer(): Promise<string> {
-    this.issuerValue ??= String((await this.get("/.well-known/oauth-authorization-server"))["issuer"]);
-    return this.issuerValue;
+    if (this.issuerValue === undefined) await this.metadata();
+    return this.issuerValue!;
   }
 
   private async keySet(kid: string): Promise<ReturnType<typeof createLocalJWKSet>> {
-    if ((!this.keys || !this.kids.has(kid)) && Date.now() / 1000 - this.keysFetched > JWKS_REFETCH_SECONDS) {
-      this.keysFetched = Date.now() / 1000;
-      const jwks = (await this.get("/jwks")) as { keys?: Array<{ kid?: string }> };
+    const { jwks: url } = await this.endpoints();
+    const now = Date.now() / 1000;
+    const stale = this.keysFetched === undefined || now - this.keysFetched > this.backend.keysRefresh;
+    const unknown =
+      (!this.keys || !this.kids.has(kid)) &&
+      (this.keysFetched === undefined || now - this.keysFetched > JWKS_REFETCH_SECONDS);
+    if (stale || unknown) {
+      this.keysFetched = now;
+      const jwks = (await this.get(url)) as { keys?: Array<{ kid?: string }> };
       this.keys = createLocalJWKSet(jwks as Parameters<typeof createLocalJWKSet>[0]);
       this.kids = new Set((jwks.keys ?? []).map((k) => String(k.kid)));
     }
@@ -122,7 +280,11 @@ export class Verifier {
     const now = Date.now() / 1000;
     const cached = this.introspected.get(digest);
     if (cached && now - cached.at < (this.options.introspectionCache ?? 5)) return cached.active;
-    const active = (await this.get("/introspect", { token }))["active"] === true;
+    const { introspection } = await this.endpoints();
+    const headers = this.backend.authorization
+      ? { authorization: await this.backend.authorization() }
+      : undefined;
+    const active = (await this.get(introspection, { token }, headers))["active"] === true;
     if (this.introspected.size >= MAX_CACHED) this.introspected.clear();
     this.introspected.set(digest, { active, at: now });
     return active;

@@ -6,7 +6,9 @@
  *     JWTSVIDResponse { repeated JWTSVID svids = 1; }
  *     JWTSVID         { string spiffe_id = 1; string svid = 2; string hint = 3; }
  *
- * A JWT-SVID is reused until shortly before its `exp`.
+ * A JWT-SVID is reused until shortly before its `exp`, unless the caller asks
+ * for a fresh one: a client assertion for the token endpoint on the HTTPS face
+ * is accepted once (by its `jti`), so each token request needs a new SVID.
  */
 import * as grpc from "@grpc/grpc-js";
 
@@ -106,10 +108,15 @@ export class WorkloadApi {
 
   constructor(private readonly socket: string) {}
 
-  async jwtSvid(audience: string, spiffeId?: string): Promise<JwtSvid> {
+  /** A JWT-SVID for `audience`; `fresh`: never the cached one (a single-use client assertion). */
+  async jwtSvid(
+    audience: string,
+    spiffeId?: string,
+    { fresh = false }: { fresh?: boolean } = {},
+  ): Promise<JwtSvid> {
     const key = `${audience}\n${spiffeId ?? ""}`;
     const cached = this.cache.get(key);
-    if (cached && cached.expiresAt - Date.now() / 1000 > REUSE_MARGIN_SECONDS) return cached;
+    if (!fresh && cached && cached.expiresAt - Date.now() / 1000 > REUSE_MARGIN_SECONDS) return cached;
     this.client ??= new grpc.Client(`unix://${this.socket}`, grpc.credentials.createInsecure());
     const metadata = new grpc.Metadata();
     metadata.set("workload.spiffe.io", "true");
@@ -141,7 +148,7 @@ export class WorkloadApi {
     }
     const svid = svids[0];
     if (!svid) throw new WorkloadApiError(`FetchJWTSVID on ${this.socket}: no JWT-SVID for this process`);
-    this.cache.set(key, svid);
+    if (!fresh) this.cache.set(key, svid);
     return svid;
   }
 

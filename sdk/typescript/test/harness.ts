@@ -7,6 +7,7 @@
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import {
   copyFileSync,
+  cpSync,
   existsSync,
   mkdirSync,
   mkdtempSync,
@@ -25,6 +26,7 @@ export const ROOT = path.resolve(SDK_DIR, "..", "..");
 export const RESOURCE = "https://notes.example/mcp";
 export const AGENT_ID = "spiffe://example.org/sdk/agent";
 export const SUB_AGENT_ID = "spiffe://example.org/sdk/sub-agent";
+export const OTHER_ID = "spiffe://example.org/sdk/other";
 
 export function tesseraBin(): string {
   const bin = process.env["TESSERA_BIN"] ?? path.join(ROOT, "target", "debug", "tessera");
@@ -62,6 +64,16 @@ export interface Agent {
   exchangeSocket: string;
   adminSocket: string;
   subAgentNode: string;
+  /** The HTTPS face's issuer URL. */
+  httpsIssuer: string;
+  /** The trust domain's CA bundle (PEM), which issued the HTTPS face's certificate. */
+  ca: string;
+  /** An MCP server URL on loopback that policy lets AGENT_ID get notes:read and
+   * notes:write bearer tokens for, over HTTPS too (remote.test.ts). */
+  remoteResource: string;
+  remotePort: number;
+  /** A copy of the tessera binary: a separate workload (OTHER_ID) by its path. */
+  otherTessera: string;
   log: string;
   process: ChildProcess;
   tessera(...args: string[]): { status: number | null; stdout: string; stderr: string };
@@ -75,8 +87,30 @@ export async function startAgent(): Promise<Agent> {
   const dir = mkdtempSync(path.join(tmpdir(), "tessera-sdk-ts."));
   const subAgentNode = path.join(dir, "sub-agent-node");
   copyFileSync(process.execPath, subAgentNode);
+  const otherTessera = path.join(dir, "other-tessera");
+  copyFileSync(bin, otherTessera);
   mkdirSync(path.join(dir, "admin"), { mode: 0o700 });
   const uid = process.getuid!();
+  const httpsPort = await freePort();
+  const remotePort = await freePort();
+  const remoteResource = `http://127.0.0.1:${remotePort}/mcp`;
+  // The shared test policies, and one for a server whose port is only known
+  // now: over HTTPS nothing is attested, the JWT-SVID names the principal,
+  // and without a client certificate tokens are bearer tokens.
+  const policies = path.join(dir, "policies");
+  cpSync(path.join(SDK_DIR, "..", "testdata", "policies"), policies, { recursive: true });
+  writeFileSync(
+    path.join(policies, "remote.cedar"),
+    `@id("agent-remote-read-write")
+@max_ttl("300s")
+@bearer
+permit (
+  principal == Tessera::Workload::"${AGENT_ID}",
+  action in [Tessera::Action::"notes:read", Tessera::Action::"notes:write"],
+  resource == Tessera::Audience::"${remoteResource}"
+);
+`,
+  );
   const config = path.join(dir, "agent.toml");
   writeFileSync(
     config,
@@ -87,6 +121,14 @@ data_dir     = "${dir}/data"
 [admin]
 socket_path = "${dir}/admin/admin.sock"
 
+[https]
+listen = "127.0.0.1:${httpsPort}"
+issuer = "https://localhost:${httpsPort}"
+
+[[entries]]
+spiffe_id = "${OTHER_ID}"
+selectors = ["unix:uid:${uid}", "unix:path:${otherTessera}"]
+
 [[entries]]
 spiffe_id = "${SUB_AGENT_ID}"
 selectors = ["unix:uid:${uid}", "unix:path:${subAgentNode}"]
@@ -96,7 +138,7 @@ spiffe_id = "${AGENT_ID}"
 selectors = ["unix:uid:${uid}"]
 
 [exchange]
-policy_dir = "${path.join(SDK_DIR, "..", "testdata", "policies")}"
+policy_dir = "${policies}"
 max_ttl = "5m"
 approval_poll_interval = "1s"
 `,
@@ -111,6 +153,11 @@ approval_poll_interval = "1s"
     exchangeSocket: path.join(dir, "sock", "exchange.sock"),
     adminSocket: path.join(dir, "admin", "admin.sock"),
     subAgentNode,
+    httpsIssuer: `https://localhost:${httpsPort}`,
+    ca: path.join(dir, "certs", "bundle.0.pem"),
+    remoteResource,
+    remotePort,
+    otherTessera,
     log,
     process: child,
     tessera: (...args) => {
@@ -139,6 +186,16 @@ approval_poll_interval = "1s"
       "the agent's sockets",
       child,
     );
+    const fetched = agent.tessera(
+      "api",
+      "fetch",
+      "x509",
+      "--write",
+      path.join(dir, "certs"),
+      "--socket",
+      agent.workloadSocket,
+    );
+    if (fetched.status !== 0) throw new Error(`tessera api fetch x509: ${fetched.stderr}`);
   } catch (e) {
     child.kill("SIGKILL");
     console.error(readFileSync(log, "utf8"));

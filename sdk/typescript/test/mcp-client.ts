@@ -2,6 +2,10 @@
  * The official MCP TypeScript client, unmodified, over a `fetch` that
  * records every HTTP answer, so a test can assert what the server said.
  */
+import { request, type RequestOptions } from "node:https";
+import { Readable } from "node:stream";
+import type { PeerCertificate } from "node:tls";
+
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
 
@@ -47,10 +51,62 @@ export function text(result: unknown): string {
   return content.map((c) => c.text ?? "").join(" ");
 }
 
-export function withBearer(token: string): FetchLike {
+export function withBearer(token: string, base: FetchLike = fetch): FetchLike {
   return (input, init) => {
     const headers = new Headers(init?.headers);
     headers.set("authorization", `Bearer ${token}`);
-    return fetch(input, { ...init, headers });
+    return base(input, { ...init, headers });
   };
+}
+
+/**
+ * A `fetch` over node:https presenting a client certificate (an X509-SVID)
+ * and authenticating the server SPIFFE-style: its chain against the trust
+ * bundle `ca`, and its URI SAN equal to `serverId` (an SVID has no DNS name).
+ */
+export function mtlsFetch(tls: { cert: string; key: string; ca: string }, serverId: string): FetchLike {
+  return httpsFetch({
+    ...tls,
+    checkServerIdentity: (_host: string, cert: PeerCertificate) =>
+      cert.subjectaltname === `URI:${serverId}`
+        ? undefined
+        : new Error(`the server is ${cert.subjectaltname}, not ${serverId}`),
+  });
+}
+
+/** A `fetch` trusting the PEM bundle `ca` for https:// URLs (the global fetch for http://). */
+export function caFetch(ca: string): FetchLike {
+  return httpsFetch({ ca });
+}
+
+function httpsFetch(options: RequestOptions): FetchLike {
+  return (input, init) =>
+    new Promise((resolve, reject) => {
+      const url = new URL(input instanceof Request ? input.url : String(input));
+      if (url.protocol === "http:") return resolve(fetch(input, init));
+      const headers: Record<string, string> = {};
+      new Headers(init?.headers).forEach((v, k) => (headers[k] = v));
+      const req = request(
+        url,
+        {
+          method: init?.method ?? "GET",
+          headers,
+          ...options,
+        },
+        (res) => {
+          const responseHeaders = new Headers();
+          for (const [k, v] of Object.entries(res.headers))
+            for (const value of Array.isArray(v) ? v : v === undefined ? [] : [v])
+              responseHeaders.append(k, value);
+          const status = res.statusCode ?? 0;
+          const body =
+            status === 204 || status === 304 ? null : (Readable.toWeb(res) as ReadableStream<Uint8Array>);
+          resolve(new Response(body, { status, headers: responseHeaders }));
+        },
+      );
+      req.on("error", reject);
+      init?.signal?.addEventListener("abort", () => req.destroy(new Error("aborted")));
+      if (init?.body !== undefined && init.body !== null) req.write(String(init.body));
+      req.end();
+    });
 }

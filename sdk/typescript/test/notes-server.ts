@@ -4,6 +4,7 @@
  * with this SDK's verifier, and `toolScopes` per tool.
  */
 import type { Server } from "node:http";
+import { createServer as createHttpsServer } from "node:https";
 
 import { requireBearerAuth } from "@modelcontextprotocol/sdk/server/auth/middleware/bearerAuth.js";
 import { createMcpExpressApp } from "@modelcontextprotocol/sdk/server/express.js";
@@ -26,8 +27,25 @@ export interface NotesServer {
   close(): Promise<void>;
 }
 
-export async function startNotesServer(resource: string, introspectionCache: number): Promise<NotesServer> {
-  const verifier = new Verifier(resource, { introspectionCache });
+export interface NotesServerOptions {
+  /** Default: a Verifier on the exchange socket. */
+  verifier?: Verifier;
+  /** Default: any free port. */
+  port?: number;
+  /** Scopes per tool (default TOOL_SCOPES). */
+  tools?: Record<string, string[]>;
+  /** Publish Protected Resource Metadata naming this authorization server. */
+  issuer?: string;
+  /** Serve HTTPS and require a client certificate issued by `ca` (PEM). */
+  tls?: { cert: string; key: string; ca: string };
+}
+
+export async function startNotesServer(
+  resource: string,
+  introspectionCache: number,
+  options: NotesServerOptions = {},
+): Promise<NotesServer> {
+  const verifier = options.verifier ?? new Verifier(resource, { introspectionCache });
   const notes = new Map<number, string>();
   let nextId = 1;
   const build = () => {
@@ -64,11 +82,17 @@ export async function startNotesServer(resource: string, introspectionCache: num
   };
   const app = createMcpExpressApp();
   const metadata = resourceMetadataUrl(resource);
+  if (options.issuer) {
+    const prm = { resource, authorization_servers: [options.issuer], bearer_methods_supported: ["header"] };
+    app.get(new URL(metadata).pathname, (_req, res) => {
+      res.json(prm);
+    });
+  }
   app.post(
     "/mcp",
     clientCertificate(),
     requireBearerAuth({ verifier: tesseraTokenVerifier(verifier), resourceMetadataUrl: metadata }),
-    toolScopes(TOOL_SCOPES, { otherTools: ["notes:admin"], resourceMetadataUrl: metadata }),
+    toolScopes(options.tools ?? TOOL_SCOPES, { otherTools: ["notes:admin"], resourceMetadataUrl: metadata }),
     async (req, res) => {
       const server = build();
       const transport = new StreamableHTTPServerTransport({ sessionIdGenerator: undefined });
@@ -80,13 +104,21 @@ export async function startNotesServer(resource: string, introspectionCache: num
       await transport.handleRequest(req, res, req.body);
     },
   );
+  const port = options.port ?? 0;
   const listener: Server = await new Promise((resolve) => {
-    const l = app.listen(0, "127.0.0.1", () => resolve(l));
+    if (options.tls) {
+      // mTLS: the client's X509-SVID is verified against the trust bundle, and
+      // clientCertificate() hands it to the verifier for cnf.
+      const l = createHttpsServer({ ...options.tls, requestCert: true, rejectUnauthorized: true }, app);
+      l.listen(port, "127.0.0.1", () => resolve(l));
+    } else {
+      const l = app.listen(port, "127.0.0.1", () => resolve(l));
+    }
   });
   const address = listener.address();
   if (typeof address !== "object" || !address) throw new Error("no address");
   return {
-    url: `http://127.0.0.1:${address.port}/mcp`,
+    url: `${options.tls ? "https" : "http"}://127.0.0.1:${address.port}/mcp`,
     verifier,
     close: () => new Promise((resolve) => listener.close(() => resolve())),
   };

@@ -33,8 +33,9 @@ import httpx2
 import jwt
 
 from .challenge import BearerChallenge
-from .errors import TesseraError
-from .sockets import exchange_socket
+from .errors import ConfigurationError, TesseraError
+from .sockets import Sockets, exchange_socket
+from .workload import WorkloadApi
 
 log = logging.getLogger("tessera_sdk.server")
 
@@ -45,7 +46,43 @@ CLIENT_CERTIFICATE: contextvars.ContextVar[bytes | None] = contextvars.ContextVa
 )
 
 _MAX_CACHED = 10_000
+# An unknown `kid` fetches the keys again at most this often (a flood of
+# tokens with made-up kids must not become a flood of fetches).
 _JWKS_REFETCH_SECONDS = 10.0
+# Keys are fetched again this often even when every kid is known, so a key
+# the issuer retired stops verifying here.
+_JWKS_REFRESH_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class _Endpoints:
+    jwks: str
+    introspection: str
+    keys_refresh: float
+
+
+class JwtSvidCredential:
+    """A JWT-SVID for the issuer, proving this resource server at introspection
+    (`Authorization: Bearer`, RFC 7662 §2.1). Introspection does not consume it,
+    so it is reused until 30 s before its expiry."""
+
+    def __init__(self, issuer: str, *, workload_api: str | os.PathLike[str] | None = None) -> None:
+        self._issuer = issuer
+        self._socket = workload_api
+        self._api: WorkloadApi | None = None
+
+    async def token(self) -> str:
+        if self._api is None:
+            self._api = WorkloadApi(Sockets.find(workload_api=self._socket).workload_api)
+        try:
+            return (await self._api.jwt_svid(self._issuer)).token
+        except TesseraError as e:
+            raise TokenRejected(f"no JWT-SVID to authenticate to {self._issuer} for introspection: {e}") from e
+
+    async def aclose(self) -> None:
+        if self._api is not None:
+            await self._api.aclose()
+            self._api = None
 
 
 class TokenRejected(TesseraError):
@@ -79,6 +116,10 @@ def certificate_thumbprint(der: bytes) -> str:
 class Verifier:
     """Verifies task tokens for one audience (this server's resource URI).
 
+    On the node (the default), keys, metadata and introspection come from the
+    agent's exchange socket. On another host, `Verifier.remote(audience,
+    issuer)` reaches the agent's HTTPS face instead.
+
     - `audience`: what tokens for this server carry in `aud`.
     - `issuer`: expected `iss` (default: the exchange's metadata).
     - `exchange_socket`: the agent's exchange socket (default:
@@ -101,55 +142,155 @@ class Verifier:
         introspection_cache: float = 5.0,
         leeway: float = 5.0,
     ) -> None:
+        self._setup(audience, issuer, introspect, introspection_cache, leeway)
+        socket = exchange_socket(exchange_socket_path)
+        self._http = httpx2.AsyncClient(
+            transport=httpx2.AsyncHTTPTransport(uds=str(socket)), base_url="http://localhost", timeout=10
+        )
+        self._endpoints = _Endpoints(jwks="/jwks", introspection="/introspect", keys_refresh=_JWKS_REFRESH_SECONDS)
+
+    def _setup(
+        self, audience: str, issuer: str | None, introspect: bool, introspection_cache: float, leeway: float
+    ) -> None:
         self.audience = audience
         self._issuer = issuer
         self._introspect = introspect
         self._cache_seconds = introspection_cache
         self._leeway = leeway
-        socket = exchange_socket(exchange_socket_path)
-        self._http = httpx2.AsyncClient(
-            transport=httpx2.AsyncHTTPTransport(uds=str(socket)), base_url="http://localhost", timeout=10
-        )
         self._keys: dict[str, jwt.PyJWK] = {}
-        self._keys_fetched = 0.0
+        self._keys_fetched: float | None = None
         self._verified: dict[str, dict[str, Any]] = {}
         self._introspected: dict[str, tuple[bool, float]] = {}
+        # Where the keys and introspection are (None: read from the metadata),
+        # and what proves this server at introspection (None: the socket's
+        # peer credentials do).
+        self._endpoints = None
+        self._metadata_url = "/.well-known/oauth-authorization-server"
+        self._credential: JwtSvidCredential | None = None
+        self._where = "the exchange"
+
+    @classmethod
+    def remote(
+        cls,
+        audience: str,
+        issuer: str,
+        *,
+        ca: str | os.PathLike[str] | ssl.SSLContext | None = None,
+        workload_api: str | os.PathLike[str] | None = None,
+        introspect: bool = True,
+        introspection_cache: float = 5.0,
+        keys_refresh: float = _JWKS_REFRESH_SECONDS,
+        leeway: float = 5.0,
+    ) -> Verifier:
+        """A verifier for a server that cannot reach the agent's sockets (another
+        host, another pod): everything comes from the agent's HTTPS face at `issuer`.
+
+        - Keys: the `jwks_uri` of the issuer's RFC 8414 metadata
+          (`https://host/.well-known/oauth-authorization-server[/path]`, whose `issuer`
+          must be exactly `issuer`, RFC 8414 §3.3), cached, fetched again for
+          an unknown `kid` (at most every 10 s) and every `keys_refresh` seconds
+          (a retired key stops verifying). OpenID discovery is not used: its
+          `jwks_uri` holds the JWT-SVID keys, not the access-token keys.
+        - Revocation: the metadata's `introspection_endpoint` (RFC 7662), each
+          answer cached for `introspection_cache` seconds. The agent answers
+          only authenticated resource servers: this server presents a
+          JWT-SVID for audience `issuer` (`Authorization: Bearer`) from its own
+          node's Workload API (`workload_api`, default `SPIFFE_ENDPOINT_SOCKET`).
+        - `ca`: what to trust for the HTTPS face: a PEM bundle path (the trust
+          domain's bundle when the face's certificate is issued by Tessera,
+          `tessera api fetch x509 --write DIR` writes it), an `ssl.SSLContext`,
+          or `None` for the system's trust store (a public certificate).
+        """
+        if not issuer.startswith("https://"):
+            raise ConfigurationError(f"issuer = {issuer!r}: the agent's HTTPS face is an https:// URL")
+        verifier = cls.__new__(cls)
+        verifier._setup(audience, issuer, introspect, introspection_cache, leeway)
+        if isinstance(ca, ssl.SSLContext):
+            verify: ssl.SSLContext | bool = ca
+        elif ca is not None:
+            verify = ssl.create_default_context(cafile=os.fspath(ca))
+        else:
+            verify = True
+        verifier._http = httpx2.AsyncClient(verify=verify, timeout=10)
+        verifier._metadata_url = metadata_url(issuer)
+        verifier._keys_refresh = keys_refresh
+        verifier._where = issuer
+        if introspect:
+            verifier._credential = JwtSvidCredential(issuer, workload_api=workload_api)
+        return verifier
+
+    _keys_refresh = _JWKS_REFRESH_SECONDS
+    _endpoints: _Endpoints | None
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        if self._credential is not None:
+            await self._credential.aclose()
 
-    async def _get(self, path: str, form: dict[str, str] | None = None) -> dict[str, Any]:
+    async def _get(
+        self, path: str, form: dict[str, str] | None = None, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         try:
             if form is None:
                 response = await self._http.get(path)
             else:
-                response = await self._http.post(path, data=form)
+                response = await self._http.post(path, data=form, headers=headers)
         except httpx2.TransportError as e:
-            raise TokenRejected(f"cannot reach the exchange to check the token: {e}") from e
+            raise TokenRejected(f"cannot reach {self._where} to check the token: {e}") from e
         if response.status_code != 200:
-            raise TokenRejected(f"the exchange answered {path} with HTTP {response.status_code}")
+            detail = ""
+            if response.headers.get("content-type", "").startswith("application/json"):
+                body = response.json()
+                if isinstance(body, dict) and "error" in body:
+                    detail = f" ({body.get('error')}: {body.get('error_description', '')})"
+            raise TokenRejected(f"{self._where} answered {path} with HTTP {response.status_code}{detail}")
         body = response.json()
         if not isinstance(body, dict):
-            raise TokenRejected(f"the exchange answered {path} without a JSON object")
+            raise TokenRejected(f"{self._where} answered {path} without a JSON object")
         return body
+
+    async def _metadata(self) -> dict[str, Any]:
+        meta = await self._get(self._metadata_url)
+        issuer = meta.get("issuer")
+        if self._issuer is not None and issuer != self._issuer:
+            # RFC 8414 §3.3: metadata for another issuer is not this issuer's.
+            raise TokenRejected(f"the metadata at {self._metadata_url} names issuer {issuer!r}, not {self._issuer!r}")
+        if not isinstance(issuer, str):
+            raise TokenRejected(f"the metadata at {self._metadata_url} names no issuer")
+        self._issuer = issuer
+        return meta
+
+    async def _where_is(self) -> _Endpoints:
+        if self._endpoints is None:
+            meta = await self._metadata()
+            jwks, introspection = meta.get("jwks_uri"), meta.get("introspection_endpoint")
+            if not isinstance(jwks, str) or (self._introspect and not isinstance(introspection, str)):
+                raise TokenRejected(f"the metadata of {self._issuer} has no jwks_uri or introspection_endpoint")
+            self._endpoints = _Endpoints(jwks, str(introspection or ""), self._keys_refresh)
+        return self._endpoints
 
     async def issuer(self) -> str:
         if self._issuer is None:
-            self._issuer = str((await self._get("/.well-known/oauth-authorization-server"))["issuer"])
+            await self._metadata()
+        assert self._issuer is not None
         return self._issuer
 
     async def _key(self, kid: str) -> jwt.PyJWK:
+        endpoints = await self._where_is()
+        now = time.monotonic()
         key = self._keys.get(kid)
-        if key is None and time.monotonic() - self._keys_fetched > _JWKS_REFETCH_SECONDS:
-            self._keys_fetched = time.monotonic()
-            jwks = await self._get("/jwks")
+        stale = self._keys_fetched is None or now - self._keys_fetched > endpoints.keys_refresh
+        unknown = key is None and (self._keys_fetched is None or now - self._keys_fetched > _JWKS_REFETCH_SECONDS)
+        if stale or unknown:
+            self._keys_fetched = now
+            jwks = await self._get(endpoints.jwks)
             keys: dict[str, jwt.PyJWK] = {}
             for jwk in jwks.get("keys", []):
                 if isinstance(jwk, dict) and isinstance(jwk.get("kid"), str):
                     try:
                         keys[jwk["kid"]] = jwt.PyJWK(jwk)
                     except jwt.PyJWKError as e:
-                        log.warning("ignoring an unusable key %s of the exchange: %s", jwk["kid"], e)
+                        log.warning("ignoring an unusable key %s of %s: %s", jwk["kid"], self._where, e)
             self._keys = keys
             key = keys.get(kid)
         if key is None:
@@ -196,7 +337,11 @@ class Verifier:
         cached = self._introspected.get(digest)
         if cached is not None and now - cached[1] < self._cache_seconds:
             return cached[0]
-        active = (await self._get("/introspect", {"token": token})).get("active") is True
+        endpoints = await self._where_is()
+        headers = None
+        if self._credential is not None:
+            headers = {"Authorization": f"Bearer {await self._credential.token()}"}
+        active = (await self._get(endpoints.introspection, {"token": token}, headers)).get("active") is True
         if len(self._introspected) >= _MAX_CACHED:
             self._introspected = {d: v for d, v in self._introspected.items() if now - v[1] < self._cache_seconds}
             if len(self._introspected) >= _MAX_CACHED:
@@ -399,6 +544,15 @@ class ToolScopes:
             headers.append((b"www-authenticate", www_authenticate.encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": data})
+
+
+def metadata_url(issuer: str) -> str:
+    """Where RFC 8414 §3.1 puts the metadata of `issuer`: the well-known path
+    inserted between its host and its path."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(issuer)
+    return f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{parts.path.rstrip('/')}"
 
 
 def _plain(text: str) -> str:

@@ -8,7 +8,10 @@ hand instead of carrying generated code and the protobuf runtime:
     JWTSVID         { string spiffe_id = 1; string svid = 2; string hint = 3; }
 
 A JWT-SVID is reused until shortly before its `exp`, since the exchange
-remembers the SVIDs it has verified and each fetch costs the agent a signature.
+remembers the SVIDs it has verified and each fetch costs the agent a signature,
+except when the caller asks for a fresh one: a client assertion for the token
+endpoint on the HTTPS face is accepted once (by its `jti`), so each token
+request needs a new SVID.
 """
 
 from __future__ import annotations
@@ -139,12 +142,13 @@ class WorkloadApi:
             response_deserializer=lambda b: b,
         )
 
-    async def jwt_svid(self, audience: str, spiffe_id: str | None = None) -> JwtSvid:
-        """A JWT-SVID for `audience`: the first identity of this process, or `spiffe_id`."""
+    async def jwt_svid(self, audience: str, spiffe_id: str | None = None, *, fresh: bool = False) -> JwtSvid:
+        """A JWT-SVID for `audience`: the first identity of this process, or `spiffe_id`.
+        `fresh`: never the cached one (a single-use client assertion)."""
         key = (audience, spiffe_id)
         async with self._lock:
             cached = self._cache.get(key)
-            if cached is not None and cached.expires_at - time.time() > _REUSE_MARGIN_SECONDS:
+            if not fresh and cached is not None and cached.expires_at - time.time() > _REUSE_MARGIN_SECONDS:
                 return cached
             try:
                 raw = await self._stub()(encode_request([audience], spiffe_id), metadata=(_HEADER,), timeout=30)
@@ -157,7 +161,8 @@ class WorkloadApi:
             if not svids:
                 raise WorkloadApiError(f"FetchJWTSVID on {self._socket}: no JWT-SVID for this process")
             svid = svids[0]
-            self._cache[key] = svid
+            if not fresh:
+                self._cache[key] = svid
             return svid
 
     async def aclose(self) -> None:
