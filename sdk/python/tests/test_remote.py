@@ -10,7 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import re
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -22,7 +26,7 @@ import httpx2
 import jwt
 import pytest
 import uvicorn
-from conftest import AGENT_ID, Agent
+from conftest import AGENT_ID, SDK, Agent
 from cryptography.hazmat.primitives.asymmetric import ec
 from mcp.client.auth.extensions.client_credentials import PrivateKeyJWTOAuthProvider
 from mcp.server import MCPServer
@@ -286,3 +290,28 @@ async def test_what_the_remote_verifier_refuses(agent: Agent, remote_server: Rem
             await untrusted.verify(forged)
     finally:
         await untrusted.aclose()
+
+
+def test_the_readmes_off_the_node_client_runs_as_written(agent: Agent, remote_server: RemoteServer) -> None:
+    """README.md's client block, with the test agent's issuer and MCP server
+    in place of the example's, and the trust domain's CA as the trust store."""
+    section = (SDK / "README.md").read_text().split("## Off the node", 1)[1].split("\n## ", 1)[0]
+    found = re.search(r"```python\n(.*?)```", section, re.S)
+    assert found, "the section lost its client"
+    code = found.group(1)
+    for example, real in [
+        ('"http://127.0.0.1:8080/mcp"', repr(remote_server.url)),
+        ('"https://localhost:8443"', repr(agent.https_issuer)),
+    ]:
+        assert example in code, example
+        code = code.replace(example, real)
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(SDK / "src"), "SSL_CERT_FILE": str(agent.ca)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert re.fullmatch(rf"{re.escape(AGENT_ID)} notes:read \S+\n", run.stdout), run.stdout

@@ -4,10 +4,14 @@
  *     import { task } from "tessera-sdk";
  *     await using t = await task("summarise-42", { resource: "https://notes.example/mcp", scopes: ["notes:read"] });
  *
- * Server side: "tessera-sdk/server" (Verifier, toolScopes) and "tessera-sdk/mcp"
- * (the official MCP SDK's OAuthTokenVerifier).
+ * Off the node: `JwtSvidAssertion`, and "tessera-sdk/mcp"'s `JwtSvidClientProvider`
+ * for the MCP SDK's machine-to-machine OAuth.
+ *
+ * Server side: "tessera-sdk/server" (Verifier, `Verifier.remote` on another host,
+ * toolScopes) and "tessera-sdk/mcp" (the official MCP SDK's OAuthTokenVerifier).
  */
 export * from "./errors.js";
+export { JwtSvidAssertion, type JwtSvidAssertionOptions } from "./assertion.js";
 export { formatChallenge, parseChallenge, type BearerChallenge } from "./challenge.js";
 export {
   Exchange,

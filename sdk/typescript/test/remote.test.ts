@@ -11,11 +11,12 @@
  *   certificate: the holder's X509-SVID passes, another workload's is refused.
  */
 import assert from "node:assert/strict";
-import { spawnSync } from "node:child_process";
-import { mkdtempSync, readdirSync, readFileSync } from "node:fs";
+import { execFile, spawnSync } from "node:child_process";
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { X509Certificate } from "node:crypto";
 import { after, before, test } from "node:test";
+import { promisify } from "node:util";
 
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
 import { StreamableHTTPClientTransport } from "@modelcontextprotocol/sdk/client/streamableHttp.js";
@@ -25,7 +26,7 @@ import { task } from "tessera-sdk";
 import { JwtSvidClientProvider } from "tessera-sdk/mcp";
 import { certificateThumbprint, TokenRejected, Verifier } from "tessera-sdk/server";
 
-import { AGENT_ID, OTHER_ID, RESOURCE, startAgent, type Agent } from "./harness.js";
+import { AGENT_ID, OTHER_ID, RESOURCE, SDK_DIR, startAgent, type Agent } from "./harness.js";
 import { caFetch, mcpClient, mtlsFetch, refusedStatuses, text, withBearer } from "./mcp-client.js";
 import { startNotesServer, type NotesServer } from "./notes-server.js";
 
@@ -194,4 +195,30 @@ test("cnf end to end: a bound token passes with its holder's certificate and is 
   } finally {
     await server.close();
   }
+});
+
+test("the README's off-the-node client runs as written", async () => {
+  const readme = readFileSync(path.join(SDK_DIR, "README.md"), "utf8");
+  const section = readme.split("## Off the node")[1]!.split("\n## ")[0]!;
+  let code = /```ts\n([\s\S]*?)```/.exec(section)?.[1];
+  assert.ok(code, "the section lost its client");
+  for (const [example, real] of [
+    ['"http://127.0.0.1:8080/mcp"', JSON.stringify(remote.url)],
+    ['"https://localhost:8443"', JSON.stringify(agent.httpsIssuer)],
+  ] as const) {
+    assert.ok(code.includes(example), example);
+    code = code.replace(example, real);
+  }
+  // Plain JavaScript as written (no annotations), run from inside the
+  // package so "tessera-sdk/mcp" and the MCP SDK resolve; Node trusts the
+  // trust domain's CA for the HTTPS face.
+  const file = path.join(SDK_DIR, "build", "readme-off-the-node.mjs");
+  writeFileSync(file, code);
+  // Asynchronously: the MCP server it calls runs in this process.
+  const run = await promisify(execFile)(process.execPath, [file], {
+    encoding: "utf8",
+    env: { ...process.env, NODE_EXTRA_CA_CERTS: agent.ca },
+    timeout: 60_000,
+  });
+  assert.match(run.stdout, new RegExp(`by ${AGENT_ID.replace(/[.]/g, "\\.")}, task `));
 });

@@ -7,10 +7,16 @@ Agent side::
     async with task("summarise-42", resource="https://notes.example/mcp", scopes=["notes:read"]) as t:
         token = await t.token()
 
-Server side: `tessera_sdk.server.Verifier`, `tessera_sdk.server.ToolScopes`
-and, for the official MCP SDK, `tessera_sdk.mcp.TesseraTokenVerifier`.
+Off the node, over the agent's HTTPS face: `JwtSvidAssertion`, the assertion
+provider of the MCP SDK's machine-to-machine provider
+(`tessera_sdk.mcp.jwt_svid_client`).
+
+Server side: `tessera_sdk.server.Verifier` (`Verifier.remote` on another host),
+`tessera_sdk.server.ToolScopes` and, for the official MCP SDK,
+`tessera_sdk.mcp.TesseraTokenVerifier`.
 """
 
+from .assertion import JwtSvidAssertion
 from .challenge import BearerChallenge
 from .errors import (
     AccessDenied,
@@ -53,6 +59,7 @@ __all__ = [
     "InvalidScope",
     "InvalidTarget",
     "IssuedToken",
+    "JwtSvidAssertion",
     "OAuthError",
     "ServerError",
     "SlowDown",
