@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, bail};
 use tessera_attestor::{ProcRoot, UnixAttestor, WorkloadAttestor};
 use tessera_workload_api as pb;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -49,7 +48,7 @@ pub struct RunningAgent {
     pub federation: Option<Arc<crate::federation::Federation>>,
     pub callers: Arc<Callers>,
     pub cache: Arc<SvidCache>,
-    entries: watch::Sender<EntrySet>,
+    entries: Arc<crate::entries::EntrySources>,
     shutdown: CancellationToken,
     server: JoinHandle<anyhow::Result<()>>,
     grace: std::time::Duration,
@@ -58,7 +57,7 @@ pub struct RunningAgent {
 impl RunningAgent {
     /// Replaces the registration entries; open streams re-evaluate at once.
     pub fn set_entries(&self, entries: EntrySet) {
-        self.entries.send_replace(entries);
+        self.entries.set_local(&entries);
     }
 
     /// Begins graceful shutdown.
@@ -259,7 +258,20 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     }
     let proc_root = ProcRoot::new(&config.proc_root);
     let attestor = WorkloadAttestor::new(proc_root.clone(), attestors);
-    let (entries_tx, entries_rx) = watch::channel(config.entries.clone());
+    let entries_tx = Arc::new(crate::entries::EntrySources::new(&config.entries));
+    let entries_rx = entries_tx.subscribe();
+    if let Some(up) = &upstream {
+        // The fleet's live entries (custom resources) join the config
+        // file's; a workload that connects right after start finds them.
+        let mut loaded =
+            crate::fleet::registration::follow(up.clone(), entries_tx.clone(), shutdown.clone());
+        if tokio::time::timeout(FLEET_ENTRIES_WAIT, loaded.wait_for(|l| *l))
+            .await
+            .is_err()
+        {
+            tracing::warn!(waited = ?FLEET_ENTRIES_WAIT, "the fleet's live registration entries have not arrived yet; serving the config file's meanwhile");
+        }
+    }
     let callers = Arc::new(Callers {
         attestor,
         entries: entries_rx,
@@ -566,6 +578,9 @@ fn http_limits(config: &Config) -> Limits {
         idle_timeout: config.idle_timeout,
     }
 }
+
+/// How long start-up waits for the fleet's live registration entries.
+const FLEET_ENTRIES_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long start-up waits for the fleet's revocations before serving
 /// anyway (not ready, and saying why, until they arrive).

@@ -157,6 +157,14 @@ struct RawServer {
     max_access_token_ttl: Option<Spanned<String>>,
     kubernetes: Option<RawServerKube>,
     store: Option<RawServerStore>,
+    registration: Option<RawServerRegistration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerRegistration {
+    kind: Spanned<String>,
+    namespaced: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -743,7 +751,7 @@ impl Config {
             });
         }
         let server = match &raw.server {
-            Some(srv) => Some(Self::server_config(&cx, srv)?),
+            Some(srv) => Some(Self::server_config(&cx, srv, (x509_ttl, jwt_ttl, wit_ttl))?),
             None => None,
         };
         if upstream.is_some() || server.is_some() {
@@ -1146,6 +1154,7 @@ impl Config {
     fn server_config(
         cx: &Ctx<'_>,
         srv: &RawServer,
+        svid_ttls: (Duration, Duration, Duration),
     ) -> Result<crate::fleet::server::ServerConfig, ConfigError> {
         let listen = srv.listen.get_ref().parse::<SocketAddr>().map_err(|e| {
             cx.invalid(
@@ -1288,7 +1297,33 @@ impl Config {
                 })
             }
         };
+        let registration = match &srv.registration {
+            None => None,
+            Some(r) => {
+                if r.kind.get_ref() != "kubernetes" {
+                    return Err(cx.invalid(
+                        "server.registration.kind",
+                        &r.kind,
+                        "must be \"kubernetes\" (ClusterWorkloadEntry and WorkloadEntry objects)",
+                    ));
+                }
+                if kubernetes.is_none() {
+                    return Err(cx.invalid(
+                        "server.registration.kind",
+                        &r.kind,
+                        "\"kubernetes\" needs [server.kubernetes] (the API server and the authority's credentials)",
+                    ));
+                }
+                Some(crate::fleet::registration::RegistrationConfig {
+                    namespaced: r.namespaced.unwrap_or(true),
+                    x509_ttl: svid_ttls.0,
+                    jwt_ttl: svid_ttls.1,
+                    wit_ttl: svid_ttls.2,
+                })
+            }
+        };
         Ok(crate::fleet::server::ServerConfig {
+            registration,
             listen,
             keys_dir: srv.keys_dir.clone(),
             server_name: srv

@@ -106,6 +106,32 @@ impl IdTemplate {
         spiffe::SpiffeId::new(&text).ok()
     }
 
+    /// The template as written (`{type}` for each placeholder): what parses
+    /// back to the same template.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => out.push_str(s),
+                Part::Placeholder(k) => {
+                    out.push('{');
+                    out.push_str(k);
+                    out.push('}');
+                }
+            }
+        }
+        out
+    }
+
+    /// The literal text before the first placeholder (the whole ID if it has
+    /// none).
+    pub fn literal_prefix(&self) -> &str {
+        match self.parts.first() {
+            Some(Part::Literal(s)) => s,
+            _ => "",
+        }
+    }
+
     /// The selector types the template fills in.
     pub fn placeholders(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|p| match p {
@@ -280,6 +306,50 @@ impl EntrySet {
             });
         }
         out
+    }
+}
+
+/// Where an agent's entries come from: its config file (replaced on
+/// SIGHUP) and, in upstream mode, the fleet authority's live entries
+/// (custom resources in the Kubernetes API). Open streams see every change
+/// of either through the one channel they watch; config-file entries come
+/// first.
+pub struct EntrySources {
+    tx: tokio::sync::watch::Sender<EntrySet>,
+    parts: crate::sync::Mutex<(Vec<Entry>, Vec<Entry>)>,
+}
+
+impl EntrySources {
+    pub fn new(local: &EntrySet) -> Self {
+        Self {
+            tx: tokio::sync::watch::Sender::new(local.clone()),
+            parts: crate::sync::Mutex::new((local.iter().cloned().collect(), Vec::new())),
+        }
+    }
+
+    /// What streams and callers watch.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<EntrySet> {
+        self.tx.subscribe()
+    }
+
+    /// The config file's entries (at start and on SIGHUP).
+    pub fn set_local(&self, local: &EntrySet) {
+        let all = {
+            let mut parts = self.parts.lock();
+            parts.0 = local.iter().cloned().collect();
+            parts.0.iter().chain(&parts.1).cloned().collect()
+        };
+        self.tx.send_replace(EntrySet::new(all));
+    }
+
+    /// The fleet's live entries, whole, as the authority last sent them.
+    pub fn set_fleet(&self, fleet: Vec<Entry>) {
+        let all = {
+            let mut parts = self.parts.lock();
+            parts.1 = fleet;
+            parts.0.iter().chain(&parts.1).cloned().collect()
+        };
+        self.tx.send_replace(EntrySet::new(all));
     }
 }
 

@@ -16,6 +16,9 @@
 //!   through [`informer`]); replicas take them from nodes and stream them
 //!   back ([`feed`]), nodes publish and follow them ([`follow`]).
 //!
+//! * Live registration: entries as custom resources, watched by each replica
+//!   and streamed to nodes ([`registration`]).
+//!
 //! The design and its trust model are in `docs/architecture.md`.
 
 pub mod client;
@@ -25,6 +28,7 @@ pub mod follow;
 pub mod informer;
 pub mod join;
 pub mod kube;
+pub mod registration;
 pub mod server;
 pub mod store;
 pub mod tls;

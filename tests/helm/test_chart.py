@@ -1072,6 +1072,11 @@ def test_authority_rbac_is_exactly_tokenreviews_and_pods(manifests, name):
     assert role["rules"] == [
         {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+        # Live registration: read the entries, write only their status.
+        {"apiGroups": ["tessera.dev"], "resources": ["clusterworkloadentries", "workloadentries"],
+         "verbs": ["list", "watch"]},
+        {"apiGroups": ["tessera.dev"],
+         "resources": ["clusterworkloadentries/status", "workloadentries/status"], "verbs": ["patch"]},
     ]
     binding = auth_one(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {
@@ -1092,7 +1097,11 @@ def test_authority_rbac_is_exactly_tokenreviews_and_pods(manifests, name):
     assert verbs == {("authentication.k8s.io", "tokenreviews", "create"), ("", "pods", "get"),
                      ("", "pods", "list"), ("", "nodes/pods", "get"),
                      *{("tessera.dev", "revocationbatches", v)
-                       for v in ("create", "list", "watch", "deletecollection")}}
+                       for v in ("create", "list", "watch", "deletecollection")},
+                     *{("tessera.dev", r, v) for r in ("clusterworkloadentries", "workloadentries")
+                       for v in ("list", "watch")},
+                     ("tessera.dev", "clusterworkloadentries/status", "patch"),
+                     ("tessera.dev", "workloadentries/status", "patch")}
     # The fleet's state: a Role in the release namespace only, bound to the authority.
     role = auth_one(docs, "Role")
     assert role["metadata"]["namespace"] == sa["metadata"]["namespace"]
@@ -1117,6 +1126,20 @@ def test_authority_fleet_state_can_be_turned_off(chart):
     docs = docs_of(render_files(chart, values))
     assert not {"Role", "RoleBinding"} & set(kinds(docs))
     assert "store" not in authority_config_toml(docs)["server"]
+
+
+def test_authority_registration_can_be_narrowed_or_turned_off(chart):
+    values = copy.deepcopy(VALUE_SETS["authority"])
+    values["authority"]["registration"] = {"enabled": True, "namespaced": False}
+    docs = docs_of(render_files(chart, values))
+    assert authority_config_toml(docs)["server"]["registration"] == {"kind": "kubernetes", "namespaced": False}
+    granted = {r for rule in auth_one(docs, "ClusterRole")["rules"] for r in rule["resources"]}
+    assert "workloadentries" not in granted and "clusterworkloadentries" in granted
+    values["authority"]["registration"] = {"enabled": False, "namespaced": True}
+    docs = docs_of(render_files(chart, values))
+    assert "registration" not in authority_config_toml(docs)["server"]
+    granted = {r for rule in auth_one(docs, "ClusterRole")["rules"] for r in rule["resources"]}
+    assert granted == {"tokenreviews", "pods"}
 
 
 def secret_names(pod_spec: dict) -> set[str]:
@@ -1249,6 +1272,7 @@ def test_authority_config_toml(manifests):
             "allowed_service_accounts": [f"{ns}:{agent_one(docs, 'ServiceAccount')['metadata']['name']}"],
         },
         "store": {"kind": "kubernetes", "namespace": ns, "batch_window": "50ms"},
+        "registration": {"kind": "kubernetes", "namespaced": True},
     }
     assert auth["server"]["kubernetes"]["allowed_service_accounts"] == [f"{ns}:{rel}"]
     assert auth["admin"] == {"listen": "0.0.0.0:9090"}

@@ -113,19 +113,45 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
             if let Some(a) = running.admin_addr {
                 tracing::info!(address = %a, "admin HTTP listening (/healthz /readyz /metrics)");
             }
-            // SIGHUP must not kill the authority (its default action);
-            // config changes other than keys need a restart.
+            // SIGHUP reloads the config file's entries (keys reload on their
+            // own); other changes need a restart.
             let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            let stop = crate::app::wait_for_signal();
+            tokio::pin!(stop);
             loop {
                 tokio::select! {
-                    _ = crate::app::wait_for_signal() => break,
-                    _ = hup.recv() => tracing::info!("SIGHUP: keys reload on their own every server.key_reload_interval; restart to change entries"),
+                    _ = &mut stop => break,
+                    _ = hup.recv() => reload_entries(&config, &running.entries),
                 }
             }
             tracing::info!("shutting down");
             running.shutdown();
             running.wait().await;
             Ok(())
+        }
+    }
+}
+
+/// SIGHUP: the config file's entries, read again. A valid file replaces
+/// them at once (open streams and the next signing see the new set); an
+/// invalid one is logged with its key and line, and the entries in force
+/// stay.
+fn reload_entries(path: &std::path::Path, entries: &crate::fleet::registration::LiveEntries) {
+    match Config::load(path) {
+        Ok(cfg) => {
+            for w in &cfg.warnings {
+                tracing::warn!("{w}");
+            }
+            entries.set_config(&cfg.entries);
+            tracing::info!(
+                entries = cfg.entries.len(),
+                live = entries.live_count(),
+                "SIGHUP: reloaded entries from {} (other changes need a restart; keys reload on their own)",
+                path.display()
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: reload rejected; keeping the entries in force")
         }
     }
 }

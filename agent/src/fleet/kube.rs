@@ -329,7 +329,7 @@ impl KubeClient {
     }
 
     /// Adds to what readiness checks: `verb` on `resource.group` in
-    /// `namespace`.
+    /// `namespace` (every namespace, or a cluster-scoped resource, if empty).
     pub fn also_need(
         &self,
         verb: &'static str,
@@ -354,7 +354,7 @@ impl KubeClient {
         );
         for (verb, group, resource, namespace) in needs {
             let mut attributes = json!({"verb": verb, "group": group, "resource": resource});
-            if let Some(ns) = &namespace {
+            if let Some(ns) = namespace.as_ref().filter(|ns| !ns.is_empty()) {
                 attributes["namespace"] = json!(ns);
             }
             let body = json!({
@@ -381,6 +381,7 @@ impl KubeClient {
                     format!("{resource}.{group}")
                 };
                 let place = namespace
+                    .filter(|ns| !ns.is_empty())
                     .map(|ns| format!(" in namespace {ns}"))
                     .unwrap_or_default();
                 return Err(format!(

@@ -33,6 +33,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::kube::{KubeClient, KubeConfig, ReviewError};
+use super::registration::{LiveEntries, RegistrationConfig};
 use super::store::{FleetState, StoreConfig, StoreKind, StoreMetrics};
 use super::wire::{self, BundleDoc};
 use super::{Node, NodeKind, entitlement, feed, join, tls};
@@ -59,6 +60,9 @@ pub struct ServerConfig {
     /// Where the fleet's shared state (revocations) lives; `None`: each
     /// node's revocations hold on that node only.
     pub store: Option<StoreConfig>,
+    /// Live registration entries from the Kubernetes API; `None`: only the
+    /// config file's entries.
+    pub registration: Option<RegistrationConfig>,
     /// Longest access token the authority signs.
     pub max_access_token_ttl: Duration,
     pub max_connections: usize,
@@ -83,7 +87,8 @@ struct Shared {
     td: spiffe::TrustDomain,
     config: ServerConfig,
     authority: Arc<LocalAuthority>,
-    entries: EntrySet,
+    /// The config file's entries and the live ones.
+    entries: Arc<LiveEntries>,
     kube: Option<Arc<KubeClient>>,
     fleet_state: Option<Arc<FleetState>>,
     /// Cancelled when the authority stops (ends long-lived streams).
@@ -115,6 +120,8 @@ fn bad(msg: impl Into<String>) -> ApiError {
 pub struct RunningAuthority {
     pub addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
+    /// The entries in force (SIGHUP replaces the config file's).
+    pub entries: Arc<LiveEntries>,
     shutdown: CancellationToken,
     /// The server and its background tasks (admin listener, key reload).
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -143,6 +150,8 @@ pub enum StartError {
     Kubernetes(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("server.store: {0}")]
     Store(String),
+    #[error("server.registration: {0}")]
+    Registration(String),
     #[error("server.audit_log {}: {source}", path.display())]
     AuditLog {
         path: std::path::PathBuf,
@@ -270,6 +279,31 @@ pub async fn start(
             ))
         }
     };
+    let entries = LiveEntries::new(&entries);
+    if let Some(registration) = &config.registration {
+        let Some(kube) = kube.clone() else {
+            return Err(StartError::Registration(
+                "kind = \"kubernetes\" needs [server.kubernetes] (the API server and the authority's credentials)".into(),
+            ));
+        };
+        tracing::info!(
+            namespaced = registration.namespaced,
+            "live registration: ClusterWorkloadEntry{} objects are watched",
+            if registration.namespaced {
+                " and WorkloadEntry"
+            } else {
+                ""
+            }
+        );
+        super::registration::start(
+            kube,
+            entries.clone(),
+            td.clone(),
+            registration.clone(),
+            clock.clone(),
+            shutdown.clone(),
+        );
+    }
     let shared = Arc::new(Shared {
         attest_budget: crate::sync::Mutex::new(crate::rate_limit::TokenBucket::new(
             crate::rate_limit::Budget {
@@ -281,7 +315,7 @@ pub async fn start(
         td,
         config: config.clone(),
         authority,
-        entries,
+        entries: entries.clone(),
         kube,
         fleet_state,
         shutdown: shutdown.clone(),
@@ -394,6 +428,7 @@ pub async fn start(
         .route("/v1/bundle", get(bundle))
         .route("/v1/revocations", post(revocations))
         .route("/v1/stream", get(stream))
+        .route("/v1/entries", get(entries_stream))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared.clone());
     tracing::info!(address = %addr, trust_domain = shared.td.as_str(), "tessera authority listening (mTLS)");
@@ -420,6 +455,7 @@ pub async fn start(
     Ok(RunningAuthority {
         addr,
         admin_addr,
+        entries,
         shutdown,
         tasks,
     })
@@ -534,12 +570,14 @@ impl Shared {
         id: &spiffe::SpiffeId,
     ) -> Result<Option<crate::entries::Entry>, ApiError> {
         let facts = self.facts(node, false).await?;
-        if let Some(e) = entitlement::entitling_entry(&self.entries, &facts, id) {
+        if let Some(e) = entitlement::entitling_entry(&self.entries.current().all, &facts, id) {
             return Ok(Some(e.clone()));
         }
         if node.kind == NodeKind::Kubernetes {
             let facts = self.facts(node, true).await?;
-            return Ok(entitlement::entitling_entry(&self.entries, &facts, id).cloned());
+            return Ok(
+                entitlement::entitling_entry(&self.entries.current().all, &facts, id).cloned(),
+            );
         }
         Ok(None)
     }
@@ -982,6 +1020,13 @@ async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
             format!("not ready: server.kubernetes: {why}\n"),
         );
     }
+    if s.config.registration.is_some() && !s.entries.is_synced() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: server.registration: the live registration entries are not listed yet\n"
+                .into(),
+        );
+    }
     if let Some(state) = &s.fleet_state
         && !state.view.is_synced()
     {
@@ -994,6 +1039,31 @@ async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
         );
     }
     (StatusCode::OK, "ready\n".into())
+}
+
+/// `GET /v1/entries` ([`super::registration::stream`]).
+async fn entries_stream(
+    State(s): State<Arc<Shared>>,
+    Extension(peer): Extension<PeerNode>,
+) -> Result<Response, ApiError> {
+    require_node(&peer, s.clock.now())?;
+    if s.config.registration.is_none() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "live registration is not enabled on this authority ([server.registration])".into(),
+        ));
+    }
+    let not_after = peer
+        .0
+        .as_ref()
+        .map(|(_, t)| *t)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    Ok(super::registration::stream(
+        &s.entries,
+        not_after,
+        s.clock.clone(),
+        s.shutdown.clone(),
+    ))
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {

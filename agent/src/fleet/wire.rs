@@ -130,6 +130,39 @@ pub struct StreamEvent {
     pub heartbeat: bool,
 }
 
+/// A registration entry as the authority hands it to nodes (live entries
+/// from the Kubernetes API; config-file entries stay in each side's file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryDoc {
+    /// Where it comes from: `ClusterWorkloadEntry/<name>` or
+    /// `WorkloadEntry/<namespace>/<name>` (logs only).
+    pub source: String,
+    /// The SPIFFE ID template, as in a config file's `spiffe_id`.
+    pub spiffe_id: String,
+    pub selectors: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+    pub x509_ttl_seconds: u64,
+    pub jwt_ttl_seconds: u64,
+    pub wit_ttl_seconds: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub federates_with: Vec<String>,
+}
+
+/// One line of `GET /v1/entries` (newline-delimited JSON): the whole set of
+/// live entries each time it changes (the first line too), and heartbeats
+/// while idle.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct EntriesEvent {
+    /// Increases with every change this replica has seen (replicas count on
+    /// their own: a node takes each set whole, never a difference).
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<Vec<EntryDoc>>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub heartbeat: bool,
+}
+
 /// Error body of every non-2xx answer.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
