@@ -18,8 +18,9 @@ use tessera_tests::{TestAgent, my_uid};
 const AUDIENCE: &str = "tessera-authority";
 
 /// A namespace with the agent's and the authority's service accounts, and
-/// cluster RBAC for the authority (what the chart grants; the chart's own
-/// objects are checked in `the_charts_rbac_is_least_privilege`).
+/// cluster RBAC for the authority (the attestation part of what the chart
+/// grants; the chart's own objects are checked in
+/// `the_charts_rbac_is_least_privilege` below).
 struct Cluster {
     api: &'static KubeApi,
     ns: String,
@@ -575,4 +576,529 @@ async fn the_docs_quote_the_pod_security_refusal_of_the_agent_pod() {
         )
         .await;
     assert_eq!(status, 201, "admitted where privileged pods are: {answer}");
+}
+
+/// Applies the chart's CRDs (`helm/tessera/crds/`) and waits until the API
+/// server serves them.
+fn apply_chart_crds(api: &KubeApi) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm/tessera/crds/");
+    let (ok, out, err) = api.kubectl(&["apply", "--server-side", "-f", dir], None);
+    assert!(ok, "the chart's CRDs are refused: {out}{err}");
+    let (ok, out, err) = api.kubectl(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/revocationbatches.tessera.dev",
+            "crd/clusterworkloadentries.tessera.dev",
+            "crd/workloadentries.tessera.dev",
+        ],
+        None,
+    );
+    assert!(ok, "{out}{err}");
+}
+
+/// The chart rendered by the real Helm engine (`tests/helm/render_json.py`,
+/// in the venv `tests/helm/setup.sh` makes) as one JSON `List`.
+fn render_chart(release: &str, ns: &str, values: &Value) -> Value {
+    let helm = concat!(env!("CARGO_MANIFEST_DIR"), "/helm");
+    let setup = std::process::Command::new("bash")
+        .arg(format!("{helm}/setup.sh"))
+        .status()
+        .expect("run tests/helm/setup.sh");
+    assert!(
+        setup.success(),
+        "tests/helm/setup.sh failed: this test renders the chart with the Helm engine it installs (python3 -m venv and pip; CI runs it)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let values_file = dir.path().join("values.json");
+    std::fs::write(&values_file, values.to_string()).unwrap();
+    let out = std::process::Command::new(format!("{helm}/.venv/bin/python"))
+        .arg(format!("{helm}/render_json.py"))
+        .args([release, ns])
+        .arg(&values_file)
+        .output()
+        .expect("run tests/helm/render_json.py");
+    assert!(
+        out.status.success(),
+        "rendering the chart: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Every (API group, resource, verb) a SelfSubjectRulesReview says the
+/// holder of `token` has in `ns`, without what every authenticated user has
+/// (`system:basic-user`: reviewing itself).
+async fn granted(api: &KubeApi, token: &str, ns: &str) -> std::collections::BTreeSet<String> {
+    let (status, answer) = api
+        .request_as(
+            token,
+            http::Method::POST,
+            "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews",
+            "application/json",
+            Some(
+                &json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectRulesReview",
+                         "spec": {"namespace": ns}}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(answer["status"]["incomplete"], false, "{answer}");
+    let mut out = std::collections::BTreeSet::new();
+    for rule in answer["status"]["resourceRules"].as_array().unwrap() {
+        let list = |k: &str| -> Vec<String> {
+            rule[k]
+                .as_array()
+                .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+                .unwrap_or_default()
+        };
+        assert!(
+            list("resourceNames").is_empty(),
+            "no rule is limited by name: {rule}"
+        );
+        for g in list("apiGroups") {
+            for r in list("resources") {
+                if r.starts_with("selfsubject") {
+                    continue;
+                }
+                for v in list("verbs") {
+                    out.insert(format!("{v} {r}.{g}"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The chart's RBAC, proven by the API server: every manifest the chart
+/// renders (the authority on, fleet state and live registration on) passes a
+/// server-side dry-run; with its ServiceAccounts, Roles and Bindings created
+/// for real, SubjectAccessReview allows each account exactly what the code
+/// needs and refuses the probes an attacker would try (secrets, writing
+/// pods, other namespaces, entry specs); SelfSubjectRulesReview lists
+/// nothing more; and an authority running with the chart's account is ready
+/// (its own readiness check asks the API server for every permission it
+/// uses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_rbac_is_least_privilege() {
+    let api = KubeApi::shared();
+    apply_chart_crds(api);
+    let ns = api
+        .namespace(
+            "chart",
+            json!({"pod-security.kubernetes.io/enforce": "privileged"}),
+        )
+        .await;
+    // What the serviceaccount controller (not run here) would create; the
+    // chart's helm-test pod runs as it.
+    api.service_account(&ns, "default").await;
+    let other = api.namespace("other", json!({})).await;
+    let release = format!("t{}", &ns[ns.len().saturating_sub(6)..].replace('-', ""));
+    let values = json!({"authority": {"enabled": true, "keysSecret": "tessera-authority-keys",
+                                      "bundleConfigMap": "tessera-authority-bundle"}});
+    let list = render_chart(&release, &ns, &values);
+    let items = list["items"].as_array().unwrap();
+
+    // Every rendered manifest, as the API server would take it.
+    let (ok, out, err) = api.kubectl(
+        &[
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "-n",
+            &ns,
+            "-f",
+            "-",
+        ],
+        Some(&list.to_string()),
+    );
+    assert!(ok, "server-side dry-run refused: {out}{err}");
+    let applied = out
+        .lines()
+        .filter(|l| l.contains("(server dry run)"))
+        .count();
+    assert_eq!(applied, items.len(), "{out}");
+    let kinds: std::collections::BTreeSet<&str> =
+        items.iter().map(|i| i["kind"].as_str().unwrap()).collect();
+    eprintln!("dry-run accepted {applied} manifests: {kinds:?}");
+    for k in [
+        "DaemonSet",
+        "Deployment",
+        "PodDisruptionBudget",
+        "ClusterRole",
+        "Role",
+    ] {
+        assert!(kinds.contains(k), "{k} rendered: {kinds:?}");
+    }
+
+    // The accounts and their permissions, for real.
+    let rbac: Vec<&Value> = items
+        .iter()
+        .filter(|i| {
+            matches!(
+                i["kind"].as_str().unwrap(),
+                "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding"
+            )
+        })
+        .collect();
+    let rbac_list = json!({"apiVersion": "v1", "kind": "List", "items": rbac});
+    let (ok, out, err) = api.kubectl(
+        &["apply", "--server-side", "-n", &ns, "-f", "-"],
+        Some(&rbac_list.to_string()),
+    );
+    assert!(ok, "{out}{err}");
+
+    let account = |authority: bool| {
+        items
+            .iter()
+            .find(|i| {
+                i["kind"] == "ServiceAccount"
+                    && (i["metadata"]["labels"]["app.kubernetes.io/component"] == "authority")
+                        == authority
+            })
+            .map(|i| i["metadata"]["name"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    let authority_sa = account(true);
+    let agent_sa = account(false);
+    let groups = |_: &str| {
+        vec![
+            "system:serviceaccounts".to_string(),
+            format!("system:serviceaccounts:{ns}"),
+            "system:authenticated".to_string(),
+        ]
+    };
+    // (verb, group, resource[/subresource], namespace or cluster-wide, why)
+    type Probe<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, &'a str);
+    let authority_may: Vec<Probe<'_>> = vec![
+        (
+            "create",
+            "authentication.k8s.io",
+            "tokenreviews",
+            None,
+            "check agents' projected tokens",
+        ),
+        (
+            "get",
+            "",
+            "pods",
+            Some(&other),
+            "the pod a token is bound to",
+        ),
+        (
+            "list",
+            "",
+            "pods",
+            None,
+            "pods on a node (field selector), for entitlement",
+        ),
+        (
+            "create",
+            "tessera.dev",
+            "revocationbatches",
+            Some(&ns),
+            "write revocation batches",
+        ),
+        (
+            "list",
+            "tessera.dev",
+            "revocationbatches",
+            Some(&ns),
+            "load the fleet's revocations",
+        ),
+        (
+            "watch",
+            "tessera.dev",
+            "revocationbatches",
+            Some(&ns),
+            "follow them",
+        ),
+        (
+            "deletecollection",
+            "tessera.dev",
+            "revocationbatches",
+            Some(&ns),
+            "collect expired batches",
+        ),
+        (
+            "list",
+            "tessera.dev",
+            "clusterworkloadentries",
+            None,
+            "load live entries",
+        ),
+        (
+            "watch",
+            "tessera.dev",
+            "clusterworkloadentries",
+            None,
+            "follow them",
+        ),
+        (
+            "list",
+            "tessera.dev",
+            "workloadentries",
+            None,
+            "load teams' entries",
+        ),
+        (
+            "watch",
+            "tessera.dev",
+            "workloadentries",
+            None,
+            "follow them",
+        ),
+        (
+            "patch",
+            "tessera.dev",
+            "clusterworkloadentries/status",
+            None,
+            "the Ready condition",
+        ),
+        (
+            "patch",
+            "tessera.dev",
+            "workloadentries/status",
+            Some(&other),
+            "the Ready condition",
+        ),
+    ];
+    let authority_may_not: Vec<Probe<'_>> = vec![
+        (
+            "get",
+            "",
+            "secrets",
+            Some(&ns),
+            "its own namespace's secrets",
+        ),
+        ("list", "", "secrets", None, "any secret"),
+        ("watch", "", "pods", None, "never used"),
+        ("create", "", "pods", Some(&ns), "run a pod"),
+        ("update", "", "pods", Some(&other), "change a pod"),
+        ("delete", "", "pods", Some(&other), "delete a pod"),
+        (
+            "patch",
+            "",
+            "pods/status",
+            Some(&ns),
+            "forge a pod's status",
+        ),
+        (
+            "create",
+            "",
+            "serviceaccounts/token",
+            Some(&ns),
+            "mint tokens",
+        ),
+        ("get", "", "nodes", None, "nodes"),
+        (
+            "create",
+            "rbac.authorization.k8s.io",
+            "rolebindings",
+            Some(&ns),
+            "grant itself more",
+        ),
+        (
+            "get",
+            "tessera.dev",
+            "revocationbatches",
+            Some(&ns),
+            "never used",
+        ),
+        (
+            "update",
+            "tessera.dev",
+            "revocationbatches",
+            Some(&ns),
+            "batches are immutable",
+        ),
+        (
+            "delete",
+            "tessera.dev",
+            "revocationbatches",
+            Some(&ns),
+            "only by expiry bucket",
+        ),
+        (
+            "create",
+            "tessera.dev",
+            "revocationbatches",
+            Some(&other),
+            "another namespace",
+        ),
+        (
+            "list",
+            "tessera.dev",
+            "revocationbatches",
+            Some(&other),
+            "another namespace",
+        ),
+        (
+            "create",
+            "tessera.dev",
+            "clusterworkloadentries",
+            None,
+            "register identities itself",
+        ),
+        (
+            "patch",
+            "tessera.dev",
+            "clusterworkloadentries",
+            None,
+            "change an entry's spec",
+        ),
+        (
+            "update",
+            "tessera.dev",
+            "workloadentries",
+            Some(&other),
+            "change a team's entry",
+        ),
+        (
+            "delete",
+            "tessera.dev",
+            "workloadentries",
+            Some(&other),
+            "delete a team's entry",
+        ),
+        (
+            "update",
+            "tessera.dev",
+            "clusterworkloadentries/status",
+            None,
+            "patch only",
+        ),
+    ];
+    let agent_may: Vec<Probe<'_>> = vec![(
+        "get",
+        "",
+        "nodes/pods",
+        None,
+        "the kubelet's pod list (webhook authorization)",
+    )];
+    let agent_may_not: Vec<Probe<'_>> = vec![
+        ("get", "", "nodes/proxy", None, "the whole kubelet API"),
+        ("get", "", "secrets", Some(&ns), "secrets"),
+        ("list", "", "pods", None, "the API server's pods"),
+        ("create", "", "pods", Some(&ns), "run a pod"),
+        (
+            "create",
+            "authentication.k8s.io",
+            "tokenreviews",
+            None,
+            "the authority's job",
+        ),
+        (
+            "list",
+            "tessera.dev",
+            "revocationbatches",
+            Some(&ns),
+            "the authority's state",
+        ),
+        (
+            "create",
+            "tessera.dev",
+            "revocationbatches",
+            Some(&ns),
+            "the authority's state",
+        ),
+        (
+            "list",
+            "tessera.dev",
+            "clusterworkloadentries",
+            None,
+            "entries come from the authority",
+        ),
+    ];
+    let mut table = String::from(
+        "| account | verb | resource | namespace | allowed | why |\n|---|---|---|---|---|---|\n",
+    );
+    for (sa, may, may_not) in [
+        (&authority_sa, &authority_may, &authority_may_not),
+        (&agent_sa, &agent_may, &agent_may_not),
+    ] {
+        let user = format!("system:serviceaccount:{ns}:{sa}");
+        let g = groups(sa);
+        let g: Vec<&str> = g.iter().map(String::as_str).collect();
+        for (expect, probes) in [(true, may), (false, may_not)] {
+            for (verb, group, resource, place, why) in probes.iter() {
+                let allowed = api.can(&user, &g, verb, group, resource, *place).await;
+                let what = if group.is_empty() {
+                    resource.to_string()
+                } else {
+                    format!("{resource}.{group}")
+                };
+                table.push_str(&format!(
+                    "| {sa} | {verb} | {what} | {} | {allowed} | {why} |\n",
+                    place
+                        .map(|p| if p == ns { "own" } else { "other" })
+                        .unwrap_or("all")
+                ));
+                assert_eq!(allowed, expect, "{user} {verb} {what} in {place:?} ({why})");
+            }
+        }
+    }
+    eprintln!("{table}");
+
+    // Nothing more: what the API server lists for each account.
+    let authority_token = api.token(&ns, &authority_sa, SA_ISSUER, None).await;
+    let agent_token = api.token(&ns, &agent_sa, SA_ISSUER, None).await;
+    let set = |s: &[&str]| -> std::collections::BTreeSet<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    };
+    let cluster_wide = [
+        "create tokenreviews.authentication.k8s.io",
+        "get pods.",
+        "list pods.",
+        "list clusterworkloadentries.tessera.dev",
+        "watch clusterworkloadentries.tessera.dev",
+        "list workloadentries.tessera.dev",
+        "watch workloadentries.tessera.dev",
+        "patch clusterworkloadentries/status.tessera.dev",
+        "patch workloadentries/status.tessera.dev",
+    ];
+    let mut in_own = set(&cluster_wide);
+    for v in ["create", "list", "watch", "deletecollection"] {
+        in_own.insert(format!("{v} revocationbatches.tessera.dev"));
+    }
+    // What every service account has anyway (the cluster's defaults, such
+    // as reading ClusterTrustBundles) is not the chart's doing.
+    api.service_account(&ns, "nobody").await;
+    let nobody = api.token(&ns, "nobody", SA_ISSUER, None).await;
+    let baseline = granted(api, &nobody, &ns).await;
+    let added = async |token: &str, place: &str| -> std::collections::BTreeSet<String> {
+        granted(api, token, place)
+            .await
+            .difference(&baseline)
+            .cloned()
+            .collect()
+    };
+    assert_eq!(added(&authority_token, &ns).await, in_own);
+    assert_eq!(added(&authority_token, &other).await, set(&cluster_wide));
+    assert_eq!(added(&agent_token, &ns).await, set(&["get nodes/pods."]));
+
+    // Enough: an authority with the chart's account is ready, which it is
+    // only once the API server allows every request it makes.
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = KubeApi::token_file(dir.path(), "token", &authority_token);
+    let server_extra = format!(
+        "[server.kubernetes]\napi_server = \"{}\"\nca_file = \"{}\"\ntoken_file = \"{}\"\nallowed_service_accounts = [\"{ns}:{agent_sa}\"]\n\n[server.store]\nkind = \"kubernetes\"\nnamespace = \"{ns}\"\n\n[server.registration]\nkind = \"kubernetes\"\n",
+        api.url,
+        api.ca_file.display(),
+        token_file.display(),
+    );
+    let (authority, _) = authority(dir.path(), "", &server_extra, true).await;
+    let admin = authority.admin_addr.unwrap();
+    let mut last = String::new();
+    assert!(
+        eventually(Duration::from_secs(20), async || {
+            let (status, body) = get(admin, "/readyz").await;
+            last = body;
+            status == 200
+        })
+        .await,
+        "the authority with the chart's RBAC is not ready: {last}"
+    );
+    authority.shutdown();
 }
