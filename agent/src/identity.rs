@@ -12,7 +12,8 @@
 //!   the fleet key directory), [`state_file`] (`authority.json`), [`jws`]
 //!   (ES256 JWS), [`pem`], [`certs`] (reading a certificate),
 //!   [`spiffe_bundle`] (the SPIFFE bundle document, ours and foreign ones)
-//!   and [`serving_cert`] (a TLS server certificate kept current).
+//!   [`serving_cert`] (a TLS server certificate kept current) and [`wit`]
+//!   (WIT-SVID claims and the workload keys they bind).
 
 pub mod cache;
 pub mod certs;
@@ -28,10 +29,11 @@ pub mod spiffe_bundle;
 pub mod state_file;
 pub mod svid;
 pub mod trust_store;
+pub mod wit;
 
 pub use cache::SvidCache;
 pub use local::{AuthoritySettings, LocalAuthority};
 pub use signer::{SignError, SignFuture, Signer};
 pub use spiffe_bundle::ForeignBundle;
-pub use svid::{FederatedBundles, JwtSvid, SignedCert, TrustBundle, X509Svid};
+pub use svid::{FederatedBundles, JwtSvid, SignedCert, SignedWit, TrustBundle, WitSvid, X509Svid};
 pub use trust_store::TrustStore;

@@ -77,6 +77,7 @@ pub struct Metrics {
     pub open_streams: Family<MethodLabels, Gauge>,
     pub svids_issued_x509: Counter,
     pub svids_issued_jwt: Counter,
+    pub svids_issued_wit: Counter,
     pub rotations: Counter,
     pub attestations: Family<ResultLabels, Counter>,
     pub ca_expiry_seconds: Gauge,
@@ -157,15 +158,18 @@ impl Metrics {
         let svids_issued_jwt = svids_issued
             .get_or_create(&MethodLabels { method: "jwt" })
             .clone();
+        let svids_issued_wit = svids_issued
+            .get_or_create(&MethodLabels { method: "wit" })
+            .clone();
         registry.register(
             "svids_issued",
-            "SVIDs signed, by type (label method = x509|jwt)",
+            "SVIDs signed, by type (label method = x509|jwt|wit)",
             svids_issued,
         );
         let rotations = Counter::default();
         registry.register(
             "svid_rotations",
-            "X509-SVIDs renewed by the rotation worker",
+            "X509-SVIDs and WIT-SVIDs renewed by the rotation worker",
             rotations.clone(),
         );
         let attestations = Family::<ResultLabels, Counter>::default();
@@ -337,6 +341,7 @@ impl Metrics {
             open_streams,
             svids_issued_x509,
             svids_issued_jwt,
+            svids_issued_wit,
             rotations,
             attestations,
             ca_expiry_seconds,

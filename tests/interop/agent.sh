@@ -5,7 +5,8 @@
 #
 # Starts `$TESSERA_BIN` (default: target/debug/tessera) with a config that
 # gives the calling uid the ID spiffe://example.org/interop/uid-<uid> and a
-# 6-second X509-SVID TTL (so one rotation happens within ~3 s), exports
+# 6-second X509-SVID and WIT-SVID TTL (so one rotation of each happens
+# within ~3 s), exports
 # SPIFFE_ENDPOINT_SOCKET, TESSERA_EXPECTED_ID and TESSERA_TRUST_DOMAIN for
 # the command, runs it, stops the agent (SIGTERM) and exits with the
 # command's status. The agent's log is printed if the command fails.
@@ -25,6 +26,7 @@ data_dir     = "$dir/data"
 [svid]
 x509_ttl = "6s"
 jwt_ttl  = "2m"
+wit_ttl  = "6s"
 
 # The HTTPS face on a free port: JWT-SVIDs carry its URL as iss.
 [https]

@@ -351,6 +351,30 @@ async fn nodes_share_one_trust_domain_and_only_get_their_own_workloads() {
         "spiffe://example.org/node-a/svc"
     );
 
+    // The fleet authority has no WIT-SVID keys: both WIT RPCs answer
+    // Unimplemented (the Workload API spec's "profile not supported", on
+    // which go-spiffe's watches stop), after the security header check.
+    {
+        use tessera_workload_api as pb;
+        let mut c =
+            pb::client::SpiffeWorkloadApiClient::new(tessera_tests::raw_channel(&a.socket()).await);
+        let e = c
+            .fetch_witsvid(pb::with_security_header(pb::WitsvidRequest::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unimplemented, "{e}");
+        let e = c
+            .fetch_wit_bundles(pb::with_security_header(pb::WitBundlesRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unimplemented, "{e}");
+        let e = c
+            .fetch_wit_bundles(pb::WitBundlesRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    }
+
     // A task token exchanged on A verifies with B's JWKS (jsonwebtoken).
     let token = exchange_token(&a).await;
     let header = jsonwebtoken::decode_header(&token).unwrap();

@@ -175,17 +175,33 @@ async fn spec_status_codes() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
 
-    // The WIT-SVID profile is not implemented.
+    // The WIT-SVID profile: the same header rule; a malformed spiffe_id is
+    // InvalidArgument, one the caller has no entry for PermissionDenied
+    // (go-spiffe judges what is served, tests/interop/go/wit_test.go).
     let e = c
-        .fetch_witsvid(pb::with_security_header(pb::WitsvidRequest::default()))
+        .fetch_witsvid(pb::WitsvidRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
     let e = c
-        .fetch_wit_bundles(pb::with_security_header(pb::WitBundlesRequest::default()))
+        .fetch_wit_bundles(pb::WitBundlesRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    for (id, code) in [
+        ("not an id", tonic::Code::InvalidArgument),
+        ("spiffe://example.org/nobody", tonic::Code::PermissionDenied),
+    ] {
+        let mut stream = c
+            .fetch_witsvid(pb::with_security_header(pb::WitsvidRequest {
+                spiffe_id: id.into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let e = stream.message().await.unwrap_err();
+        assert_eq!(e.code(), code, "{id}");
+    }
 
     // Health is served on the same socket without the Workload API header.
     let mut health =

@@ -1,10 +1,12 @@
-//! X509-SVIDs cached per SPIFFE ID, rotated by one worker, fanned out to every
-//! stream through `watch` channels; JWT-SVIDs cached per (ID, audience set).
+//! X509-SVIDs and WIT-SVIDs cached per SPIFFE ID, rotated by one worker,
+//! fanned out to every stream through `watch` channels; JWT-SVIDs cached per
+//! (ID, audience set).
 //!
 //! Workloads that share a SPIFFE ID share one certificate and key (as in SPIRE
-//! and ztunnel); streams hold `Arc`s, never copies. An identity nobody
-//! subscribes to any more is dropped at its next refresh time instead of being
-//! renewed.
+//! and ztunnel), and likewise one WIT-SVID and its key (WIT-SVID spec §4
+//! allows it); streams hold `Arc`s, never copies. Every renewal comes with a
+//! new key. An identity nobody subscribes to any more is dropped at its next
+//! refresh time instead of being renewed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,8 +16,9 @@ use tokio::sync::{Notify, OnceCell, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::signer::{SignError, Signer};
-use super::svid::{JwtSvid, X509Svid};
+use super::svid::{JwtSvid, WitSvid, X509Svid};
 use super::trust_store::TrustStore;
+use super::wit::WorkloadKey;
 use crate::clock::{Clock, until};
 use crate::metrics::Metrics;
 use crate::sync::Mutex;
@@ -33,12 +36,99 @@ const CLOCK_CHECK: Duration = Duration::from_secs(1);
 /// went back) as due for renewal.
 const CLOCK_JUMP: Duration = Duration::from_secs(2);
 
-struct Slot {
+/// A credential the rotation worker renews at about half its life.
+trait Lifetime {
+    fn issued_at(&self) -> SystemTime;
+    fn not_after(&self) -> SystemTime;
+}
+
+impl Lifetime for X509Svid {
+    fn issued_at(&self) -> SystemTime {
+        self.issued_at
+    }
+    fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+}
+
+impl Lifetime for WitSvid {
+    fn issued_at(&self) -> SystemTime {
+        self.issued_at
+    }
+    fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+}
+
+/// One SPIFFE ID's current credential of one kind, and its subscribers.
+struct Slot<T> {
     id: spiffe::SpiffeId,
     ttl: Duration,
-    tx: watch::Sender<Option<Arc<X509Svid>>>,
+    tx: watch::Sender<Option<Arc<T>>>,
     first_issue: OnceCell<()>,
     refresh_at: Mutex<SystemTime>,
+}
+
+type Slots<T> = Mutex<HashMap<String, Arc<Slot<T>>>>;
+
+/// The slot of `id` (created empty if nobody held it yet).
+fn slot_for<T>(slots: &Slots<T>, id: &spiffe::SpiffeId, ttl: Duration) -> Arc<Slot<T>> {
+    slots
+        .lock()
+        .entry(id.to_string())
+        .or_insert_with(|| {
+            Arc::new(Slot {
+                id: id.clone(),
+                ttl,
+                tx: watch::Sender::new(None),
+                first_issue: OnceCell::new(),
+                refresh_at: Mutex::new(SystemTime::UNIX_EPOCH),
+            })
+        })
+        .clone()
+}
+
+/// Puts `value` in `slot` for every subscriber and schedules its renewal.
+fn install<T: Lifetime>(slot: &Slot<T>, value: T) {
+    *slot.refresh_at.lock() = refresh_time(value.issued_at(), value.not_after());
+    slot.tx.send_replace(Some(Arc::new(value)));
+}
+
+/// Forgets the slots of `slots` nobody subscribes to any more, and returns
+/// those due for renewal at `now`; `next` is lowered to the earliest
+/// renewal that is not due yet.
+fn due_slots<T: Lifetime>(
+    slots: &Slots<T>,
+    now: SystemTime,
+    next: &mut SystemTime,
+) -> Vec<Arc<Slot<T>>> {
+    let mut slots = slots.lock();
+    // Unused identities are forgotten instead of renewed.
+    slots.retain(|_, slot| {
+        let due = *slot.refresh_at.lock() <= now;
+        // Also drops a slot whose first issuance failed and that nobody
+        // waits on any more.
+        !(due && slot.tx.receiver_count() == 0)
+    });
+    slots
+        .values()
+        .filter(|s| s.first_issue.initialized())
+        .filter_map(|s| {
+            let at = *s.refresh_at.lock();
+            // Issued after `now`: the clock went back, and the credential
+            // may not be valid yet.
+            let ahead =
+                s.tx.borrow()
+                    .as_ref()
+                    .is_some_and(|v| v.issued_at() > now + CLOCK_JUMP);
+            if at <= now || ahead {
+                Some(s.clone())
+            } else {
+                *next = (*next).min(at);
+                None
+            }
+        })
+        .collect()
 }
 
 type JwtKey = (String, Vec<String>);
@@ -48,7 +138,8 @@ pub struct SvidCache {
     trust: Arc<TrustStore>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
-    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    slots: Slots<X509Svid>,
+    wits: Slots<WitSvid>,
     jwts: Mutex<HashMap<JwtKey, JwtSvid>>,
     wake: Notify,
 }
@@ -66,6 +157,7 @@ impl SvidCache {
             clock,
             metrics,
             slots: Mutex::default(),
+            wits: Mutex::default(),
             jwts: Mutex::default(),
             wake: Notify::new(),
         })
@@ -88,21 +180,7 @@ impl SvidCache {
         id: &spiffe::SpiffeId,
         ttl: Duration,
     ) -> Result<watch::Receiver<Option<Arc<X509Svid>>>, SignError> {
-        let slot = {
-            let mut slots = self.slots.lock();
-            slots
-                .entry(id.to_string())
-                .or_insert_with(|| {
-                    Arc::new(Slot {
-                        id: id.clone(),
-                        ttl,
-                        tx: watch::Sender::new(None),
-                        first_issue: OnceCell::new(),
-                        refresh_at: Mutex::new(SystemTime::UNIX_EPOCH),
-                    })
-                })
-                .clone()
-        };
+        let slot = slot_for(&self.slots, id, ttl);
         let rx = slot.tx.subscribe();
         // Boxed: issuance may go through the fleet client, whose future is
         // kilobytes; inline, it would size every caller's future (each idle
@@ -116,7 +194,8 @@ impl SvidCache {
                         .await
                         .pop()
                         .unwrap_or(Err(SignError::NoKey))?;
-                    self.install(&slot, svid);
+                    install(&slot, svid);
+                    self.metrics.svids_issued_x509.inc();
                     self.wake.notify_one();
                     Ok::<(), SignError>(())
                 })
@@ -125,18 +204,54 @@ impl SvidCache {
         Ok(rx)
     }
 
-    fn install(&self, slot: &Slot, svid: X509Svid) {
-        let refresh = refresh_time(svid.issued_at, svid.not_after);
-        *slot.refresh_at.lock() = refresh;
-        slot.tx.send_replace(Some(Arc::new(svid)));
-        self.metrics.svids_issued_x509.inc();
+    /// A receiver that always holds the current WIT-SVID for `id`, issuing
+    /// it first if nobody held it yet. Fails with
+    /// [`SignError::Unsupported`] when the signer has no WIT-SVID keys.
+    pub async fn subscribe_wit(
+        &self,
+        id: &spiffe::SpiffeId,
+        ttl: Duration,
+    ) -> Result<watch::Receiver<Option<Arc<WitSvid>>>, SignError> {
+        let slot = slot_for(&self.wits, id, ttl);
+        let rx = slot.tx.subscribe();
+        slot.first_issue
+            .get_or_try_init(|| {
+                Box::pin(async {
+                    let wit = self.issue_wit(&slot.id, slot.ttl).await?;
+                    install(&slot, wit);
+                    self.wake.notify_one();
+                    Ok::<(), SignError>(())
+                })
+            })
+            .await?;
+        Ok(rx)
+    }
+
+    /// A WIT-SVID for `id` over a key generated here, now: the signer sees
+    /// only its public half.
+    async fn issue_wit(&self, id: &spiffe::SpiffeId, ttl: Duration) -> Result<WitSvid, SignError> {
+        let key = WorkloadKey::generate()?;
+        let signed = self.signer.sign_wit(id, &key.public_jwk(), ttl).await?;
+        self.metrics.svids_issued_wit.inc();
+        Ok(WitSvid {
+            spiffe_id: id.clone(),
+            token: signed.token,
+            key_jwk: key.private_jwk(),
+            issued_at: signed.issued_at,
+            not_after: signed.not_after,
+        })
     }
 
     /// Whether `svid` has expired by the agent's clock. An expired SVID is
     /// never sent: after a wall-clock jump its CA may already have left the
     /// bundle, and a client would get a certificate nothing verifies.
     pub fn is_expired(&self, svid: &X509Svid) -> bool {
-        svid.not_after <= self.clock.now()
+        self.has_passed(svid.not_after)
+    }
+
+    /// Whether `not_after` has passed by the agent's clock.
+    pub fn has_passed(&self, not_after: SystemTime) -> bool {
+        not_after <= self.clock.now()
     }
 
     /// Wakes the rotation worker to renew whatever is due now.
@@ -158,14 +273,15 @@ impl SvidCache {
             .min()
     }
 
-    /// Re-issues every cached SVID now (used after a forced CA change and by
-    /// benchmarks of fan-out).
+    /// Re-issues every cached X509-SVID and WIT-SVID now (used after a
+    /// forced CA change and by benchmarks of fan-out).
     pub fn rotate_all_now(&self) {
-        let slots = self.slots.lock();
-        for slot in slots.values() {
+        for slot in self.slots.lock().values() {
             *slot.refresh_at.lock() = SystemTime::UNIX_EPOCH;
         }
-        drop(slots);
+        for slot in self.wits.lock().values() {
+            *slot.refresh_at.lock() = SystemTime::UNIX_EPOCH;
+        }
         self.wake.notify_one();
     }
 
@@ -238,35 +354,7 @@ impl SvidCache {
                     next = next.min(now + RETRY_AFTER_FAILURE);
                 }
             }
-            let due: Vec<Arc<Slot>> = {
-                let mut slots = self.slots.lock();
-                // Unused identities are forgotten instead of renewed.
-                slots.retain(|_, slot| {
-                    let due = *slot.refresh_at.lock() <= now;
-                    // Also drops a slot whose first issuance failed and that
-                    // nobody waits on any more.
-                    !(due && slot.tx.receiver_count() == 0)
-                });
-                slots
-                    .iter()
-                    .filter(|(_, s)| s.first_issue.initialized())
-                    .filter_map(|(_, s)| {
-                        let at = *s.refresh_at.lock();
-                        // Issued after `now`: the clock went back, and the
-                        // SVID may not be valid yet.
-                        let ahead =
-                            s.tx.borrow()
-                                .as_ref()
-                                .is_some_and(|svid| svid.issued_at > now + CLOCK_JUMP);
-                        if at <= now || ahead {
-                            Some(s.clone())
-                        } else {
-                            next = next.min(at);
-                            None
-                        }
-                    })
-                    .collect()
-            };
+            let due = due_slots(&self.slots, now, &mut next);
             // One batch: in upstream mode, one request for every renewal due.
             let batch: Vec<(spiffe::SpiffeId, Duration)> =
                 due.iter().map(|s| (s.id.clone(), s.ttl)).collect();
@@ -276,14 +364,30 @@ impl SvidCache {
                 self.signer.issue_x509_batch(&batch).await
             };
             for (slot, result) in due.into_iter().zip(issued) {
-                match result.map(|svid| self.install(&slot, svid)) {
+                match result.map(|svid| install(&slot, svid)) {
                     Ok(()) => {
+                        self.metrics.svids_issued_x509.inc();
                         self.metrics.rotations.inc();
                         let at = *slot.refresh_at.lock();
                         next = next.min(at);
                     }
                     Err(e) => {
                         tracing::error!(spiffe_id = %slot.id, error = %e, "SVID renewal failed; serving the current one");
+                        *slot.refresh_at.lock() = now + RETRY_AFTER_FAILURE;
+                        next = next.min(now + RETRY_AFTER_FAILURE);
+                    }
+                }
+            }
+            // WIT-SVIDs are signed one by one (each over its own new key).
+            for slot in due_slots(&self.wits, now, &mut next) {
+                match self.issue_wit(&slot.id, slot.ttl).await {
+                    Ok(wit) => {
+                        install(&slot, wit);
+                        self.metrics.rotations.inc();
+                        next = next.min(*slot.refresh_at.lock());
+                    }
+                    Err(e) => {
+                        tracing::error!(spiffe_id = %slot.id, error = %e, "WIT-SVID renewal failed; serving the current one");
                         *slot.refresh_at.lock() = now + RETRY_AFTER_FAILURE;
                         next = next.min(now + RETRY_AFTER_FAILURE);
                     }
@@ -382,6 +486,43 @@ mod tests {
         assert!(second.not_after > first.not_after);
         // Each SVID verifies with the spiffe crate.
         spiffe::X509Svid::parse_from_der(&second.chain_der, &second.key_pkcs8).unwrap();
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wit_svids_rotate_with_a_new_key_and_are_shared() {
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new());
+        let cache = cache(clock.clone());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cache.clone().run_rotation(shutdown.clone()));
+        let id = spiffe::SpiffeId::new("spiffe://example.org/w").unwrap();
+        let ttl = Duration::from_secs(100);
+        let mut rx = cache.subscribe_wit(&id, ttl).await.unwrap();
+        let first = rx.borrow_and_update().clone().unwrap();
+        let rx2 = cache.subscribe_wit(&id, ttl).await.unwrap();
+        assert!(Arc::ptr_eq(&first, rx2.borrow().as_ref().unwrap()));
+        assert_eq!(until(first.issued_at, first.not_after), ttl);
+        tokio::time::advance(Duration::from_secs(39)).await;
+        tokio::task::yield_now().await;
+        assert!(!rx.has_changed().unwrap(), "no renewal before 40% of life");
+        tokio::time::timeout(Duration::from_secs(22), rx.changed())
+            .await
+            .expect("renewed by 60% of life")
+            .unwrap();
+        let second = rx.borrow_and_update().clone().unwrap();
+        assert!(second.not_after > first.not_after);
+        assert_ne!(first.key_jwk, second.key_jwk, "a renewal brings a new key");
+        let cnf = |token: &str| {
+            let claims = crate::identity::jws::unverified_claims(token).unwrap();
+            claims["cnf"]["jwk"].clone()
+        };
+        let public = |jwk: &str| {
+            let mut jwk: serde_json::Value = serde_json::from_str(jwk).unwrap();
+            jwk.as_object_mut().unwrap().remove("d");
+            jwk
+        };
+        assert_eq!(cnf(&second.token), public(&second.key_jwk));
+        assert_ne!(cnf(&second.token), cnf(&first.token));
         shutdown.cancel();
     }
 

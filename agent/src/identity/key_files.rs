@@ -16,11 +16,15 @@ use super::pem;
 use super::signer::SignError;
 use crate::clock::unix_seconds;
 
-/// The three rings an authority signs with.
+/// The rings an authority signs with.
 pub(super) struct Rings {
     pub cas: KeyRing<CaKey>,
     pub jwt: KeyRing<JwtKey>,
     pub access: KeyRing<JwtKey>,
+    /// WIT-SVID keys: generated and rolled over by a single-node agent;
+    /// empty at the fleet authority, whose key directory has none (its
+    /// agents answer the WIT profile with Unimplemented).
+    pub wit: KeyRing<JwtKey>,
 }
 
 /// Loads an operator CA: a PEM certificate and a PEM P-256 key in PKCS#8
@@ -170,6 +174,7 @@ pub(super) fn load_key_dir(
     Ok(Rings {
         jwt: ring("jwt")?,
         access: ring("access")?,
+        wit: KeyRing::new(false),
         cas,
     })
 }

@@ -2,8 +2,9 @@
 //! own CA and JWT keys (generated and rolled over here, or an operator CA
 //! from files), or the fleet authority's keys from its key directory.
 //!
-//! Three [`KeyRing`]s: the CA for X509-SVIDs, ES256 keys for JWT-SVIDs, and
-//! ES256 keys for task access tokens. Access-token keys are kept apart from
+//! Four [`KeyRing`]s: the CA for X509-SVIDs, ES256 keys for JWT-SVIDs, ES256
+//! keys for WIT-SVIDs (published with `use` `wit-svid`, so neither SVID
+//! passes as the other), and ES256 keys for task access tokens. Access-token keys are kept apart from
 //! JWT-SVID keys, so an access token can never pass as a JWT-SVID or the
 //! other way round, and are published only in the exchange's `/jwks`, never
 //! in the SPIFFE bundle.
@@ -21,8 +22,9 @@ use super::keyring::{KeyRing, KeyTimes};
 use super::keys::{CaKey, JwtKey};
 use super::signer::{SignError, SignFuture, Signer};
 use super::state_file;
-use super::svid::{JwtSvid, SignedCert, X509Svid};
+use super::svid::{JwtSvid, SignedCert, SignedWit, X509Svid};
 use super::trust_store::TrustStore;
+use super::wit;
 use crate::clock::{Clock, unix_seconds};
 use crate::sync::Mutex;
 
@@ -89,6 +91,7 @@ impl LocalAuthority {
             cas: KeyRing::new(settings.ca_files.is_none()),
             jwt: KeyRing::new(true),
             access: KeyRing::new(true),
+            wit: KeyRing::new(true),
         };
         if let Some((cert_path, key_path)) = &settings.ca_files {
             let ca = key_files::load_operator_ca(cert_path, key_path, &settings.trust_domain)?;
@@ -107,6 +110,9 @@ impl LocalAuthority {
             .tick(now, settings.jwt_key_ttl, JwtKey::generate)?;
         rings
             .access
+            .tick(now, settings.jwt_key_ttl, JwtKey::generate)?;
+        rings
+            .wit
             .tick(now, settings.jwt_key_ttl, JwtKey::generate)?;
         let authority = Self::with_rings(settings, clock, rings);
         authority.persist()?;
@@ -143,7 +149,7 @@ impl LocalAuthority {
             clock.clone(),
             ca_bundle(&rings.cas),
             public_keys(&rings.jwt),
-            Vec::new(),
+            public_keys(&rings.wit),
             public_keys(&rings.access),
         );
         Arc::new(Self {
@@ -186,14 +192,18 @@ impl LocalAuthority {
         };
         let unchanged = ca_ids(&rings.cas) == ca_ids(&fresh.cas)
             && jwt_ids(&rings.jwt) == jwt_ids(&fresh.jwt)
-            && jwt_ids(&rings.access) == jwt_ids(&fresh.access);
+            && jwt_ids(&rings.access) == jwt_ids(&fresh.access)
+            && jwt_ids(&rings.wit) == jwt_ids(&fresh.wit);
         if unchanged {
             return Ok(false);
         }
         *rings = fresh;
         self.store.set_access_keys(public_keys(&rings.access));
-        self.store
-            .publish(ca_bundle(&rings.cas), public_keys(&rings.jwt), Vec::new());
+        self.store.publish(
+            ca_bundle(&rings.cas),
+            public_keys(&rings.jwt),
+            public_keys(&rings.wit),
+        );
         Ok(true)
     }
 
@@ -259,6 +269,35 @@ impl LocalAuthority {
         })
     }
 
+    /// Signs a WIT-SVID for `id` binding `cnf_jwk` (a public ES256 JWK, as
+    /// [`wit::cnf_point`] accepts), with this trust domain's WIT-SVID key;
+    /// never past that key's end.
+    pub fn mint_wit(
+        &self,
+        id: &spiffe::SpiffeId,
+        cnf_jwk: &serde_json::Value,
+        ttl: Duration,
+    ) -> Result<SignedWit, SignError> {
+        if wit::cnf_point(cnf_jwk).is_none() {
+            return Err(SignError::Crypto);
+        }
+        let now = self.clock.now();
+        let (times, key) = match self.active(now, |r| &r.wit) {
+            Err(SignError::NoKey) if !self.serves_wit() => {
+                return Err(SignError::Unsupported(super::signer::WIT_UNSUPPORTED));
+            }
+            other => other?,
+        };
+        let iat = unix_seconds(now);
+        let exp = (iat + ttl.as_secs().max(1)).min(times.not_after);
+        let token = key.sign(wit::TYP, &wit::claims(id, cnf_jwk, iat, exp))?;
+        Ok(SignedWit {
+            token,
+            issued_at: SystemTime::UNIX_EPOCH + Duration::from_secs(iat),
+            not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(exp),
+        })
+    }
+
     /// The key that signs access tokens now.
     pub fn access_signing_key(&self) -> Result<AccessSigningKey, SignError> {
         let (t, key) = self.active(self.clock.now(), |r| &r.access)?;
@@ -299,6 +338,9 @@ impl LocalAuthority {
         let c = rings
             .access
             .tick(now, self.settings.jwt_key_ttl, JwtKey::generate)?;
+        let w = rings
+            .wit
+            .tick(now, self.settings.jwt_key_ttl, JwtKey::generate)?;
         if c.any() {
             self.store.set_access_keys(public_keys(&rings.access));
             if c.published {
@@ -311,24 +353,31 @@ impl LocalAuthority {
         if b.published {
             tracing::info!("prepared a new JWT signing key; published before it signs");
         }
-        if a.any() || b.any() {
+        if w.published {
+            tracing::info!("prepared a new WIT-SVID signing key; published before it signs");
+        }
+        if a.any() || b.any() || w.any() {
             // Publish before releasing the lock: a key that may sign at once
             // (e.g. after the clock went back) must be in the bundle before
             // any SVID it signs can be served with a bundle.
-            self.store
-                .publish(ca_bundle(&rings.cas), public_keys(&rings.jwt), Vec::new());
+            self.store.publish(
+                ca_bundle(&rings.cas),
+                public_keys(&rings.jwt),
+                public_keys(&rings.wit),
+            );
         }
         let next = [
             rings.cas.next_event(),
             rings.jwt.next_event(),
             rings.access.next_event(),
+            rings.wit.next_event(),
         ]
         .into_iter()
         .flatten()
         .min()
         .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
         drop(rings);
-        if (a.any() || b.any() || c.any())
+        if (a.any() || b.any() || c.any() || w.any())
             && let Err(e) = self.persist()
         {
             tracing::error!(error = %e, "could not persist authority state; keys stay in memory");
@@ -373,6 +422,19 @@ impl Signer for LocalAuthority {
         Box::pin(std::future::ready(
             self.access_signing_key().and_then(|k| k.sign(claims)),
         ))
+    }
+
+    fn sign_wit<'a>(
+        &'a self,
+        id: &'a spiffe::SpiffeId,
+        cnf_jwk: &'a serde_json::Value,
+        ttl: Duration,
+    ) -> SignFuture<'a, Result<SignedWit, SignError>> {
+        Box::pin(std::future::ready(self.mint_wit(id, cnf_jwk, ttl)))
+    }
+
+    fn serves_wit(&self) -> bool {
+        self.rings.lock().wit.keys().next().is_some()
     }
 
     fn access_token_not_after(&self) -> Result<SystemTime, SignError> {

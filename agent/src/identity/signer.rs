@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
-use super::svid::{JwtSvid, X509Svid};
+use super::svid::{JwtSvid, SignedWit, X509Svid};
 
 /// A boxed future: signing through the fleet client is kilobytes of state,
 /// and callers (every Workload API stream) must not be sized for it.
@@ -37,6 +37,11 @@ pub enum SignError {
     /// so callers must not be told to retry.
     #[error("the fleet authority refused: {0}")]
     Refused(String),
+    /// This signer does not offer the credential at all (a WIT-SVID asked
+    /// of a signer without WIT-SVID keys): the Workload API answers
+    /// Unimplemented.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 impl SignError {
@@ -50,6 +55,9 @@ impl SignError {
         }
     }
 }
+
+/// Why a signer without WIT-SVID keys does not serve the WIT profile.
+pub const WIT_UNSUPPORTED: &str = "this agent does not serve the WIT-SVID profile: its signer (the fleet authority) has no WIT-SVID keys";
 
 /// Signs SVIDs and access tokens for this trust domain.
 pub trait Signer: Send + Sync + std::fmt::Debug + 'static {
@@ -67,6 +75,25 @@ pub trait Signer: Send + Sync + std::fmt::Debug + 'static {
         audience: &'a [String],
         ttl: Duration,
     ) -> SignFuture<'a, Result<JwtSvid, SignError>>;
+
+    /// A WIT-SVID for `id` binding `cnf_jwk`, a public JWK whose private
+    /// half was generated on this node and never leaves it.
+    fn sign_wit<'a>(
+        &'a self,
+        id: &'a spiffe::SpiffeId,
+        cnf_jwk: &'a serde_json::Value,
+        ttl: Duration,
+    ) -> SignFuture<'a, Result<SignedWit, SignError>> {
+        let _ = (id, cnf_jwk, ttl);
+        Box::pin(std::future::ready(Err(SignError::Unsupported(
+            WIT_UNSUPPORTED,
+        ))))
+    }
+
+    /// Whether [`Self::sign_wit`] can sign: the WIT-SVID profile is served.
+    fn serves_wit(&self) -> bool {
+        false
+    }
 
     /// Signs task access-token claims (`typ: at+jwt`); `exp` must already
     /// respect [`Self::access_token_not_after`].

@@ -24,6 +24,9 @@ struct PersistedState {
     /// Access-token keys (absent in state written before token exchange existed).
     #[serde(default)]
     access_keys: Vec<PersistedKey>,
+    /// WIT-SVID keys (absent in state written before WIT-SVIDs were served).
+    #[serde(default)]
+    wit_keys: Vec<PersistedKey>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -61,6 +64,7 @@ pub(super) fn load_into(dir: &Path, rings: &mut Rings, with_cas: bool) -> Result
     for (ring, keys) in [
         (&mut rings.jwt, persisted.jwt_keys),
         (&mut rings.access, persisted.access_keys),
+        (&mut rings.wit, persisted.wit_keys),
     ] {
         for k in keys {
             let der = B64.decode(&k.key).map_err(|e| SignError::file(&path, e))?;
@@ -92,6 +96,7 @@ pub(super) fn save(dir: &Path, rings: &Rings, with_cas: bool) -> Result<(), Sign
         },
         jwt_keys: jwt_keys(&rings.jwt),
         access_keys: jwt_keys(&rings.access),
+        wit_keys: jwt_keys(&rings.wit),
     };
     let path = dir.join(STATE_FILE);
     let json = serde_json::to_vec_pretty(&persisted).map_err(|e| SignError::file(&path, e))?;

@@ -80,6 +80,38 @@ pub fn for_token_service(claims: &serde_json::Value) -> bool {
     }
 }
 
+/// An issued WIT-SVID and the private key its `cnf` binds. The key lives
+/// only in memory; `Debug` shows neither it nor the token.
+#[derive(Clone)]
+pub struct WitSvid {
+    pub spiffe_id: spiffe::SpiffeId,
+    /// JWS compact serialization (`typ` `wit+jwt`).
+    pub token: String,
+    /// The private JWK (`d` included) handed to the workload as
+    /// `wit_svid_key`.
+    pub key_jwk: String,
+    pub issued_at: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl std::fmt::Debug for WitSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WitSvid")
+            .field("spiffe_id", &self.spiffe_id.to_string())
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A WIT-SVID signed over a public key whose private half the signer never
+/// saw.
+#[derive(Debug, Clone)]
+pub struct SignedWit {
+    pub token: String,
+    pub issued_at: SystemTime,
+    pub not_after: SystemTime,
+}
+
 /// Foreign trust domains' bundles, by trust domain name.
 pub type FederatedBundles = BTreeMap<String, Arc<ForeignBundle>>;
 

@@ -9,7 +9,8 @@
 //! | the fleet authority refuses every identity the caller matches | PermissionDenied |
 //! | agent starting/stopping, attestation could not run | Unavailable |
 //! | the caller process exited or changed since it connected | Unauthenticated |
-//! | WIT-SVID profile | Unimplemented |
+//! | WIT-SVID profile asked of an agent whose signer has no WIT-SVID keys (fleet mode) | Unimplemented |
+//! | FetchWITSVID for a `spiffe_id` the caller has no entry for | PermissionDenied |
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use tonic::{Request, Response, Status};
 
 use crate::caller::Callers;
 use crate::entries::{EntrySet, Identity, federated_domains};
-use crate::identity::{ForeignBundle, SignError, SvidCache, TrustBundle, X509Svid};
+use crate::identity::{ForeignBundle, SignError, SvidCache, TrustBundle, WitSvid, X509Svid};
 use crate::metrics::OpenStream;
 use crate::transport::grpc_stream::{self as stream, BoxStream, Outcome, StreamSender};
 
@@ -355,30 +356,228 @@ impl pb::server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<pb::WitsvidRequest>,
     ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
-        pb::check_security_header(request.metadata())?;
-        Err(Status::unimplemented(
-            "the WIT-SVID profile is not supported",
-        ))
+        const METHOD: &str = "FetchWITSVID";
+        let started = Instant::now();
+        if let Err(status) = self.wit_profile_served(&request) {
+            let result = Err(status);
+            self.record(METHOD, started, &result);
+            return result;
+        }
+        let wanted = request.get_ref().spiffe_id.clone();
+        self.open_stream(
+            METHOD,
+            &request,
+            move |state, peer, opened, out, started| {
+                wit_svid_stream(state, peer, opened, out, started, wanted)
+            },
+        )
+        .await
     }
 
     async fn fetch_wit_bundles(
         &self,
         request: Request<pb::WitBundlesRequest>,
     ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
-        pb::check_security_header(request.metadata())?;
-        Err(Status::unimplemented(
-            "the WIT-SVID profile is not supported",
-        ))
+        const METHOD: &str = "FetchWITBundles";
+        let started = Instant::now();
+        if let Err(status) = self.wit_profile_served(&request) {
+            let result = Err(status);
+            self.record(METHOD, started, &result);
+            return result;
+        }
+        self.open_stream(METHOD, &request, |state, peer, opened, out, _| {
+            bundle_stream(state, peer, opened, out, wit_bundles_response)
+        })
+        .await
     }
 }
 
+impl WorkloadApi {
+    /// The WIT-SVID profile's gate (Workload API spec §7): after the
+    /// security header, a signer without WIT-SVID keys answers
+    /// Unimplemented, which clients take as "not supported" and stop.
+    fn wit_profile_served<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        pb::check_security_header(request.metadata())?;
+        if self.state.cache.signer().serves_wit() {
+            Ok(())
+        } else {
+            Err(Status::unimplemented(
+                crate::identity::signer::WIT_UNSUPPORTED,
+            ))
+        }
+    }
+}
+
+/// The WIT-SVID signing keys (`use` `wit-svid`) by trust domain SPIFFE ID:
+/// this trust domain's, and those of the foreign domains `identities`
+/// federate with that publish any.
+fn wit_bundles_response(
+    td: &str,
+    identities: &[Identity],
+    bundle: &TrustBundle,
+) -> pb::WitBundlesResponse {
+    let text = |jwks: &prost::bytes::Bytes| String::from_utf8_lossy(jwks).into_owned();
+    let mut bundles: HashMap<String, String> = bundle
+        .federated_for(federated_domains(identities))
+        .into_iter()
+        .filter(|b| !b.wit_keys.is_empty())
+        .map(|b| (b.trust_domain.id_string(), text(&b.wit_jwks)))
+        .collect();
+    bundles.insert(td.to_string(), text(&bundle.wit_jwks));
+    pb::WitBundlesResponse { bundles }
+}
+
+fn wit_response(identities: &[Identity], wits: &[Arc<WitSvid>]) -> pb::WitsvidResponse {
+    pb::WitsvidResponse {
+        svids: identities
+            .iter()
+            .zip(wits)
+            .map(|(ident, wit)| pb::Witsvid {
+                spiffe_id: ident.spiffe_id.to_string(),
+                wit_svid: wit.token.clone(),
+                wit_svid_key: wit.key_jwk.clone(),
+                hint: ident.hint.clone().unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+/// The WIT-SVIDs of the caller's identities (or of the one it asked for),
+/// default first, sent again whenever one is renewed (with a new key) or the
+/// entries change.
+async fn wit_svid_stream(
+    state: Arc<ApiState>,
+    peer: Arc<AttestedPeer>,
+    opened: Opened,
+    out: StreamSender<pb::WitsvidResponse>,
+    started: Instant,
+    wanted: String,
+) {
+    let wanted = match wanted.as_str() {
+        "" => None,
+        id => match spiffe::SpiffeId::new(id) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                out.send(Err(Status::invalid_argument(format!(
+                    "invalid spiffe_id: {e}"
+                ))))
+                .await;
+                return;
+            }
+        },
+    };
+    let Opened {
+        mut entries,
+        mut identities,
+    } = opened;
+    let mut first = true;
+    'identities: loop {
+        if let Some(wanted) = &wanted {
+            identities.retain(|i| &i.spiffe_id == wanted);
+        }
+        if identities.is_empty() {
+            out.send(Err(no_identity())).await;
+            return;
+        }
+        let mut rxs = Vec::with_capacity(identities.len());
+        let mut refused = Vec::new();
+        let mut entitled = Vec::with_capacity(identities.len());
+        for ident in identities {
+            match state
+                .cache
+                .subscribe_wit(&ident.spiffe_id, ident.wit_ttl)
+                .await
+            {
+                Ok(rx) => {
+                    rxs.push(rx);
+                    entitled.push(ident);
+                }
+                Err(SignError::Refused(why)) => {
+                    tracing::warn!(spiffe_id = %ident.spiffe_id, reason = %why, "the fleet authority refuses an identity the caller matches; serving its others");
+                    refused.push(why);
+                }
+                Err(SignError::Unsupported(why)) => {
+                    out.send(Err(Status::unimplemented(why))).await;
+                    return;
+                }
+                Err(e) => {
+                    out.send(Err(Status::unavailable(format!(
+                        "could not issue WIT-SVID: {e}"
+                    ))))
+                    .await;
+                    return;
+                }
+            }
+        }
+        identities = entitled;
+        if identities.is_empty() {
+            out.send(Err(refused_all(&refused))).await;
+            return;
+        }
+        loop {
+            let wits: Vec<Arc<WitSvid>> = rxs
+                .iter_mut()
+                .filter_map(|rx| rx.borrow_and_update().clone())
+                .collect();
+            if wits.len() != identities.len() {
+                out.send(Err(Status::unavailable("WIT-SVID not yet available")))
+                    .await;
+                return;
+            }
+            let wake = if wits.iter().any(|w| state.cache.has_passed(w.not_after)) {
+                // Wait for the renewal instead of sending an expired one.
+                state.cache.renew_due_now();
+                next_wake(&out, &mut entries, None, &mut rxs).await
+            } else {
+                if !first && !still_the_caller(&peer, &out, wit_release_key(&wits)).await {
+                    return;
+                }
+                if !out.send(Ok(wit_response(&identities, &wits))).await {
+                    return;
+                }
+                if first {
+                    first = false;
+                    state
+                        .callers
+                        .metrics
+                        .rpc_seconds
+                        .get_or_create(&crate::metrics::MethodLabels {
+                            method: "FetchWITSVID.first",
+                        })
+                        .observe(started.elapsed().as_secs_f64());
+                }
+                next_wake(&out, &mut entries, None, &mut rxs).await
+            };
+            match wake {
+                Wake::Ended => return,
+                Wake::Entries => {
+                    identities = entries.borrow_and_update().identities_for(&peer.selectors);
+                    continue 'identities;
+                }
+                Wake::Bundle | Wake::Update => {}
+            }
+        }
+    }
+}
+
+/// What a WIT-SVID update releases (see [`release_key`]): a digest of the
+/// private keys.
+fn wit_release_key(wits: &[Arc<WitSvid>]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for wit in wits {
+        wit.key_jwk.hash(&mut h);
+    }
+    h.finish().max(1)
+}
+
 /// Waits for whichever comes first: stream end, an entry change, or a change
-/// of any SVID or the bundle.
-async fn next_wake<M>(
+/// of any SVID or of the bundle (when the stream watches it).
+async fn next_wake<M, T>(
     out: &StreamSender<M>,
     entries: &mut watch::Receiver<EntrySet>,
-    bundle: &mut watch::Receiver<Arc<TrustBundle>>,
-    svids: &mut [watch::Receiver<Option<Arc<X509Svid>>>],
+    bundle: Option<&mut watch::Receiver<Arc<TrustBundle>>>,
+    svids: &mut [watch::Receiver<Option<Arc<T>>>],
 ) -> Wake {
     let any_svid = async {
         if svids.is_empty() {
@@ -387,10 +586,16 @@ async fn next_wake<M>(
         let changes = svids.iter_mut().map(|rx| Box::pin(rx.changed()));
         let _ = futures_util::future::select_all(changes).await;
     };
+    let bundle_changed = async {
+        match bundle {
+            Some(rx) => rx.changed().await.is_ok(),
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = out.ended() => Wake::Ended,
         r = entries.changed() => if r.is_ok() { Wake::Entries } else { Wake::Ended },
-        r = bundle.changed() => if r.is_ok() { Wake::Bundle } else { Wake::Ended },
+        r = bundle_changed => if r { Wake::Bundle } else { Wake::Ended },
         _ = any_svid => Wake::Update,
     }
 }
@@ -460,7 +665,7 @@ async fn x509_svid_stream(
                 // Wait for the renewal instead of sending an expired SVID
                 // (the wall clock jumped, or the signer was away).
                 state.cache.renew_due_now();
-                match next_wake(&out, &mut entries, &mut bundle_rx, &mut rxs).await {
+                match next_wake(&out, &mut entries, Some(&mut bundle_rx), &mut rxs).await {
                     Wake::Ended => return,
                     Wake::Entries => {
                         identities = entries.borrow_and_update().identities_for(&peer.selectors);
@@ -495,7 +700,7 @@ async fn x509_svid_stream(
                     .observe(started.elapsed().as_secs_f64());
             }
             loop {
-                match next_wake(&out, &mut entries, &mut bundle_rx, &mut rxs).await {
+                match next_wake(&out, &mut entries, Some(&mut bundle_rx), &mut rxs).await {
                     Wake::Ended => return,
                     Wake::Entries => {
                         identities = entries.borrow_and_update().identities_for(&peer.selectors);
@@ -587,7 +792,7 @@ async fn bundle_stream<M: Send + PartialEq + 'static>(
             }
             last = Some(copy);
         }
-        match next_wake(&out, &mut entries, &mut bundle_rx, &mut []).await {
+        match next_wake::<_, X509Svid>(&out, &mut entries, Some(&mut bundle_rx), &mut []).await {
             Wake::Ended => return,
             Wake::Entries => entries_changed = true,
             Wake::Bundle | Wake::Update => entries_changed = false,

@@ -489,14 +489,6 @@ func TestMTLSRejectsUnexpectedServerID(t *testing.T) {
 	}
 }
 
-func TestFetchWITSVIDIsUnimplemented(t *testing.T) {
-	expectedID(t)
-	_, err := workloadapi.FetchWITSVID(timeout(t), "")
-	if status.Code(err) != codes.Unimplemented {
-		t.Fatalf("FetchWITSVID = %v, want Unimplemented", err)
-	}
-}
-
 // rawClient is a plain gRPC client on the agent socket: no header is added.
 func rawClient(t *testing.T) workload.SpiffeWorkloadAPIClient {
 	t.Helper()

@@ -106,22 +106,28 @@ pub struct ValidateJwtsvidResponse {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct WitsvidRequest {
+    /// Optional. Only this SPIFFE ID; empty means every entitled ID.
     #[prost(string, tag = "1")]
     pub spiffe_id: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct WitsvidResponse {
+    /// Required. The first entry is the caller's default identity.
     #[prost(message, repeated, tag = "1")]
     pub svids: ::prost::alloc::vec::Vec<Witsvid>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Witsvid {
+    /// Required. The SPIFFE ID of the WIT-SVID.
     #[prost(string, tag = "1")]
     pub spiffe_id: ::prost::alloc::string::String,
+    /// Required. JWS compact serialization (typ wit+jwt).
     #[prost(string, tag = "2")]
     pub wit_svid: ::prost::alloc::string::String,
+    /// Required. The private key bound by the WIT-SVID's cnf, as a JWK.
     #[prost(string, tag = "3")]
     pub wit_svid_key: ::prost::alloc::string::String,
+    /// Optional. Operator-chosen name that tells SVIDs apart.
     #[prost(string, tag = "4")]
     pub hint: ::prost::alloc::string::String,
 }
@@ -129,6 +135,7 @@ pub struct Witsvid {
 pub struct WitBundlesRequest {}
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct WitBundlesResponse {
+    /// Required. Trust domain ID -> JWKS document (keys with use wit-svid).
     #[prost(map = "string, string", tag = "1")]
     pub bundles: ::std::collections::HashMap<
         ::prost::alloc::string::String,
@@ -351,7 +358,9 @@ pub mod spiffe_workload_api_client {
                 .insert(GrpcMethod::new("SpiffeWorkloadAPI", "ValidateJWTSVID"));
             self.inner.unary(req, path, codec).await
         }
-        /// WIT-SVID profile (incubating). Tessera answers Unimplemented.
+        /// WIT-SVID profile (incubating). Streams the caller's WIT-SVIDs, each
+        /// with the private key its cnf claim binds; Unimplemented when the
+        /// agent's signer has no WIT-SVID keys.
         pub async fn fetch_witsvid(
             &mut self,
             request: impl tonic::IntoRequest<super::WitsvidRequest>,
@@ -376,6 +385,8 @@ pub mod spiffe_workload_api_client {
                 .insert(GrpcMethod::new("SpiffeWorkloadAPI", "FetchWITSVID"));
             self.inner.server_streaming(req, path, codec).await
         }
+        /// Streams the WIT-SVID signing keys (JWKS documents) keyed by trust
+        /// domain SPIFFE ID.
         pub async fn fetch_wit_bundles(
             &mut self,
             request: impl tonic::IntoRequest<super::WitBundlesRequest>,
@@ -476,7 +487,9 @@ pub mod spiffe_workload_api_server {
             >
             + std::marker::Send
             + 'static;
-        /// WIT-SVID profile (incubating). Tessera answers Unimplemented.
+        /// WIT-SVID profile (incubating). Streams the caller's WIT-SVIDs, each
+        /// with the private key its cnf claim binds; Unimplemented when the
+        /// agent's signer has no WIT-SVID keys.
         async fn fetch_witsvid(
             &self,
             request: tonic::Request<super::WitsvidRequest>,
@@ -490,6 +503,8 @@ pub mod spiffe_workload_api_server {
             >
             + std::marker::Send
             + 'static;
+        /// Streams the WIT-SVID signing keys (JWKS documents) keyed by trust
+        /// domain SPIFFE ID.
         async fn fetch_wit_bundles(
             &self,
             request: tonic::Request<super::WitBundlesRequest>,

@@ -298,3 +298,93 @@ async fn expired_jwt_is_rejected_and_ttl_is_clamped_to_the_key() {
         .unwrap();
     assert!(until(long.issued_at, long.expires_at) <= Duration::from_secs(600));
 }
+
+/// A WIT-SVID checked by jsonwebtoken (a JOSE library we did not write)
+/// against the `wit-svid` keys of the bundle; and the `cnf` it carries.
+fn verify_wit_with_jsonwebtoken(token: &str, wit_jwks: &[u8]) -> serde_json::Value {
+    let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(wit_jwks).unwrap();
+    let header = jsonwebtoken::decode_header(token).unwrap();
+    assert_eq!(header.typ.as_deref(), Some("wit+jwt"));
+    let kid = header.kid.expect("a WIT-SVID names its key");
+    let jwk = jwks.find(&kid).expect("signed by a published WIT-SVID key");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    v.validate_aud = false;
+    v.set_required_spec_claims(&["exp", "sub"]);
+    jsonwebtoken::decode::<serde_json::Value>(token, &key, &v)
+        .unwrap()
+        .claims
+}
+
+#[tokio::test(start_paused = true)]
+async fn wit_keys_are_their_own_roll_over_with_overlap_and_persist() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(TokioClock::new());
+    let a = LocalAuthority::load(settings(Some(dir.path())), clock.clone()).unwrap();
+    assert!(a.serves_wit());
+    let key = crate::identity::wit::WorkloadKey::generate().unwrap();
+    let cnf = key.public_jwk();
+    let first = a
+        .mint_wit(&id("/w"), &cnf, Duration::from_secs(60))
+        .unwrap();
+    let b = a.trust_store().current();
+    let claims = verify_wit_with_jsonwebtoken(&first.token, &b.wit_jwks);
+    assert_eq!(claims["sub"], "spiffe://example.org/w");
+    assert_eq!(claims["cnf"]["jwk"], cnf);
+    assert!(claims.get("aud").is_none() && claims.get("iss").is_none());
+    assert!(claims["jti"].as_str().is_some_and(|j| !j.is_empty()));
+    // Its own keys: none is a JWT-SVID key, and the JWT-SVID JWKS does not
+    // verify it.
+    let first_kid = jwt_kid(&first.token);
+    assert!(b.jwt_keys.iter().all(|k| k.kid != first_kid));
+    let jwt_jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&b.jwks).unwrap();
+    assert!(jwt_jwks.find(&first_kid).is_none());
+    // A private or non-ES256 key is never a cnf.
+    let private: serde_json::Value = serde_json::from_str(&key.private_jwk()).unwrap();
+    assert!(
+        a.mint_wit(&id("/w"), &private, Duration::from_secs(60))
+            .is_err()
+    );
+
+    // Half-way through the key's life a successor is published (pushed to
+    // bundle watchers) but does not sign yet.
+    let mut bundle_rx = a.trust_store().subscribe();
+    bundle_rx.borrow_and_update();
+    tokio::time::advance(Duration::from_secs(301)).await;
+    a.rotate().unwrap();
+    assert!(bundle_rx.has_changed().unwrap(), "the new key is pushed");
+    assert_eq!(a.trust_store().current().wit_keys.len(), 2);
+    let wit = a
+        .mint_wit(&id("/w"), &cnf, Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(jwt_kid(&wit.token), first_kid);
+    // Kept across a restart.
+    let reloaded = LocalAuthority::load(settings(Some(dir.path())), clock.clone()).unwrap();
+    assert_eq!(
+        reloaded.trust_store().current().wit_jwks,
+        a.trust_store().current().wit_jwks
+    );
+    // At two thirds the successor signs; both stay published, so a WIT-SVID
+    // of the old key still verifies.
+    tokio::time::advance(Duration::from_secs(100)).await;
+    a.rotate().unwrap();
+    let wit = a
+        .mint_wit(&id("/w"), &cnf, Duration::from_secs(100_000))
+        .unwrap();
+    assert_ne!(jwt_kid(&wit.token), first_kid);
+    let b = a.trust_store().current();
+    verify_wit_with_jsonwebtoken(&wit.token, &b.wit_jwks);
+    assert!(b.wit_keys.iter().any(|k| k.kid == first_kid));
+    // Nothing outlives its key.
+    assert!(until(wit.issued_at, wit.not_after) <= Duration::from_secs(600));
+    // The old key leaves the bundle when it expires.
+    tokio::time::advance(Duration::from_secs(200)).await;
+    a.rotate().unwrap();
+    assert!(
+        a.trust_store()
+            .current()
+            .wit_keys
+            .iter()
+            .all(|k| k.kid != first_kid)
+    );
+}
