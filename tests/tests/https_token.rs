@@ -274,8 +274,12 @@ async fn mcp_client_grants_over_https_get_tokens_the_published_keys_verify() {
     assert_eq!(claims["sub"], ME);
 
     // Every fetch of a JWT-SVID for the token service is a new one (single
-    // use), while other audiences are reused from the cache.
+    // use), and so for any https:// audience, which may be another node's
+    // token service (RFC 7523 §3 lets it accept each jti once), while other
+    // audiences are reused from the cache.
     assert_ne!(face.svid(&issuer).await, face.svid(&issuer).await);
+    let elsewhere_as = "https://node-b.example:8443";
+    assert_ne!(face.svid(elsewhere_as).await, face.svid(elsewhere_as).await);
     assert_eq!(face.svid("elsewhere").await, face.svid("elsewhere").await);
     face.agent.stop().await;
 }

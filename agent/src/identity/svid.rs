@@ -46,7 +46,7 @@ pub struct JwtSvid {
     pub token: String,
     pub issued_at: SystemTime,
     pub expires_at: SystemTime,
-    /// A credential for the trust domain's own token service
+    /// A credential for an OAuth authorization server
     /// ([`for_token_service`]): never handed out twice.
     pub single_use: bool,
 }
@@ -54,28 +54,31 @@ pub struct JwtSvid {
 /// The path of the token endpoint under the trust domain's issuer URL.
 pub const TOKEN_ENDPOINT_PATH: &str = "/token";
 
-/// Whether JWT-SVID `claims` make a credential for the trust domain's own
-/// token service: `aud` names the token's `iss` (an `https://` issuer URL)
-/// or that issuer's token endpoint. Over HTTPS such a token is the client's
-/// only credential and its `jti` is accepted once, so the SVID cache mints
-/// one afresh for every fetch instead of reusing it.
+/// Whether JWT-SVID `claims` make a credential for an OAuth authorization
+/// server, which the SVID cache mints afresh for every fetch instead of
+/// reusing: some `aud` is an `https://` URL.
+///
+/// An authorization server may accept each assertion's `jti` only once
+/// (RFC 7523 §3; this trust domain's token endpoint on the HTTPS face does),
+/// and RFC 7523bis and the MCP SDKs make its issuer URL the audience. The
+/// agent cannot tell an authorization server's URL from any other https
+/// URL, and must not hand the same assertion out twice for one: a rule
+/// matching only the SVID's own `iss` missed another node's token
+/// endpoint, and every token endpoint of a fleet, whose JWT-SVIDs the
+/// authority signs without `iss`; the client then got a cached assertion
+/// back and its second token request was refused as a replay. A fresh SVID
+/// costs one signature. Other audiences (SPIFFE IDs, logical names, other
+/// URI schemes) are reused from the cache as before.
 pub fn for_token_service(claims: &serde_json::Value) -> bool {
-    let Some(iss) = claims.get("iss").and_then(|v| v.as_str()) else {
-        return false;
-    };
-    if !iss.starts_with("https://") {
-        return false;
-    }
-    let names_us = |a: &serde_json::Value| {
+    let url = |a: &serde_json::Value| {
         a.as_str().is_some_and(|a| {
-            a == iss
-                || a.strip_prefix(iss)
-                    .is_some_and(|rest| rest == "/" || rest == TOKEN_ENDPOINT_PATH)
+            a.get(..8)
+                .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
         })
     };
     match claims.get("aud") {
-        Some(serde_json::Value::Array(list)) => list.iter().any(names_us),
-        Some(a) => names_us(a),
+        Some(serde_json::Value::Array(list)) => list.iter().any(url),
+        Some(a) => url(a),
         None => false,
     }
 }
@@ -175,5 +178,44 @@ impl TrustBundle {
             .into_iter()
             .filter_map(|name| self.federated.get(name))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::for_token_service;
+    use serde_json::json;
+
+    #[test]
+    fn every_https_audience_is_single_use_whatever_the_issuer() {
+        // This agent's own issuer, and its token endpoint.
+        let own = json!({"iss": "https://node-a:8443", "aud": ["https://node-a:8443"]});
+        assert!(for_token_service(&own));
+        let endpoint = json!({"iss": "https://node-a:8443", "aud": "https://node-a:8443/token"});
+        assert!(for_token_service(&endpoint));
+        // Another node's token service, and a fleet's JWT-SVID without iss:
+        // both used to be cached, and a second token request was a replay.
+        let other = json!({"iss": "https://node-a:8443", "aud": ["https://node-b:8443"]});
+        assert!(for_token_service(&other));
+        let fleet = json!({"aud": ["https://node-a:8443"]});
+        assert!(for_token_service(&fleet));
+        let upper = json!({"aud": ["HTTPS://AS.example"]});
+        assert!(for_token_service(&upper));
+        let mixed = json!({"aud": ["db", "https://as.example/tenant"]});
+        assert!(for_token_service(&mixed));
+        // Everything else is reused.
+        for aud in [
+            json!(["spiffe://example.org/db"]),
+            json!(["db"]),
+            json!("http://plain.example"),
+            json!(["sts.amazonaws.com"]),
+            json!([]),
+        ] {
+            assert!(
+                !for_token_service(&json!({"iss": "https://node-a:8443", "aud": aud})),
+                "{aud}"
+            );
+        }
+        assert!(!for_token_service(&json!({"iss": "https://node-a:8443"})));
     }
 }
