@@ -29,6 +29,7 @@ EXAMPLES = ROOT / "examples" / "mcp" / "python"
 RESOURCE = "https://notes.example/mcp"
 AGENT_ID = "spiffe://example.org/sdk/agent"
 SUB_AGENT_ID = "spiffe://example.org/sdk/sub-agent"
+OTHER_ID = "spiffe://example.org/sdk/other"
 
 
 def tessera_bin() -> Path:
@@ -62,6 +63,8 @@ class Agent:
     exchange_socket: Path
     admin_socket: Path
     sub_agent_python: Path
+    # A copy of the tessera binary: another workload (OTHER_ID), by its path.
+    other_tessera: Path
     https_issuer: str
     # The trust domain's CA bundle (PEM), which issued the HTTPS face's certificate.
     ca: Path
@@ -92,6 +95,8 @@ def start_agent(dir: Path) -> tuple[Agent, subprocess.Popen[bytes]]:
     bin = tessera_bin()
     sub_agent_python = dir / "sub-agent-python"
     shutil.copy2(os.path.realpath(sys.executable), sub_agent_python)
+    other_tessera = dir / "other-tessera"
+    shutil.copy2(bin, other_tessera)
     https_port = free_port()
     remote_port = free_port()
     remote_resource = f"http://127.0.0.1:{remote_port}/mcp"
@@ -127,6 +132,10 @@ listen = "127.0.0.1:{https_port}"
 issuer = "https://localhost:{https_port}"
 
 [[entries]]
+spiffe_id = "{OTHER_ID}"
+selectors = ["unix:uid:{uid}", "unix:path:{other_tessera}"]
+
+[[entries]]
 spiffe_id = "{SUB_AGENT_ID}"
 selectors = ["unix:uid:{uid}", "unix:path:{sub_agent_python}"]
 
@@ -151,6 +160,7 @@ approval_poll_interval = "1s"
         exchange_socket=dir / "sock" / "exchange.sock",
         admin_socket=dir / "admin" / "admin.sock",
         sub_agent_python=sub_agent_python,
+        other_tessera=other_tessera,
         https_issuer=f"https://localhost:{https_port}",
         ca=dir / "certs" / "bundle.0.pem",
         remote_resource=remote_resource,

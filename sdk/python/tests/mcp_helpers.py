@@ -60,13 +60,16 @@ def text(result: object) -> str:
 
 
 async def refused_statuses(
-    url: str, auth: httpx2.Auth | None = None, headers: dict[str, str] | None = None
+    url: str,
+    auth: httpx2.Auth | None = None,
+    headers: dict[str, str] | None = None,
+    verify: ssl.SSLContext | bool = True,
 ) -> set[int]:
     """Connect an MCP client that the server must refuse; the HTTP statuses it got.
     Every refusal must carry an `invalid_token` Bearer challenge."""
     seen = Seen()
     try:
-        async with mcp_client(url, auth, headers, seen):
+        async with mcp_client(url, auth, headers, seen, verify):
             pass
     except Exception:  # noqa: S110  connecting must fail; what the server said is in `seen`
         pass
