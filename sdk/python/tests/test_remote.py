@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx2
 import jwt
@@ -91,10 +91,15 @@ class RemoteServer:
 
 @asynccontextmanager
 async def remote_verifier(
-    agent: Agent, resource: str, introspection_cache: float = CACHE_SECONDS
+    agent: Agent,
+    resource: str,
+    introspection_cache: float = CACHE_SECONDS,
+    client_auth: Literal["jwt-svid", "x509-svid"] = "jwt-svid",
 ) -> AsyncIterator[Verifier]:
     """A verifier of the test's own (the server's runs in uvicorn's event loop)."""
-    verifier = Verifier.remote(resource, agent.https_issuer, ca=agent.ca, introspection_cache=introspection_cache)
+    verifier = Verifier.remote(
+        resource, agent.https_issuer, ca=agent.ca, introspection_cache=introspection_cache, client_auth=client_auth
+    )
     try:
         yield verifier
     finally:
@@ -241,6 +246,20 @@ async def test_an_ended_tasks_token_is_refused_remotely_within_the_cache_window(
     await asyncio.sleep(CACHE_SECONDS)
     assert await refused_statuses(remote_server.url, headers={"Authorization": f"Bearer {token}"}) == {401}
     async with remote_verifier(agent, remote_server.url, introspection_cache=0) as verifier:
+        with pytest.raises(TokenRejected, match="not active"):
+            await verifier.verify(token)
+
+
+async def test_introspection_authenticated_by_the_servers_x509_svid_sees_an_ended_task(
+    agent: Agent, remote_server: RemoteServer
+) -> None:
+    """RFC 8705 tls_client_auth at the introspection endpoint: the verifier's
+    X509-SVID (from the Workload API, key kept in memory) is its credential."""
+    async with remote_verifier(agent, remote_server.url, client_auth="x509-svid") as verifier:
+        async with task("py-remote-mtls", resource=remote_server.url, scopes=["notes:read"]) as t:
+            token = await t.token()
+            assert (await verifier.verify(token)).task_id == "py-remote-mtls"
+        await asyncio.sleep(CACHE_SECONDS)
         with pytest.raises(TokenRejected, match="not active"):
             await verifier.verify(token)
 

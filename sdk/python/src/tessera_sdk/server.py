@@ -27,7 +27,7 @@ import ssl
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import httpx2
 import jwt
@@ -52,6 +52,61 @@ _JWKS_REFETCH_SECONDS = 10.0
 # Keys are fetched again this often even when every kid is known, so a key
 # the issuer retired stops verifying here.
 _JWKS_REFRESH_SECONDS = 300.0
+
+
+class X509SvidCredential:
+    """This resource server's X509-SVID as TLS client certificate at introspection
+    (RFC 8705 `tls_client_auth`): an HTTPS client presenting it, built again once
+    the SVID is past half its life. The private key never touches the disk: it
+    goes to OpenSSL through an anonymous in-memory file (memfd)."""
+
+    def __init__(self, verify: ssl.SSLContext | bool, *, workload_api: str | os.PathLike[str] | None = None) -> None:
+        self._verify = verify
+        self._socket = workload_api
+        self._api: WorkloadApi | None = None
+        self._client: httpx2.AsyncClient | None = None
+        self._renew_at = 0.0
+
+    async def client(self) -> httpx2.AsyncClient:
+        if self._client is not None and time.time() < self._renew_at:
+            return self._client
+        if self._api is None:
+            self._api = WorkloadApi(Sockets.find(workload_api=self._socket).workload_api)
+        try:
+            svid = await self._api.x509_svid()
+        except TesseraError as e:
+            raise TokenRejected(f"no X509-SVID to authenticate for introspection: {e}") from e
+        context = self._verify if isinstance(self._verify, ssl.SSLContext) else ssl.create_default_context()
+        # A new context per SVID: load_cert_chain adds to, not replaces, a shared one.
+        fresh = ssl.create_default_context()
+        fresh.check_hostname = context.check_hostname
+        fresh.verify_mode = context.verify_mode
+        for ca in context.get_ca_certs(binary_form=True):
+            fresh.load_verify_locations(cadata=ssl.DER_cert_to_PEM_cert(ca))
+        if not isinstance(self._verify, ssl.SSLContext):
+            fresh.load_default_certs()
+        pem = "".join(ssl.DER_cert_to_PEM_cert(c) for c in svid.chain)
+        key = base64.encodebytes(svid.private_key).decode()
+        pem += f"-----BEGIN PRIVATE KEY-----\n{key}-----END PRIVATE KEY-----\n"
+        fd = os.memfd_create("tessera-svid", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, pem.encode())
+            fresh.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        if self._client is not None:
+            await self._client.aclose()
+        self._client = httpx2.AsyncClient(verify=fresh, timeout=10)
+        self._renew_at = svid.issued_at + (svid.expires_at - svid.issued_at) / 2
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        if self._api is not None:
+            await self._api.aclose()
+            self._api = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +236,7 @@ class Verifier:
         introspection_cache: float = 5.0,
         keys_refresh: float = _JWKS_REFRESH_SECONDS,
         leeway: float = 5.0,
+        client_auth: Literal["jwt-svid", "x509-svid"] = "jwt-svid",
     ) -> Verifier:
         """A verifier for a server that cannot reach the agent's sockets (another
         host, another pod): everything comes from the agent's HTTPS face at `issuer`.
@@ -193,9 +249,11 @@ class Verifier:
           `jwks_uri` holds the JWT-SVID keys, not the access-token keys.
         - Revocation: the metadata's `introspection_endpoint` (RFC 7662), each
           answer cached for `introspection_cache` seconds. The agent answers
-          only authenticated resource servers: this server presents a
-          JWT-SVID for audience `issuer` (`Authorization: Bearer`) from its own
-          node's Workload API (`workload_api`, default `SPIFFE_ENDPOINT_SOCKET`).
+          only authenticated resource servers: with `client_auth="jwt-svid"`
+          this server presents a JWT-SVID for audience `issuer`
+          (`Authorization: Bearer`), with `"x509-svid"` its X509-SVID as TLS
+          client certificate (RFC 8705), either from its own node's Workload
+          API (`workload_api`, default `SPIFFE_ENDPOINT_SOCKET`).
         - `ca`: what to trust for the HTTPS face: a PEM bundle path (the trust
           domain's bundle when the face's certificate is issued by Tessera,
           `tessera api fetch x509 --write DIR` writes it), an `ssl.SSLContext`,
@@ -215,26 +273,38 @@ class Verifier:
         verifier._metadata_url = metadata_url(issuer)
         verifier._keys_refresh = keys_refresh
         verifier._where = issuer
-        if introspect:
+        if introspect and client_auth == "x509-svid":
+            verifier._mtls = X509SvidCredential(verify, workload_api=workload_api)
+        elif introspect and client_auth == "jwt-svid":
             verifier._credential = JwtSvidCredential(issuer, workload_api=workload_api)
+        elif introspect:
+            raise ConfigurationError(f"client_auth = {client_auth!r}: use 'jwt-svid' or 'x509-svid'")
         return verifier
 
     _keys_refresh = _JWKS_REFRESH_SECONDS
     _endpoints: _Endpoints | None
+    _mtls: X509SvidCredential | None = None
 
     async def aclose(self) -> None:
         await self._http.aclose()
         if self._credential is not None:
             await self._credential.aclose()
+        if self._mtls is not None:
+            await self._mtls.aclose()
 
     async def _get(
-        self, path: str, form: dict[str, str] | None = None, headers: dict[str, str] | None = None
+        self,
+        path: str,
+        form: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        http: httpx2.AsyncClient | None = None,
     ) -> dict[str, Any]:
+        http = http or self._http
         try:
             if form is None:
-                response = await self._http.get(path)
+                response = await http.get(path)
             else:
-                response = await self._http.post(path, data=form, headers=headers)
+                response = await http.post(path, data=form, headers=headers)
         except httpx2.TransportError as e:
             raise TokenRejected(f"cannot reach {self._where} to check the token: {e}") from e
         if response.status_code != 200:
@@ -341,7 +411,8 @@ class Verifier:
         headers = None
         if self._credential is not None:
             headers = {"Authorization": f"Bearer {await self._credential.token()}"}
-        active = (await self._get(endpoints.introspection, {"token": token}, headers)).get("active") is True
+        http = await self._mtls.client() if self._mtls is not None else None
+        active = (await self._get(endpoints.introspection, {"token": token}, headers, http)).get("active") is True
         if len(self._introspected) >= _MAX_CACHED:
             self._introspected = {d: v for d, v in self._introspected.items() if now - v[1] < self._cache_seconds}
             if len(self._introspected) >= _MAX_CACHED:

@@ -1,11 +1,16 @@
-"""JWT-SVIDs from the SPIFFE Workload API (FetchJWTSVID only).
+"""SVIDs from the SPIFFE Workload API (FetchJWTSVID, and the first answer
+of FetchX509SVID).
 
-The SDK needs one RPC, so it encodes its three small protobuf messages by
-hand instead of carrying generated code and the protobuf runtime:
+The SDK needs two RPCs, so it encodes their small protobuf messages by hand
+instead of carrying generated code and the protobuf runtime:
 
     JWTSVIDRequest  { repeated string audience = 1; string spiffe_id = 2; }
     JWTSVIDResponse { repeated JWTSVID svids = 1; }
     JWTSVID         { string spiffe_id = 1; string svid = 2; string hint = 3; }
+    X509SVIDRequest {}
+    X509SVIDResponse { repeated X509SVID svids = 1; ... }
+    X509SVID        { string spiffe_id = 1; bytes x509_svid = 2; bytes x509_svid_key = 3;
+                      bytes bundle = 4; string hint = 5; }
 
 A JWT-SVID is reused until shortly before its `exp`, since the exchange
 remembers the SVIDs it has verified and each fetch costs the agent a signature,
@@ -20,7 +25,7 @@ import asyncio
 import base64
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -29,6 +34,7 @@ import grpc.aio
 from .errors import WorkloadApiError
 
 _METHOD = "/SpiffeWorkloadAPI/FetchJWTSVID"
+_X509_METHOD = "/SpiffeWorkloadAPI/FetchX509SVID"
 _HEADER = ("workload.spiffe.io", "true")
 # Fetch a new SVID when the cached one has less than this left.
 _REUSE_MARGIN_SECONDS = 30.0
@@ -40,6 +46,67 @@ class JwtSvid:
     token: str
     expires_at: float
     hint: str = ""
+
+
+@dataclass(frozen=True)
+class X509Svid:
+    spiffe_id: str
+    # DER certificates, leaf first.
+    chain: tuple[bytes, ...]
+    # Unencrypted PKCS#8 DER: kept in memory only.
+    private_key: bytes = field(repr=False)
+    # The trust domain's CA certificates, DER.
+    bundle: tuple[bytes, ...] = ()
+    issued_at: float = 0.0
+    expires_at: float = 0.0
+
+
+def split_der(data: bytes) -> list[bytes]:
+    """Concatenated DER certificates, one by one (each a definite-length SEQUENCE)."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        if data[pos] != 0x30 or pos + 2 > len(data):
+            raise ValueError("not a DER SEQUENCE")
+        first = data[pos + 1]
+        if first < 0x80:
+            length, header = first, 2
+        else:
+            n = first & 0x7F
+            if n == 0 or n > 4 or pos + 2 + n > len(data):
+                raise ValueError("unsupported DER length")
+            length, header = int.from_bytes(data[pos + 2 : pos + 2 + n], "big"), 2 + n
+        end = pos + header + length
+        if end > len(data):
+            raise ValueError("truncated DER certificate")
+        out.append(data[pos:end])
+        pos = end
+    return out
+
+
+def decode_x509_response(data: bytes) -> list[X509Svid]:
+    from cryptography import x509
+
+    svids = []
+    for number, value in _fields(data):
+        if number != 1 or not isinstance(value, bytes):
+            continue
+        parts = {n: v for n, v in _fields(value) if isinstance(v, bytes)}
+        chain = tuple(split_der(parts.get(2, b"")))
+        if not chain:
+            raise ValueError("an X509-SVID without certificates")
+        leaf = x509.load_der_x509_certificate(chain[0])
+        svids.append(
+            X509Svid(
+                spiffe_id=parts.get(1, b"").decode(),
+                chain=chain,
+                private_key=parts.get(3, b""),
+                bundle=tuple(split_der(parts.get(4, b""))),
+                issued_at=leaf.not_valid_before_utc.timestamp(),
+                expires_at=leaf.not_valid_after_utc.timestamp(),
+            )
+        )
+    return svids
 
 
 def _varint(value: int) -> bytes:
@@ -164,6 +231,31 @@ class WorkloadApi:
             if not fresh:
                 self._cache[key] = svid
             return svid
+
+    async def x509_svid(self, spiffe_id: str | None = None) -> X509Svid:
+        """This process's X509-SVID (its first identity, or `spiffe_id`): the first
+        answer of the FetchX509SVID stream; call again for a renewed one."""
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(f"unix:{self._socket}")
+        call = self._channel.unary_stream(
+            _X509_METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )(b"", metadata=(_HEADER,), timeout=30)
+        try:
+            raw = await call.read()
+        except grpc.aio.AioRpcError as e:
+            raise WorkloadApiError(f"FetchX509SVID on {self._socket}: {e.code().name}: {e.details()}") from e
+        finally:
+            call.cancel()
+        if not isinstance(raw, bytes):
+            raise WorkloadApiError(f"FetchX509SVID on {self._socket}: the stream ended without an answer")
+        try:
+            svids = decode_x509_response(raw)
+        except ValueError as e:
+            raise WorkloadApiError(f"FetchX509SVID on {self._socket}: malformed answer: {e}") from e
+        for svid in svids:
+            if spiffe_id is None or svid.spiffe_id == spiffe_id:
+                return svid
+        raise WorkloadApiError(f"FetchX509SVID on {self._socket}: no X509-SVID {spiffe_id or ''} for this process")
 
     async def aclose(self) -> None:
         if self._channel is not None:
