@@ -3,6 +3,8 @@
 //! reload and graceful shutdown. Everything is built here from the parsed
 //! config; nothing imports this module but the CLI.
 
+pub mod authority;
+
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -337,7 +339,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                 local_authority,
                 trust,
                 exchange.clone().map(|x| crate::https::TokenService {
-                    routes: crate::exchange::remote::router(x.clone(), config.caller_budget),
+                    routes: Some(crate::exchange::remote::router(
+                        x.clone(),
+                        config.caller_budget,
+                    )),
                     keys: Arc::new(move || x.jwks()),
                 }),
                 clock.clone(),

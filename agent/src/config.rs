@@ -1359,6 +1359,8 @@ impl Config {
                 Duration::from_secs(3600),
             )?,
             max_connections: 4096,
+            // Set from the bound `[https]` listener (its port may be 0).
+            jwt_issuer: None,
         })
     }
 

@@ -363,11 +363,20 @@ impl ClientCertVerifier for BundleClientVerifier {
 /// each other: the wiring passes it in).
 pub type TokenKeys = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
-/// The token service under the issuer URL, when the exchange is on: its
-/// routes (token endpoint, RFC 8414 metadata) and its keys.
+/// The task tokens under the issuer URL: their keys, and on an agent with
+/// the exchange on, the token service's routes (token endpoint, RFC 8414
+/// metadata, introspection, revocation). The fleet authority signs task
+/// tokens for every node but runs no token service (policy, approvals and
+/// revocation stay on the nodes): it publishes the keys only.
 pub struct TokenService {
-    pub routes: Router,
+    pub routes: Option<Router>,
     pub keys: TokenKeys,
+}
+
+/// The access-token keys a trust store publishes, as a JWKS (the fleet
+/// authority's `/token-keys`).
+pub fn published_token_keys(trust: Arc<TrustStore>) -> TokenKeys {
+    Arc::new(move || jwks(trust.access_keys().iter()))
 }
 
 /// Everything the routes read.
@@ -376,6 +385,8 @@ struct Face {
     issuer: String,
     trust: Arc<TrustStore>,
     token_keys: Option<TokenKeys>,
+    /// The token service's routes are mounted.
+    token_endpoint: bool,
 }
 
 /// Starts serving on `bound`; returns once the first certificate is in place.
@@ -445,13 +456,14 @@ pub fn serve(
         });
     }
     let (token_keys, token_routes) = match token_service {
-        Some(t) => (Some(t.keys), Some(t.routes)),
+        Some(t) => (Some(t.keys), t.routes),
         None => (None, None),
     };
     let face = Face {
         issuer: bound.issuer.clone(),
         trust,
         token_keys,
+        token_endpoint: token_routes.is_some(),
     };
     let mut app = Router::new()
         .route("/.well-known/openid-configuration", get(discovery))
@@ -490,7 +502,7 @@ async fn discovery(State(f): State<Face>) -> Response {
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["ES256"],
     });
-    if f.token_keys.is_some() {
+    if f.token_endpoint {
         doc["authorization_endpoint"] = format!("{}/authorize", f.issuer).into();
         doc["token_endpoint"] = format!("{}/token", f.issuer).into();
     }
@@ -507,7 +519,7 @@ async fn token_jwks(State(f): State<Face>) -> Response {
         Some(keys) => cacheable(keys()),
         None => (
             axum::http::StatusCode::NOT_FOUND,
-            "the token exchange is not enabled on this agent\n",
+            "no task tokens are signed here: the token exchange is not enabled\n",
         )
             .into_response(),
     }

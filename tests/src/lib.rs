@@ -230,6 +230,42 @@ pub fn receive_socket(
     (owned.into(), buf[..n].to_vec())
 }
 
+/// GET `path` over TLS to `addr`, trusting `roots`, with SNI `localhost`;
+/// returns the body as JSON and the server's leaf certificate.
+pub async fn https_get(
+    addr: &str,
+    roots: &[Vec<u8>],
+    path: &str,
+) -> anyhow::Result<(serde_json::Value, Vec<u8>)> {
+    let mut store = rustls::RootCertStore::empty();
+    for der in roots {
+        store.add(rustls::pki_types::CertificateDer::from(der.clone()))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(rustls::pki_types::ServerName::try_from("localhost")?, tcp)
+        .await?;
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, "localhost")
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    anyhow::ensure!(resp.status() == 200, "{path}: {}", resp.status());
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await?
+        .to_bytes();
+    Ok((serde_json::from_slice(&body)?, leaf))
+}
+
 pub mod fake_apiserver;
 pub mod fake_kubelet;
 pub mod kube;

@@ -12,9 +12,9 @@ use std::time::{Duration, SystemTime};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
 use serde_json::Value;
+use tessera_agent::app::authority::{RunningAuthority, start_authority as start};
 use tessera_agent::cli::client::{form, http_unix};
 use tessera_agent::config::Config;
-use tessera_agent::fleet::server::{RunningAuthority, start};
 use tessera_tests::kube::{KubeApi, SA_ISSUER};
 use tessera_tests::{TestAgent, my_uid};
 
@@ -46,15 +46,9 @@ fn entries_with(extra: &str) -> String {
 /// An authority replica from a config file's text (with a `[server]` table).
 async fn start_authority(text: &str) -> RunningAuthority {
     let cfg = Config::parse(text, "authority.toml").unwrap();
-    start(
-        cfg.trust_domain,
-        cfg.entries,
-        cfg.server.unwrap(),
-        None,
-        Arc::new(tessera_agent::clock::SystemClock),
-    )
-    .await
-    .unwrap()
+    start(&cfg, Arc::new(tessera_agent::clock::SystemClock))
+        .await
+        .unwrap()
 }
 
 struct Fleet {
@@ -66,6 +60,9 @@ struct Fleet {
     /// Added to every entry (authority and agents).
     entry_extra: String,
     node_svid_ttl: &'static str,
+    /// Each replica's `[https]` port, when the fleet serves the HTTPS face;
+    /// the issuer is the first one's URL.
+    https_ports: Option<Vec<u16>>,
 }
 
 impl Fleet {
@@ -94,6 +91,9 @@ impl Fleet {
             } else {
                 "1h"
             },
+            https_ports: server_extra
+                .contains("https-face")
+                .then(|| vec![free_port(), free_port()]),
         };
         for i in 0..2 {
             let r = fleet.start_replica(i).await;
@@ -104,12 +104,21 @@ impl Fleet {
 
     async fn start_replica(&self, i: usize) -> RunningAuthority {
         let d = self.dir.path().display();
+        let https = match &self.https_ports {
+            Some(ports) => format!(
+                "[https]\nlisten = \"127.0.0.1:{}\"\nissuer = \"https://localhost:{}\"\n",
+                ports[i], ports[0]
+            ),
+            None => String::new(),
+        };
         let text = format!(
-            "trust_domain = \"example.org\"\n{}\n[server]\nlisten = \"127.0.0.1:{}\"\nkeys_dir = \"{d}/keys\"\njoin_token_dir = \"{d}/join\"\naudit_log = \"{d}/authority-{i}.jsonl\"\nnode_svid_ttl = \"{}\"\n{}",
+            "trust_domain = \"example.org\"\n{}\n{https}[server]\nlisten = \"127.0.0.1:{}\"\nkeys_dir = \"{d}/keys\"\njoin_token_dir = \"{d}/join\"\naudit_log = \"{d}/authority-{i}.jsonl\"\nnode_svid_ttl = \"{}\"\n{}",
             entries_with(&self.entry_extra),
             self.ports[i],
             self.node_svid_ttl,
-            self.server_extra.replace("short-node-svids", ""),
+            self.server_extra
+                .replace("short-node-svids", "")
+                .replace("https-face", ""),
         );
         start_authority(&text).await
     }
@@ -305,6 +314,99 @@ async fn jwks(agent: &TestAgent) -> JwkSet {
         .unwrap();
     assert_eq!(status, 200);
     serde_json::from_slice(&body).unwrap()
+}
+
+/// Verifies `token` as a relying party off the nodes would, knowing nothing
+/// but the token and the CAs it trusts: OpenID discovery at its `iss`, then
+/// the keys at `jwks_uri` (rustls for TLS, jsonwebtoken for the JWS).
+async fn verify_by_discovery(token: &str, roots: &[Vec<u8>], audience: &str) -> Value {
+    let unverified = jsonwebtoken::dangerous::insecure_decode::<Value>(token)
+        .unwrap()
+        .claims;
+    let iss = unverified["iss"]
+        .as_str()
+        .expect("the JWT-SVID carries iss");
+    let host = iss.trim_start_matches("https://");
+    let (meta, _) = tessera_tests::https_get(host, roots, "/.well-known/openid-configuration")
+        .await
+        .unwrap();
+    assert_eq!(meta["issuer"], iss);
+    let jwks_uri = meta["jwks_uri"].as_str().unwrap();
+    let path = jwks_uri
+        .strip_prefix(iss)
+        .expect("jwks_uri under the issuer");
+    let (set, _) = tessera_tests::https_get(host, roots, path).await.unwrap();
+    let set: JwkSet = serde_json::from_value(set).unwrap();
+    let kid = jsonwebtoken::decode_header(token).unwrap().kid.unwrap();
+    let key = DecodingKey::from_jwk(set.find(&kid).expect("kid published")).unwrap();
+    let mut v = Validation::new(Algorithm::ES256);
+    v.set_audience(&[audience]);
+    v.set_issuer(&[iss]);
+    v.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
+    jsonwebtoken::decode::<Value>(token, &key, &v)
+        .unwrap()
+        .claims
+}
+
+/// The fleet authority's HTTPS face is the one issuer of the trust domain:
+/// JWT-SVIDs from agents on two nodes carry its URL and verify from `iss`
+/// alone; every replica serves the same keys (a Service may send a relying
+/// party to either); a task token from a node verifies against the face's
+/// task-token keys; no token endpoint is advertised, since the token
+/// service stays on the nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_authority_serves_one_issuer_for_every_nodes_jwt_svids() {
+    let fleet = Fleet::start_with("https-face", "").await;
+    let ports = fleet.https_ports.clone().unwrap();
+    let issuer = format!("https://localhost:{}", ports[0]);
+    let replica = fleet.replicas[0].as_ref().unwrap();
+    assert_eq!(replica.https_issuer.as_deref(), Some(issuer.as_str()));
+    let a = fleet.agent("node-a", None).await;
+    let b = fleet.agent("node-b", None).await;
+    let ctx = a.spiffe_client().await.fetch_x509_context().await.unwrap();
+    // The face's certificate comes from the trust domain's CA.
+    let roots = tessera_tests::example_org_cas(&ctx);
+
+    for (agent, id) in [
+        (&a, "spiffe://example.org/node-a/svc"),
+        (&b, "spiffe://example.org/node-b/svc"),
+    ] {
+        let token = agent.jwt_svid("sts.example.com").await;
+        let claims = verify_by_discovery(&token, &roots, "sts.example.com").await;
+        assert_eq!(claims["iss"], issuer.as_str());
+        assert_eq!(claims["sub"], id);
+    }
+
+    let (meta, _) = tessera_tests::https_get(
+        &format!("localhost:{}", ports[0]),
+        &roots,
+        "/.well-known/openid-configuration",
+    )
+    .await
+    .unwrap();
+    assert!(meta.get("token_endpoint").is_none(), "{meta}");
+    let keys = |port: u16, path: &'static str| {
+        let roots = roots.clone();
+        async move {
+            tessera_tests::https_get(&format!("localhost:{port}"), &roots, path)
+                .await
+                .unwrap()
+                .0
+        }
+    };
+    assert_eq!(keys(ports[0], "/keys").await, keys(ports[1], "/keys").await);
+
+    let token = exchange_token(&a).await;
+    let set: JwkSet = serde_json::from_value(keys(ports[1], "/token-keys").await).unwrap();
+    let kid = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
+    let key = DecodingKey::from_jwk(set.find(&kid).expect("task-token kid published")).unwrap();
+    let mut v = Validation::new(Algorithm::ES256);
+    v.set_audience(&[NOTES]);
+    v.set_issuer(&[ISSUER]);
+    let claims = jsonwebtoken::decode::<Value>(&token, &key, &v)
+        .unwrap()
+        .claims;
+    assert_eq!(claims["sub"], "spiffe://example.org/node-a/svc");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

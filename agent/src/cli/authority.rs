@@ -96,22 +96,20 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
             for w in &cfg.warnings {
                 tracing::warn!("{w}");
             }
-            let server = cfg.server.clone().ok_or_else(|| {
-                anyhow::anyhow!(
+            if cfg.server.is_none() {
+                anyhow::bail!(
                     "{}: `tessera authority run` needs a [server] table",
                     config.display()
-                )
-            })?;
-            let running = crate::fleet::server::start(
-                cfg.trust_domain.clone(),
-                cfg.entries.clone(),
-                server,
-                cfg.admin_listen,
-                Arc::new(crate::clock::SystemClock),
-            )
-            .await?;
-            if let Some(a) = running.admin_addr {
+                );
+            }
+            let running =
+                crate::app::authority::start_authority(&cfg, Arc::new(crate::clock::SystemClock))
+                    .await?;
+            if let Some(a) = running.server.admin_addr {
                 tracing::info!(address = %a, "admin HTTP listening (/healthz /readyz /metrics)");
+            }
+            if let Some(issuer) = &running.https_issuer {
+                tracing::info!(%issuer, "JWT-SVIDs carry this issuer; relying parties discover its keys at {issuer}/.well-known/openid-configuration");
             }
             // SIGHUP reloads the config file's entries (keys reload on their
             // own); other changes need a restart.
@@ -121,7 +119,7 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
             loop {
                 tokio::select! {
                     _ = &mut stop => break,
-                    _ = hup.recv() => reload_entries(&config, &running.entries),
+                    _ = hup.recv() => reload_entries(&config, &running.server.entries),
                 }
             }
             tracing::info!("shutting down");

@@ -66,6 +66,9 @@ pub struct ServerConfig {
     /// Longest access token the authority signs.
     pub max_access_token_ttl: Duration,
     pub max_connections: usize,
+    /// The `iss` of the JWT-SVIDs it signs: the issuer URL of the trust
+    /// domain's HTTPS face, when the authority serves one (`[https]`).
+    pub jwt_issuer: Option<String>,
 }
 
 /// Largest request body: a batch of a few hundred CSRs.
@@ -122,6 +125,9 @@ pub struct RunningAuthority {
     pub admin_addr: Option<SocketAddr>,
     /// The entries in force (SIGHUP replaces the config file's).
     pub entries: Arc<LiveEntries>,
+    /// The trust domain's keys this replica signs with (the HTTPS face
+    /// publishes them and takes its serving certificate from them).
+    pub authority: Arc<LocalAuthority>,
     shutdown: CancellationToken,
     /// The server and its background tasks (admin listener, key reload).
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -199,6 +205,9 @@ pub async fn start(
         clock.clone(),
     )
     .map_err(StartError::Keys)?;
+    if let Some(issuer) = &config.jwt_issuer {
+        authority.set_jwt_issuer(issuer.clone());
+    }
     let kube = match &config.kubernetes {
         Some(k) => Some(Arc::new(
             KubeClient::new(k.clone()).map_err(|e| StartError::Kubernetes(e.into()))?,
@@ -456,6 +465,7 @@ pub async fn start(
         addr,
         admin_addr,
         entries,
+        authority: shared.authority.clone(),
         shutdown,
         tasks,
     })

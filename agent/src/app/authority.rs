@@ -1,0 +1,106 @@
+//! Starts a fleet authority replica from a `Config` (`tessera authority
+//! run`): the signing service (`fleet::server`) and, with `[https]`, the
+//! trust domain's HTTPS face. The face is the one issuer relying parties off
+//! the nodes need: OpenID discovery and the JWT-SVID keys of the whole trust
+//! domain (every node's JWT-SVIDs are signed here and carry its URL as
+//! `iss`), and the task-token keys. The token service itself (policy,
+//! approvals, introspection) stays on each node.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::config::Config;
+
+/// A running authority replica and its HTTPS face.
+pub struct RunningAuthority {
+    pub server: crate::fleet::server::RunningAuthority,
+    /// The face's issuer URL and address, when `[https]` is configured.
+    pub https_issuer: Option<String>,
+    pub https_addr: Option<SocketAddr>,
+    https_shutdown: CancellationToken,
+    https_task: Option<JoinHandle<()>>,
+}
+
+impl RunningAuthority {
+    pub fn shutdown(&self) {
+        self.https_shutdown.cancel();
+        self.server.shutdown();
+    }
+
+    /// Returns once the face and every task of the replica have ended.
+    pub async fn wait(self) {
+        if let Some(task) = self.https_task {
+            let _ = task.await;
+        }
+        self.server.wait().await;
+    }
+}
+
+/// Starts the replica `config` describes (it must have a `[server]` table).
+pub async fn start_authority(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<RunningAuthority> {
+    let mut server = config
+        .server
+        .clone()
+        .context("`tessera authority run` needs a [server] table")?;
+    // Bound first: with port 0 the port names the issuer, which every
+    // JWT-SVID carries from the first one on.
+    let https = match &config.https {
+        None => None,
+        Some(h) => Some(crate::https::bind(h).await?),
+    };
+    server.jwt_issuer = https.as_ref().map(|b| b.issuer.clone());
+    let running = crate::fleet::server::start(
+        config.trust_domain.clone(),
+        config.entries.clone(),
+        server,
+        config.admin_listen,
+        clock.clone(),
+    )
+    .await?;
+    let https_shutdown = CancellationToken::new();
+    let (Some(h), Some(bound)) = (&config.https, https) else {
+        return Ok(RunningAuthority {
+            server: running,
+            https_issuer: None,
+            https_addr: None,
+            https_shutdown,
+            https_task: None,
+        });
+    };
+    let (issuer, addr) = (bound.issuer.clone(), bound.addr);
+    let trust = running.authority.trust_store().clone();
+    let served = crate::https::serve(
+        h,
+        bound,
+        Some(running.authority.clone()),
+        trust.clone(),
+        Some(crate::https::TokenService {
+            routes: None,
+            keys: crate::https::published_token_keys(trust),
+        }),
+        clock,
+        https_shutdown.clone(),
+    );
+    match served {
+        Ok(task) => Ok(RunningAuthority {
+            server: running,
+            https_issuer: Some(issuer),
+            https_addr: Some(addr),
+            https_shutdown,
+            https_task: Some(task),
+        }),
+        Err(e) => {
+            running.shutdown();
+            running.wait().await;
+            Err(e.into())
+        }
+    }
+}
