@@ -203,8 +203,24 @@ VALUE_SETS: dict[str, dict] = {
         "exchange": {"enabled": False},
         "log": {"level": "debug", "format": "text"},
     },
+    # The HTTPS face at the authority: a public certificate from a Secret, a
+    # LoadBalancer Service limited to some sources.
+    "authority-https": {
+        "authority": {"enabled": True, "keysSecret": AUTHORITY_KEYS, "bundleConfigMap": AUTHORITY_BUNDLE},
+        "https": {
+            "enabled": True,
+            "issuer": "https://tessera.example.com",
+            "tls": {"secretName": "tessera-https-tls", "reloadInterval": "30s"},
+            "service": {
+                "type": "LoadBalancer",
+                "annotations": {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"},
+                "loadBalancerSourceRanges": ["203.0.113.0/24"],
+            },
+        },
+    },
 }
 AUTHORITY_SETS = [name for name, v in VALUE_SETS.items() if v.get("authority", {}).get("enabled")]
+HTTPS_TLS_SECRET = "tessera-https-tls"
 
 
 def release(name: str) -> tuple[str, str]:
@@ -424,6 +440,13 @@ BAD_VALUES = {
     "authority pdb unknown key": ({"authority": {"podDisruptionBudget": {"maxUnavailable": 1}}}, "additional properties"),
     "authority pdb type": ({"authority": {"podDisruptionBudget": {"minAvailable": "50%"}}}, "/authority/podDisruptionBudget/minAvailable"),
     "authority resources key": ({"authority": {"resources": {"limit": {}}}}, "additional properties"),
+    "https issuer scheme": ({"https": {"issuer": "http://tessera.example.com"}}, "/https/issuer"),
+    "https issuer trailing slash": ({"https": {"issuer": "https://tessera.example.com/"}}, "/https/issuer"),
+    "https issuer query": ({"https": {"issuer": "https://tessera.example.com?td=a"}}, "/https/issuer"),
+    "https unknown key": ({"https": {"certFile": "/x"}}, "additional properties"),
+    "https service type": ({"https": {"service": {"type": "ExternalName"}}}, "/https/service/type"),
+    "https tls secret name": ({"https": {"tls": {"secretName": "TLS_Secret"}}}, "/https/tls/secretName"),
+    "https port": ({"https": {"port": 0}}, "/https/port"),
 }
 
 
@@ -1248,7 +1271,8 @@ def test_authority_config_has_the_agents_entries(manifests, name):
     for key in ("trust_domain", "svid", "log"):
         assert auth[key] == agent[key], key
     assert auth["admin"] == {"listen": agent["admin"]["listen"]}
-    assert set(auth) == {"trust_domain", "svid", "entries", "server", "admin", "log"}
+    https = {"https"} if VALUE_SETS[name].get("https", {}).get("enabled") else set()
+    assert set(auth) == {"trust_domain", "svid", "entries", "server", "admin", "log"} | https
 
 
 def test_authority_config_toml(manifests):
@@ -1396,6 +1420,93 @@ def test_authority_network_policies(manifests):
         {"ports": [{"protocol": "TCP", "port": 9090}]},
     ]
     assert np["spec"]["egress"] == [{"ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}]}]
+
+
+def test_https_face_at_the_authority(chart, manifests):
+    """https.enabled: the authority's config gets the [https] table (the
+    certificate from the Secret, mounted read-only into the authority and no
+    other pod), its pod the port, a Service of the configured type in front,
+    and its NetworkPolicy admits the port from any source; the agents'
+    config does not change."""
+    docs = manifests["authority-https"]
+    auth = authority_config_toml(docs)
+    assert auth["https"] == {
+        "listen": "0.0.0.0:10443",
+        "issuer": "https://tessera.example.com",
+        "cert_file": "/etc/tessera-authority/https/tls.crt",
+        "key_file": "/etc/tessera-authority/https/tls.key",
+        "reload_interval": "30s",
+    }
+    c = authority_container(docs)
+    assert {"name": "https", "containerPort": 10443, "protocol": "TCP"} in c["ports"]
+    assert mount(c, "https-cert") == {"name": "https-cert", "mountPath": "/etc/tessera-authority/https", "readOnly": True}
+    apod = authority_pod(docs)["spec"]
+    assert volume(apod, "https-cert")["secret"] == {"secretName": HTTPS_TLS_SECRET, "defaultMode": 0o440}
+    pods = [d for d in docs if d["kind"] in ("Pod", "DaemonSet", "Deployment")]
+    holders = [d["metadata"]["name"] for d in pods
+               if HTTPS_TLS_SECRET in secret_names(d["spec"] if d["kind"] == "Pod" else d["spec"]["template"]["spec"])]
+    assert holders == [one(docs, "Deployment")["metadata"]["name"]]
+
+    rel, _ = release("authority-https")
+    svc = one(docs, "Service", "-authority-https")
+    assert svc["metadata"]["name"] == f"{rel}-authority-https"
+    assert svc["metadata"]["annotations"] == {"service.beta.kubernetes.io/aws-load-balancer-type": "nlb"}
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["spec"]["loadBalancerSourceRanges"] == ["203.0.113.0/24"]
+    assert svc["spec"]["selector"] == auth_one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["ports"] == [{"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}]
+
+    np = auth_one(docs, "NetworkPolicy")
+    assert {"ports": [{"protocol": "TCP", "port": 10443}]} in np["spec"]["ingress"]
+    # The agents are as without the face.
+    base = copy.deepcopy(VALUE_SETS["authority-https"])
+    del base["https"]
+    assert config_toml(docs) == config_toml(docs_of(render_files(chart, base, "authority-https")))
+
+
+def test_https_face_with_a_certificate_from_the_trust_domain(chart):
+    """Without tls.secretName the trust domain's CA issues the certificate:
+    no files in the config, no Secret mounted; serverName and the Service
+    defaults (ClusterIP, 443) render as given; https.from limits the sources."""
+    values = copy.deepcopy(VALUE_SETS["authority"])
+    peers = [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
+    values["https"] = {"enabled": True, "issuer": "https://tessera.example.com/prod", "serverName": "tessera.internal",
+                       "from": peers}
+    docs = docs_of(render_files(chart, values))
+    assert authority_config_toml(docs)["https"] == {
+        "listen": "0.0.0.0:10443", "issuer": "https://tessera.example.com/prod", "server_name": "tessera.internal",
+    }
+    assert "https-cert" not in {v["name"] for v in authority_pod(docs)["spec"]["volumes"]}
+    svc = one(docs, "Service", "-authority-https")
+    assert svc["spec"]["type"] == "ClusterIP" and "loadBalancerSourceRanges" not in svc["spec"]
+    assert svc["spec"]["ports"][0]["port"] == 443
+    np = auth_one(docs, "NetworkPolicy")
+    assert {"ports": [{"protocol": "TCP", "port": 10443}], "from": peers} in np["spec"]["ingress"]
+
+
+def test_https_face_off_by_default(manifests):
+    for name in VALUE_SETS:
+        if VALUE_SETS[name].get("https", {}).get("enabled"):
+            continue
+        docs = manifests[name]
+        assert not [d for d in docs if d["metadata"]["name"].endswith("-https")], name
+        if name in AUTHORITY_SETS:
+            assert "https" not in authority_config_toml(docs), name
+            assert "https" not in {p["name"] for p in authority_container(docs)["ports"]}, name
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"https": {"enabled": True, "issuer": "https://tessera.example.com"}},
+     "https.enabled=true needs authority.enabled=true"),
+    ({"https": {"enabled": True}, "authority": {"enabled": True, "keysSecret": "k", "bundleConfigMap": "b"}},
+     "https.enabled=true needs https.issuer"),
+    ({"https": {"enabled": True, "issuer": "https://t.example", "port": 9090},
+      "authority": {"enabled": True, "keysSecret": "k", "bundleConfigMap": "b"}},
+     "https.port 9090 is taken"),
+])
+def test_render_refuses_a_face_it_cannot_serve(chart, values, message):
+    with pytest.raises(helm_python.HelmRenderError, match=re.escape(message)):
+        render_files(chart, values)
 
 
 def test_authority_network_policies_host_network_agents(manifests):
@@ -1822,6 +1933,21 @@ def test_real_authority_and_upstream_agent_accept_rendered_configs(manifests, tm
             .replace(f'"{cfg["server"]["listen"]}"', f'"127.0.0.1:{server_port}"')
             .replace(f'"{cfg["admin"]["listen"]}"', f'"127.0.0.1:{admin_port}"')
             .replace(f'"{cfg["server"]["audit_log"]}"', f'"{tmp_path}/audit.jsonl"'))
+    https = cfg.get("https")
+    if https:
+        # The TLS Secret as a public CA's certificate (made by openssl) for
+        # the issuer's host, in the kubelet's secret volume layout.
+        host = https["issuer"].removeprefix("https://").split("/")[0]
+        made_tls, tls_dir, https_port = tmp_path / "made-tls", tmp_path / "https", free_port()
+        made_tls.mkdir()
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-days", "1", "-subj", f"/CN={host}", "-addext", f"subjectAltName=DNS:{host}",
+                        "-keyout", str(made_tls / "tls.key"), "-out", str(made_tls / "tls.crt")],
+                       check=True, capture_output=True, timeout=60)
+        write_configmap_volume(tls_dir, {f: (made_tls / f).read_text() for f in ("tls.crt", "tls.key")}, generation=1)
+        text = (text.replace(f'"{https["cert_file"]}"', f'"{tls_dir}/tls.crt"')
+                    .replace(f'"{https["key_file"]}"', f'"{tls_dir}/tls.key"')
+                    .replace(f'"{https["listen"]}"', f'"127.0.0.1:{https_port}"'))
     assert "/etc/tessera" not in text and "/var/run/secrets" not in text and "0.0.0.0" not in text
     (tmp_path / "authority.toml").write_text(text)
     # The API server is "found" on a closed local port.
@@ -1840,6 +1966,19 @@ def test_real_authority_and_upstream_agent_accept_rendered_configs(manifests, tm
                 time.sleep(0.1)
         assert authority.poll() is None, authority.communicate()[1][-3000:]
         assert healthy, "the authority did not answer /healthz within 20 s"
+        if https:
+            # The face serves discovery under the rendered issuer, with the
+            # Secret's certificate (Python's ssl verifies it against that CA).
+            import ssl
+            tls = ssl.create_default_context(cafile=str(made_tls / "tls.crt"))
+            tls.check_hostname = False  # reached on 127.0.0.1, not the issuer's host
+            url = f"https://127.0.0.1:{https_port}/.well-known/openid-configuration"
+            with urllib.request.urlopen(url, context=tls, timeout=10) as r:
+                meta = json.load(r)
+            assert meta["issuer"] == https["issuer"]
+            assert meta["jwks_uri"] == https["issuer"] + "/keys"
+            with urllib.request.urlopen(f"https://127.0.0.1:{https_port}/keys", context=tls, timeout=10) as r:
+                assert json.load(r)["keys"], "no JWT-SVID key published"
 
         # The agent in upstream mode, pointed at this authority.
         acfg = config_toml(docs)

@@ -187,6 +187,19 @@ during install/upgrade; offline rendering (helm template) skips the check.
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- with .Values.https -}}
+{{- if .enabled -}}
+{{- if not $.Values.authority.enabled -}}
+{{- fail "https.enabled=true needs authority.enabled=true: the HTTPS face is served by the authority, which holds the JWT-SVID keys of every node (without it each node's agent signs with its own key, and no single issuer could serve them all). See docs/kubernetes.md." -}}
+{{- end -}}
+{{- if not .issuer -}}
+{{- fail "https.enabled=true needs https.issuer: the https:// URL relying parties configure and JWT-SVIDs carry as iss, e.g. https://tessera.example.com" -}}
+{{- end -}}
+{{- if has (int64 .port) (list (int64 $.Values.authority.port) (int64 $.Values.admin.port)) -}}
+{{- fail (printf "https.port %d is taken in the authority pod by authority.port or admin.port" (int64 .port)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if .Values.exchange.enabled -}}
 {{- if eq .Values.socket.fileName "exchange.sock" -}}
 {{- fail "socket.fileName \"exchange.sock\" is the token exchange's socket name (exchange.sock beside the Workload API socket); choose another name, e.g. agent.sock" -}}
@@ -223,4 +236,9 @@ during install/upgrade; offline rendering (helm template) skips the check.
 {{/* The kubelet is reached on its secure port with the service account token. */}}
 {{- define "tessera.kubeletSecure" -}}
 {{- if and .Values.kubelet.enabled (eq (int64 .Values.kubelet.readOnlyPort) 0) }}true{{ end }}
+{{- end }}
+
+{{/* Where the HTTPS face's certificate Secret is mounted in the authority pods. */}}
+{{- define "tessera.httpsCertDir" -}}
+/etc/tessera-authority/https
 {{- end }}
