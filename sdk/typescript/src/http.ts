@@ -64,6 +64,7 @@ export function httpsRequest(
   form?: Record<string, string>,
   headers: Record<string, string> = {},
   ca?: string | Buffer,
+  clientCertificate?: { cert: string; key: string },
 ): Promise<UnixResponse> {
   const data = form ? new URLSearchParams(form).toString() : undefined;
   return new Promise((resolve, reject) => {
@@ -83,6 +84,7 @@ export function httpsRequest(
         },
         timeout: 10_000,
         ...(ca !== undefined ? { ca } : {}),
+        ...(clientCertificate ?? {}),
       },
       (response) => {
         const chunks: Buffer[] = [];

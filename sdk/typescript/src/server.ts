@@ -85,6 +85,12 @@ export interface RemoteVerifierOptions {
   keysRefresh?: number;
   /** Clock skew tolerated, seconds (default 5). */
   leeway?: number;
+  /**
+   * How this server proves itself at introspection: "jwt-svid" (default), a
+   * JWT-SVID for the issuer as `Authorization: Bearer`; "x509-svid", its
+   * X509-SVID as TLS client certificate (RFC 8705), kept in memory.
+   */
+  clientAuth?: "jwt-svid" | "x509-svid";
 }
 
 /** Where RFC 8414 §3.1 puts an issuer's metadata: the well-known path between its host and its path. */
@@ -108,6 +114,7 @@ interface Backend {
     pathOrUrl: string,
     form?: Record<string, string>,
     headers?: Record<string, string>,
+    introspection?: boolean,
   ): Promise<UnixResponse>;
   /** The `Authorization` header proving this server at introspection, if the transport does not. */
   authorization?: () => Promise<string>;
@@ -161,8 +168,9 @@ export class Verifier {
    * discovery is not used: its `jwks_uri` holds the JWT-SVID keys, not the
    * access-token keys. Revocation: the metadata's `introspection_endpoint`
    * (RFC 7662), answers cached `introspectionCache` seconds, this server
-   * proving itself with a JWT-SVID for audience `issuer` from its own node's
-   * Workload API (`Authorization: Bearer`).
+   * proving itself with a JWT-SVID for audience `issuer` (`Authorization:
+   * Bearer`) or, with `clientAuth: "x509-svid"`, its X509-SVID as TLS client
+   * certificate, either from its own node's Workload API.
    */
   static remote(audience: string, issuer: string, options: RemoteVerifierOptions = {}): Verifier {
     if (!issuer.startsWith("https://"))
@@ -170,25 +178,46 @@ export class Verifier {
         `issuer = ${JSON.stringify(issuer)}: the agent's HTTPS face is an https:// URL`,
       );
     let api: WorkloadApi | undefined;
+    const workloadApi = () =>
+      (api ??= new WorkloadApi(findSockets({ workloadApi: options.workloadApi }).workloadApi));
+    const x509 = options.clientAuth === "x509-svid";
+    if (options.clientAuth !== undefined && !x509 && options.clientAuth !== "jwt-svid")
+      throw new ConfigurationError(
+        `clientAuth = ${JSON.stringify(options.clientAuth)}: use "jwt-svid" or "x509-svid"`,
+      );
+    // The X509-SVID for introspection, fetched again once past half its life.
+    let svid: { cert: string; key: string; renewAt: number } | undefined;
+    const certificate = async () => {
+      if (!svid || Date.now() / 1000 >= svid.renewAt) {
+        try {
+          const s = await workloadApi().x509Svid();
+          svid = { cert: s.certChain, key: s.privateKey, renewAt: (s.issuedAt + s.expiresAt) / 2 };
+        } catch (e) {
+          throw new TokenRejected(`no X509-SVID to authenticate for introspection: ${(e as Error).message}`);
+        }
+      }
+      return { cert: svid.cert, key: svid.key };
+    };
     const backend: Backend = {
       where: issuer,
       metadata: metadataUrl(issuer),
       keysRefresh: options.keysRefresh ?? JWKS_REFRESH_SECONDS,
-      request: (url, form, headers) => httpsRequest(url, form, headers, options.ca),
-      authorization: async () => {
-        api ??= new WorkloadApi(findSockets({ workloadApi: options.workloadApi }).workloadApi);
+      request: async (url, form, headers, introspection) =>
+        httpsRequest(url, form, headers, options.ca, introspection && x509 ? await certificate() : undefined),
+      close: () => api?.close(),
+    };
+    if (!x509)
+      backend.authorization = async () => {
         try {
           // Introspection does not consume it: the cached SVID is reused.
-          return `Bearer ${(await api.jwtSvid(issuer)).token}`;
+          return `Bearer ${(await workloadApi().jwtSvid(issuer)).token}`;
         } catch (e) {
           throw new TokenRejected(
             `no JWT-SVID to authenticate to ${issuer} for introspection: ${(e as Error).message}`,
           );
         }
-      },
-      close: () => api?.close(),
-    };
-    const { ca: _ca, workloadApi: _api, keysRefresh: _refresh, ...rest } = options;
+      };
+    const { ca: _ca, workloadApi: _api, keysRefresh: _refresh, clientAuth: _auth, ...rest } = options;
     return new Verifier(audience, { ...rest, issuer }, backend);
   }
 
@@ -201,10 +230,11 @@ export class Verifier {
     path: string,
     form?: Record<string, string>,
     headers?: Record<string, string>,
+    introspection = false,
   ): Promise<Record<string, unknown>> {
     let response;
     try {
-      response = await this.backend.request(path, form, headers);
+      response = await this.backend.request(path, form, headers, introspection);
     } catch (e) {
       throw new TokenRejected(
         `cannot reach ${this.backend.where} to check the token: ${(e as Error).message}`,
@@ -284,7 +314,7 @@ export class Verifier {
     const headers = this.backend.authorization
       ? { authorization: await this.backend.authorization() }
       : undefined;
-    const active = (await this.get(introspection, { token }, headers))["active"] === true;
+    const active = (await this.get(introspection, { token }, headers, true))["active"] === true;
     if (this.introspected.size >= MAX_CACHED) this.introspected.clear();
     this.introspected.set(digest, { active, at: now });
     return active;

@@ -116,6 +116,23 @@ test("an ended task's token is refused by the remote verifier within its cache w
   fresh.close();
 });
 
+test("introspection authenticated by the server's X509-SVID (mTLS) sees an ended task", async () => {
+  const verifier = Verifier.remote(agent.remoteResource, agent.httpsIssuer, {
+    ca: readFileSync(agent.ca),
+    introspectionCache: CACHE_SECONDS,
+    clientAuth: "x509-svid",
+  });
+  let token: string;
+  {
+    await using t = await task("ts-remote-mtls", { resource: agent.remoteResource, scopes: ["notes:read"] });
+    token = await t.token();
+    assert.equal((await verifier.verify(token)).taskId, "ts-remote-mtls");
+  }
+  await sleep(CACHE_SECONDS * 1000);
+  await assert.rejects(verifier.verify(token), /not active/);
+  verifier.close();
+});
+
 test("what the remote verifier refuses", async () => {
   const { privateKey } = await generateKeyPair("ES256");
   const forged = await new SignJWT({ sub: AGENT_ID })
