@@ -49,10 +49,28 @@ struct EcJwk {
     alg: Option<String>,
 }
 
+/// Which keys of a JWKS a verifier takes, by their `use`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyUse {
+    /// Signature keys (`use` `sig`, or none): an issuer's JWKS.
+    Sig,
+    /// WIT-SVID keys (`use` `wit-svid` only): a WIT bundle or a SPIFFE
+    /// bundle, where JWT-SVID keys must not verify a WIT-SVID.
+    WitSvid,
+}
+
 /// Parses a JWKS document into the ES256 keys it holds, by `kid`. Keys of other
 /// types, keys for encryption and keys without a `kid` are skipped, so an issuer
 /// can publish them without breaking us.
 pub(crate) fn parse_jwks(body: &[u8]) -> Result<HashMap<String, VerifyingKey>, String> {
+    parse_jwks_for(body, KeyUse::Sig)
+}
+
+/// [`parse_jwks`] for keys of `key_use`.
+pub(crate) fn parse_jwks_for(
+    body: &[u8],
+    key_use: KeyUse,
+) -> Result<HashMap<String, VerifyingKey>, String> {
     let set: JwkSet = serde_json::from_slice(body).map_err(|e| format!("JWKS: {e}"))?;
     let mut keys = HashMap::new();
     for value in set.keys {
@@ -61,7 +79,10 @@ pub(crate) fn parse_jwks(body: &[u8]) -> Result<HashMap<String, VerifyingKey>, S
         };
         if jwk.kty != "EC"
             || jwk.crv.as_deref() != Some("P-256")
-            || jwk.key_use.as_deref().is_some_and(|u| u != "sig")
+            || match key_use {
+                KeyUse::Sig => jwk.key_use.as_deref().is_some_and(|u| u != "sig"),
+                KeyUse::WitSvid => jwk.key_use.as_deref() != Some("wit-svid"),
+            }
             || jwk.alg.as_deref().is_some_and(|a| a != "ES256")
         {
             continue;

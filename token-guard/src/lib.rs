@@ -41,6 +41,7 @@ mod jwks;
 mod mcp;
 mod token;
 mod transport;
+mod wit;
 
 pub use config::{
     Clock, ConfigError, IntrospectionSource, JwksSource, McpScopeRule, ScopeRule, TokenGuardBuilder,
@@ -48,3 +49,7 @@ pub use config::{
 pub use guard::{GuardBody, PeerCertificate, TokenGuard, TokenGuardLayer, VerifyError, x5t_s256};
 pub use mcp::{McpRequest, McpScopeSource};
 pub use token::{Actor, TokenError, VerifiedToken};
+pub use wit::{
+    LEGACY_WPT_HEADER, TXN_TOKEN_HEADER, VerifiedWorkload, WIT_HEADER, WitConfigError, WitError,
+    WitGuardBuilder, WitGuardLayer, WitGuardService,
+};

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Runs the go-spiffe interop suite against a fresh Tessera agent.
+# Runs the go-spiffe interop suite against a fresh Tessera agent, with
+# token-guard's WIT example server (wit_guard_server) built for the
+# Workload Proof Token tests.
 #   tests/interop/go/run.sh [extra go test args]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../../.." && pwd)
+(cd "$root" && cargo build --locked -q -p tessera-token-guard --example wit_guard_server)
+export TESSERA_WIT_GUARD_BIN=${TESSERA_WIT_GUARD_BIN:-${CARGO_TARGET_DIR:-$root/target}/debug/examples/wit_guard_server}
 cd "$here"
 go mod download
 exec ../agent.sh go test -count=1 -v ./... "$@"

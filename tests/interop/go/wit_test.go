@@ -5,14 +5,27 @@ package interop
 // exp/svid/witsvid against the exp/bundle/witbundle set, watches that see a
 // rotation (agent.sh sets wit_ttl = "6s"), and a proof of possession signed
 // with the private key the agent handed out, checked with go-jose against
-// the cnf key go-spiffe extracted.
+// the cnf key go-spiffe extracted; and token-guard's WitGuardLayer (its
+// wit_guard_server example) accepting a go-jose Workload Proof Token made
+// with that key, and refusing every forged, replayed or unbound one.
 
 import (
+	"bufio"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -306,4 +319,217 @@ func TestWatchWITSVIDsSeesRotation(t *testing.T) {
 			t.Fatalf("no rotated WIT-SVID within %s", callTimeout)
 		}
 	}
+}
+
+// guardServer starts token-guard's WIT example server (TESSERA_WIT_GUARD_BIN,
+// built by run.sh) trusting the WIT bundle the agent serves; returns its
+// base URL.
+func guardServer(t *testing.T) string {
+	t.Helper()
+	bin := os.Getenv("TESSERA_WIT_GUARD_BIN")
+	if bin == "" {
+		t.Fatal("TESSERA_WIT_GUARD_BIN is not set: run this suite through tests/interop/go/run.sh, which builds token-guard's wit_guard_server example")
+	}
+	id := expectedID(t)
+	c := rawClient(t)
+	ctx, cancel := context.WithTimeout(withHeader(context.Background()), callTimeout)
+	defer cancel()
+	s, err := c.FetchWITBundles(ctx, &workload.WITBundlesRequest{})
+	if err != nil {
+		t.Fatalf("FetchWITBundles: %v", err)
+	}
+	r, err := s.Recv()
+	if err != nil {
+		t.Fatalf("FetchWITBundles recv: %v", err)
+	}
+	jwks := filepath.Join(t.TempDir(), "wit.jwks")
+	if err := os.WriteFile(jwks, []byte(r.Bundles[id.TrustDomain().IDString()]), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "--trust-domain", id.TrustDomain().Name(), "--jwks-file", jwks)
+	cmd.Stderr = os.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", bin, err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		t.Fatalf("wit_guard_server printed no address: %v", err)
+	}
+	return strings.TrimSpace(line)
+}
+
+func tokenHash(s string) string {
+	h := sha256.Sum256([]byte(s))
+	return base64.RawURLEncoding.EncodeToString(h[:])
+}
+
+// wpt signs a Workload Proof Token with go-jose (draft-ietf-wimse-wpt).
+func wpt(t *testing.T, key crypto.Signer, claims map[string]any) string {
+	t.Helper()
+	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: key},
+		(&jose.SignerOptions{}).WithType("wpt+jwt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := jwt.Signed(signer).Claims(claims).Serialize()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+func randomJTI(t *testing.T) string {
+	t.Helper()
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+// call sends GET base+path with headers; returns the status, the
+// WWW-Authenticate header and the body.
+func call(t *testing.T, url string, headers map[string]string) (int, string, string) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range headers {
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, resp.Header.Get("WWW-Authenticate"), string(body)
+}
+
+// A WIT-SVID fetched with go-spiffe and a WPT signed by go-jose with the
+// handed-out key are accepted by token-guard's WitGuardLayer; tampered,
+// replayed, expired, over-long, wrong-key, wrong-audience and unbound
+// proofs are refused with 401 and a WPT challenge, and a WIT-SVID alone
+// (as a bearer token) authenticates nothing.
+func TestTokenGuardAcceptsOnlyAProofOfPossession(t *testing.T) {
+	c := witClient(t)
+	id := expectedID(t)
+	base := guardServer(t)
+	svid, err := c.FetchWITSVID(timeout(t), "")
+	if err != nil {
+		t.Fatalf("FetchWITSVID: %v", err)
+	}
+	wit := svid.Marshal()
+	key, ok := svid.PrivateKey.(crypto.Signer)
+	if !ok {
+		t.Fatalf("WIT-SVID private key is %T", svid.PrivateKey)
+	}
+	const path = "/orders/42"
+	claims := func(mod func(map[string]any)) map[string]any {
+		m := map[string]any{
+			"aud": base + path,
+			"exp": time.Now().Add(30 * time.Second).Unix(),
+			"jti": randomJTI(t),
+			"wth": tokenHash(wit),
+		}
+		if mod != nil {
+			mod(m)
+		}
+		return m
+	}
+	send := func(name string, wantStatus int, headers map[string]string) string {
+		t.Helper()
+		status, challenge, body := call(t, base+path+"?page=2", headers)
+		if status != wantStatus {
+			t.Fatalf("%s: status %d (%s), want %d", name, status, body, wantStatus)
+		}
+		if status == http.StatusUnauthorized && challenge != "WPT" {
+			t.Fatalf("%s: WWW-Authenticate %q, want WPT", name, challenge)
+		}
+		if strings.Contains(body, wit) || strings.Contains(body, headers["Authorization"]) && headers["Authorization"] != "" {
+			t.Fatalf("%s: the response echoes a token", name)
+		}
+		return body
+	}
+	withWPT := func(proof string) map[string]string {
+		return map[string]string{"Workload-Identity-Token": wit, "Authorization": "WPT " + proof}
+	}
+
+	good := wpt(t, key, claims(nil))
+	body := send("valid proof", http.StatusOK, withWPT(good))
+	var who struct {
+		SpiffeID string `json:"spiffe_id"`
+	}
+	if err := json.Unmarshal([]byte(body), &who); err != nil || who.SpiffeID != id.String() {
+		t.Fatalf("guard saw %q (%v), want %s", body, err, id)
+	}
+	send("replayed proof", http.StatusUnauthorized, withWPT(good))
+
+	// A WIT-SVID whose signature was altered.
+	parts := strings.Split(wit, ".")
+	sig := []byte(parts[2])
+	if sig[5] == 'A' {
+		sig[5] = 'B'
+	} else {
+		sig[5] = 'A'
+	}
+	tampered := parts[0] + "." + parts[1] + "." + string(sig)
+	send("tampered WIT", http.StatusUnauthorized, map[string]string{
+		"Workload-Identity-Token": tampered,
+		"Authorization":           "WPT " + wpt(t, key, claims(func(m map[string]any) { m["wth"] = tokenHash(tampered) })),
+	})
+	send("expired proof", http.StatusUnauthorized, withWPT(wpt(t, key, claims(func(m map[string]any) {
+		m["exp"] = time.Now().Add(-time.Minute).Unix()
+	}))))
+	send("proof valid too long", http.StatusUnauthorized, withWPT(wpt(t, key, claims(func(m map[string]any) {
+		m["exp"] = time.Now().Add(time.Hour).Unix()
+	}))))
+	other, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	send("proof signed with another key", http.StatusUnauthorized, withWPT(wpt(t, other, claims(nil))))
+	send("proof for another resource", http.StatusUnauthorized, withWPT(wpt(t, key, claims(func(m map[string]any) {
+		m["aud"] = base + "/orders/43"
+	}))))
+	send("proof for another WIT", http.StatusUnauthorized, withWPT(wpt(t, key, claims(func(m map[string]any) {
+		m["wth"] = tokenHash(wit + "x")
+	}))))
+	send("proof without jti", http.StatusUnauthorized, withWPT(wpt(t, key, claims(func(m map[string]any) {
+		delete(m, "jti")
+	}))))
+	send("no proof", http.StatusUnauthorized, map[string]string{"Workload-Identity-Token": wit})
+	send("WIT-SVID as a bearer token", http.StatusUnauthorized, map[string]string{"Authorization": "Bearer " + wit})
+
+	// A Txn-Token beside it must be bound by tth, and is then accepted.
+	txn := "eyJ0eXAiOiJ0eG4rand0In0.e30.c2ln"
+	bound := withWPT(wpt(t, key, claims(func(m map[string]any) { m["tth"] = tokenHash(txn) })))
+	bound["Txn-Token"] = txn
+	send("Txn-Token bound by tth", http.StatusOK, bound)
+	unbound := withWPT(wpt(t, key, claims(nil)))
+	unbound["Txn-Token"] = txn
+	send("Txn-Token not bound", http.StatusUnauthorized, unbound)
+
+	// Drafts -00/-01: the WPT in Workload-Proof-Token, a bearer access token
+	// in Authorization bound by ath.
+	access := "an-access-token"
+	send("draft -01 form with ath", http.StatusOK, map[string]string{
+		"Workload-Identity-Token": wit,
+		"Workload-Proof-Token":    wpt(t, key, claims(func(m map[string]any) { m["ath"] = tokenHash(access) })),
+		"Authorization":           "Bearer " + access,
+	})
+	send("draft -01 form without ath", http.StatusUnauthorized, map[string]string{
+		"Workload-Identity-Token": wit,
+		"Workload-Proof-Token":    wpt(t, key, claims(nil)),
+		"Authorization":           "Bearer " + access,
+	})
 }
