@@ -269,3 +269,4 @@ pub async fn https_get(
 pub mod fake_apiserver;
 pub mod fake_kubelet;
 pub mod kube;
+pub mod sds;

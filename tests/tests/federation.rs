@@ -453,3 +453,122 @@ fn rcgen_params(ips: &[&str]) -> rcgen::CertificateParams {
         .collect();
     p
 }
+
+/// Envoy SDS on other.org's socket serves example.org's bundle to the entry
+/// that federates with it: by trust-domain ID and in `ALL`'s SPIFFE
+/// validator config (each domain's CAs under its own name), pushed on an
+/// open stream when example.org's bundle refreshes with a new CA; an entry
+/// that stops federating is refused the name.
+#[tokio::test]
+async fn sds_serves_federated_bundles_and_pushes_their_refreshes() {
+    use tessera_tests::sds::{request, secrets, spiffe_validator};
+    use tessera_workload_api::sds::client::SecretDiscoveryServiceClient;
+
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pem = a_dir.path().join("example.org.pem");
+    // A 30 s CA: its successor is published (and served) 15 s in; peers
+    // fetch every 5 s.
+    let (a, url) = example_org(
+        a_dir.path(),
+        &pem,
+        "refresh_hint = \"5s\"\n[authority]\nca_ttl = \"30s\"\n",
+    )
+    .await;
+    let b = start(
+        b_dir.path(),
+        "other.org",
+        &format!(
+            "{}{}",
+            federation_with_example_org(&url, &pem),
+            entry("other.org", "envoy", &["example.org"])
+        ),
+    )
+    .await;
+    let a_cas = || async {
+        cas_of(
+            &client(a_dir.path())
+                .await
+                .fetch_x509_context()
+                .await
+                .unwrap(),
+            "example.org",
+        )
+        .unwrap()
+    };
+    let socket = b_dir.path().join("sock/agent.sock");
+    let sds =
+        || async { SecretDiscoveryServiceClient::new(tessera_tests::raw_channel(&socket).await) };
+
+    // FetchSecrets: ALL holds both domains, each under its own name.
+    let all = sds()
+        .await
+        .fetch_secrets(request(&["ALL"], "", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let domains = spiffe_validator(&secrets(&all)[0]);
+    let names: Vec<&str> = domains.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["other.org", "example.org"]);
+    assert_eq!(domains[1].1, a_cas().await);
+
+    // A stream on example.org's ID gets its bundle, then every change.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(request(&["spiffe://example.org"], "", ""))
+        .await
+        .unwrap();
+    let mut stream = sds()
+        .await
+        .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    async fn next(
+        stream: &mut tonic::Streaming<tessera_workload_api::sds::discovery::DiscoveryResponse>,
+    ) -> tessera_workload_api::sds::discovery::DiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(40), stream.next())
+            .await
+            .expect("an SDS response within 40 s")
+            .expect("the stream is open")
+            .expect("a response, not an error")
+    }
+    let first = next(&mut stream).await;
+    let shown = spiffe_validator(&secrets(&first)[0]);
+    assert_eq!(shown.len(), 1);
+    assert_eq!(shown[0].0, "example.org");
+    assert_eq!(shown[0].1.len(), 1, "one CA before the rotation");
+    tx.send(request(
+        &["spiffe://example.org"],
+        &first.version_info,
+        &first.nonce,
+    ))
+    .await
+    .unwrap();
+    // example.org publishes its next CA; other.org's next fetch installs it
+    // and the open stream is pushed both CAs, exactly what example.org
+    // serves its own workloads.
+    let pushed = next(&mut stream).await;
+    let shown = spiffe_validator(&secrets(&pushed)[0]);
+    assert_eq!(shown[0].1.len(), 2, "the successor CA arrived");
+    assert_eq!(shown[0].1, a_cas().await);
+
+    // An entry that stops federating: the name resolves to nothing.
+    let reloaded = Config::parse(
+        &format!(
+            "trust_domain = \"other.org\"\n{}{}",
+            federation_with_example_org(&url, &pem),
+            entry("other.org", "envoy", &[])
+        ),
+        "reload.toml",
+    )
+    .unwrap();
+    b.set_entries(reloaded.entries);
+    let refused = sds()
+        .await
+        .fetch_secrets(request(&["spiffe://example.org"], "", ""))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    drop(tx);
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+}

@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
-use prost::Message;
+use rustls::pki_types::PrivatePkcs8KeyDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use tessera_tests::sds::{inline, pem_certs, request, secrets, spiffe_validator};
 use tessera_tests::{TestAgent, example_org_cas, my_uid, raw_channel};
 use tessera_workload_api::sds::client::SecretDiscoveryServiceClient;
 use tessera_workload_api::sds::{self, config_core, discovery, tls};
@@ -33,17 +33,6 @@ async fn agent(extra: &str) -> TestAgent {
 
 async fn client(agent: &TestAgent) -> SecretDiscoveryServiceClient<tonic::transport::Channel> {
     SecretDiscoveryServiceClient::new(raw_channel(&agent.socket()).await)
-}
-
-fn request(names: &[&str], version: &str, nonce: &str) -> discovery::DiscoveryRequest {
-    discovery::DiscoveryRequest {
-        version_info: version.into(),
-        node: None,
-        resource_names: names.iter().map(|s| s.to_string()).collect(),
-        type_url: sds::SECRET_TYPE_URL.into(),
-        response_nonce: nonce.into(),
-        error_detail: None,
-    }
 }
 
 /// An open StreamSecrets stream: requests go in, responses come out.
@@ -81,31 +70,6 @@ impl Stream {
     }
 }
 
-fn secrets(response: &discovery::DiscoveryResponse) -> Vec<tls::Secret> {
-    assert_eq!(response.type_url, sds::SECRET_TYPE_URL);
-    response
-        .resources
-        .iter()
-        .map(|any| {
-            assert_eq!(any.type_url, sds::SECRET_TYPE_URL);
-            tls::Secret::decode(any.value.as_slice()).unwrap()
-        })
-        .collect()
-}
-
-fn inline(source: &Option<config_core::DataSource>) -> &[u8] {
-    match source.as_ref().and_then(|s| s.specifier.as_ref()) {
-        Some(config_core::data_source::Specifier::InlineBytes(b)) => b,
-        other => panic!("expected inline bytes, got {other:?}"),
-    }
-}
-
-fn pem_certs(pem: &[u8]) -> Vec<Vec<u8>> {
-    CertificateDer::pem_slice_iter(pem)
-        .map(|c| c.unwrap().to_vec())
-        .collect()
-}
-
 /// A TlsCertificate secret as the `spiffe` crate reads it.
 fn svid_of(secret: &tls::Secret) -> spiffe::X509Svid {
     let Some(tls::secret::Type::TlsCertificate(cert)) = &secret.r#type else {
@@ -114,26 +78,6 @@ fn svid_of(secret: &tls::Secret) -> spiffe::X509Svid {
     let chain: Vec<u8> = pem_certs(inline(&cert.certificate_chain)).concat();
     let key = PrivatePkcs8KeyDer::from_pem_slice(inline(&cert.private_key)).unwrap();
     spiffe::X509Svid::parse_from_der(&chain, key.secret_pkcs8_der()).expect("a valid X509-SVID")
-}
-
-/// The trust domains and CAs of a validation context with the SPIFFE validator.
-fn spiffe_validator(secret: &tls::Secret) -> Vec<(String, Vec<Vec<u8>>)> {
-    let Some(tls::secret::Type::ValidationContext(context)) = &secret.r#type else {
-        panic!("not a validation context: {secret:?}")
-    };
-    let ext = context
-        .custom_validator_config
-        .as_ref()
-        .expect("the SPIFFE validator");
-    assert_eq!(ext.name, sds::SPIFFE_VALIDATOR_NAME);
-    let config = ext.typed_config.as_ref().unwrap();
-    assert_eq!(config.type_url, sds::SPIFFE_VALIDATOR_TYPE_URL);
-    tls::SpiffeCertValidatorConfig::decode(config.value.as_slice())
-        .unwrap()
-        .trust_domains
-        .iter()
-        .map(|d| (d.name.clone(), pem_certs(inline(&d.trust_bundle))))
-        .collect()
 }
 
 #[tokio::test]

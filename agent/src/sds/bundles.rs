@@ -2,18 +2,19 @@
 //!
 //! This is the one place SDS learns about trust domains: a validation
 //! context by trust-domain ID, `ROOTCA`, `ALL` and the unnamed "everything"
-//! request all resolve against [`VisibleBundles`]. Today that is this trust
-//! domain's bundle. Foreign bundles (federation) belong here too: the
-//! bundles of the trust domains the caller's identities federate with, after
-//! this one, sorted by name, with their change signal joined into
-//! [`BundleWatch::changed`]; nothing else in SDS needs to change for them.
+//! request all resolve against [`VisibleBundles`]: this trust domain's
+//! bundle, then the bundles of the foreign trust domains the caller's
+//! identities federate with (`federates_with`), sorted by name. A foreign
+//! domain nobody's entry names stays invisible, as in the Workload API.
+//! Foreign bundles live in the same [`TrustBundle`] as ours (the federation
+//! refresher replaces them there), so one `watch` signals both.
 
 use std::sync::Arc;
 
 use prost::bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::entries::Identity;
+use crate::entries::{Identity, federated_domains};
 use crate::identity::{TrustBundle, TrustStore};
 
 /// Trust domains and their CA certificates (concatenated DER), this trust
@@ -76,23 +77,108 @@ impl BundleWatch {
         }
     }
 
-    /// Resolves when any visible bundle may have changed; false when the
-    /// source is gone (the agent is stopping).
+    /// Resolves when any visible bundle may have changed (ours, or a
+    /// foreign one refreshed); false when the source is gone (the agent is
+    /// stopping). A change the caller cannot see wakes it too; the xDS
+    /// layer then finds nothing new to send.
     pub async fn changed(&mut self) -> bool {
         self.own.changed().await.is_ok()
     }
 
     /// The bundles a caller holding `identities` may see, marking the
     /// current versions seen.
-    pub fn visible(&mut self, _identities: &[Identity]) -> VisibleBundles {
-        let own = self.own.borrow_and_update().x509.clone();
-        VisibleBundles::new(self.trust.trust_domain().clone(), own, [])
+    pub fn visible(&mut self, identities: &[Identity]) -> VisibleBundles {
+        let bundle = self.own.borrow_and_update();
+        let foreign = bundle
+            .federated_for(federated_domains(identities))
+            .into_iter()
+            .map(|f| (f.trust_domain.clone(), f.x509.clone()));
+        VisibleBundles::new(
+            self.trust.trust_domain().clone(),
+            bundle.x509.clone(),
+            foreign,
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::{AuthoritySettings, ForeignBundle, LocalAuthority, spiffe_bundle};
+    use std::time::Duration;
+
+    fn authority(name: &str) -> Arc<LocalAuthority> {
+        LocalAuthority::load(
+            AuthoritySettings {
+                trust_domain: td(name),
+                ca_ttl: Duration::from_secs(3600),
+                jwt_key_ttl: Duration::from_secs(3600),
+                state_dir: None,
+                ca_files: None,
+            },
+            Arc::new(crate::clock::SystemClock),
+        )
+        .unwrap()
+    }
+
+    /// `theirs`'s bundle as a federation fetch installs it.
+    fn foreign(theirs: &LocalAuthority) -> Arc<ForeignBundle> {
+        let doc = spiffe_bundle::document(&theirs.trust_store().current(), Duration::from_secs(60))
+            .unwrap();
+        Arc::new(ForeignBundle::parse(theirs.trust_domain().clone(), &doc).unwrap())
+    }
+
+    fn identity(federates_with: &[&str]) -> Identity {
+        Identity {
+            spiffe_id: spiffe::SpiffeId::new("spiffe://example.org/envoy").unwrap(),
+            hint: None,
+            x509_ttl: Duration::from_secs(3600),
+            jwt_ttl: Duration::from_secs(300),
+            wit_ttl: Duration::from_secs(3600),
+            federates_with: federates_with.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn federated_bundles_are_visible_to_the_entries_that_name_them_and_signal_refreshes() {
+        let ours = authority("example.org");
+        let (partner, stranger) = (authority("partner.test"), authority("stranger.test"));
+        let store = ours.trust_store();
+        let mut watch = BundleWatch::new(store);
+        let trusting = [identity(&["partner.test"])];
+        let v = watch.visible(&trusting);
+        assert_eq!(v.iter().count(), 1, "nothing fetched yet");
+
+        // A fetched bundle wakes the stream and appears for the entry that
+        // federates with it, after ours; another foreign domain does not.
+        store.set_federated(foreign(&partner));
+        store.set_federated(foreign(&stranger));
+        tokio::time::timeout(Duration::from_secs(5), watch.changed())
+            .await
+            .expect("a refresh wakes the stream");
+        let v = watch.visible(&trusting);
+        let names: Vec<_> = v.iter().map(|(td, _)| td.as_str()).collect();
+        assert_eq!(names, ["example.org", "partner.test"]);
+        assert_eq!(
+            v.cas(&td("partner.test")).unwrap(),
+            &partner.trust_store().current().x509
+        );
+        assert!(v.cas(&td("stranger.test")).is_none());
+        let v = watch.visible(&[identity(&[])]);
+        assert_eq!(v.iter().count(), 1, "not federating: not visible");
+
+        // A refresh with new CAs (the partner rotated) is signalled and seen.
+        let rotated = authority("partner.test");
+        store.set_federated(foreign(&rotated));
+        tokio::time::timeout(Duration::from_secs(5), watch.changed())
+            .await
+            .expect("a refreshed bundle wakes the stream");
+        let v = watch.visible(&trusting);
+        assert_eq!(
+            v.cas(&td("partner.test")).unwrap(),
+            &rotated.trust_store().current().x509
+        );
+    }
 
     fn td(name: &str) -> spiffe::TrustDomain {
         spiffe::TrustDomain::new(name).unwrap()
