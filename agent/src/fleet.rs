@@ -16,6 +16,8 @@
 //!   through [`informer`]); replicas take them from nodes and stream them
 //!   back ([`feed`]), nodes publish and follow them ([`follow`]).
 //!
+//! * Node control: join tokens in the Kubernetes API, redeemed once across
+//!   replicas, and node denials every replica enforces ([`nodes`]).
 //! * Live registration: entries as custom resources, watched by each replica
 //!   and streamed to nodes ([`registration`]).
 //!
@@ -28,6 +30,7 @@ pub mod follow;
 pub mod informer;
 pub mod join;
 pub mod kube;
+pub mod nodes;
 pub mod registration;
 pub mod server;
 pub mod store;

@@ -898,3 +898,41 @@ fn the_authority_reloads_its_entries_on_sighup_and_keeps_them_when_the_file_is_i
     let _ = authority.kill();
     let _ = authority.wait();
 }
+
+/// `join-token --manifest` writes the JoinToken object for `kubectl apply`:
+/// named by the token's SHA-256, holding the node and expiry but never the
+/// token, which is printed once.
+#[test]
+fn join_token_manifest_holds_the_hash_not_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jt.json");
+    let out = Command::new(BIN)
+        .args([
+            "authority",
+            "join-token",
+            "--node",
+            "vm-7",
+            "--ttl",
+            "5m",
+            "--manifest",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = stdout(&out).trim().to_string();
+    assert_eq!(token.len(), 43, "32 bytes, base64url: {token}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains(&token));
+    let obj: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(obj["kind"], "JoinToken");
+    assert_eq!(obj["spec"]["node"], "vm-7");
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(obj["metadata"]["name"], hex);
+    let out = Command::new(BIN)
+        .args(["authority", "join-token", "--node", "vm-7"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "needs --dir or --manifest");
+}

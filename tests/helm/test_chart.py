@@ -1124,6 +1124,8 @@ def test_authority_rbac_is_exactly_tokenreviews_and_pods(manifests, name):
                      *{("tessera.dev", r, v) for r in ("clusterworkloadentries", "workloadentries")
                        for v in ("list", "watch")},
                      ("tessera.dev", "clusterworkloadentries/status", "patch"),
+                     *{("tessera.dev", "jointokens", v) for v in ("get", "list", "delete")},
+                     ("tessera.dev", "nodedenials", "list"), ("tessera.dev", "nodedenials", "watch"),
                      ("tessera.dev", "workloadentries/status", "patch")}
     # The fleet's state: a Role in the release namespace only, bound to the authority.
     role = auth_one(docs, "Role")

@@ -797,18 +797,17 @@ async fn cas_contains_old(agent: &TestAgent, ca: &[u8]) -> bool {
 /// the chart's RBAC for it, and a token. Returns the `[server]` sub-tables.
 async fn kube_store(dir: &Path) -> (String, String) {
     let api = KubeApi::shared();
-    let crd = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../helm/tessera/crds/revocationbatches.yaml"
-    );
-    let (ok, out, err) = api.kubectl(&["apply", "--server-side", "-f", crd], None);
-    assert!(ok, "the chart's CRD is refused: {out}{err}");
+    let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm/tessera/crds/");
+    let (ok, out, err) = api.kubectl(&["apply", "--server-side", "-f", crds], None);
+    assert!(ok, "the chart's CRDs are refused: {out}{err}");
     let (ok, out, err) = api.kubectl(
         &[
             "wait",
             "--for=condition=Established",
             "--timeout=60s",
             "crd/revocationbatches.tessera.dev",
+            "crd/jointokens.tessera.dev",
+            "crd/nodedenials.tessera.dev",
         ],
         None,
     );
@@ -821,7 +820,11 @@ async fn kube_store(dir: &Path) -> (String, String) {
             serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
               "metadata": {"name": "tessera-authority-store"},
               "rules": [{"apiGroups": ["tessera.dev"], "resources": ["revocationbatches"],
-                         "verbs": ["create", "list", "watch", "deletecollection"]}]}),
+                         "verbs": ["create", "list", "watch", "deletecollection"]},
+                        {"apiGroups": ["tessera.dev"], "resources": ["jointokens"],
+                         "verbs": ["get", "list", "delete"]},
+                        {"apiGroups": ["tessera.dev"], "resources": ["nodedenials"],
+                         "verbs": ["list", "watch"]}]}),
         ),
         (
             format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings"),
@@ -1522,4 +1525,238 @@ async fn entries_as_custom_resources_reach_a_running_workload_through_the_kubern
     drop(stream);
     drop(a);
     drop(fleet);
+}
+
+/// An agent for `node` that talks to one replica only (`port`), attested
+/// with a fresh join token from the shared directory.
+async fn agent_on_replica(fleet: &Fleet, node: &str, port: u16) -> TestAgent {
+    let dir = tempfile::tempdir().unwrap();
+    let token = tessera_agent::fleet::join::create(
+        &fleet.dir.path().join("join"),
+        node,
+        Duration::from_secs(600),
+        SystemTime::now(),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("join-token"), token).unwrap();
+    let body = format!(
+        "{}\n[upstream]\naddresses = [\"127.0.0.1:{port}\"]\nbundle_file = \"{k}/keys/ca.crt\"\nnode_attestation = \"join_token\"\ntoken_file = \"{a}/join-token\"\nbundle_refresh = \"200ms\"\nrequest_timeout = \"2s\"\n",
+        entries_with(""),
+        k = fleet.dir.path().display(),
+        a = dir.path().display(),
+    );
+    TestAgent::start_in(dir, &body).await
+}
+
+/// Whether the agent gets a JWT-SVID signed now (a fresh audience each
+/// time, so it asks its replica), judged by the `spiffe` crate.
+async fn signs(agent: &TestAgent) -> bool {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let aud = format!(
+        "probe-{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    agent
+        .spiffe_client()
+        .await
+        .fetch_jwt_svid([aud.as_str()], None)
+        .await
+        .is_ok()
+}
+
+/// The serial number (hex) of the node SVID an agent saved, read with
+/// x509-parser.
+fn node_svid_serial(agent: &TestAgent) -> String {
+    use base64::Engine;
+    let saved: Value = serde_json::from_slice(
+        &std::fs::read(agent.dir.path().join("data/node-svid.json")).unwrap(),
+    )
+    .unwrap();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(saved["cert"].as_str().unwrap())
+        .unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let hex: String = cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    hex.trim_start_matches('0').to_string()
+}
+
+/// Attests a node with the join token in `token_file` at the replica on
+/// `port` only; its node ID, or why not.
+async fn attest_once(
+    bundle_file: std::path::PathBuf,
+    port: u16,
+    token_file: std::path::PathBuf,
+) -> Result<String, String> {
+    use tessera_agent::fleet::client::{NodeAttestation, Upstream, UpstreamConfig};
+    let state = tempfile::tempdir().unwrap();
+    let config = UpstreamConfig {
+        addresses: vec![format!("127.0.0.1:{port}")],
+        server_name: "tessera-authority".into(),
+        bundle_file,
+        attestation: NodeAttestation::JoinToken,
+        token_file,
+        bundle_refresh: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(5),
+        state_dir: state.path().to_path_buf(),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let up = Upstream::connect(
+        config,
+        spiffe::TrustDomain::new("example.org").unwrap(),
+        Arc::new(tessera_agent::clock::SystemClock),
+        Arc::new(tessera_agent::metrics::Metrics::new()),
+        &shutdown,
+    )
+    .await;
+    shutdown.cancel();
+    up.map(|u| u.node_id().to_string())
+        .map_err(|e| format!("{e:#}"))
+}
+
+/// Node control in the genuine kube-apiserver with two replicas: a join
+/// token kept as a JoinToken object, redeemed on both replicas at the same
+/// instant, succeeds exactly once (ten rounds) and its object is gone; a
+/// NodeDenial for one node SVID cuts off that certificate only, and one for
+/// the node's name is enforced by both replicas at once (each node talks to
+/// one replica) and refuses a fresh attestation under that name, until it
+/// is deleted. The judge of what is stored is the API server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_join_token_is_redeemed_once_across_replicas_and_a_denied_node_is_refused_by_both() {
+    let api = KubeApi::shared();
+    let store_dir = tempfile::tempdir().unwrap();
+    let (tables, ns) = kube_store(store_dir.path()).await;
+    let fleet = Fleet::start_with(&tables, "").await;
+    let tokens = format!("/apis/tessera.dev/v1alpha1/namespaces/{ns}/jointokens");
+    let bundle = fleet.dir.path().join("keys/ca.crt");
+    let attest = |port: u16, file: std::path::PathBuf| attest_once(bundle.clone(), port, file);
+
+    for round in 0..10 {
+        let token = tessera_agent::fleet::join::new_token().unwrap();
+        let node = format!("race-{round}");
+        let expires = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let object = tessera_agent::fleet::nodes::join_token_object(&token, &node, expires);
+        let name = object["metadata"]["name"].as_str().unwrap().to_string();
+        api.create(&tokens, object).await;
+        let file = store_dir.path().join(format!("token-{round}"));
+        std::fs::write(&file, &token).unwrap();
+        let (a, b) = tokio::join!(
+            attest(fleet.ports[0], file.clone()),
+            attest(fleet.ports[1], file.clone())
+        );
+        let won: Vec<&String> = [&a, &b]
+            .into_iter()
+            .filter_map(|r| r.as_ref().ok())
+            .collect();
+        assert_eq!(won.len(), 1, "round {round}: {a:?} / {b:?}");
+        assert_eq!(
+            won[0],
+            &format!("spiffe://example.org/tessera/node/join/{node}")
+        );
+        let lost = [&a, &b].into_iter().find_map(|r| r.as_ref().err()).unwrap();
+        assert!(lost.contains("unknown or already used"), "{lost}");
+        let (status, _) = api
+            .request(http::Method::GET, &format!("{tokens}/{name}"), None)
+            .await;
+        assert_eq!(status, 404, "the redeemed token's object is deleted");
+    }
+    // An expired token is refused (and its object deleted).
+    let token = tessera_agent::fleet::join::new_token().unwrap();
+    api.create(
+        &tokens,
+        tessera_agent::fleet::nodes::join_token_object(&token, "late", 1),
+    )
+    .await;
+    let file = store_dir.path().join("token-late");
+    std::fs::write(&file, &token).unwrap();
+    let err = attest(fleet.ports[0], file).await.unwrap_err();
+    assert!(err.contains("expired"), "{err}");
+
+    // Two agents of node-a, each attached to one replica.
+    let on_0 = agent_on_replica(&fleet, "node-a", fleet.ports[0]).await;
+    let on_1 = agent_on_replica(&fleet, "node-a", fleet.ports[1]).await;
+    assert!(signs(&on_0).await && signs(&on_1).await);
+    let denials = format!("/apis/tessera.dev/v1alpha1/namespaces/{ns}/nodedenials");
+
+    // One node SVID denied: that certificate only.
+    let serial = node_svid_serial(&on_0);
+    api.create(
+        &denials,
+        serde_json::json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "NodeDenial",
+          "metadata": {"name": "stolen-svid"}, "spec": {"svidSerial": serial, "reason": "key leaked"}}),
+    )
+    .await;
+    let start = std::time::Instant::now();
+    let took = time_until(start, async || !signs(&on_0).await).await;
+    assert!(signs(&on_1).await, "the node's other SVID is not denied");
+    eprintln!("a NodeDenial by node SVID serial refused after {took:?}");
+
+    // The node evicted by name: both replicas refuse it at once.
+    let (status, _) = api
+        .request(
+            http::Method::DELETE,
+            &format!("{denials}/stolen-svid"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    time_until(std::time::Instant::now(), async || signs(&on_0).await).await;
+    api.create(
+        &denials,
+        serde_json::json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "NodeDenial",
+          "metadata": {"name": "evict-node-a"}, "spec": {"nodeName": "node-a", "reason": "decommissioned"}}),
+    )
+    .await;
+    let start = std::time::Instant::now();
+    let (t0, t1) = tokio::join!(
+        time_until(start, async || !signs(&on_0).await),
+        time_until(start, async || !signs(&on_1).await)
+    );
+    eprintln!("node-a evicted: refused by replica 0 after {t0:?}, by replica 1 after {t1:?}");
+    // A fresh attestation under the evicted name is refused too.
+    let token = tessera_agent::fleet::join::new_token().unwrap();
+    let expires = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    api.create(
+        &tokens,
+        tessera_agent::fleet::nodes::join_token_object(&token, "node-a", expires),
+    )
+    .await;
+    let file = store_dir.path().join("token-evicted");
+    std::fs::write(&file, &token).unwrap();
+    let err = attest(fleet.ports[1], file).await.unwrap_err();
+    assert!(err.contains("denied"), "{err}");
+    // Other nodes are untouched.
+    let b = agent_on_replica(&fleet, "node-b", fleet.ports[0]).await;
+    assert!(signs(&b).await);
+    // Lifted: served again.
+    let (status, _) = api
+        .request(
+            http::Method::DELETE,
+            &format!("{denials}/evict-node-a"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    time_until(std::time::Instant::now(), async || signs(&on_1).await).await;
+    let audit = fleet.audit_records();
+    assert!(
+        audit.iter().any(|r| r["event"] == "refused"
+            && r["node"] == "node-a"
+            && r["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("evict-node-a")),
+        "the eviction's refusals are audited"
+    );
 }

@@ -592,6 +592,8 @@ fn apply_chart_crds(api: &KubeApi) {
             "crd/revocationbatches.tessera.dev",
             "crd/clusterworkloadentries.tessera.dev",
             "crd/workloadentries.tessera.dev",
+            "crd/jointokens.tessera.dev",
+            "crd/nodedenials.tessera.dev",
         ],
         None,
     );
@@ -863,6 +865,41 @@ async fn the_charts_rbac_is_least_privilege() {
             Some(&other),
             "the Ready condition",
         ),
+        (
+            "get",
+            "tessera.dev",
+            "jointokens",
+            Some(&ns),
+            "read a join token",
+        ),
+        (
+            "delete",
+            "tessera.dev",
+            "jointokens",
+            Some(&ns),
+            "redeem it once (preconditions)",
+        ),
+        (
+            "list",
+            "tessera.dev",
+            "jointokens",
+            Some(&ns),
+            "find expired ones",
+        ),
+        (
+            "list",
+            "tessera.dev",
+            "nodedenials",
+            Some(&ns),
+            "load node denials",
+        ),
+        (
+            "watch",
+            "tessera.dev",
+            "nodedenials",
+            Some(&ns),
+            "enforce them at once",
+        ),
     ];
     let authority_may_not: Vec<Probe<'_>> = vec![
         (
@@ -969,6 +1006,34 @@ async fn the_charts_rbac_is_least_privilege() {
             None,
             "patch only",
         ),
+        (
+            "create",
+            "tessera.dev",
+            "jointokens",
+            Some(&ns),
+            "mint join tokens",
+        ),
+        (
+            "get",
+            "tessera.dev",
+            "jointokens",
+            Some(&other),
+            "another namespace",
+        ),
+        (
+            "create",
+            "tessera.dev",
+            "nodedenials",
+            Some(&ns),
+            "operators deny nodes",
+        ),
+        (
+            "delete",
+            "tessera.dev",
+            "nodedenials",
+            Some(&ns),
+            "lift a denial",
+        ),
     ];
     let agent_may: Vec<Probe<'_>> = vec![(
         "get",
@@ -1061,6 +1126,12 @@ async fn the_charts_rbac_is_least_privilege() {
     let mut in_own = set(&cluster_wide);
     for v in ["create", "list", "watch", "deletecollection"] {
         in_own.insert(format!("{v} revocationbatches.tessera.dev"));
+    }
+    for v in ["get", "list", "delete"] {
+        in_own.insert(format!("{v} jointokens.tessera.dev"));
+    }
+    for v in ["list", "watch"] {
+        in_own.insert(format!("{v} nodedenials.tessera.dev"));
     }
     // What every service account has anyway (the cluster's defaults, such
     // as reading ClusterTrustBundles) is not the chart's doing.

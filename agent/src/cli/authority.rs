@@ -46,9 +46,19 @@ pub(super) enum AuthorityCommand {
     RotateCa(KeyDirArgs),
     /// Create a single-use join token for a machine outside Kubernetes; prints it.
     JoinToken {
-        /// The authority's `server.join_token_dir`.
+        /// The authority's `server.join_token_dir` (a shared directory).
+        #[arg(
+            long,
+            conflicts_with = "manifest",
+            required_unless_present = "manifest"
+        )]
+        dir: Option<PathBuf>,
+        /// Instead of a directory: write the token's `JoinToken` object
+        /// (named by the token's hash; the token itself is not in it) to
+        /// this file, for `kubectl -n <the authority's namespace> apply -f`.
+        /// Replicas with `[server.store] kind = "kubernetes"` redeem it once.
         #[arg(long)]
-        dir: PathBuf,
+        manifest: Option<PathBuf>,
         /// The node's name (its ID becomes spiffe://<td>/tessera/node/join/<name>).
         #[arg(long)]
         node: String,
@@ -84,9 +94,32 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        AuthorityCommand::JoinToken { dir, node, ttl } => {
+        AuthorityCommand::JoinToken {
+            dir,
+            manifest,
+            node,
+            ttl,
+        } => {
             let ttl = duration("ttl", &ttl)?;
-            let token = crate::fleet::join::create(&dir, &node, ttl, SystemClock.now())?;
+            let now = SystemClock.now();
+            let token = match (dir, manifest) {
+                (Some(dir), _) => crate::fleet::join::create(&dir, &node, ttl, now)?,
+                (None, Some(path)) => {
+                    crate::fleet::join::check_node_name(&node)?;
+                    let token = crate::fleet::join::new_token()?;
+                    let expires = crate::clock::unix_seconds(now) + ttl.as_secs();
+                    let object = crate::fleet::nodes::join_token_object(&token, &node, expires);
+                    std::fs::write(&path, format!("{object:#}\n"))
+                        .map_err(|e| anyhow::anyhow!("--manifest {}: {e}", path.display()))?;
+                    eprintln!(
+                        "wrote the JoinToken object to {}; apply it with kubectl -n <the authority's namespace> apply -f {}",
+                        path.display(),
+                        path.display()
+                    );
+                    token
+                }
+                (None, None) => anyhow::bail!("give --dir or --manifest"),
+            };
             println!("{token}");
             Ok(())
         }

@@ -25,6 +25,8 @@ pub enum JoinError {
     Unknown,
     #[error("the join token has expired")]
     Expired,
+    #[error("join tokens in the Kubernetes API: {0}")]
+    Api(String),
     #[error("join token store: {0}")]
     Store(#[from] crate::fsutil::FsError),
     #[error("join token {}: corrupt: {source}", path.display())]
@@ -43,19 +45,9 @@ struct Stored {
 
 /// Creates a token for node `name`, valid for `ttl`; returns the token.
 pub fn create(dir: &Path, name: &str, ttl: Duration, now: SystemTime) -> Result<String, JoinError> {
-    if name.is_empty()
-        || name.len() > 253
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-    {
-        return Err(JoinError::NodeName(name.to_string()));
-    }
+    check_node_name(name)?;
     crate::fsutil::create_private_dir(dir)?;
-    let mut raw = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
-        .map_err(|_| JoinError::Rng)?;
-    let token = B64URL.encode(raw);
+    let token = new_token()?;
     let stored = Stored {
         node: name.to_string(),
         expires: unix_seconds(now) + ttl.as_secs(),
@@ -66,6 +58,27 @@ pub fn create(dir: &Path, name: &str, ttl: Duration, now: SystemTime) -> Result<
     crate::fsutil::write_private_atomic(&path, &body)
         .map_err(|e| crate::fsutil::FsError::io(&path, e))?;
     Ok(token)
+}
+
+/// Node names: 1-253 letters, digits, `-`, `.`, `_`.
+pub fn check_node_name(name: &str) -> Result<(), JoinError> {
+    if name.is_empty()
+        || name.len() > 253
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        return Err(JoinError::NodeName(name.to_string()));
+    }
+    Ok(())
+}
+
+/// 32 random bytes, base64url: a new join token.
+pub fn new_token() -> Result<String, JoinError> {
+    let mut raw = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+        .map_err(|_| JoinError::Rng)?;
+    Ok(B64URL.encode(raw))
 }
 
 fn path_for(dir: &Path, token: &str, ext: &str) -> PathBuf {

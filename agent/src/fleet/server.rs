@@ -94,6 +94,8 @@ struct Shared {
     entries: Arc<LiveEntries>,
     kube: Option<Arc<KubeClient>>,
     fleet_state: Option<Arc<FleetState>>,
+    /// Join tokens and denials in the Kubernetes API (with the store).
+    nodes: Option<Arc<super::nodes::NodeControl>>,
     /// Cancelled when the authority stops (ends long-lived streams).
     shutdown: CancellationToken,
     audit: AuditLog,
@@ -102,10 +104,10 @@ struct Shared {
     registry: Registry,
 }
 
-/// The caller's node, from its verified client certificate, and when that
-/// certificate expires.
+/// The caller's node, from its verified client certificate, when that
+/// certificate expires, and its serial number (lowercase hex).
 #[derive(Clone)]
-struct PeerNode(Option<(Node, SystemTime)>);
+struct PeerNode(Option<(Node, SystemTime, Option<String>)>);
 
 struct ApiError(StatusCode, String);
 
@@ -241,6 +243,7 @@ pub async fn start(
         "Authority decisions by kind (attest, renew, x509, jwt, access_token) and result (signed, refused, error)",
         requests.clone(),
     );
+    let mut nodes = None;
     let fleet_state = match &config.store {
         None => None,
         Some(
@@ -274,11 +277,17 @@ pub async fn start(
                 );
             }
             let backend = Arc::new(super::store::crd::CrdBackend::new(
-                kube,
+                kube.clone(),
                 store.namespace.clone(),
                 metrics.clone(),
             ));
-            tracing::info!(backend = "kubernetes", namespace = %store.namespace, "fleet state: revocations are shared through RevocationBatch objects");
+            tracing::info!(backend = "kubernetes", namespace = %store.namespace, "fleet state: revocations are shared through RevocationBatch objects; join tokens and node denials are JoinToken and NodeDenial objects");
+            nodes = Some(super::nodes::NodeControl::start(
+                kube.clone(),
+                store.namespace.clone(),
+                clock.clone(),
+                shutdown.clone(),
+            ));
             Some(FleetState::start(
                 backend,
                 clock.clone(),
@@ -327,6 +336,7 @@ pub async fn start(
         entries: entries.clone(),
         kube,
         fleet_state,
+        nodes,
         shutdown: shutdown.clone(),
         audit,
         clock,
@@ -454,7 +464,11 @@ pub async fn start(
                     .and_then(|c| c.first())
                     .and_then(|c| {
                         let node = Node::from_spiffe_id(&tls::spiffe_id_of(c)?, &td)?;
-                        Some((node, tls::not_after(c)?))
+                        Some((
+                            node,
+                            tls::not_after(c)?,
+                            crate::identity::certs::serial_hex(c),
+                        ))
                     }),
             )
         },
@@ -631,12 +645,35 @@ fn require_node(peer: &PeerNode, now: SystemTime) -> Result<Node, ApiError> {
             StatusCode::UNAUTHORIZED,
             "a node SVID is required as the TLS client certificate".into(),
         )),
-        Some((_, not_after)) if *not_after <= now => Err(ApiError(
+        Some((_, not_after, _)) if *not_after <= now => Err(ApiError(
             StatusCode::UNAUTHORIZED,
             "the node SVID presented on this connection has expired; reconnect with a valid one"
                 .into(),
         )),
-        Some((node, _)) => Ok(node.clone()),
+        Some((node, _, _)) => Ok(node.clone()),
+    }
+}
+
+impl Shared {
+    /// The node that makes this request ([`require_node`]), unless a
+    /// `NodeDenial` names it or the node SVID it presents (403, audited).
+    async fn node(&self, peer: &PeerNode) -> Result<Node, ApiError> {
+        let node = require_node(peer, self.clock.now())?;
+        let serial = peer.0.as_ref().and_then(|(_, _, s)| s.as_deref());
+        self.not_denied(&node, serial).await?;
+        Ok(node)
+    }
+
+    async fn not_denied(&self, node: &Node, serial: Option<&str>) -> Result<(), ApiError> {
+        if let Some(why) = self.nodes.as_ref().and_then(|n| n.denied(node, serial)) {
+            self.refuse("node", Some(node), &node.name, &format!("denied by {why}"))
+                .await;
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!("this node is denied ({why}); an operator must delete the NodeDenial"),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -656,21 +693,33 @@ async fn attest(
     let now = s.clock.now();
     let (node, detail) = match req.method.as_str() {
         "join_token" => {
-            let Some(dir) = &s.config.join_token_dir else {
+            if s.config.join_token_dir.is_none() && s.nodes.is_none() {
                 s.refuse("attest", None, "join_token", "join tokens are not enabled")
                     .await;
                 return Err(ApiError(
                     StatusCode::UNAUTHORIZED,
                     "join tokens are not enabled on this authority".into(),
                 ));
-            };
-            // A rename and a small read in a directory shared by replicas
-            // (possibly a network volume): off the runtime.
-            let (dir, token) = (dir.clone(), req.token.clone());
-            let redeemed = tokio::task::spawn_blocking(move || join::redeem(&dir, &token, now))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
+            }
+            let mut redeemed = Err(join::JoinError::Unknown.to_string());
+            if let Some(dir) = &s.config.join_token_dir {
+                // A rename and a small read in a directory shared by
+                // replicas (possibly a network volume): off the runtime.
+                let (dir, token) = (dir.clone(), req.token.clone());
+                redeemed = tokio::task::spawn_blocking(move || join::redeem(&dir, &token, now))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+            }
+            // Not in the directory: the Kubernetes API (JoinToken objects).
+            if let (Err(_), Some(nodes)) = (&redeemed, &s.nodes)
+                && redeemed.as_ref().err() == Some(&join::JoinError::Unknown.to_string())
+            {
+                redeemed = nodes
+                    .redeem(&req.token, now)
+                    .await
+                    .map_err(|e| e.to_string());
+            }
             match redeemed {
                 Ok(name) => (
                     Node {
@@ -728,6 +777,7 @@ async fn attest(
             )));
         }
     };
+    s.not_denied(&node, None).await?;
     let resp = s.node_svid(&node, &csr)?;
     s.count("attest", "signed");
     tracing::info!(node = %resp.node_id, method = %req.method, "node attested");
@@ -741,7 +791,7 @@ async fn renew(
     Extension(peer): Extension<PeerNode>,
     Json(req): Json<wire::RenewRequest>,
 ) -> Result<Json<wire::NodeSvidResponse>, ApiError> {
-    let node = require_node(&peer, s.clock.now())?;
+    let node = s.node(&peer).await?;
     if node.kind == NodeKind::Kubernetes {
         // A Kubernetes node proves itself afresh with its (rotating,
         // pod-bound) token, so a node SVID stolen from it dies with its TTL.
@@ -768,7 +818,7 @@ async fn sign(
     Extension(peer): Extension<PeerNode>,
     Json(req): Json<wire::SignRequest>,
 ) -> Result<Json<wire::SignResponse>, ApiError> {
-    let node = require_node(&peer, s.clock.now())?;
+    let node = s.node(&peer).await?;
     if req.x509.len() + req.jwt.len() > wire::MAX_BATCH {
         return Err(bad(format!(
             "at most {} items per request",
@@ -892,7 +942,7 @@ async fn access_token(
     Extension(peer): Extension<PeerNode>,
     Json(req): Json<wire::AccessTokenRequest>,
 ) -> Result<Json<wire::AccessTokenResponse>, ApiError> {
-    let node = require_node(&peer, s.clock.now())?;
+    let node = s.node(&peer).await?;
     let claims = &req.claims;
     let sub = claims
         .get("sub")
@@ -950,7 +1000,7 @@ async fn revocations(
     Json(req): Json<wire::RevocationsRequest>,
 ) -> Result<Json<wire::RevocationsAccepted>, ApiError> {
     let now = s.clock.now();
-    let node = require_node(&peer, now)?;
+    let node = s.node(&peer).await?;
     let state = fleet_state(&s)?;
     let records = feed::admit(req.revocations, now, s.config.max_access_token_ttl).map_err(bad)?;
     let stored = records.len();
@@ -987,12 +1037,12 @@ async fn stream(
     Extension(peer): Extension<PeerNode>,
     uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
-    require_node(&peer, s.clock.now())?;
+    s.node(&peer).await?;
     let cursor = stream_cursor(&uri)?;
     let not_after = peer
         .0
         .as_ref()
-        .map(|(_, t)| *t)
+        .map(|(_, t, _)| *t)
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let state = fleet_state(&s)?;
     Ok(feed::stream(
@@ -1037,6 +1087,14 @@ async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
                 .into(),
         );
     }
+    if let Some(nodes) = &s.nodes
+        && !nodes.is_synced()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: server.store: the node denials are not listed yet\n".into(),
+        );
+    }
     if let Some(state) = &s.fleet_state
         && !state.view.is_synced()
     {
@@ -1056,7 +1114,7 @@ async fn entries_stream(
     State(s): State<Arc<Shared>>,
     Extension(peer): Extension<PeerNode>,
 ) -> Result<Response, ApiError> {
-    require_node(&peer, s.clock.now())?;
+    s.node(&peer).await?;
     if s.config.registration.is_none() {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -1066,7 +1124,7 @@ async fn entries_stream(
     let not_after = peer
         .0
         .as_ref()
-        .map(|(_, t)| *t)
+        .map(|(_, t, _)| *t)
         .unwrap_or(SystemTime::UNIX_EPOCH);
     Ok(super::registration::stream(
         &s.entries,

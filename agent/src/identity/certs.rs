@@ -7,6 +7,16 @@ pub fn not_after(cert_der: &[u8]) -> Option<std::time::SystemTime> {
     Some(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
+/// A certificate's serial number, lowercase hex without separators or
+/// leading zero bytes (as `openssl x509 -serial` prints it, lowercased).
+pub fn serial_hex(cert_der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let bytes = cert.raw_serial();
+    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+    let hex: String = bytes[start..].iter().map(|b| format!("{b:02x}")).collect();
+    Some(if hex.is_empty() { "00".into() } else { hex })
+}
+
 /// The one `spiffe://` URI SAN of a certificate.
 pub fn spiffe_id_of(cert_der: &[u8]) -> Option<spiffe::SpiffeId> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;

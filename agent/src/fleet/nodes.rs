@@ -1,0 +1,349 @@
+//! Node control kept in the Kubernetes API, beside the fleet's revocations
+//! (`[server.store] kind = "kubernetes"`, the authority's namespace):
+//!
+//! * **Join tokens** as `JoinToken` objects (`tessera.dev/v1alpha1`). The
+//!   object's name is the SHA-256 of the token (hex), its spec the node name
+//!   and the expiry: the API never holds the token itself. Redeeming reads
+//!   the object and deletes it with preconditions on its UID and resource
+//!   version, so of any number of replicas racing for one token exactly one
+//!   delete succeeds (the API server decides; no replica talks to another).
+//!   An expired token is deleted and refused. Every replica deletes expired
+//!   tokens about once a minute.
+//! * **Denials** as `NodeDenial` objects: `spec.nodeName` (with an optional
+//!   `spec.nodeKind`, `k8s` or `join`) evicts a node (every request from any
+//!   of its node SVIDs, and any new attestation under that name, is
+//!   refused); `spec.svidSerial` denies one node SVID (a stolen certificate)
+//!   while the node may attest afresh. Each replica watches them, so every
+//!   replica enforces a denial as soon as the API server's watch delivers it
+//!   (milliseconds), until the object is deleted.
+//!
+//! RBAC: `get`, `list`, `delete` on `jointokens` and `list`, `watch` on
+//! `nodedenials`, in the authority's namespace only.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::informer::{self, Change};
+use super::join::JoinError;
+use super::kube::KubeClient;
+use super::{Node, NodeKind};
+use crate::clock::{Clock, unix_seconds};
+use crate::sync::RwLock;
+
+const GROUP: &str = "tessera.dev";
+const VERSION: &str = "v1alpha1";
+
+/// The `JoinToken` object for `token` (what `tessera authority join-token
+/// --manifest` writes for `kubectl apply`): named by the token's hash.
+pub fn join_token_object(token: &str, node: &str, expires: u64) -> Value {
+    json!({
+        "apiVersion": format!("{GROUP}/{VERSION}"),
+        "kind": "JoinToken",
+        "metadata": {"name": crate::audit::sha256_hex(token.as_bytes())},
+        "spec": {"node": node, "expires": expires},
+    })
+}
+
+/// Why a node is denied: which object says so, and its reason.
+fn describe(obj: &Value) -> String {
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    match obj["spec"]["reason"].as_str().filter(|r| !r.is_empty()) {
+        Some(r) => format!("NodeDenial {name}: {r}"),
+        None => format!("NodeDenial {name}"),
+    }
+}
+
+#[derive(Default)]
+struct DenySet {
+    /// Object name -> what it denies.
+    objects: HashMap<String, Denial>,
+}
+
+#[derive(Debug, Clone)]
+struct Denial {
+    node: Option<(Option<NodeKind>, String)>,
+    serial: Option<String>,
+    why: String,
+}
+
+fn denial_of(obj: &Value) -> Option<Denial> {
+    let spec = &obj["spec"];
+    let kind = match spec["nodeKind"].as_str() {
+        None | Some("") => None,
+        Some("k8s") => Some(NodeKind::Kubernetes),
+        Some("join") => Some(NodeKind::Joined),
+        Some(_) => return None,
+    };
+    let node = spec["nodeName"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .map(|n| (kind, n.to_string()));
+    let serial = spec["svidSerial"]
+        .as_str()
+        .map(|s| {
+            s.trim_start_matches("0x")
+                .replace(':', "")
+                .to_ascii_lowercase()
+        })
+        .map(|s| {
+            let t = s.trim_start_matches('0');
+            if t.is_empty() {
+                "00".to_string()
+            } else {
+                t.to_string()
+            }
+        })
+        .filter(|s| s.bytes().all(|b| b.is_ascii_hexdigit()));
+    if node.is_none() && serial.is_none() {
+        return None;
+    }
+    Some(Denial {
+        node,
+        serial,
+        why: describe(obj),
+    })
+}
+
+/// Node control on one replica: the denials it enforces and the join tokens
+/// it redeems.
+pub struct NodeControl {
+    kube: Arc<KubeClient>,
+    namespace: String,
+    denials: RwLock<DenySet>,
+    synced: AtomicBool,
+}
+
+impl NodeControl {
+    /// Starts watching denials and collecting expired join tokens, until
+    /// `shutdown`.
+    pub fn start(
+        kube: Arc<KubeClient>,
+        namespace: String,
+        clock: Arc<dyn Clock>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        for verb in ["list", "watch"] {
+            kube.also_need(verb, GROUP, "nodedenials", &namespace);
+        }
+        for verb in ["get", "list", "delete"] {
+            kube.also_need(verb, GROUP, "jointokens", &namespace);
+        }
+        let this = Arc::new(Self {
+            kube,
+            namespace,
+            denials: RwLock::default(),
+            synced: AtomicBool::new(false),
+        });
+        let watcher = this.clone();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            let collection = watcher.collection("nodedenials");
+            informer::run(&watcher.kube, &collection, "nodedenials", &sd, |change| {
+                let mut set = watcher.denials.write();
+                match change {
+                    Change::Reset(items) => {
+                        set.objects = items
+                            .iter()
+                            .filter_map(|o| {
+                                Some((o["metadata"]["name"].as_str()?.to_string(), denial_of(o)?))
+                            })
+                            .collect();
+                        watcher.synced.store(true, Ordering::Release);
+                        tracing::info!(denials = set.objects.len(), "node denials loaded");
+                    }
+                    Change::Upsert(o) => {
+                        let Some(name) = o["metadata"]["name"].as_str() else { return };
+                        match denial_of(&o) {
+                            Some(d) => {
+                                tracing::warn!(denial = %d.why, node = ?d.node, serial = ?d.serial, "node denied");
+                                set.objects.insert(name.to_string(), d);
+                            }
+                            None => {
+                                tracing::warn!(name, "ignoring a NodeDenial without a valid nodeName, nodeKind or svidSerial");
+                                set.objects.remove(name);
+                            }
+                        }
+                    }
+                    Change::Delete(o) => {
+                        if let Some(name) = o["metadata"]["name"].as_str()
+                            && set.objects.remove(name).is_some()
+                        {
+                            tracing::info!(name, "node denial lifted");
+                        }
+                    }
+                    Change::Synced => {}
+                }
+            })
+            .await;
+        });
+        let collector = this.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                }
+                match collector.collect_expired(unix_seconds(clock.now())).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(deleted = n, "expired join tokens deleted"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not delete expired join tokens; retrying later")
+                    }
+                }
+            }
+        });
+        this
+    }
+
+    fn collection(&self, plural: &str) -> String {
+        format!(
+            "/apis/{GROUP}/{VERSION}/namespaces/{}/{plural}",
+            self.namespace
+        )
+    }
+
+    /// Whether the denials have been listed once.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Why `node` (presenting the node SVID with serial `serial`, if any) is
+    /// refused, if it is.
+    pub fn denied(&self, node: &Node, serial: Option<&str>) -> Option<String> {
+        let set = self.denials.read();
+        set.objects.values().find_map(|d| {
+            let by_node = d.node.as_ref().is_some_and(|(kind, name)| {
+                name == &node.name && kind.is_none_or(|k| k == node.kind)
+            });
+            let by_serial = matches!((&d.serial, serial), (Some(a), Some(b)) if a == b);
+            (by_node || by_serial).then(|| d.why.clone())
+        })
+    }
+
+    /// Redeems a join token kept in the API: the node name, once.
+    pub async fn redeem(&self, token: &str, now: SystemTime) -> Result<String, JoinError> {
+        let path = format!(
+            "{}/{}",
+            self.collection("jointokens"),
+            crate::audit::sha256_hex(token.as_bytes())
+        );
+        let obj = match self
+            .kube
+            .json(hyper::Method::GET, &path, "application/json", None)
+            .await
+        {
+            Ok(o) => o,
+            Err(e) if e.status == Some(404) => return Err(JoinError::Unknown),
+            Err(e) => return Err(JoinError::Api(e.message)),
+        };
+        let (Some(uid), Some(rv)) = (
+            obj["metadata"]["uid"].as_str(),
+            obj["metadata"]["resourceVersion"].as_str(),
+        ) else {
+            return Err(JoinError::Unknown);
+        };
+        // Exactly one delete of this very object succeeds, whichever replica
+        // sends it; the others get 404 or 409.
+        let body = json!({
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "preconditions": {"uid": uid, "resourceVersion": rv},
+        });
+        match self
+            .kube
+            .json(
+                hyper::Method::DELETE,
+                &path,
+                "application/json",
+                Some(&body),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if matches!(e.status, Some(404 | 409)) => return Err(JoinError::Unknown),
+            Err(e) => return Err(JoinError::Api(e.message)),
+        }
+        let node = obj["spec"]["node"].as_str().unwrap_or_default().to_string();
+        let expires = obj["spec"]["expires"].as_u64().unwrap_or(0);
+        if unix_seconds(now) >= expires {
+            return Err(JoinError::Expired);
+        }
+        super::join::check_node_name(&node)?;
+        Ok(node)
+    }
+
+    /// Deletes every join token that has expired; how many.
+    async fn collect_expired(&self, now: u64) -> Result<usize, String> {
+        let list = self
+            .kube
+            .json(
+                hyper::Method::GET,
+                &self.collection("jointokens"),
+                "application/json",
+                None,
+            )
+            .await
+            .map_err(|e| e.message)?;
+        let mut deleted = 0;
+        for obj in list["items"].as_array().into_iter().flatten() {
+            if obj["spec"]["expires"].as_u64().unwrap_or(0) > now {
+                continue;
+            }
+            let (Some(name), Some(uid)) = (
+                obj["metadata"]["name"].as_str(),
+                obj["metadata"]["uid"].as_str(),
+            ) else {
+                continue;
+            };
+            let body =
+                json!({"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}});
+            match self
+                .kube
+                .json(
+                    hyper::Method::DELETE,
+                    &format!("{}/{name}", self.collection("jointokens")),
+                    "application/json",
+                    Some(&body),
+                )
+                .await
+            {
+                Ok(_) => deleted += 1,
+                Err(e) if matches!(e.status, Some(404 | 409)) => {}
+                Err(e) => return Err(e.message),
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn denials_read_names_kinds_and_serials() {
+        let d = denial_of(&json!({"metadata": {"name": "x"},
+            "spec": {"nodeName": "n1", "nodeKind": "join", "reason": "stolen"}}))
+        .unwrap();
+        assert_eq!(d.node, Some((Some(NodeKind::Joined), "n1".into())));
+        assert_eq!(d.why, "NodeDenial x: stolen");
+        let d = denial_of(&json!({"metadata": {"name": "y"}, "spec": {"svidSerial": "00:1A:2b"}}))
+            .unwrap();
+        assert_eq!(d.serial.as_deref(), Some("1a2b"));
+        assert!(denial_of(&json!({"metadata": {"name": "z"}, "spec": {}})).is_none());
+        assert!(
+            denial_of(
+                &json!({"metadata": {"name": "z"}, "spec": {"nodeName": "n", "nodeKind": "vm"}})
+            )
+            .is_none()
+        );
+        let obj = join_token_object("tok", "vm-1", 99);
+        assert_eq!(obj["metadata"]["name"], crate::audit::sha256_hex(b"tok"));
+        assert!(!obj.to_string().contains("\"tok\""));
+    }
+}
