@@ -1760,3 +1760,38 @@ async fn a_join_token_is_redeemed_once_across_replicas_and_a_denied_node_is_refu
         "the eviction's refusals are audited"
     );
 }
+
+/// A fleet node's JWT-SVIDs carry the authority's issuer, not the node's own
+/// HTTPS face: an assertion for a token service (an https:// audience) must
+/// still be new on every fetch, since the token endpoint accepts each `jti`
+/// once. It used to be cached (the rule matched only the SVID's own `iss`),
+/// and a client's second token request was refused as a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fleet_jwt_svids_for_a_token_service_are_never_reused() {
+    use base64::Engine as _;
+    let fleet = Fleet::start_with("https-face", "").await;
+    let a = fleet.agent("node-a", None).await;
+    let token_service = "https://node-a.example:8443";
+    let first = a.jwt_svid(token_service).await;
+    let claims = |t: &str| -> Value {
+        let payload = t.split('.').nth(1).unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_ne!(
+        claims(&first)["iss"].as_str(),
+        Some(token_service),
+        "signed by the authority, whose issuer is not the node's"
+    );
+    let second = a.jwt_svid(token_service).await;
+    assert_ne!(claims(&first)["jti"], claims(&second)["jti"]);
+    // Other audiences are still reused for half their life.
+    assert_eq!(
+        a.jwt_svid("sts.example.com").await,
+        a.jwt_svid("sts.example.com").await
+    );
+}
