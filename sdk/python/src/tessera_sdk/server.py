@@ -76,14 +76,16 @@ class X509SvidCredential:
             svid = await self._api.x509_svid()
         except TesseraError as e:
             raise TokenRejected(f"no X509-SVID to authenticate for introspection: {e}") from e
-        context = self._verify if isinstance(self._verify, ssl.SSLContext) else ssl.create_default_context()
-        # A new context per SVID: load_cert_chain adds to, not replaces, a shared one.
-        fresh = ssl.create_default_context()
-        fresh.check_hostname = context.check_hostname
-        fresh.verify_mode = context.verify_mode
-        for ca in context.get_ca_certs(binary_form=True):
-            fresh.load_verify_locations(cadata=ssl.DER_cert_to_PEM_cert(ca))
-        if not isinstance(self._verify, ssl.SSLContext):
+        # A new context per SVID, trusting exactly what the verifier trusts
+        # (the given CAs, or the system's), so the caller's context is never
+        # changed and a renewed SVID replaces the old one whole.
+        fresh = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if isinstance(self._verify, ssl.SSLContext):
+            fresh.check_hostname = self._verify.check_hostname
+            fresh.verify_mode = self._verify.verify_mode
+            for ca in self._verify.get_ca_certs(binary_form=True):
+                fresh.load_verify_locations(cadata=ssl.DER_cert_to_PEM_cert(ca))
+        else:
             fresh.load_default_certs()
         pem = "".join(ssl.DER_cert_to_PEM_cert(c) for c in svid.chain)
         key = base64.encodebytes(svid.private_key).decode()
