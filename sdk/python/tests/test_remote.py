@@ -334,3 +334,12 @@ def test_the_readmes_off_the_node_client_runs_as_written(agent: Agent, remote_se
     )
     assert run.returncode == 0, run.stderr
     assert re.fullmatch(rf"{re.escape(AGENT_ID)} notes:read \S+\n", run.stdout), run.stdout
+
+
+def test_the_assertion_provider_works_under_a_second_event_loop(agent: Agent) -> None:
+    """A script that runs asyncio.run twice with one provider (its gRPC channel
+    belongs to the first loop, closed by then)."""
+    assertion = JwtSvidAssertion()
+    first = asyncio.run(assertion(agent.https_issuer))
+    second = asyncio.run(assertion(agent.https_issuer))
+    assert claims_of(first)["jti"] != claims_of(second)["jti"]

@@ -22,6 +22,7 @@ afresh for every fetch whose audience is its own token service.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from .sockets import Sockets
@@ -39,11 +40,16 @@ class JwtSvidAssertion:
         self._socket = workload_api
         self._spiffe_id = spiffe_id
         self._api: WorkloadApi | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, audience: str) -> str:
-        if self._api is None:
-            # Found on first use, so a missing socket is reported where it matters.
+        loop = asyncio.get_running_loop()
+        if self._api is None or self._loop is not loop:
+            # Found on first use, so a missing socket is reported where it
+            # matters; a gRPC channel belongs to one event loop, so a provider
+            # used again under another (a second asyncio.run) opens a new one.
             self._api = WorkloadApi(Sockets.find(workload_api=self._socket).workload_api)
+            self._loop = loop
         svid = await self._api.jwt_svid(audience, self._spiffe_id, fresh=True)
         return svid.token
 
