@@ -5,6 +5,13 @@
 //! domain (every node's JWT-SVIDs are signed here and carry its URL as
 //! `iss`), and the task-token keys. The token service itself (policy,
 //! approvals, introspection) stays on each node.
+//!
+//! Federation is the fleet's too: with `[bundle_endpoint]` the replica
+//! serves the trust domain's bundle to other trust domains, and its
+//! `[[federation]]` relationships fetch foreign bundles into the replica's
+//! trust store, from where `GET /v1/bundle` relays them to every agent.
+//! Replicas are stateless: each fetches on its own (bootstrap bundles cover
+//! the first fetch), and nothing is kept on disk.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +29,11 @@ pub struct RunningAuthority {
     /// The face's issuer URL and address, when `[https]` is configured.
     pub https_issuer: Option<String>,
     pub https_addr: Option<SocketAddr>,
+    /// The trust domain's bundle endpoint, when `[bundle_endpoint]` is
+    /// configured.
+    pub bundle_endpoint: Option<crate::federation::BundleEndpoint>,
+    /// The `[[federation]]` relationships (SIGHUP replaces them).
+    pub federation: Arc<crate::federation::Federation>,
     https_shutdown: CancellationToken,
     https_task: Option<JoinHandle<()>>,
 }
@@ -65,12 +77,42 @@ pub async fn start_authority(
         clock.clone(),
     )
     .await?;
+    let federation = crate::federation::Federation::new(
+        running.authority.trust_store().clone(),
+        None,
+        running.federation_metrics.clone(),
+        clock.clone(),
+        crate::federation::RefreshBounds::default(),
+        running.stopping(),
+    );
+    federation.update(config.federation.clone());
+    let bundle_endpoint = match &config.bundle_endpoint {
+        None => None,
+        Some(b) => match crate::federation::endpoint::serve(
+            b,
+            running.authority.trust_store().clone(),
+            running.authority.clone(),
+            clock.clone(),
+            running.stopping(),
+        )
+        .await
+        {
+            Ok(endpoint) => Some(endpoint),
+            Err(e) => {
+                running.shutdown();
+                running.wait().await;
+                return Err(e.into());
+            }
+        },
+    };
     let https_shutdown = CancellationToken::new();
     let (Some(h), Some(bound)) = (&config.https, https) else {
         return Ok(RunningAuthority {
             server: running,
             https_issuer: None,
             https_addr: None,
+            bundle_endpoint,
+            federation,
             https_shutdown,
             https_task: None,
         });
@@ -94,6 +136,8 @@ pub async fn start_authority(
             server: running,
             https_issuer: Some(issuer),
             https_addr: Some(addr),
+            bundle_endpoint,
+            federation,
             https_shutdown,
             https_task: Some(task),
         }),

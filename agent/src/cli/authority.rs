@@ -152,7 +152,7 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
             loop {
                 tokio::select! {
                     _ = &mut stop => break,
-                    _ = hup.recv() => reload_entries(&config, &running.server.entries),
+                    _ = hup.recv() => reload_entries(&config, &running),
                 }
             }
             tracing::info!("shutting down");
@@ -163,21 +163,24 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
     }
 }
 
-/// SIGHUP: the config file's entries, read again. A valid file replaces
-/// them at once (open streams and the next signing see the new set); an
-/// invalid one is logged with its key and line, and the entries in force
-/// stay.
-fn reload_entries(path: &std::path::Path, entries: &crate::fleet::registration::LiveEntries) {
+/// SIGHUP: the config file's entries and `[[federation]]` relationships,
+/// read again. A valid file replaces them at once (open streams and the
+/// next signing see the new set); an invalid one is logged with its key and
+/// line, and what is in force stays.
+fn reload_entries(path: &std::path::Path, running: &crate::app::authority::RunningAuthority) {
+    let entries = &running.server.entries;
     match Config::load(path) {
         Ok(cfg) => {
             for w in &cfg.warnings {
                 tracing::warn!("{w}");
             }
             entries.set_config(&cfg.entries);
+            running.federation.update(cfg.federation.clone());
             tracing::info!(
                 entries = cfg.entries.len(),
                 live = entries.live_count(),
-                "SIGHUP: reloaded entries from {} (other changes need a restart; keys reload on their own)",
+                federation = cfg.federation.len(),
+                "SIGHUP: reloaded entries and federation relationships from {} (other changes need a restart; keys reload on their own)",
                 path.display()
             );
         }

@@ -26,7 +26,9 @@ use super::tls;
 use super::wire::{self, BundleDoc};
 use crate::clock::Clock;
 use crate::identity::jws::PublicJwk;
-use crate::identity::{JwtSvid, SignError, SignFuture, Signer, TrustStore, X509Svid};
+use crate::identity::{
+    ForeignBundle, JwtSvid, SignError, SignFuture, Signer, TrustStore, X509Svid,
+};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::sync::Mutex;
 use crate::transport::https_client as http;
@@ -757,7 +759,45 @@ impl Upstream {
                 .max()
                 .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
         }
-        Ok(self.store.publish(x509, jwt, Vec::new()))
+        let own = self.store.publish(x509, jwt, Vec::new());
+        let foreign = self.apply_federated(&doc.federated_bundles);
+        Ok(own || foreign)
+    }
+
+    /// Installs the foreign bundles the authority relays (a workload sees
+    /// those its entries federate with) and forgets those it no longer
+    /// does; returns whether any changed. A document that does not parse
+    /// is logged and the bundle held for that domain kept.
+    fn apply_federated(&self, docs: &std::collections::BTreeMap<String, String>) -> bool {
+        let mut changed = false;
+        for (name, doc) in docs {
+            let td = match spiffe::TrustDomain::new(name) {
+                Ok(td) if td != *self.store.trust_domain() => td,
+                _ => {
+                    tracing::warn!(trust_domain = %name, "the fleet authority relayed a bundle for an invalid or our own trust domain; ignored");
+                    continue;
+                }
+            };
+            match ForeignBundle::parse(td, doc.as_bytes()) {
+                Ok(bundle) => changed |= self.store.set_federated(Arc::new(bundle)),
+                Err(e) => {
+                    tracing::warn!(trust_domain = %name, error = %e, "the fleet authority relayed a foreign bundle that does not parse; keeping the one held");
+                }
+            }
+        }
+        let gone: Vec<String> = self
+            .store
+            .current()
+            .federated
+            .keys()
+            .filter(|name| !docs.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            tracing::info!(trust_domain = %name, "the fleet no longer federates with this trust domain; its bundle is no longer trusted");
+            changed |= self.store.remove_federated(&name);
+        }
+        changed
     }
 
     /// Background work: poll the bundle (streams get changes), and renew the

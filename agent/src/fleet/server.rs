@@ -130,6 +130,9 @@ pub struct RunningAuthority {
     /// The trust domain's keys this replica signs with (the HTTPS face
     /// publishes them and takes its serving certificate from them).
     pub authority: Arc<LocalAuthority>,
+    /// Registered in this replica's `/metrics` for the federation
+    /// relationships the wiring starts on its trust store.
+    pub federation_metrics: crate::metrics::FederationMetrics,
     shutdown: CancellationToken,
     /// The server and its background tasks (admin listener, key reload).
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -138,6 +141,12 @@ pub struct RunningAuthority {
 impl RunningAuthority {
     pub fn shutdown(&self) {
         self.shutdown.cancel();
+    }
+
+    /// Cancelled when the replica stops: what the wiring starts beside the
+    /// server (federation) stops with it.
+    pub fn stopping(&self) -> CancellationToken {
+        self.shutdown.clone()
     }
     /// Returns once every task of this authority has ended, so what they
     /// share (the audit log and its file lock, the listeners) is released: a
@@ -237,6 +246,8 @@ pub async fn start(
         None => AuditLog::disabled(),
     };
     let mut registry = Registry::with_prefix("tessera_authority");
+    let federation_metrics = crate::metrics::FederationMetrics::default();
+    federation_metrics.register(&mut registry);
     let requests = Family::<Labels, Counter>::default();
     registry.register(
         "requests",
@@ -480,6 +491,7 @@ pub async fn start(
         admin_addr,
         entries,
         authority: shared.authority.clone(),
+        federation_metrics,
         shutdown,
         tasks,
     })
@@ -533,6 +545,18 @@ fn bundle_doc(s: &Shared) -> BundleDoc {
             .access_keys()
             .iter()
             .map(|k| k.to_json("sig"))
+            .collect(),
+        // What this replica's federation relationships fetched (see
+        // `app::authority`), relayed as received.
+        federated_bundles: bundle
+            .federated
+            .iter()
+            .map(|(name, b)| {
+                (
+                    name.clone(),
+                    String::from_utf8_lossy(&b.document).into_owned(),
+                )
+            })
             .collect(),
     }
 }

@@ -41,6 +41,12 @@ pub struct BundleDoc {
     pub jwt_keys: Vec<Value>,
     /// Task access-token keys (JWKs).
     pub access_keys: Vec<Value>,
+    /// The foreign trust domains the authority federates with: each one's
+    /// SPIFFE bundle document as the authority last fetched it, by trust
+    /// domain name. Agents install them; a workload sees those its entries
+    /// name in `federates_with`. Absent from older authorities.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub federated_bundles: std::collections::BTreeMap<String, String>,
 }
 
 /// Most items (X.509 plus JWT) in one `POST /v1/sign`; agents split larger
@@ -207,6 +213,7 @@ mod tests {
             x509_authorities: vec![B64.encode(b"ca-1"), B64.encode(b"ca-2")],
             jwt_keys: vec![jwk("j1", 1).to_json("jwt-svid")],
             access_keys: vec![jwk("a1", 2).to_json("sig")],
+            federated_bundles: Default::default(),
         }
     }
 
@@ -407,6 +414,24 @@ mod tests {
         assert_eq!(back.node_id, resp.node_id);
         assert_eq!(B64.decode(back.svid).unwrap(), b"leaf");
         assert_eq!(back.bundle, resp.bundle);
+    }
+
+    #[test]
+    fn federated_bundles_are_relayed_by_name_and_optional_for_older_peers() {
+        let mut doc = bundle();
+        doc.federated_bundles
+            .insert("partner.example".into(), r#"{"keys":[]}"#.into());
+        let value = serde_json::to_value(&doc).unwrap();
+        assert_eq!(
+            value["federated_bundles"]["partner.example"],
+            r#"{"keys":[]}"#
+        );
+        let back: BundleDoc = serde_json::from_value(value).unwrap();
+        assert_eq!(back, doc);
+        // An older authority's document has no such field.
+        let old = serde_json::json!({"x509_authorities": [], "jwt_keys": [], "access_keys": []});
+        let back: BundleDoc = serde_json::from_value(old).unwrap();
+        assert!(back.federated_bundles.is_empty());
     }
 
     #[test]
