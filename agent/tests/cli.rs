@@ -331,6 +331,51 @@ fn bench_emits_one_json_object_per_scenario_with_the_contract_fields() {
     assert!(!bad.status.success() && stderr(&bad).contains("unknown scenario"));
 }
 
+/// `grants` measures every grant of the token endpoint on both transports
+/// in one run: six rows, each with requests that all succeeded (a refused
+/// request fails the bench), CPU per request, and over HTTPS a new
+/// JWT-SVID per request (the endpoint accepts each once, so a reused one
+/// would have failed the row).
+#[test]
+fn bench_grants_measures_each_grant_on_the_socket_and_over_https() {
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--json",
+            "--duration",
+            "300ms",
+            "--clients",
+            "2",
+            "grants",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows: Vec<(String, String)> = stdout(&out)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["scenario"], "grants");
+            assert!(v["ops"].as_u64().unwrap() > 0, "{v}");
+            assert!(v["p99_ms"].as_f64().unwrap() > 0.0, "{v}");
+            assert!(v.get("agent_cpu_us_per_op").is_some(), "{v}");
+            (
+                v["params"]["transport"].as_str().unwrap().to_string(),
+                v["params"]["grant"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = ["socket", "https"]
+        .iter()
+        .flat_map(|t| {
+            ["rfc8693", "client-credentials", "jwt-bearer"]
+                .iter()
+                .map(move |g| (t.to_string(), g.to_string()))
+        })
+        .collect();
+    assert_eq!(rows, expected);
+}
+
 /// `--socket` with `--agent-pid` measures any running agent as fully as one
 /// the bench starts: CPU per operation and memory from /proc of that PID, the
 /// idle-memory figure per stream, a pushed renewal (fanout) and a new entry

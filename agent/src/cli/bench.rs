@@ -34,6 +34,7 @@ use tonic::transport::Channel;
 
 use super::client;
 
+mod grants;
 mod sds;
 
 pub const SCENARIOS: &[&str] = &[
@@ -43,6 +44,7 @@ pub const SCENARIOS: &[&str] = &[
     "jwt-validate",
     "fanout",
     "exchange",
+    "grants",
     "idle-memory",
     "new-entry",
     "sds-first",
@@ -53,8 +55,8 @@ pub const SCENARIOS: &[&str] = &[
 #[derive(Args)]
 pub struct BenchArgs {
     /// Scenarios to run (default: all): x509-first, x509-cold, jwt-fetch,
-    /// jwt-validate, fanout, exchange, idle-memory, new-entry, sds-first,
-    /// sds-idle-memory.
+    /// jwt-validate, fanout, exchange, grants, idle-memory, new-entry,
+    /// sds-first, sds-idle-memory.
     pub scenarios: Vec<String>,
     /// One JSON object per line per scenario instead of a table.
     #[arg(long)]
@@ -210,6 +212,7 @@ pub async fn run(names: &[String], params: BenchParams, json: bool) -> anyhow::R
             "fanout" => fanout(&params).await?,
             "idle-memory" => idle_memory(&params).await?,
             "exchange" => exchange(&params).await?,
+            "grants" => grants::grants(&params).await?,
             "new-entry" => new_entry(&params).await?,
             "sds-first" => vec![sds::sds_first(&params).await?],
             "sds-idle-memory" => sds::sds_idle_memory(&params).await?,
