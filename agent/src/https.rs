@@ -8,6 +8,7 @@
 //! | `GET /.well-known/openid-configuration` | OpenID Provider metadata (issuer, `jwks_uri`), as cloud workload identity federation and OAuth servers doing RFC 7523 expect |
 //! | `GET /keys` | the JWT-SVID verification keys (JWKS) |
 //! | `GET /token-keys` | the task-token (access-token) verification keys, when the exchange is on |
+//! | `GET /bundle` | the SPIFFE bundle (an `https_web` bundle endpoint) |
 //!
 //! With the exchange on, its routes are mounted here too (token endpoint,
 //! RFC 8414 metadata, introspection and revocation: `exchange::remote`).
@@ -469,6 +470,7 @@ pub fn serve(
         .route("/.well-known/openid-configuration", get(discovery))
         .route("/keys", get(keys))
         .route("/token-keys", get(token_jwks))
+        .route("/bundle", get(spiffe_bundle))
         .with_state(face);
     if let Some(routes) = token_routes {
         app = app.merge(routes);
@@ -512,6 +514,33 @@ async fn discovery(State(f): State<Face>) -> Response {
 async fn keys(State(f): State<Face>) -> Response {
     let bundle = f.trust.current();
     cacheable(jwks(bundle.jwt_keys.iter()))
+}
+
+/// The `spiffe_refresh_hint` of the bundle served at `/bundle`.
+const BUNDLE_REFRESH_HINT: Duration = Duration::from_secs(300);
+
+/// The trust domain's SPIFFE bundle (SPIFFE Trust Domain and Bundle §4):
+/// with a Web PKI certificate the face is also an `https_web` bundle
+/// endpoint for trust domains that federate with this one.
+async fn spiffe_bundle(State(f): State<Face>) -> Response {
+    match crate::identity::spiffe_bundle::document(&f.trust.current(), BUNDLE_REFRESH_HINT) {
+        Ok(doc) => (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            doc,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot write this trust domain's bundle document");
+            (
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "the bundle could not be served\n",
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn token_jwks(State(f): State<Face>) -> Response {

@@ -72,6 +72,34 @@ async fn the_face_serves_discovery_and_keys_under_a_certificate_of_the_trust_dom
         .claims;
     assert_eq!(claims["sub"], "spiffe://example.org/face");
 
+    // The SPIFFE bundle (an https_web bundle endpoint): its X.509
+    // authorities are the Workload API's CAs, and its JWT authorities, read
+    // by the spiffe crate, verify the JWT-SVID.
+    let (bundle, _) = get(&addr, &roots, "/bundle").await.unwrap();
+    assert!(bundle["spiffe_refresh_hint"].as_u64().is_some(), "{bundle}");
+    let keys = bundle["keys"].as_array().unwrap();
+    let with_use = |u: &'static str| keys.iter().filter(move |k| k["use"] == u);
+    let mut cas: Vec<Vec<u8>> = with_use("x509-svid")
+        .map(|k| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(k["x5c"][0].as_str().unwrap())
+                .unwrap()
+        })
+        .collect();
+    let mut expected = roots.clone();
+    cas.sort();
+    expected.sort();
+    assert_eq!(cas, expected);
+    let jwt_keys = serde_json::json!({"keys": with_use("jwt-svid").collect::<Vec<_>>()});
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    let jwt_bundle =
+        spiffe::JwtBundle::from_jwt_authorities(td, jwt_keys.to_string().as_bytes()).unwrap();
+    let set: spiffe::JwtBundleSet = [jwt_bundle].into_iter().collect();
+    let svid = spiffe::JwtSvid::parse_and_validate(&token, &set, &["relying-party"])
+        .expect("the bundle's JWT authorities verify the JWT-SVID");
+    assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/face");
+
     // A client that does not trust the trust domain's CA refuses the face.
     let (stranger, _, _, _) = openssl_cert(agent.dir.path(), "stranger");
     assert!(get(&addr, &[stranger], "/keys").await.is_err());
