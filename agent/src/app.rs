@@ -325,6 +325,14 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             tokio::spawn(exchange.clone().run_maintenance(shutdown.clone()));
             if let Some(up) = &upstream {
                 follow_fleet_revocations(up, &exchange, &metrics, &shutdown).await;
+                crate::fleet::approvals::follow(
+                    up.clone(),
+                    Arc::new(ExchangeApprovals {
+                        exchange: exchange.clone(),
+                        clock: clock.clone(),
+                    }),
+                    shutdown.clone(),
+                );
             }
             Some(exchange)
         }
@@ -613,6 +621,51 @@ async fn follow_fleet_revocations(
             waited = ?FLEET_REVOCATIONS_WAIT,
             "the fleet's revocations are not loaded yet; serving, but not ready until they are"
         );
+    }
+}
+
+/// The exchange's approvals as the fleet sees them: the bridge between the
+/// two services (which do not import each other).
+struct ExchangeApprovals {
+    exchange: Arc<Exchange>,
+    clock: Arc<dyn Clock>,
+}
+
+impl crate::fleet::approvals::LocalApprovals for ExchangeApprovals {
+    fn pending(&self) -> Vec<crate::fleet::wire::PendingApproval> {
+        self.exchange
+            .approvals
+            .list(self.clock.now())
+            .into_iter()
+            .filter(|a| a.state == crate::exchange::approvals::ApprovalState::Pending)
+            .map(|a| crate::fleet::wire::PendingApproval {
+                id: a.id,
+                deadline: a.deadline,
+                request: serde_json::to_value(&a.request).unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    fn decide(
+        &self,
+        d: crate::fleet::wire::ApprovalDecision,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let now = self.clock.now();
+            if let Err(e) = crate::exchange::operator::decide_and_audit(
+                &self.exchange,
+                &d.id,
+                d.approve,
+                &d.by,
+                now,
+            )
+            .await
+            {
+                // Decided already (here, or a repeat from another replica)
+                // or expired: nothing more to do, nothing audited twice.
+                tracing::debug!(approval_id = %d.id, error = %e, "fleet decision not applied");
+            }
+        })
     }
 }
 

@@ -171,6 +171,7 @@ struct RawServerRegistration {
 #[serde(deny_unknown_fields)]
 struct RawServerStore {
     kind: Spanned<String>,
+    approvals: Option<bool>,
     namespace: Option<Spanned<String>>,
     batch_window: Option<Spanned<String>>,
 }
@@ -1291,6 +1292,7 @@ impl Config {
                     ));
                 }
                 Some(crate::fleet::store::StoreConfig {
+                    approvals: st.approvals.unwrap_or(false),
                     kind,
                     namespace,
                     batch_window,

@@ -16,6 +16,9 @@
 //!   through [`informer`]); replicas take them from nodes and stream them
 //!   back ([`feed`]), nodes publish and follow them ([`follow`]).
 //!
+//! * Fleet-wide approvals: pending approvals kept as custom resources an
+//!   operator decides with kubectl; decisions streamed to the waiting node
+//!   ([`approvals`]).
 //! * Node control: join tokens in the Kubernetes API, redeemed once across
 //!   replicas, and node denials every replica enforces ([`nodes`]).
 //! * Live registration: entries as custom resources, watched by each replica
@@ -23,6 +26,7 @@
 //!
 //! The design and its trust model are in `docs/architecture.md`.
 
+pub mod approvals;
 pub mod client;
 pub mod entitlement;
 pub mod feed;

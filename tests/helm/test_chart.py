@@ -1153,6 +1153,22 @@ def test_authority_fleet_state_can_be_turned_off(chart):
     assert "store" not in authority_config_toml(docs)["server"]
 
 
+def test_authority_approvals_are_opt_in(chart, manifests):
+    assert "approvals" not in authority_config_toml(manifests["authority"])["server"]["store"]
+    values = copy.deepcopy(VALUE_SETS["authority"])
+    values["authority"]["approvals"] = {"enabled": True}
+    docs = docs_of(render_files(chart, values))
+    assert authority_config_toml(docs)["server"]["store"]["approvals"] is True
+    (vap,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"]
+    (binding,) = [d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+    assert binding["spec"]["policyName"] == vap["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert any("request.userInfo.username" in v["expression"] for v in vap["spec"]["validations"])
+    role = auth_one(docs, "Role")
+    assert {"apiGroups": ["tessera.dev"], "resources": ["approvalrequests"],
+            "verbs": ["create", "list", "watch", "delete"]} in role["rules"]
+
+
 def test_authority_registration_can_be_narrowed_or_turned_off(chart):
     values = copy.deepcopy(VALUE_SETS["authority"])
     values["authority"]["registration"] = {"enabled": True, "namespaced": False}

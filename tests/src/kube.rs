@@ -645,3 +645,32 @@ impl KubeApi {
         p
     }
 }
+
+/// The chart rendered by the real Helm engine (`tests/helm/render_json.py`,
+/// in the venv `tests/helm/setup.sh` makes) as one JSON `List`.
+pub fn render_chart(release: &str, ns: &str, values: &Value) -> Value {
+    let helm = concat!(env!("CARGO_MANIFEST_DIR"), "/helm");
+    let setup = std::process::Command::new("bash")
+        .arg(format!("{helm}/setup.sh"))
+        .status()
+        .expect("run tests/helm/setup.sh");
+    assert!(
+        setup.success(),
+        "tests/helm/setup.sh failed: this test renders the chart with the Helm engine it installs (python3 -m venv and pip; CI runs it)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let values_file = dir.path().join("values.json");
+    std::fs::write(&values_file, values.to_string()).unwrap();
+    let out = std::process::Command::new(format!("{helm}/.venv/bin/python"))
+        .arg(format!("{helm}/render_json.py"))
+        .args([release, ns])
+        .arg(&values_file)
+        .output()
+        .expect("run tests/helm/render_json.py");
+    assert!(
+        out.status.success(),
+        "rendering the chart: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -133,6 +133,16 @@ impl Fleet {
     /// An agent for `node`, attested with a fresh join token. `local_entries`
     /// replaces the shared entries (to play a compromised node).
     async fn agent(&self, node: &str, local_entries: Option<String>) -> TestAgent {
+        self.agent_with_policy(node, local_entries, "").await
+    }
+
+    /// [`Self::agent`] with `policy` (Cedar) added to its exchange policies.
+    async fn agent_with_policy(
+        &self,
+        node: &str,
+        local_entries: Option<String>,
+        policy: &str,
+    ) -> TestAgent {
         let dir = tempfile::tempdir().unwrap();
         let token = tessera_agent::fleet::join::create(
             &self.dir.path().join("join"),
@@ -150,6 +160,9 @@ impl Fleet {
             ),
         )
         .unwrap();
+        if !policy.is_empty() {
+            std::fs::write(dir.path().join("policies/extra.cedar"), policy).unwrap();
+        }
         let addrs: Vec<String> = self
             .ports
             .iter()
@@ -821,6 +834,8 @@ async fn kube_store(dir: &Path) -> (String, String) {
               "metadata": {"name": "tessera-authority-store"},
               "rules": [{"apiGroups": ["tessera.dev"], "resources": ["revocationbatches"],
                          "verbs": ["create", "list", "watch", "deletecollection"]},
+                        {"apiGroups": ["tessera.dev"], "resources": ["approvalrequests"],
+                         "verbs": ["create", "list", "watch", "delete"]},
                         {"apiGroups": ["tessera.dev"], "resources": ["jointokens"],
                          "verbs": ["get", "list", "delete"]},
                         {"apiGroups": ["tessera.dev"], "resources": ["nodedenials"],
@@ -1794,4 +1809,240 @@ async fn fleet_jwt_svids_for_a_token_service_are_never_reused() {
         a.jwt_svid("sts.example.com").await,
         a.jwt_svid("sts.example.com").await
     );
+}
+
+/// Fleet-wide approvals against the genuine kube-apiserver with two
+/// replicas: an exchange that policy sends for approval on node A appears as
+/// an ApprovalRequest object; an operator approves it with a patch as
+/// kubectl sends it (their own user name as decidedBy, which the chart's
+/// ValidatingAdmissionPolicy checks: a forged name and a second decision are
+/// refused by the API server); node A redeems it; the node's audit log holds
+/// one decision record naming the operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_approval_waiting_on_a_node_is_decided_with_kubectl_and_redeemed_there() {
+    let api = KubeApi::shared();
+    let store_dir = tempfile::tempdir().unwrap();
+    let (tables, ns) = kube_store(store_dir.path()).await;
+    let tables = tables.replace("[server.store]\n", "[server.store]\napprovals = true\n");
+    // The chart's admission policy for this namespace, rendered by Helm.
+    let release = format!("appr{}", ns.rsplit('-').next().unwrap());
+    let list = tessera_tests::kube::render_chart(
+        &release,
+        &ns,
+        &serde_json::json!({"authority": {"enabled": true, "keysSecret": "k", "bundleConfigMap": "b",
+                                           "approvals": {"enabled": true}}}),
+    );
+    let vap: Vec<&Value> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| {
+            i["kind"]
+                .as_str()
+                .unwrap()
+                .starts_with("ValidatingAdmissionPolicy")
+        })
+        .collect();
+    assert_eq!(vap.len(), 2, "policy and binding rendered");
+    let (ok, out, err) = api.kubectl(
+        &["apply", "--server-side", "-f", "-"],
+        Some(&serde_json::json!({"apiVersion": "v1", "kind": "List", "items": vap}).to_string()),
+    );
+    assert!(ok, "{out}{err}");
+    // An operator with exactly the rights the docs tell operators to get.
+    api.service_account(&ns, "operator").await;
+    let role = serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "approvers"},
+        "rules": [{"apiGroups": ["tessera.dev"], "resources": ["approvalrequests"], "verbs": ["get", "list", "patch"]}]});
+    api.create(
+        &format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles"),
+        role,
+    )
+    .await;
+    api.create(
+        &format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings"),
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+          "metadata": {"name": "approvers"},
+          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "approvers"},
+          "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": ns}]}),
+    )
+    .await;
+    let operator = api.token(&ns, "operator", SA_ISSUER, None).await;
+    let operator_user = format!("system:serviceaccount:{ns}:operator");
+    // The API server takes the new policy up asynchronously: wait until it
+    // refuses a forged decision on a probe object.
+    let probes = format!("/apis/tessera.dev/v1alpha1/namespaces/{ns}/approvalrequests");
+    let mut enforced = false;
+    for i in 0..60 {
+        let name = format!("probe-{i}");
+        api.create(&probes, serde_json::json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "ApprovalRequest",
+            "metadata": {"name": name}, "spec": {"node": "probe", "approvalId": "probe", "deadline": 1}}))
+            .await;
+        let (status, _) = api
+            .request_as(
+                &operator,
+                http::Method::PATCH,
+                &format!("{probes}/{name}"),
+                "application/merge-patch+json",
+                Some(&serde_json::json!({"spec": {"decision": "approved", "decidedBy": "alice"}})),
+            )
+            .await;
+        if status == 403 {
+            enforced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        enforced,
+        "the chart's ValidatingAdmissionPolicy never took effect"
+    );
+
+    let fleet = Fleet::start_with(&tables, "").await;
+    let a = fleet
+        .agent_with_policy(
+            "node-a",
+            None,
+            &format!("@id(\"write-needs-approval\")\n@require_approval\npermit(principal, action == Tessera::Action::\"notes:write\", resource == Tessera::Audience::\"{NOTES}\");\n"),
+        )
+        .await;
+    let subject = a.jwt_svid(ISSUER).await;
+    let fields = vec![
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("subject_token", subject.as_str()),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ("resource", NOTES),
+        ("scope", "notes:write"),
+        ("task_id", "deploy-7"),
+    ];
+    let (status, pending) = exchange_call(&a, "/token", &fields).await;
+    assert_eq!(
+        (status, pending["error"].as_str()),
+        (400, Some("authorization_pending")),
+        "{pending}"
+    );
+    let id = pending["approval_id"].as_str().unwrap().to_string();
+
+    // The request is listed in the API, as an operator would list it.
+    let collection = format!("/apis/tessera.dev/v1alpha1/namespaces/{ns}/approvalrequests");
+    let mut object = Value::Null;
+    for _ in 0..100 {
+        let (status, list) = api
+            .request_as(
+                &operator,
+                http::Method::GET,
+                &collection,
+                "application/json",
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{list}");
+        if let Some(o) = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["spec"]["approvalId"] == id.as_str())
+        {
+            object = o.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(object["spec"]["node"], "node-a", "listed: {object}");
+    assert_eq!(object["spec"]["scopes"], serde_json::json!(["notes:write"]));
+    assert_eq!(object["spec"]["taskId"], "deploy-7");
+    let path = format!(
+        "{collection}/{}",
+        object["metadata"]["name"].as_str().unwrap()
+    );
+    let decide = |by: &str, decision: &str| serde_json::json!({"spec": {"decision": decision, "decidedBy": by}});
+    // Forging another approver's name: refused by the API server.
+    let (status, answer) = api
+        .request_as(
+            &operator,
+            http::Method::PATCH,
+            &path,
+            "application/merge-patch+json",
+            Some(&decide("alice", "approved")),
+        )
+        .await;
+    if status != 403 {
+        let (_, out, _) = api.kubectl(
+            &[
+                "get",
+                "validatingadmissionpolicies,validatingadmissionpolicybindings",
+                "-o",
+                "yaml",
+            ],
+            None,
+        );
+        let (_, nsout, _) = api.kubectl(&["get", "ns", &ns, "-o", "yaml"], None);
+        panic!("a forged decidedBy was accepted: {answer}\n{out}\n{nsout}");
+    }
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("your own user name"),
+        "{answer}"
+    );
+
+    // Approved under the operator's own name: redeemed on node A.
+    let (status, answer) = api
+        .request_as(
+            &operator,
+            http::Method::PATCH,
+            &path,
+            "application/merge-patch+json",
+            Some(&decide(&operator_user, "approved")),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let start = std::time::Instant::now();
+    let mut with_id = fields.clone();
+    with_id.push(("approval_id", &id));
+    let token = loop {
+        let (status, answer) = exchange_call(&a, "/token", &with_id).await;
+        if status == 200 {
+            break answer["access_token"].as_str().unwrap().to_string();
+        }
+        assert_eq!(answer["error"], "authorization_pending", "{answer}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never approved on the node"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    eprintln!(
+        "approved in the Kubernetes API -> redeemed on node A after {:?}",
+        start.elapsed()
+    );
+    assert!(active_at(&a, &token).await);
+    // A second decision is refused too.
+    let (status, _) = api
+        .request_as(
+            &operator,
+            http::Method::PATCH,
+            &path,
+            "application/merge-patch+json",
+            Some(&decide(&operator_user, "denied")),
+        )
+        .await;
+    assert_eq!(status, 403);
+
+    // Audited once, on the node, with the operator's identity.
+    let audit = std::fs::read_to_string(a.dir.path().join("data/audit.jsonl"))
+        .or_else(|_| std::fs::read_to_string(a.dir.path().join("data/audit/audit.jsonl")))
+        .unwrap_or_default();
+    let decisions: Vec<Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["event"] == "approval.decision" && r["approval_id"] == id.as_str())
+        .collect();
+    assert_eq!(decisions.len(), 1, "{audit}");
+    assert_eq!(decisions[0]["operator"], format!("k8s:{operator_user}"));
+    assert_eq!(decisions[0]["decision"], "approved");
 }

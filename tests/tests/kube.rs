@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tessera_agent::config::Config;
 use tessera_agent::fleet::kube::{KubeClient, KubeConfig, ReviewError};
 use tessera_agent::fleet::server::{RunningAuthority, start};
-use tessera_tests::kube::{KubeApi, SA_ISSUER, TestPod};
+use tessera_tests::kube::{KubeApi, SA_ISSUER, TestPod, render_chart};
 use tessera_tests::{TestAgent, my_uid};
 
 const AUDIENCE: &str = "tessera-authority";
@@ -598,35 +598,6 @@ fn apply_chart_crds(api: &KubeApi) {
         None,
     );
     assert!(ok, "{out}{err}");
-}
-
-/// The chart rendered by the real Helm engine (`tests/helm/render_json.py`,
-/// in the venv `tests/helm/setup.sh` makes) as one JSON `List`.
-fn render_chart(release: &str, ns: &str, values: &Value) -> Value {
-    let helm = concat!(env!("CARGO_MANIFEST_DIR"), "/helm");
-    let setup = std::process::Command::new("bash")
-        .arg(format!("{helm}/setup.sh"))
-        .status()
-        .expect("run tests/helm/setup.sh");
-    assert!(
-        setup.success(),
-        "tests/helm/setup.sh failed: this test renders the chart with the Helm engine it installs (python3 -m venv and pip; CI runs it)"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let values_file = dir.path().join("values.json");
-    std::fs::write(&values_file, values.to_string()).unwrap();
-    let out = std::process::Command::new(format!("{helm}/.venv/bin/python"))
-        .arg(format!("{helm}/render_json.py"))
-        .args([release, ns])
-        .arg(&values_file)
-        .output()
-        .expect("run tests/helm/render_json.py");
-    assert!(
-        out.status.success(),
-        "rendering the chart: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Every (API group, resource, verb) a SelfSubjectRulesReview says the

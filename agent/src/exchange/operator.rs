@@ -99,40 +99,8 @@ async fn decide(
         Ok(o) => o,
         Err(r) => return *r,
     };
-    let result = s.exchange.approvals.decide(
-        &id,
-        approve,
-        &operator,
-        s.clock.now(),
-        s.exchange.config.approval_grant_ttl,
-    );
-    match result {
-        Ok(approval) => {
-            let mut record = Map::new();
-            record.insert("event".into(), "approval.decision".into());
-            record.insert("approval_id".into(), id.clone().into());
-            record.insert(
-                "decision".into(),
-                if approve { "approved" } else { "denied" }.into(),
-            );
-            record.insert("operator".into(), operator.clone().into());
-            record.insert(
-                "principal".into(),
-                approval.request.principal.clone().into(),
-            );
-            record.insert("task_id".into(), approval.request.task_id.clone().into());
-            record.insert("scopes".into(), json!(approval.request.scopes));
-            record.insert("audience".into(), approval.request.audience.clone().into());
-            record.insert("ttl_seconds".into(), approval.request.ttl_seconds.into());
-            record.insert(
-                "delegation_chain".into(),
-                json!(approval.request.delegation_chain),
-            );
-            record.insert("may_act".into(), json!(approval.request.may_act));
-            s.exchange.audit_best_effort(record).await;
-            tracing::info!(approval_id = %id, %operator, approved = approve, "approval decided");
-            axum::Json(approval).into_response()
-        }
+    match decide_and_audit(&s.exchange, &id, approve, &operator, s.clock.now()).await {
+        Ok(approval) => axum::Json(approval).into_response(),
         Err(e) => {
             let status = match e {
                 ApprovalError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -141,4 +109,49 @@ async fn decide(
             (status, axum::Json(json!({"error": e.to_string()}))).into_response()
         }
     }
+}
+
+/// Applies an operator's decision and writes its one audit record
+/// (`approval.decision`, with the operator). Used by the operator socket
+/// and by decisions that come from the fleet (the operator is then the
+/// Kubernetes user the API server authenticated, `k8s:<user>`); an approval
+/// already decided is not decided or audited again.
+pub async fn decide_and_audit(
+    exchange: &Exchange,
+    id: &str,
+    approve: bool,
+    operator: &str,
+    now: std::time::SystemTime,
+) -> Result<super::approvals::Approval, ApprovalError> {
+    let approval = exchange.approvals.decide(
+        id,
+        approve,
+        operator,
+        now,
+        exchange.config.approval_grant_ttl,
+    )?;
+    let mut record = Map::new();
+    record.insert("event".into(), "approval.decision".into());
+    record.insert("approval_id".into(), id.into());
+    record.insert(
+        "decision".into(),
+        if approve { "approved" } else { "denied" }.into(),
+    );
+    record.insert("operator".into(), operator.into());
+    record.insert(
+        "principal".into(),
+        approval.request.principal.clone().into(),
+    );
+    record.insert("task_id".into(), approval.request.task_id.clone().into());
+    record.insert("scopes".into(), json!(approval.request.scopes));
+    record.insert("audience".into(), approval.request.audience.clone().into());
+    record.insert("ttl_seconds".into(), approval.request.ttl_seconds.into());
+    record.insert(
+        "delegation_chain".into(),
+        json!(approval.request.delegation_chain),
+    );
+    record.insert("may_act".into(), json!(approval.request.may_act));
+    exchange.audit_best_effort(record).await;
+    tracing::info!(approval_id = %id, %operator, approved = approve, "approval decided");
+    Ok(approval)
 }

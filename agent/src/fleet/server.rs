@@ -96,6 +96,8 @@ struct Shared {
     fleet_state: Option<Arc<FleetState>>,
     /// Join tokens and denials in the Kubernetes API (with the store).
     nodes: Option<Arc<super::nodes::NodeControl>>,
+    /// Nodes' pending approvals, decided in the Kubernetes API (with the store).
+    approvals: Option<Arc<super::approvals::FleetApprovals>>,
     /// Cancelled when the authority stops (ends long-lived streams).
     shutdown: CancellationToken,
     audit: AuditLog,
@@ -255,6 +257,7 @@ pub async fn start(
         requests.clone(),
     );
     let mut nodes = None;
+    let mut approvals = None;
     let fleet_state = match &config.store {
         None => None,
         Some(
@@ -293,6 +296,14 @@ pub async fn start(
                 metrics.clone(),
             ));
             tracing::info!(backend = "kubernetes", namespace = %store.namespace, "fleet state: revocations are shared through RevocationBatch objects; join tokens and node denials are JoinToken and NodeDenial objects");
+            if store.approvals {
+                approvals = Some(super::approvals::FleetApprovals::start(
+                    kube.clone(),
+                    store.namespace.clone(),
+                    clock.clone(),
+                    shutdown.clone(),
+                ));
+            }
             nodes = Some(super::nodes::NodeControl::start(
                 kube.clone(),
                 store.namespace.clone(),
@@ -348,6 +359,7 @@ pub async fn start(
         kube,
         fleet_state,
         nodes,
+        approvals,
         shutdown: shutdown.clone(),
         audit,
         clock,
@@ -459,6 +471,8 @@ pub async fn start(
         .route("/v1/revocations", post(revocations))
         .route("/v1/stream", get(stream))
         .route("/v1/entries", get(entries_stream))
+        .route("/v1/approvals", post(approvals_publish))
+        .route("/v1/approvals/decisions", get(approvals_stream))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared.clone());
     tracing::info!(address = %addr, trust_domain = shared.td.as_str(), "tessera authority listening (mTLS)");
@@ -1131,6 +1145,55 @@ async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
         );
     }
     (StatusCode::OK, "ready\n".into())
+}
+
+fn fleet_approvals(s: &Shared) -> Result<&Arc<super::approvals::FleetApprovals>, ApiError> {
+    s.approvals.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "fleet-wide approvals are not enabled on this authority ([server.store] approvals = true)".into(),
+        )
+    })
+}
+
+/// `POST /v1/approvals` ([`super::approvals`]): a node's pending approvals.
+async fn approvals_publish(
+    State(s): State<Arc<Shared>>,
+    Extension(peer): Extension<PeerNode>,
+    Json(req): Json<wire::ApprovalsRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let node = s.node(&peer).await?;
+    let approvals = fleet_approvals(&s)?;
+    if req.pending.len() > super::approvals::MAX_PENDING {
+        return Err(bad(format!(
+            "at most {} pending approvals per request",
+            super::approvals::MAX_PENDING
+        )));
+    }
+    let created = approvals
+        .publish(&node.name, req.pending)
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    if created > 0 {
+        s.audit(json!({"event": "fleet.approvals", "node": node.name, "count": created}))
+            .await;
+    }
+    Ok(Json(json!({"created": created})))
+}
+
+/// `GET /v1/approvals/decisions`: decisions for the calling node.
+async fn approvals_stream(
+    State(s): State<Arc<Shared>>,
+    Extension(peer): Extension<PeerNode>,
+) -> Result<Response, ApiError> {
+    let node = s.node(&peer).await?;
+    let approvals = fleet_approvals(&s)?;
+    let not_after = peer
+        .0
+        .as_ref()
+        .map(|(_, t, _)| *t)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    Ok(approvals.stream(node.name, not_after, s.clock.clone(), s.shutdown.clone()))
 }
 
 /// `GET /v1/entries` ([`super::registration::stream`]).

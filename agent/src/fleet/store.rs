@@ -48,6 +48,10 @@ pub struct StoreConfig {
     /// How long a replica gathers revocations before writing them as one
     /// batch.
     pub batch_window: Duration,
+    /// Keep nodes' pending approvals as `ApprovalRequest` objects operators
+    /// decide (needs the chart's ValidatingAdmissionPolicy, which vouches
+    /// for `decidedBy`).
+    pub approvals: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -169,6 +169,43 @@ pub struct EntriesEvent {
     pub heartbeat: bool,
 }
 
+/// An approval waiting on a node, as the node hands it to the authority
+/// (`POST /v1/approvals`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingApproval {
+    /// The node's approval id (`apr_...`).
+    pub id: String,
+    /// Unix seconds: decide before this.
+    pub deadline: u64,
+    /// What would be issued (the node's `ApprovalRequest`, as its operator
+    /// socket lists it).
+    pub request: Value,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsRequest {
+    pub pending: Vec<PendingApproval>,
+}
+
+/// A decision for one of a node's approvals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalDecision {
+    pub id: String,
+    pub approve: bool,
+    /// Who decided, as the API server authenticated them (`k8s:<user>`).
+    pub by: String,
+}
+
+/// One line of `GET /v1/approvals/decisions` (newline-delimited JSON).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct DecisionEvent {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<ApprovalDecision>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub heartbeat: bool,
+}
+
 /// Error body of every non-2xx answer.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
