@@ -90,10 +90,11 @@ fn denial_of(obj: &Value) -> Option<Denial> {
                 .replace(':', "")
                 .to_ascii_lowercase()
         })
+        // As `identity::certs::serial_hex` spells it: a number, no leading zeros.
         .map(|s| {
             let t = s.trim_start_matches('0');
             if t.is_empty() {
-                "00".to_string()
+                "0".to_string()
             } else {
                 t.to_string()
             }

@@ -7,14 +7,22 @@ pub fn not_after(cert_der: &[u8]) -> Option<std::time::SystemTime> {
     Some(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
-/// A certificate's serial number, lowercase hex without separators or
-/// leading zero bytes (as `openssl x509 -serial` prints it, lowercased).
+/// A certificate's serial number as a number in lowercase hex, without
+/// separators or leading zeros (`0a1b` and `00:0A:1B` are both `a1b`), so
+/// that any spelling an operator copies compares equal.
 pub fn serial_hex(cert_der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
-    let bytes = cert.raw_serial();
-    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
-    let hex: String = bytes[start..].iter().map(|b| format!("{b:02x}")).collect();
-    Some(if hex.is_empty() { "00".into() } else { hex })
+    let hex: String = cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let digits = hex.trim_start_matches('0');
+    Some(if digits.is_empty() {
+        "0".into()
+    } else {
+        digits.to_string()
+    })
 }
 
 /// The one `spiffe://` URI SAN of a certificate.
