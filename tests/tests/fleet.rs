@@ -466,28 +466,69 @@ async fn nodes_share_one_trust_domain_and_only_get_their_own_workloads() {
         "spiffe://example.org/node-a/svc"
     );
 
-    // The fleet authority has no WIT-SVID keys: both WIT RPCs answer
-    // Unimplemented (the Workload API spec's "profile not supported", on
-    // which go-spiffe's watches stop), after the security header check.
+    // WIT-SVIDs (the key directory has wit.key): A's agent generates the
+    // workload key, the authority signs over its public half, and B's WIT
+    // bundle verifies the result (jsonwebtoken), cnf naming A's key.
     {
         use tessera_workload_api as pb;
+        let wit_svid = |agent: &TestAgent| {
+            let socket = agent.socket();
+            async move {
+                let mut c = pb::client::SpiffeWorkloadApiClient::new(
+                    tessera_tests::raw_channel(&socket).await,
+                );
+                let r = c
+                    .fetch_witsvid(pb::with_security_header(pb::WitsvidRequest::default()))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .message()
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let bundles = c
+                    .fetch_wit_bundles(pb::with_security_header(pb::WitBundlesRequest {}))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .message()
+                    .await
+                    .unwrap()
+                    .unwrap();
+                (r.svids.into_iter().next().unwrap(), bundles)
+            }
+        };
+        let (wit_a, _) = wit_svid(&a).await;
+        let (_, bundles_b) = wit_svid(&b).await;
+        assert_eq!(wit_a.spiffe_id, "spiffe://example.org/node-a/svc");
+        let set: JwkSet = serde_json::from_str(&bundles_b.bundles["spiffe://example.org"]).unwrap();
+        let header = jsonwebtoken::decode_header(&wit_a.wit_svid).unwrap();
+        assert_eq!(header.typ.as_deref(), Some("wit+jwt"));
+        let key =
+            DecodingKey::from_jwk(set.find(&header.kid.unwrap()).expect("WIT kid on B")).unwrap();
+        let mut v = Validation::new(Algorithm::ES256);
+        v.validate_aud = false;
+        let claims = jsonwebtoken::decode::<Value>(&wit_a.wit_svid, &key, &v)
+            .unwrap()
+            .claims;
+        assert_eq!(claims["sub"], "spiffe://example.org/node-a/svc");
+        let mut private: Value = serde_json::from_str(&wit_a.wit_svid_key).unwrap();
+        private.as_object_mut().unwrap().remove("d");
+        assert_eq!(claims["cnf"]["jwk"], private);
+        // B may not have A's identity as a WIT-SVID either.
         let mut c =
-            pb::client::SpiffeWorkloadApiClient::new(tessera_tests::raw_channel(&a.socket()).await);
+            pb::client::SpiffeWorkloadApiClient::new(tessera_tests::raw_channel(&b.socket()).await);
         let e = c
-            .fetch_witsvid(pb::with_security_header(pb::WitsvidRequest::default()))
+            .fetch_witsvid(pb::with_security_header(pb::WitsvidRequest {
+                spiffe_id: "spiffe://example.org/node-a/svc".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .message()
             .await
             .unwrap_err();
-        assert_eq!(e.code(), tonic::Code::Unimplemented, "{e}");
-        let e = c
-            .fetch_wit_bundles(pb::with_security_header(pb::WitBundlesRequest {}))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), tonic::Code::Unimplemented, "{e}");
-        let e = c
-            .fetch_wit_bundles(pb::WitBundlesRequest {})
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     }
 
     // A task token exchanged on A verifies with B's JWKS (jsonwebtoken).

@@ -114,6 +114,9 @@ async fn the_authority_federates_for_the_whole_fleet() {
         SystemTime::now(),
     )
     .unwrap();
+    // A key directory made before WIT-SVIDs (no wit.key): the fleet serves
+    // no WIT profile, checked below.
+    std::fs::remove_file(d.join("keys/wit.key")).unwrap();
     let entry = format!(
         "[[entries]]\nspiffe_id = \"spiffe://example.org/node-a/svc\"\nselectors = [\"tessera:node:node-a\", \"unix:uid:{}\"]\nfederates_with = [\"partner.test\"]\n",
         my_uid()
@@ -160,6 +163,25 @@ async fn the_authority_federates_for_the_whole_fleet() {
         ctx.default_svid().unwrap().spiffe_id().to_string(),
         "spiffe://example.org/node-a/svc"
     );
+    // Without WIT-SVID keys at the authority the node answers both WIT
+    // RPCs with Unimplemented (the spec's "profile not supported").
+    {
+        use tessera_workload_api as pb;
+        let mut c = pb::client::SpiffeWorkloadApiClient::new(
+            tessera_tests::raw_channel(&node.socket()).await,
+        );
+        let e = c
+            .fetch_witsvid(pb::with_security_header(pb::WitsvidRequest::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unimplemented, "{e}");
+        let e = c
+            .fetch_wit_bundles(pb::with_security_header(pb::WitBundlesRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unimplemented, "{e}");
+    }
+
     // The bootstrap bundle held CAs only: partner.test's JWT-SVID keys on
     // the node prove the authority's fetch reached it.
     let mut jwt_stream = node

@@ -39,7 +39,7 @@ pub(super) enum AuthorityCommand {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Create a key directory: ca.crt, ca.key, jwt.key, access.key (0600).
+    /// Create a key directory: ca.crt, ca.key, jwt.key, access.key, wit.key (0600).
     Init(KeyDirArgs),
     /// Add a successor CA (ca-<time>.crt/.key) to a key directory; replicas
     /// publish it at once and sign with it after `ca_publish_lead`.
@@ -76,7 +76,7 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
             let (td, dir, ttl) = args.parse()?;
             crate::identity::key_files::init_key_dir(&td, &dir, ttl, SystemClock.now())?;
             println!(
-                "wrote {}/{{ca.crt,ca.key,jwt.key,access.key}}",
+                "wrote {}/{{ca.crt,ca.key,jwt.key,access.key,wit.key}}",
                 dir.display()
             );
             println!(

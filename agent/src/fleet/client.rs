@@ -27,7 +27,7 @@ use super::wire::{self, BundleDoc};
 use crate::clock::Clock;
 use crate::identity::jws::PublicJwk;
 use crate::identity::{
-    ForeignBundle, JwtSvid, SignError, SignFuture, Signer, TrustStore, X509Svid,
+    ForeignBundle, JwtSvid, SignError, SignFuture, SignedWit, Signer, TrustStore, X509Svid,
 };
 use crate::metrics::{Metrics, ResultLabels};
 use crate::sync::Mutex;
@@ -701,6 +701,7 @@ impl Upstream {
                 audience: audience.to_vec(),
                 ttl_seconds: ttl.as_secs(),
             }],
+            wit: Vec::new(),
         };
         let answer: wire::SignResponse = self.call("/v1/sign", Some(&req), true).await?;
         let item = answer
@@ -743,6 +744,44 @@ impl Upstream {
         Ok(answer.token)
     }
 
+    /// A WIT-SVID signed by the authority over `cnf_jwk`, the public half of
+    /// a key this node generated (the authority never sees the private one).
+    async fn mint_wit(
+        &self,
+        id: &spiffe::SpiffeId,
+        cnf_jwk: &serde_json::Value,
+        ttl: Duration,
+    ) -> Result<SignedWit, SignError> {
+        let req = wire::SignRequest {
+            wit: vec![wire::WitRequest {
+                spiffe_id: id.to_string(),
+                jwk: cnf_jwk.clone(),
+                ttl_seconds: ttl.as_secs(),
+            }],
+            ..Default::default()
+        };
+        let answer: wire::SignResponse = self.call("/v1/sign", Some(&req), true).await?;
+        let item = answer
+            .wit
+            .into_iter()
+            .next()
+            .ok_or_else(|| UpstreamError::Malformed("no WIT-SVID in the answer".into()))?;
+        let token = match (item.svid, item.error) {
+            (Some(t), _) => t,
+            (None, e) => {
+                return Err(SignError::Refused(e.unwrap_or_else(|| "refused".into())));
+            }
+        };
+        let claims = crate::identity::jws::unverified_claims(&token)
+            .map_err(|e| UpstreamError::Malformed(format!("malformed WIT-SVID: {e}")))?;
+        let secs = |k: &str| claims.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        Ok(SignedWit {
+            token,
+            issued_at: SystemTime::UNIX_EPOCH + Duration::from_secs(secs("iat")),
+            not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(secs("exp")),
+        })
+    }
+
     /// Installs a bundle document into the trust store (open streams get it
     /// if it changed) and our TLS roots; returns whether the bundle changed.
     pub fn apply_bundle(&self, doc: &BundleDoc) -> Result<bool, UpstreamError> {
@@ -759,7 +798,15 @@ impl Upstream {
                 .max()
                 .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
         }
-        let own = self.store.publish(x509, jwt, Vec::new());
+        let wit = doc
+            .wit_keys
+            .iter()
+            .map(|k| {
+                PublicJwk::from_json(k)
+                    .ok_or_else(|| UpstreamError::Malformed("bundle WIT-SVID JWK".into()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let own = self.store.publish(x509, jwt, wit);
         let foreign = self.apply_federated(&doc.federated_bundles);
         Ok(own || foreign)
     }
@@ -863,6 +910,21 @@ impl Signer for Upstream {
         claims: &'a serde_json::Value,
     ) -> SignFuture<'a, Result<String, SignError>> {
         Box::pin(self.sign_access(claims))
+    }
+
+    fn sign_wit<'a>(
+        &'a self,
+        id: &'a spiffe::SpiffeId,
+        cnf_jwk: &'a serde_json::Value,
+        ttl: Duration,
+    ) -> SignFuture<'a, Result<SignedWit, SignError>> {
+        Box::pin(self.mint_wit(id, cnf_jwk, ttl))
+    }
+
+    /// The authority publishes WIT-SVID keys (its key directory has
+    /// `wit.key`): only then is the profile served.
+    fn serves_wit(&self) -> bool {
+        !self.store.current().wit_keys.is_empty()
     }
 
     fn access_token_not_after(&self) -> Result<SystemTime, SignError> {

@@ -253,7 +253,7 @@ pub async fn start(
     let requests = Family::<Labels, Counter>::default();
     registry.register(
         "requests",
-        "Authority decisions by kind (attest, renew, x509, jwt, access_token) and result (signed, refused, error)",
+        "Authority decisions by kind (attest, renew, x509, jwt, wit, access_token) and result (signed, refused, error)",
         requests.clone(),
     );
     let mut nodes = None;
@@ -560,6 +560,11 @@ fn bundle_doc(s: &Shared) -> BundleDoc {
             .iter()
             .map(|k| k.to_json("sig"))
             .collect(),
+        wit_keys: bundle
+            .wit_keys
+            .iter()
+            .map(|k| k.to_json("wit-svid"))
+            .collect(),
         // What this replica's federation relationships fetched (see
         // `app::authority`), relayed as received.
         federated_bundles: bundle
@@ -857,7 +862,7 @@ async fn sign(
     Json(req): Json<wire::SignRequest>,
 ) -> Result<Json<wire::SignResponse>, ApiError> {
     let node = s.node(&peer).await?;
-    if req.x509.len() + req.jwt.len() > wire::MAX_BATCH {
+    if req.x509.len() + req.jwt.len() + req.wit.len() > wire::MAX_BATCH {
         return Err(bad(format!(
             "at most {} items per request",
             wire::MAX_BATCH
@@ -969,6 +974,46 @@ async fn sign(
             Err(e) => {
                 s.count("jwt", "error");
                 out.jwt.push(refused(e.to_string()));
+            }
+        }
+    }
+    for item in &req.wit {
+        let id = match spiffe::SpiffeId::new(&item.spiffe_id) {
+            Ok(id) if id.is_member_of(&s.td) => id,
+            _ => {
+                out.wit.push(refused(
+                    "spiffe_id is not a SPIFFE ID of this trust domain".into(),
+                ));
+                continue;
+            }
+        };
+        let Some(entry) = s.entitled(&node, &id).await? else {
+            s.refuse(
+                "wit",
+                Some(&node),
+                &id.to_string(),
+                "no entry entitles this node to the ID",
+            )
+            .await;
+            out.wit.push(refused(format!(
+                "node {} is not entitled to {id}",
+                node.name
+            )));
+            continue;
+        };
+        let ttl = Duration::from_secs(item.ttl_seconds.max(1)).min(entry.wit_ttl);
+        // mint_wit accepts only a public P-256 ES256 key as cnf.
+        match s.authority.mint_wit(&id, &item.jwk, ttl) {
+            Ok(w) => {
+                s.count("wit", "signed");
+                out.wit.push(wire::Signed {
+                    svid: Some(w.token),
+                    error: None,
+                });
+            }
+            Err(e) => {
+                s.count("wit", "error");
+                out.wit.push(refused(e.to_string()));
             }
         }
     }

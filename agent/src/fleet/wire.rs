@@ -47,6 +47,10 @@ pub struct BundleDoc {
     /// name in `federates_with`. Absent from older authorities.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub federated_bundles: std::collections::BTreeMap<String, String>,
+    /// WIT-SVID keys (JWKs, `use` `wit-svid`); absent when the authority
+    /// has none (its agents then do not serve the WIT profile).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wit_keys: Vec<Value>,
 }
 
 /// Most items (X.509 plus JWT) in one `POST /v1/sign`; agents split larger
@@ -61,6 +65,20 @@ pub struct SignRequest {
     pub x509: Vec<X509Request>,
     #[serde(default)]
     pub jwt: Vec<JwtRequest>,
+    /// Sent only to an authority whose bundle has WIT-SVID keys (an older
+    /// one refuses the field).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wit: Vec<WitRequest>,
+}
+
+/// A WIT-SVID over a key the node generated: `jwk` is its public half
+/// (EC P-256, `alg` ES256), bound by the WIT-SVID's `cnf`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitRequest {
+    pub spiffe_id: String,
+    pub jwk: Value,
+    pub ttl_seconds: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -84,6 +102,8 @@ pub struct JwtRequest {
 pub struct SignResponse {
     pub x509: Vec<Signed>,
     pub jwt: Vec<Signed>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wit: Vec<Signed>,
 }
 
 /// Either a signed credential (leaf DER base64, or a compact JWT) or why not.
@@ -251,6 +271,7 @@ mod tests {
             jwt_keys: vec![jwk("j1", 1).to_json("jwt-svid")],
             access_keys: vec![jwk("a1", 2).to_json("sig")],
             federated_bundles: Default::default(),
+            wit_keys: Vec::new(),
         }
     }
 
@@ -335,6 +356,7 @@ mod tests {
                 audience: vec!["db".into()],
                 ttl_seconds: 300,
             }],
+            wit: Vec::new(),
         };
         let v = serde_json::to_value(&req).unwrap();
         assert_eq!(
@@ -389,6 +411,7 @@ mod tests {
                 svid: Some("t".into()),
                 error: None,
             }],
+            wit: Vec::new(),
         };
         let v = serde_json::to_value(&resp).unwrap();
         assert_eq!(
@@ -534,6 +557,7 @@ mod tests {
                 })
                 .collect(),
             jwt: Vec::new(),
+            wit: Vec::new(),
         };
         let body = serde_json::to_vec(&req).unwrap();
         assert!(

@@ -21,9 +21,10 @@ pub(super) struct Rings {
     pub cas: KeyRing<CaKey>,
     pub jwt: KeyRing<JwtKey>,
     pub access: KeyRing<JwtKey>,
-    /// WIT-SVID keys: generated and rolled over by a single-node agent;
-    /// empty at the fleet authority, whose key directory has none (its
-    /// agents answer the WIT profile with Unimplemented).
+    /// WIT-SVID keys: generated and rolled over by a single-node agent; at
+    /// the fleet authority `wit*.key` of its key directory, optional (a
+    /// directory without one serves no WIT-SVIDs: its agents answer the WIT
+    /// profile with Unimplemented).
     pub wit: KeyRing<JwtKey>,
 }
 
@@ -131,7 +132,7 @@ pub(super) fn load_key_dir(
         rotates: false,
     };
     let end = cas.keys().map(|(t, _)| t.not_after).max().unwrap_or(0);
-    let ring = |prefix: &str| -> Result<KeyRing<JwtKey>, SignError> {
+    let ring = |prefix: &str, required: bool| -> Result<KeyRing<JwtKey>, SignError> {
         let base = format!("{prefix}.key");
         let mut keys = Vec::new();
         for name in names
@@ -148,7 +149,7 @@ pub(super) fn load_key_dir(
                 JwtKey::from_pkcs8(kid, der).map_err(|e| SignError::file(&path, e.to_string()))?;
             keys.push((order(appeared(&path), name, &base), key));
         }
-        if keys.is_empty() {
+        if keys.is_empty() && required {
             return Err(SignError::file(
                 dir,
                 format!("no {base} (see `tessera authority init`)"),
@@ -172,9 +173,9 @@ pub(super) fn load_key_dir(
         })
     };
     Ok(Rings {
-        jwt: ring("jwt")?,
-        access: ring("access")?,
-        wit: KeyRing::new(false),
+        jwt: ring("jwt", true)?,
+        access: ring("access", true)?,
+        wit: ring("wit", false)?,
         cas,
     })
 }
@@ -185,15 +186,15 @@ fn write_pem(path: &Path, label: &str, der: &[u8]) -> Result<(), SignError> {
 }
 
 /// Writes a new fleet key directory: `ca.crt`/`ca.key` (a self-signed CA for
-/// `td`, valid for `ca_ttl`), `jwt.key` and `access.key`, all 0600, refusing
-/// to overwrite anything.
+/// `td`, valid for `ca_ttl`), `jwt.key`, `access.key` and `wit.key`, all
+/// 0600, refusing to overwrite anything.
 pub fn init_key_dir(
     td: &spiffe::TrustDomain,
     dir: &Path,
     ca_ttl: Duration,
     now: SystemTime,
 ) -> Result<(), SignError> {
-    let files = ["ca.crt", "ca.key", "jwt.key", "access.key"];
+    let files = ["ca.crt", "ca.key", "jwt.key", "access.key", "wit.key"];
     for f in files {
         if dir.join(f).exists() {
             return Err(SignError::file(
@@ -212,10 +213,12 @@ pub fn init_key_dir(
     let ca = CaKey::generate(td, times)?;
     let jwt = JwtKey::generate(times)?;
     let access = JwtKey::generate(times)?;
+    let wit = JwtKey::generate(times)?;
     write_pem(&dir.join("ca.crt"), "CERTIFICATE", &ca.cert_der)?;
     write_pem(&dir.join("ca.key"), "PRIVATE KEY", &ca.key_pkcs8)?;
     write_pem(&dir.join("jwt.key"), "PRIVATE KEY", &jwt.key_pkcs8)?;
     write_pem(&dir.join("access.key"), "PRIVATE KEY", &access.key_pkcs8)?;
+    write_pem(&dir.join("wit.key"), "PRIVATE KEY", &wit.key_pkcs8)?;
     Ok(())
 }
 

@@ -57,7 +57,7 @@ impl SignError {
 }
 
 /// Why a signer without WIT-SVID keys does not serve the WIT profile.
-pub const WIT_UNSUPPORTED: &str = "this agent does not serve the WIT-SVID profile: its signer (the fleet authority) has no WIT-SVID keys";
+pub const WIT_UNSUPPORTED: &str = "this agent does not serve the WIT-SVID profile: its signer (the fleet authority) has no WIT-SVID keys (wit.key in its key directory)";
 
 /// Signs SVIDs and access tokens for this trust domain.
 pub trait Signer: Send + Sync + std::fmt::Debug + 'static {

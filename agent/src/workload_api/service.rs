@@ -9,7 +9,7 @@
 //! | the fleet authority refuses every identity the caller matches | PermissionDenied |
 //! | agent starting/stopping, attestation could not run | Unavailable |
 //! | the caller process exited or changed since it connected | Unauthenticated |
-//! | WIT-SVID profile asked of an agent whose signer has no WIT-SVID keys (fleet mode) | Unimplemented |
+//! | WIT-SVID profile asked of an agent whose signer has no WIT-SVID keys (a fleet authority without `wit.key`) | Unimplemented |
 //! | FetchWITSVID for a `spiffe_id` the caller has no entry for | PermissionDenied |
 
 use std::collections::HashMap;
