@@ -1935,7 +1935,7 @@ def test_real_authority_and_upstream_agent_accept_rendered_configs(manifests, tm
                           capture_output=True, text=True, timeout=60)
     assert init.returncode == 0, init.stderr
     files = sorted(p.name for p in made.iterdir())
-    assert files == ["access.key", "ca.crt", "ca.key", "jwt.key"], files  # what the docs put in the Secret
+    assert files == ["access.key", "ca.crt", "ca.key", "jwt.key", "wit.key"], files  # what the docs put in the Secret
     # As `kubectl create secret generic --from-file=keys/` + the chart's
     # secret volume present them: kubelet atomic-writer layout, mode 0440.
     write_configmap_volume(keys, {f: (made / f).read_text() for f in files}, generation=1)

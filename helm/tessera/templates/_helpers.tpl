@@ -171,7 +171,7 @@ during install/upgrade; offline rendering (helm template) skips the check.
 {{- with .Values.authority -}}
 {{- if .enabled -}}
 {{- if not .keysSecret -}}
-{{- fail "authority.enabled=true needs authority.keysSecret: the name of an existing Secret with the authority's keys (ca.crt, ca.key, jwt.key, access.key from `tessera authority init --dir keys --trust-domain <trustDomain>`; then `kubectl create secret generic tessera-authority-keys --from-file=keys/`). See docs/kubernetes.md, section Multi-node: the authority." -}}
+{{- fail "authority.enabled=true needs authority.keysSecret: the name of an existing Secret with the authority's keys (ca.crt, ca.key, jwt.key, access.key, wit.key from `tessera authority init --dir keys --trust-domain <trustDomain>`; then `kubectl create secret generic tessera-authority-keys --from-file=keys/`). See docs/kubernetes.md, section Multi-node: the authority." -}}
 {{- end -}}
 {{- if not .bundleConfigMap -}}
 {{- fail "authority.enabled=true needs authority.bundleConfigMap: the name of an existing ConfigMap with bundle.pem = the authority's CA certificate only (`kubectl create configmap tessera-authority-bundle --from-file=bundle.pem=keys/ca.crt`), the agents' bootstrap trust bundle. See docs/kubernetes.md, section Multi-node: the authority." -}}
