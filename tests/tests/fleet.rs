@@ -1128,6 +1128,7 @@ async fn apiserver_requests(api: &KubeApi) -> std::collections::BTreeMap<String,
 /// what its revocation state revokes and following the fleet's, in memory.
 struct SimulatedNode {
     store: Arc<tessera_agent::revocation::RevocationStore>,
+    metrics: Arc<tessera_agent::metrics::Metrics>,
     _dir: tempfile::TempDir,
 }
 
@@ -1174,9 +1175,13 @@ async fn simulated_node(
         tessera_agent::revocation::RevocationStore::open(None, SystemTime::now()).unwrap(),
     );
     let mut synced =
-        tessera_agent::fleet::follow::start(up, store.clone(), metrics, shutdown.clone());
+        tessera_agent::fleet::follow::start(up, store.clone(), metrics.clone(), shutdown.clone());
     synced.wait_for(|s| *s).await.unwrap();
-    SimulatedNode { store, _dir: dir }
+    SimulatedNode {
+        store,
+        metrics,
+        _dir: dir,
+    }
 }
 
 /// Time from a revocation on `nodes[from]` until every node has it.
@@ -1795,6 +1800,27 @@ async fn a_join_token_is_redeemed_once_across_replicas_and_a_denied_node_is_refu
     // Other nodes are untouched.
     let b = agent_on_replica(&fleet, "node-b", fleet.ports[0]).await;
     assert!(signs(&b).await);
+    // An evicted node's open stream of the fleet's revocations ends at
+    // once (and reopening it is refused).
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let sim = simulated_node(&fleet, "node-s", &shutdown).await;
+    assert_eq!(sim.metrics.fleet_stream_connected.get(), 1);
+    let start = std::time::Instant::now();
+    api.create(
+        &denials,
+        serde_json::json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "NodeDenial",
+          "metadata": {"name": "evict-node-s"}, "spec": {"nodeName": "node-s"}}),
+    )
+    .await;
+    let took = time_until(start, async || {
+        sim.metrics.fleet_stream_connected.get() == 0
+    })
+    .await;
+    eprintln!("an evicted node's revocation stream ended {took:?} after the NodeDenial was sent");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sim.metrics.fleet_stream_connected.get(), 0, "reopened");
+    shutdown.cancel();
+
     // Lifted: served again.
     let (status, _) = api
         .request(

@@ -69,6 +69,8 @@ pub fn stream(
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(8);
     tokio::spawn(async move {
+        // The token is the stream's own: ending here releases what waits on it.
+        let _ended = shutdown.clone().drop_guard();
         let mut cursor = cursor;
         let mut latest = view.subscribe();
         let mut synced_sent = false;

@@ -117,6 +117,9 @@ pub struct NodeControl {
     namespace: String,
     denials: RwLock<DenySet>,
     synced: AtomicBool,
+    /// Bumped at every change of the denials: long-lived streams re-check
+    /// their node.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl NodeControl {
@@ -139,12 +142,14 @@ impl NodeControl {
             namespace,
             denials: RwLock::default(),
             synced: AtomicBool::new(false),
+            changed: tokio::sync::watch::Sender::new(0),
         });
         let watcher = this.clone();
         let sd = shutdown.clone();
         tokio::spawn(async move {
             let collection = watcher.collection("nodedenials");
             informer::run(&watcher.kube, &collection, "nodedenials", &sd, |change| {
+                let _bump = Bump(&watcher.changed);
                 let mut set = watcher.denials.write();
                 match change {
                     Change::Reset(items) => {
@@ -206,6 +211,34 @@ impl NodeControl {
             "/apis/{GROUP}/{VERSION}/namespaces/{}/{plural}",
             self.namespace
         )
+    }
+
+    /// Cancelled once `node` (with the node SVID `serial`) is denied, or
+    /// when `parent` is: what a node's long-lived stream runs under, so an
+    /// evicted node's streams end at once.
+    pub fn guard(
+        self: &Arc<Self>,
+        node: &Node,
+        serial: Option<String>,
+        parent: &CancellationToken,
+    ) -> CancellationToken {
+        let token = parent.child_token();
+        let (this, node, out) = (self.clone(), node.clone(), token.clone());
+        let mut changes = self.changed.subscribe();
+        tokio::spawn(async move {
+            loop {
+                if this.denied(&node, serial.as_deref()).is_some() {
+                    tracing::info!(node = %node.name, "a denied node's stream ends");
+                    out.cancel();
+                    return;
+                }
+                tokio::select! {
+                    _ = out.cancelled() => return,
+                    changed = changes.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        token
     }
 
     /// Whether the denials have been listed once.
@@ -319,6 +352,16 @@ impl NodeControl {
             }
         }
         Ok(deleted)
+    }
+}
+
+/// Signals a change of the denials when dropped (after the handler's
+/// write lock is released, since it is declared first).
+struct Bump<'a>(&'a tokio::sync::watch::Sender<u64>);
+
+impl Drop for Bump<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|v| *v += 1);
     }
 }
 

@@ -635,6 +635,8 @@ pub fn stream(
     let mut rx = live.subscribe();
     let (tx, out) = mpsc::channel::<Result<Bytes, Infallible>>(4);
     tokio::spawn(async move {
+        // The token is the stream's own: ending here releases what waits on it.
+        let _ended = shutdown.clone().drop_guard();
         let expired = tokio::time::sleep(
             not_after
                 .duration_since(clock.now())

@@ -698,6 +698,20 @@ fn require_node(peer: &PeerNode, now: SystemTime) -> Result<Node, ApiError> {
 }
 
 impl Shared {
+    /// What a long-lived stream for `peer` runs under: a token of its own,
+    /// cancelled at the authority's shutdown, at the node's denial, and by
+    /// the stream itself when it ends.
+    fn stream_token(&self, node: &Node, peer: &PeerNode) -> CancellationToken {
+        match &self.nodes {
+            Some(n) => n.guard(
+                node,
+                peer.0.as_ref().and_then(|(_, _, s)| s.clone()),
+                &self.shutdown,
+            ),
+            None => self.shutdown.child_token(),
+        }
+    }
+
     /// The node that makes this request ([`require_node`]), unless a
     /// `NodeDenial` names it or the node SVID it presents (403, audited).
     async fn node(&self, peer: &PeerNode) -> Result<Node, ApiError> {
@@ -1120,7 +1134,7 @@ async fn stream(
     Extension(peer): Extension<PeerNode>,
     uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
-    s.node(&peer).await?;
+    let node = s.node(&peer).await?;
     let cursor = stream_cursor(&uri)?;
     let not_after = peer
         .0
@@ -1133,7 +1147,7 @@ async fn stream(
         cursor,
         not_after,
         s.clock.clone(),
-        s.shutdown.clone(),
+        s.stream_token(&node, &peer),
     ))
 }
 
@@ -1238,7 +1252,8 @@ async fn approvals_stream(
         .as_ref()
         .map(|(_, t, _)| *t)
         .unwrap_or(SystemTime::UNIX_EPOCH);
-    Ok(approvals.stream(node.name, not_after, s.clock.clone(), s.shutdown.clone()))
+    let until = s.stream_token(&node, &peer);
+    Ok(approvals.stream(node.name, not_after, s.clock.clone(), until))
 }
 
 /// `GET /v1/entries` ([`super::registration::stream`]).
@@ -1246,7 +1261,7 @@ async fn entries_stream(
     State(s): State<Arc<Shared>>,
     Extension(peer): Extension<PeerNode>,
 ) -> Result<Response, ApiError> {
-    s.node(&peer).await?;
+    let node = s.node(&peer).await?;
     if s.config.registration.is_none() {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -1262,7 +1277,7 @@ async fn entries_stream(
         &s.entries,
         not_after,
         s.clock.clone(),
-        s.shutdown.clone(),
+        s.stream_token(&node, &peer),
     ))
 }
 
