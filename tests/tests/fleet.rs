@@ -1728,6 +1728,51 @@ async fn a_join_token_is_redeemed_once_across_replicas_and_a_denied_node_is_refu
             .await;
         assert_eq!(status, 404, "the redeemed token's object is deleted");
     }
+    // Expired tokens nobody redeems are deleted by the replicas' collector
+    // (run here directly; replicas run it once a minute), live ones kept.
+    {
+        let kube =
+            tessera_agent::fleet::kube::KubeClient::new(tessera_agent::fleet::kube::KubeConfig {
+                api_server: api.url.clone(),
+                ca_file: api.ca_file.clone(),
+                token_file: store_dir.path().join("authority-token"),
+                audience: "tessera-authority".into(),
+                allowed_service_accounts: vec![format!("{ns}:tessera-agent")],
+                pod_cache_ttl: Duration::from_secs(2),
+                timeout: Duration::from_secs(10),
+            })
+            .unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let control = tessera_agent::fleet::nodes::NodeControl::start(
+            Arc::new(kube),
+            ns.clone(),
+            Arc::new(tessera_agent::clock::SystemClock),
+            shutdown.clone(),
+        );
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let stale = tessera_agent::fleet::nodes::join_token_object("stale", "vm-old", now - 1);
+        let live = tessera_agent::fleet::nodes::join_token_object("live", "vm-new", now + 600);
+        let (stale_name, live_name) = (
+            stale["metadata"]["name"].as_str().unwrap().to_string(),
+            live["metadata"]["name"].as_str().unwrap().to_string(),
+        );
+        api.create(&tokens, stale).await;
+        api.create(&tokens, live).await;
+        assert_eq!(control.collect_expired(now).await.unwrap(), 1);
+        let (status, _) = api
+            .request(http::Method::GET, &format!("{tokens}/{stale_name}"), None)
+            .await;
+        assert_eq!(status, 404, "the expired token is deleted");
+        let (status, _) = api
+            .request(http::Method::GET, &format!("{tokens}/{live_name}"), None)
+            .await;
+        assert_eq!(status, 200, "the live one is kept");
+        shutdown.cancel();
+    }
+
     // An expired token is refused (and its object deleted).
     let token = tessera_agent::fleet::join::new_token().unwrap();
     api.create(

@@ -311,8 +311,9 @@ impl NodeControl {
         Ok(node)
     }
 
-    /// Deletes every join token that has expired; how many.
-    async fn collect_expired(&self, now: u64) -> Result<usize, String> {
+    /// Deletes every join token that has expired by `now` (unix seconds);
+    /// how many. Every replica runs it about once a minute.
+    pub async fn collect_expired(&self, now: u64) -> Result<usize, String> {
         let list = self
             .kube
             .json(
