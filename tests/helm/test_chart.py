@@ -440,6 +440,18 @@ BAD_VALUES = {
     "authority pdb unknown key": ({"authority": {"podDisruptionBudget": {"maxUnavailable": 1}}}, "additional properties"),
     "authority pdb type": ({"authority": {"podDisruptionBudget": {"minAvailable": "50%"}}}, "/authority/podDisruptionBudget/minAvailable"),
     "authority resources key": ({"authority": {"resources": {"limit": {}}}}, "additional properties"),
+    "federation without bootstrap": (
+        {"authority": {"federation": {"relationships": [
+            {"trustDomain": "partner.example", "bundleEndpointUrl": "https://bundle.partner.example/",
+             "endpointSpiffeId": "spiffe://partner.example/bundle"}]}}},
+        "bootstrapBundle"),
+    "federation plain http": (
+        {"authority": {"federation": {"relationships": [
+            {"trustDomain": "partner.example", "bundleEndpointUrl": "http://bundle.partner.example/",
+             "profile": "https_web"}]}}},
+        "/authority/federation/relationships/0/bundleEndpointUrl"),
+    "entry federates_with": ({"entries": [{"spiffe_id": "/a", "selectors": ["k8s:ns"], "federates_with": ["A.B"]}]},
+                             "/entries/0/federates_with/0"),
     "https issuer scheme": ({"https": {"issuer": "http://tessera.example.com"}}, "/https/issuer"),
     "https issuer trailing slash": ({"https": {"issuer": "https://tessera.example.com/"}}, "/https/issuer"),
     "https issuer query": ({"https": {"issuer": "https://tessera.example.com?td=a"}}, "/https/issuer"),
@@ -1167,6 +1179,59 @@ def test_authority_approvals_are_opt_in(chart, manifests):
     role = auth_one(docs, "Role")
     assert {"apiGroups": ["tessera.dev"], "resources": ["approvalrequests"],
             "verbs": ["create", "list", "watch", "delete"]} in role["rules"]
+
+
+def test_authority_federation_values(chart):
+    values = copy.deepcopy(VALUE_SETS["authority"])
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    values["authority"]["federation"] = {
+        "bundleEndpoint": {"enabled": True, "port": 8444, "refreshHint": "2m",
+                           "serviceType": "LoadBalancer", "servicePort": 443},
+        "relationships": [
+            {"trustDomain": "partner.example", "bundleEndpointUrl": "https://bundle.partner.example/",
+             "endpointSpiffeId": "spiffe://partner.example/tessera/bundle-endpoint", "bootstrapBundle": pem},
+            {"trustDomain": "web.example", "bundleEndpointUrl": "https://web.example/bundle", "profile": "https_web"},
+        ],
+        "egressPorts": [443, 8443],
+    }
+    values["entries"] = [{"spiffe_id": "/ns/{k8s:ns}/sa/{k8s:sa}", "selectors": ["k8s:ns", "k8s:sa"],
+                          "federates_with": ["partner.example"], "wit_ttl": "30m"}]
+    docs = docs_of(render_files(chart, values))
+    auth = authority_config_toml(docs)
+    assert auth["bundle_endpoint"] == {"listen": "0.0.0.0:8444", "profile": "https_spiffe", "refresh_hint": "2m"}
+    assert auth["federation"] == [
+        {"trust_domain": "partner.example", "bundle_endpoint_url": "https://bundle.partner.example/",
+         "bundle_endpoint_profile": "https_spiffe",
+         "endpoint_spiffe_id": "spiffe://partner.example/tessera/bundle-endpoint",
+         "bootstrap_bundle": "/etc/tessera-authority/federation-partner.example.pem"},
+        {"trust_domain": "web.example", "bundle_endpoint_url": "https://web.example/bundle",
+         "bundle_endpoint_profile": "https_web"},
+    ]
+    assert auth["entries"][0]["federates_with"] == ["partner.example"]
+    assert auth["entries"][0]["wit_ttl"] == "30m"
+    # The agents get the same entries (upstream mode: any federated name).
+    assert config_toml(docs)["entries"][0]["federates_with"] == ["partner.example"]
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and "authority.toml" in (d.get("data") or {})]
+    assert cm["data"]["federation-partner.example.pem"] == pem
+    assert "federation-web.example.pem" not in cm["data"]
+    ports = {p["name"]: p["containerPort"] for p in authority_container(docs)["ports"]}
+    assert ports["bundle"] == 8444
+    (svc,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-authority-bundle")]
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["spec"]["ports"] == [{"name": "bundle", "port": 443, "targetPort": "bundle", "protocol": "TCP"}]
+    (np,) = [d for d in docs if d["kind"] == "NetworkPolicy" and is_authority(d)]
+    assert {"ports": [{"protocol": "TCP", "port": 8444}]} in np["spec"]["ingress"]
+    assert {"ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 8443}]} in np["spec"]["egress"]
+    assert any(p["port"] == 53 for rule in np["spec"]["egress"] for p in rule["ports"])
+
+
+def test_authority_federation_is_off_by_default(manifests):
+    docs = manifests["authority"]
+    auth = authority_config_toml(docs)
+    assert "bundle_endpoint" not in auth and "federation" not in auth
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-authority-bundle")]
+    (np,) = [d for d in docs if d["kind"] == "NetworkPolicy" and is_authority(d)]
+    assert not any(p["port"] == 53 for rule in np["spec"]["egress"] for p in rule["ports"])
 
 
 def test_authority_registration_can_be_narrowed_or_turned_off(chart):

@@ -93,6 +93,12 @@ x509_ttl  = {{ . | toJson }}
 {{- with .jwt_ttl }}
 jwt_ttl   = {{ . | toJson }}
 {{- end }}
+{{- with .wit_ttl }}
+wit_ttl   = {{ . | toJson }}
+{{- end }}
+{{- with .federates_with }}
+federates_with = {{ . | toJson }}
+{{- end }}
 {{- end }}
 {{- end }}
 
