@@ -187,6 +187,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                     trust_domain: config.trust_domain.clone(),
                     ca_ttl: config.authority.ca_ttl,
                     jwt_key_ttl: config.authority.jwt_key_ttl,
+                    jwt_key_type: config.authority.jwt_key_type,
                     state_dir: config.authority.persist.then(|| config.data_dir.clone()),
                     ca_files: config.authority.ca_files.clone(),
                 },

@@ -202,6 +202,7 @@ struct RawSvid {
 struct RawAuthority {
     ca_ttl: Option<Spanned<String>>,
     jwt_key_ttl: Option<Spanned<String>>,
+    jwt_key_type: Option<Spanned<String>>,
     ca_cert_file: Option<PathBuf>,
     ca_key_file: Option<PathBuf>,
     persist: Option<bool>,
@@ -357,6 +358,8 @@ pub struct Config {
 pub struct AuthorityConfig {
     pub ca_ttl: Duration,
     pub jwt_key_ttl: Duration,
+    /// What JWT-SVIDs are signed with (SPIRE's `jwt_key_type`).
+    pub jwt_key_type: crate::identity::jws::JwtKeyType,
     /// Operator-provided CA (both or neither).
     pub ca_files: Option<(PathBuf, PathBuf)>,
     /// Persist the generated CA and JWT keys under `data_dir` (0600).
@@ -497,6 +500,20 @@ impl Config {
             Duration::from_secs(24 * 3600),
             &mut warnings,
         )?;
+        let jwt_key_type = match &raw.authority.jwt_key_type {
+            None => crate::identity::jws::JwtKeyType::default(),
+            Some(v) => crate::identity::jws::JwtKeyType::parse(v.get_ref()).ok_or_else(|| {
+                cx.invalid(
+                    "authority.jwt_key_type",
+                    v,
+                    format!(
+                        "{:?} is not a key type; expected one of {}",
+                        v.get_ref(),
+                        crate::identity::jws::JwtKeyType::NAMES.join(", ")
+                    ),
+                )
+            })?,
+        };
 
         let federation = Self::federation_config(&cx, &raw.federation, &trust_domain)?;
         if let (Some(first), Some(_)) = (raw.federation.first(), &raw.upstream) {
@@ -804,6 +821,7 @@ impl Config {
             authority: AuthorityConfig {
                 ca_ttl,
                 jwt_key_ttl,
+                jwt_key_type,
                 ca_files,
                 persist: raw.authority.persist.unwrap_or(true),
             },
@@ -1739,6 +1757,28 @@ mod tests {
 
     fn err(text: &str) -> String {
         Config::parse(text, "t.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn jwt_key_type_is_read_and_a_bad_one_names_the_key() {
+        use crate::identity::jws::JwtKeyType;
+        let c = Config::parse(MINIMAL, "t.toml").unwrap();
+        assert_eq!(c.authority.jwt_key_type, JwtKeyType::EcP256);
+        for (name, kind) in [
+            ("ec-p256", JwtKeyType::EcP256),
+            ("rsa-2048", JwtKeyType::Rsa2048),
+            ("rsa-4096", JwtKeyType::Rsa4096),
+        ] {
+            let text = format!("{MINIMAL}[authority]\njwt_key_type = \"{name}\"\n");
+            let c = Config::parse(&text, "t.toml").unwrap();
+            assert_eq!(c.authority.jwt_key_type, kind);
+        }
+        let e = err(&format!(
+            "{MINIMAL}[authority]\njwt_key_type = \"rsa-1024\"\n"
+        ));
+        assert!(e.contains("authority.jwt_key_type"), "{e}");
+        assert!(e.contains("t.toml:5"), "{e}");
+        assert!(e.contains("rsa-2048"), "{e}");
     }
 
     fn federation(extra: &str) -> String {

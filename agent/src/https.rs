@@ -496,13 +496,21 @@ fn cacheable(body: serde_json::Value) -> Response {
 /// (non-interactive) authorization endpoint, so OAuth clients that discover
 /// by OpenID find it too.
 async fn discovery(State(f): State<Face>) -> Response {
+    // The algorithms of the keys published now: ES256, RS256 with
+    // `jwt_key_type = "rsa-*"`, both while one type replaces the other.
+    let mut algs: Vec<&str> = f.trust.current().jwt_keys.iter().map(|k| k.alg()).collect();
+    algs.sort_unstable();
+    algs.dedup();
+    if algs.is_empty() {
+        algs.push("ES256");
+    }
     let mut doc = json!({
         "issuer": f.issuer,
         "jwks_uri": format!("{}/keys", f.issuer),
         "authorization_endpoint": "",
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": ["ES256"],
+        "id_token_signing_alg_values_supported": algs,
     });
     if f.token_endpoint {
         doc["authorization_endpoint"] = format!("{}/authorize", f.issuer).into();
@@ -558,7 +566,7 @@ fn jwks<'a>(keys: impl Iterator<Item = &'a crate::identity::jws::PublicJwk>) -> 
     json!({
         "keys": keys.map(|k| {
             let mut j = k.to_json("sig");
-            j["alg"] = "ES256".into();
+            j["alg"] = k.alg().into();
             j
         }).collect::<Vec<_>>()
     })

@@ -40,14 +40,8 @@ static KEYS: LazyLock<Keys> = LazyLock::new(|| {
     let signer = pair(&rng);
     let other = pair(&rng);
     let set = vec![
-        PublicJwk {
-            kid: "k1".into(),
-            point: signer.public_key().as_ref().to_vec(),
-        },
-        PublicJwk {
-            kid: "k2".into(),
-            point: other.public_key().as_ref().to_vec(),
-        },
+        PublicJwk::p256("k1".into(), signer.public_key().as_ref().to_vec()),
+        PublicJwk::p256("k2".into(), other.public_key().as_ref().to_vec()),
     ];
     Keys { signer, rng, set }
 });

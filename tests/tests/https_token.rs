@@ -51,11 +51,16 @@ impl Face {
     /// An agent with the HTTPS face and the exchange; JWT-SVIDs live
     /// `jwt_ttl`.
     async fn start(jwt_ttl: &str) -> Self {
+        Self::start_with(jwt_ttl, "").await
+    }
+
+    /// [`Face::start`] with more config appended (`extra`: whole tables).
+    async fn start_with(jwt_ttl: &str, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("policies")).unwrap();
         std::fs::write(dir.path().join("policies/p.cedar"), policies()).unwrap();
         let body = format!(
-            "{}[svid]\njwt_ttl = \"{jwt_ttl}\"\n[https]\nlisten = \"127.0.0.1:0\"\n[exchange]\npolicy_dir = \"{}/policies\"\nmax_ttl = \"10m\"\n",
+            "{}[svid]\njwt_ttl = \"{jwt_ttl}\"\n[https]\nlisten = \"127.0.0.1:0\"\n[exchange]\npolicy_dir = \"{}/policies\"\nmax_ttl = \"10m\"\n{extra}",
             TestAgent::entry_for_me("agent/remote", "default"),
             dir.path().display()
         );
@@ -282,6 +287,162 @@ async fn mcp_client_grants_over_https_get_tokens_the_published_keys_verify() {
     assert_ne!(face.svid(elsewhere_as).await, face.svid(elsewhere_as).await);
     assert_eq!(face.svid("elsewhere").await, face.svid("elsewhere").await);
     face.agent.stop().await;
+}
+
+/// `jwt_key_type = "rsa-2048"` (what Microsoft Entra workload identity
+/// federation needs): JWT-SVIDs are RS256, discovery says so, the face's
+/// `/keys` and `/bundle` publish RSA keys that jsonwebtoken and the spiffe
+/// crate verify them with, the Workload API's ValidateJWTSVID accepts them,
+/// and so does every grant of the token endpoint; a token signed by an RSA
+/// key the agent never made is refused.
+#[tokio::test]
+async fn rsa_jwt_svids_are_rs256_published_and_accepted_everywhere() {
+    let mut face = Face::start_with("5m", "[authority]\njwt_key_type = \"rsa-2048\"\n").await;
+    let issuer = face.issuer.clone();
+
+    let (_, oidc) = face
+        .call(http::Method::GET, "/.well-known/openid-configuration", None)
+        .await;
+    assert_eq!(
+        oidc["id_token_signing_alg_values_supported"],
+        json!(["RS256"]),
+        "{oidc}"
+    );
+    let token = face.svid("api://AzureADTokenExchange").await;
+    let header = jsonwebtoken::decode_header(&token).unwrap();
+    assert_eq!(header.alg, Algorithm::RS256);
+    let (_, jwks) = face.call(http::Method::GET, "/keys", None).await;
+    for key in jwks["keys"].as_array().unwrap() {
+        assert_eq!(key["kty"], "RSA", "{key}");
+        assert_eq!(key["alg"], "RS256", "{key}");
+        let n = base64::Engine::decode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            key["n"].as_str().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(n.len() * 8, 2048, "{key}");
+    }
+    let set: JwkSet = serde_json::from_value(jwks).unwrap();
+    let key = DecodingKey::from_jwk(set.find(header.kid.as_deref().unwrap()).unwrap()).unwrap();
+    let mut v = Validation::new(Algorithm::RS256);
+    v.set_audience(&["api://AzureADTokenExchange"]);
+    v.set_issuer(&[issuer.as_str()]);
+    v.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
+    let claims = jsonwebtoken::decode::<Value>(&token, &key, &v)
+        .expect("jsonwebtoken verifies the RS256 JWT-SVID from /keys")
+        .claims;
+    assert_eq!(claims["sub"], ME);
+
+    // The SPIFFE bundle's jwt-svid keys, read by the spiffe crate.
+    let (bundle, _) = face.call(http::Method::GET, "/bundle", None).await;
+    let jwt_keys: Vec<&Value> = bundle["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "jwt-svid")
+        .collect();
+    assert!(
+        !jwt_keys.is_empty() && jwt_keys.iter().all(|k| k["kty"] == "RSA"),
+        "{bundle}"
+    );
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    let jwt_bundle = spiffe::JwtBundle::from_jwt_authorities(
+        td,
+        json!({ "keys": jwt_keys }).to_string().as_bytes(),
+    )
+    .unwrap();
+    let bundles: spiffe::JwtBundleSet = [jwt_bundle].into_iter().collect();
+    let svid =
+        spiffe::JwtSvid::parse_and_validate(&token, &bundles, &["api://AzureADTokenExchange"])
+            .expect("the bundle's RSA JWT authorities verify the JWT-SVID");
+    assert_eq!(svid.spiffe_id().to_string(), ME);
+
+    // The Workload API: FetchJWTBundles hands out the RSA keys, and
+    // ValidateJWTSVID accepts the token.
+    let mut client = face.agent.spiffe_client().await;
+    let fetched = client.fetch_jwt_bundles().await.unwrap();
+    let ours = fetched
+        .get(&spiffe::TrustDomain::new("example.org").unwrap())
+        .expect("our JWT bundle");
+    assert!(
+        ours.find_jwt_authority(header.kid.as_deref().unwrap())
+            .is_some()
+    );
+    let validated = client
+        .validate_jwt_token("api://AzureADTokenExchange", &token)
+        .await
+        .expect("ValidateJWTSVID accepts an RS256 JWT-SVID");
+    assert_eq!(validated.spiffe_id().to_string(), ME);
+
+    // The token endpoint: a client assertion, the jwt-bearer grant, and an
+    // RFC 8693 subject token, each an RS256 JWT-SVID.
+    let assertion = face.svid(&issuer).await;
+    assert_eq!(
+        jsonwebtoken::decode_header(&assertion).unwrap().alg,
+        Algorithm::RS256
+    );
+    let mut req = read_request(CLIENT_CREDENTIALS);
+    req.extend([
+        ("client_assertion_type", ASSERTION_JWT_BEARER),
+        ("client_assertion", assertion.as_str()),
+    ]);
+    let (status, body) = face.token(&req).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        face.verify(body["access_token"].as_str().unwrap()).await["sub"],
+        ME
+    );
+    let assertion = face.svid(&issuer).await;
+    let mut req = read_request(JWT_BEARER);
+    req.push(("assertion", assertion.as_str()));
+    let (status, body) = face.token(&req).await;
+    assert_eq!(status, 200, "{body}");
+    let subject = face.svid(&issuer).await;
+    let mut req = read_request("urn:ietf:params:oauth:grant-type:token-exchange");
+    req.extend([
+        ("subject_token", subject.as_str()),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+    ]);
+    let (status, body) = face.token(&req).await;
+    assert_eq!(status, 200, "{body}");
+
+    // An RS256 assertion from an RSA key the agent never made (jsonwebtoken
+    // signs it) is refused.
+    let stranger = rsa_forged(&json!({"sub": ME, "aud": issuer, "exp": now() + 60, "jti": "x1"}));
+    let mut req = read_request(JWT_BEARER);
+    req.push(("assertion", stranger.as_str()));
+    let (status, body) = face.token(&req).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{body}"
+    );
+    face.agent.stop().await;
+}
+
+/// An RS256 JWT signed by jsonwebtoken with an RSA key from openssl(1) that
+/// the agent never published.
+fn rsa_forged(claims: &Value) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.pem");
+    let out = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&key)
+        .output()
+        .expect("openssl(1) is installed");
+    assert!(out.status.success(), "{out:?}");
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("forged".into());
+    header.typ = Some("JWT".into());
+    let pem = std::fs::read(&key).unwrap();
+    jsonwebtoken::encode(&header, claims, &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap()
 }
 
 /// RFC 6749 §5.2 / RFC 7523 §3.1: each bad credential gets its grant's

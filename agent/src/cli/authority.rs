@@ -40,7 +40,14 @@ pub(super) enum AuthorityCommand {
         config: PathBuf,
     },
     /// Create a key directory: ca.crt, ca.key, jwt.key, access.key, wit.key (0600).
-    Init(KeyDirArgs),
+    Init {
+        #[command(flatten)]
+        args: KeyDirArgs,
+        /// What jwt.key (JWT-SVIDs) is: ec-p256 (ES256), rsa-2048 or
+        /// rsa-4096 (RS256, for Microsoft Entra workload identity federation).
+        #[arg(long, default_value = "ec-p256")]
+        jwt_key_type: String,
+    },
     /// Add a successor CA (ca-<time>.crt/.key) to a key directory; replicas
     /// publish it at once and sign with it after `ca_publish_lead`.
     RotateCa(KeyDirArgs),
@@ -72,9 +79,15 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
         humantime::parse_duration(v).map_err(|e| anyhow::anyhow!("--{flag} {v:?}: {e}"))
     };
     match cmd {
-        AuthorityCommand::Init(args) => {
+        AuthorityCommand::Init { args, jwt_key_type } => {
+            let kind = crate::identity::jws::JwtKeyType::parse(&jwt_key_type).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--jwt-key-type {jwt_key_type:?}: expected one of {}",
+                    crate::identity::jws::JwtKeyType::NAMES.join(", ")
+                )
+            })?;
             let (td, dir, ttl) = args.parse()?;
-            crate::identity::key_files::init_key_dir(&td, &dir, ttl, SystemClock.now())?;
+            crate::identity::key_files::init_key_dir_of(&td, &dir, ttl, SystemClock.now(), kind)?;
             println!(
                 "wrote {}/{{ca.crt,ca.key,jwt.key,access.key,wit.key}}",
                 dir.display()

@@ -257,6 +257,7 @@ fn memory_authority() -> anyhow::Result<Arc<crate::identity::LocalAuthority>> {
             trust_domain: spiffe::TrustDomain::new("example.org")?,
             ca_ttl: Duration::from_secs(86400),
             jwt_key_ttl: Duration::from_secs(86400),
+            jwt_key_type: Default::default(),
             state_dir: None,
             ca_files: None,
         },

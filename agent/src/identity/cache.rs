@@ -437,6 +437,7 @@ mod tests {
                 trust_domain: spiffe::TrustDomain::new("example.org").unwrap(),
                 ca_ttl: Duration::from_secs(24 * 3600),
                 jwt_key_ttl: Duration::from_secs(24 * 3600),
+                jwt_key_type: Default::default(),
                 state_dir: None,
                 ca_files: None,
             },

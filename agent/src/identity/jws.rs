@@ -1,20 +1,24 @@
 //! JSON Web Signatures in compact form, for JWT-SVIDs, WIT-SVIDs and access
 //! tokens.
 //!
-//! Tessera signs ES256 only ([`Es256Signer`], [`PublicJwk`]); ring signs
-//! ECDSA in the fixed r||s form JWS needs (rcgen and most X.509 code use DER
+//! Tessera signs ES256 (the default) or, for JWT-SVIDs, RS256 when
+//! `jwt_key_type` asks for RSA ([`JwsSigner`], [`PublicJwk`]): some relying
+//! parties (Microsoft Entra workload identity federation) accept only RSA.
+//! Every private-key operation is ring's (constant-time); ring signs ECDSA in
+//! the fixed r||s form JWS needs (rcgen and most X.509 code use DER
 //! signatures instead). A federated trust domain may sign with other keys,
 //! so verification goes through [`JwsKey`]: our own [`PublicJwk`]s, or the
 //! [`VerifyingKey`]s of a foreign bundle (P-256, P-384 and RSA keys).
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use ring::signature::{self, EcdsaKeyPair, KeyPair};
+use ring::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair};
 use serde_json::{Map, Value};
 
-/// Algorithms the JWT-SVID spec allows. Tessera signs only ES256, and so can
-/// only verify ES256 against its own bundle; the rest are recognised so the
-/// error says "no key" rather than "forbidden algorithm".
+/// Algorithms the JWT-SVID spec allows. Tessera signs ES256 or RS256, and
+/// verifies against its own bundle only the algorithm each key signs with;
+/// the rest are recognised so the error says "no key" rather than
+/// "forbidden algorithm".
 const ALLOWED_ALGS: &[&str] = &[
     "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512",
 ];
@@ -49,12 +53,63 @@ pub enum JwtError {
     UntrustedDomain(String),
 }
 
-/// Public half of an ES256 key, as published in a JWKS.
-#[derive(Debug, Clone)]
+/// The kind of key that signs JWT-SVIDs (SPIRE's `jwt_key_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum JwtKeyType {
+    /// ECDSA P-256, signing ES256.
+    #[default]
+    EcP256,
+    /// RSA 2048, signing RS256 (PKCS#1 v1.5).
+    Rsa2048,
+    /// RSA 4096, signing RS256.
+    Rsa4096,
+}
+
+impl JwtKeyType {
+    /// The names the config accepts, as SPIRE spells them.
+    pub const NAMES: &'static [&'static str] = &["ec-p256", "rsa-2048", "rsa-4096"];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "ec-p256" => Some(Self::EcP256),
+            "rsa-2048" => Some(Self::Rsa2048),
+            "rsa-4096" => Some(Self::Rsa4096),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::EcP256 => "ec-p256",
+            Self::Rsa2048 => "rsa-2048",
+            Self::Rsa4096 => "rsa-4096",
+        }
+    }
+
+    /// The JWS `alg` such a key signs with.
+    pub fn alg(self) -> &'static str {
+        match self {
+            Self::EcP256 => "ES256",
+            Self::Rsa2048 | Self::Rsa4096 => "RS256",
+        }
+    }
+}
+
+/// The public material of one of Tessera's own signing keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnKeyMaterial {
+    /// Uncompressed SEC1 P-256 point, 0x04 || x || y (signs ES256).
+    P256(Vec<u8>),
+    /// RSA modulus and public exponent, big-endian without leading zeros
+    /// (signs RS256).
+    Rsa { n: Vec<u8>, e: Vec<u8> },
+}
+
+/// Public half of one of Tessera's signing keys, as published in a JWKS.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublicJwk {
     pub kid: String,
-    /// Uncompressed SEC1 point, 0x04 || x || y.
-    pub point: Vec<u8>,
+    pub material: OwnKeyMaterial,
 }
 
 #[cfg(test)]
@@ -64,29 +119,63 @@ impl PublicJwk {
     pub(crate) fn for_tests(kid: &str, byte: u8) -> Self {
         let mut point = vec![4u8];
         point.extend(std::iter::repeat_n(byte, 64));
-        Self {
-            kid: kid.into(),
-            point,
-        }
-    }
-}
-
-impl PartialEq for PublicJwk {
-    fn eq(&self, other: &Self) -> bool {
-        self.kid == other.kid && self.point == other.point
+        Self::p256(kid.into(), point)
     }
 }
 
 impl PublicJwk {
+    pub fn p256(kid: String, point: Vec<u8>) -> Self {
+        Self {
+            kid,
+            material: OwnKeyMaterial::P256(point),
+        }
+    }
+
+    /// The one JWS `alg` this key signs (and so verifies) with.
+    pub fn alg(&self) -> &'static str {
+        match self.material {
+            OwnKeyMaterial::P256(_) => "ES256",
+            OwnKeyMaterial::Rsa { .. } => "RS256",
+        }
+    }
+
     pub fn to_json(&self, key_use: &str) -> Value {
-        serde_json::json!({
-            "kty": "EC",
-            "crv": "P-256",
-            "x": B64.encode(&self.point[1..33]),
-            "y": B64.encode(&self.point[33..65]),
-            "kid": self.kid,
-            "use": key_use,
-        })
+        match &self.material {
+            OwnKeyMaterial::P256(point) => serde_json::json!({
+                "kty": "EC",
+                "crv": "P-256",
+                "x": B64.encode(&point[1..33]),
+                "y": B64.encode(&point[33..65]),
+                "kid": self.kid,
+                "use": key_use,
+            }),
+            OwnKeyMaterial::Rsa { n, e } => serde_json::json!({
+                "kty": "RSA",
+                "n": B64.encode(n),
+                "e": B64.encode(e),
+                "kid": self.kid,
+                "use": key_use,
+            }),
+        }
+    }
+
+    /// RFC 7638 JWK thumbprint, base64url: a key id every holder of the key
+    /// derives alike.
+    pub fn thumbprint(&self) -> String {
+        match &self.material {
+            OwnKeyMaterial::P256(point) => thumbprint(point),
+            OwnKeyMaterial::Rsa { n, e } => {
+                let canonical = format!(
+                    r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#,
+                    B64.encode(e),
+                    B64.encode(n)
+                );
+                B64.encode(ring::digest::digest(
+                    &ring::digest::SHA256,
+                    canonical.as_bytes(),
+                ))
+            }
+        }
     }
 }
 
@@ -114,18 +203,22 @@ impl JwsKey for PublicJwk {
     }
 
     fn verify(&self, alg: &str, signed: &[u8], sig: &[u8]) -> Result<(), JwtError> {
-        if alg != "ES256" {
+        // Only the algorithm the key signs with: no other RSA padding or
+        // hash is ever accepted under our own kid.
+        if alg != self.alg() {
             return Err(JwtError::KeyAlgorithm {
                 kid: self.kid.clone(),
                 alg: alg.into(),
             });
         }
-        ring_verify(
-            &signature::ECDSA_P256_SHA256_FIXED,
-            &self.point,
-            signed,
-            sig,
-        )
+        match &self.material {
+            OwnKeyMaterial::P256(point) => {
+                ring_verify(&signature::ECDSA_P256_SHA256_FIXED, point, signed, sig)
+            }
+            OwnKeyMaterial::Rsa { n, e } => signature::RsaPublicKeyComponents { n, e }
+                .verify(&signature::RSA_PKCS1_2048_8192_SHA256, signed, sig)
+                .map_err(|_| JwtError::Signature),
+        }
     }
 }
 
@@ -214,7 +307,13 @@ impl From<&PublicJwk> for VerifyingKey {
     fn from(k: &PublicJwk) -> Self {
         Self {
             kid: k.kid.clone(),
-            material: KeyMaterial::P256(k.point.clone()),
+            material: match &k.material {
+                OwnKeyMaterial::P256(point) => KeyMaterial::P256(point.clone()),
+                OwnKeyMaterial::Rsa { n, e } => KeyMaterial::Rsa {
+                    n: n.clone(),
+                    e: e.clone(),
+                },
+            },
         }
     }
 }
@@ -256,26 +355,41 @@ impl JwsKey for VerifyingKey {
     }
 }
 
-/// A private ES256 key with its key id.
-pub struct Es256Signer {
+/// A private signing key with its key id: ES256 (P-256) or RS256 (RSA).
+pub struct JwsSigner {
     kid: String,
-    key: EcdsaKeyPair,
+    key: SigningKey,
     rng: ring::rand::SystemRandom,
 }
 
-impl std::fmt::Debug for Es256Signer {
+enum SigningKey {
+    Ec(EcdsaKeyPair),
+    Rsa(RsaKeyPair),
+}
+
+impl std::fmt::Debug for JwsSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Es256Signer")
+        f.debug_struct("JwsSigner")
             .field("kid", &self.kid)
+            .field("alg", &self.alg())
             .finish_non_exhaustive()
     }
 }
 
-impl Es256Signer {
+impl JwsSigner {
+    /// A P-256 key (ES256) or, failing that, an RSA key of 2048 to 4096 bits
+    /// (RS256), from PKCS#8 DER. The error is the P-256 one when the key is
+    /// neither.
     pub fn from_pkcs8(kid: String, pkcs8: &[u8]) -> Result<Self, ring::error::KeyRejected> {
         let rng = ring::rand::SystemRandom::new();
-        let key =
-            EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8, &rng)?;
+        let key = match EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            pkcs8,
+            &rng,
+        ) {
+            Ok(k) => SigningKey::Ec(k),
+            Err(ec) => SigningKey::Rsa(RsaKeyPair::from_pkcs8(pkcs8).map_err(|_| ec)?),
+        };
         Ok(Self { kid, key, rng })
     }
 
@@ -283,22 +397,62 @@ impl Es256Signer {
         &self.kid
     }
 
-    pub fn public_jwk(&self) -> PublicJwk {
-        PublicJwk {
-            kid: self.kid.clone(),
-            point: self.key.public_key().as_ref().to_vec(),
+    /// Which `jwt_key_type` this key is (`None` for an RSA size the config
+    /// cannot name, such as an operator's 3072-bit file key).
+    pub fn key_type(&self) -> Option<JwtKeyType> {
+        match &self.key {
+            SigningKey::Ec(_) => Some(JwtKeyType::EcP256),
+            SigningKey::Rsa(k) => match k.public().modulus_len() * 8 {
+                2048 => Some(JwtKeyType::Rsa2048),
+                4096 => Some(JwtKeyType::Rsa4096),
+                _ => None,
+            },
         }
     }
 
-    /// Signs `claims` with header `{"alg":"ES256","kid":..,"typ":typ}`.
+    /// The JWS `alg` this key signs with.
+    pub fn alg(&self) -> &'static str {
+        match self.key {
+            SigningKey::Ec(_) => "ES256",
+            SigningKey::Rsa(_) => "RS256",
+        }
+    }
+
+    pub fn public_jwk(&self) -> PublicJwk {
+        let material = match &self.key {
+            SigningKey::Ec(k) => OwnKeyMaterial::P256(k.public_key().as_ref().to_vec()),
+            SigningKey::Rsa(k) => {
+                let c = signature::RsaPublicKeyComponents::<Vec<u8>>::from(k.public());
+                OwnKeyMaterial::Rsa { n: c.n, e: c.e }
+            }
+        };
+        PublicJwk {
+            kid: self.kid.clone(),
+            material,
+        }
+    }
+
+    /// Signs `claims` with header `{"alg":..,"kid":..,"typ":typ}`.
     pub fn sign(&self, typ: &str, claims: &Value) -> Result<String, ring::error::Unspecified> {
-        let header = serde_json::json!({"alg": "ES256", "kid": self.kid, "typ": typ});
+        let header = serde_json::json!({"alg": self.alg(), "kid": self.kid, "typ": typ});
         let mut out = B64.encode(header.to_string());
         out.push('.');
         out.push_str(&B64.encode(claims.to_string()));
-        let sig = self.key.sign(&self.rng, out.as_bytes())?;
+        let sig = match &self.key {
+            SigningKey::Ec(k) => k.sign(&self.rng, out.as_bytes())?.as_ref().to_vec(),
+            SigningKey::Rsa(k) => {
+                let mut sig = vec![0u8; k.public().modulus_len()];
+                k.sign(
+                    &signature::RSA_PKCS1_SHA256,
+                    &self.rng,
+                    out.as_bytes(),
+                    &mut sig,
+                )?;
+                sig
+            }
+        };
         out.push('.');
-        out.push_str(&B64.encode(sig.as_ref()));
+        out.push_str(&B64.encode(sig));
         Ok(out)
     }
 }
@@ -412,23 +566,30 @@ pub fn thumbprint(point: &[u8]) -> String {
 }
 
 impl PublicJwk {
-    /// Parses an EC P-256 JWK (as made by [`PublicJwk::to_json`]).
+    /// Parses an EC P-256 or RSA JWK (as made by [`PublicJwk::to_json`]).
     pub fn from_json(jwk: &Value) -> Option<Self> {
         let s = |k: &str| jwk.get(k).and_then(Value::as_str);
-        if s("kty")? != "EC" || s("crv")? != "P-256" {
-            return None;
-        }
-        let x = B64.decode(s("x")?).ok()?;
-        let y = B64.decode(s("y")?).ok()?;
-        if x.len() != 32 || y.len() != 32 {
-            return None;
-        }
-        let mut point = vec![4u8];
-        point.extend_from_slice(&x);
-        point.extend_from_slice(&y);
+        let b = |k: &str| B64.decode(s(k)?).ok();
+        let material = match s("kty")? {
+            "EC" if s("crv")? == "P-256" => {
+                let (x, y) = (b("x")?, b("y")?);
+                if x.len() != 32 || y.len() != 32 {
+                    return None;
+                }
+                let mut point = vec![4u8];
+                point.extend_from_slice(&x);
+                point.extend_from_slice(&y);
+                OwnKeyMaterial::P256(point)
+            }
+            "RSA" => OwnKeyMaterial::Rsa {
+                n: b("n")?,
+                e: b("e")?,
+            },
+            _ => return None,
+        };
         Some(Self {
             kid: s("kid")?.to_string(),
-            point,
+            material,
         })
     }
 }
@@ -444,11 +605,11 @@ pub fn random_kid() -> String {
 mod tests {
     use super::*;
 
-    fn signer() -> Es256Signer {
+    fn signer() -> JwsSigner {
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
             .unwrap();
-        Es256Signer::from_pkcs8("k1".into(), pkcs8.as_ref()).unwrap()
+        JwsSigner::from_pkcs8("k1".into(), pkcs8.as_ref()).unwrap()
     }
 
     #[test]
@@ -467,7 +628,7 @@ mod tests {
         let other = signer();
         let other_jwk = PublicJwk {
             kid: "k1".into(),
-            point: other.public_jwk().point,
+            material: other.public_jwk().material,
         };
         assert_eq!(
             verify(&token, [&other_jwk]).unwrap_err(),

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::KeyPair;
 
-use super::jws;
+use super::jws::JwtKeyType;
 use super::keyring::{KeyRing, KeyTimes};
 use super::keys::{CaKey, JwtKey};
 use super::pem;
@@ -142,9 +142,21 @@ pub(super) fn load_key_dir(
             let path = dir.join(name);
             let text = std::fs::read(&path).map_err(|e| SignError::file(&path, e))?;
             let der = pem::decode_pkcs8_key(&text).map_err(|e| SignError::file(&path, e))?;
-            let probe = JwtKey::from_pkcs8(String::new(), der.clone())
-                .map_err(|e| SignError::file(&path, format!("not an ES256 key: {e}")))?;
-            let kid = jws::thumbprint(&probe.public_jwk().point);
+            let probe = JwtKey::from_pkcs8(String::new(), der.clone()).map_err(|e| {
+                SignError::file(
+                    &path,
+                    format!("not a P-256 (ES256) or 2048–4096-bit RSA (RS256) key: {e}"),
+                )
+            })?;
+            // Only JWT-SVIDs may be RS256 (for relying parties that accept
+            // nothing else); access tokens and WIT-SVIDs are ES256 only.
+            if prefix != "jwt" && probe.public_jwk().alg() != "ES256" {
+                return Err(SignError::file(
+                    &path,
+                    format!("{prefix} keys must be P-256 (ES256); only jwt*.key may be RSA"),
+                ));
+            }
+            let kid = probe.public_jwk().thumbprint();
             let key =
                 JwtKey::from_pkcs8(kid, der).map_err(|e| SignError::file(&path, e.to_string()))?;
             keys.push((order(appeared(&path), name, &base), key));
@@ -194,6 +206,18 @@ pub fn init_key_dir(
     ca_ttl: Duration,
     now: SystemTime,
 ) -> Result<(), SignError> {
+    init_key_dir_of(td, dir, ca_ttl, now, JwtKeyType::EcP256)
+}
+
+/// [`init_key_dir`] with a `jwt.key` of `jwt_key_type` (RSA for relying
+/// parties that accept only RS256, such as Microsoft Entra).
+pub fn init_key_dir_of(
+    td: &spiffe::TrustDomain,
+    dir: &Path,
+    ca_ttl: Duration,
+    now: SystemTime,
+    jwt_key_type: JwtKeyType,
+) -> Result<(), SignError> {
     let files = ["ca.crt", "ca.key", "jwt.key", "access.key", "wit.key"];
     for f in files {
         if dir.join(f).exists() {
@@ -211,7 +235,7 @@ pub fn init_key_dir(
         not_after: now + ca_ttl.as_secs(),
     };
     let ca = CaKey::generate(td, times)?;
-    let jwt = JwtKey::generate(times)?;
+    let jwt = JwtKey::generate_of(jwt_key_type)?;
     let access = JwtKey::generate(times)?;
     let wit = JwtKey::generate(times)?;
     write_pem(&dir.join("ca.crt"), "CERTIFICATE", &ca.cert_der)?;

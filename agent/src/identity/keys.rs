@@ -10,7 +10,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
-use super::jws::{self, Es256Signer};
+use super::jws::{self, JwsSigner, JwtKeyType};
 use super::keyring::{BACKDATE, KeyTimes};
 use super::signer::SignError;
 use super::svid::SignedCert;
@@ -125,28 +125,51 @@ impl CaKey {
     }
 }
 
-/// One ES256 signing key (JWT-SVIDs or access tokens).
+/// One JWS signing key (JWT-SVIDs, WIT-SVIDs or access tokens): ES256, or
+/// RS256 for JWT-SVIDs when `jwt_key_type` names RSA.
 #[derive(Debug)]
 pub struct JwtKey {
-    pub(super) signer: Es256Signer,
+    pub(super) signer: JwsSigner,
     pub(super) key_pkcs8: Vec<u8>,
 }
 
 impl JwtKey {
-    /// A fresh key with a random key id.
+    /// A fresh P-256 key with a random key id.
     pub fn generate(_: KeyTimes) -> Result<Self, SignError> {
-        let rng = ring::rand::SystemRandom::new();
-        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
-            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            &rng,
-        )
-        .map_err(|_| SignError::Crypto)?;
-        Self::from_pkcs8(jws::random_kid(), pkcs8.as_ref().to_vec()).map_err(|_| SignError::Crypto)
+        Self::generate_of(JwtKeyType::EcP256)
+    }
+
+    /// A fresh key of `kind` with a random key id. RSA keys are generated
+    /// by the `rsa` crate (ring cannot generate them) and handed to ring as
+    /// PKCS#8, so every signature is ring's constant-time code; key
+    /// generation itself is not the decryption timing oracle of
+    /// RUSTSEC-2023-0071 (see deny.toml).
+    pub fn generate_of(kind: JwtKeyType) -> Result<Self, SignError> {
+        let pkcs8 = match kind {
+            JwtKeyType::EcP256 => {
+                let rng = ring::rand::SystemRandom::new();
+                ring::signature::EcdsaKeyPair::generate_pkcs8(
+                    &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                    &rng,
+                )
+                .map_err(|_| SignError::Crypto)?
+                .as_ref()
+                .to_vec()
+            }
+            JwtKeyType::Rsa2048 => generate_rsa_pkcs8(2048)?,
+            JwtKeyType::Rsa4096 => generate_rsa_pkcs8(4096)?,
+        };
+        Self::from_pkcs8(jws::random_kid(), pkcs8).map_err(|_| SignError::Crypto)
     }
 
     pub fn from_pkcs8(kid: String, key_pkcs8: Vec<u8>) -> Result<Self, ring::error::KeyRejected> {
-        let signer = Es256Signer::from_pkcs8(kid, &key_pkcs8)?;
+        let signer = JwsSigner::from_pkcs8(kid, &key_pkcs8)?;
         Ok(Self { signer, key_pkcs8 })
+    }
+
+    /// Which `jwt_key_type` this key is, if the config can name it.
+    pub fn key_type(&self) -> Option<JwtKeyType> {
+        self.signer.key_type()
     }
 
     pub fn kid(&self) -> &str {
@@ -161,6 +184,36 @@ impl JwtKey {
     pub fn sign(&self, typ: &str, claims: &serde_json::Value) -> Result<String, SignError> {
         self.signer.sign(typ, claims).map_err(|_| SignError::Crypto)
     }
+}
+
+/// The system RNG (ring's) for the `rsa` crate's key generation.
+struct SystemRng(ring::rand::SystemRandom);
+
+impl rsa::rand_core::RngCore for SystemRng {
+    fn next_u32(&mut self) -> u32 {
+        rsa::rand_core::impls::next_u32_via_fill(self)
+    }
+    fn next_u64(&mut self) -> u64 {
+        rsa::rand_core::impls::next_u64_via_fill(self)
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        ring::rand::SecureRandom::fill(&self.0, dest).expect("system RNG");
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rsa::rand_core::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+impl rsa::rand_core::CryptoRng for SystemRng {}
+
+/// A new RSA private key of `bits` (e = 65537), as PKCS#8 DER.
+fn generate_rsa_pkcs8(bits: usize) -> Result<Vec<u8>, SignError> {
+    use rsa::pkcs8::EncodePrivateKey;
+    let key = rsa::RsaPrivateKey::new(&mut SystemRng(ring::rand::SystemRandom::new()), bits)
+        .map_err(|_| SignError::Crypto)?;
+    let der = key.to_pkcs8_der().map_err(|_| SignError::Crypto)?;
+    Ok(der.as_bytes().to_vec())
 }
 
 fn random_serial() -> SerialNumber {

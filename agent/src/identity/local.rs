@@ -2,7 +2,8 @@
 //! own CA and JWT keys (generated and rolled over here, or an operator CA
 //! from files), or the fleet authority's keys from its key directory.
 //!
-//! Four [`KeyRing`]s: the CA for X509-SVIDs, ES256 keys for JWT-SVIDs, ES256
+//! Four [`KeyRing`]s: the CA for X509-SVIDs, ES256 (or, with `jwt_key_type`,
+//! RS256) keys for JWT-SVIDs, ES256
 //! keys for WIT-SVIDs (published with `use` `wit-svid`, so neither SVID
 //! passes as the other), and ES256 keys for task access tokens. Access-token keys are kept apart from
 //! JWT-SVID keys, so an access token can never pass as a JWT-SVID or the
@@ -16,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use prost::bytes::Bytes;
 use rcgen::KeyPair;
 
-use super::jws::PublicJwk;
+use super::jws::{JwtKeyType, PublicJwk};
 use super::key_files::{self, Rings};
 use super::keyring::{KeyRing, KeyTimes};
 use super::keys::{CaKey, JwtKey};
@@ -33,6 +34,9 @@ pub struct AuthoritySettings {
     pub trust_domain: spiffe::TrustDomain,
     pub ca_ttl: Duration,
     pub jwt_key_ttl: Duration,
+    /// What JWT-SVID keys are made of (WIT-SVID and access-token keys are
+    /// always P-256).
+    pub jwt_key_type: JwtKeyType,
     /// Where to persist generated keys (`None` = memory only).
     pub state_dir: Option<PathBuf>,
     pub ca_files: Option<(PathBuf, PathBuf)>,
@@ -80,6 +84,36 @@ fn public_keys(ring: &KeyRing<JwtKey>) -> Vec<PublicJwk> {
     ring.keys().map(|(_, k)| k.public_jwk()).collect()
 }
 
+/// When the persisted JWT-SVID keys are not of the configured type (the
+/// operator changed `jwt_key_type`), a key of that type signs from now on;
+/// the old ones stay published until they expire, so tokens they signed
+/// still verify. Waiting for the next rollover instead could leave the old
+/// type signing for most of `jwt_key_ttl`.
+fn switch_jwt_key_type(
+    ring: &mut KeyRing<JwtKey>,
+    now: u64,
+    settings: &AuthoritySettings,
+) -> Result<(), SignError> {
+    let Some((_, newest)) = ring.keys.last() else {
+        return Ok(());
+    };
+    if newest.key_type() == Some(settings.jwt_key_type) {
+        return Ok(());
+    }
+    tracing::info!(
+        jwt_key_type = settings.jwt_key_type.name(),
+        "the persisted JWT-SVID keys are of another type; a new key signs from now on and the old ones stay published until they expire"
+    );
+    let times = KeyTimes {
+        created: now,
+        activate_at: now,
+        not_after: now + settings.jwt_key_ttl.as_secs(),
+    };
+    let key = JwtKey::generate_of(settings.jwt_key_type)?;
+    ring.keys.push((times, Arc::new(key)));
+    Ok(())
+}
+
 impl LocalAuthority {
     /// Loads persisted or operator keys, or creates new ones.
     pub fn load(
@@ -105,9 +139,11 @@ impl LocalAuthority {
         rings
             .cas
             .tick(now, settings.ca_ttl, |t| CaKey::generate(&td, t))?;
+        switch_jwt_key_type(&mut rings.jwt, now, &settings)?;
+        let kind = settings.jwt_key_type;
         rings
             .jwt
-            .tick(now, settings.jwt_key_ttl, JwtKey::generate)?;
+            .tick(now, settings.jwt_key_ttl, |_| JwtKey::generate_of(kind))?;
         rings
             .access
             .tick(now, settings.jwt_key_ttl, JwtKey::generate)?;
@@ -137,6 +173,9 @@ impl LocalAuthority {
             // Zero TTLs: nothing rolls over here (see `rotate`).
             ca_ttl: Duration::ZERO,
             jwt_key_ttl: Duration::ZERO,
+            // The key directory's files decide (`tessera authority init
+            // --jwt-key-type`).
+            jwt_key_type: JwtKeyType::default(),
             state_dir: None,
             ca_files: None,
         };
@@ -332,9 +371,10 @@ impl LocalAuthority {
         let a = rings
             .cas
             .tick(now, self.settings.ca_ttl, |t| CaKey::generate(&td, t))?;
-        let b = rings
-            .jwt
-            .tick(now, self.settings.jwt_key_ttl, JwtKey::generate)?;
+        let kind = self.settings.jwt_key_type;
+        let b = rings.jwt.tick(now, self.settings.jwt_key_ttl, |_| {
+            JwtKey::generate_of(kind)
+        })?;
         let c = rings
             .access
             .tick(now, self.settings.jwt_key_ttl, JwtKey::generate)?;

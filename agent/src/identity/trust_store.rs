@@ -335,7 +335,7 @@ mod tests {
 
     use super::*;
     use crate::clock::{SystemClock, TokioClock};
-    use crate::identity::jws::Es256Signer;
+    use crate::identity::jws::JwsSigner;
     use crate::identity::spiffe_bundle;
     use crate::identity::{AuthoritySettings, LocalAuthority};
 
@@ -353,6 +353,7 @@ mod tests {
                 trust_domain: td(trust_domain),
                 ca_ttl: Duration::from_secs(3600),
                 jwt_key_ttl: Duration::from_secs(3600),
+                jwt_key_type: Default::default(),
                 state_dir: None,
                 ca_files: None,
             },
@@ -365,10 +366,10 @@ mod tests {
         a.mint_jwt(&id(sub), &[aud.to_string()], ttl).unwrap().token
     }
 
-    fn es256(kid: &str) -> Es256Signer {
+    fn es256(kid: &str) -> JwsSigner {
         let rng = ring::rand::SystemRandom::new();
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
-        Es256Signer::from_pkcs8(kid.into(), pkcs8.as_ref()).unwrap()
+        JwsSigner::from_pkcs8(kid.into(), pkcs8.as_ref()).unwrap()
     }
 
     fn jwk(kid: &str, byte: u8) -> PublicJwk {

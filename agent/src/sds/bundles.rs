@@ -113,6 +113,7 @@ mod tests {
                 trust_domain: td(name),
                 ca_ttl: Duration::from_secs(3600),
                 jwt_key_ttl: Duration::from_secs(3600),
+                jwt_key_type: Default::default(),
                 state_dir: None,
                 ca_files: None,
             },

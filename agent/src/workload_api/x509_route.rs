@@ -115,6 +115,7 @@ mod tests {
                 trust_domain: spiffe::TrustDomain::new("example.org").unwrap(),
                 ca_ttl: std::time::Duration::from_secs(3600),
                 jwt_key_ttl: std::time::Duration::from_secs(3600),
+                jwt_key_type: Default::default(),
                 state_dir: None,
                 ca_files: None,
             },

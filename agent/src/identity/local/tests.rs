@@ -14,6 +14,7 @@ fn settings(dir: Option<&Path>) -> AuthoritySettings {
         trust_domain: td(),
         ca_ttl: Duration::from_secs(600),
         jwt_key_ttl: Duration::from_secs(600),
+        jwt_key_type: Default::default(),
         state_dir: dir.map(Path::to_path_buf),
         ca_files: None,
     }
@@ -387,4 +388,143 @@ async fn wit_keys_are_their_own_roll_over_with_overlap_and_persist() {
             .iter()
             .all(|k| k.kid != first_kid)
     );
+}
+
+fn rsa_settings(dir: Option<&Path>) -> AuthoritySettings {
+    AuthoritySettings {
+        jwt_key_type: JwtKeyType::Rsa2048,
+        ..settings(dir)
+    }
+}
+
+/// `jwt_key_type = "rsa-2048"`: JWT-SVIDs are RS256 under an RSA key the
+/// bundle's JWKS publishes (`kty` RSA, `n`, `e`), verified by jsonwebtoken
+/// and the spiffe crate and by our own validator; our RSA key verifies only
+/// RS256, never another padding or hash under the same key id. WIT-SVID and
+/// access-token keys stay P-256.
+#[tokio::test(start_paused = true)]
+async fn rsa_jwt_keys_sign_rs256_and_roll_over_with_overlap() {
+    let clock = Arc::new(TokioClock::new());
+    let a = LocalAuthority::load(rsa_settings(None), clock.clone()).unwrap();
+    let jwt = a
+        .mint_jwt(&id("/w"), &["db".to_string()], Duration::from_secs(500))
+        .unwrap();
+    let header = jsonwebtoken::decode_header(&jwt.token).unwrap();
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::RS256);
+    let bundle = a.trust_store().current();
+    let jwks: serde_json::Value = serde_json::from_slice(&bundle.jwks).unwrap();
+    let key = &jwks["keys"][0];
+    assert_eq!(
+        (key["kty"].as_str(), key["use"].as_str()),
+        (Some("RSA"), Some("jwt-svid"))
+    );
+    assert_eq!(key["e"], "AQAB");
+    let set: jsonwebtoken::jwk::JwkSet = serde_json::from_value(jwks.clone()).unwrap();
+    let dk = jsonwebtoken::DecodingKey::from_jwk(set.find(header.kid.as_deref().unwrap()).unwrap())
+        .unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    v.set_audience(&["db"]);
+    let claims = jsonwebtoken::decode::<serde_json::Value>(&jwt.token, &dk, &v)
+        .unwrap()
+        .claims;
+    assert_eq!(claims["sub"], "spiffe://example.org/w");
+    let spiffe_bundle = spiffe::JwtBundle::from_jwt_authorities(td(), &bundle.jwks).unwrap();
+    let mut spiffe_set = spiffe::JwtBundleSet::new();
+    spiffe_set.add_bundle(spiffe_bundle);
+    spiffe::JwtSvid::parse_and_validate(&jwt.token, &spiffe_set, &["db"]).unwrap();
+    assert!(a.trust_store().validate_jwt(&jwt.token, "db").is_ok());
+    // The same signature under another RSA alg name is refused.
+    let (head, rest) = jwt.token.split_once('.').unwrap();
+    let mut h: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(head)
+            .unwrap(),
+    )
+    .unwrap();
+    for alg in ["PS256", "RS384", "ES256"] {
+        h["alg"] = alg.into();
+        let relabelled = format!(
+            "{}.{rest}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(h.to_string())
+        );
+        assert!(
+            matches!(
+                a.trust_store().validate_jwt(&relabelled, "db"),
+                Err(jws::JwtError::KeyAlgorithm { .. })
+            ),
+            "{alg}"
+        );
+    }
+    assert!(bundle.wit_keys.iter().all(|k| k.alg() == "ES256"));
+    assert!(
+        a.trust_store()
+            .access_keys()
+            .iter()
+            .all(|k| k.alg() == "ES256")
+    );
+
+    // Rollover as for EC keys: the RSA successor is published at half-life,
+    // signs at two thirds, and the old key stays until it expires.
+    let first_kid = jwt_kid(&jwt.token);
+    tokio::time::advance(Duration::from_secs(301)).await;
+    a.rotate().unwrap();
+    assert_eq!(a.trust_store().current().jwt_keys.len(), 2);
+    assert!(
+        a.trust_store()
+            .current()
+            .jwt_keys
+            .iter()
+            .all(|k| k.alg() == "RS256")
+    );
+    tokio::time::advance(Duration::from_secs(100)).await;
+    a.rotate().unwrap();
+    let next = a
+        .mint_jwt(&id("/w"), &["db".to_string()], Duration::from_secs(60))
+        .unwrap();
+    assert_ne!(jwt_kid(&next.token), first_kid);
+    assert!(
+        a.trust_store().validate_jwt(&jwt.token, "db").is_ok(),
+        "old token still verifies"
+    );
+    assert!(a.trust_store().validate_jwt(&next.token, "db").is_ok());
+}
+
+/// Persisted EC keys and a config now asking for RSA: an RSA key signs at
+/// once, the EC key stays published (its tokens still verify), and a
+/// restart keeps both; persisted RSA keys reload as RSA.
+#[test]
+fn a_changed_jwt_key_type_signs_at_once_and_keeps_the_old_key_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(crate::clock::SystemClock);
+    let ec = LocalAuthority::load(settings(Some(dir.path())), clock.clone()).unwrap();
+    let old = ec
+        .mint_jwt(&id("/w"), &["db".to_string()], Duration::from_secs(60))
+        .unwrap();
+    let rsa = LocalAuthority::load(rsa_settings(Some(dir.path())), clock.clone()).unwrap();
+    let new = rsa
+        .mint_jwt(&id("/w"), &["db".to_string()], Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(
+        jsonwebtoken::decode_header(&new.token).unwrap().alg,
+        jsonwebtoken::Algorithm::RS256
+    );
+    assert!(rsa.trust_store().validate_jwt(&old.token, "db").is_ok());
+    let mut algs: Vec<_> = rsa
+        .trust_store()
+        .current()
+        .jwt_keys
+        .iter()
+        .map(|k| k.alg())
+        .collect();
+    algs.sort();
+    assert_eq!(algs, ["ES256", "RS256"]);
+    let again = LocalAuthority::load(rsa_settings(Some(dir.path())), clock).unwrap();
+    assert_eq!(
+        again.trust_store().current().jwks,
+        rsa.trust_store().current().jwks
+    );
+    let newest = again
+        .mint_jwt(&id("/w"), &["db".to_string()], Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(jwt_kid(&newest.token), jwt_kid(&new.token));
 }

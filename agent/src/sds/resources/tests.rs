@@ -257,6 +257,7 @@ fn issued() -> (Arc<X509Svid>, VisibleBundles) {
             trust_domain: td("example.org"),
             ca_ttl: Duration::from_secs(3600),
             jwt_key_ttl: Duration::from_secs(3600),
+            jwt_key_type: Default::default(),
             state_dir: None,
             ca_files: None,
         },
