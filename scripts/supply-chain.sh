@@ -35,7 +35,10 @@ CARGO_AUDIT_VERSION=0.22.2
 # server library. Tests, examples, benches and fuzz are not shipped.
 SHIPPED=(tessera-agent tessera-attestor tessera-workload-api tessera-token-guard)
 # Crypto implementations other than ring that must not be in their graph.
-FORBIDDEN_CRYPTO='^(openssl|openssl-sys|native-tls|aws-lc-rs|aws-lc-sys|aws-lc-fips-sys|boring|boring-sys|p256|p384|p521|ecdsa|rsa|ed25519-dalek|jsonwebtoken)$'
+# `rsa` is allowed: tessera-agent generates RSA JWT-SVID keys with it (ring
+# cannot) and signs with ring; deny.toml's `wrappers` lets no other crate
+# depend on it.
+FORBIDDEN_CRYPTO='^(openssl|openssl-sys|native-tls|aws-lc-rs|aws-lc-sys|aws-lc-fips-sys|boring|boring-sys|p256|p384|p521|ecdsa|ed25519-dalek|jsonwebtoken)$'
 # cargo-deny derives the checkout's directory name from the default URL
 # https://github.com/rustsec/advisory-db (deny.toml `db-urls`).
 ADVISORY_DB_DIRNAME=advisory-db-3157b0e258782691

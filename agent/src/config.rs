@@ -768,6 +768,13 @@ impl Config {
                 message: "[authority] configures the local CA; with [upstream] the fleet authority signs, so remove one of them".into(),
             });
         }
+        if let (Some(_), Some(kind)) = (&upstream, &raw.authority.jwt_key_type) {
+            return Err(cx.invalid(
+                "authority.jwt_key_type",
+                kind,
+                "with [upstream] the fleet authority signs JWT-SVIDs with the jwt*.key files of its key directory (`tessera authority init --jwt-key-type`); remove this key",
+            ));
+        }
         let server = match &raw.server {
             Some(srv) => Some(Self::server_config(&cx, srv, (x509_ttl, jwt_ttl, wit_ttl))?),
             None => None,
@@ -1779,6 +1786,11 @@ mod tests {
         assert!(e.contains("authority.jwt_key_type"), "{e}");
         assert!(e.contains("t.toml:5"), "{e}");
         assert!(e.contains("rsa-2048"), "{e}");
+        let upstream = "[upstream]\naddresses = [\"a:1\"]\nbundle_file = \"/b.pem\"\nnode_attestation = \"join_token\"\ntoken_file = \"/t\"\n";
+        let e = err(&format!(
+            "{MINIMAL}{upstream}[authority]\njwt_key_type = \"rsa-2048\"\n"
+        ));
+        assert!(e.contains("authority.jwt_key_type") && e.contains("--jwt-key-type"), "{e}");
     }
 
     fn federation(extra: &str) -> String {

@@ -334,7 +334,7 @@ async fn rsa_jwt_svids_are_rs256_published_and_accepted_everywhere() {
     assert_eq!(claims["sub"], ME);
 
     // The SPIFFE bundle's jwt-svid keys, read by the spiffe crate.
-    let (bundle, _) = face.call(http::Method::GET, "/bundle", None).await;
+    let (_, bundle) = face.call(http::Method::GET, "/bundle", None).await;
     let jwt_keys: Vec<&Value> = bundle["keys"]
         .as_array()
         .unwrap()
@@ -359,7 +359,7 @@ async fn rsa_jwt_svids_are_rs256_published_and_accepted_everywhere() {
 
     // The Workload API: FetchJWTBundles hands out the RSA keys, and
     // ValidateJWTSVID accepts the token.
-    let mut client = face.agent.spiffe_client().await;
+    let client = face.agent.spiffe_client().await;
     let fetched = client.fetch_jwt_bundles().await.unwrap();
     let ours = fetched
         .get(&spiffe::TrustDomain::new("example.org").unwrap())
@@ -424,25 +424,31 @@ async fn rsa_jwt_svids_are_rs256_published_and_accepted_everywhere() {
 /// the agent never published.
 fn rsa_forged(claims: &Value) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("k.pem");
-    let out = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-        ])
-        .arg(&key)
-        .output()
-        .expect("openssl(1) is installed");
-    assert!(out.status.success(), "{out:?}");
+    let (pem, der) = (dir.path().join("k.pem"), dir.path().join("k.der"));
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl(1) is installed");
+        assert!(out.status.success(), "{out:?}");
+    };
+    openssl(&["genrsa".as_ref(), "-out".as_ref(), pem.as_os_str(), "2048".as_ref()]);
+    // PKCS#1 DER, what jsonwebtoken's from_rsa_der reads.
+    openssl(&[
+        "rsa".as_ref(),
+        "-in".as_ref(),
+        pem.as_os_str(),
+        "-traditional".as_ref(),
+        "-outform".as_ref(),
+        "DER".as_ref(),
+        "-out".as_ref(),
+        der.as_os_str(),
+    ]);
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some("forged".into());
     header.typ = Some("JWT".into());
-    let pem = std::fs::read(&key).unwrap();
-    jsonwebtoken::encode(&header, claims, &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap()
+    let der = std::fs::read(&der).unwrap();
+    jsonwebtoken::encode(&header, claims, &EncodingKey::from_rsa_der(&der)).unwrap()
 }
 
 /// RFC 6749 §5.2 / RFC 7523 §3.1: each bad credential gets its grant's
