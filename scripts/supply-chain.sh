@@ -104,7 +104,7 @@ if graph=$(cargo tree "${tree_args[@]}" 2>&1); then
         echo "ring is not in the shipped graph: the crypto provider changed?" >&2
         fail "shipped graph: ring only"
     else
-        echo "$(wc -l <<<"$names") crates in the normal graph of ${SHIPPED[*]}; crypto: ring only"
+        echo "$(wc -l <<<"$names") crates in the normal graph of ${SHIPPED[*]}; crypto: ring$(grep -qx rsa <<<"$names" && echo ' (and rsa, for RSA key generation only)')"
         pass "shipped graph: ring only"
     fi
 else

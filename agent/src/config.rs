@@ -1790,7 +1790,10 @@ mod tests {
         let e = err(&format!(
             "{MINIMAL}{upstream}[authority]\njwt_key_type = \"rsa-2048\"\n"
         ));
-        assert!(e.contains("authority.jwt_key_type") && e.contains("--jwt-key-type"), "{e}");
+        assert!(
+            e.contains("authority.jwt_key_type") && e.contains("--jwt-key-type"),
+            "{e}"
+        );
     }
 
     fn federation(extra: &str) -> String {

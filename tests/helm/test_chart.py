@@ -121,7 +121,7 @@ VALUE_SETS: dict[str, dict] = {
             {"key": "dedicated", "operator": "Equal", "value": "agents", "effect": "NoSchedule"}
         ],
         "securityContext": {"runAsUser": 10001, "runAsGroup": 10001},
-        "authority": {"caSecret": "tessera-ca"},
+        "authority": {"caSecret": "tessera-ca", "jwtKeyType": "rsa-2048"},
         "priorityClassName": "",
         "log": {"level": "tessera_agent=debug", "format": "text"},
         "extraEnv": [{"name": "RUST_BACKTRACE", "value": "1"}],
@@ -666,7 +666,7 @@ def test_default_config_toml(manifests):
     assert cfg["socket_path"] == "/run/tessera/sockets/agent.sock"
     assert cfg["data_dir"] == "/var/lib/tessera"
     assert cfg["svid"] == {"x509_ttl": "1h", "jwt_ttl": "5m"}
-    assert cfg["authority"] == {"ca_ttl": "24h", "jwt_key_ttl": "24h", "persist": True}
+    assert cfg["authority"] == {"ca_ttl": "24h", "jwt_key_ttl": "24h", "jwt_key_type": "ec-p256", "persist": True}
     assert cfg["attestor"]["proc_root"] == "/proc"
     assert cfg["attestor"]["unix"] == {"discover_workload_path": True, "workload_size_limit": 134217728}
     assert cfg["attestor"]["k8s"] == {
@@ -830,7 +830,7 @@ def test_custom_trust_domain_and_entries(manifests, rendered):
     assert cfg["log"] == {"level": "tessera_agent=debug", "format": "text"}
     assert cfg["authority"] == {
         "ca_cert_file": "/etc/tessera/ca/tls.crt", "ca_key_file": "/etc/tessera/ca/tls.key",
-        "jwt_key_ttl": "24h", "persist": True,
+        "jwt_key_ttl": "24h", "jwt_key_type": "rsa-2048", "persist": True,
     }
     assert "spiffe://prod.acme.io/billing" in rendered["custom"]["tessera/templates/NOTES.txt"]
 
@@ -1324,7 +1324,8 @@ def test_upstream_agent_config_and_volumes(chart, manifests):
     assert (mount(c, "upstream-token")["mountPath"] + "/token" == cfg["upstream"]["token_file"])
     assert (mount(c, "upstream-bundle")["mountPath"] + "/bundle.pem" == cfg["upstream"]["bundle_file"])
     # No local CA in upstream mode (the agent refuses [authority] ca_ttl or CA
-    # files with [upstream]); the JWT key settings stay.
+    # files with [upstream], and jwt_key_type: the authority's jwt.key
+    # decides); the JWT key lifetime stays.
     assert cfg["authority"] == {"jwt_key_ttl": "24h", "persist": True}
     # Apart from that, the agent config is what the same values render without the authority.
     without = copy.deepcopy(VALUE_SETS["authority"])
@@ -1332,6 +1333,7 @@ def test_upstream_agent_config_and_volumes(chart, manifests):
     plain = config_toml(docs_of(render_files(chart, without, "authority")))
     cfg.pop("upstream")
     plain["authority"].pop("ca_ttl")
+    plain["authority"].pop("jwt_key_type")
     assert cfg == plain
 
 

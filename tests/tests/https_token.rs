@@ -432,7 +432,12 @@ fn rsa_forged(claims: &Value) -> String {
             .expect("openssl(1) is installed");
         assert!(out.status.success(), "{out:?}");
     };
-    openssl(&["genrsa".as_ref(), "-out".as_ref(), pem.as_os_str(), "2048".as_ref()]);
+    openssl(&[
+        "genrsa".as_ref(),
+        "-out".as_ref(),
+        pem.as_os_str(),
+        "2048".as_ref(),
+    ]);
     // PKCS#1 DER, what jsonwebtoken's from_rsa_der reads.
     openssl(&[
         "rsa".as_ref(),
