@@ -251,6 +251,7 @@ pub fn authority(clock: Arc<dyn Clock>) -> Arc<LocalAuthority> {
             trust_domain: spiffe::TrustDomain::new("example.org").expect("trust domain"),
             ca_ttl: Duration::from_secs(24 * 3600),
             jwt_key_ttl: Duration::from_secs(24 * 3600),
+            jwt_key_type: Default::default(),
             state_dir: None,
             ca_files: None,
         },

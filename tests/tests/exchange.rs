@@ -468,6 +468,7 @@ async fn subject_tokens_that_are_not_the_callers_are_refused() {
             trust_domain: spiffe::TrustDomain::new("other.org").unwrap(),
             ca_ttl: Duration::from_secs(3600),
             jwt_key_ttl: Duration::from_secs(3600),
+            jwt_key_type: Default::default(),
             state_dir: None,
             ca_files: None,
         },
