@@ -9,13 +9,15 @@
 # within ~3 s), exports
 # SPIFFE_ENDPOINT_SOCKET, TESSERA_EXPECTED_ID and TESSERA_TRUST_DOMAIN for
 # the command, runs it, stops the agent (SIGTERM) and exits with the
-# command's status. The agent's log is printed if the command fails.
+# command's status. TESSERA_JWT_KEY_TYPE (default ec-p256) is the agent's
+# authority.jwt_key_type, exported too. The agent's log is printed if the command fails.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 bin=${TESSERA_BIN:-$root/target/debug/tessera}
 [ -x "$bin" ] || { echo "agent.sh: $bin not built (cargo build -p tessera-agent)" >&2; exit 2; }
 
+jwt_key_type=${TESSERA_JWT_KEY_TYPE:-ec-p256}
 dir=$(mktemp -d /tmp/tessera-interop.XXXXXX)
 uid=$(id -u)
 cat > "$dir/agent.toml" <<TOML
@@ -27,6 +29,9 @@ data_dir     = "$dir/data"
 x509_ttl = "6s"
 jwt_ttl  = "2m"
 wit_ttl  = "6s"
+
+[authority]
+jwt_key_type = "$jwt_key_type"
 
 # The HTTPS face on a free port: JWT-SVIDs carry its URL as iss.
 [https]
@@ -56,6 +61,7 @@ done
 export SPIFFE_ENDPOINT_SOCKET="unix://$dir/sock/agent.sock"
 export TESSERA_EXPECTED_ID="spiffe://example.org/interop/uid-$uid"
 export TESSERA_TRUST_DOMAIN="example.org"
+export TESSERA_JWT_KEY_TYPE="$jwt_key_type"
 set +e
 "$@"
 status=$?

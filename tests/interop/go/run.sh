@@ -10,4 +10,8 @@ root=$(cd "$here/../../.." && pwd)
 export TESSERA_WIT_GUARD_BIN=${TESSERA_WIT_GUARD_BIN:-${CARGO_TARGET_DIR:-$root/target}/debug/examples/wit_guard_server}
 cd "$here"
 go mod download
-exec ../agent.sh go test -count=1 -v ./... "$@"
+../agent.sh go test -count=1 -v ./... "$@"
+# The JWT-SVID tests again against an agent signing RS256 (jwt_key_type =
+# "rsa-2048", what Microsoft Entra needs): go-spiffe's JWT bundle and
+# jwtsvid.ParseAndValidate, and ValidateJWTSVID.
+TESSERA_JWT_KEY_TYPE=rsa-2048 exec ../agent.sh go test -count=1 -v -run JWT ./... "$@"

@@ -45,6 +45,10 @@ HEADER = ("workload.spiffe.io", "true")
 X509_TTL = dt.timedelta(seconds=6)
 JWT_TTL = dt.timedelta(minutes=2)
 CLOCK_SLACK = dt.timedelta(seconds=2)
+# agent.sh's authority.jwt_key_type: JWT-SVIDs are RS256 under RSA keys with
+# "rsa-2048" (run.sh runs the JWT tests that way too), else ES256 under P-256.
+RSA_JWT_KEYS = os.environ.get("TESSERA_JWT_KEY_TYPE", "ec-p256").startswith("rsa-")
+JWT_ALG = "RS256" if RSA_JWT_KEYS else "ES256"
 
 
 # --------------------------------------------------------------------------
@@ -274,7 +278,7 @@ def test_fetch_jwt_svid_verified_with_pyjwt(
     token = svid.token
 
     header = jwt.get_unverified_header(token)
-    assert header["alg"] == "ES256", header
+    assert header["alg"] == JWT_ALG, header
     kid = header.get("kid")
     assert kid, f"JWT-SVID header has no kid: {header}"
     assert header.get("typ") in (None, "JWT", "JOSE"), header
@@ -284,11 +288,11 @@ def test_fetch_jwt_svid_verified_with_pyjwt(
     key = bundle.get_jwt_authority(kid)
     assert key is not None, f"kid {kid!r} not in the JWT bundle ({list(bundle.jwt_authorities)})"
 
-    # Independent verification: PyJWT, ES256 only, every claim required.
+    # Independent verification: PyJWT, the one expected algorithm only, every claim required.
     claims = jwt.decode(
         token,
         key,
-        algorithms=["ES256"],
+        algorithms=[JWT_ALG],
         audience=AUDIENCE,
         options={"require": ["sub", "aud", "exp"]},
     )
@@ -306,9 +310,9 @@ def test_fetch_jwt_svid_verified_with_pyjwt(
     head, payload, sig = token.split(".")
     forged = ".".join([head, payload, ("A" if sig[0] != "A" else "B") + sig[1:]])
     with pytest.raises(jwt.InvalidSignatureError):
-        jwt.decode(forged, key, algorithms=["ES256"], audience=AUDIENCE)
+        jwt.decode(forged, key, algorithms=[JWT_ALG], audience=AUDIENCE)
     with pytest.raises(jwt.InvalidAudienceError):
-        jwt.decode(token, key, algorithms=["ES256"], audience="someone-else")
+        jwt.decode(token, key, algorithms=[JWT_ALG], audience="someone-else")
 
     # py-spiffe's own offline validation agrees.
     parsed = JwtSvid.parse_and_validate(token, bundle, {AUDIENCE})
@@ -341,20 +345,20 @@ def test_a_jwt_svid_verifies_from_its_iss_by_openid_discovery(
     with urllib.request.urlopen(f"{iss}/.well-known/openid-configuration", context=tls, timeout=TIMEOUT) as r:
         metadata = json.load(r)
     assert metadata["issuer"] == iss, metadata
-    assert "ES256" in metadata["id_token_signing_alg_values_supported"], metadata
+    assert metadata["id_token_signing_alg_values_supported"] == [JWT_ALG], metadata
 
     signing_key = jwt.PyJWKClient(metadata["jwks_uri"], ssl_context=tls).get_signing_key_from_jwt(token)
     claims = jwt.decode(
         token,
         signing_key.key,
-        algorithms=["ES256"],
+        algorithms=[JWT_ALG],
         audience=AUDIENCE,
         issuer=iss,
         options={"require": ["sub", "aud", "exp", "iss"]},
     )
     assert claims["sub"] == str(expected_id)
     with pytest.raises(jwt.InvalidIssuerError):
-        jwt.decode(token, signing_key.key, algorithms=["ES256"], audience=AUDIENCE, issuer="https://elsewhere")
+        jwt.decode(token, signing_key.key, algorithms=[JWT_ALG], audience=AUDIENCE, issuer="https://elsewhere")
     # The face is TLS with the trust domain's CA: a client trusting only the
     # public roots refuses it.
     with pytest.raises(urllib.error.URLError):
@@ -600,7 +604,10 @@ def test_raw_jwt_bundle_is_a_public_jwks(stub, client: WorkloadApiClient, trust_
     assert keys
     for k in keys:
         assert k.get("kid"), k
-        assert k.get("kty") == "EC" and k.get("crv") == "P-256", k
+        if RSA_JWT_KEYS:
+            assert k.get("kty") == "RSA" and k.get("e") == "AQAB" and len(k.get("n", "")) >= 342, k
+        else:
+            assert k.get("kty") == "EC" and k.get("crv") == "P-256", k
         assert "d" not in k, "JWKS leaks a private key"
     jwks = PyJWKSet.from_dict(doc)
     raw_kids = {k.key_id for k in jwks.keys}
