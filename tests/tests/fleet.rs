@@ -73,11 +73,19 @@ impl Fleet {
     async fn start_with(server_extra: &str, entry_extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let td = spiffe::TrustDomain::new("example.org").unwrap();
-        tessera_agent::identity::key_files::init_key_dir(
+        // `rsa-jwt-key`: jwt.key is RSA 2048, as `tessera authority init
+        // --jwt-key-type rsa-2048` writes it.
+        let jwt_key_type = if server_extra.contains("rsa-jwt-key") {
+            tessera_agent::identity::jws::JwtKeyType::Rsa2048
+        } else {
+            tessera_agent::identity::jws::JwtKeyType::EcP256
+        };
+        tessera_agent::identity::key_files::init_key_dir_of(
             &td,
             &dir.path().join("keys"),
             Duration::from_secs(30 * 24 * 3600),
             SystemTime::now(),
+            jwt_key_type,
         )
         .unwrap();
         let mut fleet = Self {
@@ -118,7 +126,8 @@ impl Fleet {
             self.node_svid_ttl,
             self.server_extra
                 .replace("short-node-svids", "")
-                .replace("https-face", ""),
+                .replace("https-face", "")
+                .replace("rsa-jwt-key", ""),
         );
         start_authority(&text).await
     }
@@ -333,6 +342,16 @@ async fn jwks(agent: &TestAgent) -> JwkSet {
 /// but the token and the CAs it trusts: OpenID discovery at its `iss`, then
 /// the keys at `jwks_uri` (rustls for TLS, jsonwebtoken for the JWS).
 async fn verify_by_discovery(token: &str, roots: &[Vec<u8>], audience: &str) -> Value {
+    verify_by_discovery_as(token, roots, audience, Algorithm::ES256).await
+}
+
+/// [`verify_by_discovery`], accepting only `alg`.
+async fn verify_by_discovery_as(
+    token: &str,
+    roots: &[Vec<u8>],
+    audience: &str,
+    alg: Algorithm,
+) -> Value {
     let unverified = jsonwebtoken::dangerous::insecure_decode::<Value>(token)
         .unwrap()
         .claims;
@@ -352,13 +371,58 @@ async fn verify_by_discovery(token: &str, roots: &[Vec<u8>], audience: &str) -> 
     let set: JwkSet = serde_json::from_value(set).unwrap();
     let kid = jsonwebtoken::decode_header(token).unwrap().kid.unwrap();
     let key = DecodingKey::from_jwk(set.find(&kid).expect("kid published")).unwrap();
-    let mut v = Validation::new(Algorithm::ES256);
+    let mut v = Validation::new(alg);
     v.set_audience(&[audience]);
     v.set_issuer(&[iss]);
     v.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
     jsonwebtoken::decode::<Value>(token, &key, &v)
         .unwrap()
         .claims
+}
+
+/// A key directory whose jwt.key is RSA (`tessera authority init
+/// --jwt-key-type rsa-2048`, for Microsoft Entra): the authority signs RS256
+/// JWT-SVIDs for every node, its HTTPS face publishes the RSA key and lists
+/// RS256 in discovery (jsonwebtoken verifies from `iss` alone), and another
+/// node's agent, which got the RSA key in its bundle from the authority,
+/// validates the token (ValidateJWTSVID, read by the spiffe crate's client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_rsa_jwt_key_at_the_authority_signs_rs256_jwt_svids_every_node_accepts() {
+    let fleet = Fleet::start_with("https-face rsa-jwt-key", "").await;
+    let ports = fleet.https_ports.clone().unwrap();
+    let a = fleet.agent("node-a", None).await;
+    let b = fleet.agent("node-b", None).await;
+    let ctx = a.spiffe_client().await.fetch_x509_context().await.unwrap();
+    let roots = tessera_tests::example_org_cas(&ctx);
+    let audience = "api://AzureADTokenExchange";
+    let token = a.jwt_svid(audience).await;
+    assert_eq!(
+        jsonwebtoken::decode_header(&token).unwrap().alg,
+        Algorithm::RS256
+    );
+    let claims = verify_by_discovery_as(&token, &roots, audience, Algorithm::RS256).await;
+    assert_eq!(claims["sub"], "spiffe://example.org/node-a/svc");
+    let (meta, _) = tessera_tests::https_get(
+        &format!("localhost:{}", ports[0]),
+        &roots,
+        "/.well-known/openid-configuration",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        meta["id_token_signing_alg_values_supported"],
+        serde_json::json!(["RS256"])
+    );
+    let validated = b
+        .spiffe_client()
+        .await
+        .validate_jwt_token(audience, &token)
+        .await
+        .expect("node b validates node a's RS256 JWT-SVID");
+    assert_eq!(
+        validated.spiffe_id().to_string(),
+        "spiffe://example.org/node-a/svc"
+    );
 }
 
 /// The fleet authority's HTTPS face is the one issuer of the trust domain:

@@ -282,3 +282,35 @@ pub fn add_ca(
     )?;
     Ok(format!("{name}.crt"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `init --jwt-key-type rsa-2048` writes an RSA jwt.key the loader signs
+    /// RS256 with (key id: the RFC 7638 thumbprint); an RSA key under any
+    /// other prefix is refused, naming the file.
+    #[test]
+    fn jwt_keys_may_be_rsa_and_no_other_key_may() {
+        let td = spiffe::TrustDomain::new("example.org").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let ttl = Duration::from_secs(3600);
+        #[allow(clippy::disallowed_methods)] // file times, not the agent's clock
+        let now = SystemTime::now();
+        init_key_dir_of(&td, &keys, ttl, now, JwtKeyType::Rsa2048).unwrap();
+        let rings = load_key_dir(&td, &keys, ttl).unwrap();
+        let (_, jwt) = rings.jwt.keys().next().unwrap();
+        assert_eq!(jwt.key_type(), Some(JwtKeyType::Rsa2048));
+        assert_eq!(jwt.kid(), jwt.public_jwk().thumbprint());
+        let (_, access) = rings.access.keys().next().unwrap();
+        assert_eq!(access.key_type(), Some(JwtKeyType::EcP256));
+
+        std::fs::copy(keys.join("jwt.key"), keys.join("access-2.key")).unwrap();
+        let err = load_key_dir(&td, &keys, ttl).err().unwrap().to_string();
+        assert!(
+            err.contains("access-2.key") && err.contains("only jwt*.key may be RSA"),
+            "{err}"
+        );
+    }
+}
