@@ -188,8 +188,6 @@ pub struct Exchange {
     /// The last policy reload error, so a broken file is logged once, not
     /// at every poll.
     last_policy_error: Mutex<Option<String>>,
-    /// Validated subject tokens: token -> (SPIFFE ID, exp).
-    subjects: Mutex<std::collections::HashMap<String, (String, u64)>>,
     /// Which tasks may have live tokens (what ending one must write).
     tasks: TaskLedger,
     /// Per-principal budget for records that change nothing.
@@ -199,9 +197,6 @@ pub struct Exchange {
     /// Assertions already presented over HTTPS.
     replays: ReplayLedger,
 }
-
-/// Bound on remembered subject tokens (a few hundred bytes each).
-const SUBJECT_CACHE_LIMIT: usize = 4096;
 
 impl Exchange {
     #[allow(clippy::too_many_arguments)]
@@ -237,7 +232,6 @@ impl Exchange {
             approvals: ApprovalBook::default(),
             clock,
             metrics,
-            subjects: Default::default(),
             last_policy_error: Default::default(),
             replays: ReplayLedger::default(),
         }
@@ -447,7 +441,7 @@ impl Exchange {
         let param = req.grant.svid_param(req.delegating_token.is_some());
         let refuse = |why: String| req.grant.credential_error(why);
         let id = match caller {
-            Caller::Local { .. } => self.validate_svid(&req.svid, now_s).map_err(|e| {
+            Caller::Local { .. } => self.validate_svid(&req.svid).map_err(|e| {
                 refuse(format!(
                     "{param} is not a valid JWT-SVID for {}: {e}",
                     self.audiences().join(" or ")
@@ -922,36 +916,15 @@ impl Exchange {
     /// Validates a local caller's JWT-SVID and returns its SPIFFE ID.
     ///
     /// Workloads reuse one JWT-SVID for many exchanges (the Workload API
-    /// caches them), and the ECDSA verification is the largest cost of an
-    /// exchange, so successful validations are remembered by exact token
-    /// until the token's `exp`. A token can only be in the cache after full
-    /// validation, and the key that signed it stays published until after
-    /// every token it signed has expired, so the cache cannot accept anything
-    /// a fresh validation would refuse.
-    fn validate_svid(&self, token: &str, now_s: u64) -> Result<String, jws::JwtError> {
-        {
-            let cache = self.subjects.lock();
-            if let Some((id, exp)) = cache.get(token)
-                && now_s < *exp
-            {
-                return Ok(id.clone());
-            }
-        }
+    /// caches them): the trust store remembers a token whose signature
+    /// checked out against the current bundle, by its digest, so a repeated
+    /// token costs a hash and the claim checks, not an ECDSA verification
+    /// (the same cache serves ValidateJWTSVID).
+    fn validate_svid(&self, token: &str) -> Result<String, jws::JwtError> {
         let audiences = self.audiences();
-        let audiences: Vec<&str> = audiences.iter().map(String::as_str).collect();
-        let (id, claims) = self.trust.validate_jwt_for(token, &audiences)?;
-        let id = id.to_string();
-        if let Some(exp) = claims.get("exp").and_then(Value::as_u64) {
-            let mut cache = self.subjects.lock();
-            if cache.len() >= SUBJECT_CACHE_LIMIT {
-                cache.retain(|_, (_, e)| now_s < *e);
-                if cache.len() >= SUBJECT_CACHE_LIMIT {
-                    cache.clear();
-                }
-            }
-            cache.insert(token.to_string(), (id.clone(), exp));
-        }
-        Ok(id)
+        let aud: Vec<&str> = audiences.iter().map(String::as_str).collect();
+        let (id, _claims) = self.trust.validate_jwt_for(token, &aud)?;
+        Ok(id.to_string())
     }
 
     /// Validates a remote client's JWT-SVID, its only credential: fully

@@ -160,10 +160,78 @@ impl Holder {
     }
 }
 
-/// The first certificate of a DER chain.
+/// The first certificate of a DER chain: its first element, found from the
+/// element's tag and length alone. Parsing the whole certificate to find
+/// where it ends cost ~3 % of an exchange's CPU. Anything that is not a
+/// definite-length SEQUENCE inside `chain` is returned whole, as before.
 fn leaf_der(chain: &[u8]) -> &[u8] {
-    match x509_parser::parse_x509_certificate(chain) {
-        Ok((rest, _)) => &chain[..chain.len() - rest.len()],
-        Err(_) => chain,
+    first_der_sequence(chain).unwrap_or(chain)
+}
+
+fn first_der_sequence(der: &[u8]) -> Option<&[u8]> {
+    const SEQUENCE: u8 = 0x30;
+    let (&tag, rest) = der.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    if tag != SEQUENCE {
+        return None;
+    }
+    let (header, len) = if first < 0x80 {
+        (2, usize::from(first))
+    } else {
+        // Long form: the low bits count the length octets (0 is the
+        // indefinite form, which DER forbids).
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > std::mem::size_of::<u32>() {
+            return None;
+        }
+        let len = rest
+            .get(..n)?
+            .iter()
+            .fold(0usize, |len, &b| (len << 8) | usize::from(b));
+        (2 + n, len)
+    };
+    der.get(..header.checked_add(len)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate(name: &str) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .der()
+            .to_vec()
+    }
+
+    #[test]
+    fn the_leaf_is_the_first_certificate_as_a_parser_reads_it() {
+        let leaf = certificate("leaf.example");
+        let mut chain = leaf.clone();
+        chain.extend_from_slice(&certificate("ca.example"));
+        // The judge: where x509-parser says the first certificate ends.
+        let (rest, _) = x509_parser::parse_x509_certificate(&chain).unwrap();
+        assert_eq!(leaf_der(&chain), &chain[..chain.len() - rest.len()]);
+        assert_eq!(leaf_der(&chain), leaf.as_slice());
+        assert_eq!(leaf_der(&leaf), leaf.as_slice());
+    }
+
+    #[test]
+    fn what_is_not_a_whole_sequence_is_returned_whole() {
+        let leaf = certificate("leaf.example");
+        for bad in [
+            &[][..],
+            &[0x30][..],
+            &[0x31, 0x01, 0x00][..],
+            &[0x30, 0x80, 0x00, 0x00][..],
+            &[0x30, 0x85, 1, 0, 0, 0, 0][..],
+            &leaf[..leaf.len() - 1],
+        ] {
+            assert_eq!(leaf_der(bad), bad);
+        }
+        assert_eq!(leaf_der(&[0x30, 0x00, 0x05]), &[0x30, 0x00]);
     }
 }

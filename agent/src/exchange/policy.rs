@@ -238,6 +238,38 @@ struct PolicySnapshot {
     workload_type: EntityTypeName,
     audience_type: EntityTypeName,
     authorizer: Authorizer,
+    /// Principal entities already built, by [`principal_key`]; they are
+    /// valid for this snapshot only (its base entities and types), so a
+    /// reload starts afresh.
+    principals: Mutex<HashMap<String, Arc<PrincipalEntities>>>,
+}
+
+/// Most principal entities a snapshot keeps (one per caller identity and
+/// selector set on the node); when full it starts over.
+const PRINCIPAL_CACHE_LIMIT: usize = 1024;
+
+/// A principal's entity (SPIFFE ID, trust domain, path, selectors) with the
+/// snapshot's base entities: the same for every request of one caller, and
+/// most of what a decision cost before it was kept (Cedar evaluates each
+/// attribute and computes the entity graph's closure when it is built).
+struct PrincipalEntities {
+    principal: EntityUid,
+    entities: Entities,
+}
+
+/// A key naming exactly one (principal, selectors) pair: every part is
+/// prefixed with its length, so no two different lists share a key
+/// whatever characters a selector holds.
+fn principal_key(principal: &str, selectors: &[String]) -> String {
+    use std::fmt::Write as _;
+    let mut key = String::with_capacity(
+        principal.len() + selectors.iter().map(|s| s.len() + 6).sum::<usize>() + 6,
+    );
+    for part in std::iter::once(principal).chain(selectors.iter().map(String::as_str)) {
+        let _ = write!(key, "{}:", part.len());
+        key.push_str(part);
+    }
+    key
 }
 
 /// The active Cedar policies, hot-swappable. `Send + Sync`; share it behind `Arc`.
@@ -340,46 +372,18 @@ fn string_set<'s>(items: impl IntoIterator<Item = &'s String>) -> RestrictedExpr
 
 /// Per-request Cedar inputs shared by all its scopes, built on first need.
 struct Prepared {
-    principal: EntityUid,
+    principal: Arc<PrincipalEntities>,
     resource: EntityUid,
     context: Context,
-    entities: Entities,
 }
 
 impl PolicySnapshot {
     fn prepare(&self, req: &PolicyRequest<'_>) -> Result<Prepared, String> {
-        let principal = EntityUid::from_type_name_and_id(
-            self.workload_type.clone(),
-            EntityId::new(req.principal),
-        );
         let resource = EntityUid::from_type_name_and_id(
             self.audience_type.clone(),
             EntityId::new(req.audience),
         );
-        let (trust_domain, path) = split_spiffe_id(req.principal);
-        let attrs = HashMap::from([
-            (
-                "spiffe_id".to_owned(),
-                RestrictedExpression::new_string(req.principal.to_owned()),
-            ),
-            (
-                "trust_domain".to_owned(),
-                RestrictedExpression::new_string(trust_domain.to_owned()),
-            ),
-            (
-                "path".to_owned(),
-                RestrictedExpression::new_string(path.to_owned()),
-            ),
-            ("selectors".to_owned(), string_set(req.selectors)),
-        ]);
-        let entity = Entity::new(principal.clone(), attrs, HashSet::new())
-            .map_err(|e| format!("principal entity: {e}"))?;
-        let entities = if self.base_entities.is_empty() {
-            Entities::from_entities([entity], None)
-        } else {
-            self.base_entities.clone().add_entities([entity], None)
-        }
-        .map_err(|e| format!("entities: {e}"))?;
+        let principal = self.principal_entities(req.principal, req.selectors)?;
         let context = Context::from_pairs([
             (
                 "task".to_owned(),
@@ -408,8 +412,56 @@ impl PolicySnapshot {
             principal,
             resource,
             context,
-            entities,
         })
+    }
+
+    /// The entities of `principal` with `selectors`: kept from an earlier
+    /// request, or built (and kept) now.
+    fn principal_entities(
+        &self,
+        principal: &str,
+        selectors: &[String],
+    ) -> Result<Arc<PrincipalEntities>, String> {
+        let key = principal_key(principal, selectors);
+        if let Some(known) = self.principals.lock().get(&key) {
+            return Ok(known.clone());
+        }
+        let uid =
+            EntityUid::from_type_name_and_id(self.workload_type.clone(), EntityId::new(principal));
+        let (trust_domain, path) = split_spiffe_id(principal);
+        let attrs = HashMap::from([
+            (
+                "spiffe_id".to_owned(),
+                RestrictedExpression::new_string(principal.to_owned()),
+            ),
+            (
+                "trust_domain".to_owned(),
+                RestrictedExpression::new_string(trust_domain.to_owned()),
+            ),
+            (
+                "path".to_owned(),
+                RestrictedExpression::new_string(path.to_owned()),
+            ),
+            ("selectors".to_owned(), string_set(selectors)),
+        ]);
+        let entity = Entity::new(uid.clone(), attrs, HashSet::new())
+            .map_err(|e| format!("principal entity: {e}"))?;
+        let entities = if self.base_entities.is_empty() {
+            Entities::from_entities([entity], None)
+        } else {
+            self.base_entities.clone().add_entities([entity], None)
+        }
+        .map_err(|e| format!("entities: {e}"))?;
+        let built = Arc::new(PrincipalEntities {
+            principal: uid,
+            entities,
+        });
+        let mut principals = self.principals.lock();
+        if principals.len() >= PRINCIPAL_CACHE_LIMIT {
+            principals.clear();
+        }
+        principals.insert(key, built.clone());
+        Ok(built)
     }
 
     fn evaluate(&self, req: &PolicyRequest<'_>) -> PolicyDecision {
@@ -442,7 +494,7 @@ impl PolicySnapshot {
         let mut decision = ScopeDecision::deny(scope);
         let action = lookup.action_uid(scope);
         let request = match Request::new(
-            p.principal.clone(),
+            p.principal.principal.clone(),
             action,
             p.resource.clone(),
             p.context.clone(),
@@ -457,7 +509,9 @@ impl PolicySnapshot {
         let mut permits = BTreeSet::new();
         let mut forbids = BTreeSet::new();
         for set in lookup.sets() {
-            let response = self.authorizer.is_authorized(&request, set, &p.entities);
+            let response = self
+                .authorizer
+                .is_authorized(&request, set, &p.principal.entities);
             let reasons = response
                 .diagnostics()
                 .reason()

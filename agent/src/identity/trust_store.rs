@@ -32,12 +32,18 @@ const VERIFIED_JWT_LIMIT: usize = 4096;
 /// verification was most of ValidateJWTSVID's cost, and a hash of the token
 /// answers the same question for identical bytes against the same keys. A
 /// new bundle (a key added or withdrawn) empties it. The claims (`exp`,
-/// `nbf`, `aud`, `sub`) are checked on every call, cached or not.
+/// `nbf`, `aud`) are checked on every call, cached or not. The token
+/// exchange validates its callers' JWT-SVIDs through the same store, so
+/// both share this one cache.
 #[derive(Default)]
 struct VerifiedJwts {
     sequence: u64,
-    tokens: HashMap<[u8; 32], JwtClaims>,
+    tokens: HashMap<[u8; 32], VerifiedJwt>,
 }
+
+/// A JWT-SVID of this trust domain whose signature checked out: its
+/// subject and claims.
+type VerifiedJwt = (spiffe::SpiffeId, JwtClaims);
 
 pub struct TrustStore {
     trust_domain: spiffe::TrustDomain,
@@ -204,45 +210,13 @@ impl TrustStore {
         federated: impl IntoIterator<Item = &'a str>,
     ) -> Result<(spiffe::SpiffeId, JwtClaims), JwtError> {
         let bundle = self.current();
-        // The subject names the bundle to verify with; it is read before
-        // the signature is checked, and checked again after.
-        let unverified_sub = jws::unverified_claims(token)?
-            .get("sub")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .ok_or(JwtError::Claims("sub missing"))?;
-        let unverified_id = spiffe::SpiffeId::new(&unverified_sub)
-            .map_err(|_| JwtError::Claims("sub is not a SPIFFE ID"))?;
-        let foreign = !unverified_id.is_member_of(&self.trust_domain);
-        let claims = if foreign {
-            let td = unverified_id.trust_domain_name();
-            let trusted = federated.into_iter().any(|d| d == td);
-            let theirs = bundle
-                .federated
-                .get(td)
-                .filter(|_| trusted)
-                .ok_or_else(|| JwtError::UntrustedDomain(td.to_string()))?;
-            // Not remembered: the cache is keyed by this domain's bundle.
-            jws::verify(token, theirs.jwt_keys.iter())?
-                .claims
-                .into_iter()
-                .filter(|(k, _)| {
-                    matches!(k.as_str(), "sub" | "aud" | "exp" | "iat" | "nbf" | "iss")
-                })
-                .collect::<Map<String, Value>>()
-                .into()
-        } else {
-            self.verified_claims(token)?
+        let digest = token_digest(token);
+        // A token of this trust domain verified against this bundle before:
+        // its signature, header and subject need no second look.
+        let (id, claims) = match self.remembered(&digest, &bundle) {
+            Some(known) => known,
+            None => self.verify_signature(token, digest, &bundle, federated)?,
         };
-        let sub = claims
-            .get("sub")
-            .and_then(|v| v.as_str())
-            .ok_or(JwtError::Claims("sub missing"))?;
-        let id =
-            spiffe::SpiffeId::new(sub).map_err(|_| JwtError::Claims("sub is not a SPIFFE ID"))?;
-        if id != unverified_id {
-            return Err(JwtError::Claims("sub changed"));
-        }
         let exp = claims
             .get("exp")
             .and_then(|v| v.as_f64())
@@ -282,45 +256,102 @@ impl TrustStore {
 }
 
 impl TrustStore {
-    /// The claims of `token` once its signature checks out against the
-    /// current bundle: from [`VerifiedJwts`] when these exact bytes were
-    /// verified against this bundle before.
-    fn verified_claims(&self, token: &str) -> Result<JwtClaims, JwtError> {
-        let bundle = self.current();
-        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-            .as_ref()
-            .try_into()
-            .expect("SHA-256 is 32 bytes");
-        {
-            let mut verified = self.verified.lock();
-            if verified.sequence != bundle.sequence {
-                verified.tokens.clear();
-                verified.sequence = bundle.sequence;
-            }
-            if let Some(claims) = verified.tokens.get(&digest) {
-                return Ok(claims.clone());
-            }
+    /// The subject and claims of a token whose digest is in
+    /// [`VerifiedJwts`] for `bundle` (forgetting every entry of an older
+    /// bundle on the way).
+    fn remembered(&self, digest: &[u8; 32], bundle: &TrustBundle) -> Option<VerifiedJwt> {
+        let mut verified = self.verified.lock();
+        if verified.sequence != bundle.sequence {
+            verified.tokens.clear();
+            verified.sequence = bundle.sequence;
         }
-        let claims: JwtClaims = Arc::new(jws::verify(token, bundle.jwt_keys.iter())?.claims);
+        verified.tokens.get(digest).cloned()
+    }
+
+    /// Checks the signature of a token not remembered: with this trust
+    /// domain's keys (then remembers it) or, for a subject of a trust
+    /// domain in `federated`, that domain's. Returns the subject and the
+    /// claims; nothing else of the claims is checked here.
+    fn verify_signature<'a>(
+        &self,
+        token: &str,
+        digest: [u8; 32],
+        bundle: &TrustBundle,
+        federated: impl IntoIterator<Item = &'a str>,
+    ) -> Result<VerifiedJwt, JwtError> {
+        // The subject names the bundle to verify with; it is read before
+        // the signature is checked, and checked again after.
+        let unverified_sub = jws::unverified_claims(token)?
+            .get("sub")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or(JwtError::Claims("sub missing"))?;
+        let unverified_id = spiffe::SpiffeId::new(&unverified_sub)
+            .map_err(|_| JwtError::Claims("sub is not a SPIFFE ID"))?;
+        let foreign = !unverified_id.is_member_of(&self.trust_domain);
+        let claims: JwtClaims = if foreign {
+            let td = unverified_id.trust_domain_name();
+            let trusted = federated.into_iter().any(|d| d == td);
+            let theirs = bundle
+                .federated
+                .get(td)
+                .filter(|_| trusted)
+                .ok_or_else(|| JwtError::UntrustedDomain(td.to_string()))?;
+            // Not remembered: the cache is keyed by this domain's bundle.
+            jws::verify(token, theirs.jwt_keys.iter())?
+                .claims
+                .into_iter()
+                .filter(|(k, _)| {
+                    matches!(k.as_str(), "sub" | "aud" | "exp" | "iat" | "nbf" | "iss")
+                })
+                .collect::<Map<String, Value>>()
+                .into()
+        } else {
+            Arc::new(jws::verify(token, bundle.jwt_keys.iter())?.claims)
+        };
+        let sub = claims
+            .get("sub")
+            .and_then(|v| v.as_str())
+            .ok_or(JwtError::Claims("sub missing"))?;
+        let id =
+            spiffe::SpiffeId::new(sub).map_err(|_| JwtError::Claims("sub is not a SPIFFE ID"))?;
+        if id != unverified_id {
+            return Err(JwtError::Claims("sub changed"));
+        }
+        if !foreign {
+            self.remember(digest, bundle, (id.clone(), claims.clone()));
+        }
+        Ok((id, claims))
+    }
+
+    fn remember(&self, digest: [u8; 32], bundle: &TrustBundle, known: VerifiedJwt) {
         let mut verified = self.verified.lock();
         // Another bundle may have been published meanwhile: then this
         // verification belongs to the old one and is not kept.
-        if verified.sequence == bundle.sequence {
-            if verified.tokens.len() >= VERIFIED_JWT_LIMIT {
-                let now = unix_seconds(self.clock.now()) as f64;
-                verified.tokens.retain(|_, c| {
-                    c.get("exp")
-                        .and_then(serde_json::Value::as_f64)
-                        .is_some_and(|exp| exp > now)
-                });
-                if verified.tokens.len() >= VERIFIED_JWT_LIMIT {
-                    verified.tokens.clear();
-                }
-            }
-            verified.tokens.insert(digest, claims.clone());
+        if verified.sequence != bundle.sequence {
+            return;
         }
-        Ok(claims)
+        if verified.tokens.len() >= VERIFIED_JWT_LIMIT {
+            let now = unix_seconds(self.clock.now()) as f64;
+            verified.tokens.retain(|_, (_, c)| {
+                c.get("exp")
+                    .and_then(serde_json::Value::as_f64)
+                    .is_some_and(|exp| exp > now)
+            });
+            if verified.tokens.len() >= VERIFIED_JWT_LIMIT {
+                verified.tokens.clear();
+            }
+        }
+        verified.tokens.insert(digest, known);
     }
+}
+
+/// SHA-256 of a compact token: its key in [`VerifiedJwts`].
+fn token_digest(token: &str) -> [u8; 32] {
+    ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
 }
 
 /// How far ahead a JWT-SVID's `nbf` may be: the clock skew certificates

@@ -115,6 +115,7 @@ pub(super) fn empty_snapshot() -> Result<PolicySnapshot, PolicyError> {
         workload_type: type_name(WORKLOAD_TYPE)?,
         audience_type: type_name(AUDIENCE_TYPE)?,
         authorizer: Authorizer::new(),
+        principals: Default::default(),
     })
 }
 
@@ -520,5 +521,6 @@ pub(super) fn build_snapshot_with(
         workload_type: type_name(WORKLOAD_TYPE)?,
         audience_type: type_name(AUDIENCE_TYPE)?,
         authorizer: Authorizer::new(),
+        principals: Default::default(),
     })
 }

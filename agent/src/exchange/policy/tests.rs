@@ -163,6 +163,39 @@ fn selector_based_permit() {
 }
 
 #[test]
+fn a_kept_principal_entity_serves_only_the_same_principal_and_selectors() {
+    let (_d, store) = store_with(
+        r#"permit(principal, action == Tessera::Action::"notes:read", resource)
+           when { principal.selectors.contains("k8s:ns:prod") };"#,
+    );
+    let mut req = Req::new(&["notes:read"]);
+    req.selectors = strings(&["k8s:ns:prod"]);
+    // Twice: built, then kept; the same answer both times.
+    assert_eq!(allowed(&store, &req), [true]);
+    assert_eq!(allowed(&store, &req), [true]);
+    // Lists that a naive join would run together are other callers.
+    for selectors in [
+        &["k8s:ns:pro", "d"][..],
+        &["k8s:ns:prod\n"][..],
+        &["k8s:ns:prod1"][..],
+        &[][..],
+    ] {
+        req.selectors = strings(selectors);
+        assert_eq!(allowed(&store, &req), [false], "{selectors:?}");
+    }
+    req.selectors = strings(&["k8s:ns:prod"]);
+    assert_eq!(allowed(&store, &req), [true]);
+    assert_ne!(
+        principal_key("a", &strings(&["1:b"])),
+        principal_key("a1:b", &[])
+    );
+    assert_ne!(
+        principal_key("a", &strings(&["b", "c"])),
+        principal_key("a", &strings(&["b\nc"]))
+    );
+}
+
+#[test]
 fn per_scope_decisions() {
     let (_d, store) = store_with(READ_POLICY);
     let req = Req::new(&["notes:read", "notes:write", "never:mentioned"]);
