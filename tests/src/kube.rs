@@ -240,6 +240,47 @@ struct Processes {
     apiserver: Option<Child>,
 }
 
+/// Names the test process that owns a shared server's directory.
+const OWNER_FILE: &str = "owner";
+
+/// A process's pid and kernel start time, which together name it even after
+/// the pid is reused.
+fn process_identity(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces;
+    // the start time is field 22 of the whole line.
+    let start_time = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?;
+    Some(format!("{pid} {start_time}"))
+}
+
+/// Deletes the directories of shared servers whose test process has exited.
+/// Statics are never dropped, so each test binary leaves its shared server's
+/// etcd data behind (about 150 MB); without this, runs fill /tmp. The
+/// server processes themselves die with their owner (parent-death signal).
+fn remove_abandoned_servers(root: &Path) {
+    let Ok(dirs) = std::fs::read_dir(root) else {
+        return;
+    };
+    for dir in dirs.flatten().map(|d| d.path()) {
+        let abandoned = match std::fs::read_to_string(dir.join(OWNER_FILE)) {
+            Ok(owner) => owner
+                .split_whitespace()
+                .next()
+                .and_then(|pid| pid.parse().ok())
+                .and_then(process_identity)
+                .is_none_or(|alive| alive != owner),
+            // Written just after the directory is made: a directory without it
+            // is either being set up right now or predates this clean-up.
+            Err(_) => std::fs::metadata(&dir)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(600)),
+        };
+        if abandoned {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
 /// A running etcd + kube-apiserver.
 pub struct KubeApi {
     pub dir: PathBuf,
@@ -279,8 +320,14 @@ impl KubeApi {
             // one parent so stale directories are easy to find and clean.
             let root = std::env::temp_dir().join("tessera-kube-tests");
             std::fs::create_dir_all(&root).unwrap();
+            remove_abandoned_servers(&root);
             let tmp = tempfile::tempdir_in(&root).unwrap();
             let dir = tmp.keep();
+            std::fs::write(
+                dir.join(OWNER_FILE),
+                process_identity(std::process::id()).unwrap(),
+            )
+            .unwrap();
             Self::start_at(dir, None)
         })
     }
