@@ -228,7 +228,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     let federation = local_authority.as_ref().map(|_| {
         let federation = crate::federation::Federation::new(
             trust.clone(),
-            Some(&config.data_dir),
+            Some(Arc::new(crate::federation::state::BundleState::new(
+                &config.data_dir,
+            ))),
             metrics.federation.clone(),
             clock.clone(),
             crate::federation::RefreshBounds::default(),

@@ -165,6 +165,7 @@ struct RawServer {
 struct RawServerRegistration {
     kind: Spanned<String>,
     namespaced: Option<bool>,
+    federation: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -577,8 +578,19 @@ impl Config {
                     ));
                 }
                 // Single node: the domain must be one this agent fetches. In
-                // upstream mode the fleet authority decides which it fetches.
-                if raw.upstream.is_none() && !federation.iter().any(|f| f.trust_domain == td) {
+                // upstream mode the fleet authority decides which it fetches;
+                // an authority watching FederationRelationship objects may
+                // get it from one.
+                let live_federation = raw
+                    .server
+                    .as_ref()
+                    .and_then(|s| s.registration.as_ref())
+                    .and_then(|r| r.federation)
+                    .unwrap_or(false);
+                if raw.upstream.is_none()
+                    && !live_federation
+                    && !federation.iter().any(|f| f.trust_domain == td)
+                {
                     return Err(cx.invalid(
                         &key("federates_with"),
                         d,
@@ -876,148 +888,61 @@ impl Config {
         raw: &[RawFederation],
         own: &spiffe::TrustDomain,
     ) -> Result<Vec<crate::federation::Relationship>, ConfigError> {
-        use crate::federation::{Profile, Relationship, url::EndpointUrl};
+        use crate::federation::{BootstrapInput, Field, Relationship, RelationshipInput};
         let mut out: Vec<Relationship> = Vec::with_capacity(raw.len());
         for (i, f) in raw.iter().enumerate() {
             let key = |k: &str| format!("federation[{i}].{k}");
-            let name = f.trust_domain.get_ref();
-            let td = spiffe::TrustDomain::new(name)
-                .ok()
-                .filter(|td| td.as_str() == name)
-                .ok_or_else(|| {
-                    cx.invalid(
-                        &key("trust_domain"),
-                        &f.trust_domain,
-                        "must be a bare, lowercase trust domain name such as \"partner.example\"",
-                    )
-                })?;
-            if &td == own {
-                return Err(cx.invalid(
-                    &key("trust_domain"),
-                    &f.trust_domain,
-                    "is this agent's own trust domain",
-                ));
-            }
-            if out.iter().any(|r| r.trust_domain == td) {
+            let input = RelationshipInput {
+                trust_domain: f.trust_domain.get_ref(),
+                bundle_endpoint_url: f.bundle_endpoint_url.get_ref(),
+                bundle_endpoint_profile: f.bundle_endpoint_profile.get_ref(),
+                endpoint_spiffe_id: f.endpoint_spiffe_id.as_ref().map(|s| s.get_ref().as_str()),
+                bootstrap_bundle: f
+                    .bootstrap_bundle
+                    .as_ref()
+                    .map(|p| BootstrapInput::File(p.get_ref())),
+                ca_file: f.ca_file.as_ref().map(|p| p.get_ref().as_path()),
+            };
+            let relationship = Relationship::check(&input, own).map_err(|e| {
+                // The line of the field at fault, or of the profile that
+                // needs a missing one.
+                let (name, span) = match e.field {
+                    Field::TrustDomain => ("trust_domain", Some(f.trust_domain.span())),
+                    Field::BundleEndpointUrl => {
+                        ("bundle_endpoint_url", Some(f.bundle_endpoint_url.span()))
+                    }
+                    Field::BundleEndpointProfile => (
+                        "bundle_endpoint_profile",
+                        Some(f.bundle_endpoint_profile.span()),
+                    ),
+                    Field::EndpointSpiffeId => (
+                        "endpoint_spiffe_id",
+                        f.endpoint_spiffe_id.as_ref().map(|s| s.span()),
+                    ),
+                    Field::BootstrapBundle => (
+                        "bootstrap_bundle",
+                        f.bootstrap_bundle.as_ref().map(|s| s.span()),
+                    ),
+                    Field::CaFile => ("ca_file", f.ca_file.as_ref().map(|s| s.span())),
+                };
+                ConfigError::Invalid {
+                    file: cx.file.to_string(),
+                    line: cx.line(span.unwrap_or_else(|| f.bundle_endpoint_profile.span())),
+                    key: key(name),
+                    message: e.message,
+                }
+            })?;
+            if out
+                .iter()
+                .any(|r| r.trust_domain == relationship.trust_domain)
+            {
                 return Err(cx.invalid(
                     &key("trust_domain"),
                     &f.trust_domain,
                     "appears in two [[federation]] tables",
                 ));
             }
-            let url = EndpointUrl::parse(f.bundle_endpoint_url.get_ref()).map_err(|e| {
-                cx.invalid(
-                    &key("bundle_endpoint_url"),
-                    &f.bundle_endpoint_url,
-                    e.to_string(),
-                )
-            })?;
-            let profile = match f.bundle_endpoint_profile.get_ref().as_str() {
-                "https_web" => {
-                    for (k, v) in [
-                        (
-                            "endpoint_spiffe_id",
-                            f.endpoint_spiffe_id.as_ref().map(|s| s.span()),
-                        ),
-                        (
-                            "bootstrap_bundle",
-                            f.bootstrap_bundle.as_ref().map(|s| s.span()),
-                        ),
-                    ] {
-                        if let Some(span) = v {
-                            return Err(ConfigError::Invalid {
-                                file: cx.file.to_string(),
-                                line: cx.line(span),
-                                key: key(k),
-                                message:
-                                    "only used with bundle_endpoint_profile = \"https_spiffe\""
-                                        .into(),
-                            });
-                        }
-                    }
-                    Profile::HttpsWeb {
-                        ca_file: f.ca_file.as_ref().map(|p| p.get_ref().clone()),
-                    }
-                }
-                "https_spiffe" => {
-                    if let Some(ca) = &f.ca_file {
-                        return Err(cx.invalid(
-                            &key("ca_file"),
-                            ca,
-                            "only used with https_web; an https_spiffe endpoint is checked against its trust domain's bundle (bootstrap_bundle at first)",
-                        ));
-                    }
-                    let id_text = f.endpoint_spiffe_id.as_ref().ok_or_else(|| {
-                        cx.invalid(
-                            &key("endpoint_spiffe_id"),
-                            &f.bundle_endpoint_profile,
-                            "is required with https_spiffe: the SPIFFE ID the endpoint's certificate must carry",
-                        )
-                    })?;
-                    let endpoint_id = spiffe::SpiffeId::new(id_text.get_ref()).map_err(|e| {
-                        cx.invalid(
-                            &key("endpoint_spiffe_id"),
-                            id_text,
-                            format!("not a SPIFFE ID: {e}"),
-                        )
-                    })?;
-                    let same_domain = endpoint_id.is_member_of(&td);
-                    let bootstrap_bundle = match (&f.bootstrap_bundle, same_domain) {
-                        (Some(path), true) => {
-                            let bytes = std::fs::read(path.get_ref()).map_err(|e| {
-                                cx.invalid(
-                                    &key("bootstrap_bundle"),
-                                    path,
-                                    format!("cannot read {}: {e}", path.get_ref().display()),
-                                )
-                            })?;
-                            crate::identity::ForeignBundle::from_file_contents(td.clone(), &bytes)
-                                .map_err(|e| {
-                                    cx.invalid(
-                                        &key("bootstrap_bundle"),
-                                        path,
-                                        format!(
-                                            "{}: not a SPIFFE bundle or PEM certificates: {e}",
-                                            path.get_ref().display()
-                                        ),
-                                    )
-                                })?;
-                            Some(path.get_ref().clone())
-                        }
-                        (None, true) => {
-                            return Err(cx.invalid(
-                                &key("bootstrap_bundle"),
-                                &f.bundle_endpoint_profile,
-                                "is required with https_spiffe when the endpoint belongs to the trust domain it serves: the bundle (SPIFFE JSON or PEM) that authenticates the first fetch",
-                            ));
-                        }
-                        (Some(path), false) => {
-                            return Err(cx.invalid(
-                                &key("bootstrap_bundle"),
-                                path,
-                                format!("is not used: the endpoint's ID is in {:?}, whose bundle authenticates it", endpoint_id.trust_domain_name()),
-                            ));
-                        }
-                        (None, false) => None,
-                    };
-                    Profile::HttpsSpiffe {
-                        endpoint_id,
-                        bootstrap_bundle,
-                    }
-                }
-                _ => {
-                    return Err(cx.invalid(
-                        &key("bundle_endpoint_profile"),
-                        &f.bundle_endpoint_profile,
-                        "must be \"https_web\" or \"https_spiffe\"",
-                    ));
-                }
-            };
-            out.push(Relationship {
-                trust_domain: td,
-                url,
-                profile,
-            });
+            out.push(relationship);
         }
         Ok(out)
     }
@@ -1343,6 +1268,7 @@ impl Config {
                 }
                 Some(crate::fleet::registration::RegistrationConfig {
                     namespaced: r.namespaced.unwrap_or(true),
+                    federation: r.federation.unwrap_or(false),
                     x509_ttl: svid_ttls.0,
                     jwt_ttl: svid_ttls.1,
                     wit_ttl: svid_ttls.2,

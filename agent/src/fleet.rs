@@ -22,21 +22,27 @@
 //! * Node control: join tokens in the Kubernetes API, redeemed once across
 //!   replicas, and node denials every replica enforces ([`nodes`]).
 //! * Live registration: entries as custom resources, watched by each replica
-//!   and streamed to nodes ([`registration`]).
+//!   and streamed to nodes ([`registration`]); federation relationships as
+//!   custom resources ([`federation`]) and the foreign bundles the replicas
+//!   fetched kept in the store ([`foreign_bundles`]); both kinds of object
+//!   get a `Ready` condition ([`status`]).
 //!
 //! The design and its trust model are in `docs/architecture.md`.
 
 pub mod approvals;
 pub mod client;
 pub mod entitlement;
+pub mod federation;
 pub mod feed;
 pub mod follow;
+pub mod foreign_bundles;
 pub mod informer;
 pub mod join;
 pub mod kube;
 pub mod nodes;
 pub mod registration;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod tls;
 pub mod wire;

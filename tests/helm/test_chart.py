@@ -1138,6 +1138,7 @@ def test_authority_rbac_is_exactly_tokenreviews_and_pods(manifests, name):
                      ("tessera.dev", "clusterworkloadentries/status", "patch"),
                      *{("tessera.dev", "jointokens", v) for v in ("get", "list", "delete")},
                      ("tessera.dev", "nodedenials", "list"), ("tessera.dev", "nodedenials", "watch"),
+                     *{("tessera.dev", "federatedbundles", v) for v in ("list", "create", "patch", "delete")},
                      ("tessera.dev", "workloadentries/status", "patch")}
     # The fleet's state: a Role in the release namespace only, bound to the authority.
     role = auth_one(docs, "Role")
@@ -1246,6 +1247,26 @@ def test_authority_registration_can_be_narrowed_or_turned_off(chart):
     assert "registration" not in authority_config_toml(docs)["server"]
     granted = {r for rule in auth_one(docs, "ClusterRole")["rules"] for r in rule["resources"]}
     assert granted == {"tokenreviews", "pods"}
+
+
+def test_authority_federation_relationships_as_objects_are_opt_in(chart, manifests):
+    docs = manifests["authority"]
+    assert "federation" not in authority_config_toml(docs)["server"]["registration"]
+    granted = {r for rule in auth_one(docs, "ClusterRole")["rules"] for r in rule["resources"]}
+    assert not {"federationrelationships", "federationrelationships/status"} & granted
+    values = copy.deepcopy(VALUE_SETS["authority"])
+    values["authority"]["registration"] = {"enabled": True, "namespaced": True, "federation": True}
+    docs = docs_of(render_files(chart, values))
+    assert authority_config_toml(docs)["server"]["registration"]["federation"] is True
+    rules = auth_one(docs, "ClusterRole")["rules"]
+    assert {"apiGroups": ["tessera.dev"], "resources": ["federationrelationships"],
+            "verbs": ["list", "watch"]} in rules
+    status = [r for r in rules if "federationrelationships/status" in r["resources"]]
+    assert [r["verbs"] for r in status] == [["patch"]]
+    # Relationships may name any endpoint: egress to egressPorts and DNS.
+    (np,) = [d for d in docs if d["kind"] == "NetworkPolicy" and is_authority(d)]
+    assert any(p["port"] == 53 for rule in np["spec"]["egress"] for p in rule["ports"])
+    assert any(p["port"] == 443 for rule in np["spec"]["egress"] for p in rule["ports"])
 
 
 def secret_names(pod_spec: dict) -> set[str]:

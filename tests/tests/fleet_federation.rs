@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use spiffe::TrustDomain;
 use tessera_agent::app::{self, RunningAgent};
 use tessera_agent::config::Config;
+use tessera_tests::kube::{KubeApi, SA_ISSUER};
 use tessera_tests::{TestAgent, my_uid};
 use tokio_stream::StreamExt;
 
@@ -270,7 +271,7 @@ async fn the_authority_federates_for_the_whole_fleet() {
     // The authority stops federating (what SIGHUP does with a config
     // without the table): the node's workload is pushed a context without
     // partner.test at the agent's next poll.
-    authority.federation.update(Vec::new());
+    authority.relationships.set_config(Vec::new());
     context_where(node.endpoint(), |c| {
         cas_of(c, "partner.test").is_none() && cas_of(c, "example.org").is_some()
     })
@@ -281,4 +282,359 @@ async fn the_authority_federates_for_the_whole_fleet() {
     authority.shutdown();
     authority.wait().await;
     partner.stop().await.unwrap();
+}
+
+/// An agent of `node` in upstream mode attached to the authority at
+/// `addr` only, with `entries`; the authority's key directory is `keys`.
+async fn fleet_node(
+    keys: &Path,
+    addr: std::net::SocketAddr,
+    node: &str,
+    entries: &str,
+) -> TestAgent {
+    let token = tessera_agent::fleet::join::create(
+        &keys.join("join"),
+        node,
+        Duration::from_secs(600),
+        SystemTime::now(),
+    )
+    .unwrap();
+    let agent_dir = tempfile::tempdir().unwrap();
+    std::fs::write(agent_dir.path().join("join-token"), token).unwrap();
+    let body = format!(
+        "{entries}[upstream]\naddresses = [\"{addr}\"]\nbundle_file = \"{k}/keys/ca.crt\"\nnode_attestation = \"join_token\"\ntoken_file = \"{a}/join-token\"\nbundle_refresh = \"200ms\"\nrequest_timeout = \"2s\"\n",
+        k = keys.display(),
+        a = agent_dir.path().display(),
+    );
+    TestAgent::start_in(agent_dir, &body).await
+}
+
+/// Waits until the JWT bundles streamed to `agent`'s workload hold keys
+/// of `domain`; their key IDs.
+async fn jwt_kids_of(agent: &TestAgent, domain: &str) -> Vec<String> {
+    let mut jwt_stream = agent
+        .spiffe_client()
+        .await
+        .stream_jwt_bundles()
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let set = jwt_stream.next().await.expect("stream open").unwrap();
+            if let Some(b) = set.get(&td(domain)) {
+                let kids: Vec<String> = b
+                    .jwt_authorities()
+                    .map(|a| a.key_id().to_string())
+                    .collect();
+                if !kids.is_empty() {
+                    return kids;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{domain}'s JWT-SVID keys on the workload's stream within 30 s"))
+}
+
+/// Polls the object at `path` until its Ready condition has `reason` for
+/// the object's current generation; returns the condition.
+async fn ready_condition(api: &KubeApi, path: &str, reason: &str) -> serde_json::Value {
+    for _ in 0..300 {
+        let (status, obj) = api.request(http::Method::GET, path, None).await;
+        assert_eq!(status, 200, "{obj}");
+        if let Some(c) = obj["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+            && c["reason"] == reason
+            && c["observedGeneration"] == obj["metadata"]["generation"]
+        {
+            return c.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{path} never got a Ready condition with reason {reason}");
+}
+
+/// The chart's CRDs in the shared genuine kube-apiserver, a namespace with
+/// the authority's service account, and the chart's rules for federation:
+/// FederationRelationship objects read and their status patched,
+/// FederatedBundle objects kept in the store's namespace (with the rest of
+/// the store's rules). Returns the `[server]` sub-tables and the namespace.
+async fn federation_cluster(api: &KubeApi, dir: &Path) -> (String, String) {
+    let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm/tessera/crds/");
+    let (ok, out, err) = api.kubectl(&["apply", "--server-side", "-f", crds], None);
+    assert!(ok, "the chart's CRDs are refused: {out}{err}");
+    let (ok, out, err) = api.kubectl(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/federationrelationships.tessera.dev",
+            "crd/federatedbundles.tessera.dev",
+            "crd/revocationbatches.tessera.dev",
+            "crd/jointokens.tessera.dev",
+            "crd/nodedenials.tessera.dev",
+            "crd/clusterworkloadentries.tessera.dev",
+        ],
+        None,
+    );
+    assert!(ok, "{out}{err}");
+    let ns = api.namespace("fed", serde_json::json!({})).await;
+    api.service_account(&ns, "tessera-authority").await;
+    let cluster_name = format!("tessera-authority-{ns}");
+    api.create(
+        "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+          "metadata": {"name": cluster_name},
+          "rules": [
+            {"apiGroups": ["tessera.dev"], "resources": ["clusterworkloadentries", "federationrelationships"], "verbs": ["list", "watch"]},
+            {"apiGroups": ["tessera.dev"], "resources": ["clusterworkloadentries/status", "federationrelationships/status"], "verbs": ["patch"]}]}),
+    )
+    .await;
+    api.create(
+        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+          "metadata": {"name": cluster_name},
+          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_name},
+          "subjects": [{"kind": "ServiceAccount", "name": "tessera-authority", "namespace": ns}]}),
+    )
+    .await;
+    api.create(
+        &format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles"),
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+          "metadata": {"name": "tessera-authority"},
+          "rules": [{"apiGroups": ["tessera.dev"], "resources": ["revocationbatches"],
+                     "verbs": ["create", "list", "watch", "deletecollection"]},
+                    {"apiGroups": ["tessera.dev"], "resources": ["jointokens"],
+                     "verbs": ["get", "list", "delete"]},
+                    {"apiGroups": ["tessera.dev"], "resources": ["nodedenials"],
+                     "verbs": ["list", "watch"]},
+                    {"apiGroups": ["tessera.dev"], "resources": ["federatedbundles"],
+                     "verbs": ["list", "create", "patch", "delete"]}]}),
+    )
+    .await;
+    api.create(
+        &format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings"),
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+          "metadata": {"name": "tessera-authority"},
+          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tessera-authority"},
+          "subjects": [{"kind": "ServiceAccount", "name": "tessera-authority", "namespace": ns}]}),
+    )
+    .await;
+    let token = api.token(&ns, "tessera-authority", SA_ISSUER, None).await;
+    let token_file = KubeApi::token_file(dir, "authority-token", &token);
+    let tables = format!(
+        "[server.kubernetes]\napi_server = \"{}\"\nca_file = \"{}\"\ntoken_file = \"{}\"\nallowed_service_accounts = [\"{ns}:tessera-agent\"]\n\n[server.store]\nkind = \"kubernetes\"\nnamespace = \"{ns}\"\nbatch_window = \"20ms\"\n\n[server.registration]\nkind = \"kubernetes\"\nnamespaced = false\nfederation = true\n",
+        api.url,
+        api.ca_file.display(),
+        token_file.display(),
+    );
+    (tables, ns)
+}
+
+/// Federation relationships as custom resources in the genuine
+/// kube-apiserver, and foreign bundles kept in the fleet store: a
+/// FederationRelationship created for a running fleet reaches a workload's
+/// open stream (its CAs and, from the first fetch, its JWT-SVID keys, as
+/// the `spiffe` crate reads them); an invalid one gets a Ready condition
+/// naming the field; the fetched bundle is a FederatedBundle object, from
+/// which a replica started while the partner's endpoint is down serves it
+/// (its JWT-SVID keys were in no bootstrap bundle); deleting the object
+/// withdraws the bundle from the workload and deletes the kept one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn federation_relationships_are_custom_resources_and_their_bundles_outlive_the_endpoint() {
+    let api = KubeApi::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (tables, ns) = federation_cluster(api, d).await;
+
+    let partner_dir = tempfile::tempdir().unwrap();
+    let partner = single_node(
+        partner_dir.path(),
+        "partner.test",
+        "[bundle_endpoint]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let partner_url = format!(
+        "https://{}/",
+        partner.bundle_endpoint.as_ref().unwrap().addr
+    );
+    let partner_socket = format!("unix://{}/sock/agent.sock", partner_dir.path().display());
+    let partner_cas = cas_of(
+        &context_where(partner_socket.clone(), |_| true).await,
+        "partner.test",
+    )
+    .unwrap();
+    let partner_kids = {
+        let client = spiffe::WorkloadApiClient::connect_to(partner_socket)
+            .await
+            .unwrap();
+        let set = client.fetch_jwt_bundles().await.unwrap();
+        let mut kids: Vec<String> = set
+            .get(&td("partner.test"))
+            .unwrap()
+            .jwt_authorities()
+            .map(|a| a.key_id().to_string())
+            .collect();
+        kids.sort();
+        kids
+    };
+    assert!(!partner_kids.is_empty());
+
+    tessera_agent::identity::key_files::init_key_dir(
+        &td("example.org"),
+        &d.join("keys"),
+        Duration::from_secs(30 * 24 * 3600),
+        SystemTime::now(),
+    )
+    .unwrap();
+    let entry = |node: &str| {
+        format!(
+            "[[entries]]\nspiffe_id = \"spiffe://example.org/{node}/svc\"\nselectors = [\"tessera:node:{node}\", \"unix:uid:{}\"]\nfederates_with = [\"partner.test\"]\n",
+            my_uid()
+        )
+    };
+    let authority_text = format!(
+        "trust_domain = \"example.org\"\n{}{}[server]\nlisten = \"127.0.0.1:0\"\nkeys_dir = \"{k}/keys\"\njoin_token_dir = \"{k}/join\"\n{tables}",
+        entry("node-a"),
+        entry("node-b"),
+        k = d.display(),
+    );
+    let cfg = Config::parse(&authority_text, "authority.toml").unwrap();
+    let clock = Arc::new(tessera_agent::clock::SystemClock);
+    let replica_a = tessera_agent::app::authority::start_authority(&cfg, clock.clone())
+        .await
+        .unwrap();
+    let mut node_a = fleet_node(d, replica_a.server.addr, "node-a", &entry("node-a")).await;
+    let ctx = context_where(node_a.endpoint(), |c| c.default_svid().is_some()).await;
+    assert!(cas_of(&ctx, "partner.test").is_none(), "not federated yet");
+
+    // Invalid first: https_spiffe with the endpoint in partner.test needs
+    // a bootstrap bundle. The condition names the field; nothing changes.
+    let collection = "/apis/tessera.dev/v1alpha1/federationrelationships";
+    let path = format!("{collection}/partner.test");
+    let mut object = serde_json::json!({"apiVersion": "tessera.dev/v1alpha1", "kind": "FederationRelationship",
+      "metadata": {"name": "partner.test"},
+      "spec": {"trustDomain": "partner.test", "bundleEndpointUrl": partner_url,
+               "bundleEndpointProfile": "https_spiffe",
+               "endpointSpiffeId": "spiffe://partner.test/tessera/bundle-endpoint"}});
+    api.create(collection, object.clone()).await;
+    let refused = ready_condition(api, &path, "Invalid").await;
+    assert_eq!(refused["status"], "False");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.bootstrapBundle: "),
+        "{refused}"
+    );
+    // Fixed with the partner's CAs as bootstrap bundle (what its agent
+    // writes with `tessera api fetch x509 --write`).
+    object["spec"]["bootstrapBundle"] = serde_json::json!(pem(&partner_cas));
+    let (status, answer) = api
+        .request_as(
+            &api.admin_token,
+            http::Method::PATCH,
+            &path,
+            "application/merge-patch+json",
+            Some(&serde_json::json!({"spec": object["spec"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let accepted = ready_condition(api, &path, "Accepted").await;
+    assert_eq!(accepted["status"], "True", "{accepted}");
+    let ctx = context_where(node_a.endpoint(), |c| cas_of(c, "partner.test").is_some()).await;
+    assert_eq!(cas_of(&ctx, "partner.test").unwrap(), partner_cas);
+    let mut kids = jwt_kids_of(&node_a, "partner.test").await;
+    kids.sort();
+    assert_eq!(kids, partner_kids, "fetched from partner.test's endpoint");
+
+    // Kept in the fleet store as the endpoint served it, as the API server
+    // holds it.
+    let kept_path =
+        format!("/apis/tessera.dev/v1alpha1/namespaces/{ns}/federatedbundles/partner.test");
+    let mut kept = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (status, obj) = api.request(http::Method::GET, &kept_path, None).await;
+        if status == 200 {
+            kept = obj;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(kept["spec"]["trustDomain"], "partner.test", "{kept}");
+    let doc: serde_json::Value =
+        serde_json::from_str(kept["spec"]["bundle"].as_str().unwrap()).unwrap();
+    let mut kept_kids: Vec<String> = doc["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "jwt-svid")
+        .map(|k| k["kid"].as_str().unwrap().to_string())
+        .collect();
+    kept_kids.sort();
+    assert_eq!(kept_kids, partner_kids);
+
+    // partner.test's endpoint goes down; a replica started now (nothing
+    // in memory) serves the kept bundle to a node attached to it alone.
+    partner.stop().await.unwrap();
+    let replica_b = tessera_agent::app::authority::start_authority(&cfg, clock.clone())
+        .await
+        .unwrap();
+    let mut node_b = fleet_node(d, replica_b.server.addr, "node-b", &entry("node-b")).await;
+    let mut kids = jwt_kids_of(&node_b, "partner.test").await;
+    kids.sort();
+    assert_eq!(
+        kids, partner_kids,
+        "the kept bundle, not the bootstrap one (CAs only)"
+    );
+    let ctx = context_where(node_b.endpoint(), |c| cas_of(c, "partner.test").is_some()).await;
+    assert_eq!(cas_of(&ctx, "partner.test").unwrap(), partner_cas);
+    let fetched = |result: &'static str| {
+        replica_b
+            .server
+            .federation_metrics
+            .refreshes
+            .get_or_create(&tessera_agent::metrics::FederationLabels {
+                trust_domain: "partner.test".into(),
+                result,
+            })
+            .get()
+    };
+    assert_eq!(
+        fetched("updated") + fetched("unchanged"),
+        0,
+        "replica B never reached the endpoint"
+    );
+
+    // Deleted: withdrawn from the workloads of both replicas' nodes, and
+    // the kept bundle goes too.
+    let (status, answer) = api.request(http::Method::DELETE, &path, None).await;
+    assert_eq!(status, 200, "{answer}");
+    for node in [&node_a, &node_b] {
+        context_where(node.endpoint(), |c| {
+            cas_of(c, "partner.test").is_none() && cas_of(c, "example.org").is_some()
+        })
+        .await;
+    }
+    let mut gone = false;
+    for _ in 0..100 {
+        let (status, _) = api.request(http::Method::GET, &kept_path, None).await;
+        if status == 404 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        gone,
+        "the FederatedBundle object is deleted with the relationship"
+    );
+
+    node_a.stop().await;
+    node_b.stop().await;
+    for replica in [replica_a, replica_b] {
+        replica.shutdown();
+        replica.wait().await;
+    }
 }

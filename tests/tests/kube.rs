@@ -594,6 +594,8 @@ fn apply_chart_crds(api: &KubeApi) {
             "crd/workloadentries.tessera.dev",
             "crd/jointokens.tessera.dev",
             "crd/nodedenials.tessera.dev",
+            "crd/federationrelationships.tessera.dev",
+            "crd/federatedbundles.tessera.dev",
         ],
         None,
     );
@@ -669,7 +671,8 @@ async fn the_charts_rbac_is_least_privilege() {
     let other = api.namespace("other", json!({})).await;
     let release = format!("t{}", &ns[ns.len().saturating_sub(6)..].replace('-', ""));
     let values = json!({"authority": {"enabled": true, "keysSecret": "tessera-authority-keys",
-                                      "bundleConfigMap": "tessera-authority-bundle"}});
+                                      "bundleConfigMap": "tessera-authority-bundle",
+                                      "registration": {"federation": true}}});
     let list = render_chart(&release, &ns, &values);
     let items = list["items"].as_array().unwrap();
 
@@ -871,6 +874,55 @@ async fn the_charts_rbac_is_least_privilege() {
             Some(&ns),
             "enforce them at once",
         ),
+        (
+            "list",
+            "tessera.dev",
+            "federationrelationships",
+            None,
+            "load federation relationships",
+        ),
+        (
+            "watch",
+            "tessera.dev",
+            "federationrelationships",
+            None,
+            "follow them",
+        ),
+        (
+            "patch",
+            "tessera.dev",
+            "federationrelationships/status",
+            None,
+            "the Ready condition",
+        ),
+        (
+            "list",
+            "tessera.dev",
+            "federatedbundles",
+            Some(&ns),
+            "load the kept foreign bundles at start",
+        ),
+        (
+            "create",
+            "tessera.dev",
+            "federatedbundles",
+            Some(&ns),
+            "keep a fetched bundle (server-side apply)",
+        ),
+        (
+            "patch",
+            "tessera.dev",
+            "federatedbundles",
+            Some(&ns),
+            "replace it (server-side apply)",
+        ),
+        (
+            "delete",
+            "tessera.dev",
+            "federatedbundles",
+            Some(&ns),
+            "a relationship ended",
+        ),
     ];
     let authority_may_not: Vec<Probe<'_>> = vec![
         (
@@ -1005,6 +1057,41 @@ async fn the_charts_rbac_is_least_privilege() {
             Some(&ns),
             "lift a denial",
         ),
+        (
+            "create",
+            "tessera.dev",
+            "federationrelationships",
+            None,
+            "trust a domain on its own",
+        ),
+        (
+            "patch",
+            "tessera.dev",
+            "federationrelationships",
+            None,
+            "change a relationship's spec",
+        ),
+        (
+            "delete",
+            "tessera.dev",
+            "federationrelationships",
+            None,
+            "end a relationship",
+        ),
+        (
+            "watch",
+            "tessera.dev",
+            "federatedbundles",
+            Some(&ns),
+            "never used",
+        ),
+        (
+            "create",
+            "tessera.dev",
+            "federatedbundles",
+            Some(&other),
+            "another namespace",
+        ),
     ];
     let agent_may: Vec<Probe<'_>> = vec![(
         "get",
@@ -1093,6 +1180,9 @@ async fn the_charts_rbac_is_least_privilege() {
         "watch workloadentries.tessera.dev",
         "patch clusterworkloadentries/status.tessera.dev",
         "patch workloadentries/status.tessera.dev",
+        "list federationrelationships.tessera.dev",
+        "watch federationrelationships.tessera.dev",
+        "patch federationrelationships/status.tessera.dev",
     ];
     let mut in_own = set(&cluster_wide);
     for v in ["create", "list", "watch", "deletecollection"] {
@@ -1103,6 +1193,9 @@ async fn the_charts_rbac_is_least_privilege() {
     }
     for v in ["list", "watch"] {
         in_own.insert(format!("{v} nodedenials.tessera.dev"));
+    }
+    for v in ["list", "create", "patch", "delete"] {
+        in_own.insert(format!("{v} federatedbundles.tessera.dev"));
     }
     // What every service account has anyway (the cluster's defaults, such
     // as reading ClusterTrustBundles) is not the chart's doing.

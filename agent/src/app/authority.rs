@@ -10,8 +10,11 @@
 //! serves the trust domain's bundle to other trust domains, and its
 //! `[[federation]]` relationships fetch foreign bundles into the replica's
 //! trust store, from where `GET /v1/bundle` relays them to every agent.
-//! Replicas are stateless: each fetches on its own (bootstrap bundles cover
-//! the first fetch), and nothing is kept on disk.
+//! With live registration (`federation = true`) `FederationRelationship`
+//! objects add relationships without a restart. Each replica fetches on
+//! its own; with a fleet store the fetched bundles are kept there
+//! (`FederatedBundle` objects), so a replica starting while a foreign
+//! endpoint is down serves the last one.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,8 +35,11 @@ pub struct RunningAuthority {
     /// The trust domain's bundle endpoint, when `[bundle_endpoint]` is
     /// configured.
     pub bundle_endpoint: Option<crate::federation::BundleEndpoint>,
-    /// The `[[federation]]` relationships (SIGHUP replaces them).
+    /// The relationships in force and their bundles.
     pub federation: Arc<crate::federation::Federation>,
+    /// Where they come from: the config file's `[[federation]]` (SIGHUP
+    /// replaces them) and `FederationRelationship` objects.
+    pub relationships: Arc<crate::fleet::federation::Relationships>,
     https_shutdown: CancellationToken,
     https_task: Option<JoinHandle<()>>,
 }
@@ -77,15 +83,45 @@ pub async fn start_authority(
         clock.clone(),
     )
     .await?;
+    let server_config = config.server.as_ref();
+    let kept: Option<Arc<dyn crate::federation::state::KeptBundles>> =
+        match (&running.kube, server_config.and_then(|s| s.store.as_ref())) {
+            (Some(kube), Some(store))
+                if store.kind == crate::fleet::store::StoreKind::Kubernetes =>
+            {
+                Some(
+                    crate::fleet::foreign_bundles::FederatedBundles::load(
+                        kube.clone(),
+                        store.namespace.clone(),
+                    )
+                    .await,
+                )
+            }
+            _ => None,
+        };
     let federation = crate::federation::Federation::new(
         running.authority.trust_store().clone(),
-        None,
+        kept,
         running.federation_metrics.clone(),
         clock.clone(),
         crate::federation::RefreshBounds::default(),
         running.stopping(),
     );
-    federation.update(config.federation.clone());
+    let relationships =
+        crate::fleet::federation::Relationships::new(federation.clone(), config.federation.clone());
+    if let (Some(kube), Some(true)) = (
+        &running.kube,
+        server_config.and_then(|s| s.registration.as_ref().map(|r| r.federation)),
+    ) {
+        tracing::info!("live federation: FederationRelationship objects are watched");
+        crate::fleet::federation::start(
+            kube.clone(),
+            relationships.clone(),
+            config.trust_domain.clone(),
+            clock.clone(),
+            running.stopping(),
+        );
+    }
     let bundle_endpoint = match &config.bundle_endpoint {
         None => None,
         Some(b) => match crate::federation::endpoint::serve(
@@ -113,6 +149,7 @@ pub async fn start_authority(
             https_addr: None,
             bundle_endpoint,
             federation,
+            relationships,
             https_shutdown,
             https_task: None,
         });
@@ -138,6 +175,7 @@ pub async fn start_authority(
             https_addr: Some(addr),
             bundle_endpoint,
             federation,
+            relationships,
             https_shutdown,
             https_task: Some(task),
         }),

@@ -188,7 +188,7 @@ fn reload_entries(path: &std::path::Path, running: &crate::app::authority::Runni
                 tracing::warn!("{w}");
             }
             entries.set_config(&cfg.entries);
-            running.federation.update(cfg.federation.clone());
+            running.relationships.set_config(cfg.federation.clone());
             tracing::info!(
                 entries = cfg.entries.len(),
                 live = entries.live_count(),

@@ -18,8 +18,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::fetch::{self, FetchError};
-use super::state::BundleState;
-use super::{Profile, RefreshBounds, Relationship};
+use super::state::KeptBundles;
+use super::{Bootstrap, Profile, RefreshBounds, Relationship};
 use crate::clock::{Clock, unix_seconds};
 use crate::identity::spiffe_bundle::BundleError;
 use crate::identity::{ForeignBundle, TrustStore};
@@ -44,7 +44,7 @@ pub enum RefreshError {
         source: BundleError,
     },
     #[error(
-        "{url} served sequence {got}, older than the {have} in use; refused (if the trust domain was re-created, remove its file under data_dir/federation and restart)"
+        "{url} served sequence {got}, older than the {have} in use; refused (if the trust domain was re-created, remove its kept bundle, the file under data_dir/federation or the authority's FederatedBundle object, and restart)"
     )]
     Stale { url: String, got: u64, have: u64 },
     #[error("the bootstrap bundle {}: {message}", path.display())]
@@ -77,7 +77,7 @@ struct Running {
 /// The federation relationships in force and their refresh tasks.
 pub struct Federation {
     trust: Arc<TrustStore>,
-    state: Option<BundleState>,
+    state: Option<Arc<dyn KeptBundles>>,
     metrics: FederationMetrics,
     clock: Arc<dyn Clock>,
     bounds: RefreshBounds,
@@ -94,10 +94,11 @@ impl std::fmt::Debug for Federation {
 }
 
 impl Federation {
-    /// Federation into `trust`; bundles are kept under `data_dir` when given.
+    /// Federation into `trust`; fetched bundles are kept in `state` when
+    /// given (and the kept ones trusted before the first fetch).
     pub fn new(
         trust: Arc<TrustStore>,
-        data_dir: Option<&std::path::Path>,
+        state: Option<Arc<dyn KeptBundles>>,
         metrics: FederationMetrics,
         clock: Arc<dyn Clock>,
         bounds: RefreshBounds,
@@ -105,7 +106,7 @@ impl Federation {
     ) -> Arc<Self> {
         Arc::new(Self {
             trust,
-            state: data_dir.map(BundleState::new),
+            state,
             metrics,
             clock,
             bounds,
@@ -118,7 +119,8 @@ impl Federation {
     /// bundle, else their bootstrap bundle, then a fetch at once), changed
     /// ones restart keeping their bundle, and ended ones stop and their
     /// bundle is no longer trusted. The config file gives the set at start
-    /// and on SIGHUP; the fleet-state custom resources will call this too.
+    /// and on SIGHUP; at the authority, with the `FederationRelationship`
+    /// objects in force (`fleet::federation`).
     pub fn update(self: &Arc<Self>, relationships: Vec<Relationship>) {
         let mut running = self.running.lock();
         let wanted: HashMap<String, Relationship> = relationships
@@ -175,7 +177,7 @@ impl Federation {
         }
         let kept = self.state.as_ref().and_then(|s| s.load(&r.trust_domain));
         let from = match kept {
-            Some(b) => Some((b, "kept in data_dir")),
+            Some(b) => Some((b, "kept from an earlier fetch")),
             None => match bootstrap(r) {
                 Ok(b) => b.map(|b| (b, "bootstrap bundle")),
                 Err(e) => {
@@ -304,12 +306,11 @@ impl Federation {
                 "foreign bundle updated; pushed to the workloads that federate with it"
             );
         }
-        if !same_document && let Some(state) = &self.state {
-            let (state, bundle) = (state.clone(), bundle.clone());
-            let saved = tokio::task::spawn_blocking(move || state.save(&bundle)).await;
-            if let Ok(Err(e)) = saved {
-                tracing::error!(error = %e, "cannot keep the foreign bundle on disk; a restart will fetch it again");
-            }
+        if !same_document
+            && let Some(state) = &self.state
+            && let Err(e) = state.save(bundle.clone()).await
+        {
+            tracing::error!(trust_domain = %r.trust_domain.as_str(), error = %e, "cannot keep the foreign bundle; a restart will start from the bootstrap bundle and fetch it again");
         }
         Ok(Refreshed {
             changed,
@@ -330,11 +331,15 @@ impl Federation {
 /// `r`'s bootstrap bundle, when its profile has one.
 fn bootstrap(r: &Relationship) -> Result<Option<ForeignBundle>, RefreshError> {
     let Profile::HttpsSpiffe {
-        bootstrap_bundle: Some(path),
+        bootstrap_bundle: Some(from),
         ..
     } = &r.profile
     else {
         return Ok(None);
+    };
+    let path = match from {
+        Bootstrap::Inline(bundle) => return Ok(Some(bundle.as_ref().clone())),
+        Bootstrap::File(path) => path,
     };
     let err = |message: String| RefreshError::Bootstrap {
         path: path.clone(),

@@ -35,7 +35,7 @@ use axum::body::Body;
 use axum::http::{StatusCode, header};
 use axum::response::Response;
 use hyper::body::Bytes;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tessera_attestor::Selector;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -44,6 +44,7 @@ use super::client::{Upstream, UpstreamError};
 use super::feed::HEARTBEAT;
 use super::informer::{self, Change};
 use super::kube::KubeClient;
+use super::status::{Invalid, StatusWriter, invalid};
 use super::wire::{EntriesEvent, EntryDoc};
 use crate::clock::Clock;
 use crate::entries::{Entry, EntrySet, EntrySources, IdTemplate};
@@ -57,6 +58,8 @@ pub const VERSION: &str = "v1alpha1";
 pub struct RegistrationConfig {
     /// Also watch `WorkloadEntry` objects in every namespace (teams' own).
     pub namespaced: bool,
+    /// Also watch `FederationRelationship` objects ([`super::federation`]).
+    pub federation: bool,
     /// Lifetimes of an entry that does not set them (the config's `[svid]`).
     pub x509_ttl: Duration,
     pub jwt_ttl: Duration,
@@ -127,22 +130,6 @@ impl Key {
             Scope::Cluster => format!("{}/{}", self.scope.kind(), self.name),
             Scope::Namespaced => format!("{}/{}/{}", self.scope.kind(), self.namespace, self.name),
         }
-    }
-}
-
-/// Why an object is refused: the field at fault (`spec.selectors[1]`) and
-/// what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct Invalid {
-    pub field: String,
-    pub message: String,
-}
-
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
-    Invalid {
-        field: field.into(),
-        message: message.into(),
     }
 }
 
@@ -472,45 +459,6 @@ impl LiveEntries {
     }
 }
 
-/// The `Ready` condition an object should carry.
-fn condition(generation: i64, verdict: &Verdict) -> Value {
-    match verdict {
-        Ok((_, doc)) => json!({
-            "type": "Ready", "status": "True", "reason": "Accepted",
-            "message": format!("in force: {}", doc.spiffe_id),
-            "observedGeneration": generation,
-        }),
-        Err(e) => json!({
-            "type": "Ready", "status": "False", "reason": "Invalid",
-            "message": format!("{e}; not in force (a previously accepted version stays in force on running replicas)"),
-            "observedGeneration": generation,
-        }),
-    }
-}
-
-/// The status patch to send, if the object does not already say it.
-fn status_patch(obj: &Value, want: Value, now: SystemTime) -> Option<Value> {
-    let current = obj["status"]["conditions"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"));
-    let same = |c: &Value| {
-        ["status", "reason", "message", "observedGeneration"]
-            .iter()
-            .all(|k| c[*k] == want[*k])
-    };
-    if current.is_some_and(same) {
-        return None;
-    }
-    let mut want = want;
-    want["lastTransitionTime"] = match current {
-        Some(c) if c["status"] == want["status"] && c["lastTransitionTime"].is_string() => {
-            c["lastTransitionTime"].clone()
-        }
-        _ => json!(humantime::format_rfc3339_seconds(now).to_string()),
-    };
-    Some(json!({"status": {"conditions": [want]}}))
-}
-
 /// Starts watching the entry kinds (the namespaced one if configured) until
 /// `shutdown`, writing each object's verdict to its status.
 pub fn start(
@@ -521,8 +469,7 @@ pub fn start(
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) {
-    let (status_tx, status_rx) = mpsc::unbounded_channel::<(String, Value)>();
-    tokio::spawn(write_statuses(kube.clone(), status_rx, shutdown.clone()));
+    let statuses = StatusWriter::start(kube.clone(), clock, shutdown.clone());
     let mut scopes = vec![Scope::Cluster];
     if config.namespaced {
         scopes.push(Scope::Namespaced);
@@ -532,14 +479,13 @@ pub fn start(
             kube.also_need(verb, GROUP, scope.plural(), "");
         }
         live.watch(scope);
-        let (kube, live, td, config, clock, shutdown, status_tx) = (
+        let (kube, live, td, config, shutdown, statuses) = (
             kube.clone(),
             live.clone(),
             td.clone(),
             config.clone(),
-            clock.clone(),
             shutdown.clone(),
-            status_tx.clone(),
+            statuses.clone(),
         );
         tokio::spawn(async move {
             let check = |obj: &Value| -> Option<(Key, Verdict)> {
@@ -548,11 +494,11 @@ pub fn start(
                 if let Err(e) = &verdict {
                     tracing::warn!(object = %key.source(), error = %e, "registration entry refused");
                 }
-                let generation = obj["metadata"]["generation"].as_i64().unwrap_or(0);
-                if let Some(patch) = status_patch(obj, condition(generation, &verdict), clock.now())
-                {
-                    let _ = status_tx.send((scope.status_path(&key), patch));
-                }
+                statuses.report(
+                    scope.status_path(&key),
+                    obj,
+                    verdict.as_ref().map(|(_, doc)| doc.spiffe_id.as_str()),
+                );
                 Some((key, verdict))
             };
             let collection = scope.collection();
@@ -590,36 +536,6 @@ pub fn start(
             )
             .await;
         });
-    }
-}
-
-/// Writes `Ready` conditions through the status subresource, one at a time.
-async fn write_statuses(
-    kube: Arc<KubeClient>,
-    mut rx: mpsc::UnboundedReceiver<(String, Value)>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let (path, patch) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            next = rx.recv() => match next { Some(n) => n, None => return },
-        };
-        match kube
-            .json(
-                hyper::Method::PATCH,
-                &path,
-                "application/merge-patch+json",
-                Some(&patch),
-            )
-            .await
-        {
-            Ok(_) => {}
-            // Deleted meanwhile: nothing to say.
-            Err(e) if e.status == Some(404) => {}
-            Err(e) => {
-                tracing::warn!(path, error = %e, "could not write a registration entry's status (the authority needs patch on its status subresource)");
-            }
-        }
     }
 }
 
@@ -787,10 +703,12 @@ pub fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn config() -> RegistrationConfig {
         RegistrationConfig {
             namespaced: true,
+            federation: false,
             x509_ttl: Duration::from_secs(3600),
             jwt_ttl: Duration::from_secs(300),
             wit_ttl: Duration::from_secs(3600),
@@ -951,30 +869,6 @@ mod tests {
                 json!({"spiffeId": "spiffe://example.org/ns/team-a/x", "selectors": ["k8s:ns:team-b"]})
             ),
             "spec.selectors[0]"
-        );
-    }
-
-    #[test]
-    fn statuses_are_written_only_when_they_change() {
-        let obj = object(
-            None,
-            json!({"spiffeId": "spiffe://example.org/x", "selectors": ["k8s:ns:a"]}),
-        );
-        let verdict = entry_of(Scope::Cluster, &obj, &td(), &config());
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let patch = status_patch(&obj, condition(3, &verdict), now).unwrap();
-        let written = patch["status"]["conditions"][0].clone();
-        assert_eq!(written["reason"], "Accepted");
-        assert_eq!(written["observedGeneration"], 3);
-        let mut obj = obj;
-        obj["status"] = patch["status"].clone();
-        assert!(status_patch(&obj, condition(3, &verdict), now).is_none());
-        // A new generation, still accepted: the transition time stays.
-        let later = now + Duration::from_secs(60);
-        let again = status_patch(&obj, condition(4, &verdict), later).unwrap();
-        assert_eq!(
-            again["status"]["conditions"][0]["lastTransitionTime"],
-            written["lastTransitionTime"]
         );
     }
 

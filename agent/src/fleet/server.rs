@@ -135,6 +135,10 @@ pub struct RunningAuthority {
     /// Registered in this replica's `/metrics` for the federation
     /// relationships the wiring starts on its trust store.
     pub federation_metrics: crate::metrics::FederationMetrics,
+    /// The Kubernetes API client (`[server.kubernetes]`), for what the
+    /// wiring starts beside the server (federation relationships and kept
+    /// bundles).
+    pub kube: Option<Arc<KubeClient>>,
     shutdown: CancellationToken,
     /// The server and its background tasks (admin listener, key reload).
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -506,6 +510,7 @@ pub async fn start(
         entries,
         authority: shared.authority.clone(),
         federation_metrics,
+        kube: shared.kube.clone(),
         shutdown,
         tasks,
     })
