@@ -17,12 +17,9 @@
 # then stops the agent (SIGTERM) and exits with the command's status,
 # printing the agent's log if it failed.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
-bin=${TESSERA_BIN:-$root/target/debug/tessera}
-[ -x "$bin" ] || { echo "agent.sh: $bin not built (cargo build -p tessera-agent)" >&2; exit 2; }
-
-dir=$(mktemp -d /tmp/tessera-mcp-sdk.XXXXXX)
+source "$(dirname "$0")/../lib/agent.sh"
+agent_init tessera-mcp-sdk
+dir=$agent_dir
 uid=$(id -u)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 https_port=$(free_port)
@@ -59,34 +56,11 @@ spiffe_id = "$client_id"
 selectors = ["unix:uid:$uid"]
 TOML
 
-"$bin" run --config "$dir/agent.toml" >"$dir/agent.log" 2>&1 &
-agent=$!
-cleanup() {
-  kill -TERM "$agent" 2>/dev/null || true
-  wait "$agent" 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-for _ in $(seq 1 100); do
-  [ -S "$dir/sock/agent.sock" ] && break
-  kill -0 "$agent" 2>/dev/null || { cat "$dir/agent.log" >&2; exit 1; }
-  sleep 0.1
-done
-[ -S "$dir/sock/agent.sock" ] || { echo "agent did not start" >&2; cat "$dir/agent.log" >&2; exit 1; }
-
-export SPIFFE_ENDPOINT_SOCKET="unix://$dir/sock/agent.sock"
-"$bin" api fetch x509 --write "$dir/certs" >/dev/null
+agent_start
+"$agent_bin" api fetch x509 --write "$dir/certs" >/dev/null
 export TESSERA_ISSUER="https://localhost:$https_port"
 export TESSERA_CA="$dir/certs/bundle.0.pem"
 export TESSERA_CLIENT_ID="$client_id"
-export TESSERA_BIN="$bin"
+export TESSERA_BIN="$agent_bin"
 export MCP_PORT_PY="$py_port" MCP_PORT_TS="$ts_port"
-set +e
-"$@"
-status=$?
-set -e
-if [ $status -ne 0 ]; then
-  echo "---- agent log ----" >&2
-  cat "$dir/agent.log" >&2
-fi
-exit $status
+agent_run "$@"
