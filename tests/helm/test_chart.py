@@ -2124,3 +2124,56 @@ def test_real_authority_and_upstream_agent_accept_rendered_configs(manifests, tm
     # review its token), retrying: SIGTERM may end it there without the
     # graceful drain a serving agent does. Anything else is a failure.
     assert agent_rc in (0, -signal.SIGTERM), agent_err[-3000:]
+
+
+def test_single_node_federation_values(chart, manifests):
+    assert "federation" not in config_toml(manifests["default"])
+    values = copy.deepcopy(VALUE_SETS["default"])
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    values["federation"] = {
+        "relationships": [
+            {"trustDomain": "partner.example", "bundleEndpointUrl": "https://bundle.partner.example:8443/",
+             "endpointSpiffeId": "spiffe://partner.example/spire/server", "bootstrapBundle": pem},
+            {"trustDomain": "web.example", "bundleEndpointUrl": "https://web.example/bundle", "profile": "https_web"},
+        ],
+        "egressPorts": [8443],
+    }
+    values["entries"] = [{"spiffe_id": "/ns/{k8s:ns}/sa/{k8s:sa}", "selectors": ["k8s:ns", "k8s:sa"],
+                          "federates_with": ["partner.example"]}]
+    docs = docs_of(render_files(chart, values))
+    cfg = config_toml(docs)
+    assert cfg["federation"] == [
+        {"trust_domain": "partner.example", "bundle_endpoint_url": "https://bundle.partner.example:8443/",
+         "bundle_endpoint_profile": "https_spiffe",
+         "endpoint_spiffe_id": "spiffe://partner.example/spire/server",
+         "bootstrap_bundle": "/etc/tessera/federation-partner.example.pem"},
+        {"trust_domain": "web.example", "bundle_endpoint_url": "https://web.example/bundle",
+         "bundle_endpoint_profile": "https_web"},
+    ]
+    assert cfg["entries"][0]["federates_with"] == ["partner.example"]
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and "tessera.toml" in (d.get("data") or {})]
+    assert cm["data"]["federation-partner.example.pem"] == pem
+    assert "federation-web.example.pem" not in cm["data"]
+    (np,) = [d for d in docs if d["kind"] == "NetworkPolicy" and not is_authority(d)
+             and not d["metadata"]["name"].endswith("-test")]
+    assert {"ports": [{"protocol": "TCP", "port": 8443}]} in np["spec"]["egress"]
+    assert any(p["port"] == 53 for rule in np["spec"]["egress"] for p in rule["ports"])
+
+
+def test_single_node_federation_values_are_checked(chart):
+    values = copy.deepcopy(VALUE_SETS["default"])
+    values["federation"] = {"relationships": [
+        {"trustDomain": "partner.example", "bundleEndpointUrl": "https://bundle.partner.example/"}],
+        "egressPorts": [443]}
+    with pytest.raises(helm_python.HelmValuesError):
+        render_files(chart, values)
+    values["federation"]["relationships"][0]["profile"] = "https_web"
+    values["federation"]["relationships"][0]["bundleEndpointUrl"] = "http://bundle.partner.example/"
+    with pytest.raises(helm_python.HelmValuesError):
+        render_files(chart, values)
+    values = copy.deepcopy(VALUE_SETS["authority"])
+    values["federation"] = {"relationships": [
+        {"trustDomain": "web.example", "bundleEndpointUrl": "https://web.example/", "profile": "https_web"}],
+        "egressPorts": [443]}
+    with pytest.raises(helm_python.HelmRenderError, match="authority.federation.relationships"):
+        render_files(chart, values)
