@@ -20,6 +20,50 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+/// The handshake-signature methods of a custom rustls certificate verifier
+/// (`ServerCertVerifier` or `ClientCertVerifier`), which are the same for
+/// every verifier: TLS 1.2 and 1.3 signatures checked, and schemes offered,
+/// with the algorithms of the `CryptoProvider` in the field named
+/// `$provider`. Used inside the trait's `impl` block.
+macro_rules! handshake_signatures_of_provider {
+    ($provider:ident) => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.$provider.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.$provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.$provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+}
+pub(crate) use handshake_signatures_of_provider;
+
 /// The leaf certificate a client presented, if any, as a request
 /// extension (DER; the server's verifier has checked it).
 #[derive(Debug, Clone, Default)]

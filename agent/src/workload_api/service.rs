@@ -466,98 +466,7 @@ async fn wit_svid_stream(
             }
         },
     };
-    let Opened {
-        mut entries,
-        mut identities,
-    } = opened;
-    let mut first = true;
-    'identities: loop {
-        if let Some(wanted) = &wanted {
-            identities.retain(|i| &i.spiffe_id == wanted);
-        }
-        if identities.is_empty() {
-            out.send(Err(no_identity())).await;
-            return;
-        }
-        let mut rxs = Vec::with_capacity(identities.len());
-        let mut refused = Vec::new();
-        let mut entitled = Vec::with_capacity(identities.len());
-        for ident in identities {
-            match state
-                .cache
-                .subscribe_wit(&ident.spiffe_id, ident.wit_ttl)
-                .await
-            {
-                Ok(rx) => {
-                    rxs.push(rx);
-                    entitled.push(ident);
-                }
-                Err(SignError::Refused(why)) => {
-                    tracing::warn!(spiffe_id = %ident.spiffe_id, reason = %why, "the fleet authority refuses an identity the caller matches; serving its others");
-                    refused.push(why);
-                }
-                Err(SignError::Unsupported(why)) => {
-                    out.send(Err(Status::unimplemented(why))).await;
-                    return;
-                }
-                Err(e) => {
-                    out.send(Err(Status::unavailable(format!(
-                        "could not issue WIT-SVID: {e}"
-                    ))))
-                    .await;
-                    return;
-                }
-            }
-        }
-        identities = entitled;
-        if identities.is_empty() {
-            out.send(Err(refused_all(&refused))).await;
-            return;
-        }
-        loop {
-            let wits: Vec<Arc<WitSvid>> = rxs
-                .iter_mut()
-                .filter_map(|rx| rx.borrow_and_update().clone())
-                .collect();
-            if wits.len() != identities.len() {
-                out.send(Err(Status::unavailable("WIT-SVID not yet available")))
-                    .await;
-                return;
-            }
-            let wake = if wits.iter().any(|w| state.cache.has_passed(w.not_after)) {
-                // Wait for the renewal instead of sending an expired one.
-                state.cache.renew_due_now();
-                next_wake(&out, &mut entries, None, &mut rxs).await
-            } else {
-                if !first && !still_the_caller(&peer, &out, wit_release_key(&wits)).await {
-                    return;
-                }
-                if !out.send(Ok(wit_response(&identities, &wits))).await {
-                    return;
-                }
-                if first {
-                    first = false;
-                    state
-                        .callers
-                        .metrics
-                        .rpc_seconds
-                        .get_or_create(&crate::metrics::MethodLabels {
-                            method: "FetchWITSVID.first",
-                        })
-                        .observe(started.elapsed().as_secs_f64());
-                }
-                next_wake(&out, &mut entries, None, &mut rxs).await
-            };
-            match wake {
-                Wake::Ended => return,
-                Wake::Entries => {
-                    identities = entries.borrow_and_update().identities_for(&peer.selectors);
-                    continue 'identities;
-                }
-                Wake::Bundle | Wake::Update => {}
-            }
-        }
-    }
+    svid_stream::<WitKind>(state, peer, opened, out, started, wanted).await
 }
 
 /// What a WIT-SVID update releases (see [`release_key`]): a digest of the
@@ -607,6 +516,128 @@ async fn x509_svid_stream(
     out: StreamSender<pb::X509svidResponse>,
     started: Instant,
 ) {
+    svid_stream::<X509Kind>(state, peer, opened, out, started, None).await
+}
+
+/// One kind of SVID a stream serves ([`svid_stream`]): how an identity is
+/// subscribed to it, when one has expired, and the message that carries
+/// them.
+trait SvidKind {
+    type Svid: Send + Sync + 'static;
+    type Message: Send + 'static;
+    /// Names the kind in errors (`could not issue X509-SVID: ...`).
+    const NAME: &'static str;
+    /// The message when an identity has none yet.
+    const NOT_READY: &'static str;
+    /// The metric label of the first response's latency.
+    const FIRST: &'static str;
+    /// The message carries the trust bundle: a bundle change wakes the
+    /// stream.
+    const WITH_BUNDLE: bool;
+
+    fn subscribe(
+        state: &ApiState,
+        ident: &Identity,
+    ) -> impl std::future::Future<
+        Output = Result<watch::Receiver<Option<Arc<Self::Svid>>>, SignError>,
+    > + Send;
+    fn expired(state: &ApiState, svid: &Self::Svid) -> bool;
+    /// See [`release_key`].
+    fn release_key(svids: &[Arc<Self::Svid>], bundle: &TrustBundle) -> u64;
+    fn message(
+        identities: &[Identity],
+        svids: &[Arc<Self::Svid>],
+        bundle: &TrustBundle,
+    ) -> Self::Message;
+}
+
+struct X509Kind;
+
+impl SvidKind for X509Kind {
+    type Svid = X509Svid;
+    type Message = pb::X509svidResponse;
+    const NAME: &'static str = "X509-SVID";
+    const NOT_READY: &'static str = "SVID not yet available";
+    const FIRST: &'static str = "FetchX509SVID.first";
+    const WITH_BUNDLE: bool = true;
+
+    async fn subscribe(
+        state: &ApiState,
+        ident: &Identity,
+    ) -> Result<watch::Receiver<Option<Arc<X509Svid>>>, SignError> {
+        state
+            .cache
+            .subscribe(&ident.spiffe_id, ident.x509_ttl)
+            .await
+    }
+
+    fn expired(state: &ApiState, svid: &X509Svid) -> bool {
+        state.cache.is_expired(svid)
+    }
+
+    fn release_key(svids: &[Arc<X509Svid>], bundle: &TrustBundle) -> u64 {
+        release_key(svids, bundle)
+    }
+
+    fn message(
+        identities: &[Identity],
+        svids: &[Arc<X509Svid>],
+        bundle: &TrustBundle,
+    ) -> pb::X509svidResponse {
+        x509_response(identities, svids, bundle)
+    }
+}
+
+struct WitKind;
+
+impl SvidKind for WitKind {
+    type Svid = WitSvid;
+    type Message = pb::WitsvidResponse;
+    const NAME: &'static str = "WIT-SVID";
+    const NOT_READY: &'static str = "WIT-SVID not yet available";
+    const FIRST: &'static str = "FetchWITSVID.first";
+    const WITH_BUNDLE: bool = false;
+
+    async fn subscribe(
+        state: &ApiState,
+        ident: &Identity,
+    ) -> Result<watch::Receiver<Option<Arc<WitSvid>>>, SignError> {
+        state
+            .cache
+            .subscribe_wit(&ident.spiffe_id, ident.wit_ttl)
+            .await
+    }
+
+    fn expired(state: &ApiState, wit: &WitSvid) -> bool {
+        state.cache.has_passed(wit.not_after)
+    }
+
+    fn release_key(wits: &[Arc<WitSvid>], _: &TrustBundle) -> u64 {
+        wit_release_key(wits)
+    }
+
+    fn message(
+        identities: &[Identity],
+        wits: &[Arc<WitSvid>],
+        _: &TrustBundle,
+    ) -> pb::WitsvidResponse {
+        wit_response(identities, wits)
+    }
+}
+
+/// Streams the caller's SVIDs of kind `K` (of `wanted` only, when given),
+/// default first: sent at once, again whenever one is renewed, the entries
+/// change, or (for a kind that carries it) the bundle the workload sees
+/// changes. An identity the fleet authority refuses is left out while
+/// others remain.
+async fn svid_stream<K: SvidKind>(
+    state: Arc<ApiState>,
+    peer: Arc<AttestedPeer>,
+    opened: Opened,
+    out: StreamSender<K::Message>,
+    started: Instant,
+    wanted: Option<spiffe::SpiffeId>,
+) {
     let Opened {
         mut entries,
         mut identities,
@@ -614,6 +645,9 @@ async fn x509_svid_stream(
     let mut bundle_rx = state.cache.trust_store().subscribe();
     let mut first = true;
     'identities: loop {
+        if let Some(wanted) = &wanted {
+            identities.retain(|i| &i.spiffe_id == wanted);
+        }
         if identities.is_empty() {
             out.send(Err(no_identity())).await;
             return;
@@ -622,11 +656,7 @@ async fn x509_svid_stream(
         let mut refused = Vec::new();
         let mut entitled = Vec::with_capacity(identities.len());
         for ident in identities {
-            match state
-                .cache
-                .subscribe(&ident.spiffe_id, ident.x509_ttl)
-                .await
-            {
+            match K::subscribe(&state, &ident).await {
                 Ok(rx) => {
                     rxs.push(rx);
                     entitled.push(ident);
@@ -637,9 +667,14 @@ async fn x509_svid_stream(
                     tracing::warn!(spiffe_id = %ident.spiffe_id, reason = %why, "the fleet authority refuses an identity the caller matches; serving its others");
                     refused.push(why);
                 }
+                Err(SignError::Unsupported(why)) => {
+                    out.send(Err(Status::unimplemented(why))).await;
+                    return;
+                }
                 Err(e) => {
                     out.send(Err(Status::unavailable(format!(
-                        "could not issue X509-SVID: {e}"
+                        "could not issue {}: {e}",
+                        K::NAME
                     ))))
                     .await;
                     return;
@@ -652,20 +687,20 @@ async fn x509_svid_stream(
             return;
         }
         loop {
-            let svids: Vec<Arc<X509Svid>> = rxs
+            let svids: Vec<Arc<K::Svid>> = rxs
                 .iter_mut()
                 .filter_map(|rx| rx.borrow_and_update().clone())
                 .collect();
             if svids.len() != identities.len() {
-                out.send(Err(Status::unavailable("SVID not yet available")))
-                    .await;
+                out.send(Err(Status::unavailable(K::NOT_READY))).await;
                 return;
             }
-            if svids.iter().any(|s| state.cache.is_expired(s)) {
+            if svids.iter().any(|s| K::expired(&state, s)) {
                 // Wait for the renewal instead of sending an expired SVID
                 // (the wall clock jumped, or the signer was away).
                 state.cache.renew_due_now();
-                match next_wake(&out, &mut entries, Some(&mut bundle_rx), &mut rxs).await {
+                let bundle_watch = K::WITH_BUNDLE.then_some(&mut bundle_rx);
+                match next_wake(&out, &mut entries, bundle_watch, &mut rxs).await {
                     Wake::Ended => return,
                     Wake::Entries => {
                         identities = entries.borrow_and_update().identities_for(&peer.selectors);
@@ -675,13 +710,10 @@ async fn x509_svid_stream(
                 }
             }
             let bundle = bundle_rx.borrow_and_update().clone();
-            if !first && !still_the_caller(&peer, &out, release_key(&svids, &bundle)).await {
+            if !first && !still_the_caller(&peer, &out, K::release_key(&svids, &bundle)).await {
                 return;
             }
-            if !out
-                .send(Ok(x509_response(&identities, &svids, &bundle)))
-                .await
-            {
+            if !out.send(Ok(K::message(&identities, &svids, &bundle))).await {
                 return;
             }
             // The bundle this message carried: a change of a foreign bundle
@@ -694,13 +726,12 @@ async fn x509_svid_stream(
                     .callers
                     .metrics
                     .rpc_seconds
-                    .get_or_create(&crate::metrics::MethodLabels {
-                        method: "FetchX509SVID.first",
-                    })
+                    .get_or_create(&crate::metrics::MethodLabels { method: K::FIRST })
                     .observe(started.elapsed().as_secs_f64());
             }
             loop {
-                match next_wake(&out, &mut entries, Some(&mut bundle_rx), &mut rxs).await {
+                let bundle_watch = K::WITH_BUNDLE.then_some(&mut bundle_rx);
+                match next_wake(&out, &mut entries, bundle_watch, &mut rxs).await {
                     Wake::Ended => return,
                     Wake::Entries => {
                         identities = entries.borrow_and_update().identities_for(&peer.selectors);
