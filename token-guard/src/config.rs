@@ -28,6 +28,15 @@ pub enum JwksSource {
     Url(String),
 }
 
+impl JwksSource {
+    pub(crate) fn endpoint(&self) -> Result<Endpoint, String> {
+        match self {
+            JwksSource::Unix { socket, path } => Ok(Endpoint::unix(socket, path)),
+            JwksSource::Url(url) => Endpoint::http(url),
+        }
+    }
+}
+
 /// How (and whether) the guard asks the issuer if a token was revoked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IntrospectionSource {
@@ -252,8 +261,7 @@ impl TokenGuardBuilder {
     pub(crate) fn jwks_endpoint(&self) -> Result<Endpoint, ConfigError> {
         match &self.jwks {
             None => Err(ConfigError::MissingJwks),
-            Some(JwksSource::Unix { socket, path }) => Ok(Endpoint::unix(socket, path)),
-            Some(JwksSource::Url(url)) => Endpoint::http(url).map_err(ConfigError::Url),
+            Some(source) => source.endpoint().map_err(ConfigError::Url),
         }
     }
 

@@ -104,6 +104,7 @@ impl TokenGuardBuilder {
         let settings = self.settings()?;
         let keys = KeyCache::new(
             self.jwks_endpoint()?,
+            crate::jwks::KeyUse::Sig,
             self.jwks_refresh_interval,
             self.jwks_min_refresh_interval,
             self.http_timeout,

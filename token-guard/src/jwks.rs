@@ -59,14 +59,9 @@ pub(crate) enum KeyUse {
     WitSvid,
 }
 
-/// Parses a JWKS document into the ES256 keys it holds, by `kid`. Keys of other
-/// types, keys for encryption and keys without a `kid` are skipped, so an issuer
-/// can publish them without breaking us.
-pub(crate) fn parse_jwks(body: &[u8]) -> Result<HashMap<String, VerifyingKey>, String> {
-    parse_jwks_for(body, KeyUse::Sig)
-}
-
-/// [`parse_jwks`] for keys of `key_use`.
+/// Parses a JWKS document into the ES256 keys of `key_use` it holds, by
+/// `kid`. Keys of other types, keys for encryption and keys without a `kid`
+/// are skipped, so an issuer can publish them without breaking us.
 pub(crate) fn parse_jwks_for(
     body: &[u8],
     key_use: KeyUse,
@@ -115,9 +110,10 @@ struct Snapshot {
     last_error: Option<String>,
 }
 
-/// The cached JWKS of one issuer.
+/// The cached JWKS of one issuer (or one trust domain's WIT bundle).
 pub(crate) struct KeyCache {
     endpoint: Endpoint,
+    key_use: KeyUse,
     refresh_interval: Duration,
     min_refresh_interval: Duration,
     timeout: Duration,
@@ -129,12 +125,14 @@ pub(crate) struct KeyCache {
 impl KeyCache {
     pub(crate) fn new(
         endpoint: Endpoint,
+        key_use: KeyUse,
         refresh_interval: Duration,
         min_refresh_interval: Duration,
         timeout: Duration,
     ) -> Self {
         KeyCache {
             endpoint,
+            key_use,
             refresh_interval,
             min_refresh_interval,
             timeout,
@@ -172,6 +170,12 @@ impl KeyCache {
         }
     }
 
+    /// The key with this `kid` if it is cached (fresh or not), without
+    /// fetching.
+    pub(crate) fn cached(&self, kid: &str) -> Option<VerifyingKey> {
+        self.lookup(kid).0
+    }
+
     fn lookup(&self, kid: &str) -> (Option<VerifyingKey>, bool) {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
         let stale = state
@@ -195,7 +199,7 @@ impl KeyCache {
         let result = transport::call(&self.endpoint, Method::GET, None, self.timeout)
             .await
             .map_err(|e| e.to_string())
-            .and_then(|body| parse_jwks(&body));
+            .and_then(|body| parse_jwks_for(&body, self.key_use));
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         state.last_attempt = Some(Instant::now());
         match result {
@@ -232,6 +236,7 @@ mod tests {
             {"kty":"EC","crv":"P-256","x":x,"y":y},
             "garbage"
         ]});
+        let parse_jwks = |body: &[u8]| parse_jwks_for(body, KeyUse::Sig);
         let keys = parse_jwks(doc.to_string().as_bytes()).unwrap();
         let mut kids: Vec<_> = keys.keys().cloned().collect();
         kids.sort();

@@ -30,8 +30,8 @@ use ring::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
 use serde_json::{Map, Value};
 use tower::{Layer, Service};
 
-use crate::config::Clock;
-use crate::jwks::{KeyUse, VerifyingKey, parse_jwks_for};
+use crate::config::{Clock, JwksSource};
+use crate::jwks::{KeyCache, KeyError, KeyUse, VerifyingKey, parse_jwks_for};
 use crate::token::MAX_TOKEN_LEN;
 
 /// The header that carries the WIT (draft-ietf-wimse-workload-creds).
@@ -117,6 +117,10 @@ pub enum WitError {
     /// The replay check is full of unexpired proofs: answered 503, not 401.
     #[error("too many proofs to check for replay; retry")]
     Busy,
+    /// The WIT's trust domain's keys could not be fetched (none cached):
+    /// answered 503, not 401.
+    #[error("the WIT keys of its trust domain are unavailable; retry")]
+    KeysUnavailable,
 }
 
 /// Where a request's WPT came from.
@@ -153,6 +157,8 @@ struct ReplayCache {
 struct WitGuard {
     settings: Settings,
     bundles: RwLock<Bundles>,
+    /// Trust domains whose WIT keys the guard fetches itself.
+    fetched: HashMap<String, KeyCache>,
     replay: Mutex<ReplayCache>,
 }
 
@@ -162,6 +168,10 @@ pub struct WitGuardBuilder {
     target_base: Option<String>,
     audiences: Vec<String>,
     bundles: Vec<(String, Vec<u8>)>,
+    sources: Vec<(String, JwksSource)>,
+    refresh_interval: Duration,
+    min_refresh_interval: Duration,
+    http_timeout: Duration,
     max_wpt_lifetime: Duration,
     clock_skew: Duration,
     replay_capacity: usize,
@@ -183,6 +193,10 @@ pub enum WitConfigError {
     TrustDomain(String),
     #[error("WIT bundle of {0}: {1}")]
     Bundle(String, String),
+    #[error("WIT bundle source of {0}: {1}")]
+    Source(String, String),
+    #[error("trust domain {0} has both a WIT bundle and a WIT bundle source")]
+    BothBundleAndSource(String),
 }
 
 impl Default for WitGuardBuilder {
@@ -191,6 +205,10 @@ impl Default for WitGuardBuilder {
             target_base: None,
             audiences: Vec::new(),
             bundles: Vec::new(),
+            sources: Vec::new(),
+            refresh_interval: Duration::from_secs(300),
+            min_refresh_interval: Duration::from_secs(5),
+            http_timeout: Duration::from_secs(5),
             max_wpt_lifetime: Duration::from_secs(300),
             clock_skew: Duration::from_secs(10),
             replay_capacity: 1_000_000,
@@ -223,6 +241,44 @@ impl WitGuardBuilder {
     /// [`WitGuardLayer::set_wit_bundle`].
     pub fn wit_bundle(mut self, trust_domain: impl Into<String>, jwks: impl Into<Vec<u8>>) -> Self {
         self.bundles.push((trust_domain.into(), jwks.into()));
+        self
+    }
+
+    /// Fetches the WIT-SVID keys of `trust_domain` from `source` (a JWKS
+    /// or SPIFFE bundle document; only keys with `use` `wit-svid` are
+    /// taken), e.g. a trust domain's bundle as its agent or HTTPS face
+    /// serves it on loopback or a Unix socket. Fetched at the first WIT of
+    /// the domain, cached, fetched again every
+    /// [`wit_bundle_refresh_interval`](Self::wit_bundle_refresh_interval)
+    /// and when a WIT names a key the cache lacks (at most once per
+    /// [`wit_bundle_min_refresh_interval`](Self::wit_bundle_min_refresh_interval)),
+    /// so a new key works from its first WIT. A failed fetch keeps the
+    /// cached keys.
+    pub fn wit_bundle_source(
+        mut self,
+        trust_domain: impl Into<String>,
+        source: JwksSource,
+    ) -> Self {
+        self.sources.push((trust_domain.into(), source));
+        self
+    }
+
+    /// How often fetched WIT keys are fetched again (default 5 minutes).
+    pub fn wit_bundle_refresh_interval(mut self, interval: Duration) -> Self {
+        self.refresh_interval = interval;
+        self
+    }
+
+    /// The least time between two fetches of one trust domain's WIT keys,
+    /// also for unknown `kid`s (default 5 s).
+    pub fn wit_bundle_min_refresh_interval(mut self, interval: Duration) -> Self {
+        self.min_refresh_interval = interval;
+        self
+    }
+
+    /// Timeout of one fetch of WIT keys (default 5 s).
+    pub fn http_timeout(mut self, timeout: Duration) -> Self {
+        self.http_timeout = timeout;
         self
     }
 
@@ -269,13 +325,31 @@ impl WitGuardBuilder {
         if !plain {
             return Err(WitConfigError::Target(base));
         }
-        if self.bundles.is_empty() {
+        if self.bundles.is_empty() && self.sources.is_empty() {
             return Err(WitConfigError::MissingBundle);
         }
         let mut bundles = Bundles::new();
         for (td, jwks) in &self.bundles {
             let (td, keys) = bundle(td, jwks)?;
             bundles.insert(td, keys);
+        }
+        let mut fetched = HashMap::new();
+        for (td, source) in &self.sources {
+            let name = trust_domain_name(td)?;
+            if bundles.contains_key(&name) || fetched.contains_key(&name) {
+                return Err(WitConfigError::BothBundleAndSource(name));
+            }
+            let endpoint = source
+                .endpoint()
+                .map_err(|e| WitConfigError::Source(name.clone(), e))?;
+            let cache = KeyCache::new(
+                endpoint,
+                KeyUse::WitSvid,
+                self.refresh_interval,
+                self.min_refresh_interval,
+                self.http_timeout,
+            );
+            fetched.insert(name, cache);
         }
         Ok(WitGuardLayer {
             guard: Arc::new(WitGuard {
@@ -288,10 +362,20 @@ impl WitGuardBuilder {
                     clock: self.clock,
                 },
                 bundles: RwLock::new(bundles),
+                fetched,
                 replay: Mutex::new(ReplayCache::default()),
             }),
         })
     }
+}
+
+/// A trust domain name, or its `spiffe://` ID, as its name.
+fn trust_domain_name(td: &str) -> Result<String, WitConfigError> {
+    let name = td.strip_prefix("spiffe://").unwrap_or(td);
+    if !valid_trust_domain(name) {
+        return Err(WitConfigError::TrustDomain(td.to_string()));
+    }
+    Ok(name.to_string())
 }
 
 /// A trust domain name (or its `spiffe://` ID) and its WIT keys.
@@ -299,13 +383,10 @@ fn bundle(
     td: &str,
     jwks: &[u8],
 ) -> Result<(String, HashMap<String, VerifyingKey>), WitConfigError> {
-    let name = td.strip_prefix("spiffe://").unwrap_or(td);
-    if !valid_trust_domain(name) {
-        return Err(WitConfigError::TrustDomain(td.to_string()));
-    }
+    let name = trust_domain_name(td)?;
     let keys = parse_jwks_for(jwks, KeyUse::WitSvid)
-        .map_err(|e| WitConfigError::Bundle(name.to_string(), e))?;
-    Ok((name.to_string(), keys))
+        .map_err(|e| WitConfigError::Bundle(name.clone(), e))?;
+    Ok((name, keys))
 }
 
 fn valid_trust_domain(name: &str) -> bool {
@@ -343,8 +424,11 @@ impl WitGuardLayer {
 
     /// Checks a request's credentials outside of a tower stack: `headers`
     /// and the request's `path` (without query).
+    /// A trust domain whose keys are fetched ([`WitGuardBuilder::wit_bundle_source`])
+    /// is checked with the keys cached so far: the service fetches, this
+    /// does not.
     pub fn verify(&self, headers: &HeaderMap, path: &str) -> Result<VerifiedWorkload, WitError> {
-        self.guard.check(headers, path)
+        self.guard.check(headers, path, None)
     }
 }
 
@@ -384,8 +468,10 @@ where
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let checked = self.guard.check(request.headers(), request.uri().path());
+        let guard = self.guard.clone();
         Box::pin(async move {
+            let fetched = guard.fetch_wit_key(request.headers()).await;
+            let checked = guard.check(request.headers(), request.uri().path(), fetched);
             match checked {
                 Ok(verified) => {
                     tracing::trace!(spiffe_id = %verified.spiffe_id, jti = %verified.wpt_jti, "WIT-authenticated request accepted");
@@ -403,7 +489,7 @@ where
 fn respond(rejection: WitError) -> Response<Full<Bytes>> {
     let (status, code, description) = match &rejection {
         WitError::Missing => (StatusCode::UNAUTHORIZED, None, String::new()),
-        WitError::Busy => (
+        WitError::Busy | WitError::KeysUnavailable => (
             StatusCode::SERVICE_UNAVAILABLE,
             Some("temporarily_unavailable"),
             rejection.to_string(),
@@ -592,15 +678,40 @@ impl WitGuard {
         }
     }
 
-    fn check(&self, headers: &HeaderMap, path: &str) -> Result<VerifiedWorkload, WitError> {
-        let result = self.verify(headers, path);
+    /// The key a request's WIT names, when its trust domain's keys are
+    /// fetched: from the cache, fetched when stale or when the `kid` is
+    /// unknown. `None` when the WIT cannot be read this far (the checks
+    /// then say why) or its domain's keys are not fetched.
+    async fn fetch_wit_key(&self, headers: &HeaderMap) -> Option<Result<VerifyingKey, KeyError>> {
+        if self.fetched.is_empty() {
+            return None;
+        }
+        let wit = single(headers, WIT_HEADER).ok()??;
+        let w = split(wit, "WIT").ok()?;
+        let kid = w.header.get("kid")?.as_str()?;
+        let td = trust_domain_of(w.claims.get("sub")?.as_str()?)?;
+        Some(self.fetched.get(td)?.key(kid).await)
+    }
+
+    fn check(
+        &self,
+        headers: &HeaderMap,
+        path: &str,
+        fetched: Option<Result<VerifyingKey, KeyError>>,
+    ) -> Result<VerifiedWorkload, WitError> {
+        let result = self.verify(headers, path, fetched);
         if let Err(e) = &result {
             tracing::debug!(reason = %e, "WIT-authenticated request refused");
         }
         result
     }
 
-    fn verify(&self, headers: &HeaderMap, path: &str) -> Result<VerifiedWorkload, WitError> {
+    fn verify(
+        &self,
+        headers: &HeaderMap,
+        path: &str,
+        fetched: Option<Result<VerifyingKey, KeyError>>,
+    ) -> Result<VerifiedWorkload, WitError> {
         let wit = single(headers, WIT_HEADER)?;
         let place = wpt_place(headers)?;
         let wit = wit.filter(|w| !w.is_empty()).ok_or(WitError::Missing)?;
@@ -623,13 +734,21 @@ impl WitGuard {
             .ok_or(WitError::MissingKid)?;
         let sub = string(&w.claims, "sub", "WIT")?;
         let td = trust_domain_of(sub).ok_or(WitError::Claim("WIT", "sub"))?;
-        {
-            let bundles = self.bundles.read().unwrap_or_else(|e| e.into_inner());
-            let keys = bundles.get(td).ok_or(WitError::UntrustedDomain)?;
-            let key = keys.get(kid).ok_or(WitError::UnknownKey)?;
-            key.verify(w.signing_input, &w.signature)
-                .map_err(|_| WitError::Signature("WIT"))?;
-        }
+        let key = match (self.fetched.get(td), fetched) {
+            (Some(_), Some(Ok(key))) => key,
+            (Some(_), Some(Err(KeyError::Unknown(_)))) => return Err(WitError::UnknownKey),
+            (Some(_), Some(Err(KeyError::Unavailable(_)))) => {
+                return Err(WitError::KeysUnavailable);
+            }
+            (Some(cache), None) => cache.cached(kid).ok_or(WitError::UnknownKey)?,
+            (None, _) => {
+                let bundles = self.bundles.read().unwrap_or_else(|e| e.into_inner());
+                let keys = bundles.get(td).ok_or(WitError::UntrustedDomain)?;
+                keys.get(kid).ok_or(WitError::UnknownKey)?.clone()
+            }
+        };
+        key.verify(w.signing_input, &w.signature)
+            .map_err(|_| WitError::Signature("WIT"))?;
         let wit_exp = int(&w.claims, "exp", "WIT")?.ok_or(WitError::Claim("WIT", "exp"))?;
         if wit_exp.saturating_add(skew) <= now {
             return Err(WitError::Expired("WIT"));

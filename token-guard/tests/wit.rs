@@ -481,3 +481,107 @@ fn settings_are_checked_at_build() {
         .contains("WIT bundle of example.org")
     );
 }
+
+/// A trust domain's WIT keys fetched by the guard itself from a JWKS
+/// endpoint (a real HTTP server): fetched at the first WIT, cached, fetched
+/// again for a `kid` it has not seen (a new key works from its first WIT),
+/// only `wit-svid` keys taken; no keys at all is 503, not 401.
+#[tokio::test]
+async fn wit_keys_are_fetched_cached_and_fetched_again_for_a_new_key() {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+    use tessera_token_guard::JwksSource;
+
+    let w = World::new();
+    let jwt_svid_key = Key::new();
+    let next = Key::new();
+    let jwk = |k: &Key, kid: &str, key_use: &str| {
+        let mut j = k.jwk();
+        j["kid"] = kid.into();
+        j["use"] = key_use.into();
+        j
+    };
+    let served = Arc::new(Mutex::new(json!({"keys": [
+        jwk(&w.issuer, "wk1", "wit-svid"),
+        jwk(&jwt_svid_key, "jk1", "jwt-svid"),
+    ]})));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/bundle",
+        axum::routing::get({
+            let (served, hits) = (served.clone(), hits.clone());
+            move || {
+                hits.fetch_add(1, Ordering::SeqCst);
+                let doc = served.lock().unwrap().to_string();
+                async move { doc }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let now = w.now.clone();
+    let guard = |url: String| {
+        let now = now.clone();
+        WitGuardLayer::builder()
+            .target_uri_base(BASE)
+            .wit_bundle_source("spiffe://example.org", JwksSource::Url(url))
+            .wit_bundle_refresh_interval(Duration::from_secs(3600))
+            .wit_bundle_min_refresh_interval(Duration::ZERO)
+            .clock(move || UNIX_EPOCH + Duration::from_secs(now.load(Ordering::SeqCst)))
+            .build()
+            .unwrap()
+    };
+    let fetching = guard(format!("http://{addr}/bundle"));
+    // A WIT of `signer` under `kid`, and a fresh proof for it.
+    let request = |signer: &Key, kid: &str| {
+        let wit = signer.sign(
+            "wit+jwt",
+            Some(kid),
+            &json!({"sub": ID, "exp": T0 + 3600, "iat": T0, "jti": format!("w-{kid}"),
+                    "cnf": {"jwk": w.workload.jwk()}}),
+        );
+        let mut claims = w.claims();
+        claims["wth"] = hash(&wit).into();
+        w.headers(&wit, &w.wpt(&claims))
+    };
+
+    let (status, _, body) = status_of(&fetching, request(&w.issuer, "wk1")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, ID));
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "fetched at the first WIT");
+    let (status, _, _) = status_of(&fetching, request(&w.issuer, "wk1")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "then cached");
+
+    // A JWT-SVID key of the same document never verifies a WIT.
+    let (status, _, body) = status_of(&fetching, request(&jwt_svid_key, "jk1")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("unknown key"), "{body}");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        2,
+        "an unknown kid fetches again"
+    );
+
+    // The domain publishes a new key: its first WIT is accepted.
+    served.lock().unwrap()["keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(jwk(&next, "wk2", "wit-svid"));
+    let (status, _, body) = status_of(&fetching, request(&next, "wk2")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, ID));
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+
+    // Keys that cannot be fetched (nothing listens): retry later, 503.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (status, _, _) = status_of(
+        &guard(format!("http://{closed}/bundle")),
+        request(&w.issuer, "wk1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+}
