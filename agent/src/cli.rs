@@ -8,6 +8,7 @@ mod audit;
 mod authority;
 pub mod bench;
 pub mod client;
+mod operator;
 mod run;
 mod token;
 
@@ -39,7 +40,7 @@ enum Command {
     /// Per-task tokens: exchange this workload's SVID, revoke, introspect.
     #[command(subcommand)]
     Token(token::TokenCommand),
-    /// Decide exchanges that wait for approval (operator socket; root or the agent's user).
+    /// Decide exchanges that wait for approval (operator socket: root or the agent's user; or --authority: an operator SVID).
     #[command(subcommand)]
     Approvals(approvals::ApprovalsCommand),
     /// Audit log tools.
@@ -70,6 +71,16 @@ pub fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Runs one command line (`args[0]` is the program name) in the caller's
+/// runtime, as `tessera` would: what tests use to drive the CLI itself.
+pub async fn run_from<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    dispatch(Cli::try_parse_from(args)?).await
 }
 
 fn one_line(e: &anyhow::Error) -> String {

@@ -158,6 +158,8 @@ struct RawServer {
     kubernetes: Option<RawServerKube>,
     store: Option<RawServerStore>,
     registration: Option<RawServerRegistration>,
+    #[serde(default)]
+    operators: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -788,7 +790,12 @@ impl Config {
             ));
         }
         let server = match &raw.server {
-            Some(srv) => Some(Self::server_config(&cx, srv, (x509_ttl, jwt_ttl, wit_ttl))?),
+            Some(srv) => Some(Self::server_config(
+                &cx,
+                srv,
+                &trust_domain,
+                (x509_ttl, jwt_ttl, wit_ttl),
+            )?),
             None => None,
         };
         if upstream.is_some() || server.is_some() {
@@ -1105,8 +1112,29 @@ impl Config {
     fn server_config(
         cx: &Ctx<'_>,
         srv: &RawServer,
+        td: &spiffe::TrustDomain,
         svid_ttls: (Duration, Duration, Duration),
     ) -> Result<crate::fleet::server::ServerConfig, ConfigError> {
+        let mut operators = Vec::new();
+        for o in &srv.operators {
+            let id = spiffe::SpiffeId::new(o.get_ref())
+                .map_err(|e| cx.invalid("server.operators", o, format!("not a SPIFFE ID: {e}")))?;
+            if !id.is_member_of(td) {
+                return Err(cx.invalid(
+                    "server.operators",
+                    o,
+                    format!("must be an ID of trust domain {td} (the authority verifies operators' X.509-SVIDs against its own CAs)"),
+                ));
+            }
+            if crate::fleet::is_reserved(&id) {
+                return Err(cx.invalid(
+                    "server.operators",
+                    o,
+                    "IDs under /tessera/ are the fleet's own (nodes, the authority) and can never be operators",
+                ));
+            }
+            operators.push(id);
+        }
         let listen = srv.listen.get_ref().parse::<SocketAddr>().map_err(|e| {
             cx.invalid(
                 "server.listen",
@@ -1314,6 +1342,7 @@ impl Config {
             max_connections: 4096,
             // Set from the bound `[https]` listener (its port may be 0).
             jwt_issuer: None,
+            operators,
         })
     }
 
@@ -1920,6 +1949,26 @@ mod tests {
         .server
         .unwrap();
         assert_eq!(ok.kubernetes.unwrap().audience, "tessera-authority");
+        // Operators: SPIFFE IDs of this trust domain, never a fleet identity.
+        let ops = Config::parse(
+            &srv("operators = [\"spiffe://example.org/ops/alice\"]\n"),
+            "t.toml",
+        )
+        .unwrap()
+        .server
+        .unwrap();
+        assert_eq!(
+            ops.operators[0].to_string(),
+            "spiffe://example.org/ops/alice"
+        );
+        for bad in [
+            "spiffe://other.org/ops/alice",
+            "spiffe://example.org/tessera/node/k8s/n1",
+            "alice",
+        ] {
+            let e = err(&srv(&format!("operators = [\"{bad}\"]\n")));
+            assert!(e.contains("server.operators"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -51,7 +51,7 @@ use crate::clock::{Clock, unix_seconds};
 use crate::entries::Identity;
 use crate::identity::{SignError, Signer, SvidCache, TrustStore, jws};
 use crate::metrics::{Metrics, ResultLabels};
-use crate::revocation::{self, RevocationStore};
+use crate::revocation::{self, RevocationStore, task_key};
 use crate::sync::Mutex;
 use policy::{PolicyRequest, PolicyStore};
 use tasks::{EndKind, TaskLedger};
@@ -1435,12 +1435,6 @@ impl Exchange {
 /// How long a task's end outlives the longest token it could have: clock
 /// skew between the agent and resource servers.
 const TASK_END_SLACK: Duration = Duration::from_secs(60);
-
-/// Revocation key of a task: tasks are named by their principal and id, so
-/// two workloads using the same task id never touch each other's tokens.
-fn task_key(principal: &str, task_id: &str) -> String {
-    sha256_hex(format!("{principal}\n{task_id}").as_bytes())
-}
 
 /// Binds an approval to the exact request it was asked for.
 fn fingerprint(

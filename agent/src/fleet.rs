@@ -40,6 +40,7 @@ pub mod informer;
 pub mod join;
 pub mod kube;
 pub mod nodes;
+pub mod operator;
 pub mod registration;
 pub mod server;
 pub mod status;

@@ -109,6 +109,13 @@ impl Record {
     }
 }
 
+/// Revocation key of a task: tasks are named by their principal and id, so
+/// two workloads using the same task id never touch each other's tokens.
+/// Nodes and the authority (an operator ending a task) key them alike.
+pub fn task_key(principal: &str, task_id: &str) -> String {
+    crate::audit::sha256_hex(format!("{principal}\n{task_id}").as_bytes())
+}
+
 type Entry = Record;
 
 #[derive(Default)]

@@ -15,6 +15,7 @@ use serde_json::Value;
 use tessera_agent::app::authority::{RunningAuthority, start_authority as start};
 use tessera_agent::cli::client::{form, http_unix};
 use tessera_agent::config::Config;
+use tessera_agent::fleet::operator::{OperatorCallError, OperatorClient};
 use tessera_tests::kube::{KubeApi, SA_ISSUER};
 use tessera_tests::{TestAgent, my_uid};
 
@@ -1987,27 +1988,41 @@ async fn fleet_jwt_svids_for_a_token_service_are_never_reused() {
     );
 }
 
-/// Fleet-wide approvals against the genuine kube-apiserver with two
-/// replicas: an exchange that policy sends for approval on node A appears as
-/// an ApprovalRequest object; an operator approves it with a patch as
-/// kubectl sends it (their own user name as decidedBy, which the chart's
-/// ValidatingAdmissionPolicy checks: a forged name and a second decision are
-/// refused by the API server); node A redeems it; the node's audit log holds
-/// one decision record naming the operator.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_approval_waiting_on_a_node_is_decided_with_kubectl_and_redeemed_there() {
+/// The fleet's store in the genuine kube-apiserver ([`kube_store`]) with
+/// fleet-wide approvals: the chart's admission policy for ApprovalRequests
+/// (rendered by Helm, in force once it refuses a forged decision), and an
+/// operator service account with exactly the rights the docs tell kubectl
+/// operators to get. Returns the `[server]` sub-tables, the namespace, the
+/// operator's token and Kubernetes user name.
+async fn approvals_store(dir: &Path) -> (String, String, String, String) {
     let api = KubeApi::shared();
-    let store_dir = tempfile::tempdir().unwrap();
-    let (tables, ns) = kube_store(store_dir.path()).await;
+    let (tables, ns) = kube_store(dir).await;
     let tables = tables.replace("[server.store]\n", "[server.store]\napprovals = true\n");
+    let ns = ns.as_str();
     // The chart's admission policy for this namespace, rendered by Helm.
     let release = format!("appr{}", ns.rsplit('-').next().unwrap());
-    let list = tessera_tests::kube::render_chart(
+    // Named so the policy's authority is the service account kube_store
+    // made; the policy and binding are cluster-scoped, so each test's pair
+    // gets a name of its own.
+    let mut list = tessera_tests::kube::render_chart(
         &release,
-        &ns,
-        &serde_json::json!({"authority": {"enabled": true, "keysSecret": "k", "bundleConfigMap": "b",
-                                           "approvals": {"enabled": true}}}),
+        ns,
+        &serde_json::json!({"fullnameOverride": "tessera",
+                            "authority": {"enabled": true, "keysSecret": "k", "bundleConfigMap": "b",
+                                          "approvals": {"enabled": true}}}),
     );
+    for item in list["items"].as_array_mut().unwrap() {
+        if item["kind"]
+            .as_str()
+            .unwrap()
+            .starts_with("ValidatingAdmissionPolicy")
+        {
+            item["metadata"]["name"] = format!("{release}-approvals").into();
+            if item["kind"] == "ValidatingAdmissionPolicyBinding" {
+                item["spec"]["policyName"] = format!("{release}-approvals").into();
+            }
+        }
+    }
     let vap: Vec<&Value> = list["items"]
         .as_array()
         .unwrap()
@@ -2026,7 +2041,7 @@ async fn an_approval_waiting_on_a_node_is_decided_with_kubectl_and_redeemed_ther
     );
     assert!(ok, "{out}{err}");
     // An operator with exactly the rights the docs tell operators to get.
-    api.service_account(&ns, "operator").await;
+    api.service_account(ns, "operator").await;
     let role = serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
         "metadata": {"name": "approvers"},
         "rules": [{"apiGroups": ["tessera.dev"], "resources": ["approvalrequests"], "verbs": ["get", "list", "patch"]}]});
@@ -2043,7 +2058,23 @@ async fn an_approval_waiting_on_a_node_is_decided_with_kubectl_and_redeemed_ther
           "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": ns}]}),
     )
     .await;
-    let operator = api.token(&ns, "operator", SA_ISSUER, None).await;
+    // What the chart grants the authority with `authority.operators`.
+    api.create(
+        &format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles"),
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "tessera-authority-operators"},
+            "rules": [{"apiGroups": ["tessera.dev"], "resources": ["approvalrequests"], "verbs": ["get", "patch"]}]}),
+    )
+    .await;
+    api.create(
+        &format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings"),
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+          "metadata": {"name": "tessera-authority-operators"},
+          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tessera-authority-operators"},
+          "subjects": [{"kind": "ServiceAccount", "name": "tessera-authority", "namespace": ns}]}),
+    )
+    .await;
+    let operator = api.token(ns, "operator", SA_ISSUER, None).await;
     let operator_user = format!("system:serviceaccount:{ns}:operator");
     // The API server takes the new policy up asynchronously: wait until it
     // refuses a forged decision on a probe object.
@@ -2074,6 +2105,21 @@ async fn an_approval_waiting_on_a_node_is_decided_with_kubectl_and_redeemed_ther
         "the chart's ValidatingAdmissionPolicy never took effect"
     );
 
+    (tables, ns.to_string(), operator, operator_user)
+}
+
+/// Fleet-wide approvals against the genuine kube-apiserver with two
+/// replicas: an exchange that policy sends for approval on node A appears as
+/// an ApprovalRequest object; an operator approves it with a patch as
+/// kubectl sends it (their own user name as decidedBy, which the chart's
+/// ValidatingAdmissionPolicy checks: a forged name and a second decision are
+/// refused by the API server); node A redeems it; the node's audit log holds
+/// one decision record naming the operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_approval_waiting_on_a_node_is_decided_with_kubectl_and_redeemed_there() {
+    let api = KubeApi::shared();
+    let store_dir = tempfile::tempdir().unwrap();
+    let (tables, ns, operator, operator_user) = approvals_store(store_dir.path()).await;
     let fleet = Fleet::start_with(&tables, "").await;
     let a = fleet
         .agent_with_policy(
@@ -2221,4 +2267,463 @@ async fn an_approval_waiting_on_a_node_is_decided_with_kubectl_and_redeemed_ther
     assert_eq!(decisions.len(), 1, "{audit}");
     assert_eq!(decisions[0]["operator"], format!("k8s:{operator_user}"));
     assert_eq!(decisions[0]["decision"], "approved");
+}
+
+/// The operator's SPIFFE ID in the operator tests: node C's workload, which
+/// the authorities list in `server.operators`.
+const OPERATOR_ID: &str = "spiffe://example.org/node-c/svc";
+
+/// `agent`'s X.509-SVID as an operator client of the authority at `port`
+/// (the spiffe crate fetches it; the CLI does the same through its socket).
+async fn operator_client(agent: &TestAgent, port: u16) -> OperatorClient {
+    let ctx = agent
+        .spiffe_client()
+        .await
+        .fetch_x509_context()
+        .await
+        .unwrap();
+    let svid = ctx.default_svid().unwrap();
+    OperatorClient::new(
+        &format!("127.0.0.1:{port}"),
+        "tessera-authority",
+        svid.leaf().as_ref(),
+        svid.private_key().as_ref(),
+        &tessera_tests::example_org_cas(&ctx),
+    )
+    .unwrap()
+}
+
+/// `method path` at the authority on `port` without any client certificate
+/// (TLS verified against `agent`'s bundle): the status.
+async fn anonymous_call(agent: &TestAgent, port: u16, method: http::Method, path: &str) -> u16 {
+    let ctx = agent
+        .spiffe_client()
+        .await
+        .fetch_x509_context()
+        .await
+        .unwrap();
+    let cas = tessera_tests::example_org_cas(&ctx);
+    let roots = tessera_agent::fleet::tls::roots(cas.iter().map(Vec::as_slice)).unwrap();
+    let (status, _) = tessera_agent::transport::https_client::send(
+        tessera_agent::transport::https_client::Request {
+            addr: &format!("127.0.0.1:{port}"),
+            server_name: "tessera-authority",
+            tls: tessera_agent::fleet::tls::client_config(roots, None).unwrap(),
+            method,
+            path,
+            bearer: None,
+            content_type: "application/json",
+            body: Some(b"{}".to_vec()),
+            timeout: Duration::from_secs(5),
+        },
+    )
+    .await
+    .unwrap();
+    status
+}
+
+fn refused_status(e: OperatorCallError) -> u16 {
+    match e {
+        OperatorCallError::Refused { status, .. } => status,
+        other => panic!("not a refusal: {other}"),
+    }
+}
+
+/// Fleet-wide approvals decided at the authority with an operator's
+/// X.509-SVID, against the genuine kube-apiserver with two replicas and the
+/// chart's admission policy: the operator lists node A's waiting request on
+/// replica 1 and approves it with `tessera approvals approve --authority` on
+/// replica 0; node A redeems it (the token verified by jsonwebtoken against
+/// A's JWKS), audits the decision once naming the operator's SPIFFE ID, and
+/// the object in the API names both the operator and the authority's user.
+/// Attacks: no client certificate (401), a workload SVID that is not an
+/// operator (403, the approval stays pending), a second decision at the
+/// authority (409) and with kubectl (403), and a kubectl user writing
+/// `spec.operator` to pass as an operator (403 from the API server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_decides_a_nodes_approval_at_the_authority_with_an_svid() {
+    let api = KubeApi::shared();
+    let store_dir = tempfile::tempdir().unwrap();
+    let (tables, ns, kubectl_operator, kubectl_user) = approvals_store(store_dir.path()).await;
+    let fleet = Fleet::start_with(&format!("operators = [\"{OPERATOR_ID}\"]\n{tables}"), "").await;
+    let a = fleet
+        .agent_with_policy(
+            "node-a",
+            None,
+            &format!("@id(\"write-needs-approval\")\n@require_approval\npermit(principal, action == Tessera::Action::\"notes:write\", resource == Tessera::Audience::\"{NOTES}\");\n"),
+        )
+        .await;
+    let b = fleet.agent("node-b", None).await;
+    let c = fleet.agent("node-c", None).await;
+    let subject = a.jwt_svid(ISSUER).await;
+    let request = |task: &'static str| {
+        vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", subject.as_str()),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("resource", NOTES),
+            ("scope", "notes:write"),
+            ("task_id", task),
+        ]
+    };
+    let (status, pending) = exchange_call(&a, "/token", &request("deploy-7")).await;
+    assert_eq!(
+        (status, pending["error"].as_str()),
+        (400, Some("authorization_pending")),
+        "{pending}"
+    );
+    let id = pending["approval_id"].as_str().unwrap().to_string();
+
+    // Listed by the operator at the other replica.
+    let ops = operator_client(&c, fleet.ports[1]).await;
+    let mut listed = Value::Null;
+    for _ in 0..200 {
+        let all = ops.approvals().await.unwrap();
+        if let Some(x) = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == id.as_str())
+        {
+            listed = x.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(listed["node"], "node-a", "{listed}");
+    assert_eq!(listed["state"], "pending");
+    assert_eq!(listed["scopes"], serde_json::json!(["notes:write"]));
+    assert_eq!(listed["task_id"], "deploy-7");
+    assert_eq!(listed["principal"], "spiffe://example.org/node-a/svc");
+
+    // No credential, and a workload that is not an operator: refused.
+    for (method, path) in [
+        (http::Method::GET, "/v1/operator/approvals".to_string()),
+        (
+            http::Method::POST,
+            format!("/v1/operator/approvals/{id}/approve"),
+        ),
+    ] {
+        assert_eq!(anonymous_call(&a, fleet.ports[0], method, &path).await, 401);
+    }
+    let intruder = operator_client(&b, fleet.ports[0]).await;
+    let e = intruder.approvals().await.unwrap_err();
+    assert_eq!(refused_status(e), 403);
+    let e = intruder.decide(&id, None, true).await.unwrap_err();
+    assert_eq!(refused_status(e), 403);
+    let (status, still) = exchange_call(&a, "/token", &{
+        let mut f = request("deploy-7");
+        f.push(("approval_id", &id));
+        f
+    })
+    .await;
+    assert_eq!(
+        (status, still["error"].as_str()),
+        (400, Some("authorization_pending"))
+    );
+
+    // Approved with the CLI at replica 0; redeemed on node A.
+    let start = std::time::Instant::now();
+    tessera_agent::cli::run_from([
+        "tessera",
+        "approvals",
+        "approve",
+        &id,
+        "--authority",
+        &format!("127.0.0.1:{}", fleet.ports[0]),
+        "--socket",
+        c.socket().to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    let mut with_id = request("deploy-7");
+    with_id.push(("approval_id", &id));
+    let token = loop {
+        let (status, answer) = exchange_call(&a, "/token", &with_id).await;
+        if status == 200 {
+            break answer["access_token"].as_str().unwrap().to_string();
+        }
+        assert_eq!(answer["error"], "authorization_pending", "{answer}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never approved on the node"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    eprintln!(
+        "approved at the authority (CLI) -> redeemed on node A after {:?}",
+        start.elapsed()
+    );
+    let header = jsonwebtoken::decode_header(&token).unwrap();
+    let set = jwks(&a).await;
+    let key =
+        DecodingKey::from_jwk(set.find(&header.kid.unwrap()).expect("kid published")).unwrap();
+    let mut v = Validation::new(Algorithm::ES256);
+    v.set_audience(&[NOTES]);
+    v.set_issuer(&[ISSUER]);
+    let claims = jsonwebtoken::decode::<Value>(&token, &key, &v)
+        .unwrap()
+        .claims;
+    assert_eq!(claims["sub"], "spiffe://example.org/node-a/svc");
+    assert_eq!(claims["scope"], "notes:write");
+    assert_eq!(claims["txn"], "deploy-7");
+
+    // A second decision: refused at the authority, and with kubectl.
+    let e = ops.decide(&id, Some("node-a"), false).await.unwrap_err();
+    match &e {
+        OperatorCallError::Refused { status, message } => {
+            assert_eq!(*status, 409, "{message}");
+            assert!(message.contains("decided already"), "{message}");
+            assert!(message.contains(OPERATOR_ID), "{message}");
+        }
+        other => panic!("{other}"),
+    }
+    let object_path = format!(
+        "/apis/tessera.dev/v1alpha1/namespaces/{ns}/approvalrequests/{}",
+        listed["name"].as_str().unwrap()
+    );
+    let (status, _) = api
+        .request_as(
+            &kubectl_operator,
+            http::Method::PATCH,
+            &object_path,
+            "application/merge-patch+json",
+            Some(&serde_json::json!({"spec": {"decision": "denied", "decidedBy": kubectl_user}})),
+        )
+        .await;
+    assert_eq!(status, 403);
+    let (status, object) = api.request(http::Method::GET, &object_path, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(object["spec"]["decision"], "approved");
+    assert_eq!(object["spec"]["operator"], OPERATOR_ID);
+    assert_eq!(
+        object["spec"]["decidedBy"],
+        format!("system:serviceaccount:{ns}:tessera-authority")
+    );
+
+    // A kubectl user cannot pass as an operator by writing spec.operator.
+    let (status, _) = exchange_call(&a, "/token", &request("deploy-8")).await;
+    assert_eq!(status, 400);
+    let mut second = Value::Null;
+    for _ in 0..200 {
+        let all = ops.approvals().await.unwrap();
+        if let Some(x) = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["task_id"] == "deploy-8")
+        {
+            second = x.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (status, answer) = api
+        .request_as(
+            &kubectl_operator,
+            http::Method::PATCH,
+            &format!(
+                "/apis/tessera.dev/v1alpha1/namespaces/{ns}/approvalrequests/{}",
+                second["name"].as_str().unwrap()
+            ),
+            "application/merge-patch+json",
+            Some(&serde_json::json!({"spec": {"decision": "approved", "decidedBy": kubectl_user, "operator": OPERATOR_ID}})),
+        )
+        .await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("only by the tessera authority"),
+        "{answer}"
+    );
+    // The operator denies it; the client's next poll gets access_denied.
+    let second_id = second["id"].as_str().unwrap().to_string();
+    ops.decide(&second_id, None, false).await.unwrap();
+    let mut denied = request("deploy-8");
+    denied.push(("approval_id", &second_id));
+    let answer = loop {
+        let (_, answer) = exchange_call(&a, "/token", &denied).await;
+        if answer["error"] != "authorization_pending" {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(answer["error"], "access_denied", "{answer}");
+
+    // Audited once on node A, with the operator's SPIFFE ID.
+    let audit = std::fs::read_to_string(a.dir.path().join("data/audit.jsonl"))
+        .or_else(|_| std::fs::read_to_string(a.dir.path().join("data/audit/audit.jsonl")))
+        .unwrap_or_default();
+    let decisions: Vec<Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["event"] == "approval.decision" && r["approval_id"] == id.as_str())
+        .collect();
+    assert_eq!(decisions.len(), 1, "{audit}");
+    assert_eq!(decisions[0]["operator"], OPERATOR_ID);
+    assert_eq!(decisions[0]["decision"], "approved");
+    // The authorities audited the decision and the intruder's attempts.
+    let records = fleet.audit_records();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["event"] == "operator.approval.decision"
+                && r["operator"] == OPERATOR_ID
+                && r["approval_id"] == id.as_str())
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| r["event"] == "refused" && r["subject"] == "spiffe://example.org/node-b/svc")
+    );
+}
+
+/// Revoking at the authority itself, against the genuine kube-apiserver:
+/// an operator (node C's workload SVID, listed in `server.operators`) runs
+/// `tessera token revoke --authority` for a token issued on node A and for a
+/// task of A's workload; both are refused at A's and B's `/introspect` (the
+/// RFC 7662 answers read from the sockets as any resource server would).
+/// A workload that is not an operator, and a caller without a certificate,
+/// are refused and revoke nothing; a forged token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_revokes_at_the_authority_and_every_node_refuses_it() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let (tables, _ns) = kube_store(store_dir.path()).await;
+    let fleet = Fleet::start_with(&format!("operators = [\"{OPERATOR_ID}\"]\n{tables}"), "").await;
+    let a = fleet.agent("node-a", None).await;
+    let b = fleet.agent("node-b", None).await;
+    let c = fleet.agent("node-c", None).await;
+    let authority = |i: usize| format!("127.0.0.1:{}", fleet.ports[i]);
+
+    let token = exchange_token(&a).await;
+    assert!(active_at(&b, &token).await);
+    // Not an operator, or no certificate at all: nothing is revoked.
+    let intruder = operator_client(&b, fleet.ports[0]).await;
+    let e = intruder
+        .revoke(&tessera_agent::fleet::operator::RevokeRequest {
+            token: Some(token.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused_status(e), 403);
+    assert_eq!(
+        anonymous_call(
+            &a,
+            fleet.ports[0],
+            http::Method::POST,
+            "/v1/operator/revocations"
+        )
+        .await,
+        401
+    );
+    // A token the trust domain never signed (A's JWT-SVID is not an access
+    // token) is refused as such.
+    let ops = operator_client(&c, fleet.ports[1]).await;
+    let e = ops
+        .revoke(&tessera_agent::fleet::operator::RevokeRequest {
+            token: Some(a.jwt_svid(ISSUER).await),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused_status(e), 400);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(active_at(&a, &token).await && active_at(&b, &token).await);
+
+    // The operator revokes the token with the CLI: refused on every node.
+    let mut samples = Vec::new();
+    for i in 0..10 {
+        let token = if i == 0 {
+            token.clone()
+        } else {
+            exchange_token(&a).await
+        };
+        assert!(active_at(&b, &token).await);
+        tessera_agent::cli::run_from([
+            "tessera",
+            "token",
+            "revoke",
+            "--token",
+            &token,
+            "--authority",
+            &authority(i % 2),
+            "--socket",
+            c.socket().to_str().unwrap(),
+        ])
+        .await
+        .unwrap();
+        let start = std::time::Instant::now();
+        samples.push(time_until(start, async || !active_at(&b, &token).await).await);
+        time_until(start, async || !active_at(&a, &token).await).await;
+    }
+    samples.sort();
+    eprintln!(
+        "revoked at the authority, refused by B's /introspect after: p50 {:?}, max {:?} (of {})",
+        percentile(&samples, 0.5),
+        samples[samples.len() - 1],
+        samples.len()
+    );
+
+    // A task of A's workload, ended at the authority.
+    let task_token = exchange(&a, &[("task_id", "report-9")]).await;
+    let other_task = exchange(&a, &[("task_id", "report-10")]).await;
+    tessera_agent::cli::run_from([
+        "tessera",
+        "token",
+        "revoke",
+        "--task",
+        "report-9",
+        "--principal",
+        "spiffe://example.org/node-a/svc",
+        "--authority",
+        &authority(0),
+        "--socket",
+        c.socket().to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    let start = std::time::Instant::now();
+    time_until(start, async || !active_at(&b, &task_token).await).await;
+    time_until(start, async || !active_at(&a, &task_token).await).await;
+    assert!(
+        active_at(&b, &other_task).await,
+        "another task stays active"
+    );
+    // Ended on A's node too: no new token for the task is issued there.
+    let (status, answer) = exchange_call(
+        &a,
+        "/token",
+        &[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", a.jwt_svid(ISSUER).await.as_str()),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("resource", NOTES),
+            ("scope", "notes:read"),
+            ("task_id", "report-9"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("has ended"),
+        "{answer}"
+    );
+
+    let records = fleet.audit_records();
+    assert!(records.iter().any(|r| r["event"] == "operator.revoke"
+        && r["operator"] == OPERATOR_ID
+        && r["task_id"] == "report-9"
+        && r["principal"] == "spiffe://example.org/node-a/svc"));
 }

@@ -34,6 +34,11 @@ pub(super) enum TokenCommand {
         task: Option<String>,
         #[arg(long)]
         token: Option<String>,
+        #[command(flatten)]
+        fleet: super::operator::AuthorityArgs,
+        /// With --authority and --task: the SPIFFE ID whose task it is.
+        #[arg(long, value_name = "SPIFFE_ID", requires = "task")]
+        principal: Option<String>,
     },
     /// RFC 7662 introspection of a token; prints the JSON result.
     Introspect {
@@ -94,7 +99,28 @@ pub(super) async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
             sockets,
             task,
             token,
+            fleet,
+            principal,
         } => {
+            if let Some(addr) = &fleet.authority {
+                if task.is_some() && principal.is_none() {
+                    bail!(
+                        "with --authority, --task needs --principal (the SPIFFE ID whose task it is)"
+                    );
+                }
+                let c = super::operator::connect(&fleet, addr, sockets.socket.as_deref()).await?;
+                c.revoke(&crate::fleet::operator::RevokeRequest {
+                    token,
+                    task_id: task.clone(),
+                    principal,
+                })
+                .await?;
+                match task {
+                    Some(t) => println!("task {t} ended on every node; its tokens are revoked"),
+                    None => println!("token revoked on every node"),
+                }
+                return Ok(());
+            }
             let xsock = exchange_socket(&sockets)?;
             let form = match (&task, &token) {
                 (Some(t), _) => client::form(&[("task_id", t)]),

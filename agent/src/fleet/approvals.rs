@@ -18,8 +18,20 @@
 //!   request. The decision reaches the node's stream as soon as a replica's
 //!   watch delivers it. Objects past their deadline are deleted.
 //!
+//! * **Operators at the authority** ([`super::operator`]): with an
+//!   X.509-SVID whose SPIFFE ID `[server] operators` lists, an operator lists
+//!   every pending approval and decides one over mTLS
+//!   (`tessera approvals ... --authority`). The replica writes the decision
+//!   into the object under its own Kubernetes user (which the admission
+//!   policy checks as for anyone) with `spec.operator` naming the SVID; the
+//!   write is conditional on the object's resource version, so of two
+//!   decisions only the first is kept. A node takes `spec.operator` as the
+//!   decider only when the object was decided by the authority's own user
+//!   (and the admission policy lets no one else set it).
+//!
 //! RBAC: `create`, `list`, `watch`, `delete` on `approvalrequests` in the
-//! authority's namespace; operators need `get`, `list` and `patch`.
+//! authority's namespace, and `get`, `patch` when operators decide at the
+//! authority; operators using kubectl need `get`, `list` and `patch`.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -56,8 +68,11 @@ pub fn object_name(node: &str, id: &str) -> String {
     format!("apr-{}", &h[..32])
 }
 
-/// A decision as an object carries it, for `node`.
-fn decision_of(obj: &Value) -> Option<(String, ApprovalDecision)> {
+/// A decision as an object carries it, for `node`. `authority_user` is the
+/// replicas' own Kubernetes user: only a decision written by it may name an
+/// operator SVID (`spec.operator`); anyone else is who the API server
+/// authenticated.
+fn decision_of(obj: &Value, authority_user: Option<&str>) -> Option<(String, ApprovalDecision)> {
     let spec = &obj["spec"];
     let approve = match spec["decision"].as_str()? {
         "approved" => true,
@@ -65,14 +80,62 @@ fn decision_of(obj: &Value) -> Option<(String, ApprovalDecision)> {
         _ => return None,
     };
     let by = spec["decidedBy"].as_str().filter(|b| !b.is_empty())?;
+    let by = match spec["operator"].as_str() {
+        Some(op) if Some(by) == authority_user && op.starts_with("spiffe://") => op.to_string(),
+        _ => format!("k8s:{by}"),
+    };
     Some((
         spec["node"].as_str()?.to_string(),
         ApprovalDecision {
             id: spec["approvalId"].as_str()?.to_string(),
             approve,
-            by: format!("k8s:{by}"),
+            by,
         },
     ))
+}
+
+/// Why an operator's decision at the authority was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum DecideError {
+    #[error("no pending approval {0} is known to the fleet")]
+    NotFound(String),
+    #[error("approval id {0} is pending on several nodes; name one with --node")]
+    Ambiguous(String),
+    #[error("approval {id} is decided already ({decision} by {by})")]
+    AlreadyDecided {
+        id: String,
+        decision: String,
+        by: String,
+    },
+    #[error("approval {0} is past its deadline")]
+    Expired(String),
+    #[error("the Kubernetes API: {0}")]
+    Kube(String),
+}
+
+/// An object as operators see it at the authority (the node's approval
+/// fields, plus the node, the object name and the decision if any).
+fn listed(obj: &Value) -> Value {
+    let spec = &obj["spec"];
+    let state = spec["decision"].as_str().unwrap_or("pending");
+    json!({
+        "name": obj["metadata"]["name"],
+        "node": spec["node"],
+        "id": spec["approvalId"],
+        "state": state,
+        "deadline": spec["deadline"],
+        "caller": spec["caller"],
+        "principal": spec["principal"],
+        "audience": spec["audience"],
+        "scopes": spec["scopes"],
+        "ttl_seconds": spec["ttlSeconds"],
+        "task_id": spec["taskId"],
+        "delegation_chain": spec["delegationChain"],
+        "may_act": spec["mayAct"],
+        "policy_ids": spec["policyIds"],
+        "decided_by": spec["decidedBy"],
+        "operator": spec["operator"],
+    })
 }
 
 /// One replica's view of the approvals kept in the API.
@@ -83,29 +146,62 @@ pub struct FleetApprovals {
     decided: RwLock<HashMap<String, (String, ApprovalDecision)>>,
     /// Objects this replica knows exist (created here or seen).
     known: Mutex<HashSet<String>>,
+    /// Every object as the watch last delivered it, by name.
+    objects: RwLock<HashMap<String, Value>>,
+    /// The replicas' own Kubernetes user (a SelfSubjectReview), once known.
+    user: std::sync::OnceLock<String>,
     tx: broadcast::Sender<(String, ApprovalDecision)>,
 }
 
 impl FleetApprovals {
+    /// `operators`: whether operators decide at the authority (the replica
+    /// then also needs `get` and `patch`).
     pub fn start(
         kube: Arc<KubeClient>,
         namespace: String,
+        operators: bool,
         clock: Arc<dyn Clock>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         for verb in ["create", "list", "watch", "delete"] {
             kube.also_need(verb, GROUP, PLURAL, &namespace);
         }
+        if operators {
+            for verb in ["get", "patch"] {
+                kube.also_need(verb, GROUP, PLURAL, &namespace);
+            }
+        }
         let this = Arc::new(Self {
             kube,
             namespace,
             decided: RwLock::default(),
             known: Mutex::default(),
+            objects: RwLock::default(),
+            user: std::sync::OnceLock::new(),
             tx: broadcast::channel(1024).0,
         });
         let watcher = this.clone();
         let sd = shutdown.clone();
         tokio::spawn(async move {
+            // Who a decision written by a replica is from must be known
+            // before any decision is read (see `decision_of`).
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match watcher.kube.own_user().await {
+                    Ok(user) => {
+                        let _ = watcher.user.set(user);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot learn the authority's own Kubernetes user name (SelfSubjectReview); fleet approvals wait for it");
+                        tokio::select! {
+                            _ = sd.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
             let collection = watcher.collection();
             informer::run(&watcher.kube, &collection, PLURAL, &sd, |change| {
                 let seen = |obj: &Value| {
@@ -113,7 +209,11 @@ impl FleetApprovals {
                         return;
                     };
                     watcher.known.lock().insert(name.to_string());
-                    if let Some((node, d)) = decision_of(obj) {
+                    watcher
+                        .objects
+                        .write()
+                        .insert(name.to_string(), obj.clone());
+                    if let Some((node, d)) = decision_of(obj, watcher.user.get().map(String::as_str)) {
                         let new = watcher
                             .decided
                             .write()
@@ -126,12 +226,16 @@ impl FleetApprovals {
                     }
                 };
                 match change {
-                    Change::Reset(items) => items.iter().for_each(seen),
+                    Change::Reset(items) => {
+                        watcher.objects.write().clear();
+                        items.iter().for_each(seen)
+                    }
                     Change::Upsert(obj) => seen(&obj),
                     Change::Delete(obj) => {
                         if let Some(name) = obj["metadata"]["name"].as_str() {
                             watcher.decided.write().remove(name);
                             watcher.known.lock().remove(name);
+                            watcher.objects.write().remove(name);
                         }
                     }
                     Change::Synced => {}
@@ -283,6 +387,123 @@ impl FleetApprovals {
                 tokio_stream::wrappers::ReceiverStream::new(out),
             ))
             .unwrap_or_default()
+    }
+
+    /// Every approval the fleet waits for or decided, not yet past its
+    /// deadline, oldest deadline first (`GET /v1/operator/approvals`).
+    pub fn list(&self, now: u64) -> Vec<Value> {
+        let mut all: Vec<&Value> = Vec::new();
+        let objects = self.objects.read();
+        all.extend(
+            objects
+                .values()
+                .filter(|o| o["spec"]["deadline"].as_u64().is_some_and(|d| d > now)),
+        );
+        all.sort_by_key(|o| {
+            (
+                o["spec"]["deadline"].as_u64().unwrap_or(0),
+                o["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        });
+        all.into_iter().map(listed).collect()
+    }
+
+    /// An operator's decision at the authority: `id` is a node's approval id
+    /// (with `node` where two nodes use one) or an object name. Written under
+    /// the replica's own user with `spec.operator`, and only if the object
+    /// is still undecided at the resource version read (a decision made
+    /// meanwhile, here or with kubectl, wins).
+    pub async fn decide(
+        &self,
+        id: &str,
+        node: Option<&str>,
+        approve: bool,
+        operator: &spiffe::SpiffeId,
+        now: u64,
+    ) -> Result<Value, DecideError> {
+        let name = {
+            let objects = self.objects.read();
+            let matching: Vec<&String> = objects
+                .iter()
+                .filter(|(name, o)| {
+                    (name.as_str() == id || o["spec"]["approvalId"] == id)
+                        && node.is_none_or(|n| o["spec"]["node"] == n)
+                })
+                .map(|(name, _)| name)
+                .collect();
+            match matching.as_slice() {
+                [] => return Err(DecideError::NotFound(id.to_string())),
+                [one] => (*one).clone(),
+                _ => return Err(DecideError::Ambiguous(id.to_string())),
+            }
+        };
+        let user = self
+            .user
+            .get()
+            .ok_or_else(|| {
+                DecideError::Kube("the authority's own user name is not known yet".into())
+            })?
+            .clone();
+        let path = format!("{}/{name}", self.collection());
+        let current = self
+            .kube
+            .json(hyper::Method::GET, &path, "application/json", None)
+            .await
+            .map_err(|e| match e.status {
+                Some(404) => DecideError::NotFound(id.to_string()),
+                _ => DecideError::Kube(e.message),
+            })?;
+        let decided = |obj: &Value| {
+            obj["spec"]["decision"]
+                .as_str()
+                .map(|d| DecideError::AlreadyDecided {
+                    id: id.to_string(),
+                    decision: d.to_string(),
+                    by: decision_of(obj, Some(&user))
+                        .map(|(_, d)| d.by)
+                        .unwrap_or_default(),
+                })
+        };
+        if let Some(e) = decided(&current) {
+            return Err(e);
+        }
+        if current["spec"]["deadline"].as_u64().unwrap_or(0) <= now {
+            return Err(DecideError::Expired(id.to_string()));
+        }
+        let patch = json!({
+            "metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
+            "spec": {
+                "decision": if approve { "approved" } else { "denied" },
+                "decidedBy": user,
+                "operator": operator.to_string(),
+            },
+        });
+        match self
+            .kube
+            .json(
+                hyper::Method::PATCH,
+                &path,
+                "application/merge-patch+json",
+                Some(&patch),
+            )
+            .await
+        {
+            Ok(obj) => Ok(listed(&obj)),
+            // Changed since it was read (decided meanwhile), or refused by
+            // the admission policy as decided already: say by whom.
+            Err(e) if matches!(e.status, Some(409) | Some(403)) => {
+                let now_obj = self
+                    .kube
+                    .json(hyper::Method::GET, &path, "application/json", None)
+                    .await
+                    .map_err(|e| DecideError::Kube(e.message))?;
+                Err(decided(&now_obj).unwrap_or(DecideError::Kube(e.message)))
+            }
+            Err(e) => Err(DecideError::Kube(e.message)),
+        }
     }
 
     async fn collect_expired(&self, now: u64) -> Result<(), String> {

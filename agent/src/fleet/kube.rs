@@ -328,6 +328,32 @@ impl KubeClient {
         result
     }
 
+    /// The user name the API server knows the authority by (a
+    /// SelfSubjectReview, which every authenticated user may make).
+    pub async fn own_user(&self) -> Result<String, String> {
+        let body = json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "SelfSubjectReview",
+        });
+        let answer = self
+            .call(
+                hyper::Method::POST,
+                "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+                Some(body.to_string().into_bytes()),
+            )
+            .await
+            .map_err(|e| e.message)?;
+        serde_json::from_slice::<serde_json::Value>(&answer)
+            .ok()
+            .and_then(|v| {
+                v["status"]["userInfo"]["username"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| "SelfSubjectReview: no user name in the answer".to_string())
+    }
+
     /// Adds to what readiness checks: `verb` on `resource.group` in
     /// `namespace` (every namespace, or a cluster-scoped resource, if empty).
     pub fn also_need(

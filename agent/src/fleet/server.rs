@@ -9,7 +9,9 @@
 //! `POST /v1/attest` (no client certificate), `POST /v1/renew`,
 //! `POST /v1/sign`, `POST /v1/access-token`, `GET /v1/bundle`, and with
 //! `[server.store]` the fleet's revocations: `POST /v1/revocations` and
-//! `GET /v1/stream` ([`super::feed`], [`super::store`]).
+//! `GET /v1/stream` ([`super::feed`], [`super::store`]). Operators (an
+//! X.509-SVID listed in `operators`) use `/v1/operator/...`
+//! ([`super::operator`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -69,6 +71,9 @@ pub struct ServerConfig {
     /// The `iss` of the JWT-SVIDs it signs: the issuer URL of the trust
     /// domain's HTTPS face, when the authority serves one (`[https]`).
     pub jwt_issuer: Option<String>,
+    /// SPIFFE IDs whose X.509-SVIDs may decide approvals and revoke at the
+    /// authority ([`super::operator`]).
+    pub operators: Vec<spiffe::SpiffeId>,
 }
 
 /// Largest request body: a batch of a few hundred CSRs.
@@ -107,9 +112,13 @@ struct Shared {
 }
 
 /// The caller's node, from its verified client certificate, when that
-/// certificate expires, and its serial number (lowercase hex).
+/// certificate expires, and its serial number (lowercase hex); and the
+/// certificate's SPIFFE ID and expiry whatever it names (an operator's).
 #[derive(Clone)]
-struct PeerNode(Option<(Node, SystemTime, Option<String>)>);
+struct PeerNode(
+    Option<(Node, SystemTime, Option<String>)>,
+    Option<(spiffe::SpiffeId, SystemTime)>,
+);
 
 struct ApiError(StatusCode, String);
 
@@ -304,6 +313,7 @@ pub async fn start(
                 approvals = Some(super::approvals::FleetApprovals::start(
                     kube.clone(),
                     store.namespace.clone(),
+                    !config.operators.is_empty(),
                     clock.clone(),
                     shutdown.clone(),
                 ));
@@ -477,6 +487,12 @@ pub async fn start(
         .route("/v1/entries", get(entries_stream))
         .route("/v1/approvals", post(approvals_publish))
         .route("/v1/approvals/decisions", get(approvals_stream))
+        .route("/v1/operator/approvals", get(operator_approvals))
+        .route(
+            "/v1/operator/approvals/{id}/{action}",
+            post(operator_decide),
+        )
+        .route("/v1/operator/revocations", post(operator_revoke))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(shared.clone());
     tracing::info!(address = %addr, trust_domain = shared.td.as_str(), "tessera authority listening (mTLS)");
@@ -488,17 +504,18 @@ pub async fn start(
         max_connections: config.max_connections,
         // The node a connection's client certificate names, and until when.
         peer: move |conn: &rustls::ServerConnection| {
+            let leaf = conn.peer_certificates().and_then(|c| c.first());
+            let id = leaf.and_then(|c| Some((tls::spiffe_id_of(c)?, tls::not_after(c)?)));
             PeerNode(
-                conn.peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| {
-                        let node = Node::from_spiffe_id(&tls::spiffe_id_of(c)?, &td)?;
-                        Some((
-                            node,
-                            tls::not_after(c)?,
-                            crate::identity::certs::serial_hex(c),
-                        ))
-                    }),
+                leaf.and_then(|c| {
+                    let node = Node::from_spiffe_id(&tls::spiffe_id_of(c)?, &td)?;
+                    Some((
+                        node,
+                        tls::not_after(c)?,
+                        crate::identity::certs::serial_hex(c),
+                    ))
+                }),
+                id,
             )
         },
     };
@@ -1259,6 +1276,186 @@ async fn approvals_stream(
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let until = s.stream_token(&node, &peer);
     Ok(approvals.stream(node.name, not_after, s.clock.clone(), until))
+}
+
+impl Shared {
+    /// The operator making this request ([`super::operator::authorize`]);
+    /// a refusal is audited.
+    async fn operator(
+        &self,
+        peer: &PeerNode,
+        kind: &'static str,
+    ) -> Result<spiffe::SpiffeId, ApiError> {
+        match super::operator::authorize(&self.config.operators, peer.1.as_ref(), self.clock.now())
+        {
+            Ok(id) => Ok(id),
+            Err((status, why)) => {
+                let subject = peer
+                    .1
+                    .as_ref()
+                    .map(|(id, _)| id.to_string())
+                    .unwrap_or_default();
+                self.refuse(kind, None, &subject, &why).await;
+                Err(ApiError(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN),
+                    why,
+                ))
+            }
+        }
+    }
+}
+
+/// The value of `name` in the request's query, decoded.
+fn query_param(uri: &axum::http::Uri, name: &str) -> Option<String> {
+    form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// `GET /v1/operator/approvals`: every approval the fleet holds.
+async fn operator_approvals(
+    State(s): State<Arc<Shared>>,
+    Extension(peer): Extension<PeerNode>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    s.operator(&peer, "operator_approvals").await?;
+    let approvals = fleet_approvals(&s)?;
+    Ok(Json(json!(
+        approvals.list(crate::clock::unix_seconds(s.clock.now()))
+    )))
+}
+
+/// `POST /v1/operator/approvals/{id}/{approve|deny}`: an operator's
+/// decision, written to the Kubernetes API; the waiting node applies and
+/// audits it.
+async fn operator_decide(
+    State(s): State<Arc<Shared>>,
+    Extension(peer): Extension<PeerNode>,
+    axum::extract::Path((id, action)): axum::extract::Path<(String, String)>,
+    uri: axum::http::Uri,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let operator = s.operator(&peer, "operator_decision").await?;
+    let approve = match action.as_str() {
+        "approve" => true,
+        "deny" => false,
+        _ => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                "use approve or deny".into(),
+            ));
+        }
+    };
+    let approvals = fleet_approvals(&s)?;
+    let node = query_param(&uri, "node");
+    let now = crate::clock::unix_seconds(s.clock.now());
+    use super::approvals::DecideError;
+    match approvals
+        .decide(&id, node.as_deref(), approve, &operator, now)
+        .await
+    {
+        Ok(decided) => {
+            s.count("operator_decision", "decided");
+            s.audit(json!({
+                "event": "operator.approval.decision",
+                "operator": operator.to_string(),
+                "node": decided["node"],
+                "approval_id": decided["id"],
+                "decision": if approve { "approved" } else { "denied" },
+            }))
+            .await;
+            Ok(Json(decided))
+        }
+        Err(e) => {
+            let status = match e {
+                DecideError::NotFound(_) => StatusCode::NOT_FOUND,
+                DecideError::Ambiguous(_) => StatusCode::BAD_REQUEST,
+                DecideError::AlreadyDecided { .. } | DecideError::Expired(_) => {
+                    StatusCode::CONFLICT
+                }
+                DecideError::Kube(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            s.count("operator_decision", "refused");
+            Err(ApiError(status, e.to_string()))
+        }
+    }
+}
+
+/// `POST /v1/operator/revocations`: a token or a task revoked at the
+/// authority, stored for every node as a node's revocations are.
+async fn operator_revoke(
+    State(s): State<Arc<Shared>>,
+    Extension(peer): Extension<PeerNode>,
+    Json(req): Json<super::operator::RevokeRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    use crate::revocation::{Kind, Record};
+    let operator = s.operator(&peer, "operator_revocation").await?;
+    let state = fleet_state(&s)?;
+    let now = s.clock.now();
+    let max_ttl = s.config.max_access_token_ttl;
+    let (record, what) = match (&req.token, &req.task_id, &req.principal) {
+        (Some(token), None, None) => {
+            let keys = s.authority.trust_store().access_keys();
+            let verified =
+                crate::identity::jws::verify_access_token(token, keys.iter()).map_err(|e| {
+                    bad(format!(
+                        "token: not an access token this trust domain signed: {e}"
+                    ))
+                })?;
+            let c = &verified.claims;
+            let jti = c.get("jti").and_then(|v| v.as_str()).unwrap_or_default();
+            let exp = c.get("exp").and_then(|v| v.as_u64()).unwrap_or(0);
+            (
+                Record {
+                    k: Kind::Jti,
+                    id: jti.to_string(),
+                    until: exp,
+                },
+                json!({"jti": jti, "task_id": c.get("txn"), "token_sha256": crate::audit::sha256_hex(token.as_bytes())}),
+            )
+        }
+        (None, Some(task), Some(principal)) => {
+            let principal_id = spiffe::SpiffeId::new(principal)
+                .ok()
+                .filter(|id| id.is_member_of(&s.td))
+                .ok_or_else(|| bad("principal must be a SPIFFE ID of this trust domain"))?;
+            (
+                Record {
+                    k: Kind::Task,
+                    id: crate::revocation::task_key(&principal_id.to_string(), task),
+                    // Any token of the task expires within the longest TTL.
+                    until: crate::clock::unix_seconds(now) + max_ttl.as_secs() + 60,
+                },
+                json!({"principal": principal_id.to_string(), "task_id": task}),
+            )
+        }
+        _ => {
+            return Err(bad(
+                "give token, or task_id together with principal (the SPIFFE ID whose task it is)",
+            ));
+        }
+    };
+    if req
+        .task_id
+        .as_deref()
+        .is_some_and(|t| t.is_empty() || t.len() > crate::revocation::MAX_ID_BYTES)
+    {
+        return Err(bad("task_id must be 1 to 256 bytes"));
+    }
+    let records = feed::admit(vec![record], now, max_ttl).map_err(bad)?;
+    let stored = records.len();
+    if stored > 0
+        && let Err(e) = state.writer.revoke(records).await
+    {
+        s.count("operator_revocation", "error");
+        return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()));
+    }
+    s.count("operator_revocation", "stored");
+    let mut record =
+        json!({"event": "operator.revoke", "operator": operator.to_string(), "stored": stored});
+    if let (Some(r), Some(w)) = (record.as_object_mut(), what.as_object()) {
+        r.extend(w.clone());
+    }
+    s.audit(record).await;
+    Ok(Json(json!({"revoked": stored})))
 }
 
 /// `GET /v1/entries` ([`super::registration::stream`]).
