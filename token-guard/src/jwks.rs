@@ -8,14 +8,112 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use http::Method;
-use ring::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
+use ring::signature::{
+    ECDSA_P256_SHA256_FIXED, ECDSA_P384_SHA384_FIXED, ED25519, RSA_PKCS1_2048_8192_SHA256,
+    RSA_PSS_2048_8192_SHA256, RsaPublicKeyComponents, UnparsedPublicKey,
+};
 use serde::Deserialize;
 use tokio::time::Instant;
 
 use crate::transport::{self, Endpoint};
 
-/// One ES256 verification key.
-pub(crate) type VerifyingKey = Arc<UnparsedPublicKey<Vec<u8>>>;
+/// One verification key and the one JWS algorithm it verifies.
+pub(crate) type VerifyingKey = Arc<PublicKey>;
+
+/// A public key from a JWK, bound to one algorithm: ES256 (EC P-256),
+/// ES384 (EC P-384), EdDSA (OKP Ed25519), or RS256 / PS256 (RSA, at least
+/// 2048 bits, named by the JWK's `alg`).
+pub(crate) struct PublicKey {
+    alg: &'static str,
+    key: KeyData,
+}
+
+enum KeyData {
+    Unparsed(UnparsedPublicKey<Vec<u8>>),
+    Rsa(
+        RsaPublicKeyComponents<Vec<u8>>,
+        &'static ring::signature::RsaParameters,
+    ),
+}
+
+impl PublicKey {
+    /// The key a JWK describes, if it is a public key of a supported type
+    /// whose `alg` (when given; required for RSA) fits it.
+    pub(crate) fn from_jwk(jwk: &serde_json::Map<String, serde_json::Value>) -> Option<Self> {
+        let s = |k: &str| jwk.get(k).and_then(serde_json::Value::as_str);
+        let b = |k: &str| s(k).and_then(|v| B64.decode(v).ok());
+        if jwk.contains_key("d") {
+            return None;
+        }
+        let given = s("alg");
+        let fits = |alg: &'static str| given.is_none_or(|g| g == alg).then_some(alg);
+        let (alg, key) = match (s("kty")?, s("crv")) {
+            ("EC", Some(crv)) => {
+                let (alg, len, verifier): (
+                    _,
+                    _,
+                    &'static dyn ring::signature::VerificationAlgorithm,
+                ) = match crv {
+                    "P-256" => ("ES256", 32, &ECDSA_P256_SHA256_FIXED),
+                    "P-384" => ("ES384", 48, &ECDSA_P384_SHA384_FIXED),
+                    _ => return None,
+                };
+                let (x, y) = (b("x")?, b("y")?);
+                if x.len() != len || y.len() != len {
+                    return None;
+                }
+                let mut point = Vec::with_capacity(1 + 2 * len);
+                point.push(0x04);
+                point.extend_from_slice(&x);
+                point.extend_from_slice(&y);
+                (
+                    fits(alg)?,
+                    KeyData::Unparsed(UnparsedPublicKey::new(verifier, point)),
+                )
+            }
+            ("OKP", Some("Ed25519")) => {
+                let x = b("x")?;
+                if x.len() != 32 {
+                    return None;
+                }
+                (
+                    fits("EdDSA")?,
+                    KeyData::Unparsed(UnparsedPublicKey::new(&ED25519, x)),
+                )
+            }
+            ("RSA", _) => {
+                let (alg, params): (_, &'static ring::signature::RsaParameters) = match given? {
+                    "RS256" => ("RS256", &RSA_PKCS1_2048_8192_SHA256),
+                    "PS256" => ("PS256", &RSA_PSS_2048_8192_SHA256),
+                    _ => return None,
+                };
+                let (n, e) = (b("n")?, b("e")?);
+                if n.len() < 256 || e.is_empty() {
+                    return None;
+                }
+                (alg, KeyData::Rsa(RsaPublicKeyComponents { n, e }, params))
+            }
+            _ => return None,
+        };
+        Some(Self { alg, key })
+    }
+
+    /// The one JWS `alg` this key verifies.
+    pub(crate) fn alg(&self) -> &'static str {
+        self.alg
+    }
+
+    pub(crate) fn verify(
+        &self,
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), ring::error::Unspecified> {
+        match &self.key {
+            KeyData::Unparsed(k) => k.verify(message, signature),
+            KeyData::Rsa(k, params) => k.verify(params, message, signature),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum KeyError {
@@ -32,23 +130,6 @@ struct JwkSet {
     keys: Vec<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
-struct EcJwk {
-    kty: String,
-    #[serde(default)]
-    crv: Option<String>,
-    #[serde(default)]
-    x: Option<String>,
-    #[serde(default)]
-    y: Option<String>,
-    #[serde(default)]
-    kid: Option<String>,
-    #[serde(default, rename = "use")]
-    key_use: Option<String>,
-    #[serde(default)]
-    alg: Option<String>,
-}
-
 /// Which keys of a JWKS a verifier takes, by their `use`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum KeyUse {
@@ -59,9 +140,10 @@ pub(crate) enum KeyUse {
     WitSvid,
 }
 
-/// Parses a JWKS document into the ES256 keys of `key_use` it holds, by
-/// `kid`. Keys of other types, keys for encryption and keys without a `kid`
-/// are skipped, so an issuer can publish them without breaking us.
+/// Parses a JWKS document into the keys of `key_use` it holds, by `kid`
+/// ([`PublicKey`]; for [`KeyUse::Sig`] ES256 only). Keys of other types,
+/// keys for encryption and keys without a `kid` are skipped, so an issuer
+/// can publish them without breaking us.
 pub(crate) fn parse_jwks_for(
     body: &[u8],
     key_use: KeyUse,
@@ -69,36 +151,26 @@ pub(crate) fn parse_jwks_for(
     let set: JwkSet = serde_json::from_slice(body).map_err(|e| format!("JWKS: {e}"))?;
     let mut keys = HashMap::new();
     for value in set.keys {
-        let Ok(jwk) = serde_json::from_value::<EcJwk>(value) else {
+        let Some(jwk) = value.as_object() else {
             continue;
         };
-        if jwk.kty != "EC"
-            || jwk.crv.as_deref() != Some("P-256")
-            || match key_use {
-                KeyUse::Sig => jwk.key_use.as_deref().is_some_and(|u| u != "sig"),
-                KeyUse::WitSvid => jwk.key_use.as_deref() != Some("wit-svid"),
-            }
-            || jwk.alg.as_deref().is_some_and(|a| a != "ES256")
-        {
+        let key_use_of = jwk.get("use").and_then(serde_json::Value::as_str);
+        let wanted = match key_use {
+            KeyUse::Sig => key_use_of.is_none_or(|u| u == "sig"),
+            KeyUse::WitSvid => key_use_of == Some("wit-svid"),
+        };
+        let Some(kid) = jwk.get("kid").and_then(serde_json::Value::as_str) else {
+            continue;
+        };
+        let Some(key) = wanted.then(|| PublicKey::from_jwk(jwk)).flatten() else {
+            continue;
+        };
+        // An issuer's tokens (Tessera's access tokens) are ES256 only; WIT
+        // bundles may carry any algorithm the WIT-SVID spec allows.
+        if key_use == KeyUse::Sig && key.alg() != "ES256" {
             continue;
         }
-        let (Some(kid), Some(x), Some(y)) = (jwk.kid, jwk.x, jwk.y) else {
-            continue;
-        };
-        let (Ok(x), Ok(y)) = (B64.decode(x), B64.decode(y)) else {
-            continue;
-        };
-        if x.len() != 32 || y.len() != 32 {
-            continue;
-        }
-        let mut point = Vec::with_capacity(65);
-        point.push(0x04);
-        point.extend_from_slice(&x);
-        point.extend_from_slice(&y);
-        keys.insert(
-            kid,
-            Arc::new(UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)),
-        );
+        keys.insert(kid.to_string(), Arc::new(key));
     }
     Ok(keys)
 }

@@ -6,8 +6,9 @@
 //! The order of the checks: where the credentials are (exactly one WIT, in
 //! `Workload-Identity-Token`; exactly one WPT, in `Authorization: WPT`, or
 //! in the `Workload-Proof-Token` header of drafts -00/-01); the WIT-SVID
-//! (header, signature by a WIT key of its subject's trust domain, claims,
-//! `cnf.jwk`); the WPT (header, `alg` equal to the `cnf` key's, signature by
+//! (header, `alg` the one its key verifies, signature by a WIT key of its
+//! subject's trust domain, claims, `cnf.jwk`); the WPT (header, `alg` equal
+//! to the `cnf` key's, signature by
 //! that key, `aud`, `exp` short and not passed, `wth`, the hashes of the
 //! other tokens the request carries); last, `jti` not seen before while the
 //! WPT could be valid. Only then is the `jti` remembered, so a refused
@@ -26,12 +27,11 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{Either, Full};
 use hyper::body::Bytes;
 use ring::digest;
-use ring::signature::{ECDSA_P256_SHA256_FIXED, UnparsedPublicKey};
 use serde_json::{Map, Value};
 use tower::{Layer, Service};
 
 use crate::config::{Clock, JwksSource};
-use crate::jwks::{KeyCache, KeyError, KeyUse, VerifyingKey, parse_jwks_for};
+use crate::jwks::{KeyCache, KeyError, KeyUse, PublicKey, VerifyingKey, parse_jwks_for};
 use crate::token::MAX_TOKEN_LEN;
 
 /// The header that carries the WIT (draft-ietf-wimse-workload-creds).
@@ -41,9 +41,9 @@ pub const WIT_HEADER: &str = "workload-identity-token";
 pub const LEGACY_WPT_HEADER: &str = "workload-proof-token";
 /// The Txn-Token header, bound to the WPT by `tth`.
 pub const TXN_TOKEN_HEADER: &str = "txn-token";
-/// The only signature algorithm this guard verifies (WIT-SVID and `cnf`
-/// key); Tessera issues no other.
-const ALG: &str = "ES256";
+/// The JWS algorithms a WIT-SVID and its `cnf` key may use: those the
+/// WIT-SVID spec allows and ring verifies (never `none` or an HMAC).
+const ALGS: &[&str] = &["ES256", "ES384", "RS256", "PS256", "EdDSA"];
 /// Longest `jti` kept for the replay check.
 const MAX_JTI_LEN: usize = 256;
 
@@ -637,30 +637,20 @@ fn string<'a>(
 }
 
 /// The P-256 point of a `cnf.jwk`: EC P-256, `alg` ES256, public only.
-fn cnf_key(claims: &Map<String, Value>) -> Result<UnparsedPublicKey<Vec<u8>>, WitError> {
+fn cnf_key(claims: &Map<String, Value>) -> Result<PublicKey, WitError> {
     let jwk = claims
         .get("cnf")
         .and_then(|c| c.get("jwk"))
         .and_then(Value::as_object)
         .ok_or(WitError::Claim("WIT", "cnf.jwk"))?;
-    let s = |k: &str| jwk.get(k).and_then(Value::as_str);
-    match s("alg") {
-        Some(ALG) => {}
+    match jwk.get("alg").and_then(Value::as_str) {
+        Some(alg) if ALGS.contains(&alg) => {}
         Some(_) => return Err(WitError::Algorithm("WIT cnf.jwk")),
         None => return Err(WitError::Claim("WIT", "cnf.jwk.alg")),
     }
-    if s("kty") != Some("EC") || s("crv") != Some("P-256") || jwk.contains_key("d") {
-        return Err(WitError::Claim("WIT", "cnf.jwk"));
-    }
-    let coordinate = |k: &str| {
-        s(k).and_then(|v| B64.decode(v).ok())
-            .filter(|b| b.len() == 32)
-            .ok_or(WitError::Claim("WIT", "cnf.jwk"))
-    };
-    let mut point = vec![4u8];
-    point.extend(coordinate("x")?);
-    point.extend(coordinate("y")?);
-    Ok(UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point))
+    // A private key (`d`), a key of another type than its `alg`, a short
+    // RSA key: refused.
+    PublicKey::from_jwk(jwk).ok_or(WitError::Claim("WIT", "cnf.jwk"))
 }
 
 /// The trust domain of a SPIFFE ID (`spiffe://<td>/<path>`).
@@ -723,9 +713,12 @@ impl WitGuard {
         if !typ_is(&w.header, "wit+jwt") {
             return Err(WitError::Type("WIT", "wit+jwt"));
         }
-        if w.header.get("alg").and_then(Value::as_str) != Some(ALG) {
-            return Err(WitError::Algorithm("WIT"));
-        }
+        let wit_alg = w
+            .header
+            .get("alg")
+            .and_then(Value::as_str)
+            .filter(|a| ALGS.contains(a))
+            .ok_or(WitError::Algorithm("WIT"))?;
         let kid = w
             .header
             .get("kid")
@@ -747,6 +740,10 @@ impl WitGuard {
                 keys.get(kid).ok_or(WitError::UnknownKey)?.clone()
             }
         };
+        // The key verifies one algorithm: the header cannot pick another.
+        if key.alg() != wit_alg {
+            return Err(WitError::Algorithm("WIT"));
+        }
         key.verify(w.signing_input, &w.signature)
             .map_err(|_| WitError::Signature("WIT"))?;
         let wit_exp = int(&w.claims, "exp", "WIT")?.ok_or(WitError::Claim("WIT", "exp"))?;
@@ -770,8 +767,8 @@ impl WitGuard {
         if !typ_is(&p.header, "wpt+jwt") {
             return Err(WitError::Type("WPT", "wpt+jwt"));
         }
-        // String-equal to the cnf key's alg (ES256, checked above).
-        if p.header.get("alg").and_then(Value::as_str) != Some(ALG) {
+        // String-equal to the cnf key's alg.
+        if p.header.get("alg").and_then(Value::as_str) != Some(cnf.alg()) {
             return Err(WitError::AlgMismatch);
         }
         cnf.verify(p.signing_input, &p.signature)

@@ -585,3 +585,169 @@ async fn wit_keys_are_fetched_cached_and_fetched_again_for_a_new_key() {
     .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 }
+
+/// A signing key of one JWS algorithm, made by ring (EC, Ed25519) or read
+/// from a fixture (RSA 2048, made with openssl), signing with jsonwebtoken.
+struct AlgKey {
+    alg: Algorithm,
+    encoding: EncodingKey,
+    jwk: Value,
+}
+
+impl AlgKey {
+    fn new(alg: &str) -> Self {
+        use ring::signature::{
+            ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaSigningAlgorithm, Ed25519KeyPair,
+        };
+        let rng = SystemRandom::new();
+        let ec = |signing: &'static EcdsaSigningAlgorithm, crv: &str, len: usize| {
+            let pkcs8 = EcdsaKeyPair::generate_pkcs8(signing, &rng).unwrap();
+            let pair = EcdsaKeyPair::from_pkcs8(signing, pkcs8.as_ref(), &rng).unwrap();
+            let point = pair.public_key().as_ref();
+            (
+                EncodingKey::from_ec_der(pkcs8.as_ref()),
+                json!({"kty": "EC", "crv": crv, "x": B64.encode(&point[1..1 + len]),
+                       "y": B64.encode(&point[1 + len..])}),
+            )
+        };
+        let rsa = || {
+            let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+            let der = std::fs::read(format!("{dir}/rsa-2048.pkcs1.der")).unwrap();
+            let jwk: Value = serde_json::from_slice(
+                &std::fs::read(format!("{dir}/rsa-2048.public.jwk.json")).unwrap(),
+            )
+            .unwrap();
+            (EncodingKey::from_rsa_der(&der), jwk)
+        };
+        let (algorithm, (encoding, mut jwk)) = match alg {
+            "ES256" => (
+                Algorithm::ES256,
+                ec(&ECDSA_P256_SHA256_FIXED_SIGNING, "P-256", 32),
+            ),
+            "ES384" => (
+                Algorithm::ES384,
+                ec(&ECDSA_P384_SHA384_FIXED_SIGNING, "P-384", 48),
+            ),
+            "EdDSA" => {
+                let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+                let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+                (
+                    Algorithm::EdDSA,
+                    (
+                        EncodingKey::from_ed_der(pkcs8.as_ref()),
+                        json!({"kty": "OKP", "crv": "Ed25519",
+                               "x": B64.encode(pair.public_key().as_ref())}),
+                    ),
+                )
+            }
+            "RS256" => (Algorithm::RS256, rsa()),
+            "PS256" => (Algorithm::PS256, rsa()),
+            other => panic!("{other}"),
+        };
+        jwk["alg"] = alg.into();
+        Self {
+            alg: algorithm,
+            encoding,
+            jwk,
+        }
+    }
+
+    fn sign_as(&self, alg: Algorithm, typ: &str, kid: Option<&str>, claims: &Value) -> String {
+        let mut h = Header::new(alg);
+        h.typ = Some(typ.into());
+        h.kid = kid.map(Into::into);
+        jsonwebtoken::encode(&h, claims, &self.encoding).unwrap()
+    }
+}
+
+/// WIT-SVIDs and proofs of every algorithm the WIT-SVID spec allows
+/// (ES256, ES384, RS256, PS256, EdDSA), signed by jsonwebtoken, verify, in
+/// any mix of the trust domain's key and the workload's; the key decides
+/// the algorithm (a header naming another is refused) and the proof's `alg`
+/// must be the `cnf` key's.
+#[test]
+fn every_algorithm_the_spec_allows_verifies_and_the_key_decides_it() {
+    const ALGS: [&str; 5] = ["ES256", "ES384", "RS256", "PS256", "EdDSA"];
+    let now = T0;
+    // The WIT key of `wit_alg`, a workload key of `cnf_alg`, the guard
+    // trusting the former, and a request signed by both.
+    let case = |wit_alg: &str, cnf_alg: &str| {
+        let issuer = AlgKey::new(wit_alg);
+        let workload = AlgKey::new(cnf_alg);
+        let mut wit_jwk = issuer.jwk.clone();
+        wit_jwk["kid"] = "wk".into();
+        wit_jwk["use"] = "wit-svid".into();
+        let guard = WitGuardLayer::builder()
+            .target_uri_base(BASE)
+            .wit_bundle("example.org", json!({"keys": [wit_jwk]}).to_string())
+            .clock(move || UNIX_EPOCH + Duration::from_secs(now))
+            .build()
+            .unwrap();
+        (guard, issuer, workload)
+    };
+    let request = |issuer: &AlgKey, wit_alg: Algorithm, workload: &AlgKey, wpt_alg: Algorithm| {
+        let wit = issuer.sign_as(
+            wit_alg,
+            "wit+jwt",
+            Some("wk"),
+            &json!({"sub": ID, "exp": T0 + 3600, "iat": T0, "jti": "w",
+                    "cnf": {"jwk": workload.jwk}}),
+        );
+        let wpt = workload.sign_as(
+            wpt_alg,
+            "wpt+jwt",
+            None,
+            &json!({"aud": format!("{BASE}{PATH}"), "exp": T0 + 60, "wth": hash(&wit),
+                    "jti": format!("jti-{}", NEXT_JTI.fetch_add(1, Ordering::SeqCst))}),
+        );
+        let mut h = HeaderMap::new();
+        h.insert("workload-identity-token", wit.parse().unwrap());
+        h.insert(header::AUTHORIZATION, format!("WPT {wpt}").parse().unwrap());
+        h
+    };
+    for wit_alg in ALGS {
+        for cnf_alg in ALGS {
+            let (guard, issuer, workload) = case(wit_alg, cnf_alg);
+            let ok = guard
+                .verify(&request(&issuer, issuer.alg, &workload, workload.alg), PATH)
+                .unwrap_or_else(|e| panic!("WIT {wit_alg}, cnf {cnf_alg}: {e}"));
+            assert_eq!(ok.spiffe_id, ID);
+        }
+    }
+    // One RSA key, two algorithms: the trust domain's key is RS256, so a
+    // WIT whose header says PS256 is refused; the cnf key is RS256, so a
+    // proof signed PS256 with it is refused.
+    let (guard, issuer, workload) = case("RS256", "RS256");
+    assert_eq!(
+        guard.verify(
+            &request(&issuer, Algorithm::PS256, &workload, Algorithm::RS256),
+            PATH
+        ),
+        Err(WitError::Algorithm("WIT"))
+    );
+    assert_eq!(
+        guard.verify(
+            &request(&issuer, Algorithm::RS256, &workload, Algorithm::PS256),
+            PATH
+        ),
+        Err(WitError::AlgMismatch)
+    );
+    // A cnf key whose alg does not fit its type, or an HMAC alg.
+    let (guard, issuer, mut workload) = case("ES256", "ES384");
+    workload.jwk["alg"] = "ES256".into();
+    assert_eq!(
+        guard.verify(
+            &request(&issuer, Algorithm::ES256, &workload, Algorithm::ES384),
+            PATH
+        ),
+        Err(WitError::Claim("WIT", "cnf.jwk"))
+    );
+    workload.jwk["alg"] = "HS256".into();
+    assert_eq!(
+        guard.verify(
+            &request(&issuer, Algorithm::ES256, &workload, Algorithm::ES384),
+            PATH
+        ),
+        Err(WitError::Algorithm("WIT cnf.jwk"))
+    );
+}
