@@ -402,7 +402,8 @@ impl KubeApi {
         api
     }
 
-    fn start_apiserver(&self) {
+    /// Starts the API server again after [`Self::stop_apiserver`].
+    pub fn start_apiserver(&self) {
         let d = self.dir.display();
         let mut cmd = Command::new(binary("kube-apiserver"));
         cmd.current_dir(&self.dir).args([
@@ -434,6 +435,54 @@ impl KubeApi {
     pub fn restart_apiserver(&self) {
         self.stop_apiserver();
         self.start_apiserver();
+    }
+
+    /// One call to etcd's JSON gateway (`/v3/kv/...`): what an operator's
+    /// etcdctl would do, for faults the API server never makes itself.
+    pub fn etcd(&self, path: &str, body: &Value) -> Value {
+        use std::io::{Read, Write};
+        let body = body.to_string();
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", self.etcd_port)).unwrap();
+        write!(
+            tcp,
+            "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).unwrap();
+        let (head, json) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "etcd {path}: {answer}"
+        );
+        serde_json::from_str(json).unwrap()
+    }
+
+    /// Deletes `key` in etcd behind the API server's back; whether it was there.
+    pub fn etcd_delete(&self, key: &str) -> bool {
+        use base64::Engine;
+        let key = base64::engine::general_purpose::STANDARD.encode(key);
+        let answer = self.etcd("/v3/kv/deleterange", &serde_json::json!({"key": key}));
+        answer["deleted"] == "1"
+    }
+
+    /// Compacts etcd's history up to its current revision: a watch resumed
+    /// from any earlier resource version gets `410 Gone`.
+    pub fn compact_etcd(&self) -> u64 {
+        use base64::Engine;
+        let key = base64::engine::general_purpose::STANDARD.encode("/registry");
+        let answer = self.etcd("/v3/kv/range", &serde_json::json!({"key": key, "limit": 1}));
+        let revision: u64 = answer["header"]["revision"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        self.etcd(
+            "/v3/kv/compaction",
+            &serde_json::json!({"revision": revision.to_string(), "physical": true}),
+        );
+        revision
     }
 
     /// Stops the API server; [`Self::restart_apiserver`] brings it back.

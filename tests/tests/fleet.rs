@@ -915,7 +915,11 @@ async fn cas_contains_old(agent: &TestAgent, ca: &[u8]) -> bool {
 /// RevocationBatch CRD, a namespace with the authority's service account,
 /// the chart's RBAC for it, and a token. Returns the `[server]` sub-tables.
 async fn kube_store(dir: &Path) -> (String, String) {
-    let api = KubeApi::shared();
+    kube_store_on(KubeApi::shared(), dir).await
+}
+
+/// [`kube_store`] in `api` (a private server a test may restart).
+async fn kube_store_on(api: &KubeApi, dir: &Path) -> (String, String) {
     let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/../helm/tessera/crds/");
     let (ok, out, err) = api.kubectl(&["apply", "--server-side", "-f", crds], None);
     assert!(ok, "the chart's CRDs are refused: {out}{err}");
@@ -1159,6 +1163,58 @@ async fn a_revocation_on_one_node_is_refused_on_every_node_through_the_kubernete
             .any(|r| r["event"] == "fleet.revocations" && r["node"] == "node-a"),
         "no fleet.revocations record from node-a"
     );
+}
+
+/// The revocation watch and writes across an API-server outage, in a
+/// private genuine kube-apiserver that is stopped and started again: a token
+/// revoked on node A while the API server is down is refused at A at once
+/// and at node B once it is back (A kept handing it over, a replica stored
+/// it: nothing is lost); one revoked after the restart reaches B too (the
+/// replicas' watches resumed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revocations_survive_an_api_server_restart() {
+    let api = Arc::new(tokio::task::spawn_blocking(KubeApi::start).await.unwrap());
+    let store_dir = tempfile::tempdir().unwrap();
+    let (tables, _ns) = kube_store_on(&api, store_dir.path()).await;
+    let fleet = Fleet::start_with(&tables, "").await;
+    let a = fleet.agent("node-a", None).await;
+    let b = fleet.agent("node-b", None).await;
+    let before = exchange_token(&a).await;
+    exchange_post(&a, "/revoke", &[("token", &before)]).await;
+    time_until(std::time::Instant::now(), async || {
+        !active_at(&b, &before).await
+    })
+    .await;
+
+    let during = exchange_token(&a).await;
+    assert!(active_at(&b, &during).await);
+    let down = api.clone();
+    tokio::task::spawn_blocking(move || down.stop_apiserver())
+        .await
+        .unwrap();
+    exchange_post(&a, "/revoke", &[("token", &during)]).await;
+    assert!(!active_at(&a, &during).await, "refused on A at once");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let up = api.clone();
+    tokio::task::spawn_blocking(move || up.start_apiserver())
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    let took = time_until(start, async || !active_at(&b, &during).await).await;
+    eprintln!(
+        "revoked on A while the API server was down: refused at B {took:?} after it was back"
+    );
+
+    let after = exchange_token(&a).await;
+    assert!(active_at(&b, &after).await);
+    exchange_post(&a, "/revoke", &[("token", &after)]).await;
+    let took = time_until(std::time::Instant::now(), async || {
+        !active_at(&b, &after).await
+    })
+    .await;
+    eprintln!("revoked on A after the restart: refused at B after {took:?}");
+    assert!(!active_at(&b, &before).await, "still refused");
+    drop(fleet);
 }
 
 /// Requests the API server has answered for `revocationbatches`, by verb,
@@ -1636,12 +1692,27 @@ async fn entries_as_custom_resources_reach_a_running_workload_through_the_kubern
         "{c}"
     );
 
-    // The API server restarts: the replicas' watches resume, and an entry
-    // created afterwards still reaches the stream.
+    // The API server restarts, and while it is down an entry is deleted
+    // behind its back (directly in etcd) and etcd's history compacted: the
+    // replicas' watches cannot resume from the version they saw (410 Gone),
+    // so they list again, and the entry they never saw deleted is withdrawn.
+    // An entry created afterwards still reaches the stream.
     let restart = api.clone();
-    tokio::task::spawn_blocking(move || restart.restart_apiserver())
-        .await
-        .unwrap();
+    let (deleted, revision) = tokio::task::spawn_blocking(move || {
+        restart.stop_apiserver();
+        let deleted = restart.etcd_delete("/registry/tessera.dev/clusterworkloadentries/kept");
+        let revision = restart.compact_etcd();
+        restart.start_apiserver();
+        (deleted, revision)
+    })
+    .await
+    .unwrap();
+    assert!(deleted, "the kept entry was in etcd");
+    let start = std::time::Instant::now();
+    let took = until_streamed(&mut stream, start, |ids| !ids.iter().any(|i| i == kept)).await;
+    eprintln!(
+        "etcd compacted at revision {revision}, API server back: the entry deleted behind its back withdrawn {took:?} after it answered"
+    );
     let after = "spiffe://example.org/node-a/after-restart";
     let start = std::time::Instant::now();
     api.create(collection, entry("after-restart", after, selectors.clone()))
