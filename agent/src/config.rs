@@ -177,6 +177,9 @@ struct RawServerStore {
     approvals: Option<bool>,
     namespace: Option<Spanned<String>>,
     batch_window: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
+    password_file: Option<PathBuf>,
+    migrate: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1204,22 +1207,66 @@ impl Config {
             Some(st) => {
                 let kind = match st.kind.get_ref().as_str() {
                     "kubernetes" => crate::fleet::store::StoreKind::Kubernetes,
+                    "postgres" => crate::fleet::store::StoreKind::Postgres,
                     _ => {
                         return Err(cx.invalid(
                             "server.store.kind",
                             &st.kind,
-                            "must be \"kubernetes\" (custom resources in the Kubernetes API)",
+                            "must be \"kubernetes\" (custom resources in the Kubernetes API) or \"postgres\" (tables in a PostgreSQL database)",
                         ));
                     }
                 };
-                if kubernetes.is_none() {
+                let postgres = kind == crate::fleet::store::StoreKind::Postgres;
+                if !postgres && kubernetes.is_none() {
                     return Err(cx.invalid(
                         "server.store.kind",
                         &st.kind,
                         "\"kubernetes\" needs [server.kubernetes] (the API server and the authority's credentials)",
                     ));
                 }
+                let database = if postgres {
+                    if let Some(ns) = &st.namespace {
+                        return Err(cx.invalid(
+                            "server.store.namespace",
+                            ns,
+                            "only for kind = \"kubernetes\"",
+                        ));
+                    }
+                    if st.approvals == Some(true) {
+                        return Err(cx.invalid(
+                            "server.store.approvals",
+                            &st.kind,
+                            "fleet-wide approvals are kept in the Kubernetes API only (kind = \"kubernetes\"); the node-local operator socket decides them",
+                        ));
+                    }
+                    let Some(url) = &st.url else {
+                        return Err(cx.invalid(
+                            "server.store.url",
+                            &st.kind,
+                            "required with kind = \"postgres\", e.g. \"postgresql://tessera@db.example/tessera\"",
+                        ));
+                    };
+                    crate::fleet::store::postgres::check_url(url.get_ref())
+                        .map_err(|m| cx.invalid("server.store.url", url, m))?;
+                    Some(crate::fleet::store::postgres::DatabaseConfig {
+                        url: url.get_ref().clone(),
+                        password_file: st.password_file.clone(),
+                        migrate: st.migrate.unwrap_or(true),
+                    })
+                } else {
+                    for (key, set) in [
+                        ("server.store.url", st.url.is_some()),
+                        ("server.store.password_file", st.password_file.is_some()),
+                        ("server.store.migrate", st.migrate.is_some()),
+                    ] {
+                        if set {
+                            return Err(cx.invalid(key, &st.kind, "only for kind = \"postgres\""));
+                        }
+                    }
+                    None
+                };
                 let namespace = match &st.namespace {
+                    _ if postgres => String::new(),
                     Some(ns) => {
                         let n = ns.get_ref();
                         let dns_label = !n.is_empty()
@@ -1273,6 +1320,7 @@ impl Config {
                     approvals: st.approvals.unwrap_or(false),
                     kind,
                     namespace,
+                    database,
                     batch_window,
                 })
             }
@@ -1280,14 +1328,29 @@ impl Config {
         let registration = match &srv.registration {
             None => None,
             Some(r) => {
-                if r.kind.get_ref() != "kubernetes" {
+                let source = match r.kind.get_ref().as_str() {
+                    "kubernetes" => crate::fleet::registration::Source::Kubernetes,
+                    "postgres" => crate::fleet::registration::Source::Postgres,
+                    _ => {
+                        return Err(cx.invalid(
+                            "server.registration.kind",
+                            &r.kind,
+                            "must be \"kubernetes\" (ClusterWorkloadEntry and WorkloadEntry objects) or \"postgres\" (rows of tessera_entries in the [server.store] database)",
+                        ));
+                    }
+                };
+                if source == crate::fleet::registration::Source::Postgres
+                    && store.as_ref().map(|s| s.kind)
+                        != Some(crate::fleet::store::StoreKind::Postgres)
+                {
                     return Err(cx.invalid(
                         "server.registration.kind",
                         &r.kind,
-                        "must be \"kubernetes\" (ClusterWorkloadEntry and WorkloadEntry objects)",
+                        "\"postgres\" needs [server.store] kind = \"postgres\" (the database the entries live in)",
                     ));
                 }
-                if kubernetes.is_none() {
+                if source == crate::fleet::registration::Source::Kubernetes && kubernetes.is_none()
+                {
                     return Err(cx.invalid(
                         "server.registration.kind",
                         &r.kind,
@@ -1295,6 +1358,7 @@ impl Config {
                     ));
                 }
                 Some(crate::fleet::registration::RegistrationConfig {
+                    source,
                     namespaced: r.namespaced.unwrap_or(true),
                     federation: r.federation.unwrap_or(false),
                     x509_ttl: svid_ttls.0,
@@ -1969,6 +2033,57 @@ mod tests {
             let e = err(&srv(&format!("operators = [\"{bad}\"]\n")));
             assert!(e.contains("server.operators"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_postgres_store_names_the_key_at_fault() {
+        let srv = |extra: &str| {
+            format!("{MINIMAL}[server]\nlisten = \"127.0.0.1:8443\"\nkeys_dir = \"/k\"\n{extra}")
+        };
+        let pg = "[server.store]\nkind = \"postgres\"\n";
+        let url = "url = \"postgresql://tessera@db.example/fleet\"\n";
+        let s = Config::parse(
+            &srv(&format!("{pg}{url}password_file = \"/run/pg\"\n")),
+            "t.toml",
+        )
+        .unwrap()
+        .server
+        .unwrap();
+        let store = s.store.unwrap();
+        assert_eq!(store.kind, crate::fleet::store::StoreKind::Postgres);
+        let db = store.database.unwrap();
+        assert!(db.migrate);
+        assert_eq!(
+            db.password_file.unwrap(),
+            std::path::PathBuf::from("/run/pg")
+        );
+        assert!(err(&srv(pg)).contains("server.store.url"));
+        let e = err(&srv(&format!(
+            "{pg}url = \"postgresql://tessera:s3cret@db.example/fleet\"\n"
+        )));
+        assert!(
+            e.contains("server.store.url") && e.contains("password_file"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "{e}");
+        assert!(
+            err(&srv(&format!("{pg}{url}namespace = \"x\"\n"))).contains("server.store.namespace")
+        );
+        assert!(
+            err(&srv(&format!("{pg}{url}approvals = true\n"))).contains("server.store.approvals")
+        );
+        assert!(err(&srv("[server.store]\nkind = \"etcd\"\n")).contains("\"postgres\""));
+        // Registration in the database needs the store there.
+        let reg = "[server.registration]\nkind = \"postgres\"\n";
+        assert!(err(&srv(reg)).contains("server.registration.kind"));
+        let s = Config::parse(&srv(&format!("{pg}{url}{reg}")), "t.toml")
+            .unwrap()
+            .server
+            .unwrap();
+        assert_eq!(
+            s.registration.unwrap().source,
+            crate::fleet::registration::Source::Postgres
+        );
     }
 
     #[test]

@@ -52,7 +52,7 @@ type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 /// KILL`: the child is killed when the test binary exits, however it exits
 /// (the parent-death signal fires when the spawning *thread* ends, so the
 /// spawner must outlive every test).
-fn spawn_owned(mut cmd: Command) -> Child {
+pub(crate) fn spawn_owned(mut cmd: Command) -> Child {
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     let tx = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<SpawnRequest>();
@@ -112,7 +112,7 @@ fn spawn_owned(mut cmd: Command) -> Child {
         .unwrap_or_else(|e| panic!("start {}: {e}", program.to_string_lossy()))
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -241,11 +241,11 @@ struct Processes {
 }
 
 /// Names the test process that owns a shared server's directory.
-const OWNER_FILE: &str = "owner";
+pub(crate) const OWNER_FILE: &str = "owner";
 
 /// A process's pid and kernel start time, which together name it even after
 /// the pid is reused.
-fn process_identity(pid: u32) -> Option<String> {
+pub(crate) fn process_identity(pid: u32) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces;
     // the start time is field 22 of the whole line.
@@ -257,7 +257,7 @@ fn process_identity(pid: u32) -> Option<String> {
 /// Statics are never dropped, so each test binary leaves its shared server's
 /// etcd data behind (about 150 MB); without this, runs fill /tmp. The
 /// server processes themselves die with their owner (parent-death signal).
-fn remove_abandoned_servers(root: &Path) {
+pub(crate) fn remove_abandoned_servers(root: &Path) {
     let Ok(dirs) = std::fs::read_dir(root) else {
         return;
     };

@@ -269,4 +269,5 @@ pub async fn https_get(
 pub mod fake_apiserver;
 pub mod fake_kubelet;
 pub mod kube;
+pub mod postgres;
 pub mod sds;

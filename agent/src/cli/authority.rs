@@ -56,16 +56,21 @@ pub(super) enum AuthorityCommand {
         /// The authority's `server.join_token_dir` (a shared directory).
         #[arg(
             long,
-            conflicts_with = "manifest",
-            required_unless_present = "manifest"
+            conflicts_with_all = ["manifest", "sql"],
+            required_unless_present_any = ["manifest", "sql"]
         )]
         dir: Option<PathBuf>,
         /// Instead of a directory: write the token's `JoinToken` object
         /// (named by the token's hash; the token itself is not in it) to
         /// this file, for `kubectl -n <the authority's namespace> apply -f`.
         /// Replicas with `[server.store] kind = "kubernetes"` redeem it once.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "sql")]
         manifest: Option<PathBuf>,
+        /// Instead of a directory: write the SQL that stores the token (its
+        /// hash, not the token) to this file, for `psql -f`. Replicas with
+        /// `[server.store] kind = "postgres"` redeem it once.
+        #[arg(long)]
+        sql: Option<PathBuf>,
         /// The node's name (its ID becomes spiffe://<td>/tessera/node/join/<name>).
         #[arg(long)]
         node: String,
@@ -110,14 +115,31 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
         AuthorityCommand::JoinToken {
             dir,
             manifest,
+            sql,
             node,
             ttl,
         } => {
             let ttl = duration("ttl", &ttl)?;
             let now = SystemClock.now();
-            let token = match (dir, manifest) {
-                (Some(dir), _) => crate::fleet::join::create(&dir, &node, ttl, now)?,
-                (None, Some(path)) => {
+            let token = match (dir, manifest, sql) {
+                (Some(dir), _, _) => crate::fleet::join::create(&dir, &node, ttl, now)?,
+                (None, None, Some(path)) => {
+                    crate::fleet::join::check_node_name(&node)?;
+                    let token = crate::fleet::join::new_token()?;
+                    let expires = crate::clock::unix_seconds(now) + ttl.as_secs();
+                    let insert = crate::fleet::store::postgres::nodes::join_token_insert(
+                        &token, &node, expires,
+                    );
+                    std::fs::write(&path, insert)
+                        .map_err(|e| anyhow::anyhow!("--sql {}: {e}", path.display()))?;
+                    eprintln!(
+                        "wrote the join token's row to {}; store it with psql \"<the [server.store] url>\" -f {}",
+                        path.display(),
+                        path.display()
+                    );
+                    token
+                }
+                (None, Some(path), _) => {
                     crate::fleet::join::check_node_name(&node)?;
                     let token = crate::fleet::join::new_token()?;
                     let expires = crate::clock::unix_seconds(now) + ttl.as_secs();
@@ -131,7 +153,7 @@ pub(super) async fn authority(cmd: AuthorityCommand) -> anyhow::Result<()> {
                     );
                     token
                 }
-                (None, None) => anyhow::bail!("give --dir or --manifest"),
+                (None, None, None) => anyhow::bail!("give --dir, --manifest or --sql"),
             };
             println!("{token}");
             Ok(())

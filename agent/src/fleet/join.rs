@@ -25,7 +25,7 @@ pub enum JoinError {
     Unknown,
     #[error("the join token has expired")]
     Expired,
-    #[error("join tokens in the Kubernetes API: {0}")]
+    #[error("join tokens: {0}")]
     Api(String),
     #[error("join token store: {0}")]
     Store(#[from] crate::fsutil::FsError),

@@ -1,5 +1,12 @@
-//! Node control kept in the Kubernetes API, beside the fleet's revocations
-//! (`[server.store] kind = "kubernetes"`, the authority's namespace):
+//! Node control kept in the fleet's store, beside its revocations: join
+//! tokens redeemed once across replicas, and denials every replica enforces.
+//! [`NodeControl`] holds what every store shares (the denials in force, the
+//! guards of long-lived streams, the redemption rules); a [`NodeStore`]
+//! keeps the state: [`KubeNodes`] here, or
+//! [`PgNodes`](super::store::postgres::PgNodes).
+//!
+//! In the Kubernetes API (`[server.store] kind = "kubernetes"`, the
+//! authority's namespace):
 //!
 //! * **Join tokens** as `JoinToken` objects (`tessera.dev/v1alpha1`). The
 //!   object's name is the SHA-256 of the token (hex), its spec the node name
@@ -31,9 +38,33 @@ use tokio_util::sync::CancellationToken;
 use super::informer::{self, Change};
 use super::join::JoinError;
 use super::kube::KubeClient;
+use super::store::{StoreError, StoreFuture};
 use super::{Node, NodeKind};
 use crate::clock::{Clock, unix_seconds};
 use crate::sync::RwLock;
+
+/// Where join tokens and denials are kept.
+pub trait NodeStore: Send + Sync + 'static {
+    /// `kubernetes` or `postgres`, for logs.
+    fn kind(&self) -> &'static str;
+
+    /// Takes the join token whose SHA-256 (hex) is `hash` out of the store:
+    /// its node name and expiry (unix seconds). Of any number of replicas
+    /// asking at once, exactly one gets it; `None` for the others and for
+    /// a token that never existed.
+    fn take_join_token<'a>(&'a self, hash: &'a str) -> StoreFuture<'a, Option<(String, u64)>>;
+
+    /// Deletes every join token expired by `now` (unix seconds); how many.
+    fn collect_expired_tokens(&self, now: u64) -> StoreFuture<'_, usize>;
+
+    /// Feeds `control` the denials, and every later change, until
+    /// `shutdown`; reconnects by itself.
+    fn follow_denials(
+        self: Arc<Self>,
+        control: Arc<NodeControl>,
+        shutdown: CancellationToken,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+}
 
 const GROUP: &str = "tessera.dev";
 const VERSION: &str = "v1alpha1";
@@ -49,7 +80,7 @@ pub fn join_token_object(token: &str, node: &str, expires: u64) -> Value {
     })
 }
 
-/// Why a node is denied: which object says so, and its reason.
+/// Why a node is denied: which object (or row) says so, and its reason.
 fn describe(obj: &Value) -> String {
     let name = obj["metadata"]["name"].as_str().unwrap_or_default();
     match obj["spec"]["reason"].as_str().filter(|r| !r.is_empty()) {
@@ -64,14 +95,18 @@ struct DenySet {
     objects: HashMap<String, Denial>,
 }
 
-#[derive(Debug, Clone)]
-struct Denial {
+/// One denial: a node (by name, of one kind or any) or one node SVID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
     node: Option<(Option<NodeKind>, String)>,
     serial: Option<String>,
     why: String,
 }
 
-fn denial_of(obj: &Value) -> Option<Denial> {
+/// A `NodeDenial` object (or a row in that shape: `metadata.name`,
+/// `spec.nodeName`, `spec.nodeKind`, `spec.svidSerial`, `spec.reason`) as a
+/// denial, if it denies anything.
+pub fn denial_of(obj: &Value) -> Option<Denial> {
     let spec = &obj["spec"];
     let kind = match spec["nodeKind"].as_str() {
         None | Some("") => None,
@@ -113,8 +148,7 @@ fn denial_of(obj: &Value) -> Option<Denial> {
 /// Node control on one replica: the denials it enforces and the join tokens
 /// it redeems.
 pub struct NodeControl {
-    kube: Arc<KubeClient>,
-    namespace: String,
+    store: Arc<dyn NodeStore>,
     denials: RwLock<DenySet>,
     synced: AtomicBool,
     /// Bumped at every change of the denials: long-lived streams re-check
@@ -123,70 +157,30 @@ pub struct NodeControl {
 }
 
 impl NodeControl {
-    /// Starts watching denials and collecting expired join tokens, until
-    /// `shutdown`.
+    /// Node control in the Kubernetes API (`namespace`), until `shutdown`.
     pub fn start(
         kube: Arc<KubeClient>,
         namespace: String,
         clock: Arc<dyn Clock>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        for verb in ["list", "watch"] {
-            kube.also_need(verb, GROUP, "nodedenials", &namespace);
-        }
-        for verb in ["get", "list", "delete"] {
-            kube.also_need(verb, GROUP, "jointokens", &namespace);
-        }
+        Self::start_with(Arc::new(KubeNodes::new(kube, namespace)), clock, shutdown)
+    }
+
+    /// Starts following `store`'s denials and collecting its expired join
+    /// tokens, until `shutdown`.
+    pub fn start_with(
+        store: Arc<dyn NodeStore>,
+        clock: Arc<dyn Clock>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let this = Arc::new(Self {
-            kube,
-            namespace,
+            store: store.clone(),
             denials: RwLock::default(),
             synced: AtomicBool::new(false),
             changed: tokio::sync::watch::Sender::new(0),
         });
-        let watcher = this.clone();
-        let sd = shutdown.clone();
-        tokio::spawn(async move {
-            let collection = watcher.collection("nodedenials");
-            informer::run(&watcher.kube, &collection, "nodedenials", &sd, |change| {
-                let _bump = Bump(&watcher.changed);
-                let mut set = watcher.denials.write();
-                match change {
-                    Change::Reset(items) => {
-                        set.objects = items
-                            .iter()
-                            .filter_map(|o| {
-                                Some((o["metadata"]["name"].as_str()?.to_string(), denial_of(o)?))
-                            })
-                            .collect();
-                        watcher.synced.store(true, Ordering::Release);
-                        tracing::info!(denials = set.objects.len(), "node denials loaded");
-                    }
-                    Change::Upsert(o) => {
-                        let Some(name) = o["metadata"]["name"].as_str() else { return };
-                        match denial_of(&o) {
-                            Some(d) => {
-                                tracing::warn!(denial = %d.why, node = ?d.node, serial = ?d.serial, "node denied");
-                                set.objects.insert(name.to_string(), d);
-                            }
-                            None => {
-                                tracing::warn!(name, "ignoring a NodeDenial without a valid nodeName, nodeKind or svidSerial");
-                                set.objects.remove(name);
-                            }
-                        }
-                    }
-                    Change::Delete(o) => {
-                        if let Some(name) = o["metadata"]["name"].as_str()
-                            && set.objects.remove(name).is_some()
-                        {
-                            tracing::info!(name, "node denial lifted");
-                        }
-                    }
-                    Change::Synced => {}
-                }
-            })
-            .await;
-        });
+        tokio::spawn(store.follow_denials(this.clone(), shutdown.clone()));
         let collector = this.clone();
         tokio::spawn(async move {
             loop {
@@ -206,11 +200,61 @@ impl NodeControl {
         this
     }
 
-    fn collection(&self, plural: &str) -> String {
-        format!(
-            "/apis/{GROUP}/{VERSION}/namespaces/{}/{plural}",
-            self.namespace
-        )
+    /// The whole set of denials (after a list): anything else is lifted.
+    pub fn reset_denials(&self, denials: HashMap<String, Denial>) {
+        let mut set = self.denials.write();
+        if set.objects == denials && self.is_synced() {
+            return;
+        }
+        for (name, d) in &denials {
+            if set.objects.get(name) != Some(d) {
+                tracing::warn!(denial = %d.why, node = ?d.node, serial = ?d.serial, "node denied");
+            }
+        }
+        for name in set.objects.keys() {
+            if !denials.contains_key(name) {
+                tracing::info!(name, "node denial lifted");
+            }
+        }
+        set.objects = denials;
+        drop(set);
+        if !self.synced.swap(true, Ordering::AcqRel) {
+            tracing::info!(
+                denials = self.denials.read().objects.len(),
+                "node denials loaded"
+            );
+        }
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// One denial added or changed (`None`: `name` no longer denies
+    /// anything).
+    fn upsert_denial(&self, name: &str, denial: Option<Denial>) {
+        {
+            let mut set = self.denials.write();
+            match denial {
+                Some(d) => {
+                    tracing::warn!(denial = %d.why, node = ?d.node, serial = ?d.serial, "node denied");
+                    set.objects.insert(name.to_string(), d);
+                }
+                None => {
+                    tracing::warn!(
+                        name,
+                        "ignoring a NodeDenial without a valid nodeName, nodeKind or svidSerial"
+                    );
+                    set.objects.remove(name);
+                }
+            }
+        }
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// One denial deleted.
+    fn remove_denial(&self, name: &str) {
+        if self.denials.write().objects.remove(name).is_some() {
+            tracing::info!(name, "node denial lifted");
+        }
+        self.changed.send_modify(|v| *v += 1);
     }
 
     /// Cancelled once `node` (with the node SVID `serial`) is denied, or
@@ -259,27 +303,73 @@ impl NodeControl {
         })
     }
 
-    /// Redeems a join token kept in the API: the node name, once.
+    /// Redeems a join token kept in the store: the node name, once.
     pub async fn redeem(&self, token: &str, now: SystemTime) -> Result<String, JoinError> {
-        let path = format!(
-            "{}/{}",
-            self.collection("jointokens"),
-            crate::audit::sha256_hex(token.as_bytes())
-        );
+        let hash = crate::audit::sha256_hex(token.as_bytes());
+        let (node, expires) = self
+            .store
+            .take_join_token(&hash)
+            .await
+            .map_err(|e| JoinError::Api(e.to_string()))?
+            .ok_or(JoinError::Unknown)?;
+        if unix_seconds(now) >= expires {
+            return Err(JoinError::Expired);
+        }
+        super::join::check_node_name(&node)?;
+        Ok(node)
+    }
+
+    /// Deletes every join token that has expired by `now` (unix seconds);
+    /// how many. Every replica runs it about once a minute.
+    pub async fn collect_expired(&self, now: u64) -> Result<usize, String> {
+        self.store
+            .collect_expired_tokens(now)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Join tokens and denials as `JoinToken` and `NodeDenial` objects in the
+/// Kubernetes API.
+pub struct KubeNodes {
+    kube: Arc<KubeClient>,
+    namespace: String,
+}
+
+impl KubeNodes {
+    pub fn new(kube: Arc<KubeClient>, namespace: String) -> Self {
+        for verb in ["list", "watch"] {
+            kube.also_need(verb, GROUP, "nodedenials", &namespace);
+        }
+        for verb in ["get", "list", "delete"] {
+            kube.also_need(verb, GROUP, "jointokens", &namespace);
+        }
+        Self { kube, namespace }
+    }
+
+    fn collection(&self, plural: &str) -> String {
+        format!(
+            "/apis/{GROUP}/{VERSION}/namespaces/{}/{plural}",
+            self.namespace
+        )
+    }
+
+    async fn take(&self, hash: &str) -> Result<Option<(String, u64)>, StoreError> {
+        let path = format!("{}/{hash}", self.collection("jointokens"));
         let obj = match self
             .kube
             .json(hyper::Method::GET, &path, "application/json", None)
             .await
         {
             Ok(o) => o,
-            Err(e) if e.status == Some(404) => return Err(JoinError::Unknown),
-            Err(e) => return Err(JoinError::Api(e.message)),
+            Err(e) if e.status == Some(404) => return Ok(None),
+            Err(e) => return Err(StoreError::Unavailable(e.message)),
         };
         let (Some(uid), Some(rv)) = (
             obj["metadata"]["uid"].as_str(),
             obj["metadata"]["resourceVersion"].as_str(),
         ) else {
-            return Err(JoinError::Unknown);
+            return Ok(None);
         };
         // Exactly one delete of this very object succeeds, whichever replica
         // sends it; the others get 404 or 409.
@@ -299,21 +389,15 @@ impl NodeControl {
             .await
         {
             Ok(_) => {}
-            Err(e) if matches!(e.status, Some(404 | 409)) => return Err(JoinError::Unknown),
-            Err(e) => return Err(JoinError::Api(e.message)),
+            Err(e) if matches!(e.status, Some(404 | 409)) => return Ok(None),
+            Err(e) => return Err(StoreError::Unavailable(e.message)),
         }
         let node = obj["spec"]["node"].as_str().unwrap_or_default().to_string();
         let expires = obj["spec"]["expires"].as_u64().unwrap_or(0);
-        if unix_seconds(now) >= expires {
-            return Err(JoinError::Expired);
-        }
-        super::join::check_node_name(&node)?;
-        Ok(node)
+        Ok(Some((node, expires)))
     }
 
-    /// Deletes every join token that has expired by `now` (unix seconds);
-    /// how many. Every replica runs it about once a minute.
-    pub async fn collect_expired(&self, now: u64) -> Result<usize, String> {
+    async fn collect(&self, now: u64) -> Result<usize, StoreError> {
         let list = self
             .kube
             .json(
@@ -323,7 +407,7 @@ impl NodeControl {
                 None,
             )
             .await
-            .map_err(|e| e.message)?;
+            .map_err(|e| StoreError::Unavailable(e.message))?;
         let mut deleted = 0;
         for obj in list["items"].as_array().into_iter().flatten() {
             if obj["spec"]["expires"].as_u64().unwrap_or(0) > now {
@@ -349,20 +433,62 @@ impl NodeControl {
             {
                 Ok(_) => deleted += 1,
                 Err(e) if matches!(e.status, Some(404 | 409)) => {}
-                Err(e) => return Err(e.message),
+                Err(e) => return Err(StoreError::Unavailable(e.message)),
             }
         }
         Ok(deleted)
     }
 }
 
-/// Signals a change of the denials when dropped (after the handler's
-/// write lock is released, since it is declared first).
-struct Bump<'a>(&'a tokio::sync::watch::Sender<u64>);
+impl NodeStore for KubeNodes {
+    fn kind(&self) -> &'static str {
+        "kubernetes"
+    }
 
-impl Drop for Bump<'_> {
-    fn drop(&mut self) {
-        self.0.send_modify(|v| *v += 1);
+    fn take_join_token<'a>(&'a self, hash: &'a str) -> StoreFuture<'a, Option<(String, u64)>> {
+        Box::pin(self.take(hash))
+    }
+
+    fn collect_expired_tokens(&self, now: u64) -> StoreFuture<'_, usize> {
+        Box::pin(self.collect(now))
+    }
+
+    fn follow_denials(
+        self: Arc<Self>,
+        control: Arc<NodeControl>,
+        shutdown: CancellationToken,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            let collection = self.collection("nodedenials");
+            informer::run(
+                &self.kube,
+                &collection,
+                "nodedenials",
+                &shutdown,
+                |change| match change {
+                    Change::Reset(items) => control.reset_denials(
+                        items
+                            .iter()
+                            .filter_map(|o| {
+                                Some((o["metadata"]["name"].as_str()?.to_string(), denial_of(o)?))
+                            })
+                            .collect(),
+                    ),
+                    Change::Upsert(o) => {
+                        if let Some(name) = o["metadata"]["name"].as_str() {
+                            control.upsert_denial(name, denial_of(&o));
+                        }
+                    }
+                    Change::Delete(o) => {
+                        if let Some(name) = o["metadata"]["name"].as_str() {
+                            control.remove_denial(name);
+                        }
+                    }
+                    Change::Synced => {}
+                },
+            )
+            .await;
+        })
     }
 }
 

@@ -56,6 +56,8 @@ pub const VERSION: &str = "v1alpha1";
 /// The `[server.registration]` table, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistrationConfig {
+    /// Where the entries are kept.
+    pub source: Source,
     /// Also watch `WorkloadEntry` objects in every namespace (teams' own).
     pub namespaced: bool,
     /// Also watch `FederationRelationship` objects ([`super::federation`]).
@@ -64,6 +66,16 @@ pub struct RegistrationConfig {
     pub x509_ttl: Duration,
     pub jwt_ttl: Duration,
     pub wit_ttl: Duration,
+}
+
+/// Where live entries are kept (`kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `ClusterWorkloadEntry` and `WorkloadEntry` objects.
+    Kubernetes,
+    /// Rows of `tessera_entries` in the `[server.store]` database
+    /// ([`crate::fleet::store::postgres::entries`]).
+    Postgres,
 }
 
 /// The two kinds.
@@ -405,7 +417,7 @@ impl LiveEntries {
         self.state.lock().synced.iter().all(|s| *s)
     }
 
-    fn watch(&self, scope: Scope) {
+    pub(crate) fn watch(&self, scope: Scope) {
         let mut state = self.state.lock();
         state.synced[scope as usize] = false;
     }
@@ -430,7 +442,7 @@ impl LiveEntries {
     /// list, every object of `scope` that exists (others are gone).
     /// `accepted`: objects whose current spec is valid; an object that is
     /// present but not accepted keeps its last accepted version.
-    fn apply(
+    pub(crate) fn apply(
         &self,
         scope: Scope,
         present: Option<&[Key]>,
@@ -707,6 +719,7 @@ mod tests {
 
     fn config() -> RegistrationConfig {
         RegistrationConfig {
+            source: Source::Kubernetes,
             namespaced: true,
             federation: false,
             x509_ttl: Duration::from_secs(3600),

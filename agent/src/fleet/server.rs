@@ -271,19 +271,10 @@ pub async fn start(
     );
     let mut nodes = None;
     let mut approvals = None;
+    let mut database = None;
     let fleet_state = match &config.store {
         None => None,
-        Some(
-            store @ StoreConfig {
-                kind: StoreKind::Kubernetes,
-                ..
-            },
-        ) => {
-            let Some(kube) = kube.clone() else {
-                return Err(StartError::Store(
-                    "kind = \"kubernetes\" needs [server.kubernetes] (the API server and the authority's credentials)".into(),
-                ));
-            };
+        Some(store) => {
             let metrics = StoreMetrics::default();
             registry.register(
                 "store_requests",
@@ -295,32 +286,70 @@ pub async fn start(
                 "Revocations this replica wrote to the fleet store",
                 metrics.revocations_written.clone(),
             );
-            for verb in ["create", "list", "watch", "deletecollection"] {
-                kube.also_need(
-                    verb,
-                    super::store::crd::GROUP,
-                    "revocationbatches",
-                    &store.namespace,
-                );
-            }
-            let backend = Arc::new(super::store::crd::CrdBackend::new(
-                kube.clone(),
-                store.namespace.clone(),
-                metrics.clone(),
-            ));
-            tracing::info!(backend = "kubernetes", namespace = %store.namespace, "fleet state: revocations are shared through RevocationBatch objects; join tokens and node denials are JoinToken and NodeDenial objects");
-            if store.approvals {
-                approvals = Some(super::approvals::FleetApprovals::start(
-                    kube.clone(),
-                    store.namespace.clone(),
-                    !config.operators.is_empty(),
-                    clock.clone(),
-                    shutdown.clone(),
-                ));
-            }
-            nodes = Some(super::nodes::NodeControl::start(
-                kube.clone(),
-                store.namespace.clone(),
+            let (backend, node_store): (
+                Arc<dyn super::store::Backend>,
+                Arc<dyn super::nodes::NodeStore>,
+            ) = match store.kind {
+                StoreKind::Kubernetes => {
+                    let Some(kube) = kube.clone() else {
+                        return Err(StartError::Store(
+                            "kind = \"kubernetes\" needs [server.kubernetes] (the API server and the authority's credentials)".into(),
+                        ));
+                    };
+                    for verb in ["create", "list", "watch", "deletecollection"] {
+                        kube.also_need(
+                            verb,
+                            super::store::crd::GROUP,
+                            "revocationbatches",
+                            &store.namespace,
+                        );
+                    }
+                    tracing::info!(backend = "kubernetes", namespace = %store.namespace, "fleet state: revocations are shared through RevocationBatch objects; join tokens and node denials are JoinToken and NodeDenial objects");
+                    if store.approvals {
+                        approvals = Some(super::approvals::FleetApprovals::start(
+                            kube.clone(),
+                            store.namespace.clone(),
+                            !config.operators.is_empty(),
+                            clock.clone(),
+                            shutdown.clone(),
+                        ));
+                    }
+                    (
+                        Arc::new(super::store::crd::CrdBackend::new(
+                            kube.clone(),
+                            store.namespace.clone(),
+                            metrics.clone(),
+                        )),
+                        Arc::new(super::nodes::KubeNodes::new(
+                            kube.clone(),
+                            store.namespace.clone(),
+                        )),
+                    )
+                }
+                StoreKind::Postgres => {
+                    let Some(db_config) = store.database.clone() else {
+                        return Err(StartError::Store("kind = \"postgres\" needs url".into()));
+                    };
+                    let db = super::store::postgres::Database::open(db_config)
+                        .await
+                        .map_err(|e| StartError::Store(format!("url: {e}")))?;
+                    tracing::info!(
+                        backend = "postgres",
+                        schema_version = super::store::postgres::SCHEMA_VERSION,
+                        "fleet state: revocations, join tokens and node denials are rows of tessera_* tables, followed through LISTEN/NOTIFY"
+                    );
+                    database = Some(db.clone());
+                    (
+                        Arc::new(super::store::postgres::PgBackend::new(
+                            db.clone(),
+                            metrics.clone(),
+                        )),
+                        Arc::new(super::store::postgres::PgNodes::new(db)),
+                    )
+                }
+            };
+            nodes = Some(super::nodes::NodeControl::start_with(
+                node_store,
                 clock.clone(),
                 shutdown.clone(),
             ));
@@ -334,29 +363,50 @@ pub async fn start(
         }
     };
     let entries = LiveEntries::new(&entries);
-    if let Some(registration) = &config.registration {
-        let Some(kube) = kube.clone() else {
-            return Err(StartError::Registration(
-                "kind = \"kubernetes\" needs [server.kubernetes] (the API server and the authority's credentials)".into(),
-            ));
-        };
-        tracing::info!(
-            namespaced = registration.namespaced,
-            "live registration: ClusterWorkloadEntry{} objects are watched",
-            if registration.namespaced {
-                " and WorkloadEntry"
-            } else {
-                ""
-            }
-        );
-        super::registration::start(
-            kube,
-            entries.clone(),
-            td.clone(),
-            registration.clone(),
-            clock.clone(),
-            shutdown.clone(),
-        );
+    match &config.registration {
+        None => {}
+        Some(registration) if registration.source == super::registration::Source::Postgres => {
+            let Some(db) = database.clone() else {
+                return Err(StartError::Registration(
+                    "kind = \"postgres\" needs [server.store] kind = \"postgres\"".into(),
+                ));
+            };
+            tracing::info!(
+                namespaced = registration.namespaced,
+                "live registration: rows of tessera_entries are followed"
+            );
+            super::store::postgres::entries::start(
+                db,
+                entries.clone(),
+                td.clone(),
+                registration.clone(),
+                shutdown.clone(),
+            );
+        }
+        Some(registration) => {
+            let Some(kube) = kube.clone() else {
+                return Err(StartError::Registration(
+                    "kind = \"kubernetes\" needs [server.kubernetes] (the API server and the authority's credentials)".into(),
+                ));
+            };
+            tracing::info!(
+                namespaced = registration.namespaced,
+                "live registration: ClusterWorkloadEntry{} objects are watched",
+                if registration.namespaced {
+                    " and WorkloadEntry"
+                } else {
+                    ""
+                }
+            );
+            super::registration::start(
+                kube,
+                entries.clone(),
+                td.clone(),
+                registration.clone(),
+                clock.clone(),
+                shutdown.clone(),
+            );
+        }
     }
     let shared = Arc::new(Shared {
         attest_budget: crate::sync::Mutex::new(crate::rate_limit::TokenBucket::new(

@@ -7,7 +7,7 @@
 //! * [`crd`]: the Kubernetes API, custom resources in the authority's
 //!   namespace, watched.
 //! * [`postgres`]: a PostgreSQL database, polled and woken by
-//!   `LISTEN`/`NOTIFY`.
+//!   `LISTEN`/`NOTIFY`, for fleets outside Kubernetes.
 //!
 //! Revocations are written in **batches**: a replica gathers what nodes hand
 //! it for up to `batch_window` (or until a batch is full) and writes them as
@@ -23,6 +23,7 @@
 //! introspection paths read.
 
 pub mod crd;
+pub mod postgres;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -45,6 +46,8 @@ pub struct StoreConfig {
     pub kind: StoreKind,
     /// `kubernetes`: the namespace of the custom resources (the authority's).
     pub namespace: String,
+    /// `postgres`: how to reach the database.
+    pub database: Option<postgres::DatabaseConfig>,
     /// How long a replica gathers revocations before writing them as one
     /// batch.
     pub batch_window: Duration,
@@ -58,6 +61,8 @@ pub struct StoreConfig {
 pub enum StoreKind {
     /// Custom resources in the Kubernetes API ([`crd`]).
     Kubernetes,
+    /// Tables in a PostgreSQL database ([`postgres`]).
+    Postgres,
 }
 
 /// Most revocations in one stored batch (about 150 bytes each in JSON: a
