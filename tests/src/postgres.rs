@@ -101,15 +101,18 @@ pub struct TestDatabase {
     /// `postgresql://<role>@127.0.0.1:<port>/<name>`, no password.
     pub url: String,
     pub password_file: PathBuf,
+    /// Whether the replicas create the schema (`migrate`): the owner does.
+    pub migrate: bool,
 }
 
 impl TestDatabase {
     /// The `[server.store]` table for this database.
     pub fn store_table(&self) -> String {
         format!(
-            "[server.store]\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\nbatch_window = \"20ms\"\n",
+            "[server.store]\nkind = \"postgres\"\nurl = \"{}\"\npassword_file = \"{}\"\nmigrate = {}\nbatch_window = \"20ms\"\n",
             self.url,
-            self.password_file.display()
+            self.password_file.display(),
+            self.migrate,
         )
     }
 }
@@ -356,6 +359,63 @@ impl PgServer {
             name,
             role,
             password_file,
+            migrate: true,
+        }
+    }
+
+    /// The replicas' run-time role for `db` (whose schema its owner has
+    /// created): the grants are the ones docs/postgres.md gives, read from
+    /// that page, so the page is what is tested.
+    pub fn runtime_role(&self, db: &TestDatabase) -> TestDatabase {
+        let page =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/postgres.md"))
+                .unwrap();
+        let grants = page
+            .split("-- The replicas at run time")
+            .nth(1)
+            .and_then(|rest| rest.split("\n\n").next())
+            .expect("docs/postgres.md lists the run-time role's grants");
+        let role = format!("{}_runtime", db.name);
+        let mut raw = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw).unwrap();
+        let password: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let script = grants
+            .lines()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("tessera_authority", &role)
+            .replace("PASSWORD '...'", &format!("PASSWORD '{password}'"))
+            .replace("DATABASE tessera ", &format!("DATABASE {} ", db.name))
+            .replace("\\c tessera", &format!("\\c {}", db.name));
+        let mut child = Command::new(bin_dir().join("psql"))
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(self.superuser_url("postgres"))
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{script}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let password_file = self.dir.join(format!("{role}.password"));
+        std::fs::write(&password_file, format!("{password}\n")).unwrap();
+        TestDatabase {
+            url: format!("postgresql://{role}@127.0.0.1:{}/{}", self.port, db.name),
+            name: db.name.clone(),
+            role,
+            password_file,
+            migrate: false,
         }
     }
 }

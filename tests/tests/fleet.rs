@@ -2822,6 +2822,24 @@ async fn an_operator_revokes_at_the_authority_and_every_node_refuses_it() {
 // (`tessera_tests::postgres`) is the store and the judge of what is stored,
 // read with `psql`.
 
+/// A database whose schema its owner has created, and the replicas'
+/// run-time role on it (no DDL; docs/postgres.md's grants).
+async fn runtime_database(
+    pg: &tessera_tests::postgres::PgServer,
+    prefix: &str,
+) -> tessera_tests::postgres::TestDatabase {
+    use tessera_agent::fleet::store::postgres::{Database, DatabaseConfig};
+    let owner = pg.database(prefix);
+    Database::open(DatabaseConfig {
+        url: owner.url.clone(),
+        password_file: Some(owner.password_file.clone()),
+        migrate: true,
+    })
+    .await
+    .unwrap();
+    pg.runtime_role(&owner)
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -2843,7 +2861,7 @@ async fn a_revocation_on_one_node_is_refused_on_every_node_through_postgresql() 
             .await
             .unwrap(),
     );
-    let db = pg.database("revocations");
+    let db = runtime_database(&pg, "revocations").await;
     let mut fleet = Fleet::start_with(&db.store_table(), "").await;
     let a = fleet.agent("node-a", None).await;
     let b = fleet.agent("node-b", None).await;
@@ -2972,7 +2990,7 @@ async fn a_join_token_is_redeemed_once_across_replicas_and_a_denied_node_is_refu
  {
     use tessera_agent::fleet::store::postgres::nodes::join_token_insert;
     let pg = tessera_tests::postgres::PgServer::shared();
-    let db = pg.database("nodes");
+    let db = runtime_database(pg, "nodes").await;
     let fleet = Fleet::start_with(&db.store_table(), "").await;
     let dir = tempfile::tempdir().unwrap();
     let bundle = fleet.dir.path().join("keys/ca.crt");
@@ -3016,7 +3034,7 @@ async fn a_join_token_is_redeemed_once_across_replicas_and_a_denied_node_is_refu
         let database = Database::open(DatabaseConfig {
             url: db.url.clone(),
             password_file: Some(db.password_file.clone()),
-            migrate: true,
+            migrate: db.migrate,
         })
         .await
         .unwrap();
@@ -3124,7 +3142,7 @@ async fn a_join_token_is_redeemed_once_across_replicas_and_a_denied_node_is_refu
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn entries_as_rows_reach_a_running_workload_through_postgresql() {
     let pg = tessera_tests::postgres::PgServer::shared();
-    let db = pg.database("entries");
+    let db = runtime_database(pg, "entries").await;
     let tables = format!(
         "{}\n[server.registration]\nkind = \"postgres\"\n",
         db.store_table()
