@@ -1357,6 +1357,15 @@ impl Config {
                         "\"kubernetes\" needs [server.kubernetes] (the API server and the authority's credentials)",
                     ));
                 }
+                if source == crate::fleet::registration::Source::Postgres
+                    && r.federation == Some(true)
+                {
+                    return Err(cx.invalid(
+                        "server.registration.federation",
+                        &r.kind,
+                        "FederationRelationship objects are kept in the Kubernetes API only; with kind = \"postgres\" use [[federation]] tables in the config file",
+                    ));
+                }
                 Some(crate::fleet::registration::RegistrationConfig {
                     source,
                     namespaced: r.namespaced.unwrap_or(true),
