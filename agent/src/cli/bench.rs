@@ -42,6 +42,7 @@ pub const SCENARIOS: &[&str] = &[
     "x509-cold",
     "jwt-fetch",
     "jwt-validate",
+    "wit-fetch",
     "fanout",
     "exchange",
     "grants",
@@ -55,13 +56,13 @@ pub const SCENARIOS: &[&str] = &[
 #[derive(Args)]
 pub struct BenchArgs {
     /// Scenarios to run (default: all): x509-first, x509-cold, jwt-fetch,
-    /// jwt-validate, fanout, exchange, grants, idle-memory, new-entry,
+    /// jwt-validate, wit-fetch, fanout, exchange, grants, idle-memory, new-entry,
     /// sds-first, sds-idle-memory.
     pub scenarios: Vec<String>,
     /// One JSON object per line per scenario instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Concurrent clients (x509-first, jwt-*, sds-first).
+    /// Concurrent clients (x509-first, jwt-*, wit-fetch, sds-first).
     #[arg(long, default_value_t = 100)]
     pub clients: usize,
     /// Open streams (fanout, idle-memory, sds-idle-memory).
@@ -209,6 +210,10 @@ pub async fn run(names: &[String], params: BenchParams, json: bool) -> anyhow::R
                 jwt_fetch(&params, true).await?,
             ],
             "jwt-validate" => vec![jwt_validate(&params).await?],
+            "wit-fetch" => vec![
+                wit_fetch(&params, false).await?,
+                wit_fetch(&params, true).await?,
+            ],
             "fanout" => fanout(&params).await?,
             "idle-memory" => idle_memory(&params).await?,
             "exchange" => exchange(&params).await?,
@@ -679,6 +684,75 @@ async fn jwt_fetch(p: &BenchParams, unique_audiences: bool) -> anyhow::Result<Be
             (
                 "audiences",
                 if unique_audiences { "unique" } else { "cached" }.into(),
+            ),
+        ]),
+        ops: latencies.len() as u64,
+        seconds,
+        latencies,
+        agent_rss_bytes: target.rss_bytes(),
+        extra,
+    })
+}
+
+/// The first message of a FetchWITSVID stream on `c` (the stream is then
+/// dropped, as a workload that fetches once does).
+async fn first_wit(
+    c: &mut SpiffeWorkloadApiClient<Channel>,
+) -> anyhow::Result<pb::WitsvidResponse> {
+    let mut stream = c
+        .fetch_witsvid(pb::with_security_header(pb::WitsvidRequest::default()))
+        .await?
+        .into_inner();
+    let first = stream
+        .message()
+        .await?
+        .context("stream ended without a message")?;
+    anyhow::ensure!(!first.svids.is_empty(), "no WIT-SVID");
+    Ok(first)
+}
+
+/// FetchWITSVID's first response for a cached identity: on an open
+/// connection (`new_connection` false, beside jwt-fetch cached), or from a
+/// new workload that connects and is attested first (beside x509-first).
+/// `first_issue_ms`: the very first call, which generates the workload key
+/// and signs the WIT-SVID.
+async fn wit_fetch(p: &BenchParams, new_connection: bool) -> anyhow::Result<BenchResult> {
+    let target = target(p, &entry_for_me("bench/wit")?, "")?;
+    let mut warm = client::connect(&target.socket).await?;
+    let t = Instant::now();
+    first_wit(&mut warm).await?;
+    let first_issue_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let mut clients = Vec::new();
+    if !new_connection {
+        for _ in 0..p.clients {
+            clients.push(client::connect(&target.socket).await?);
+        }
+    }
+    let clients = Arc::new(clients);
+    let socket = Arc::new(target.socket.clone());
+    let cpu_before = target.cpu_seconds();
+    let (latencies, seconds) = closed_loop(p.clients, p.duration, move |i| {
+        let socket = socket.clone();
+        let open = clients.get(i).cloned();
+        async move {
+            let mut c = match open {
+                Some(c) => c,
+                None => client::connect(&socket).await?,
+            };
+            first_wit(&mut c).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let mut extra = cpu_per_op_extra(&target, cpu_before, latencies.len());
+    extra.insert("first_issue_ms".into(), first_issue_ms.into());
+    Ok(BenchResult {
+        scenario: "wit-fetch".into(),
+        params: params_map(&[
+            ("clients", p.clients.into()),
+            (
+                "connection",
+                if new_connection { "new" } else { "open" }.into(),
             ),
         ]),
         ops: latencies.len() as u64,
