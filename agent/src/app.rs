@@ -713,8 +713,13 @@ fn build_exchange(
             .with_context(|| format!("creating the audit anchor directory {}", dir.display()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
-    let (audit, report) = AuditLog::open_anchored(&x.audit_log, &x.audit_anchor, clock.clone())
-        .with_context(|| format!("opening the audit log {}", x.audit_log.display()))?;
+    let (audit, report) = AuditLog::open_anchored(
+        &x.audit_log,
+        &x.audit_anchor,
+        clock.clone(),
+        x.audit_commit_delay,
+    )
+    .with_context(|| format!("opening the audit log {}", x.audit_log.display()))?;
     tracing::info!(path = %x.audit_log.display(), records = report.records, "audit log open");
     Ok(Exchange::new(
         x.clone(),

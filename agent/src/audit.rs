@@ -56,6 +56,15 @@
 //! and then acknowledges every waiter, so throughput is not bounded by the
 //! latency of one fsync.
 //!
+//! With a commit delay (`exchange.audit_commit_delay`, like PostgreSQL's
+//! `commit_delay`; 0, the default, never waits), the writer, having taken
+//! what is queued, waits up to that long for more before it syncs, but only
+//! while records are known to be on their way ([`AuditLog::expect`]: an
+//! exchange announces its record when it starts deciding) and only until
+//! they have all arrived. Batches grow, so fewer syncs and wake-ups are paid
+//! per record, at the price of up to the delay in latency; nothing is
+//! acknowledged before its batch is durable, delay or not.
+//!
 //! If a write or fsync fails, every record of that batch gets an error, the
 //! chain head goes back to the last durable record and the file is truncated
 //! back to its last durable length (retried before the next batch if that
@@ -82,8 +91,11 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::time::Instant;
 
 use nix::fcntl::{Flock, FlockArg};
 use ring::digest;
@@ -113,6 +125,10 @@ const CHECKPOINT_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_s
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Members the log sets itself; callers may not provide them.
 pub const RESERVED_FIELDS: [&str; 4] = ["seq", "ts", "prev", "hash"];
+
+/// Longest `exchange.audit_commit_delay` (PostgreSQL's `commit_delay` has
+/// the same bound).
+pub const MAX_COMMIT_DELAY: Duration = Duration::from_millis(100);
 
 /// Room left in a line for `seq`, `ts`, `prev` and `hash`.
 const HEADER_ROOM: usize = 256;
@@ -175,6 +191,15 @@ pub struct AuditReceipt {
     pub seq: u64,
     /// The record's `hash` member (empty from a disabled log).
     pub hash: String,
+}
+
+impl AuditReceipt {
+    fn disabled() -> Self {
+        Self {
+            seq: 0,
+            hash: String::new(),
+        }
+    }
 }
 
 /// What [`AuditLog::open`] found.
@@ -302,6 +327,8 @@ impl fmt::Debug for AuditLog {
 
 struct Inner {
     path: PathBuf,
+    /// Records announced with [`AuditLog::expect`] and not yet queued.
+    on_the_way: Arc<AtomicUsize>,
     tx: Option<mpsc::Sender<Request>>,
     thread: Option<JoinHandle<()>>,
     #[cfg(test)]
@@ -331,19 +358,23 @@ impl AuditLog {
     /// last line is acknowledged with a recovery record (see the module doc).
     /// Records are timestamped from `clock`.
     pub fn open(path: &Path, clock: Arc<dyn Clock>) -> Result<(Self, OpenReport), AuditError> {
-        Self::open_anchored(path, &anchor::default_path(path), clock)
+        Self::open_anchored(path, &anchor::default_path(path), clock, Duration::ZERO)
     }
 
-    /// [`open`](Self::open) with the anchor at `anchor_path` (see [`anchor`]).
+    /// [`open`](Self::open) with the anchor at `anchor_path` (see [`anchor`])
+    /// and a group-commit delay (see the module doc; the configuration
+    /// allows at most [`MAX_COMMIT_DELAY`]).
     pub fn open_anchored(
         path: &Path,
         anchor_path: &Path,
         clock: Arc<dyn Clock>,
+        commit_delay: Duration,
     ) -> Result<(Self, OpenReport), AuditError> {
         Self::open_inner(
             path,
             anchor_path,
             clock,
+            commit_delay,
             #[cfg(test)]
             Arc::default(),
         )
@@ -353,6 +384,7 @@ impl AuditLog {
         path: &Path,
         anchor_path: &Path,
         clock: Arc<dyn Clock>,
+        commit_delay: Duration,
         #[cfg(test)] faults: Arc<faults::Faults>,
     ) -> Result<(Self, OpenReport), AuditError> {
         let open_err = |source| AuditError::Open {
@@ -459,6 +491,8 @@ impl AuditLog {
             anchor_synced: None,
             anchor_unsynced: false,
             file,
+            commit_delay,
+            on_the_way: Arc::default(),
             head_seq: scan.head_seq,
             head_prev: scan.head_prev.clone(),
             good_len: scan.len,
@@ -531,6 +565,7 @@ impl AuditLog {
         });
 
         let (tx, rx) = mpsc::channel();
+        let on_the_way = writer.on_the_way.clone();
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(rx))
@@ -539,6 +574,7 @@ impl AuditLog {
         let log = AuditLog {
             inner: Some(Arc::new(Inner {
                 path: path.to_owned(),
+                on_the_way,
                 tx: Some(tx),
                 thread: Some(thread),
                 #[cfg(test)]
@@ -569,18 +605,50 @@ impl AuditLog {
         self.inner.as_ref().map(|i| i.path.as_path())
     }
 
+    /// Announces a record that will be appended soon (see the module doc:
+    /// with a commit delay, the writer waits for announced records before
+    /// syncing). The announcement ends when the returned guard is dropped
+    /// or handed to [`append_expected`](Self::append_expected).
+    pub fn expect(&self) -> Expected {
+        Expected(self.inner.as_ref().map(|inner| {
+            inner.on_the_way.fetch_add(1, Ordering::AcqRel);
+            inner.on_the_way.clone()
+        }))
+    }
+
     /// Appends one record; resolves after the line is durable. The caller's
     /// members come after `seq`, `ts` and `prev`, which (with `hash`) may not
     /// appear in `fields`. Dropping the future does not withdraw the record.
     pub async fn append(&self, fields: Map<String, Value>) -> Result<AuditReceipt, AuditError> {
+        if self.inner.is_none() {
+            return Ok(AuditReceipt::disabled());
+        }
+        self.send(serialize_members(&fields)?, Expected(None)).await
+    }
+
+    /// [`append`](Self::append) for a typed record, which must serialise to
+    /// a JSON object without the log's own members, announced earlier with
+    /// [`expect`](Self::expect).
+    pub async fn append_expected<T: serde::Serialize>(
+        &self,
+        record: &T,
+        expected: Expected,
+    ) -> Result<AuditReceipt, AuditError> {
+        if self.inner.is_none() {
+            return Ok(AuditReceipt::disabled());
+        }
+        let members = typed_members(record)?;
+        self.send(members, expected).await
+    }
+
+    async fn send(&self, members: String, expected: Expected) -> Result<AuditReceipt, AuditError> {
         let Some(inner) = &self.inner else {
-            return Ok(AuditReceipt {
-                seq: 0,
-                hash: String::new(),
-            });
+            return Ok(AuditReceipt::disabled());
         };
-        let members = serialize_members(&fields)?;
         let (reply, rx) = oneshot::channel();
+        // No longer on its way once queued: the writer drains the queue
+        // after it sees the count fall, so it cannot miss this record.
+        drop(expected);
         inner
             .tx
             .as_ref()
@@ -597,6 +665,49 @@ impl AuditLog {
             _ => Err(AuditError::NotAnObject),
         }
     }
+}
+
+/// A record announced with [`AuditLog::expect`]; dropping it withdraws the
+/// announcement.
+#[must_use = "an announcement ends when this is dropped"]
+pub struct Expected(Option<Arc<AtomicUsize>>);
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        if let Some(count) = self.0.take() {
+            count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A typed record's members as `,"k":v,…`: its own serialisation, in its
+/// member order, with the braces cut off. Our record types never name the
+/// log's members; debug builds (the tests) check it.
+fn typed_members<T: serde::Serialize>(record: &T) -> Result<String, AuditError> {
+    let mut out =
+        serde_json::to_string(record).map_err(|e| AuditError::Serialize(e.to_string()))?;
+    if !(out.starts_with('{') && out.ends_with('}')) {
+        return Err(AuditError::NotAnObject);
+    }
+    #[cfg(debug_assertions)]
+    if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&out)
+        && let Some(k) = map.keys().find(|k| RESERVED_FIELDS.contains(&k.as_str()))
+    {
+        return Err(AuditError::ReservedField(k.clone()));
+    }
+    out.pop();
+    if out.len() == 1 {
+        out.clear();
+    } else {
+        out.replace_range(..1, ",");
+    }
+    if out.len() + HEADER_ROOM > MAX_LINE_BYTES {
+        return Err(AuditError::TooLarge {
+            bytes: out.len() + HEADER_ROOM,
+            max: MAX_LINE_BYTES,
+        });
+    }
+    Ok(out)
 }
 
 fn serialize_members(fields: &Map<String, Value>) -> Result<String, AuditError> {
@@ -665,6 +776,10 @@ struct Writer {
     /// A mark was written after that sync.
     anchor_unsynced: bool,
     file: Flock<File>,
+    /// How long a batch may wait for announced records before its sync.
+    commit_delay: Duration,
+    /// Records announced and not yet queued ([`AuditLog::expect`]).
+    on_the_way: Arc<AtomicUsize>,
     head_seq: u64,
     /// SHA-256 of the last record's line: the next record's `prev`.
     head_prev: String,
@@ -717,6 +832,7 @@ impl Writer {
             let mut seq = self.head_seq;
             let mut prev = self.head_prev.clone();
             let mut next = Some(first);
+            let mut deadline = None;
             while let Some(req) = next.take() {
                 seq += 1;
                 let (line, hash) = build_line(seq, &ts, &prev, &req.members);
@@ -726,6 +842,9 @@ impl Writer {
                 waiters.push((req.reply, seq, hash));
                 if waiters.len() < MAX_BATCH_RECORDS && buf.len() < MAX_BATCH_BYTES {
                     next = rx.try_recv().ok();
+                    if next.is_none() {
+                        next = self.wait_for_more(&rx, &mut deadline);
+                    }
                 }
             }
             match self.write_batch(&buf) {
@@ -770,6 +889,27 @@ impl Writer {
                     let _ = self.ensure_clean();
                 }
             }
+        }
+    }
+
+    /// With a commit delay, the next record of a batch that has taken
+    /// everything queued: waits while announced records are still on their
+    /// way, until the batch's deadline (set at the first wait). `None`: sync
+    /// now.
+    fn wait_for_more(
+        &self,
+        rx: &mpsc::Receiver<Request>,
+        deadline: &mut Option<Instant>,
+    ) -> Option<Request> {
+        if self.commit_delay.is_zero() || self.on_the_way.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let until = *deadline.get_or_insert_with(|| Instant::now() + self.commit_delay);
+        let left = until.checked_duration_since(Instant::now())?;
+        match rx.recv_timeout(left) {
+            Ok(req) => Some(req),
+            // A record queued as the count fell is taken by this batch.
+            Err(_) => rx.try_recv().ok(),
         }
     }
 
@@ -830,6 +970,8 @@ impl Writer {
         }
         (&*self.file).write_all(buf)?;
         self.file.sync_data()?;
+        #[cfg(test)]
+        self.faults.batches.fetch_add(1, Ordering::SeqCst);
         self.dirty = false;
         Ok(())
     }
@@ -1209,6 +1351,8 @@ mod faults {
         pub(super) fail_truncates: AtomicU32,
         /// Anchor writes that fail (after the batch is in the log).
         pub(super) fail_anchors: AtomicU32,
+        /// Batches written and synced.
+        pub(super) batches: AtomicU32,
     }
 
     impl Faults {
@@ -1678,6 +1822,142 @@ mod tests {
         );
     }
 
+    #[derive(serde::Serialize)]
+    struct Typed {
+        event: &'static str,
+        i: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        note: Option<&'static str>,
+    }
+
+    /// With a commit delay the writer holds a batch open while announced
+    /// records are on their way, acknowledges none of it before the one
+    /// sync, and stops waiting as soon as the last announced record is in
+    /// (the delay here is an hour: a writer that waited it out would hang
+    /// the test). A failed sync acknowledges none of the batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_delay_gathers_announced_records_and_acknowledges_only_durable_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let faults = Arc::new(faults::Faults::default());
+        let (log, _) = AuditLog::open_inner(
+            &path,
+            &anchor::default_path(&path),
+            Arc::new(SystemClock),
+            Duration::from_secs(3600),
+            faults.clone(),
+        )
+        .unwrap();
+        // Nothing announced: no wait at all.
+        assert_eq!(log.append(fields(0)).await.unwrap().seq, 1);
+        assert_eq!(faults.batches.load(Ordering::SeqCst), 1);
+
+        let mut announced: Vec<Expected> = (0..8).map(|_| log.expect()).collect();
+        let last = announced.pop().unwrap();
+        let mut appends = Vec::new();
+        for (i, expected) in announced.into_iter().enumerate() {
+            let log = log.clone();
+            appends.push(tokio::spawn(async move {
+                log.append_expected(
+                    &Typed {
+                        event: "t",
+                        i: i as u64,
+                        note: None,
+                    },
+                    expected,
+                )
+                .await
+            }));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            appends.iter().all(|a| !a.is_finished()),
+            "nothing is acknowledged while an announced record is on its way"
+        );
+        assert_eq!(lines(&path).len(), 1, "and nothing of the batch is written");
+        let receipt = log
+            .append_expected(
+                &Typed {
+                    event: "t",
+                    i: 7,
+                    note: Some("last"),
+                },
+                last,
+            )
+            .await
+            .unwrap();
+        let mut receipts = vec![receipt];
+        for a in appends {
+            receipts.push(a.await.unwrap().unwrap());
+        }
+        assert_eq!(
+            faults.batches.load(Ordering::SeqCst),
+            2,
+            "one sync for the eight"
+        );
+        let mut seqs: Vec<u64> = receipts.iter().map(|r| r.seq).collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (2..=9).collect::<Vec<_>>());
+        let written = lines(&path);
+        for r in &receipts {
+            let line: Value = serde_json::from_str(&written[r.seq as usize - 1]).unwrap();
+            assert_eq!(line["hash"], r.hash.as_str());
+            assert_eq!(line["event"], "t");
+        }
+        let last_line: Value =
+            serde_json::from_str(&written[receipts[0].seq as usize - 1]).unwrap();
+        assert_eq!(
+            (&last_line["i"], &last_line["note"]),
+            (&Value::from(7), &Value::from("last"))
+        );
+        assert!(!written[receipts[1].seq as usize - 1].contains("note"));
+
+        // A batch whose write fails: every announced record of it is refused.
+        let announced: Vec<Expected> = (0..3).map(|_| log.expect()).collect();
+        faults.fail_writes.store(1, Ordering::SeqCst);
+        let failed =
+            futures_util::future::join_all(announced.into_iter().enumerate().map(|(i, e)| {
+                let log = log.clone();
+                async move {
+                    log.append_expected(
+                        &Typed {
+                            event: "f",
+                            i: i as u64,
+                            note: None,
+                        },
+                        e,
+                    )
+                    .await
+                }
+            }))
+            .await;
+        assert!(failed.iter().all(Result::is_err), "{failed:?}");
+        assert_eq!(log.append(fields(10)).await.unwrap().seq, 10);
+        drop(log);
+        let v = verify_file(&path, Some(&anchor::default_path(&path))).unwrap();
+        assert_eq!((v.records, v.first_problem), (10, None));
+    }
+
+    #[test]
+    fn typed_records_are_objects_without_the_logs_members() {
+        assert_eq!(
+            typed_members(&Typed {
+                event: "e",
+                i: 1,
+                note: None
+            })
+            .unwrap(),
+            r#","event":"e","i":1"#
+        );
+        assert_eq!(typed_members(&serde_json::json!({})).unwrap(), "");
+        assert!(matches!(typed_members(&5), Err(AuditError::NotAnObject)));
+        assert!(matches!(
+            typed_members(&serde_json::json!({"a": 1, "seq": 2})),
+            Err(AuditError::ReservedField(k)) if k == "seq"
+        ));
+    }
+
     #[tokio::test]
     async fn a_failed_anchor_write_acknowledges_nothing() {
         let dir = tempfile::tempdir().unwrap();
@@ -1687,6 +1967,7 @@ mod tests {
             &path,
             &anchor::default_path(&path),
             Arc::new(SystemClock),
+            Duration::ZERO,
             faults.clone(),
         )
         .unwrap();

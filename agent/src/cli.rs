@@ -116,6 +116,7 @@ async fn bench(b: bench::BenchArgs) -> anyhow::Result<()> {
         identities: b.identities,
         policies: b.policies,
         duration: b.duration,
+        audit_commit_delay: b.audit_commit_delay,
         socket: b.socket,
         agent_pid: b.agent_pid,
         rotation_timeout: b.rotation_timeout,

@@ -277,6 +277,7 @@ struct RawExchange {
     default_ttl: Option<Spanned<String>>,
     audit_log: Option<PathBuf>,
     audit_anchor: Option<PathBuf>,
+    audit_commit_delay: Option<Spanned<String>>,
     max_delegation_depth: Option<Spanned<u32>>,
     approval_timeout: Option<Spanned<String>>,
     approval_grant_ttl: Option<Spanned<String>>,
@@ -1486,6 +1487,26 @@ impl Config {
             .audit_log
             .clone()
             .unwrap_or_else(|| data_dir.join("audit.jsonl"));
+        let audit_commit_delay = match &x.audit_commit_delay {
+            None => Duration::ZERO,
+            Some(v) => match parse_duration(v.get_ref()) {
+                Ok(d) if d <= crate::audit::MAX_COMMIT_DELAY => d,
+                Ok(_) => {
+                    return Err(cx.invalid(
+                        "exchange.audit_commit_delay",
+                        v,
+                        "at most \"100ms\" (every exchange may wait this long for its record's batch)",
+                    ));
+                }
+                Err(e) => {
+                    return Err(cx.invalid(
+                        "exchange.audit_commit_delay",
+                        v,
+                        format!("not a duration ({e}); use e.g. \"0s\", \"200us\", \"1ms\""),
+                    ));
+                }
+            },
+        };
         Ok(ExchangeConfig {
             socket_path,
             policy_dir: x.policy_dir.clone(),
@@ -1503,6 +1524,7 @@ impl Config {
                 .clone()
                 .unwrap_or_else(|| crate::audit::anchor::default_path(&audit_log)),
             audit_log,
+            audit_commit_delay,
             max_delegation_depth,
             approval_timeout: duration(
                 "exchange.approval_timeout",
@@ -2314,6 +2336,7 @@ mod tests {
         );
         assert_eq!(x.max_delegation_depth, 3);
         assert_eq!(x.denial_records_per_minute, 600);
+        assert_eq!(x.audit_commit_delay, Duration::ZERO, "no wait unless asked");
         assert!(
             x.audit_anchor.ends_with("audit.jsonl.anchor"),
             "beside the log by default"
@@ -2342,6 +2365,17 @@ mod tests {
         );
         assert!(err("socket_path = \"/tmp/x/agent.sock\"\n").contains("exchange.socket_path"));
         assert!(err("approval_timeout = \"0s\"\n").contains("exchange.approval_timeout"));
+        assert!(err("audit_commit_delay = \"1s\"\n").contains("exchange.audit_commit_delay"));
+        assert!(err("audit_commit_delay = \"-1\"\n").contains("exchange.audit_commit_delay"));
+        let c = Config::parse(
+            &format!("{MINIMAL}[exchange]\naudit_commit_delay = \"250us\"\n"),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.exchange.unwrap().audit_commit_delay,
+            Duration::from_micros(250)
+        );
         assert!(
             err("polcy_dir = \"/x\"\n").contains("polcy_dir"),
             "unknown keys are named"

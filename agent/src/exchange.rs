@@ -30,6 +30,7 @@ pub mod config;
 pub mod oauth;
 pub mod operator;
 pub mod policy;
+pub mod record;
 pub mod remote;
 pub mod replay;
 pub mod request;
@@ -59,6 +60,7 @@ use tasks::{EndKind, TaskLedger};
 use approvals::{ApprovalBook, ApprovalRequest, Poll};
 use client::Holder;
 use oauth::{ErrorCode, OAuthError};
+use record::{AccessClaims, Act, Actor, Confirmation, ExchangeRecord, Granted, MayAct, Requested};
 use replay::{ReplayLedger, Use};
 use request::{TOKEN_TYPE_ACCESS_TOKEN, Target, TokenRequest};
 
@@ -153,14 +155,14 @@ struct Grant {
 fn within_approval(
     grant: &mut Grant,
     approved: &ApprovalRequest,
-    record: &mut Map<String, Value>,
+    record: &mut ExchangeRecord<'_>,
 ) -> Result<(), OAuthError> {
     let (within, beyond): (Vec<String>, Vec<String>) = grant
         .scopes
         .drain(..)
         .partition(|s| approved.scopes.contains(s));
     if !beyond.is_empty() {
-        record.insert("not_approved_scopes".into(), json!(beyond));
+        record.not_approved_scopes = Some(beyond);
     }
     if within.is_empty() {
         return Err(OAuthError::new(
@@ -272,20 +274,20 @@ impl Exchange {
         req: TokenRequest,
     ) -> Result<TokenResponse, OAuthError> {
         let started = tokio::time::Instant::now();
-        let mut record = Map::new();
-        record.insert("event".into(), "token.exchange".into());
-        record.insert("grant_type".into(), req.grant.as_str().into());
-        record.insert("caller".into(), caller.audit_json());
-        record.insert(
-            "requested".into(),
-            json!({
-                "audience": req.target.as_str(),
-                "scopes": req.scopes,
-                "ttl": req.requested_ttl.map(|d| d.as_secs()),
-                "task_id": req.task_id,
-                "may_act": req.may_act,
-                "scope_mode": if req.allow_partial { "subset" } else { "exact" },
-            }),
+        // Announced now, so a commit delay can gather it with the records
+        // of other exchanges in progress (`crate::audit`).
+        let expected = self.audit.expect();
+        let mut record = ExchangeRecord::new(
+            req.grant.as_str(),
+            caller,
+            Requested {
+                audience: req.target.as_str(),
+                may_act: req.may_act.as_deref(),
+                scope_mode: if req.allow_partial { "subset" } else { "exact" },
+                scopes: &req.scopes,
+                task_id: req.task_id.as_deref(),
+                ttl: req.requested_ttl.map(|d| d.as_secs()),
+            },
         );
         let outcome = self.decide_and_issue(caller, &req, &mut record).await;
         let (decision, label) = match &outcome {
@@ -301,21 +303,24 @@ impl Exchange {
             }
             Err(_) => ("denied", "denied"),
         };
-        record.insert("decision".into(), decision.into());
+        record.decision = decision;
         if let Err(e) = &outcome {
-            record.insert("error".into(), e.code.as_str().into());
-            record.insert("error_description".into(), e.description.clone().into());
+            record.error = Some(e.code.as_str());
+            record.error_description = Some(e.description.clone());
         }
         // The token is released only once its record is durable: an
         // unaudited token must not exist. A request that changed nothing is
         // audited within its principal's budget, and counted beyond it.
         // A remote client counts against the identity it proved, if any.
-        let budget = match record.get("subject").and_then(Value::as_str) {
-            Some(subject) if caller.is_remote() => subject.to_string(),
+        let budget = match &record.subject {
+            Some(subject) if caller.is_remote() => subject.clone(),
             _ => caller.budget_key(),
         };
         let audited = if outcome.is_ok() || self.may_audit_unchanged(budget) {
-            self.audit.append(record).await.map(|_| ())
+            self.audit
+                .append_expected(&record, expected)
+                .await
+                .map(|_| ())
         } else {
             Ok(())
         };
@@ -339,11 +344,11 @@ impl Exchange {
 
     /// One exchange, stage by stage (numbered as in the module doc). Each
     /// stage adds what it learnt to the audit `record`.
-    async fn decide_and_issue(
+    async fn decide_and_issue<'r>(
         &self,
         caller: &Caller,
-        req: &TokenRequest,
-        record: &mut Map<String, Value>,
+        req: &'r TokenRequest,
+        record: &mut ExchangeRecord<'r>,
     ) -> Result<TokenResponse, OAuthError> {
         let now = self.now();
         let now_s = unix_seconds(now);
@@ -436,7 +441,7 @@ impl Exchange {
         caller: &'c Caller,
         req: &TokenRequest,
         now_s: u64,
-        record: &mut Map<String, Value>,
+        record: &mut ExchangeRecord<'_>,
     ) -> Result<Client<'c>, OAuthError> {
         let param = req.grant.svid_param(req.delegating_token.is_some());
         let refuse = |why: String| req.grant.credential_error(why);
@@ -449,7 +454,7 @@ impl Exchange {
             })?,
             Caller::Remote(_) => self.validate_remote_svid(req, param, now_s)?,
         };
-        record.insert("subject".into(), id.clone().into());
+        record.subject = Some(id.clone());
         if let Some(client_id) = &req.client_id
             && *client_id != id
         {
@@ -483,7 +488,7 @@ impl Exchange {
         caller_id: &str,
         jti: &str,
         now_s: u64,
-        record: &mut Map<String, Value>,
+        record: &mut ExchangeRecord<'_>,
     ) -> Result<Chain, OAuthError> {
         let parent = match &req.delegating_token {
             None => None,
@@ -564,13 +569,14 @@ impl Exchange {
                 }
             }
         };
-        record.insert("principal".into(), chain.principal.clone().into());
-        record.insert("task_id".into(), chain.task_id.clone().into());
+        record.principal = Some(chain.principal.clone());
+        record.task_id = Some(chain.task_id.clone());
         if let Some(p) = &chain.parent {
-            record.insert(
-                "actor".into(),
-                json!({"delegator": p.client_id, "parent_jti": p.jti, "depth": chain.depth}),
-            );
+            record.actor = Some(Actor {
+                delegator: p.client_id.clone(),
+                depth: chain.depth,
+                parent_jti: p.jti.clone(),
+            });
         }
         Ok(chain)
     }
@@ -581,12 +587,12 @@ impl Exchange {
         &self,
         approval: Option<&(String, String)>,
         now: SystemTime,
-        record: &mut Map<String, Value>,
+        record: &mut ExchangeRecord<'_>,
     ) -> Result<Option<ApprovalRequest>, OAuthError> {
         let Some((id, fp)) = approval else {
             return Ok(None);
         };
-        record.insert("approval_id".into(), id.clone().into());
+        record.approval_id = Some(id.clone());
         match self.approvals.poll(id, fp, now) {
             Poll::Approved(approved) => Ok(Some(*approved)),
             Poll::Pending => Err(self.pending(id)),
@@ -614,12 +620,12 @@ impl Exchange {
         chain: &Chain,
         approved: bool,
         requested_ttl: Duration,
-        record: &mut Map<String, Value>,
+        record: &mut ExchangeRecord<'_>,
     ) -> Result<Grant, OAuthError> {
         let selectors = caller.selectors();
         let decision = self.policy.evaluate(&PolicyRequest {
             principal: caller_id,
-            selectors: &selectors,
+            selectors,
             audience: req.target.as_str(),
             scopes: &req.scopes,
             task_id: &chain.task_id,
@@ -659,8 +665,8 @@ impl Exchange {
             }
         }
         grant.policy_ids.sort();
-        record.insert("policies".into(), json!(grant.policy_ids));
-        record.insert("denied_scopes".into(), json!(denied));
+        record.policies = Some(grant.policy_ids.clone());
+        record.denied_scopes = Some(denied.clone());
         let why = if delegation_refused {
             " (a delegated exchange needs a permit marked @allow_delegation)"
         } else {
@@ -700,7 +706,7 @@ impl Exchange {
         requested_ttl: Duration,
         fp: String,
         now: SystemTime,
-        record: &mut Map<String, Value>,
+        record: &mut ExchangeRecord<'_>,
     ) -> Result<OAuthError, OAuthError> {
         // The operator is shown the longest lifetime the token could get;
         // the caller's certificate and the signing key may shorten it.
@@ -748,7 +754,7 @@ impl Exchange {
         self.metrics
             .approvals_pending
             .set(self.approvals.pending() as i64);
-        record.insert("approval_id".into(), id.clone().into());
+        record.approval_id = Some(id.clone());
         tracing::info!(approval_id = %id, principal = %chain.principal, task = %chain.task_id, "exchange waits for an operator's approval");
         Ok(self.pending(&id))
     }
@@ -827,9 +833,9 @@ impl Exchange {
     /// Stage 7: Sign: the claims of RFC 9068 plus `txn` (the task), `cnf` (the
     /// caller's certificate) and `act` (the delegation chain).
     #[allow(clippy::too_many_arguments)]
-    async fn sign(
+    async fn sign<'r>(
         &self,
-        req: &TokenRequest,
+        req: &'r TokenRequest,
         caller_id: &str,
         chain: Chain,
         grant: Grant,
@@ -837,43 +843,44 @@ impl Exchange {
         holder: Option<&Holder>,
         jti: String,
         now_s: u64,
-        record: &mut Map<String, Value>,
+        record: &mut ExchangeRecord<'r>,
     ) -> Result<TokenResponse, OAuthError> {
         let exp = now_s + ttl;
-        let mut claims = json!({
-            "iss": self.config.issuer,
-            "sub": chain.principal,
-            "aud": req.target.as_str(),
-            "client_id": caller_id,
-            "scope": grant.scopes.join(" "),
-            "iat": now_s,
-            "nbf": now_s,
-            "exp": exp,
-            "jti": jti,
-            "txn": chain.task_id,
-        });
-        // Bound to the caller's certificate (RFC 8705) unless policy made
-        // every granted scope a bearer scope; the token says which it is.
-        if !grant.bearer
-            && let Some(holder) = holder
-        {
-            claims["cnf"] = json!({"x5t#S256": B64URL.encode(ring::digest::digest(&ring::digest::SHA256, holder.leaf_der()))});
-        }
-        if let Some(p) = &chain.parent {
-            let mut act = Map::new();
-            act.insert("sub".into(), caller_id.into());
-            if let Some(prior) = &p.act {
-                act.insert("act".into(), prior.clone());
-            }
-            claims["act"] = Value::Object(act);
-            let from: Vec<&str> = std::iter::once(p.jti.as_str())
+        let scope = grant.scopes.join(" ");
+        let delegated_from = chain.parent.as_ref().map(|p| {
+            std::iter::once(p.jti.as_str())
                 .chain(p.delegated_from.iter().map(String::as_str))
-                .collect();
-            claims[DELEGATED_FROM] = json!(from);
-        }
-        if let Some(actor) = &req.may_act {
-            claims["may_act"] = json!({ "sub": actor });
-        }
+                .collect()
+        });
+        let claims = AccessClaims {
+            iss: &self.config.issuer,
+            sub: &chain.principal,
+            aud: req.target.as_str(),
+            client_id: caller_id,
+            scope: &scope,
+            iat: now_s,
+            nbf: now_s,
+            exp,
+            jti: &jti,
+            txn: &chain.task_id,
+            // Bound to the caller's certificate (RFC 8705) unless policy
+            // made every granted scope a bearer scope; the token says which
+            // it is.
+            cnf: holder.filter(|_| !grant.bearer).map(|holder| Confirmation {
+                x5t_s256: B64URL.encode(ring::digest::digest(
+                    &ring::digest::SHA256,
+                    holder.leaf_der(),
+                )),
+            }),
+            act: chain.parent.as_ref().map(|p| Act {
+                sub: caller_id,
+                act: p.act.as_ref(),
+            }),
+            delegated_from,
+            may_act: req.may_act.as_deref().map(|sub| MayAct { sub }),
+        };
+        let claims = serde_json::to_string(&claims)
+            .map_err(|e| OAuthError::new(ErrorCode::ServerError, format!("signing failed: {e}")))?;
         let token = self
             .signer
             .sign_access_token(&claims)
@@ -889,18 +896,15 @@ impl Exchange {
                 ),
                 e => OAuthError::new(ErrorCode::ServerError, format!("signing failed: {e}")),
             })?;
-        record.insert(
-            "granted".into(),
-            json!({
-                "audience": req.target.as_str(),
-                "scopes": grant.scopes,
-                "ttl": ttl,
-                "ttl_bound_by": bound_by,
-                "bound_to_certificate": !grant.bearer,
-            }),
-        );
-        record.insert("jti".into(), jti.into());
-        record.insert("token_sha256".into(), sha256_hex(token.as_bytes()).into());
+        record.token_sha256 = Some(sha256_hex(token.as_bytes()));
+        record.jti = Some(jti);
+        record.granted = Some(Granted {
+            audience: req.target.as_str(),
+            bound_to_certificate: !grant.bearer,
+            scopes: grant.scopes,
+            ttl,
+            ttl_bound_by: bound_by,
+        });
         self.tasks
             .issued(&task_key(&chain.principal, &chain.task_id), exp, now_s);
         Ok(TokenResponse {
@@ -908,7 +912,7 @@ impl Exchange {
             issued_token_type: TOKEN_TYPE_ACCESS_TOKEN,
             token_type: "Bearer",
             expires_in: ttl,
-            scope: grant.scopes.join(" "),
+            scope,
             task_id: chain.task_id,
         })
     }

@@ -98,9 +98,19 @@ pub struct AttestedPeer {
     /// The last release (see [`Self::check_alive_to_release`]) the re-check
     /// passed for; 0 for none.
     released: AtomicU64,
+    /// The selectors as `type:value` strings, made at the first request
+    /// that needs them (the exchange's policy and audit record), once per
+    /// connection rather than per request.
+    rendered: std::sync::OnceLock<Vec<String>>,
 }
 
 impl AttestedPeer {
+    /// The selectors as `type:value` strings, sorted.
+    pub fn selector_strings(&self) -> &[String] {
+        self.rendered
+            .get_or_init(|| self.selectors.iter().map(|s| s.to_string()).collect())
+    }
+
     /// Fails if the attested process exited or its PID now names another process.
     pub fn check_alive(&self) -> Result<(), LivenessError> {
         self.pin.check_alive()
@@ -174,6 +184,7 @@ impl WorkloadAttestor {
             selectors: SelectorSet::new(selectors),
             pin,
             released: AtomicU64::new(0),
+            rendered: Default::default(),
         })
     }
 }

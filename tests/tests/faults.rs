@@ -463,6 +463,158 @@ async fn disk_full_refuses_exchanges_keeps_serving_and_recovers() {
     );
 }
 
+/// `n` exchanges at once (separate connections, one task each): the
+/// status and body of each, in the order they were answered, with the audit
+/// log's token hashes read the moment each answer arrived.
+async fn concurrent_exchanges(
+    agent: &TestAgent,
+    audit_log: &Path,
+    n: usize,
+    tag: &str,
+) -> Vec<(u16, Value, bool)> {
+    let subject = agent.jwt_svid(ISSUER).await;
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (dir, subject, log) = (
+            agent.dir.path().to_path_buf(),
+            subject.clone(),
+            audit_log.to_path_buf(),
+        );
+        let task = format!("{tag}-{i}");
+        set.spawn(async move {
+            let (status, resp) = post(
+                &dir,
+                "/token",
+                &[
+                    ("grant_type", GRANT_TOKEN_EXCHANGE),
+                    ("subject_token_type", TOKEN_TYPE_JWT),
+                    ("subject_token", &subject),
+                    ("resource", MCP),
+                    ("scope", "notes:read"),
+                    ("task_id", &task),
+                ],
+            )
+            .await;
+            let recorded = resp["access_token"].as_str().is_some_and(|t| {
+                audit_hashes(&log).contains(&tessera_agent::audit::sha256_hex(t.as_bytes()))
+            });
+            (status, resp, recorded)
+        });
+    }
+    set.join_all().await
+}
+
+/// Checks an access token with jsonwebtoken against the agent's `/jwks`.
+async fn judge_token(agent: &TestAgent, token: &str) {
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
+    let (status, body) = http_unix(
+        &agent.dir.path().join("sock/exchange.sock"),
+        http::Method::GET,
+        "/jwks",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let jwks: JwkSet = serde_json::from_slice(&body).unwrap();
+    let kid = jsonwebtoken::decode_header(token).unwrap().kid.unwrap();
+    let key = DecodingKey::from_jwk(jwks.find(&kid).expect("key published")).unwrap();
+    let mut v = Validation::new(Algorithm::ES256);
+    v.set_audience(&[MCP]);
+    v.set_issuer(&[ISSUER]);
+    jsonwebtoken::decode::<Value>(token, &key, &v).expect("jsonwebtoken accepts the token");
+}
+
+/// With `exchange.audit_commit_delay` the writer holds batches open for
+/// the records of concurrent exchanges; the promise must hold as without
+/// it: every token answered has its record in the log already, and when
+/// the disk is full every exchange whose batch could not be written is
+/// refused, none issued unaudited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_delay_issues_no_token_before_its_record_is_durable() {
+    tessera_tests::require_root(
+        "a_commit_delay_issues_no_token_before_its_record_is_durable",
+        TMPFS,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let _mount = Tmpfs::mount(&data, "64k");
+    write_policy(dir.path());
+    let body = exchange_body(dir.path(), "audit_commit_delay = \"50ms\"\n");
+    let agent = TestAgent::start_in(dir, &body).await;
+    let audit_log = data.join("audit.jsonl");
+
+    let mut issued = Vec::new();
+    for (status, resp, recorded) in concurrent_exchanges(&agent, &audit_log, 8, "a").await {
+        assert_eq!(status, 200, "{resp}");
+        assert!(
+            recorded,
+            "the token's record was in the log before the token came back"
+        );
+        let token = resp["access_token"].as_str().unwrap().to_string();
+        judge_token(&agent, &token).await;
+        issued.push(token);
+    }
+
+    let filler = fill(&data);
+    let mut refused = 0;
+    for round in 0..5 {
+        for (status, resp, recorded) in
+            concurrent_exchanges(&agent, &audit_log, 8, &format!("full{round}")).await
+        {
+            match status {
+                200 => {
+                    assert!(
+                        recorded,
+                        "a token answered while the disk was full has its record"
+                    );
+                    issued.push(resp["access_token"].as_str().unwrap().to_string());
+                }
+                503 => {
+                    assert_eq!(resp["error"], "temporarily_unavailable", "{resp}");
+                    assert!(
+                        resp.get("access_token").is_none(),
+                        "nothing issued unaudited"
+                    );
+                    refused += 1;
+                }
+                other => panic!("unexpected {other}: {resp}"),
+            }
+        }
+    }
+    assert!(
+        refused > 0,
+        "exchanges are refused once the audit log cannot grow"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    for (status, resp, recorded) in concurrent_exchanges(&agent, &audit_log, 8, "b").await {
+        assert_eq!(status, 200, "{resp}");
+        assert!(recorded);
+        issued.push(resp["access_token"].as_str().unwrap().to_string());
+    }
+    let mut agent = agent;
+    agent.stop().await;
+    let report = tessera_agent::audit::verify_file(
+        &audit_log,
+        Some(&tessera_agent::audit::anchor::default_path(&audit_log)),
+    )
+    .unwrap();
+    assert!(report.first_problem.is_none(), "{:?}", report.first_problem);
+    let hashes = audit_hashes(&audit_log);
+    assert!(
+        issued
+            .iter()
+            .all(|t| hashes.contains(&tessera_agent::audit::sha256_hex(t.as_bytes()))),
+        "every issued token is in the verified log"
+    );
+    eprintln!(
+        "commit delay 50 ms: {} tokens issued, all audited; {refused} refused while the disk was full; chain verifies ({} records)",
+        issued.len(),
+        report.records
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_data_dir_keeps_serving_and_recovers() {
     tessera_tests::require_root("read_only_data_dir_keeps_serving_and_recovers", TMPFS);

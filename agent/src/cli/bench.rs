@@ -77,6 +77,11 @@ pub struct BenchArgs {
     /// How long each closed-loop scenario runs.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
+    /// exchange: the agent's `exchange.audit_commit_delay` (how long the
+    /// audit writer may wait for the records of exchanges in progress
+    /// before it syncs a batch; 0 never waits).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub audit_commit_delay: Duration,
     /// Target a running agent instead of starting one.
     #[arg(long)]
     pub socket: Option<PathBuf>,
@@ -107,6 +112,7 @@ pub struct BenchParams {
     pub identities: usize,
     pub policies: usize,
     pub duration: Duration,
+    pub audit_commit_delay: Duration,
     pub socket: Option<PathBuf>,
     pub agent_pid: Option<u32>,
     pub rotation_timeout: Duration,
@@ -1125,9 +1131,10 @@ async fn exchange(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
     write_bench_policies(&policy_dir, n_policies)?;
     let xsock = dir.path().join("exchange.sock");
     let extra = format!(
-        "[exchange]\nsocket_path = \"{}\"\npolicy_dir = \"{}\"\n",
+        "[exchange]\nsocket_path = \"{}\"\npolicy_dir = \"{}\"\naudit_commit_delay = \"{}us\"\n",
         xsock.display(),
-        policy_dir.display()
+        policy_dir.display(),
+        p.audit_commit_delay.as_micros()
     );
     let agent = BenchAgent::start_in(dir, &entry_for_me("bench/exchange")?, "", &extra)?;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -1257,6 +1264,10 @@ async fn exchange(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
         params: params_map(&[
             ("clients", p.clients.into()),
             ("policies", n_policies.into()),
+            (
+                "audit_commit_delay_us",
+                (p.audit_commit_delay.as_micros() as u64).into(),
+            ),
         ]),
         ops: latencies.len() as u64,
         seconds,

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use tessera_attestor::AttestedPeer;
 
 use crate::entries::Identity;
@@ -61,9 +61,7 @@ impl Caller {
     /// or one the remote client proved.
     pub fn holds(&self, id: &str) -> bool {
         match self {
-            Caller::Local { identities, .. } => {
-                identities.iter().any(|i| i.spiffe_id.to_string() == id)
-            }
+            Caller::Local { identities, .. } => identities.iter().any(|i| names(&i.spiffe_id, id)),
             Caller::Remote(r) => r.proven.iter().any(|p| p == id),
         }
     }
@@ -81,19 +79,18 @@ impl Caller {
     /// The local identity `id` (with its SVID lifetimes), for a local caller.
     pub fn local_identity(&self, id: &str) -> Option<&Identity> {
         match self {
-            Caller::Local { identities, .. } => {
-                identities.iter().find(|i| i.spiffe_id.to_string() == id)
-            }
+            Caller::Local { identities, .. } => identities.iter().find(|i| names(&i.spiffe_id, id)),
             Caller::Remote(_) => None,
         }
     }
 
-    /// Attested selectors as `type:value`; a remote caller has none, so a
-    /// policy that requires one never permits it.
-    pub fn selectors(&self) -> Vec<String> {
+    /// Attested selectors as `type:value` (rendered once per connection);
+    /// a remote caller has none, so a policy that requires one never
+    /// permits it.
+    pub fn selectors(&self) -> &[String] {
         match self {
-            Caller::Local { peer, .. } => peer.selectors.iter().map(|s| s.to_string()).collect(),
-            Caller::Remote(_) => Vec::new(),
+            Caller::Local { peer, .. } => peer.selector_strings(),
+            Caller::Remote(_) => &[],
         }
     }
 
@@ -101,20 +98,10 @@ impl Caller {
         matches!(self, Caller::Remote(_))
     }
 
-    /// How the caller appears in audit records.
+    /// How the caller appears in audit records, as a JSON value (records
+    /// other than the exchange's; that one writes [`CallerRecord`] directly).
     pub fn audit_json(&self) -> Value {
-        match self {
-            Caller::Local { peer, identities } => json!({
-                "pid": peer.process.pid,
-                "spiffe_ids": identities.iter().map(|i| i.spiffe_id.to_string()).collect::<Vec<_>>(),
-                "selectors": self.selectors(),
-            }),
-            Caller::Remote(r) => json!({
-                "remote": r.addr.map(|a| a.to_string()),
-                "certificate": r.certificate.as_ref().map(|c| c.spiffe_id.clone()),
-                "spiffe_ids": r.proven,
-            }),
-        }
+        serde_json::to_value(CallerRecord(self)).unwrap_or_default()
     }
 
     /// Whose budget of records that change nothing this caller's count
@@ -132,6 +119,56 @@ impl Caller {
                 (None, None) => "remote".into(),
             },
         }
+    }
+}
+
+/// Whether `text` is `id` written out, compared without writing it out.
+fn names(id: &spiffe::SpiffeId, text: &str) -> bool {
+    text.strip_prefix("spiffe://")
+        .and_then(|t| t.strip_prefix(id.trust_domain().as_str()))
+        .is_some_and(|path| path == id.path())
+}
+
+/// How a caller appears in audit records: a local process by its PID, its
+/// selectors and the SPIFFE IDs it holds; a remote client by its TLS client
+/// certificate's identity, its address and the IDs it proved. Written
+/// straight from the caller, without collecting strings first.
+pub struct CallerRecord<'a>(pub &'a Caller);
+
+impl serde::Serialize for CallerRecord<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(3))?;
+        match self.0 {
+            Caller::Local { peer, identities } => {
+                map.serialize_entry("pid", &peer.process.pid)?;
+                map.serialize_entry("selectors", peer.selector_strings())?;
+                map.serialize_entry("spiffe_ids", &SpiffeIds(identities))?;
+            }
+            Caller::Remote(r) => {
+                map.serialize_entry(
+                    "certificate",
+                    &r.certificate.as_ref().map(|c| c.spiffe_id.as_str()),
+                )?;
+                map.serialize_entry("remote", &r.addr.map(|a| a.to_string()))?;
+                map.serialize_entry("spiffe_ids", &r.proven)?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// The identities' SPIFFE IDs as a sequence of strings.
+struct SpiffeIds<'a>(&'a [Identity]);
+
+impl serde::Serialize for SpiffeIds<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for identity in self.0 {
+            seq.serialize_element(&format_args!("{}", identity.spiffe_id))?;
+        }
+        seq.end()
     }
 }
 
@@ -205,6 +242,22 @@ mod tests {
             .unwrap()
             .der()
             .to_vec()
+    }
+
+    #[test]
+    fn an_id_is_named_by_its_text_only() {
+        let id = spiffe::SpiffeId::new("spiffe://example.org/a/b").unwrap();
+        assert!(names(&id, &id.to_string()));
+        for other in [
+            "spiffe://example.org/a",
+            "spiffe://example.org/a/b/",
+            "spiffe://example.orgx/a/b",
+            "spiffe://example.or/ga/b",
+            "example.org/a/b",
+            "",
+        ] {
+            assert!(!names(&id, other), "{other}");
+        }
     }
 
     #[test]

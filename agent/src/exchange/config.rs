@@ -26,6 +26,9 @@ pub struct ExchangeConfig {
     /// The log's high-water mark (`crate::audit::anchor`); defaults to
     /// `<audit_log>.anchor`. Keep it apart from the log.
     pub audit_anchor: PathBuf,
+    /// How long the audit writer may wait for records of exchanges in
+    /// progress before it syncs a batch (`crate::audit`); zero: never.
+    pub audit_commit_delay: Duration,
     pub max_delegation_depth: u32,
     /// How long a pending approval waits for an operator.
     pub approval_timeout: Duration,

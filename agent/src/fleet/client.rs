@@ -735,9 +735,9 @@ impl Upstream {
     }
 
     /// A task access token signed by the authority.
-    async fn sign_access(&self, claims: &serde_json::Value) -> Result<String, SignError> {
+    async fn sign_access(&self, claims: &str) -> Result<String, SignError> {
         let req = wire::AccessTokenRequest {
-            claims: claims.clone(),
+            claims: serde_json::from_str(claims).map_err(|e| SignError::Remote(Box::new(e)))?,
         };
         let answer: wire::AccessTokenResponse =
             self.call("/v1/access-token", Some(&req), true).await?;
@@ -907,7 +907,7 @@ impl Signer for Upstream {
 
     fn sign_access_token<'a>(
         &'a self,
-        claims: &'a serde_json::Value,
+        claims: &'a str,
     ) -> SignFuture<'a, Result<String, SignError>> {
         Box::pin(self.sign_access(claims))
     }

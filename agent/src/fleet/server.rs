@@ -1145,7 +1145,7 @@ async fn access_token(
     }
     let token = s
         .authority
-        .sign_access_token(claims)
+        .sign_access_token(&claims.to_string())
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     s.count("access_token", "signed");

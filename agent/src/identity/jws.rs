@@ -433,11 +433,21 @@ impl JwsSigner {
     }
 
     /// Signs `claims` with header `{"alg":..,"kid":..,"typ":typ}`.
-    pub fn sign(&self, typ: &str, claims: &Value) -> Result<String, ring::error::Unspecified> {
+    pub fn sign<C: serde::Serialize + ?Sized>(
+        &self,
+        typ: &str,
+        claims: &C,
+    ) -> Result<String, ring::error::Unspecified> {
+        let claims = serde_json::to_vec(claims).map_err(|_| ring::error::Unspecified)?;
+        self.sign_json(typ, &claims)
+    }
+
+    /// [`sign`](Self::sign) for claims already serialised as a JSON object.
+    pub fn sign_json(&self, typ: &str, claims: &[u8]) -> Result<String, ring::error::Unspecified> {
         let header = serde_json::json!({"alg": self.alg(), "kid": self.kid, "typ": typ});
         let mut out = B64.encode(header.to_string());
         out.push('.');
-        out.push_str(&B64.encode(claims.to_string()));
+        out.push_str(&B64.encode(claims));
         let sig = match &self.key {
             SigningKey::Ec(k) => k.sign(&self.rng, out.as_bytes())?.as_ref().to_vec(),
             SigningKey::Rsa(k) => {

@@ -181,8 +181,19 @@ impl JwtKey {
     }
 
     /// Signs `claims` with JOSE header `typ`.
-    pub fn sign(&self, typ: &str, claims: &serde_json::Value) -> Result<String, SignError> {
+    pub fn sign<C: serde::Serialize + ?Sized>(
+        &self,
+        typ: &str,
+        claims: &C,
+    ) -> Result<String, SignError> {
         self.signer.sign(typ, claims).map_err(|_| SignError::Crypto)
+    }
+
+    /// Signs claims already serialised as a JSON object.
+    pub fn sign_json(&self, typ: &str, claims: &[u8]) -> Result<String, SignError> {
+        self.signer
+            .sign_json(typ, claims)
+            .map_err(|_| SignError::Crypto)
     }
 }
 

@@ -52,8 +52,13 @@ pub struct AccessSigningKey {
 
 impl AccessSigningKey {
     /// Signs `claims` as an RFC 9068 JWT access token (`typ: at+jwt`).
-    pub fn sign(&self, claims: &serde_json::Value) -> Result<String, SignError> {
+    pub fn sign<C: serde::Serialize + ?Sized>(&self, claims: &C) -> Result<String, SignError> {
         self.key.sign("at+jwt", claims)
+    }
+
+    /// [`sign`](Self::sign) for claims already serialised as a JSON object.
+    pub fn sign_json(&self, claims: &str) -> Result<String, SignError> {
+        self.key.sign_json("at+jwt", claims.as_bytes())
     }
 }
 
@@ -457,10 +462,10 @@ impl Signer for LocalAuthority {
 
     fn sign_access_token<'a>(
         &'a self,
-        claims: &'a serde_json::Value,
+        claims: &'a str,
     ) -> SignFuture<'a, Result<String, SignError>> {
         Box::pin(std::future::ready(
-            self.access_signing_key().and_then(|k| k.sign(claims)),
+            self.access_signing_key().and_then(|k| k.sign_json(claims)),
         ))
     }
 

@@ -95,11 +95,13 @@ pub trait Signer: Send + Sync + std::fmt::Debug + 'static {
         false
     }
 
-    /// Signs task access-token claims (`typ: at+jwt`); `exp` must already
-    /// respect [`Self::access_token_not_after`].
+    /// Signs task access-token claims (`typ: at+jwt`), serialised as a JSON
+    /// object (the exchange serialises its typed claims once, straight into
+    /// the token); `exp` must already respect
+    /// [`Self::access_token_not_after`].
     fn sign_access_token<'a>(
         &'a self,
-        claims: &'a serde_json::Value,
+        claims: &'a str,
     ) -> SignFuture<'a, Result<String, SignError>>;
 
     /// No access token may expire after this (the signing key's end).
