@@ -1708,6 +1708,45 @@ async fn entries_as_custom_resources_reach_a_running_workload_through_the_kubern
         "{c}"
     );
 
+    // An entry naming node B is sent to node B only: each node's own
+    // `/v1/entries` stream (opened with its node SVID) is read as it
+    // arrives, after a change every node sees.
+    let for_b = "spiffe://example.org/node-b/only";
+    api.create(
+        collection,
+        entry(
+            "for-b",
+            for_b,
+            serde_json::json!(["tessera:node:node-b", format!("unix:uid:{}", my_uid())]),
+        ),
+    )
+    .await;
+    let everywhere = "spiffe://example.org/ns/{k8s:ns}/everywhere";
+    api.create(
+        collection,
+        entry("everywhere", everywhere, serde_json::json!(["k8s:ns"])),
+    )
+    .await;
+    let seen_by = |node: &'static str| {
+        let fleet = &fleet;
+        async move {
+            let docs = live_entries_streamed_to(fleet, node, |docs| {
+                docs.iter().any(|d| d["spiffe_id"] == everywhere)
+            })
+            .await;
+            docs.iter()
+                .map(|d| d["spiffe_id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    let (on_a, on_b) = (seen_by("node-a").await, seen_by("node-b").await);
+    assert!(
+        !on_a.iter().any(|i| i == for_b),
+        "node A got node B's entry: {on_a:?}"
+    );
+    assert!(on_b.iter().any(|i| i == for_b), "{on_b:?}");
+    assert!(on_a.iter().any(|i| i == kept), "{on_a:?}");
+
     // The API server restarts, and while it is down an entry is deleted
     // behind its back (directly in etcd) and etcd's history compacted: the
     // replicas' watches cannot resume from the version they saw (410 Gone),
@@ -1738,6 +1777,62 @@ async fn entries_as_custom_resources_reach_a_running_workload_through_the_kubern
     drop(stream);
     drop(a);
     drop(fleet);
+}
+
+/// The live entries the authority streams to `node` (attested afresh with
+/// a join token, its own `/v1/entries` stream read as the agent reads it),
+/// once `done` holds for the set.
+async fn live_entries_streamed_to(
+    fleet: &Fleet,
+    node: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    use tessera_agent::fleet::client::{NodeAttestation, Upstream, UpstreamConfig};
+    let state = tempfile::tempdir().unwrap();
+    let token = tessera_agent::fleet::join::create(
+        &fleet.dir.path().join("join"),
+        node,
+        Duration::from_secs(600),
+        SystemTime::now(),
+    )
+    .unwrap();
+    let token_file = state.path().join("join-token");
+    std::fs::write(&token_file, token).unwrap();
+    let config = UpstreamConfig {
+        addresses: vec![format!("127.0.0.1:{}", fleet.ports[0])],
+        server_name: "tessera-authority".into(),
+        bundle_file: fleet.dir.path().join("keys/ca.crt"),
+        attestation: NodeAttestation::JoinToken,
+        token_file,
+        bundle_refresh: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(5),
+        state_dir: state.path().to_path_buf(),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let up = Upstream::connect(
+        config,
+        spiffe::TrustDomain::new("example.org").unwrap(),
+        Arc::new(tessera_agent::clock::SystemClock),
+        Arc::new(tessera_agent::metrics::Metrics::new()),
+        &shutdown,
+    )
+    .await
+    .unwrap();
+    let mut stream = up.open_stream("/v1/entries").await.unwrap();
+    let docs = loop {
+        let event: Value = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("an entries event within 30 s")
+            .expect("the stream ended")
+            .unwrap();
+        if let Some(docs) = event["entries"].as_array()
+            && done(docs)
+        {
+            break docs.clone();
+        }
+    };
+    shutdown.cancel();
+    docs
 }
 
 /// An agent for `node` that talks to one replica only (`port`), attested

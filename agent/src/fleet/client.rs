@@ -470,7 +470,7 @@ impl Upstream {
 
     /// Opens a long-lived `GET path` (node SVID as client certificate) on
     /// the first replica that answers 200, starting with the preferred one.
-    pub(crate) async fn open_stream(&self, path: &str) -> Result<http::JsonStream, UpstreamError> {
+    pub async fn open_stream(&self, path: &str) -> Result<http::JsonStream, UpstreamError> {
         let n = self.config.addresses.len();
         let start = self.preferred.load(Ordering::Relaxed);
         let mut last = String::new();

@@ -556,6 +556,7 @@ pub fn start(
 /// node leaves or the authority stops.
 pub fn stream(
     live: &LiveEntries,
+    node: String,
     not_after: SystemTime,
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
@@ -581,7 +582,14 @@ pub fn stream(
                 let snapshot = rx.borrow_and_update();
                 EntriesEvent {
                     version: snapshot.version,
-                    entries: Some(snapshot.live.as_ref().clone()),
+                    entries: Some(
+                        snapshot
+                            .live
+                            .iter()
+                            .filter(|d| applies_to(d, &node))
+                            .cloned()
+                            .collect(),
+                    ),
                     heartbeat: false,
                 }
             };
@@ -615,6 +623,21 @@ pub fn stream(
             tokio_stream::wrappers::ReceiverStream::new(out),
         ))
         .unwrap_or_default()
+}
+
+/// Whether a live entry can ever apply on `node`: an entry naming a node
+/// (`tessera:node:<name>`, or `k8s:node-name:<name>` for a pod's node) can
+/// only match callers there, every selector of an entry having to match, so
+/// it is sent to that node alone. Any other entry may apply anywhere (a pod
+/// can be scheduled on any node) and goes to every node.
+pub fn applies_to(doc: &EntryDoc, node: &str) -> bool {
+    doc.selectors.iter().all(|s| {
+        let named = s
+            .strip_prefix(super::NODE_SELECTOR)
+            .or_else(|| s.strip_prefix("k8s:node-name"))
+            .and_then(|rest| rest.strip_prefix(':'));
+        named.is_none_or(|n| n == node)
+    })
 }
 
 /// A node's side: follows the authority's live entries into `sources`
@@ -716,6 +739,34 @@ pub fn follow(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn entries_naming_a_node_go_to_that_node_only() {
+        let doc = |selectors: &[&str]| EntryDoc {
+            source: "ClusterWorkloadEntry/x".into(),
+            spiffe_id: "spiffe://example.org/x".into(),
+            selectors: selectors.iter().map(|s| s.to_string()).collect(),
+            hint: None,
+            x509_ttl_seconds: 1,
+            jwt_ttl_seconds: 1,
+            wit_ttl_seconds: 1,
+            federates_with: Vec::new(),
+        };
+        let b_only = doc(&["tessera:node:node-b", "unix:uid:1"]);
+        assert!(applies_to(&b_only, "node-b"));
+        assert!(!applies_to(&b_only, "node-a"));
+        assert!(!applies_to(&b_only, "node-bb"));
+        let pod_on_b = doc(&["k8s:ns:web", "k8s:node-name:node-b"]);
+        assert!(applies_to(&pod_on_b, "node-b"));
+        assert!(!applies_to(&pod_on_b, "node-a"));
+        for anywhere in [
+            doc(&["k8s:ns:web", "k8s:sa:api"]),
+            doc(&["tessera:node"]),
+            doc(&["tessera:nodes:node-b"]),
+        ] {
+            assert!(applies_to(&anywhere, "node-a"), "{:?}", anywhere.selectors);
+        }
+    }
 
     fn config() -> RegistrationConfig {
         RegistrationConfig {

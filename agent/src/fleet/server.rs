@@ -1527,6 +1527,7 @@ async fn entries_stream(
         .unwrap_or(SystemTime::UNIX_EPOCH);
     Ok(super::registration::stream(
         &s.entries,
+        node.name.clone(),
         not_after,
         s.clock.clone(),
         s.stream_token(&node, &peer),
