@@ -1233,13 +1233,6 @@ impl Config {
                             "only for kind = \"kubernetes\"",
                         ));
                     }
-                    if st.approvals == Some(true) {
-                        return Err(cx.invalid(
-                            "server.store.approvals",
-                            &st.kind,
-                            "fleet-wide approvals are kept in the Kubernetes API only (kind = \"kubernetes\"); the node-local operator socket decides them",
-                        ));
-                    }
                     let Some(url) = &st.url else {
                         return Err(cx.invalid(
                             "server.store.url",
@@ -2099,9 +2092,6 @@ mod tests {
         assert!(!e.contains("s3cret"), "{e}");
         assert!(
             err(&srv(&format!("{pg}{url}namespace = \"x\"\n"))).contains("server.store.namespace")
-        );
-        assert!(
-            err(&srv(&format!("{pg}{url}approvals = true\n"))).contains("server.store.approvals")
         );
         assert!(err(&srv("[server.store]\nkind = \"etcd\"\n")).contains("\"postgres\""));
         // Registration in the database needs the store there.

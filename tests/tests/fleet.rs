@@ -3055,9 +3055,13 @@ async fn replicas_starting_together_create_the_schema_once() {
     assert_eq!(
         pg.psql_in(
             &db.name,
-            "SELECT string_agg(version::text, ',') FROM tessera_schema_migrations"
+            "SELECT string_agg(version::text, ',' ORDER BY version) FROM tessera_schema_migrations"
         ),
-        SCHEMA_VERSION.to_string()
+        // Each migration once.
+        (1..=SCHEMA_VERSION)
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     );
     assert!(
         Database::open(config(false)).await.is_ok(),
@@ -3383,4 +3387,228 @@ async fn fleet_revocation_bench_postgres() {
         by_kind
     })
     .await;
+}
+
+/// Fleet-wide approvals kept in PostgreSQL (`[server.store] kind =
+/// "postgres"`, `approvals = true`), two replicas on one real PostgreSQL
+/// running as the run-time role the docs grant: node A's request waiting for
+/// approval is listed by an operator at replica 0 and approved with
+/// `tessera approvals approve --authority` at replica 1; node A redeems it
+/// (the token verified by jsonwebtoken against A's JWKS) and audits the
+/// decision once with the operator's SPIFFE ID; the row in the database (read
+/// with psql) holds the decision and the operator. A second decision, at
+/// either replica, is refused (409, naming who decided) and the row keeps
+/// the first; two operators racing on a fresh request at both replicas:
+/// exactly one wins. A workload that is not an operator is refused (403).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_decides_a_nodes_approval_at_the_authority_through_postgresql() {
+    let pg = tessera_tests::postgres::PgServer::shared();
+    let db = runtime_database(pg, "approvals").await;
+    let tables = db
+        .store_table()
+        .replace("[server.store]\n", "[server.store]\napprovals = true\n");
+    let fleet = Fleet::start_with(&format!("operators = [\"{OPERATOR_ID}\"]\n{tables}"), "").await;
+    let a = fleet
+        .agent_with_policy(
+            "node-a",
+            None,
+            &format!("@id(\"write-needs-approval\")\n@require_approval\npermit(principal, action == Tessera::Action::\"notes:write\", resource == Tessera::Audience::\"{NOTES}\");\n"),
+        )
+        .await;
+    let b = fleet.agent("node-b", None).await;
+    let c = fleet.agent("node-c", None).await;
+    let subject = a.jwt_svid(ISSUER).await;
+    let request = |task: &'static str| {
+        vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", subject.as_str()),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("resource", NOTES),
+            ("scope", "notes:write"),
+            ("task_id", task),
+        ]
+    };
+    let (status, pending) = exchange_call(&a, "/token", &request("deploy-7")).await;
+    assert_eq!(
+        (status, pending["error"].as_str()),
+        (400, Some("authorization_pending")),
+        "{pending}"
+    );
+    let id = pending["approval_id"].as_str().unwrap().to_string();
+
+    // Listed by the operator at replica 0.
+    let ops0 = operator_client(&c, fleet.ports[0]).await;
+    let ops1 = operator_client(&c, fleet.ports[1]).await;
+    let listed = listed_task(&ops0, "deploy-7").await;
+    assert_eq!(listed["id"], id.as_str(), "{listed}");
+    assert_eq!(listed["node"], "node-a", "{listed}");
+    assert_eq!(listed["state"], "pending");
+    assert_eq!(listed["scopes"], serde_json::json!(["notes:write"]));
+    assert_eq!(listed["principal"], "spiffe://example.org/node-a/svc");
+    let row = |name: &str| {
+        pg.psql_in(
+            &db.name,
+            &format!(
+                "SELECT node, approval_id, coalesce(decision, 'pending'), coalesce(decided_by, '') FROM tessera_approvals WHERE name = '{name}'"
+            ),
+        )
+    };
+    let name = listed["name"].as_str().unwrap().to_string();
+    assert_eq!(row(&name).trim(), format!("node-a|{id}|pending|"));
+
+    // A workload that is not an operator: refused, nothing decided.
+    let intruder = operator_client(&b, fleet.ports[1]).await;
+    assert_eq!(refused_status(intruder.approvals().await.unwrap_err()), 403);
+    assert_eq!(
+        refused_status(intruder.decide(&id, None, true).await.unwrap_err()),
+        403
+    );
+    assert_eq!(row(&name).trim(), format!("node-a|{id}|pending|"));
+
+    // Approved with the CLI at replica 1; redeemed on node A.
+    let start = std::time::Instant::now();
+    tessera_agent::cli::run_from([
+        "tessera",
+        "approvals",
+        "approve",
+        &id,
+        "--authority",
+        &format!("127.0.0.1:{}", fleet.ports[1]),
+        "--socket",
+        c.socket().to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    let mut with_id = request("deploy-7");
+    with_id.push(("approval_id", &id));
+    let token = loop {
+        let (status, answer) = exchange_call(&a, "/token", &with_id).await;
+        if status == 200 {
+            break answer["access_token"].as_str().unwrap().to_string();
+        }
+        assert_eq!(answer["error"], "authorization_pending", "{answer}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never approved on the node"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    eprintln!(
+        "approved at replica 1 (CLI, PostgreSQL) -> redeemed on node A after {:?}",
+        start.elapsed()
+    );
+    let header = jsonwebtoken::decode_header(&token).unwrap();
+    let set = jwks(&a).await;
+    let key =
+        DecodingKey::from_jwk(set.find(&header.kid.unwrap()).expect("kid published")).unwrap();
+    let mut v = Validation::new(Algorithm::ES256);
+    v.set_audience(&[NOTES]);
+    v.set_issuer(&[ISSUER]);
+    let claims = jsonwebtoken::decode::<Value>(&token, &key, &v)
+        .unwrap()
+        .claims;
+    assert_eq!(claims["sub"], "spiffe://example.org/node-a/svc");
+    assert_eq!(claims["scope"], "notes:write");
+    assert_eq!(claims["txn"], "deploy-7");
+    assert_eq!(
+        row(&name).trim(),
+        format!("node-a|{id}|approved|{OPERATOR_ID}")
+    );
+
+    // A second decision, at either replica: refused; the row keeps the first.
+    for ops in [&ops0, &ops1] {
+        match ops.decide(&id, Some("node-a"), false).await.unwrap_err() {
+            OperatorCallError::Refused { status, message } => {
+                assert_eq!(status, 409, "{message}");
+                assert!(message.contains("decided already"), "{message}");
+                assert!(message.contains(OPERATOR_ID), "{message}");
+            }
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!(
+        row(&name).trim(),
+        format!("node-a|{id}|approved|{OPERATOR_ID}")
+    );
+
+    // Two decisions at once, one per replica: exactly one is kept, and the
+    // node applies that one.
+    let (status, _) = exchange_call(&a, "/token", &request("deploy-8")).await;
+    assert_eq!(status, 400);
+    let second = listed_task(&ops0, "deploy-8").await;
+    let _ = listed_task(&ops1, "deploy-8").await;
+    let second_id = second["id"].as_str().unwrap().to_string();
+    let (deny, approve) = tokio::join!(
+        ops0.decide(&second_id, None, false),
+        ops1.decide(&second_id, None, true)
+    );
+    assert_eq!(
+        usize::from(deny.is_ok()) + usize::from(approve.is_ok()),
+        1,
+        "{deny:?} {approve:?}"
+    );
+    let mut polled = request("deploy-8");
+    polled.push(("approval_id", &second_id));
+    let answer = loop {
+        let (_, answer) = exchange_call(&a, "/token", &polled).await;
+        if answer["error"] != "authorization_pending" {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    if deny.is_ok() {
+        assert_eq!(answer["error"], "access_denied", "{answer}");
+    } else {
+        assert!(answer["access_token"].is_string(), "{answer}");
+    }
+
+    // Audited once on node A, with the operator's SPIFFE ID.
+    let audit = std::fs::read_to_string(a.dir.path().join("data/audit.jsonl"))
+        .or_else(|_| std::fs::read_to_string(a.dir.path().join("data/audit/audit.jsonl")))
+        .unwrap_or_default();
+    for (approval, decision) in [
+        (id.as_str(), "approved"),
+        (
+            second_id.as_str(),
+            if deny.is_ok() { "denied" } else { "approved" },
+        ),
+    ] {
+        let decisions: Vec<Value> = audit
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["event"] == "approval.decision" && r["approval_id"] == approval)
+            .collect();
+        assert_eq!(decisions.len(), 1, "{audit}");
+        assert_eq!(decisions[0]["operator"], OPERATOR_ID);
+        assert_eq!(decisions[0]["decision"], decision);
+    }
+    let records = fleet.audit_records();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["event"] == "operator.approval.decision"
+                && r["operator"] == OPERATOR_ID
+                && r["approval_id"] == id.as_str())
+    );
+}
+
+/// The approval of `task` as the operator lists it at the authority, once
+/// it is listed.
+async fn listed_task(ops: &OperatorClient, task: &str) -> Value {
+    for _ in 0..400 {
+        let all = ops.approvals().await.unwrap();
+        if let Some(x) = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["task_id"] == task)
+        {
+            return x.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{task} never listed at the authority");
 }

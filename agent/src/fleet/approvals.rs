@@ -1,5 +1,9 @@
 //! Fleet-wide approvals: a request waiting for a human on any node can be
-//! decided from one place, the Kubernetes API, with kubectl under RBAC.
+//! decided from one place, the Kubernetes API, with kubectl under RBAC, or
+//! at the authority by an operator. Where they are kept is an
+//! [`ApprovalStore`]: [`KubeApprovals`] below, or rows in PostgreSQL
+//! (`crate::fleet::store::postgres::approvals`); what follows describes the
+//! Kubernetes store, which the PostgreSQL one mirrors with rows.
 //!
 //! * **Nodes** hand their pending approvals to the authority
 //!   (`POST /v1/approvals`, whenever the set changes) and follow the
@@ -111,11 +115,13 @@ pub enum DecideError {
     Expired(String),
     #[error("the Kubernetes API: {0}")]
     Kube(String),
+    #[error("the fleet store: {0}")]
+    Store(String),
 }
 
 /// An object as operators see it at the authority (the node's approval
 /// fields, plus the node, the object name and the decision if any).
-fn listed(obj: &Value) -> Value {
+pub fn listed(obj: &Value) -> Value {
     let spec = &obj["spec"];
     let state = spec["decision"].as_str().unwrap_or("pending");
     json!({
@@ -138,111 +144,94 @@ fn listed(obj: &Value) -> Value {
     })
 }
 
-/// One replica's view of the approvals kept in the API.
+/// The spec fields of `node`'s pending approval `p`, as an `ApprovalRequest`
+/// object holds them (and a PostgreSQL row's `request` column).
+pub fn spec_of(node: &str, p: &PendingApproval) -> Value {
+    let r = &p.request;
+    json!({
+        "node": node,
+        "approvalId": p.id,
+        "deadline": p.deadline,
+        "caller": r["caller"],
+        "principal": r["principal"],
+        "audience": r["audience"],
+        "scopes": r["scopes"],
+        "ttlSeconds": r["ttl_seconds"],
+        "taskId": r["task_id"],
+        "delegationChain": r["delegation_chain"],
+        "mayAct": r["may_act"],
+        "policyIds": r["policy_ids"],
+    })
+}
+
+pub type ApprovalFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where the fleet's pending approvals are kept: `ApprovalRequest` objects
+/// ([`KubeApprovals`]) or rows of a PostgreSQL table
+/// (`crate::fleet::store::postgres::approvals`). Every store hands what it
+/// holds to [`FleetApprovals`] in the shape of an `ApprovalRequest` object.
+pub trait ApprovalStore: Send + Sync + 'static {
+    /// Keeps `node`'s pending approval `p` as `name`; `false` when it is
+    /// there already.
+    fn create<'a>(
+        &'a self,
+        name: &'a str,
+        node: &'a str,
+        p: &'a PendingApproval,
+    ) -> ApprovalFuture<'a, Result<bool, String>>;
+    /// An operator's decision on `name` (the node's approval `id`), kept
+    /// only if `name` is still undecided and not past its deadline: of two
+    /// decisions the first wins. `user` is the authority's own user.
+    fn decide<'a>(
+        &'a self,
+        name: &'a str,
+        id: &'a str,
+        approve: bool,
+        operator: &'a spiffe::SpiffeId,
+        user: &'a str,
+        now: u64,
+    ) -> ApprovalFuture<'a, Result<Value, DecideError>>;
+    /// Deletes what is past its deadline (by a minute).
+    fn collect_expired(&self, now: u64) -> ApprovalFuture<'_, Result<(), String>>;
+    /// Hands every change to `view` until `shutdown`; first sets
+    /// `view`'s authority user.
+    fn follow(
+        self: Arc<Self>,
+        view: Arc<FleetApprovals>,
+        shutdown: CancellationToken,
+    ) -> ApprovalFuture<'static, ()>;
+}
+
+/// One replica's view of the fleet's approvals, from its store.
 pub struct FleetApprovals {
-    kube: Arc<KubeClient>,
-    namespace: String,
+    store: Arc<dyn ApprovalStore>,
     /// Object name -> (node, decision), for decided ones.
     decided: RwLock<HashMap<String, (String, ApprovalDecision)>>,
     /// Objects this replica knows exist (created here or seen).
     known: Mutex<HashSet<String>>,
-    /// Every object as the watch last delivered it, by name.
+    /// Every object as the store last delivered it, by name.
     objects: RwLock<HashMap<String, Value>>,
-    /// The replicas' own Kubernetes user (a SelfSubjectReview), once known.
+    /// The user the replicas write decisions under (the Kubernetes user,
+    /// from a SelfSubjectReview), once known.
     user: std::sync::OnceLock<String>,
     tx: broadcast::Sender<(String, ApprovalDecision)>,
 }
 
 impl FleetApprovals {
-    /// `operators`: whether operators decide at the authority (the replica
-    /// then also needs `get` and `patch`).
     pub fn start(
-        kube: Arc<KubeClient>,
-        namespace: String,
-        operators: bool,
+        store: Arc<dyn ApprovalStore>,
         clock: Arc<dyn Clock>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        for verb in ["create", "list", "watch", "delete"] {
-            kube.also_need(verb, GROUP, PLURAL, &namespace);
-        }
-        if operators {
-            for verb in ["get", "patch"] {
-                kube.also_need(verb, GROUP, PLURAL, &namespace);
-            }
-        }
         let this = Arc::new(Self {
-            kube,
-            namespace,
+            store: store.clone(),
             decided: RwLock::default(),
             known: Mutex::default(),
             objects: RwLock::default(),
             user: std::sync::OnceLock::new(),
             tx: broadcast::channel(1024).0,
         });
-        let watcher = this.clone();
-        let sd = shutdown.clone();
-        tokio::spawn(async move {
-            // Who a decision written by a replica is from must be known
-            // before any decision is read (see `decision_of`).
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                match watcher.kube.own_user().await {
-                    Ok(user) => {
-                        let _ = watcher.user.set(user);
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot learn the authority's own Kubernetes user name (SelfSubjectReview); fleet approvals wait for it");
-                        tokio::select! {
-                            _ = sd.cancelled() => return,
-                            _ = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                    }
-                }
-            }
-            let collection = watcher.collection();
-            informer::run(&watcher.kube, &collection, PLURAL, &sd, |change| {
-                let seen = |obj: &Value| {
-                    let Some(name) = obj["metadata"]["name"].as_str() else {
-                        return;
-                    };
-                    watcher.known.lock().insert(name.to_string());
-                    watcher
-                        .objects
-                        .write()
-                        .insert(name.to_string(), obj.clone());
-                    if let Some((node, d)) = decision_of(obj, watcher.user.get().map(String::as_str)) {
-                        let new = watcher
-                            .decided
-                            .write()
-                            .insert(name.to_string(), (node.clone(), d.clone()))
-                            .is_none();
-                        if new {
-                            tracing::info!(node, approval_id = %d.id, by = %d.by, approved = d.approve, "approval decided in the Kubernetes API");
-                            let _ = watcher.tx.send((node, d));
-                        }
-                    }
-                };
-                match change {
-                    Change::Reset(items) => {
-                        watcher.objects.write().clear();
-                        items.iter().for_each(seen)
-                    }
-                    Change::Upsert(obj) => seen(&obj),
-                    Change::Delete(obj) => {
-                        if let Some(name) = obj["metadata"]["name"].as_str() {
-                            watcher.decided.write().remove(name);
-                            watcher.known.lock().remove(name);
-                            watcher.objects.write().remove(name);
-                        }
-                    }
-                    Change::Synced => {}
-                }
-            })
-            .await;
-        });
+        tokio::spawn(store.follow(this.clone(), shutdown.clone()));
         let collector = this.clone();
         tokio::spawn(async move {
             loop {
@@ -250,22 +239,71 @@ impl FleetApprovals {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(60)) => {}
                 }
-                if let Err(e) = collector.collect_expired(unix_seconds(clock.now())).await {
-                    tracing::warn!(error = %e, "could not delete expired ApprovalRequests; retrying later");
+                if let Err(e) = collector
+                    .store
+                    .collect_expired(unix_seconds(clock.now()))
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not delete expired approvals; retrying later");
                 }
             }
         });
         this
     }
 
-    fn collection(&self) -> String {
-        format!(
-            "/apis/{GROUP}/{VERSION}/namespaces/{}/{PLURAL}",
-            self.namespace
-        )
+    /// The user decisions at the authority are written under; set once by
+    /// the store before it delivers any object.
+    pub fn set_user(&self, user: String) {
+        let _ = self.user.set(user);
     }
 
-    /// Keeps `node`'s pending approvals as objects (those not there yet).
+    /// An object as the store holds it now.
+    pub fn seen(&self, obj: &Value) {
+        let Some(name) = obj["metadata"]["name"].as_str() else {
+            return;
+        };
+        self.known.lock().insert(name.to_string());
+        self.objects.write().insert(name.to_string(), obj.clone());
+        if let Some((node, d)) = decision_of(obj, self.user.get().map(String::as_str)) {
+            let new = self
+                .decided
+                .write()
+                .insert(name.to_string(), (node.clone(), d.clone()))
+                .is_none();
+            if new {
+                tracing::info!(node, approval_id = %d.id, by = %d.by, approved = d.approve, "approval decided in the fleet store");
+                let _ = self.tx.send((node, d));
+            }
+        }
+    }
+
+    /// An object deleted from the store.
+    pub fn forget(&self, name: &str) {
+        self.decided.write().remove(name);
+        self.known.lock().remove(name);
+        self.objects.write().remove(name);
+    }
+
+    /// Everything the store holds now (what is not there was deleted).
+    pub fn reset(&self, items: &[Value]) {
+        let present: HashSet<&str> = items
+            .iter()
+            .filter_map(|o| o["metadata"]["name"].as_str())
+            .collect();
+        let gone: Vec<String> = self
+            .objects
+            .read()
+            .keys()
+            .filter(|n| !present.contains(n.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.forget(&name);
+        }
+        items.iter().for_each(|o| self.seen(o));
+    }
+
+    /// Keeps `node`'s pending approvals in the store (those not there yet).
     pub async fn publish(
         &self,
         node: &str,
@@ -277,39 +315,8 @@ impl FleetApprovals {
             if self.known.lock().contains(&name) {
                 continue;
             }
-            let r = &p.request;
-            let body = json!({
-                "apiVersion": format!("{GROUP}/{VERSION}"),
-                "kind": "ApprovalRequest",
-                "metadata": {"name": name},
-                "spec": {
-                    "node": node,
-                    "approvalId": p.id,
-                    "deadline": p.deadline,
-                    "caller": r["caller"],
-                    "principal": r["principal"],
-                    "audience": r["audience"],
-                    "scopes": r["scopes"],
-                    "ttlSeconds": r["ttl_seconds"],
-                    "taskId": r["task_id"],
-                    "delegationChain": r["delegation_chain"],
-                    "mayAct": r["may_act"],
-                    "policyIds": r["policy_ids"],
-                },
-            });
-            match self
-                .kube
-                .json(
-                    hyper::Method::POST,
-                    &self.collection(),
-                    "application/json",
-                    Some(&body),
-                )
-                .await
-            {
-                Ok(_) => created += 1,
-                Err(e) if e.status == Some(409) => {}
-                Err(e) => return Err(e.message),
+            if self.store.create(&name, node, &p).await? {
+                created += 1;
             }
             self.known.lock().insert(name);
         }
@@ -412,10 +419,8 @@ impl FleetApprovals {
     }
 
     /// An operator's decision at the authority: `id` is a node's approval id
-    /// (with `node` where two nodes use one) or an object name. Written under
-    /// the replica's own user with `spec.operator`, and only if the object
-    /// is still undecided at the resource version read (a decision made
-    /// meanwhile, here or with kubectl, wins).
+    /// (with `node` where two nodes use one) or an object name. Kept by the
+    /// store only if still undecided (a decision made meanwhile wins).
     pub async fn decide(
         &self,
         id: &str,
@@ -444,102 +449,230 @@ impl FleetApprovals {
             .user
             .get()
             .ok_or_else(|| {
-                DecideError::Kube("the authority's own user name is not known yet".into())
+                DecideError::Store("the authority's own user name is not known yet".into())
             })?
             .clone();
-        let path = format!("{}/{name}", self.collection());
-        let current = self
-            .kube
-            .json(hyper::Method::GET, &path, "application/json", None)
+        self.store
+            .decide(&name, id, approve, operator, &user, now)
             .await
-            .map_err(|e| match e.status {
-                Some(404) => DecideError::NotFound(id.to_string()),
-                _ => DecideError::Kube(e.message),
-            })?;
-        let decided = |obj: &Value| {
-            obj["spec"]["decision"]
-                .as_str()
-                .map(|d| DecideError::AlreadyDecided {
-                    id: id.to_string(),
-                    decision: d.to_string(),
-                    by: decision_of(obj, Some(&user))
-                        .map(|(_, d)| d.by)
-                        .unwrap_or_default(),
-                })
-        };
-        if let Some(e) = decided(&current) {
-            return Err(e);
+    }
+}
+
+/// Pending approvals as `ApprovalRequest` objects in the Kubernetes API.
+pub struct KubeApprovals {
+    kube: Arc<KubeClient>,
+    namespace: String,
+}
+
+impl KubeApprovals {
+    /// `operators`: whether operators decide at the authority (the replica
+    /// then also needs `get` and `patch`).
+    pub fn new(kube: Arc<KubeClient>, namespace: String, operators: bool) -> Self {
+        for verb in ["create", "list", "watch", "delete"] {
+            kube.also_need(verb, GROUP, PLURAL, &namespace);
         }
-        if current["spec"]["deadline"].as_u64().unwrap_or(0) <= now {
-            return Err(DecideError::Expired(id.to_string()));
-        }
-        let patch = json!({
-            "metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
-            "spec": {
-                "decision": if approve { "approved" } else { "denied" },
-                "decidedBy": user,
-                "operator": operator.to_string(),
-            },
-        });
-        match self
-            .kube
-            .json(
-                hyper::Method::PATCH,
-                &path,
-                "application/merge-patch+json",
-                Some(&patch),
-            )
-            .await
-        {
-            Ok(obj) => Ok(listed(&obj)),
-            // Changed since it was read (decided meanwhile), or refused by
-            // the admission policy as decided already: say by whom.
-            Err(e) if matches!(e.status, Some(409) | Some(403)) => {
-                let now_obj = self
-                    .kube
-                    .json(hyper::Method::GET, &path, "application/json", None)
-                    .await
-                    .map_err(|e| DecideError::Kube(e.message))?;
-                Err(decided(&now_obj).unwrap_or(DecideError::Kube(e.message)))
+        if operators {
+            for verb in ["get", "patch"] {
+                kube.also_need(verb, GROUP, PLURAL, &namespace);
             }
-            Err(e) => Err(DecideError::Kube(e.message)),
         }
+        Self { kube, namespace }
     }
 
-    async fn collect_expired(&self, now: u64) -> Result<(), String> {
-        let list = self
-            .kube
-            .json(
-                hyper::Method::GET,
-                &self.collection(),
-                "application/json",
-                None,
-            )
-            .await
-            .map_err(|e| e.message)?;
-        for obj in list["items"].as_array().into_iter().flatten() {
-            if obj["spec"]["deadline"].as_u64().unwrap_or(0) + 60 > now {
-                continue;
-            }
-            let Some(name) = obj["metadata"]["name"].as_str() else {
-                continue;
-            };
+    fn collection(&self) -> String {
+        format!(
+            "/apis/{GROUP}/{VERSION}/namespaces/{}/{PLURAL}",
+            self.namespace
+        )
+    }
+}
+
+impl ApprovalStore for KubeApprovals {
+    fn create<'a>(
+        &'a self,
+        name: &'a str,
+        node: &'a str,
+        p: &'a PendingApproval,
+    ) -> ApprovalFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            let body = json!({
+                "apiVersion": format!("{GROUP}/{VERSION}"),
+                "kind": "ApprovalRequest",
+                "metadata": {"name": name},
+                "spec": spec_of(node, p),
+            });
             match self
                 .kube
                 .json(
-                    hyper::Method::DELETE,
-                    &format!("{}/{name}", self.collection()),
+                    hyper::Method::POST,
+                    &self.collection(),
+                    "application/json",
+                    Some(&body),
+                )
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(e) if e.status == Some(409) => Ok(false),
+                Err(e) => Err(e.message),
+            }
+        })
+    }
+
+    /// Written under the replica's own user with `spec.operator`, and only
+    /// if the object is still undecided at the resource version read (a
+    /// decision made meanwhile, here or with kubectl, wins).
+    fn decide<'a>(
+        &'a self,
+        name: &'a str,
+        id: &'a str,
+        approve: bool,
+        operator: &'a spiffe::SpiffeId,
+        user: &'a str,
+        now: u64,
+    ) -> ApprovalFuture<'a, Result<Value, DecideError>> {
+        Box::pin(async move {
+            let path = format!("{}/{name}", self.collection());
+            let current = self
+                .kube
+                .json(hyper::Method::GET, &path, "application/json", None)
+                .await
+                .map_err(|e| match e.status {
+                    Some(404) => DecideError::NotFound(id.to_string()),
+                    _ => DecideError::Kube(e.message),
+                })?;
+            let decided = |obj: &Value| {
+                obj["spec"]["decision"]
+                    .as_str()
+                    .map(|d| DecideError::AlreadyDecided {
+                        id: id.to_string(),
+                        decision: d.to_string(),
+                        by: decision_of(obj, Some(user))
+                            .map(|(_, d)| d.by)
+                            .unwrap_or_default(),
+                    })
+            };
+            if let Some(e) = decided(&current) {
+                return Err(e);
+            }
+            if current["spec"]["deadline"].as_u64().unwrap_or(0) <= now {
+                return Err(DecideError::Expired(id.to_string()));
+            }
+            let patch = json!({
+                "metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
+                "spec": {
+                    "decision": if approve { "approved" } else { "denied" },
+                    "decidedBy": user,
+                    "operator": operator.to_string(),
+                },
+            });
+            match self
+                .kube
+                .json(
+                    hyper::Method::PATCH,
+                    &path,
+                    "application/merge-patch+json",
+                    Some(&patch),
+                )
+                .await
+            {
+                Ok(obj) => Ok(listed(&obj)),
+                // Changed since it was read (decided meanwhile), or refused by
+                // the admission policy as decided already: say by whom.
+                Err(e) if matches!(e.status, Some(409) | Some(403)) => {
+                    let now_obj = self
+                        .kube
+                        .json(hyper::Method::GET, &path, "application/json", None)
+                        .await
+                        .map_err(|e| DecideError::Kube(e.message))?;
+                    Err(decided(&now_obj).unwrap_or(DecideError::Kube(e.message)))
+                }
+                Err(e) => Err(DecideError::Kube(e.message)),
+            }
+        })
+    }
+
+    fn collect_expired(&self, now: u64) -> ApprovalFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let list = self
+                .kube
+                .json(
+                    hyper::Method::GET,
+                    &self.collection(),
                     "application/json",
                     None,
                 )
                 .await
-            {
-                Ok(_) => {}
-                Err(e) if e.status == Some(404) => {}
-                Err(e) => return Err(e.message),
+                .map_err(|e| e.message)?;
+            for obj in list["items"].as_array().into_iter().flatten() {
+                if obj["spec"]["deadline"].as_u64().unwrap_or(0) + 60 > now {
+                    continue;
+                }
+                let Some(name) = obj["metadata"]["name"].as_str() else {
+                    continue;
+                };
+                match self
+                    .kube
+                    .json(
+                        hyper::Method::DELETE,
+                        &format!("{}/{name}", self.collection()),
+                        "application/json",
+                        None,
+                    )
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if e.status == Some(404) => {}
+                    Err(e) => return Err(e.message),
+                }
             }
-        }
-        Ok(())
+            Ok(())
+        })
+    }
+
+    fn follow(
+        self: Arc<Self>,
+        view: Arc<FleetApprovals>,
+        sd: CancellationToken,
+    ) -> ApprovalFuture<'static, ()> {
+        Box::pin(async move {
+            // Who a decision written by a replica is from must be known
+            // before any decision is read (see `decision_of`).
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match self.kube.own_user().await {
+                    Ok(user) => {
+                        view.set_user(user);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot learn the authority's own Kubernetes user name (SelfSubjectReview); fleet approvals wait for it");
+                        tokio::select! {
+                            _ = sd.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+            let collection = self.collection();
+            informer::run(
+                &self.kube,
+                &collection,
+                PLURAL,
+                &sd,
+                |change| match change {
+                    Change::Reset(items) => view.reset(&items),
+                    Change::Upsert(obj) => view.seen(&obj),
+                    Change::Delete(obj) => {
+                        if let Some(name) = obj["metadata"]["name"].as_str() {
+                            view.forget(name);
+                        }
+                    }
+                    Change::Synced => {}
+                },
+            )
+            .await;
+        })
     }
 }
 

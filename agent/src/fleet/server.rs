@@ -307,9 +307,11 @@ pub async fn start(
                     tracing::info!(backend = "kubernetes", namespace = %store.namespace, "fleet state: revocations are shared through RevocationBatch objects; join tokens and node denials are JoinToken and NodeDenial objects");
                     if store.approvals {
                         approvals = Some(super::approvals::FleetApprovals::start(
-                            kube.clone(),
-                            store.namespace.clone(),
-                            !config.operators.is_empty(),
+                            Arc::new(super::approvals::KubeApprovals::new(
+                                kube.clone(),
+                                store.namespace.clone(),
+                                !config.operators.is_empty(),
+                            )),
                             clock.clone(),
                             shutdown.clone(),
                         ));
@@ -339,6 +341,15 @@ pub async fn start(
                         "fleet state: revocations, join tokens and node denials are rows of tessera_* tables, followed through LISTEN/NOTIFY"
                     );
                     database = Some(db.clone());
+                    if store.approvals {
+                        approvals = Some(super::approvals::FleetApprovals::start(
+                            Arc::new(super::store::postgres::approvals::PgApprovals::new(
+                                db.clone(),
+                            )),
+                            clock.clone(),
+                            shutdown.clone(),
+                        ));
+                    }
                     (
                         Arc::new(super::store::postgres::PgBackend::new(
                             db.clone(),
@@ -1421,7 +1432,7 @@ async fn operator_decide(
                 DecideError::AlreadyDecided { .. } | DecideError::Expired(_) => {
                     StatusCode::CONFLICT
                 }
-                DecideError::Kube(_) => StatusCode::SERVICE_UNAVAILABLE,
+                DecideError::Kube(_) | DecideError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             };
             s.count("operator_decision", "refused");
             Err(ApiError(status, e.to_string()))

@@ -24,6 +24,7 @@
 //! transaction mode drops them). A lost connection is reopened with
 //! backoff and the feed resumes from its cursor.
 
+pub mod approvals;
 pub mod entries;
 pub mod nodes;
 
@@ -166,6 +167,26 @@ CREATE TRIGGER tessera_entries_generation BEFORE UPDATE OF spec ON tessera_entri
 CREATE TRIGGER tessera_entries_notify AFTER INSERT OR UPDATE OF spec OR DELETE OR TRUNCATE
   ON tessera_entries
   FOR EACH STATEMENT EXECUTE FUNCTION tessera_notify('tessera_entries');
+"#,
+    // 2: nodes' pending approvals, decided by operators at the authority.
+    r#"
+CREATE TABLE tessera_approvals (
+  name text PRIMARY KEY,
+  node text NOT NULL,
+  approval_id text NOT NULL,
+  deadline bigint NOT NULL,
+  request jsonb NOT NULL,
+  decision text CHECK (decision IN ('approved', 'denied')),
+  decided_by text CHECK (decided_by LIKE 'spiffe://%'),
+  decided_at timestamptz,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  UNIQUE (node, approval_id),
+  CHECK ((decision IS NULL) = (decided_by IS NULL))
+);
+CREATE INDEX tessera_approvals_deadline ON tessera_approvals (deadline);
+CREATE TRIGGER tessera_approvals_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+  ON tessera_approvals
+  FOR EACH STATEMENT EXECUTE FUNCTION tessera_notify('tessera_approvals');
 "#,
 ];
 
