@@ -45,6 +45,7 @@ pub mod registration;
 pub mod server;
 pub mod status;
 pub mod store;
+pub mod subscribe;
 pub mod tls;
 pub mod wire;
 

@@ -722,40 +722,33 @@ pub fn follow(up: Arc<Upstream>, local: Arc<dyn LocalApprovals>, shutdown: Cance
         }
     });
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            let mut stream = match up.open_stream("/v1/approvals/decisions").await {
-                Ok(s) => s,
-                Err(e) => {
-                    let wait = match e {
-                        UpstreamError::Refused { status: 404, .. } => Duration::from_secs(60),
-                        _ => backoff,
-                    };
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                    continue;
-                }
-            };
-            backoff = Duration::from_millis(200);
-            loop {
-                let next = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    n = tokio::time::timeout(HEARTBEAT * 3, stream.next::<DecisionEvent>()) => n,
-                };
-                match next {
-                    Ok(Some(Ok(DecisionEvent {
-                        decision: Some(d), ..
-                    }))) => local.decide(d).await,
-                    Ok(Some(Ok(_))) => {}
-                    _ => break,
-                }
-            }
-        }
+        super::subscribe::follow(
+            &up,
+            "the fleet's approval decisions",
+            Decisions(local),
+            shutdown,
+        )
+        .await
     });
+}
+
+/// Applies each decision made for this node's approvals.
+struct Decisions(Arc<dyn LocalApprovals>);
+
+impl super::subscribe::Handler for Decisions {
+    type Event = DecisionEvent;
+
+    fn path(&self) -> String {
+        "/v1/approvals/decisions".into()
+    }
+
+    // Approvals not shared by this authority: they are decided on this
+    // node's operator socket only.
+    fn not_served(&mut self, _first: bool) {}
+
+    async fn event(&mut self, event: DecisionEvent) {
+        if let Some(d) = event.decision {
+            self.0.decide(d).await;
+        }
+    }
 }

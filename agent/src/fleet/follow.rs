@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::client::{Upstream, UpstreamError};
-use super::feed::HEARTBEAT;
+use super::subscribe::{self, Handler};
 use super::wire::{RevocationsAccepted, RevocationsRequest, StreamEvent};
 use crate::metrics::Metrics;
 use crate::revocation::{Record, RevocationStore};
@@ -149,6 +149,59 @@ async fn publish(
     }
 }
 
+/// Applies the fleet's revocations to this node's store, resuming from the
+/// cursor the stream last sent.
+struct Revocations {
+    up: Arc<Upstream>,
+    store: Arc<RevocationStore>,
+    synced: watch::Sender<bool>,
+    metrics: Arc<Metrics>,
+    cursor: u64,
+}
+
+impl Handler for Revocations {
+    type Event = StreamEvent;
+
+    fn path(&self) -> String {
+        format!("/v1/stream?cursor={}", self.cursor)
+    }
+
+    fn not_served(&mut self, first: bool) {
+        if first {
+            tracing::warn!(
+                "the fleet authority keeps no fleet state ([server.store] is not set): revocations on other nodes are not seen here"
+            );
+        }
+        // Nothing to wait for: report ready without it.
+        self.up.set_revocations_synced(true);
+        self.synced.send_replace(true);
+    }
+
+    fn connected(&mut self, open: bool) {
+        self.metrics.fleet_stream_connected.set(i64::from(open));
+    }
+
+    async fn event(&mut self, event: StreamEvent) {
+        if !event.revocations.is_empty() {
+            let applied = self.store.apply_remote(&event.revocations, self.up.now());
+            self.metrics
+                .fleet_revocations_received
+                .inc_by(event.revocations.len() as u64);
+            tracing::debug!(
+                received = event.revocations.len(),
+                applied,
+                "fleet revocations"
+            );
+        }
+        self.cursor = self.cursor.max(event.cursor);
+        if event.synced && !*self.synced.borrow() {
+            tracing::info!(revocations = self.store.len(), "fleet revocations loaded");
+            self.up.set_revocations_synced(true);
+            self.synced.send_replace(true);
+        }
+    }
+}
+
 async fn follow(
     up: Arc<Upstream>,
     store: Arc<RevocationStore>,
@@ -156,86 +209,12 @@ async fn follow(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut cursor = 0u64;
-    let mut backoff = Duration::from_millis(200);
-    let mut warned = false;
-    loop {
-        if shutdown.is_cancelled() {
-            return;
-        }
-        let opened = up.open_stream(&format!("/v1/stream?cursor={cursor}")).await;
-        let mut stream = match opened {
-            Ok(s) => s,
-            Err(e) => {
-                let wait = match &e {
-                    UpstreamError::Refused { status: 404, .. } => {
-                        if !warned {
-                            tracing::warn!(
-                                "the fleet authority keeps no fleet state ([server.store] is not set): revocations on other nodes are not seen here"
-                            );
-                        }
-                        // Nothing to wait for: report ready without it.
-                        up.set_revocations_synced(true);
-                        synced.send_replace(true);
-                        Duration::from_secs(60)
-                    }
-                    _ => {
-                        if !warned {
-                            tracing::warn!(error = %e, "cannot follow the fleet's revocations; retrying");
-                        }
-                        backoff
-                    }
-                };
-                warned = true;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                continue;
-            }
-        };
-        if warned {
-            tracing::info!("following the fleet's revocations again");
-            warned = false;
-        }
-        backoff = Duration::from_millis(200);
-        metrics.fleet_stream_connected.set(1);
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                n = tokio::time::timeout(HEARTBEAT * 3, stream.next::<StreamEvent>()) => n,
-            };
-            let event = match next {
-                Ok(Some(Ok(event))) => event,
-                Ok(Some(Err(e))) => {
-                    tracing::debug!(error = %e, "the fleet stream broke; reconnecting");
-                    break;
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    tracing::debug!("the fleet stream went silent; reconnecting");
-                    break;
-                }
-            };
-            if !event.revocations.is_empty() {
-                let applied = store.apply_remote(&event.revocations, up.now());
-                metrics
-                    .fleet_revocations_received
-                    .inc_by(event.revocations.len() as u64);
-                tracing::debug!(
-                    received = event.revocations.len(),
-                    applied,
-                    "fleet revocations"
-                );
-            }
-            cursor = cursor.max(event.cursor);
-            if event.synced && !*synced.borrow() {
-                tracing::info!(revocations = store.len(), "fleet revocations loaded");
-                up.set_revocations_synced(true);
-                synced.send_replace(true);
-            }
-        }
-        metrics.fleet_stream_connected.set(0);
-    }
+    let handler = Revocations {
+        up: up.clone(),
+        store,
+        synced,
+        metrics,
+        cursor: 0,
+    };
+    subscribe::follow(&up, "the fleet's revocations", handler, shutdown).await;
 }

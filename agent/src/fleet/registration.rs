@@ -40,7 +40,7 @@ use tessera_attestor::Selector;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::client::{Upstream, UpstreamError};
+use super::client::Upstream;
 use super::feed::HEARTBEAT;
 use super::informer::{self, Change};
 use super::kube::KubeClient;
@@ -640,97 +640,78 @@ pub fn applies_to(doc: &EntryDoc, node: &str) -> bool {
     })
 }
 
+/// Puts each set of live entries the authority sends into this node's
+/// sources (when it changed).
+struct FleetEntries {
+    sources: Arc<EntrySources>,
+    loaded: watch::Sender<bool>,
+    last: Option<Vec<EntryDoc>>,
+}
+
+impl super::subscribe::Handler for FleetEntries {
+    type Event = EntriesEvent;
+
+    fn path(&self) -> String {
+        "/v1/entries".into()
+    }
+
+    // An authority without live registration: only the config file's
+    // entries; asked again now and then.
+    fn not_served(&mut self, first: bool) {
+        if first {
+            tracing::info!(
+                "the fleet authority has no live registration ([server.registration]); using this node's config-file entries only"
+            );
+        }
+        self.loaded.send_replace(true);
+    }
+
+    async fn event(&mut self, event: EntriesEvent) {
+        let Some(docs) = event.entries else { return };
+        if self.last.as_ref() != Some(&docs) {
+            let mut entries = Vec::with_capacity(docs.len());
+            for doc in &docs {
+                match entry_from_doc(doc) {
+                    Ok(e) => entries.push(e),
+                    Err(why) => {
+                        tracing::warn!(source = %doc.source, error = %why, "ignoring a live entry this agent cannot read")
+                    }
+                }
+            }
+            tracing::info!(
+                live = entries.len(),
+                "live registration entries from the fleet authority"
+            );
+            self.sources.set_fleet(entries);
+            self.last = Some(docs);
+        }
+        self.loaded.send_replace(true);
+    }
+}
+
 /// A node's side: follows the authority's live entries into `sources`
-/// until `shutdown`. The receiver turns true once the first set arrived (or
-/// the authority has none to give).
+/// until `shutdown` (the last set received stays in force while no replica
+/// answers). The receiver turns true once the first set arrived (or the
+/// authority has none to give).
 pub fn follow(
     up: Arc<Upstream>,
     sources: Arc<EntrySources>,
     shutdown: CancellationToken,
 ) -> watch::Receiver<bool> {
     let (loaded_tx, loaded) = watch::channel(false);
+    let handler = FleetEntries {
+        sources,
+        loaded: loaded_tx,
+        last: None,
+    };
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(200);
-        let mut warned = false;
-        let mut last: Option<Vec<EntryDoc>> = None;
-        loop {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            let mut stream = match up.open_stream("/v1/entries").await {
-                Ok(s) => s,
-                Err(e) => {
-                    let wait = match &e {
-                        // An authority without live registration: only the
-                        // config file's entries; ask again now and then.
-                        UpstreamError::Refused { status: 404, .. } => {
-                            if !warned {
-                                tracing::info!(
-                                    "the fleet authority has no live registration ([server.registration]); using this node's config-file entries only"
-                                );
-                            }
-                            loaded_tx.send_replace(true);
-                            Duration::from_secs(60)
-                        }
-                        _ => {
-                            if !warned {
-                                tracing::warn!(error = %e, "cannot follow the fleet's live registration entries; retrying (the last set received stays in force)");
-                            }
-                            backoff
-                        }
-                    };
-                    warned = true;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                    continue;
-                }
-            };
-            if warned {
-                tracing::info!("following the fleet's live registration entries again");
-                warned = false;
-            }
-            backoff = Duration::from_millis(200);
-            loop {
-                let next = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    n = tokio::time::timeout(HEARTBEAT * 3, stream.next::<EntriesEvent>()) => n,
-                };
-                let event = match next {
-                    Ok(Some(Ok(event))) => event,
-                    Ok(Some(Err(e))) => {
-                        tracing::debug!(error = %e, "the entries stream broke; reconnecting");
-                        break;
-                    }
-                    Ok(None) => break,
-                    Err(_) => {
-                        tracing::debug!("the entries stream went silent; reconnecting");
-                        break;
-                    }
-                };
-                let Some(docs) = event.entries else { continue };
-                if last.as_ref() != Some(&docs) {
-                    let mut entries = Vec::with_capacity(docs.len());
-                    for doc in &docs {
-                        match entry_from_doc(doc) {
-                            Ok(e) => entries.push(e),
-                            Err(why) => {
-                                tracing::warn!(source = %doc.source, error = %why, "ignoring a live entry this agent cannot read")
-                            }
-                        }
-                    }
-                    tracing::info!(
-                        live = entries.len(),
-                        "live registration entries from the fleet authority"
-                    );
-                    sources.set_fleet(entries);
-                    last = Some(docs);
-                }
-                loaded_tx.send_replace(true);
-            }
-        }
+        super::subscribe::follow(
+            &up,
+            "the fleet's live registration entries",
+            handler,
+            shutdown,
+        )
+        .await
     });
     loaded
 }
