@@ -9,7 +9,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-cargo build -q --locked -p tessera-agent -p tessera-examples
+[ -n "${TESSERA_PREBUILT:-}" ] || cargo build -q --locked -p tessera-agent -p tessera-examples  # scripts/test.sh builds everything once
 # The real path: unix:path selectors match the executable the kernel reports,
 # and target/ may be a link (CI keeps the build directory in a cache).
 bin=$(cd "$root/target/debug" && pwd -P)

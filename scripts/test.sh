@@ -75,7 +75,12 @@ TESSERA_KUBE_BIN="$(bash tests/kube/build.sh)"
 export TESSERA_KUBE_BIN
 section "cargo test"
 cargo test --locked --workspace
-cargo build --locked -p tessera-agent
+# Every binary and example the later sections run, built once: each
+# `cargo build -p A -p B` unifies features over its own package set, so the
+# examples' and interop scripts' separate builds each recompiled the agent.
+# They skip their own build when TESSERA_PREBUILT is set.
+cargo build --locked --workspace --bins --examples
+export TESSERA_PREBUILT=1
 
 section "SDK: Python (ruff, mypy --strict, pytest with the official MCP Python SDK)"
 sdk/python/run-tests.sh

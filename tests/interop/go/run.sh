@@ -6,7 +6,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)
-(cd "$root" && cargo build --locked -q -p tessera-token-guard --example wit_guard_server)
+[ -n "${TESSERA_PREBUILT:-}" ] || (cd "$root" && cargo build --locked -q -p tessera-token-guard --example wit_guard_server)  # scripts/test.sh builds everything once
 export TESSERA_WIT_GUARD_BIN=${TESSERA_WIT_GUARD_BIN:-${CARGO_TARGET_DIR:-$root/target}/debug/examples/wit_guard_server}
 cd "$here"
 go mod download
