@@ -66,6 +66,26 @@ const REACH_UNKNOWN: u8 = 0;
 const REACH_UP: u8 = 1;
 const REACH_DOWN: u8 = 2;
 
+/// A change of reachability worth a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReachChange {
+    /// A replica answers again after none did.
+    Back,
+    /// No replica answers, at start or after one did.
+    Lost,
+}
+
+/// What to log when the reachability state goes from `was` to `now`: the
+/// first answer after start and a repeated state say nothing (before, a node
+/// logged "reachable again" at start and before each failed attestation).
+fn reach_change(was: u8, now: u8) -> Option<ReachChange> {
+    match (was, now) {
+        (REACH_DOWN, REACH_UP) => Some(ReachChange::Back),
+        (REACH_UNKNOWN | REACH_UP, REACH_DOWN) => Some(ReachChange::Lost),
+        _ => None,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// No replica answered.
@@ -596,12 +616,12 @@ impl Upstream {
         let now = if up { REACH_UP } else { REACH_DOWN };
         let was = self.reachable.swap(now, Ordering::AcqRel);
         self.metrics.upstream_reachable.set(i64::from(up));
-        match (was, now) {
-            (REACH_DOWN, REACH_UP) => tracing::info!("the fleet authority is reachable again"),
-            (REACH_UNKNOWN | REACH_UP, REACH_DOWN) => tracing::warn!(
+        match reach_change(was, now) {
+            Some(ReachChange::Back) => tracing::info!("the fleet authority is reachable again"),
+            Some(ReachChange::Lost) => tracing::warn!(
                 "no fleet authority replica answers; serving cached SVIDs until they expire"
             ),
-            _ => {}
+            None => {}
         }
     }
 
@@ -954,5 +974,25 @@ impl Signer for Upstream {
         (self.revocations.load(Ordering::Acquire) == REVOCATIONS_LOADING).then(|| {
             "the fleet's revocations are not loaded yet (a token revoked on another node could pass here)".to_string()
         })
+    }
+}
+
+#[cfg(test)]
+mod reachability_tests {
+    use super::*;
+
+    #[test]
+    fn only_real_changes_of_reachability_are_logged() {
+        // The first answer after start is not "again".
+        assert_eq!(reach_change(REACH_UNKNOWN, REACH_UP), None);
+        assert_eq!(reach_change(REACH_UP, REACH_UP), None);
+        // Every failed request while down is one outage, logged once.
+        assert_eq!(reach_change(REACH_DOWN, REACH_DOWN), None);
+        assert_eq!(
+            reach_change(REACH_UNKNOWN, REACH_DOWN),
+            Some(ReachChange::Lost)
+        );
+        assert_eq!(reach_change(REACH_UP, REACH_DOWN), Some(ReachChange::Lost));
+        assert_eq!(reach_change(REACH_DOWN, REACH_UP), Some(ReachChange::Back));
     }
 }
