@@ -23,17 +23,14 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("identity and transport", &["identity", "transport"]),
     ("callers", &["caller"]),
+    // Federation fetches and keeps other trust domains' bundles for the
+    // trust store; it imports no service, and the fleet authority builds on
+    // it (relationships as custom resources, bundles kept in the fleet
+    // store), so it sits below the services rather than beside them.
+    ("trust sources", &["federation"]),
     (
         "services",
-        &[
-            "workload_api",
-            "sds",
-            "exchange",
-            "fleet",
-            "federation",
-            "https",
-            "admin",
-        ],
+        &["workload_api", "sds", "exchange", "fleet", "https", "admin"],
     ),
     ("wiring", &["config", "app"]),
     ("edge", &["cli"]),
