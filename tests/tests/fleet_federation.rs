@@ -638,3 +638,151 @@ async fn federation_relationships_are_custom_resources_and_their_bundles_outlive
         replica.wait().await;
     }
 }
+
+/// With the fleet's state on PostgreSQL, the bundles a replica fetches for
+/// its `[[federation]]` tables are kept as rows of `tessera_foreign_bundles`
+/// (read with psql), and a replica started while the foreign endpoint is
+/// down serves the kept bundle, not only the bootstrap one (CAs only), to a
+/// node attached to it alone (judged by the `spiffe` crate's JWT bundles).
+/// The replicas run as the run-time role whose grants docs/postgres.md
+/// lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bundles_kept_in_postgresql_outlive_the_endpoint() {
+    use tessera_agent::fleet::store::postgres::{Database, DatabaseConfig};
+    let pg = tessera_tests::postgres::PgServer::shared();
+    let owner = pg.database("kept_bundles");
+    Database::open(DatabaseConfig {
+        url: owner.url.clone(),
+        password_file: Some(owner.password_file.clone()),
+        migrate: true,
+    })
+    .await
+    .unwrap();
+    let db = pg.runtime_role(&owner);
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let partner_dir = tempfile::tempdir().unwrap();
+    let partner = single_node(
+        partner_dir.path(),
+        "partner.test",
+        "[bundle_endpoint]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let partner_url = format!(
+        "https://{}/",
+        partner.bundle_endpoint.as_ref().unwrap().addr
+    );
+    let partner_socket = format!("unix://{}/sock/agent.sock", partner_dir.path().display());
+    let partner_cas = cas_of(
+        &context_where(partner_socket.clone(), |_| true).await,
+        "partner.test",
+    )
+    .unwrap();
+    std::fs::write(d.join("partner.pem"), pem(&partner_cas)).unwrap();
+    let partner_kids = {
+        let client = spiffe::WorkloadApiClient::connect_to(partner_socket)
+            .await
+            .unwrap();
+        let set = client.fetch_jwt_bundles().await.unwrap();
+        let mut kids: Vec<String> = set
+            .get(&td("partner.test"))
+            .unwrap()
+            .jwt_authorities()
+            .map(|a| a.key_id().to_string())
+            .collect();
+        kids.sort();
+        kids
+    };
+    assert!(!partner_kids.is_empty());
+
+    tessera_agent::identity::key_files::init_key_dir(
+        &td("example.org"),
+        &d.join("keys"),
+        Duration::from_secs(30 * 24 * 3600),
+        SystemTime::now(),
+    )
+    .unwrap();
+    let entry = |node: &str| {
+        format!(
+            "[[entries]]\nspiffe_id = \"spiffe://example.org/{node}/svc\"\nselectors = [\"tessera:node:{node}\", \"unix:uid:{}\"]\nfederates_with = [\"partner.test\"]\n",
+            my_uid()
+        )
+    };
+    let authority_text = format!(
+        "trust_domain = \"example.org\"\n{}{}[server]\nlisten = \"127.0.0.1:0\"\nkeys_dir = \"{k}/keys\"\njoin_token_dir = \"{k}/join\"\n{store}[[federation]]\ntrust_domain = \"partner.test\"\nbundle_endpoint_url = \"{partner_url}\"\nbundle_endpoint_profile = \"https_spiffe\"\nendpoint_spiffe_id = \"spiffe://partner.test/tessera/bundle-endpoint\"\nbootstrap_bundle = \"{k}/partner.pem\"\n",
+        entry("node-a"),
+        entry("node-b"),
+        k = d.display(),
+        store = db.store_table(),
+    );
+    let cfg = Config::parse(&authority_text, "authority.toml").unwrap();
+    let clock = Arc::new(tessera_agent::clock::SystemClock);
+    let replica_a = tessera_agent::app::authority::start_authority(&cfg, clock.clone())
+        .await
+        .unwrap();
+    let mut node_a = fleet_node(d, replica_a.server.addr, "node-a", &entry("node-a")).await;
+    let mut kids = jwt_kids_of(&node_a, "partner.test").await;
+    kids.sort();
+    assert_eq!(kids, partner_kids, "fetched from partner.test's endpoint");
+
+    // Kept as the endpoint served it, as PostgreSQL holds it.
+    let mut kept = String::new();
+    for _ in 0..100 {
+        kept = pg.psql_in(
+            &db.name,
+            "SELECT bundle FROM tessera_foreign_bundles WHERE trust_domain = 'partner.test'",
+        );
+        if !kept.trim().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let doc: serde_json::Value = serde_json::from_str(kept.trim()).expect("a kept bundle row");
+    let mut kept_kids: Vec<String> = doc["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "jwt-svid")
+        .map(|k| k["kid"].as_str().unwrap().to_string())
+        .collect();
+    kept_kids.sort();
+    assert_eq!(kept_kids, partner_kids);
+
+    // The endpoint goes down; a replica started now serves the kept bundle
+    // and never reaches the endpoint.
+    partner.stop().await.unwrap();
+    let replica_b = tessera_agent::app::authority::start_authority(&cfg, clock.clone())
+        .await
+        .unwrap();
+    let mut node_b = fleet_node(d, replica_b.server.addr, "node-b", &entry("node-b")).await;
+    let mut kids = jwt_kids_of(&node_b, "partner.test").await;
+    kids.sort();
+    assert_eq!(
+        kids, partner_kids,
+        "the kept bundle, not the bootstrap one (CAs only)"
+    );
+    let fetched = |result: &'static str| {
+        replica_b
+            .server
+            .federation_metrics
+            .refreshes
+            .get_or_create(&tessera_agent::metrics::FederationLabels {
+                trust_domain: "partner.test".into(),
+                result,
+            })
+            .get()
+    };
+    assert_eq!(
+        fetched("updated") + fetched("unchanged"),
+        0,
+        "replica B never reached the endpoint"
+    );
+
+    node_a.stop().await;
+    node_b.stop().await;
+    for replica in [replica_a, replica_b] {
+        replica.shutdown();
+        replica.wait().await;
+    }
+}

@@ -97,6 +97,17 @@ pub async fn start_authority(
                     .await,
                 )
             }
+            (_, Some(store)) if store.kind == crate::fleet::store::StoreKind::Postgres => {
+                match &running.database {
+                    Some(db) => Some(
+                        crate::fleet::store::postgres::foreign_bundles::PgKeptBundles::load(
+                            db.clone(),
+                        )
+                        .await,
+                    ),
+                    None => None,
+                }
+            }
             _ => None,
         };
     let federation = crate::federation::Federation::new(

@@ -148,6 +148,8 @@ pub struct RunningAuthority {
     /// wiring starts beside the server (federation relationships and kept
     /// bundles).
     pub kube: Option<Arc<KubeClient>>,
+    /// The PostgreSQL fleet store (`kind = "postgres"`), for the same.
+    pub database: Option<Arc<super::store::postgres::Database>>,
     shutdown: CancellationToken,
     /// The server and its background tasks (admin listener, key reload).
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -589,6 +591,7 @@ pub async fn start(
         authority: shared.authority.clone(),
         federation_metrics,
         kube: shared.kube.clone(),
+        database,
         shutdown,
         tasks,
     })

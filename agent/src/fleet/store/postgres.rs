@@ -26,6 +26,7 @@
 
 pub mod approvals;
 pub mod entries;
+pub mod foreign_bundles;
 pub mod nodes;
 
 use std::future::Future;
@@ -187,6 +188,15 @@ CREATE INDEX tessera_approvals_deadline ON tessera_approvals (deadline);
 CREATE TRIGGER tessera_approvals_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
   ON tessera_approvals
   FOR EACH STATEMENT EXECUTE FUNCTION tessera_notify('tessera_approvals');
+"#,
+    // 3: foreign trust domains' bundles as last fetched ([[federation]]),
+    // read by every replica at start.
+    r#"
+CREATE TABLE tessera_foreign_bundles (
+  trust_domain text PRIMARY KEY,
+  bundle text NOT NULL,
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
 "#,
 ];
 
