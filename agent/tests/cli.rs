@@ -981,3 +981,192 @@ fn join_token_manifest_holds_the_hash_not_the_token() {
         .unwrap();
     assert!(!out.status.success(), "needs --dir or --manifest");
 }
+
+/// `text` without ANSI colour sequences (the log is coloured even into a
+/// file).
+fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A node's log says what changed, and only that (found when the fleet ran
+/// against a real API server): no "reachable again" at start; one warning
+/// when the authority goes away however many requests fail; a failed node
+/// SVID renewal names the expiry as an RFC 3339 time (it printed a raw
+/// `SystemTime`); and "reachable again" once when it is back. A real
+/// authority process and a real node process, the node's stderr read as an
+/// operator reads it.
+#[test]
+fn a_nodes_log_reports_the_authority_leaving_and_coming_back_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let uid = nix::unistd::geteuid().as_raw();
+    let out = Command::new(BIN)
+        .args([
+            "authority",
+            "init",
+            "--trust-domain",
+            "example.org",
+            "--dir",
+        ])
+        .arg(d.join("keys"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let entry = format!(
+        "[[entries]]\nspiffe_id = \"spiffe://example.org/w\"\nselectors = [\"tessera:node:n1\", \"unix:uid:{uid}\"]\n"
+    );
+    let authority_toml = d.join("authority.toml");
+    std::fs::write(
+        &authority_toml,
+        format!(
+            "trust_domain = \"example.org\"\n{entry}\n[server]\nlisten = \"127.0.0.1:{port}\"\nkeys_dir = \"{k}\"\njoin_token_dir = \"{j}\"\nnode_svid_ttl = \"30s\"\n",
+            k = d.join("keys").display(),
+            j = d.join("join").display(),
+        ),
+    )
+    .unwrap();
+    let start_authority = |name: &str| {
+        let log = d.join(name);
+        let child = Command::new(BIN)
+            .args(["authority", "run", "--config"])
+            .arg(&authority_toml)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "authority not listening: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    };
+    let mut authority = start_authority("authority-1.log");
+    let out = Command::new(BIN)
+        .args(["authority", "join-token", "--node", "n1", "--dir"])
+        .arg(d.join("join"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::write(d.join("join-token"), stdout(&out).trim()).unwrap();
+    let a = d.join("agent");
+    std::fs::create_dir(&a).unwrap();
+    let agent_toml = a.join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        format!(
+            "trust_domain = \"example.org\"\nsocket_path = \"{a}/sock/agent.sock\"\ndata_dir = \"{a}/data\"\n{entry}\n[upstream]\naddresses = [\"127.0.0.1:{port}\"]\nbundle_file = \"{k}/ca.crt\"\nnode_attestation = \"join_token\"\ntoken_file = \"{t}\"\nbundle_refresh = \"200ms\"\nrequest_timeout = \"1s\"\n",
+            a = a.display(),
+            k = d.join("keys").display(),
+            t = d.join("join-token").display(),
+        ),
+    )
+    .unwrap();
+    let agent_log = a.join("agent.log");
+    let mut agent = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&agent_toml)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&agent_log).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || plain(&std::fs::read_to_string(&agent_log).unwrap_or_default());
+    let eventually = |what: &str, f: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = log();
+            if f(&text) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "{what}; the node's log:\n{text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // Attested, and serving: a workload gets its SVID (the spiffe crate).
+    let socket = a.join("sock/agent.sock");
+    eventually("the node never served its socket", &|_| socket.exists());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = spiffe::WorkloadApiClient::connect_to(format!("unix://{}", socket.display()))
+            .await
+            .unwrap();
+        let svid = client.fetch_x509_svid().await.unwrap();
+        assert_eq!(svid.spiffe_id().to_string(), "spiffe://example.org/w");
+    });
+    let at_start = log();
+    assert!(
+        !at_start.contains("reachable again"),
+        "nothing was unreachable yet:\n{at_start}"
+    );
+
+    // The authority goes away: renewals (due from half the node SVID's life)
+    // fail every 200 ms, one warning says so.
+    authority.kill().unwrap();
+    authority.wait().unwrap();
+    let failed = "node SVID renewal failed";
+    let text = eventually("no failed renewal logged twice", &|t| {
+        t.matches(failed).count() >= 2
+    });
+    assert_eq!(
+        text.matches("no fleet authority replica answers").count(),
+        1,
+        "one warning per outage:\n{text}"
+    );
+    assert!(!text.contains("SystemTime"), "{text}");
+    let line = text.lines().find(|l| l.contains(failed)).unwrap();
+    let expires = line
+        .split("expires=")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no expires= in {line}"));
+    let stamp: Vec<char> = expires.chars().take(20).collect();
+    let shape: String = stamp
+        .iter()
+        .map(|c| if c.is_ascii_digit() { 'd' } else { *c })
+        .collect();
+    assert_eq!(shape, "dddd-dd-ddTdd:dd:ddZ", "an RFC 3339 time: {line}");
+
+    // Back before the node SVID expires: said once.
+    let mut authority = start_authority("authority-2.log");
+    let text = eventually("the authority's return never logged", &|t| {
+        t.contains("reachable again")
+    });
+    std::thread::sleep(Duration::from_millis(600));
+    let text = {
+        let later = log();
+        assert!(later.len() >= text.len());
+        later
+    };
+    assert_eq!(text.matches("reachable again").count(), 1, "{text}");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = agent.wait();
+    let _ = authority.kill();
+    let _ = authority.wait();
+}
