@@ -38,22 +38,18 @@
 //! authority; operators using kubectl need `get`, `list` and `patch`.
 
 use std::collections::{HashMap, HashSet};
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::body::Body;
-use axum::http::{StatusCode, header};
 use axum::response::Response;
-use hyper::body::Bytes;
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{Upstream, UpstreamError};
-use super::feed::HEARTBEAT;
+use super::feed::{HEARTBEAT, ndjson_stream};
 use super::informer::{self, Change};
 use super::kube::KubeClient;
 use super::wire::{ApprovalDecision, ApprovalsRequest, DecisionEvent, PendingApproval};
@@ -341,37 +337,22 @@ impl FleetApprovals {
             .filter(|(n, _)| *n == node)
             .map(|(_, d)| d.clone())
             .collect();
-        let (tx, out) = mpsc::channel::<Result<Bytes, Infallible>>(16);
-        tokio::spawn(async move {
-            // The token is the stream's own: ending here releases what waits on it.
-            let _ended = shutdown.clone().drop_guard();
-            let expired = tokio::time::sleep(
-                not_after
-                    .duration_since(clock.now())
-                    .unwrap_or(Duration::ZERO),
-            );
-            tokio::pin!(expired);
-            let send = |event: &DecisionEvent| {
-                let mut line = serde_json::to_vec(event).unwrap_or_default();
-                line.push(b'\n');
-                tx.send(Ok(Bytes::from(line)))
-            };
+        ndjson_stream(16, not_after, clock, shutdown, move |mut out| async move {
             for d in known {
-                if send(&DecisionEvent {
-                    decision: Some(d),
-                    heartbeat: false,
-                })
-                .await
-                .is_err()
+                if out
+                    .send(&DecisionEvent {
+                        decision: Some(d),
+                        heartbeat: false,
+                    })
+                    .await
+                    .is_err()
                 {
                     return;
                 }
             }
             loop {
                 let event = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = &mut expired => return,
-                    _ = tx.closed() => return,
+                    _ = out.ended() => return,
                     next = rx.recv() => match next {
                         Ok((n, d)) if n == node => DecisionEvent { decision: Some(d), heartbeat: false },
                         Ok(_) => continue,
@@ -381,19 +362,11 @@ impl FleetApprovals {
                     },
                     _ = tokio::time::sleep(HEARTBEAT) => DecisionEvent { decision: None, heartbeat: true },
                 };
-                if send(&event).await.is_err() {
+                if out.send(&event).await.is_err() {
                     return;
                 }
             }
-        });
-        Response::builder()
-            .status(StatusCode::OK)
-            .header(header::CONTENT_TYPE, "application/x-ndjson")
-            .header(header::CACHE_CONTROL, "no-store")
-            .body(Body::from_stream(
-                tokio_stream::wrappers::ReceiverStream::new(out),
-            ))
-            .unwrap_or_default()
+        })
     }
 
     /// Every approval the fleet waits for or decided, not yet past its

@@ -6,8 +6,12 @@
 //! backend's watch delivers it, and a heartbeat when idle.
 //!
 //! Streams read the replica's [`View`]; nothing here talks to the store.
+//! [`ndjson_stream`] is every node stream's body (this one, decisions,
+//! live entries): how it is written and when it ends.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -15,6 +19,7 @@ use axum::body::Body;
 use axum::http::{StatusCode, header};
 use axum::response::Response;
 use hyper::body::Bytes;
+use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -67,23 +72,10 @@ pub fn stream(
     clock: Arc<dyn Clock>,
     shutdown: CancellationToken,
 ) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(8);
-    tokio::spawn(async move {
-        // The token is the stream's own: ending here releases what waits on it.
-        let _ended = shutdown.clone().drop_guard();
+    ndjson_stream(8, not_after, clock, shutdown, move |mut out| async move {
         let mut cursor = cursor;
         let mut latest = view.subscribe();
         let mut synced_sent = false;
-        let until_expiry = not_after
-            .duration_since(clock.now())
-            .unwrap_or(Duration::ZERO);
-        let expired = tokio::time::sleep(until_expiry);
-        tokio::pin!(expired);
-        let send = |event: &StreamEvent| {
-            let mut line = serde_json::to_vec(event).unwrap_or_default();
-            line.push(b'\n');
-            tx.send(Ok(Bytes::from(line)))
-        };
         loop {
             latest.borrow_and_update();
             loop {
@@ -98,7 +90,7 @@ pub fn stream(
                         .collect(),
                     ..StreamEvent::default()
                 };
-                if send(&event).await.is_err() {
+                if out.send(&event).await.is_err() {
                     return;
                 }
             }
@@ -109,23 +101,87 @@ pub fn stream(
                     synced: true,
                     ..StreamEvent::default()
                 };
-                if send(&event).await.is_err() {
+                if out.send(&event).await.is_err() {
                     return;
                 }
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = &mut expired => return,
-                _ = tx.closed() => return,
+                _ = out.ended() => return,
                 changed = latest.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(HEARTBEAT) => {
                     let event = StreamEvent { cursor, heartbeat: true, ..StreamEvent::default() };
-                    if send(&event).await.is_err() {
+                    if out.send(&event).await.is_err() {
                         return;
                     }
                 }
             }
         }
+    })
+}
+
+/// The node hung up: its stream's body has nowhere to write.
+#[derive(Debug)]
+pub struct Gone;
+
+/// The writing end of a node's stream ([`ndjson_stream`]): one JSON
+/// document a line, and the events that end the stream.
+pub struct Ndjson {
+    tx: mpsc::Sender<Result<Bytes, Infallible>>,
+    expired: Pin<Box<tokio::time::Sleep>>,
+    shutdown: CancellationToken,
+}
+
+impl Ndjson {
+    /// Writes `event` as one line; waits while the node is behind.
+    pub async fn send<T: Serialize>(&self, event: &T) -> Result<(), Gone> {
+        let mut line = serde_json::to_vec(event).unwrap_or_default();
+        line.push(b'\n');
+        self.tx.send(Ok(Bytes::from(line))).await.map_err(|_| Gone)
+    }
+
+    /// Resolves once the stream is to end: the authority stops or the node
+    /// leaves (the stream's token), the node's certificate expires, or the
+    /// node hangs up. Meant as a branch of the body's `select!` while it
+    /// waits for something to send.
+    pub async fn ended(&mut self) {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => {}
+            _ = self.expired.as_mut() => {}
+            _ = self.tx.closed() => {}
+        }
+    }
+}
+
+/// A streaming `application/x-ndjson` answer to a node, written by `body`
+/// on its own task, open until the body returns. A stream ends when
+/// `shutdown` is cancelled (the authority stops or the node leaves) or when
+/// the node's certificate expires (`not_after`): a node must come back with
+/// a fresh one. `shutdown` is the stream's own token: it is cancelled when
+/// the body returns, which releases whatever waits on it. `capacity` is how
+/// many lines may wait for a slow node.
+pub fn ndjson_stream<F, Fut>(
+    capacity: usize,
+    not_after: SystemTime,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+    body: F,
+) -> Response
+where
+    F: FnOnce(Ndjson) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(capacity);
+    tokio::spawn(async move {
+        let _ended = shutdown.clone().drop_guard();
+        let until_expiry = not_after
+            .duration_since(clock.now())
+            .unwrap_or(Duration::ZERO);
+        let out = Ndjson {
+            tx,
+            expired: Box::pin(tokio::time::sleep(until_expiry)),
+            shutdown,
+        };
+        body(out).await;
     });
     Response::builder()
         .status(StatusCode::OK)

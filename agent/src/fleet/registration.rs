@@ -27,21 +27,17 @@
 //! own config file's ([`crate::entries::EntrySources`]).
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::body::Body;
-use axum::http::{StatusCode, header};
 use axum::response::Response;
-use hyper::body::Bytes;
 use serde_json::Value;
 use tessera_attestor::Selector;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::client::Upstream;
-use super::feed::HEARTBEAT;
+use super::feed::{HEARTBEAT, ndjson_stream};
 use super::informer::{self, Change};
 use super::kube::KubeClient;
 use super::status::{Invalid, StatusWriter, invalid};
@@ -562,21 +558,7 @@ pub fn stream(
     shutdown: CancellationToken,
 ) -> Response {
     let mut rx = live.subscribe();
-    let (tx, out) = mpsc::channel::<Result<Bytes, Infallible>>(4);
-    tokio::spawn(async move {
-        // The token is the stream's own: ending here releases what waits on it.
-        let _ended = shutdown.clone().drop_guard();
-        let expired = tokio::time::sleep(
-            not_after
-                .duration_since(clock.now())
-                .unwrap_or(Duration::ZERO),
-        );
-        tokio::pin!(expired);
-        let send = |event: &EntriesEvent| {
-            let mut line = serde_json::to_vec(event).unwrap_or_default();
-            line.push(b'\n');
-            tx.send(Ok(Bytes::from(line)))
-        };
+    ndjson_stream(4, not_after, clock, shutdown, move |mut out| async move {
         loop {
             let event = {
                 let snapshot = rx.borrow_and_update();
@@ -593,36 +575,26 @@ pub fn stream(
                     heartbeat: false,
                 }
             };
-            if send(&event).await.is_err() {
+            if out.send(&event).await.is_err() {
                 return;
             }
             loop {
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = &mut expired => return,
-                    _ = tx.closed() => return,
+                    _ = out.ended() => return,
                     changed = rx.changed() => {
                         if changed.is_err() { return }
                         break;
                     }
                     _ = tokio::time::sleep(HEARTBEAT) => {
                         let version = rx.borrow().version;
-                        if send(&EntriesEvent { version, heartbeat: true, ..EntriesEvent::default() }).await.is_err() {
+                        if out.send(&EntriesEvent { version, heartbeat: true, ..EntriesEvent::default() }).await.is_err() {
                             return;
                         }
                     }
                 }
             }
         }
-    });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(Body::from_stream(
-            tokio_stream::wrappers::ReceiverStream::new(out),
-        ))
-        .unwrap_or_default()
+    })
 }
 
 /// Whether a live entry can ever apply on `node`: an entry naming a node
