@@ -52,6 +52,7 @@ use super::client::{Upstream, UpstreamError};
 use super::feed::{HEARTBEAT, ndjson_stream};
 use super::informer::{self, Change};
 use super::kube::KubeClient;
+use super::store::follow_and_collect;
 use super::wire::{ApprovalDecision, ApprovalsRequest, DecisionEvent, PendingApproval};
 use crate::clock::{Clock, unix_seconds};
 use crate::sync::{Mutex, RwLock};
@@ -227,23 +228,19 @@ impl FleetApprovals {
             user: std::sync::OnceLock::new(),
             tx: broadcast::channel(1024).0,
         });
-        tokio::spawn(store.follow(this.clone(), shutdown.clone()));
         let collector = this.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        follow_and_collect(
+            store.follow(this.clone(), shutdown.clone()),
+            shutdown,
+            move || {
+                let (collector, now) = (collector.clone(), unix_seconds(clock.now()));
+                async move {
+                    if let Err(e) = collector.store.collect_expired(now).await {
+                        tracing::warn!(error = %e, "could not delete expired approvals; retrying later");
+                    }
                 }
-                if let Err(e) = collector
-                    .store
-                    .collect_expired(unix_seconds(clock.now()))
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not delete expired approvals; retrying later");
-                }
-            }
-        });
+            },
+        );
         this
     }
 

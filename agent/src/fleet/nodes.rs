@@ -30,7 +30,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use super::informer::{self, Change};
 use super::join::JoinError;
 use super::kube::KubeClient;
-use super::store::{StoreError, StoreFuture};
+use super::store::{StoreError, StoreFuture, follow_and_collect};
 use super::{Node, NodeKind};
 use crate::clock::{Clock, unix_seconds};
 use crate::sync::RwLock;
@@ -180,23 +180,23 @@ impl NodeControl {
             synced: AtomicBool::new(false),
             changed: tokio::sync::watch::Sender::new(0),
         });
-        tokio::spawn(store.follow_denials(this.clone(), shutdown.clone()));
         let collector = this.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-                }
-                match collector.collect_expired(unix_seconds(clock.now())).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(deleted = n, "expired join tokens deleted"),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not delete expired join tokens; retrying later")
+        follow_and_collect(
+            store.follow_denials(this.clone(), shutdown.clone()),
+            shutdown,
+            move || {
+                let (collector, now) = (collector.clone(), unix_seconds(clock.now()));
+                async move {
+                    match collector.collect_expired(now).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(deleted = n, "expired join tokens deleted"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not delete expired join tokens; retrying later")
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
         this
     }
 

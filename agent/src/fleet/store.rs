@@ -390,36 +390,57 @@ async fn write_loop(
     }
 }
 
-/// Deletes expired batches about once a minute, until `shutdown`.
-pub async fn collect_garbage(
+/// How often every replica deletes what expired from the store (each does;
+/// deleting twice is harmless).
+const COLLECT_EVERY: Duration = Duration::from_secs(60);
+
+/// Starts what a replica runs for one part of the fleet's state: `follow`,
+/// which hands the store's content and changes to the replica's view, and
+/// `collect`, which deletes what expired, about once a minute; both until
+/// `shutdown`.
+pub fn follow_and_collect<C, F>(
+    follow: impl Future<Output = ()> + Send + 'static,
+    shutdown: CancellationToken,
+    mut collect: C,
+) where
+    C: FnMut() -> F + Send + 'static,
+    F: Future<Output = ()> + Send,
+{
+    tokio::spawn(follow);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(COLLECT_EVERY) => {}
+            }
+            collect().await;
+        }
+    });
+}
+
+/// Deletes the batches expired by now (with [`EXPIRY_SLACK`]).
+async fn collect_garbage(
     backend: Arc<dyn Backend>,
     view: Arc<View>,
     clock: Arc<dyn Clock>,
     metrics: StoreMetrics,
-    shutdown: CancellationToken,
 ) {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-        }
-        let now = unix_seconds(clock.now()).saturating_sub(EXPIRY_SLACK.as_secs());
-        if view.expired(now).is_empty() {
-            continue;
-        }
-        match backend.collect_expired(&view, now).await {
-            Ok(n) => {
-                for _ in 0..n {
-                    metrics.count("collect", true);
-                }
-            }
-            Err(e) => {
-                metrics.count("collect", false);
-                tracing::warn!(error = %e, "could not delete expired revocation batches; retrying later");
-            }
-        }
-        view.revocations.prune(clock.now()).ok();
+    let now = unix_seconds(clock.now()).saturating_sub(EXPIRY_SLACK.as_secs());
+    if view.expired(now).is_empty() {
+        return;
     }
+    match backend.collect_expired(&view, now).await {
+        Ok(n) => {
+            for _ in 0..n {
+                metrics.count("collect", true);
+            }
+        }
+        Err(e) => {
+            metrics.count("collect", false);
+            tracing::warn!(error = %e, "could not delete expired revocation batches; retrying later");
+        }
+    }
+    view.revocations.prune(clock.now()).ok();
 }
 
 /// What one authority replica runs for the fleet's state: the view its
@@ -441,22 +462,21 @@ impl FleetState {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let view = View::new(clock.clone());
-        tokio::spawn(backend.clone().run(view.clone(), shutdown.clone()));
-        let writer = Writer::start(
-            backend.clone(),
-            view.clone(),
-            window,
-            metrics.clone(),
+        let (collector, collected, counted) = (backend.clone(), view.clone(), metrics.clone());
+        follow_and_collect(
+            backend.clone().run(view.clone(), shutdown.clone()),
             shutdown.clone(),
+            move || {
+                collect_garbage(
+                    collector.clone(),
+                    collected.clone(),
+                    clock.clone(),
+                    counted.clone(),
+                )
+            },
         );
+        let writer = Writer::start(backend.clone(), view.clone(), window, metrics, shutdown);
         let kind = backend.kind();
-        tokio::spawn(collect_garbage(
-            backend,
-            view.clone(),
-            clock,
-            metrics,
-            shutdown,
-        ));
         Arc::new(Self {
             view,
             writer,

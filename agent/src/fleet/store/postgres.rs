@@ -435,6 +435,49 @@ impl Follower {
     }
 }
 
+/// Follows a table that is read whole (it holds few rows): hands out its
+/// listening connection to read on, once at each (re)connection and again
+/// at every notification and every [`POLL`]; a lost connection, or a read
+/// that failed, is followed on a new one after the [`Follower`]'s backoff.
+/// What the approvals, node denials and live entries are read with.
+pub struct TableFollower {
+    follower: Follower,
+    listener: Option<Listener>,
+}
+
+impl TableFollower {
+    pub fn new(db: Arc<Database>, channel: &'static str, shutdown: CancellationToken) -> Self {
+        Self {
+            follower: Follower::new(db, channel, shutdown),
+            listener: None,
+        }
+    }
+
+    /// The connection to read the table on now; `None` once the authority
+    /// stops.
+    pub async fn next(&mut self) -> Option<&Client> {
+        loop {
+            let Some(l) = self.listener.as_mut() else {
+                self.listener = Some(self.follower.next().await?);
+                break;
+            };
+            match l.wait().await {
+                Wake::Read => break,
+                Wake::Lost(e) => self.failed(e).await,
+                Wake::Stop => return None,
+            }
+        }
+        self.listener.as_ref().map(|l| &l.client)
+    }
+
+    /// Reading the table failed with `e`: the next read is on a new
+    /// connection, after a backoff.
+    pub async fn failed(&mut self, e: StoreError) {
+        self.listener = None;
+        self.follower.lost(e).await;
+    }
+}
+
 /// Creates or upgrades the schema. Replicas starting together serialize on
 /// an advisory lock, so each migration runs once and none fails.
 async fn migrate(client: &mut Client, allowed: bool) -> Result<(), StoreError> {

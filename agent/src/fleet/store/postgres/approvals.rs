@@ -13,9 +13,10 @@
 use std::sync::Arc;
 
 use serde_json::{Value, json};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::{Database, Follower, Listener, Wake, as_i64, timed};
+use super::{Database, TableFollower, as_i64, timed};
 use crate::fleet::approvals::{
     ApprovalFuture, ApprovalStore, DecideError, FleetApprovals, spec_of,
 };
@@ -58,11 +59,10 @@ fn object_of(row: &tokio_postgres::Row) -> Value {
     json!({"metadata": {"name": row.get::<_, String>(0)}, "spec": spec})
 }
 
-async fn read_all(l: &Listener) -> Result<Vec<Value>, StoreError> {
+async fn read_all(client: &Client) -> Result<Vec<Value>, StoreError> {
     let rows = timed(
         "read approvals",
-        l.client
-            .query(&format!("SELECT {COLUMNS} FROM tessera_approvals"), &[]),
+        client.query(&format!("SELECT {COLUMNS} FROM tessera_approvals"), &[]),
     )
     .await?;
     Ok(rows.iter().map(object_of).collect())
@@ -172,20 +172,12 @@ impl ApprovalStore for PgApprovals {
     ) -> ApprovalFuture<'static, ()> {
         Box::pin(async move {
             view.set_user(AUTHORITY_USER.to_string());
-            let mut follower = Follower::new(self.db.clone(), "tessera_approvals", shutdown);
-            while let Some(mut l) = follower.next().await {
-                let lost = loop {
-                    match read_all(&l).await {
-                        Ok(items) => view.reset(&items),
-                        Err(e) => break e,
-                    }
-                    match l.wait().await {
-                        Wake::Read => {}
-                        Wake::Lost(e) => break e,
-                        Wake::Stop => return,
-                    }
-                };
-                follower.lost(lost).await;
+            let mut table = TableFollower::new(self.db.clone(), "tessera_approvals", shutdown);
+            while let Some(client) = table.next().await {
+                match read_all(client).await {
+                    Ok(items) => view.reset(&items),
+                    Err(e) => table.failed(e).await,
+                }
             }
         })
     }

@@ -17,9 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::{Database, Follower, Listener, Wake, timed};
+use super::{Database, TableFollower, timed};
 use crate::fleet::registration::{Key, LiveEntries, RegistrationConfig, Scope, entry_of};
 use crate::fleet::status::condition;
 use crate::fleet::store::StoreError;
@@ -55,26 +56,18 @@ pub fn start(
         live.watch(*scope);
     }
     tokio::spawn(async move {
-        let mut follower = Follower::new(db, "tessera_entries", shutdown);
-        while let Some(mut l) = follower.next().await {
-            let lost = loop {
-                if let Err(e) = refresh(&l, &live, &td, &config, &scopes).await {
-                    break e;
-                }
-                match l.wait().await {
-                    Wake::Read => {}
-                    Wake::Lost(e) => break e,
-                    Wake::Stop => return,
-                }
-            };
-            follower.lost(lost).await;
+        let mut table = TableFollower::new(db, "tessera_entries", shutdown);
+        while let Some(client) = table.next().await {
+            if let Err(e) = refresh(client, &live, &td, &config, &scopes).await {
+                table.failed(e).await;
+            }
         }
     });
 }
 
 /// Reads every row, puts the valid ones in force and records each verdict.
 async fn refresh(
-    l: &Listener,
+    client: &Client,
     live: &LiveEntries,
     td: &spiffe::TrustDomain,
     config: &RegistrationConfig,
@@ -82,7 +75,7 @@ async fn refresh(
 ) -> Result<(), StoreError> {
     let rows = timed(
         "read entries",
-        l.client.query(
+        client.query(
             "SELECT scope, namespace, name, spec::text, generation, status, message, observed_generation \
              FROM tessera_entries ORDER BY scope, namespace, name",
             &[],
@@ -148,7 +141,7 @@ async fn refresh(
         // Only for the generation it judged: a newer spec gets its own.
         let written = tokio::time::timeout(
             Duration::from_secs(10),
-            l.client.execute(
+            client.execute(
                 "UPDATE tessera_entries SET status = $1, message = $2, observed_generation = $3 \
                  WHERE scope = $4 AND namespace = $5 AND name = $6 AND generation = $3",
                 &[

@@ -13,9 +13,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use serde_json::json;
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::{Database, Follower, Listener, Wake, as_i64, timed};
+use super::{Database, TableFollower, as_i64, timed};
 use crate::fleet::nodes::{NodeControl, NodeStore, denial_of};
 use crate::fleet::store::{StoreError, StoreFuture};
 
@@ -42,11 +43,11 @@ pub fn join_token_insert(token: &str, node: &str, expires: u64) -> String {
 }
 
 async fn read_denials(
-    l: &Listener,
+    client: &Client,
 ) -> Result<HashMap<String, crate::fleet::nodes::Denial>, StoreError> {
     let rows = timed(
         "read node denials",
-        l.client.query(
+        client.query(
             "SELECT name, node_name, node_kind, svid_serial, reason FROM tessera_node_denials",
             &[],
         ),
@@ -123,20 +124,12 @@ impl NodeStore for PgNodes {
         shutdown: CancellationToken,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         Box::pin(async move {
-            let mut follower = Follower::new(self.db.clone(), "tessera_node_denials", shutdown);
-            while let Some(mut l) = follower.next().await {
-                let lost = loop {
-                    match read_denials(&l).await {
-                        Ok(d) => control.reset_denials(d),
-                        Err(e) => break e,
-                    }
-                    match l.wait().await {
-                        Wake::Read => {}
-                        Wake::Lost(e) => break e,
-                        Wake::Stop => return,
-                    }
-                };
-                follower.lost(lost).await;
+            let mut table = TableFollower::new(self.db.clone(), "tessera_node_denials", shutdown);
+            while let Some(client) = table.next().await {
+                match read_denials(client).await {
+                    Ok(d) => control.reset_denials(d),
+                    Err(e) => table.failed(e).await,
+                }
             }
         })
     }
