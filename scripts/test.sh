@@ -69,7 +69,7 @@ section "cargo clippy -D warnings"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 section "the real Kubernetes API server for the tests (built once, cached)"
 # kube-apiserver, kubectl and etcd from the Go module proxy, cached under
-# ~/.cache/tessera/kube-<version>; tests/tests/kube.rs and tests/tests/fleet.rs
+# ~/.cache/tessera/kube-<version>; tests/tests/kube.rs and tests/tests/fleet*.rs
 # run against them (tessera_tests::kube finds them there).
 TESSERA_KUBE_BIN="$(bash tests/kube/build.sh)"
 export TESSERA_KUBE_BIN

@@ -774,6 +774,101 @@ fn dev_mode_token_exchange_walkthrough_needs_nothing_written() {
     again.terminate();
 }
 
+/// A `tessera authority run` process as an operator starts one: keys made
+/// with `authority init` in `dir/keys`, the config file `dir/authority.toml`
+/// (rewritten by the test), a free loopback port, and nodes attested with
+/// join tokens from `dir/join`.
+struct AuthorityProcess {
+    dir: PathBuf,
+    port: u16,
+    config: PathBuf,
+}
+
+impl AuthorityProcess {
+    /// `tessera authority init` for example.org in `dir/keys`.
+    fn init(dir: &Path) -> Self {
+        let out = Command::new(BIN)
+            .args([
+                "authority",
+                "init",
+                "--trust-domain",
+                "example.org",
+                "--dir",
+            ])
+            .arg(dir.join("keys"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self {
+            dir: dir.to_path_buf(),
+            port,
+            config: dir.join("authority.toml"),
+        }
+    }
+
+    /// Writes the config file: `entries`, and `server_extra` added to its
+    /// `[server]` table.
+    fn write_config(&self, entries: &str, server_extra: &str) {
+        std::fs::write(
+            &self.config,
+            format!(
+                "trust_domain = \"example.org\"\n{entries}\n[server]\nlisten = \"127.0.0.1:{port}\"\nkeys_dir = \"{k}\"\njoin_token_dir = \"{j}\"\n{server_extra}",
+                port = self.port,
+                k = self.dir.join("keys").display(),
+                j = self.dir.join("join").display(),
+            ),
+        )
+        .unwrap()
+    }
+
+    /// Starts `tessera authority run` on the config file, its stderr into
+    /// `log`; returns once it listens.
+    fn run(&self, log: &Path) -> Child {
+        let child = Command::new(BIN)
+            .args(["authority", "run", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "authority not listening: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    }
+
+    /// The `[upstream]` table of a node `node` of this authority, attested
+    /// with a join token `tessera authority join-token` makes (kept in
+    /// `dir/join-token`), with `extra` added.
+    fn upstream(&self, node: &str, extra: &str) -> String {
+        let out = Command::new(BIN)
+            .args(["authority", "join-token", "--node", node, "--dir"])
+            .arg(self.dir.join("join"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let token_file = self.dir.join("join-token");
+        std::fs::write(&token_file, stdout(&out).trim()).unwrap();
+        format!(
+            "[upstream]\naddresses = [\"127.0.0.1:{port}\"]\nbundle_file = \"{k}/ca.crt\"\nnode_attestation = \"join_token\"\ntoken_file = \"{t}\"\n{extra}",
+            port = self.port,
+            k = self.dir.join("keys").display(),
+            t = token_file.display(),
+        )
+    }
+}
+
 /// `tessera authority run` reloads its config file's entries on SIGHUP: a
 /// valid file takes effect at once, an invalid one is logged with its key
 /// and the entries in force stay. The node is a real agent process attested
@@ -784,65 +879,16 @@ fn the_authority_reloads_its_entries_on_sighup_and_keeps_them_when_the_file_is_i
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let uid = nix::unistd::geteuid().as_raw();
-    let out = Command::new(BIN)
-        .args([
-            "authority",
-            "init",
-            "--trust-domain",
-            "example.org",
-            "--dir",
-        ])
-        .arg(d.join("keys"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let process = AuthorityProcess::init(d);
     let entry = |name: &str| {
         format!(
             "[[entries]]\nspiffe_id = \"spiffe://example.org/{name}\"\nselectors = [\"tessera:node:n1\", \"unix:uid:{uid}\"]\n"
         )
     };
-    let authority_toml = d.join("authority.toml");
-    let write_authority = |entries: &str| {
-        std::fs::write(
-            &authority_toml,
-            format!(
-                "trust_domain = \"example.org\"\n{entries}\n[server]\nlisten = \"127.0.0.1:{port}\"\nkeys_dir = \"{k}\"\njoin_token_dir = \"{j}\"\n",
-                k = d.join("keys").display(),
-                j = d.join("join").display(),
-            ),
-        )
-        .unwrap()
-    };
+    let write_authority = |entries: &str| process.write_config(entries, "");
     write_authority(&entry("base"));
     let log = d.join("authority.log");
-    let mut authority = Command::new(BIN)
-        .args(["authority", "run", "--config"])
-        .arg(&authority_toml)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "authority not listening: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = Command::new(BIN)
-        .args(["authority", "join-token", "--node", "n1", "--dir"])
-        .arg(d.join("join"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    std::fs::write(d.join("join-token"), stdout(&out).trim()).unwrap();
+    let mut authority = process.run(&log);
     let agent_dir = d.join("agent");
     std::fs::create_dir(&agent_dir).unwrap();
     // The agent maps this process to both IDs; the authority decides.
@@ -850,12 +896,11 @@ fn the_authority_reloads_its_entries_on_sighup_and_keeps_them_when_the_file_is_i
     std::fs::write(
         &agent_toml,
         format!(
-            "trust_domain = \"example.org\"\nsocket_path = \"{a}/sock/agent.sock\"\ndata_dir = \"{a}/data\"\n{}{}\n[upstream]\naddresses = [\"127.0.0.1:{port}\"]\nbundle_file = \"{k}/ca.crt\"\nnode_attestation = \"join_token\"\ntoken_file = \"{t}\"\n",
+            "trust_domain = \"example.org\"\nsocket_path = \"{a}/sock/agent.sock\"\ndata_dir = \"{a}/data\"\n{}{}\n{}",
             entry("base"),
             entry("reloaded"),
+            process.upstream("n1", ""),
             a = agent_dir.display(),
-            k = d.join("keys").display(),
-            t = d.join("join-token").display(),
         ),
     )
     .unwrap();
@@ -1013,74 +1058,24 @@ fn a_nodes_log_reports_the_authority_leaving_and_coming_back_once() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let uid = nix::unistd::geteuid().as_raw();
-    let out = Command::new(BIN)
-        .args([
-            "authority",
-            "init",
-            "--trust-domain",
-            "example.org",
-            "--dir",
-        ])
-        .arg(d.join("keys"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let process = AuthorityProcess::init(d);
     let entry = format!(
         "[[entries]]\nspiffe_id = \"spiffe://example.org/w\"\nselectors = [\"tessera:node:n1\", \"unix:uid:{uid}\"]\n"
     );
-    let authority_toml = d.join("authority.toml");
-    std::fs::write(
-        &authority_toml,
-        format!(
-            "trust_domain = \"example.org\"\n{entry}\n[server]\nlisten = \"127.0.0.1:{port}\"\nkeys_dir = \"{k}\"\njoin_token_dir = \"{j}\"\nnode_svid_ttl = \"30s\"\n",
-            k = d.join("keys").display(),
-            j = d.join("join").display(),
-        ),
-    )
-    .unwrap();
-    let start_authority = |name: &str| {
-        let log = d.join(name);
-        let child = Command::new(BIN)
-            .args(["authority", "run", "--config"])
-            .arg(&authority_toml)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "authority not listening: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child
-    };
-    let mut authority = start_authority("authority-1.log");
-    let out = Command::new(BIN)
-        .args(["authority", "join-token", "--node", "n1", "--dir"])
-        .arg(d.join("join"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    std::fs::write(d.join("join-token"), stdout(&out).trim()).unwrap();
+    process.write_config(&entry, "node_svid_ttl = \"30s\"\n");
+    let mut authority = process.run(&d.join("authority-1.log"));
     let a = d.join("agent");
     std::fs::create_dir(&a).unwrap();
     let agent_toml = a.join("agent.toml");
     std::fs::write(
         &agent_toml,
         format!(
-            "trust_domain = \"example.org\"\nsocket_path = \"{a}/sock/agent.sock\"\ndata_dir = \"{a}/data\"\n{entry}\n[upstream]\naddresses = [\"127.0.0.1:{port}\"]\nbundle_file = \"{k}/ca.crt\"\nnode_attestation = \"join_token\"\ntoken_file = \"{t}\"\nbundle_refresh = \"200ms\"\nrequest_timeout = \"1s\"\n",
+            "trust_domain = \"example.org\"\nsocket_path = \"{a}/sock/agent.sock\"\ndata_dir = \"{a}/data\"\n{entry}\n{}",
+            process.upstream(
+                "n1",
+                "bundle_refresh = \"200ms\"\nrequest_timeout = \"1s\"\n"
+            ),
             a = a.display(),
-            k = d.join("keys").display(),
-            t = d.join("join-token").display(),
         ),
     )
     .unwrap();
@@ -1149,7 +1144,7 @@ fn a_nodes_log_reports_the_authority_leaving_and_coming_back_once() {
     assert_eq!(shape, "dddd-dd-ddTdd:dd:ddZ", "an RFC 3339 time: {line}");
 
     // Back before the node SVID expires: said once.
-    let mut authority = start_authority("authority-2.log");
+    let mut authority = process.run(&d.join("authority-2.log"));
     let text = eventually("the authority's return never logged", &|t| {
         t.contains("reachable again")
     });

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the genuine Kubernetes API server, kubectl and etcd from the Go
 # module proxy, once per version, into ~/.cache/tessera/kube-<version>/bin.
-# The tests in tests/tests/kube_*.rs and tests/tests/fleet.rs run against
+# The tests in tests/tests/kube_*.rs and tests/tests/fleet*.rs run against
 # them (TESSERA_KUBE_BIN points there). A second run finds the binaries and
 # returns at once; a fresh machine pays about 6 minutes on 2 cores.
 #

@@ -268,6 +268,7 @@ pub async fn https_get(
 
 pub mod fake_apiserver;
 pub mod fake_kubelet;
+pub mod fleet;
 pub mod kube;
 pub mod postgres;
 pub mod sds;

@@ -81,29 +81,65 @@ async fn context_where(
     .expect("the expected X.509 context within 30 s")
 }
 
+/// partner.test, the foreign trust domain of these tests: a single-node
+/// agent serving its bundle endpoint, and what its own Workload API serves
+/// of its bundle (read by the `spiffe` crate).
+struct PartnerDomain {
+    agent: RunningAgent,
+    /// Its bundle endpoint's URL.
+    url: String,
+    /// Its X.509 CAs.
+    cas: Vec<Vec<u8>>,
+    /// Its JWT authorities' key IDs, sorted.
+    kids: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+async fn partner_domain() -> PartnerDomain {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = single_node(
+        dir.path(),
+        "partner.test",
+        "[bundle_endpoint]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let url = format!("https://{}/", agent.bundle_endpoint.as_ref().unwrap().addr);
+    let socket = format!("unix://{}/sock/agent.sock", dir.path().display());
+    let cas = cas_of(
+        &context_where(socket.clone(), |_| true).await,
+        "partner.test",
+    )
+    .unwrap();
+    let kids = {
+        let client = spiffe::WorkloadApiClient::connect_to(socket).await.unwrap();
+        let set = client.fetch_jwt_bundles().await.unwrap();
+        let mut kids: Vec<String> = set
+            .get(&td("partner.test"))
+            .unwrap()
+            .jwt_authorities()
+            .map(|a| a.key_id().to_string())
+            .collect();
+        kids.sort();
+        kids
+    };
+    assert!(!kids.is_empty());
+    PartnerDomain {
+        agent,
+        url,
+        cas,
+        kids,
+        _dir: dir,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_authority_federates_for_the_whole_fleet() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
 
     // partner.test: a single-node agent serving its bundle endpoint.
-    let partner_dir = tempfile::tempdir().unwrap();
-    let partner = single_node(
-        partner_dir.path(),
-        "partner.test",
-        "[bundle_endpoint]\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .await;
-    let partner_url = format!(
-        "https://{}/",
-        partner.bundle_endpoint.as_ref().unwrap().addr
-    );
-    let partner_ctx = context_where(
-        format!("unix://{}/sock/agent.sock", partner_dir.path().display()),
-        |_| true,
-    )
-    .await;
-    let partner_cas = cas_of(&partner_ctx, "partner.test").unwrap();
+    let partner = partner_domain().await;
+    let (partner_url, partner_cas) = (partner.url.clone(), partner.cas.clone());
     std::fs::write(d.join("partner.pem"), pem(&partner_cas)).unwrap();
 
     // The fleet authority of example.org: serves its bundle endpoint and
@@ -281,7 +317,7 @@ async fn the_authority_federates_for_the_whole_fleet() {
     node.stop().await;
     authority.shutdown();
     authority.wait().await;
-    partner.stop().await.unwrap();
+    partner.agent.stop().await.unwrap();
 }
 
 /// An agent of `node` in upstream mode attached to the authority at
@@ -448,38 +484,12 @@ async fn federation_relationships_are_custom_resources_and_their_bundles_outlive
     let d = dir.path();
     let (tables, ns) = federation_cluster(api, d).await;
 
-    let partner_dir = tempfile::tempdir().unwrap();
-    let partner = single_node(
-        partner_dir.path(),
-        "partner.test",
-        "[bundle_endpoint]\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .await;
-    let partner_url = format!(
-        "https://{}/",
-        partner.bundle_endpoint.as_ref().unwrap().addr
+    let partner = partner_domain().await;
+    let (partner_url, partner_cas, partner_kids) = (
+        partner.url.clone(),
+        partner.cas.clone(),
+        partner.kids.clone(),
     );
-    let partner_socket = format!("unix://{}/sock/agent.sock", partner_dir.path().display());
-    let partner_cas = cas_of(
-        &context_where(partner_socket.clone(), |_| true).await,
-        "partner.test",
-    )
-    .unwrap();
-    let partner_kids = {
-        let client = spiffe::WorkloadApiClient::connect_to(partner_socket)
-            .await
-            .unwrap();
-        let set = client.fetch_jwt_bundles().await.unwrap();
-        let mut kids: Vec<String> = set
-            .get(&td("partner.test"))
-            .unwrap()
-            .jwt_authorities()
-            .map(|a| a.key_id().to_string())
-            .collect();
-        kids.sort();
-        kids
-    };
-    assert!(!partner_kids.is_empty());
 
     tessera_agent::identity::key_files::init_key_dir(
         &td("example.org"),
@@ -577,7 +587,7 @@ async fn federation_relationships_are_custom_resources_and_their_bundles_outlive
 
     // partner.test's endpoint goes down; a replica started now (nothing
     // in memory) serves the kept bundle to a node attached to it alone.
-    partner.stop().await.unwrap();
+    partner.agent.stop().await.unwrap();
     let replica_b = tessera_agent::app::authority::start_authority(&cfg, clock.clone())
         .await
         .unwrap();
@@ -662,39 +672,13 @@ async fn bundles_kept_in_postgresql_outlive_the_endpoint() {
 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let partner_dir = tempfile::tempdir().unwrap();
-    let partner = single_node(
-        partner_dir.path(),
-        "partner.test",
-        "[bundle_endpoint]\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .await;
-    let partner_url = format!(
-        "https://{}/",
-        partner.bundle_endpoint.as_ref().unwrap().addr
+    let partner = partner_domain().await;
+    let (partner_url, partner_cas, partner_kids) = (
+        partner.url.clone(),
+        partner.cas.clone(),
+        partner.kids.clone(),
     );
-    let partner_socket = format!("unix://{}/sock/agent.sock", partner_dir.path().display());
-    let partner_cas = cas_of(
-        &context_where(partner_socket.clone(), |_| true).await,
-        "partner.test",
-    )
-    .unwrap();
     std::fs::write(d.join("partner.pem"), pem(&partner_cas)).unwrap();
-    let partner_kids = {
-        let client = spiffe::WorkloadApiClient::connect_to(partner_socket)
-            .await
-            .unwrap();
-        let set = client.fetch_jwt_bundles().await.unwrap();
-        let mut kids: Vec<String> = set
-            .get(&td("partner.test"))
-            .unwrap()
-            .jwt_authorities()
-            .map(|a| a.key_id().to_string())
-            .collect();
-        kids.sort();
-        kids
-    };
-    assert!(!partner_kids.is_empty());
 
     tessera_agent::identity::key_files::init_key_dir(
         &td("example.org"),
@@ -751,7 +735,7 @@ async fn bundles_kept_in_postgresql_outlive_the_endpoint() {
 
     // The endpoint goes down; a replica started now serves the kept bundle
     // and never reaches the endpoint.
-    partner.stop().await.unwrap();
+    partner.agent.stop().await.unwrap();
     let replica_b = tessera_agent::app::authority::start_authority(&cfg, clock.clone())
         .await
         .unwrap();
