@@ -19,6 +19,38 @@ pub type McpScopeRule = Arc<dyn Fn(&McpRequest) -> Option<Vec<String>> + Send + 
 /// Current time; replaceable in tests.
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
+/// `clock`'s time in Unix seconds (0 before 1970): what `exp`, `nbf` and
+/// `iat` are compared with.
+pub(crate) fn unix_now(clock: &Clock) -> i64 {
+    match clock().duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => d.as_secs().min(i64::MAX as u64) as i64,
+        Err(_) => 0,
+    }
+}
+
+/// The builder methods for time that every guard's builder has, over its
+/// `clock_skew` and `clock` fields: `clock_skew` (documented by `$skew_doc`,
+/// which names the builder's default) and `clock`.
+macro_rules! clock_methods {
+    ($skew_doc:literal) => {
+        #[doc = $skew_doc]
+        pub fn clock_skew(mut self, skew: std::time::Duration) -> Self {
+            self.clock_skew = skew;
+            self
+        }
+
+        /// Replaces the clock (tests).
+        pub fn clock<F>(mut self, clock: F) -> Self
+        where
+            F: Fn() -> std::time::SystemTime + Send + Sync + 'static,
+        {
+            self.clock = std::sync::Arc::new(clock);
+            self
+        }
+    };
+}
+pub(crate) use clock_methods;
+
 /// Where the issuer's signing keys come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JwksSource {
@@ -176,11 +208,7 @@ impl TokenGuardBuilder {
         self
     }
 
-    /// Tolerance for `exp`, `nbf` and `iat` (default 30 s).
-    pub fn clock_skew(mut self, skew: Duration) -> Self {
-        self.clock_skew = skew;
-        self
-    }
+    clock_methods!("Tolerance for `exp`, `nbf` and `iat` (default 30 s).");
 
     /// How often the JWKS is re-fetched when in use (default 5 min).
     pub fn jwks_refresh_interval(mut self, interval: Duration) -> Self {
@@ -246,15 +274,6 @@ impl TokenGuardBuilder {
     /// step up on a 403 `insufficient_scope`.
     pub fn challenge_scope(mut self, scope: impl Into<String>) -> Self {
         self.challenge_scope = Some(scope.into());
-        self
-    }
-
-    /// Replaces the clock (tests).
-    pub fn clock<F>(mut self, clock: F) -> Self
-    where
-        F: Fn() -> SystemTime + Send + Sync + 'static,
-    {
-        self.clock = Arc::new(clock);
         self
     }
 

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -14,7 +14,7 @@ use hyper::body::{Body, Bytes};
 use ring::digest;
 use tower::{Layer, Service};
 
-use crate::config::{ConfigError, Settings, TokenGuardBuilder, header_safe};
+use crate::config::{ConfigError, Settings, TokenGuardBuilder, header_safe, unix_now};
 use crate::introspect::Introspector;
 use crate::jwks::{KeyCache, KeyError};
 use crate::mcp::{self, McpScopeSource};
@@ -279,7 +279,7 @@ impl Guard {
         };
         key.verify(unverified.signing_input, &unverified.signature)
             .map_err(|_| TokenError::Signature)?;
-        let now = now_secs(s);
+        let now = unix_now(&s.clock);
         let skew = s.clock_skew.as_secs().min(i64::MAX as u64) as i64;
         let verified = token::check_claims(
             &unverified,
@@ -391,13 +391,6 @@ impl Guard {
         builder
             .body(Full::new(body))
             .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
-    }
-}
-
-fn now_secs(s: &Settings) -> i64 {
-    match (s.clock)().duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs().min(i64::MAX as u64) as i64,
-        Err(_) => 0,
     }
 }
 

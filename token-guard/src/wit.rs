@@ -19,7 +19,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -30,7 +30,7 @@ use ring::digest;
 use serde_json::{Map, Value};
 use tower::{Layer, Service};
 
-use crate::config::{Clock, JwksSource};
+use crate::config::{Clock, JwksSource, clock_methods, unix_now};
 use crate::jwks::{KeyCache, KeyError, KeyUse, PublicKey, VerifyingKey, parse_jwks_for};
 use crate::token::MAX_TOKEN_LEN;
 
@@ -289,26 +289,13 @@ impl WitGuardBuilder {
         self
     }
 
-    /// Tolerance for clock differences on `exp` and `nbf` (default 10 s).
-    pub fn clock_skew(mut self, skew: Duration) -> Self {
-        self.clock_skew = skew;
-        self
-    }
+    clock_methods!("Tolerance for clock differences on `exp` and `nbf` (default 10 s).");
 
     /// How many `jti`s the replay check holds (default 1,000,000). When it
     /// is full of unexpired ones, new requests get 503 rather than a
     /// weaker check.
     pub fn replay_capacity(mut self, capacity: usize) -> Self {
         self.replay_capacity = capacity.max(1);
-        self
-    }
-
-    /// The current time (tests).
-    pub fn clock<F>(mut self, clock: F) -> Self
-    where
-        F: Fn() -> SystemTime + Send + Sync + 'static,
-    {
-        self.clock = Arc::new(clock);
         self
     }
 
@@ -662,10 +649,7 @@ fn trust_domain_of(id: &str) -> Option<&str> {
 
 impl WitGuard {
     fn now(&self) -> i64 {
-        match (self.settings.clock)().duration_since(UNIX_EPOCH) {
-            Ok(d) => d.as_secs().min(i64::MAX as u64) as i64,
-            Err(_) => 0,
-        }
+        unix_now(&self.settings.clock)
     }
 
     /// The key a request's WIT names, when its trust domain's keys are

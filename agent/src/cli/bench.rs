@@ -539,6 +539,40 @@ where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
 {
+    let (latencies, started, _) = run_clients(clients, duration, move |i| {
+        let call = op(i);
+        async move { call.await.map(|()| true) }
+    })
+    .await?;
+    Ok((latencies, started.elapsed().as_secs_f64()))
+}
+
+/// Like [`closed_loop`], but `op` may answer `false` (nothing left to send):
+/// that client stops, and the row's time ends with the last request.
+async fn closed_loop_until<F, Fut>(
+    clients: usize,
+    duration: Duration,
+    op: F,
+) -> anyhow::Result<(Vec<Duration>, f64)>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<bool>> + Send,
+{
+    let (latencies, started, end) = run_clients(clients, duration, op).await?;
+    Ok((latencies, (end - started).as_secs_f64()))
+}
+
+/// The clients of [`closed_loop`] and [`closed_loop_until`]: every call's
+/// latency, when they started and when the last call ended.
+async fn run_clients<F, Fut>(
+    clients: usize,
+    duration: Duration,
+    op: F,
+) -> anyhow::Result<(Vec<Duration>, Instant, Instant)>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<bool>> + Send,
+{
     let op = Arc::new(op);
     let started = Instant::now();
     let deadline = started + duration;
@@ -547,19 +581,46 @@ where
         let op = op.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
+            let mut last = started;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                op(i).await?;
-                lat.push(t.elapsed());
+                if !op(i).await? {
+                    break;
+                }
+                last = Instant::now();
+                lat.push(last - t);
             }
-            Ok::<_, anyhow::Error>(lat)
+            Ok::<_, anyhow::Error>((lat, last))
         }));
     }
     let mut all = Vec::new();
+    let mut end = started;
     for t in tasks {
-        all.extend(t.await??);
+        let (lat, last) = t.await??;
+        all.extend(lat);
+        end = end.max(last);
     }
-    Ok((all, started.elapsed().as_secs_f64()))
+    Ok((all, started, end))
+}
+
+/// One JWT-SVID for `audience` from the Workload API on `c`.
+async fn jwt_svid(
+    c: &mut SpiffeWorkloadApiClient<Channel>,
+    audience: &str,
+) -> anyhow::Result<String> {
+    Ok(
+        c.fetch_jwtsvid(pb::with_security_header(pb::JwtsvidRequest {
+            audience: vec![audience.into()],
+            spiffe_id: String::new(),
+        }))
+        .await?
+        .into_inner()
+        .svids
+        .into_iter()
+        .next()
+        .context("no JWT-SVID")?
+        .svid,
+    )
 }
 
 async fn x509_first(p: &BenchParams) -> anyhow::Result<BenchResult> {
@@ -771,19 +832,7 @@ async fn wit_fetch(p: &BenchParams, new_connection: bool) -> anyhow::Result<Benc
 
 async fn jwt_validate(p: &BenchParams) -> anyhow::Result<BenchResult> {
     let target = target(p, &entry_for_me("bench/jwt")?, "")?;
-    let mut first = client::connect(&target.socket).await?;
-    let token = first
-        .fetch_jwtsvid(pb::with_security_header(pb::JwtsvidRequest {
-            audience: vec!["bench".into()],
-            spiffe_id: String::new(),
-        }))
-        .await?
-        .into_inner()
-        .svids
-        .first()
-        .context("no JWT-SVID")?
-        .svid
-        .clone();
+    let token = jwt_svid(&mut client::connect(&target.socket).await?, "bench").await?;
     let mut clients = Vec::new();
     for _ in 0..p.clients {
         clients.push(client::connect(&target.socket).await?);
@@ -1105,21 +1154,48 @@ fn write_bench_policies(dir: &Path, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One keep-alive HTTP/1.1 connection to the exchange socket.
-async fn exchange_conn(
-    socket: &Path,
-) -> anyhow::Result<
-    hyper::client::conn::http1::SendRequest<http_body_util::Full<prost::bytes::Bytes>>,
-> {
-    let stream = tokio::net::UnixStream::connect(socket).await?;
+/// The sending half of one keep-alive HTTP/1.1 connection.
+type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Full<prost::bytes::Bytes>>;
+
+/// HTTP/1.1 over `io`, its connection driven on a task of its own.
+async fn http1<I>(io: I) -> anyhow::Result<Sender>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
     tokio::spawn(conn);
     Ok(sender)
 }
 
-async fn exchange(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
+/// One keep-alive HTTP/1.1 connection to the exchange socket.
+async fn exchange_conn(socket: &Path) -> anyhow::Result<Sender> {
+    http1(tokio::net::UnixStream::connect(socket).await?).await
+}
+
+/// `POST /token` with the form `body` on `conn`; `what` names the request
+/// in the error when it is refused.
+async fn post_token(conn: &mut Sender, host: &str, body: String, what: &str) -> anyhow::Result<()> {
     use http_body_util::BodyExt;
+    let req = http::Request::post("/token")
+        .header(http::header::HOST, host)
+        .header(
+            http::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded",
+        )
+        .body(http_body_util::Full::new(prost::bytes::Bytes::from(body)))?;
+    let resp = conn.send_request(req).await?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(
+        status.is_success(),
+        "{what} failed ({status}): {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    Ok(())
+}
+
+async fn exchange(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
     if p.socket.is_some() {
         eprintln!("exchange: skipped with --socket (needs an agent with P generated policies)");
         return Ok(vec![]);
@@ -1145,19 +1221,7 @@ async fn exchange(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let issuer = "spiffe://example.org/tessera";
-    let svid = client::connect(&agent.socket)
-        .await?
-        .fetch_jwtsvid(pb::with_security_header(pb::JwtsvidRequest {
-            audience: vec![issuer.into()],
-            spiffe_id: String::new(),
-        }))
-        .await?
-        .into_inner()
-        .svids
-        .into_iter()
-        .next()
-        .context("no JWT-SVID")?
-        .svid;
+    let svid = jwt_svid(&mut client::connect(&agent.socket).await?, issuer).await?;
     let mut conns = Vec::new();
     for _ in 0..p.clients {
         conns.push(tokio::sync::Mutex::new(exchange_conn(&xsock).await?));
@@ -1182,23 +1246,8 @@ async fn exchange(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
                 ("scope", "bench:read"),
                 ("task_id", &format!("bench-{n}")),
             ]);
-            let req = http::Request::post("/token")
-                .header(http::header::HOST, "localhost")
-                .header(
-                    http::header::CONTENT_TYPE,
-                    "application/x-www-form-urlencoded",
-                )
-                .body(http_body_util::Full::new(prost::bytes::Bytes::from(body)))?;
             let mut conn = conns[i].lock().await;
-            let resp = conn.send_request(req).await?;
-            let status = resp.status();
-            let bytes = resp.into_body().collect().await?.to_bytes();
-            anyhow::ensure!(
-                status.is_success(),
-                "exchange failed ({status}): {}",
-                String::from_utf8_lossy(&bytes)
-            );
-            Ok(())
+            post_token(&mut conn, "localhost", body, "exchange").await
         }
     })
     .await?;

@@ -18,8 +18,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use http_body_util::BodyExt;
-use prost::bytes::Bytes;
 use rustls::pki_types::{CertificateDer, ServerName};
 
 use super::*;
@@ -35,8 +33,6 @@ const GRANTS: &[&str] = &["rfc8693", "client-credentials", "jwt-bearer"];
 /// JWT-SVIDs fetched per HTTPS row and second of `--duration` (a row that
 /// uses them up ends early; its ops/s stays a rate).
 const ASSERTIONS_PER_SECOND: f64 = 2500.0;
-
-type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>;
 
 /// The form of one token request for `grant`, carrying `svid`.
 fn token_form(grant: &str, svid: &str) -> String {
@@ -63,25 +59,6 @@ fn token_form(grant: &str, svid: &str) -> String {
     client::form(&[pairs.as_slice(), &common].concat())
 }
 
-async fn post_token(conn: &mut Sender, host: &str, body: String) -> anyhow::Result<()> {
-    let req = http::Request::post("/token")
-        .header(http::header::HOST, host)
-        .header(
-            http::header::CONTENT_TYPE,
-            "application/x-www-form-urlencoded",
-        )
-        .body(http_body_util::Full::new(Bytes::from(body)))?;
-    let resp = conn.send_request(req).await?;
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await?.to_bytes();
-    anyhow::ensure!(
-        status.is_success(),
-        "token request failed ({status}): {}",
-        String::from_utf8_lossy(&bytes)
-    );
-    Ok(())
-}
-
 async fn https_conn(
     addr: std::net::SocketAddr,
     tls: Arc<rustls::ClientConfig>,
@@ -91,10 +68,7 @@ async fn https_conn(
     let stream = tokio_rustls::TlsConnector::from(tls)
         .connect(ServerName::try_from("localhost")?, tcp)
         .await?;
-    let (sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    Ok(sender)
+    http1(stream).await
 }
 
 /// `n` JWT-SVIDs for `audience`, each a new one, over a few connections.
@@ -118,66 +92,6 @@ async fn fetch_svids(socket: &Path, audience: &str, n: usize) -> anyhow::Result<
         all.extend(t.await??);
     }
     Ok(all)
-}
-
-async fn jwt_svid(
-    c: &mut SpiffeWorkloadApiClient<Channel>,
-    audience: &str,
-) -> anyhow::Result<String> {
-    Ok(
-        c.fetch_jwtsvid(pb::with_security_header(pb::JwtsvidRequest {
-            audience: vec![audience.into()],
-            spiffe_id: String::new(),
-        }))
-        .await?
-        .into_inner()
-        .svids
-        .into_iter()
-        .next()
-        .context("no JWT-SVID")?
-        .svid,
-    )
-}
-
-/// Like `closed_loop`, but `op` may answer `false` (nothing left to send):
-/// that client stops, and the row's time ends with the last request.
-async fn closed_loop_until<F, Fut>(
-    clients: usize,
-    duration: Duration,
-    op: F,
-) -> anyhow::Result<(Vec<Duration>, f64)>
-where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = anyhow::Result<bool>> + Send,
-{
-    let op = Arc::new(op);
-    let started = Instant::now();
-    let deadline = started + duration;
-    let mut tasks = Vec::with_capacity(clients);
-    for i in 0..clients {
-        let op = op.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut last = started;
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                if !op(i).await? {
-                    break;
-                }
-                last = Instant::now();
-                lat.push(last - t);
-            }
-            Ok::<_, anyhow::Error>((lat, last))
-        }));
-    }
-    let mut all = Vec::new();
-    let mut end = started;
-    for t in tasks {
-        let (lat, last) = t.await??;
-        all.extend(lat);
-        end = end.max(last);
-    }
-    Ok((all, (end - started).as_secs_f64()))
 }
 
 pub(super) async fn grants(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
@@ -284,7 +198,8 @@ pub(super) async fn grants(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> 
                             }
                         };
                         let mut conn = conns[i].lock().await;
-                        post_token(&mut conn, &host, token_form(grant, svid)).await?;
+                        post_token(&mut conn, &host, token_form(grant, svid), "token request")
+                            .await?;
                         Ok(true)
                     }
                 })
