@@ -61,9 +61,11 @@
 //! what is queued, waits up to that long for more before it syncs, but only
 //! while records are known to be on their way ([`AuditLog::expect`]: an
 //! exchange announces its record when it starts deciding) and only until
-//! they have all arrived. Batches grow, so fewer syncs and wake-ups are paid
-//! per record, at the price of up to the delay in latency; nothing is
-//! acknowledged before its batch is durable, delay or not.
+//! they have all arrived; while it waits it is parked, and the last of them
+//! unparks it, so a held batch costs one wake-up, not one per record.
+//! Batches grow, so fewer syncs are paid per record, at the price of up to
+//! the delay in latency; nothing is acknowledged before its batch is
+//! durable, delay or not.
 //!
 //! If a write or fsync fails, every record of that batch gets an error, the
 //! chain head goes back to the last durable record and the file is truncated
@@ -92,7 +94,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, OnceLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -327,8 +329,7 @@ impl fmt::Debug for AuditLog {
 
 struct Inner {
     path: PathBuf,
-    /// Records announced with [`AuditLog::expect`] and not yet queued.
-    on_the_way: Arc<AtomicUsize>,
+    on_the_way: Arc<OnTheWay>,
     tx: Option<mpsc::Sender<Request>>,
     thread: Option<JoinHandle<()>>,
     #[cfg(test)]
@@ -570,6 +571,11 @@ impl AuditLog {
             .name("audit-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(open_err)?;
+        if !commit_delay.is_zero() {
+            // Set before any record can be sent: the writer only waits for
+            // announced records once it holds a batch.
+            let _ = on_the_way.writer.set(thread.thread().clone());
+        }
         tracing::debug!(path = %path.display(), records, "audit log open");
         let log = AuditLog {
             inner: Some(Arc::new(Inner {
@@ -611,7 +617,7 @@ impl AuditLog {
     /// or handed to [`append_expected`](Self::append_expected).
     pub fn expect(&self) -> Expected {
         Expected(self.inner.as_ref().map(|inner| {
-            inner.on_the_way.fetch_add(1, Ordering::AcqRel);
+            inner.on_the_way.count.fetch_add(1, Ordering::AcqRel);
             inner.on_the_way.clone()
         }))
     }
@@ -646,15 +652,15 @@ impl AuditLog {
             return Ok(AuditReceipt::disabled());
         };
         let (reply, rx) = oneshot::channel();
-        // No longer on its way once queued: the writer drains the queue
-        // after it sees the count fall, so it cannot miss this record.
-        drop(expected);
-        inner
+        let queued = inner
             .tx
             .as_ref()
             .ok_or(AuditError::Closed)?
-            .send(Request { members, reply })
-            .map_err(|_| AuditError::Closed)?;
+            .send(Request { members, reply });
+        // No longer on its way once queued, and only then: a writer woken
+        // by the count reaching zero must find this record in the queue.
+        drop(expected);
+        queued.map_err(|_| AuditError::Closed)?;
         rx.await.map_err(|_| AuditError::Closed)?
     }
 
@@ -670,12 +676,34 @@ impl AuditLog {
 /// A record announced with [`AuditLog::expect`]; dropping it withdraws the
 /// announcement.
 #[must_use = "an announcement ends when this is dropped"]
-pub struct Expected(Option<Arc<AtomicUsize>>);
+pub struct Expected(Option<Arc<OnTheWay>>);
 
 impl Drop for Expected {
     fn drop(&mut self) {
-        if let Some(count) = self.0.take() {
-            count.fetch_sub(1, Ordering::AcqRel);
+        if let Some(on_the_way) = self.0.take() {
+            on_the_way.settle();
+        }
+    }
+}
+
+/// Records announced with [`AuditLog::expect`] and not yet queued (or
+/// withdrawn), shared by the announcers and the writer.
+#[derive(Default)]
+struct OnTheWay {
+    count: AtomicUsize,
+    /// The writer thread, with a commit delay: it parks while records are on
+    /// their way and is unparked once, by the last of them, rather than
+    /// woken by every record that arrives.
+    writer: OnceLock<std::thread::Thread>,
+}
+
+impl OnTheWay {
+    /// One announced record is queued or withdrawn.
+    fn settle(&self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(writer) = self.writer.get()
+        {
+            writer.unpark();
         }
     }
 }
@@ -779,7 +807,7 @@ struct Writer {
     /// How long a batch may wait for announced records before its sync.
     commit_delay: Duration,
     /// Records announced and not yet queued ([`AuditLog::expect`]).
-    on_the_way: Arc<AtomicUsize>,
+    on_the_way: Arc<OnTheWay>,
     head_seq: u64,
     /// SHA-256 of the last record's line: the next record's `prev`.
     head_prev: String,
@@ -893,24 +921,28 @@ impl Writer {
     }
 
     /// With a commit delay, the next record of a batch that has taken
-    /// everything queued: waits while announced records are still on their
-    /// way, until the batch's deadline (set at the first wait). `None`: sync
-    /// now.
+    /// everything queued: while announced records are still on their way,
+    /// parks until the last of them is queued (its sender unparks this
+    /// thread: one wake-up for the batch, not one per record) or the batch's
+    /// deadline (set at the first wait) passes. `None`: sync now.
     fn wait_for_more(
         &self,
         rx: &mpsc::Receiver<Request>,
         deadline: &mut Option<Instant>,
     ) -> Option<Request> {
-        if self.commit_delay.is_zero() || self.on_the_way.load(Ordering::Acquire) == 0 {
+        let pending = || self.on_the_way.count.load(Ordering::Acquire) != 0;
+        if self.commit_delay.is_zero() || !pending() {
             return None;
         }
         let until = *deadline.get_or_insert_with(|| Instant::now() + self.commit_delay);
-        let left = until.checked_duration_since(Instant::now())?;
-        match rx.recv_timeout(left) {
-            Ok(req) => Some(req),
-            // A record queued as the count fell is taken by this batch.
-            Err(_) => rx.try_recv().ok(),
+        while pending() {
+            let Some(left) = until.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            // May also return early (a stale unpark): the loop checks again.
+            std::thread::park_timeout(left);
         }
+        rx.try_recv().ok()
     }
 
     /// Syncs the anchor if a mark was written since the last sync.
