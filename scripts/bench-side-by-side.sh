@@ -38,9 +38,11 @@ rounds=${3:-3}
 base=${4:+$(realpath "$4")}
 spire_bin=$(realpath "$spire_bin")
 agents=(spire ${base:+tessera-base} tessera)
-# Streams held open by idle-memory and fanout. SPIRE_STREAMS=0 leaves SPIRE
-# out of those two phases (see BENCHMARKS.md: its agent stopped answering
-# new streams on this machine on 2026-12-07).
+# Streams held open by idle-memory and fanout, opened 32 at a time (the
+# bench's --opening): with a few hundred first messages outstanding, SPIRE's
+# agent deadlocks the in-process connection to its workload attestor plugin
+# (BENCHMARKS.md, "Tessera and SPIRE side by side"). SPIRE_STREAMS=0 still
+# leaves SPIRE out of those two phases.
 streams=${STREAMS:-10000}
 spire_streams=${SPIRE_STREAMS:-1}
 stream_agents=("${agents[@]}")

@@ -90,6 +90,14 @@ FIGURES: list[Figure] = [
     ),
     ("rotation pushed to 10,000 streams", "fanout", {}, field("all_updated_ms"), "ms", True),
     ("agent RSS with no streams", "idle-memory", {}, field("baseline_rss_bytes", 1 / 1048576), "MiB", True),
+    (
+        "of which anonymous (heap, stacks: not the executable's pages)",
+        "idle-memory",
+        {},
+        field("baseline_anon_bytes", 1 / 1048576),
+        "MiB",
+        True,
+    ),
     ("new entry: registration command + first SVID (median)", "new-entry", {}, registered_to_svid, "ms", True),
 ]
 

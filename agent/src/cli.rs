@@ -113,6 +113,7 @@ async fn bench(b: bench::BenchArgs) -> anyhow::Result<()> {
     let params = bench::BenchParams {
         clients: b.clients.max(1),
         streams: b.streams.max(1),
+        opening: b.opening.max(1),
         identities: b.identities,
         policies: b.policies,
         duration: b.duration,

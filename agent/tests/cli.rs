@@ -408,6 +408,8 @@ fn bench_measures_a_running_agent_given_its_pid() {
         .args([
             "--streams",
             "20",
+            "--opening",
+            "3",
             "--rounds",
             "2",
             "--rotation-timeout",
@@ -463,6 +465,13 @@ fn bench_measures_a_running_agent_given_its_pid() {
     }
     let idle = &lines[4];
     assert!(idle["baseline_rss_bytes"].as_u64().unwrap() > 1024 * 1024);
+    // The anonymous part of the agent's memory is some of it, not all: the
+    // executable's own pages are the rest.
+    let anon = idle["baseline_anon_bytes"].as_u64().unwrap();
+    assert!(
+        anon > 0 && anon < idle["baseline_rss_bytes"].as_u64().unwrap(),
+        "{idle}"
+    );
     assert!(idle["rss_per_stream_bytes"].as_u64().is_some(), "{idle}");
     assert_eq!(lines[5]["ops"], 20, "every stream got the renewal");
     assert!(lines[5]["all_updated_ms"].as_f64().is_some());

@@ -68,6 +68,12 @@ pub struct BenchArgs {
     /// Open streams (fanout, idle-memory, sds-idle-memory).
     #[arg(long, default_value_t = 1000)]
     pub streams: usize,
+    /// fanout, idle-memory: how many of those streams wait for their first
+    /// message at once while they are opened. SPIRE's agent (ef8527ec)
+    /// deadlocks with a few hundred attestations in flight (BENCHMARKS.md,
+    /// "Tessera and SPIRE side by side"), so the default keeps below that.
+    #[arg(long, default_value_t = 32)]
+    pub opening: usize,
     /// Distinct identities (x509-cold: issued per round; idle-memory: cached).
     #[arg(long, default_value_t = 100)]
     pub identities: usize,
@@ -109,6 +115,7 @@ pub struct BenchArgs {
 pub struct BenchParams {
     pub clients: usize,
     pub streams: usize,
+    pub opening: usize,
     pub identities: usize,
     pub policies: usize,
     pub duration: Duration,
@@ -443,8 +450,20 @@ fn cpu_per_op_extra(
 }
 
 fn rss_of(pid: u32) -> Option<u64> {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// The anonymous part of a process's resident memory (heap, stacks, dirty
+/// data): what it costs the node beyond the clean pages of its executable
+/// and libraries, which the page cache shares and can reclaim.
+fn anon_of(pid: u32) -> Option<u64> {
+    status_bytes(pid, "RssAnon:")
+}
+
+/// A `kB` line of `/proc/<pid>/status`, in bytes.
+fn status_bytes(pid: u32, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -475,6 +494,10 @@ impl Target {
 
     fn rss_bytes(&self) -> Option<u64> {
         self.pid.and_then(rss_of)
+    }
+
+    fn anon_bytes(&self) -> Option<u64> {
+        self.pid.and_then(anon_of)
     }
 }
 
@@ -879,22 +902,26 @@ fn svids_digest(r: &pb::X509svidResponse) -> u64 {
     h.finish()
 }
 
-/// Opens `n` FetchX509SVID streams and waits for each first message; returns
-/// the streams with the digest of their first message's SVIDs, and the time
-/// it took.
+/// Opens `n` FetchX509SVID streams and waits for each first message, at most
+/// `opening` at a time; returns the streams with the digest of their first
+/// message's SVIDs, and the time it took.
 async fn open_streams(
     socket: &Path,
     n: usize,
+    opening: usize,
 ) -> anyhow::Result<(Vec<(tonic::Streaming<pb::X509svidResponse>, u64)>, Duration)> {
     let t = Instant::now();
     let mut conns = Vec::new();
     for _ in 0..n.div_ceil(STREAMS_PER_CONNECTION) {
         conns.push(client::connect(socket).await?);
     }
+    let opening = Arc::new(tokio::sync::Semaphore::new(opening.max(1)));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
         let mut c = conns[i / STREAMS_PER_CONNECTION].clone();
+        let opening = opening.clone();
         tasks.push(tokio::spawn(async move {
+            let _turn = opening.acquire_owned().await?;
             let mut s = c
                 .fetch_x509svid(pb::with_security_header(pb::X509svidRequest {}))
                 .await?
@@ -917,7 +944,7 @@ async fn open_streams(
 /// `--rotation-timeout`.
 async fn fanout(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
     let target = target(p, &entry_for_me("bench/fanout")?, "x509_ttl = \"10s\"")?;
-    let (streams, opened) = open_streams(&target.socket, p.streams).await?;
+    let (streams, opened) = open_streams(&target.socket, p.streams, p.opening).await?;
     // The SVIDs the streams opened with (two sets if a renewal happened while
     // they were opening): the rotation measured is the first SVID set none
     // of them has seen, which reaches every stream as a push.
@@ -998,6 +1025,7 @@ async fn idle_memory(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
     }
     let target = target(p, &entries, "")?;
     let baseline = target.rss_bytes();
+    let baseline_anon = target.anon_bytes();
     let mut held = None;
     if identities > 0 {
         let mut child = Command::new(&holder)
@@ -1020,7 +1048,7 @@ async fn idle_memory(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
         held = Some((child, out));
     }
     let with_identities = target.rss_bytes();
-    let (streams, opened) = open_streams(&target.socket, p.streams).await?;
+    let (streams, opened) = open_streams(&target.socket, p.streams, p.opening).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss = target.rss_bytes();
     drop(streams);
@@ -1032,6 +1060,10 @@ async fn idle_memory(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
     extra.insert(
         "baseline_rss_bytes".into(),
         baseline.map_or(serde_json::Value::Null, Into::into),
+    );
+    extra.insert(
+        "baseline_anon_bytes".into(),
+        baseline_anon.map_or(serde_json::Value::Null, Into::into),
     );
     if let (Some(before), Some(after)) = (with_identities, rss) {
         extra.insert(
