@@ -576,6 +576,22 @@ async fn tokens_without_a_node_claim_are_resolved_through_the_pod() {
     );
 }
 
+/// The API server down (nothing listens on its port): a TokenReview fails
+/// as `Unavailable`, never as a rejection, so the authority answers a
+/// node's attestation with 503 and the node retries rather than giving up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_review_with_the_api_server_down_is_unavailable() {
+    use tessera_agent::fleet::kube::{KubeClient, ReviewError};
+    let dir = tempfile::tempdir().unwrap();
+    // The fake writes the CA and token files; the client is pointed at a
+    // port nobody listens on.
+    let _files = api_server(dir.path()).await;
+    let down = tessera_tests::fleet::free_port();
+    let kube = KubeClient::new(kube_config(dir.path(), down, "tessera-authority")).unwrap();
+    let err = kube.review_token("agent-token-b").await.unwrap_err();
+    assert!(matches!(&err, ReviewError::Unavailable(_)), "{err:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_new_ca_reaches_every_open_stream_before_it_signs() {
     use tokio_stream::StreamExt;
