@@ -12,6 +12,7 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 use tessera_agent::fleet::operator::{OperatorCallError, OperatorClient};
+use tessera_tests::TestAgent;
 use tessera_tests::fleet::{
     Fleet, ISSUER, NOTES, OPERATOR_ID, active_at, anonymous_call, exchange_call, jwks, kube_store,
     operator_client, refused_status, runtime_database,
@@ -256,18 +257,7 @@ async fn an_approval_waiting_on_a_node_is_decided_with_kubectl_and_redeemed_ther
     let start = std::time::Instant::now();
     let mut with_id = fields.clone();
     with_id.push(("approval_id", &id));
-    let token = loop {
-        let (status, answer) = exchange_call(&a, "/token", &with_id).await;
-        if status == 200 {
-            break answer["access_token"].as_str().unwrap().to_string();
-        }
-        assert_eq!(answer["error"], "authorization_pending", "{answer}");
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "never approved on the node"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let token = redeemed_once_approved(&a, &with_id, start).await;
     eprintln!(
         "approved in the Kubernetes API -> redeemed on node A after {:?}",
         start.elapsed()
@@ -563,18 +553,7 @@ async fn an_operator_decides_at_the_authority(kept: ApprovalsKept) {
     ])
     .await
     .unwrap();
-    let token = loop {
-        let (status, answer) = exchange_call(&a, "/token", &with_id).await;
-        if status == 200 {
-            break answer["access_token"].as_str().unwrap().to_string();
-        }
-        assert_eq!(answer["error"], "authorization_pending", "{answer}");
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "never approved on the node"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let token = redeemed_once_approved(&a, &with_id, start).await;
     eprintln!(
         "approved at the authority (CLI, {}) -> redeemed on node A after {:?}",
         kept.kind(),
@@ -722,6 +701,28 @@ async fn an_operator_decides_a_nodes_approval_at_the_authority_with_an_svid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_operator_decides_a_nodes_approval_at_the_authority_through_postgresql() {
     an_operator_decides_at_the_authority(ApprovalsKept::postgres().await).await;
+}
+
+/// Repeats the node's request (with its `approval_id`) until the decision
+/// has reached the node and a token comes back; until then every answer
+/// must be `authorization_pending`. At most 30 s after `start`.
+async fn redeemed_once_approved(
+    a: &TestAgent,
+    with_id: &[(&str, &str)],
+    start: std::time::Instant,
+) -> String {
+    loop {
+        let (status, answer) = exchange_call(a, "/token", with_id).await;
+        if status == 200 {
+            return answer["access_token"].as_str().unwrap().to_string();
+        }
+        assert_eq!(answer["error"], "authorization_pending", "{answer}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never approved on the node"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// The approval of `task` as the operator lists it at the authority, once
