@@ -120,6 +120,17 @@ struct PeerNode(
     Option<(spiffe::SpiffeId, SystemTime)>,
 );
 
+impl PeerNode {
+    /// When the node's SVID expires, which ends its streams. Streams are
+    /// served only after [`Shared::node`] accepted the peer as a node; the
+    /// epoch, for any other peer, would end a stream at once.
+    fn node_not_after(&self) -> SystemTime {
+        self.0
+            .as_ref()
+            .map_or(SystemTime::UNIX_EPOCH, |(_, not_after, _)| *not_after)
+    }
+}
+
 struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
@@ -1222,11 +1233,7 @@ async fn stream(
 ) -> Result<Response, ApiError> {
     let node = s.node(&peer).await?;
     let cursor = stream_cursor(&uri)?;
-    let not_after = peer
-        .0
-        .as_ref()
-        .map(|(_, t, _)| *t)
-        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let not_after = peer.node_not_after();
     let state = fleet_state(&s)?;
     Ok(feed::stream(
         state.view.clone(),
@@ -1333,11 +1340,7 @@ async fn approvals_stream(
 ) -> Result<Response, ApiError> {
     let node = s.node(&peer).await?;
     let approvals = fleet_approvals(&s)?;
-    let not_after = peer
-        .0
-        .as_ref()
-        .map(|(_, t, _)| *t)
-        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let not_after = peer.node_not_after();
     let until = s.stream_token(&node, &peer);
     Ok(approvals.stream(node.name, not_after, s.clock.clone(), until))
 }
@@ -1534,11 +1537,7 @@ async fn entries_stream(
             "live registration is not enabled on this authority ([server.registration])".into(),
         ));
     }
-    let not_after = peer
-        .0
-        .as_ref()
-        .map(|(_, t, _)| *t)
-        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let not_after = peer.node_not_after();
     Ok(super::registration::stream(
         &s.entries,
         node.name.clone(),
