@@ -10,6 +10,11 @@ venv="$here/.venv"
 req="$here/requirements.txt"
 stamp="$venv/.requirements.sha256"
 
+# Tests running in parallel each call this script: one builds the venv while
+# the others wait for it, rather than all removing and creating it at once.
+exec 9>"$here/.setup.lock"
+flock 9
+
 want=$(sha256sum "$req" | cut -d' ' -f1)
 # A venv whose interpreter no longer runs (base Python gone) is rebuilt.
 usable() { [ -x "$venv/bin/python" ] && "$venv/bin/python" -c '' 2>/dev/null; }
