@@ -320,6 +320,36 @@ async fn the_authority_federates_for_the_whole_fleet() {
     partner.agent.stop().await.unwrap();
 }
 
+/// The entry of `node`'s workload: tied to that node, federating with
+/// partner.test.
+fn federated_entry(node: &str) -> String {
+    format!(
+        "[[entries]]\nspiffe_id = \"spiffe://example.org/{node}/svc\"\nselectors = [\"tessera:node:{node}\", \"unix:uid:{}\"]\nfederates_with = [\"partner.test\"]\n",
+        my_uid()
+    )
+}
+
+/// The config of an example.org authority replica with new keys in `d`,
+/// node-a's and node-b's [`federated_entry`], and `server_rest` (the fleet
+/// store, federation) after its `[server]` table. Every replica of a test
+/// starts from this one config.
+fn two_node_authority(d: &Path, server_rest: &str) -> Config {
+    tessera_agent::identity::key_files::init_key_dir(
+        &td("example.org"),
+        &d.join("keys"),
+        Duration::from_secs(30 * 24 * 3600),
+        SystemTime::now(),
+    )
+    .unwrap();
+    let text = format!(
+        "trust_domain = \"example.org\"\n{}{}[server]\nlisten = \"127.0.0.1:0\"\nkeys_dir = \"{k}/keys\"\njoin_token_dir = \"{k}/join\"\n{server_rest}",
+        federated_entry("node-a"),
+        federated_entry("node-b"),
+        k = d.display(),
+    );
+    Config::parse(&text, "authority.toml").unwrap()
+}
+
 /// An agent of `node` in upstream mode attached to the authority at
 /// `addr` only, with `entries`; the authority's key directory is `keys`.
 async fn fleet_node(
@@ -491,31 +521,18 @@ async fn federation_relationships_are_custom_resources_and_their_bundles_outlive
         partner.kids.clone(),
     );
 
-    tessera_agent::identity::key_files::init_key_dir(
-        &td("example.org"),
-        &d.join("keys"),
-        Duration::from_secs(30 * 24 * 3600),
-        SystemTime::now(),
-    )
-    .unwrap();
-    let entry = |node: &str| {
-        format!(
-            "[[entries]]\nspiffe_id = \"spiffe://example.org/{node}/svc\"\nselectors = [\"tessera:node:{node}\", \"unix:uid:{}\"]\nfederates_with = [\"partner.test\"]\n",
-            my_uid()
-        )
-    };
-    let authority_text = format!(
-        "trust_domain = \"example.org\"\n{}{}[server]\nlisten = \"127.0.0.1:0\"\nkeys_dir = \"{k}/keys\"\njoin_token_dir = \"{k}/join\"\n{tables}",
-        entry("node-a"),
-        entry("node-b"),
-        k = d.display(),
-    );
-    let cfg = Config::parse(&authority_text, "authority.toml").unwrap();
+    let cfg = two_node_authority(d, &tables);
     let clock = Arc::new(tessera_agent::clock::SystemClock);
     let replica_a = tessera_agent::app::authority::start_authority(&cfg, clock.clone())
         .await
         .unwrap();
-    let mut node_a = fleet_node(d, replica_a.server.addr, "node-a", &entry("node-a")).await;
+    let mut node_a = fleet_node(
+        d,
+        replica_a.server.addr,
+        "node-a",
+        &federated_entry("node-a"),
+    )
+    .await;
     let ctx = context_where(node_a.endpoint(), |c| c.default_svid().is_some()).await;
     assert!(cas_of(&ctx, "partner.test").is_none(), "not federated yet");
 
@@ -591,7 +608,13 @@ async fn federation_relationships_are_custom_resources_and_their_bundles_outlive
     let replica_b = tessera_agent::app::authority::start_authority(&cfg, clock.clone())
         .await
         .unwrap();
-    let mut node_b = fleet_node(d, replica_b.server.addr, "node-b", &entry("node-b")).await;
+    let mut node_b = fleet_node(
+        d,
+        replica_b.server.addr,
+        "node-b",
+        &federated_entry("node-b"),
+    )
+    .await;
     let mut kids = jwt_kids_of(&node_b, "partner.test").await;
     kids.sort();
     assert_eq!(
@@ -680,32 +703,25 @@ async fn bundles_kept_in_postgresql_outlive_the_endpoint() {
     );
     std::fs::write(d.join("partner.pem"), pem(&partner_cas)).unwrap();
 
-    tessera_agent::identity::key_files::init_key_dir(
-        &td("example.org"),
-        &d.join("keys"),
-        Duration::from_secs(30 * 24 * 3600),
-        SystemTime::now(),
-    )
-    .unwrap();
-    let entry = |node: &str| {
-        format!(
-            "[[entries]]\nspiffe_id = \"spiffe://example.org/{node}/svc\"\nselectors = [\"tessera:node:{node}\", \"unix:uid:{}\"]\nfederates_with = [\"partner.test\"]\n",
-            my_uid()
-        )
-    };
-    let authority_text = format!(
-        "trust_domain = \"example.org\"\n{}{}[server]\nlisten = \"127.0.0.1:0\"\nkeys_dir = \"{k}/keys\"\njoin_token_dir = \"{k}/join\"\n{store}[[federation]]\ntrust_domain = \"partner.test\"\nbundle_endpoint_url = \"{partner_url}\"\nbundle_endpoint_profile = \"https_spiffe\"\nendpoint_spiffe_id = \"spiffe://partner.test/tessera/bundle-endpoint\"\nbootstrap_bundle = \"{k}/partner.pem\"\n",
-        entry("node-a"),
-        entry("node-b"),
-        k = d.display(),
-        store = db.store_table(),
+    let cfg = two_node_authority(
+        d,
+        &format!(
+            "{store}[[federation]]\ntrust_domain = \"partner.test\"\nbundle_endpoint_url = \"{partner_url}\"\nbundle_endpoint_profile = \"https_spiffe\"\nendpoint_spiffe_id = \"spiffe://partner.test/tessera/bundle-endpoint\"\nbootstrap_bundle = \"{k}/partner.pem\"\n",
+            store = db.store_table(),
+            k = d.display(),
+        ),
     );
-    let cfg = Config::parse(&authority_text, "authority.toml").unwrap();
     let clock = Arc::new(tessera_agent::clock::SystemClock);
     let replica_a = tessera_agent::app::authority::start_authority(&cfg, clock.clone())
         .await
         .unwrap();
-    let mut node_a = fleet_node(d, replica_a.server.addr, "node-a", &entry("node-a")).await;
+    let mut node_a = fleet_node(
+        d,
+        replica_a.server.addr,
+        "node-a",
+        &federated_entry("node-a"),
+    )
+    .await;
     let mut kids = jwt_kids_of(&node_a, "partner.test").await;
     kids.sort();
     assert_eq!(kids, partner_kids, "fetched from partner.test's endpoint");
@@ -739,7 +755,13 @@ async fn bundles_kept_in_postgresql_outlive_the_endpoint() {
     let replica_b = tessera_agent::app::authority::start_authority(&cfg, clock.clone())
         .await
         .unwrap();
-    let mut node_b = fleet_node(d, replica_b.server.addr, "node-b", &entry("node-b")).await;
+    let mut node_b = fleet_node(
+        d,
+        replica_b.server.addr,
+        "node-b",
+        &federated_entry("node-b"),
+    )
+    .await;
     let mut kids = jwt_kids_of(&node_b, "partner.test").await;
     kids.sort();
     assert_eq!(
