@@ -2,6 +2,7 @@
 //! denied on every replica, with the fleet's state in the genuine
 //! kube-apiserver or in a genuine PostgreSQL (the judges of what is stored).
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -51,6 +52,27 @@ fn node_svid_serial(agent: &TestAgent) -> String {
         .map(|b| format!("{b:02x}"))
         .collect();
     hex.trim_start_matches('0').to_string()
+}
+
+/// Redeems the join token in `file` at both replicas at the same instant:
+/// exactly one wins, with `node`'s join SPIFFE ID, and the other is told
+/// the token is unknown or already used.
+async fn redeemed_once_by_both(fleet: &Fleet, bundle: &Path, file: &Path, node: &str) {
+    let (a, b) = tokio::join!(
+        attest_once(bundle.to_owned(), fleet.ports[0], file.to_owned()),
+        attest_once(bundle.to_owned(), fleet.ports[1], file.to_owned())
+    );
+    let won: Vec<&String> = [&a, &b]
+        .into_iter()
+        .filter_map(|r| r.as_ref().ok())
+        .collect();
+    assert_eq!(won.len(), 1, "{node}: {a:?} / {b:?}");
+    assert_eq!(
+        won[0],
+        &format!("spiffe://example.org/tessera/node/join/{node}")
+    );
+    let lost = [&a, &b].into_iter().find_map(|r| r.as_ref().err()).unwrap();
+    assert!(lost.contains("unknown or already used"), "{lost}");
 }
 
 /// Attests a node with the join token in `token_file` at the replica on
@@ -123,21 +145,7 @@ async fn a_join_token_is_redeemed_once_across_replicas_and_a_denied_node_is_refu
         api.create(&tokens, object).await;
         let file = store_dir.path().join(format!("token-{round}"));
         std::fs::write(&file, &token).unwrap();
-        let (a, b) = tokio::join!(
-            attest(fleet.ports[0], file.clone()),
-            attest(fleet.ports[1], file.clone())
-        );
-        let won: Vec<&String> = [&a, &b]
-            .into_iter()
-            .filter_map(|r| r.as_ref().ok())
-            .collect();
-        assert_eq!(won.len(), 1, "round {round}: {a:?} / {b:?}");
-        assert_eq!(
-            won[0],
-            &format!("spiffe://example.org/tessera/node/join/{node}")
-        );
-        let lost = [&a, &b].into_iter().find_map(|r| r.as_ref().err()).unwrap();
-        assert!(lost.contains("unknown or already used"), "{lost}");
+        redeemed_once_by_both(&fleet, &bundle, &file, &node).await;
         let (status, _) = api
             .request(http::Method::GET, &format!("{tokens}/{name}"), None)
             .await;
@@ -328,21 +336,7 @@ async fn a_join_token_is_redeemed_once_across_replicas_and_a_denied_node_is_refu
         sql(&join_token_insert(&token, &node, unix_now() + 600));
         let file = dir.path().join(format!("token-{round}"));
         std::fs::write(&file, &token).unwrap();
-        let (a, b) = tokio::join!(
-            attest(fleet.ports[0], file.clone()),
-            attest(fleet.ports[1], file.clone())
-        );
-        let won: Vec<&String> = [&a, &b]
-            .into_iter()
-            .filter_map(|r| r.as_ref().ok())
-            .collect();
-        assert_eq!(won.len(), 1, "round {round}: {a:?} / {b:?}");
-        assert_eq!(
-            won[0],
-            &format!("spiffe://example.org/tessera/node/join/{node}")
-        );
-        let lost = [&a, &b].into_iter().find_map(|r| r.as_ref().err()).unwrap();
-        assert!(lost.contains("unknown or already used"), "{lost}");
+        redeemed_once_by_both(&fleet, &bundle, &file, &node).await;
         assert_eq!(
             sql("SELECT count(*) FROM tessera_join_tokens"),
             "0",
