@@ -118,6 +118,49 @@ async fn until_streamed(
     }
 }
 
+/// Adds a live entry of node-a's workload with `add(name, id)` and deletes
+/// it with `remove(name)`, ten times, each timed from the call's return to
+/// the open stream showing the SVID (or, after the delete, the workload
+/// back to `base` alone); prints the percentiles, the change named `what`.
+async fn time_live_entries(
+    stream: &mut (
+             impl tokio_stream::Stream<
+        Item = Result<spiffe::X509Context, spiffe::workload_api::WorkloadApiError>,
+    > + Unpin
+         ),
+    base: &str,
+    what: &str,
+    mut add: impl AsyncFnMut(&str, &str),
+    mut remove: impl AsyncFnMut(&str),
+) {
+    const SAMPLES: usize = 10;
+    let (mut added, mut withdrawn) = (Vec::new(), Vec::new());
+    for i in 0..SAMPLES {
+        let id = format!("spiffe://example.org/node-a/live-{i}");
+        let name = format!("live-{i}");
+        add(&name, &id).await;
+        let start = std::time::Instant::now();
+        added.push(until_streamed(stream, start, |ids| ids.iter().any(|x| x == &id)).await);
+        remove(&name).await;
+        let start = std::time::Instant::now();
+        withdrawn.push(
+            until_streamed(stream, start, |ids| {
+                !ids.iter().any(|x| x == &id) && ids.iter().any(|x| x == base)
+            })
+            .await,
+        );
+    }
+    added.sort();
+    withdrawn.sort();
+    eprintln!(
+        "{what} -> SVID on the workload's open stream: p50 {:?}, max {:?}; deleted -> withdrawn: p50 {:?}, max {:?} ({SAMPLES} samples)",
+        percentile(&added, 0.5),
+        percentile(&added, 1.0),
+        percentile(&withdrawn, 0.5),
+        percentile(&withdrawn, 1.0),
+    );
+}
+
 /// Polls the object at `path` until its Ready condition has `reason`;
 /// returns the condition.
 async fn ready_condition(api: &KubeApi, path: &str, reason: &str) -> Value {
@@ -169,36 +212,22 @@ async fn entries_as_custom_resources_reach_a_running_workload_through_the_kubern
 
     // Created -> on the open stream; deleted -> gone from it. Timed from
     // the API server's answer to the create (or delete).
-    const SAMPLES: usize = 10;
-    let (mut added, mut withdrawn) = (Vec::new(), Vec::new());
-    for i in 0..SAMPLES {
-        let id = format!("spiffe://example.org/node-a/live-{i}");
-        let name = format!("live-{i}");
-        let body = entry(&name, &id, selectors.clone());
-        let start = std::time::Instant::now();
-        api.create(collection, body).await;
-        added.push(until_streamed(&mut stream, start, |ids| ids.contains(&id)).await);
-        let (status, answer) = api
-            .request(http::Method::DELETE, &format!("{collection}/{name}"), None)
-            .await;
-        assert_eq!(status, 200, "{answer}");
-        let start = std::time::Instant::now();
-        withdrawn.push(
-            until_streamed(&mut stream, start, |ids| {
-                !ids.contains(&id) && ids.contains(&base)
-            })
-            .await,
-        );
-    }
-    added.sort();
-    withdrawn.sort();
-    eprintln!(
-        "ClusterWorkloadEntry created -> SVID on the workload's open stream: p50 {:?}, max {:?}; deleted -> withdrawn: p50 {:?}, max {:?} ({SAMPLES} samples)",
-        percentile(&added, 0.5),
-        percentile(&added, 1.0),
-        percentile(&withdrawn, 0.5),
-        percentile(&withdrawn, 1.0),
-    );
+    time_live_entries(
+        &mut stream,
+        &base,
+        "ClusterWorkloadEntry created",
+        async |name, id| {
+            api.create(collection, entry(name, id, selectors.clone()))
+                .await;
+        },
+        async |name| {
+            let (status, answer) = api
+                .request(http::Method::DELETE, &format!("{collection}/{name}"), None)
+                .await;
+            assert_eq!(status, 200, "{answer}");
+        },
+    )
+    .await;
 
     // Accepted, then changed into something invalid: the condition names
     // the field, and the accepted version stays in force.
@@ -459,34 +488,20 @@ async fn entries_as_rows_reach_a_running_workload_through_postgresql() {
         panic!("{name} never got status {status}");
     };
 
-    const SAMPLES: usize = 10;
-    let (mut added, mut withdrawn) = (Vec::new(), Vec::new());
-    for i in 0..SAMPLES {
-        let id = format!("spiffe://example.org/node-a/live-{i}");
-        let name = format!("live-{i}");
-        sql(&insert(&name, &id, &selectors));
-        let start = std::time::Instant::now();
-        added.push(until_streamed(&mut stream, start, |ids| ids.contains(&id)).await);
-        sql(&format!(
-            "DELETE FROM tessera_entries WHERE name = '{name}'"
-        ));
-        let start = std::time::Instant::now();
-        withdrawn.push(
-            until_streamed(&mut stream, start, |ids| {
-                !ids.contains(&id) && ids.contains(&base)
-            })
-            .await,
-        );
-    }
-    added.sort();
-    withdrawn.sort();
-    eprintln!(
-        "tessera_entries row inserted -> SVID on the workload's open stream: p50 {:?}, max {:?}; deleted -> withdrawn: p50 {:?}, max {:?} ({SAMPLES} samples)",
-        percentile(&added, 0.5),
-        percentile(&added, 1.0),
-        percentile(&withdrawn, 0.5),
-        percentile(&withdrawn, 1.0),
-    );
+    time_live_entries(
+        &mut stream,
+        &base,
+        "tessera_entries row inserted",
+        async |name, id| {
+            sql(&insert(name, id, &selectors));
+        },
+        async |name| {
+            sql(&format!(
+                "DELETE FROM tessera_entries WHERE name = '{name}'"
+            ));
+        },
+    )
+    .await;
 
     // Accepted, then changed into something invalid: the status names the
     // field, and the accepted version stays in force.
