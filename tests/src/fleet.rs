@@ -304,31 +304,20 @@ pub async fn kube_store_on(api: &KubeApi, dir: &Path) -> (String, String) {
     assert!(ok, "{out}{err}");
     let ns = api.namespace("fleet", serde_json::json!({})).await;
     api.service_account(&ns, "tessera-authority").await;
-    let rbac = [
-        (
-            format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles"),
-            serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-              "metadata": {"name": "tessera-authority-store"},
-              "rules": [{"apiGroups": ["tessera.dev"], "resources": ["revocationbatches"],
-                         "verbs": ["create", "list", "watch", "deletecollection"]},
-                        {"apiGroups": ["tessera.dev"], "resources": ["approvalrequests"],
-                         "verbs": ["create", "list", "watch", "delete"]},
-                        {"apiGroups": ["tessera.dev"], "resources": ["jointokens"],
-                         "verbs": ["get", "list", "delete"]},
-                        {"apiGroups": ["tessera.dev"], "resources": ["nodedenials"],
-                         "verbs": ["list", "watch"]}]}),
-        ),
-        (
-            format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings"),
-            serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-              "metadata": {"name": "tessera-authority-store"},
-              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tessera-authority-store"},
-              "subjects": [{"kind": "ServiceAccount", "name": "tessera-authority", "namespace": ns}]}),
-        ),
-    ];
-    for (path, body) in rbac {
-        api.create(&path, body).await;
-    }
+    api.grant_role(
+        &ns,
+        "tessera-authority-store",
+        serde_json::json!([{"apiGroups": ["tessera.dev"], "resources": ["revocationbatches"],
+                            "verbs": ["create", "list", "watch", "deletecollection"]},
+                           {"apiGroups": ["tessera.dev"], "resources": ["approvalrequests"],
+                            "verbs": ["create", "list", "watch", "delete"]},
+                           {"apiGroups": ["tessera.dev"], "resources": ["jointokens"],
+                            "verbs": ["get", "list", "delete"]},
+                           {"apiGroups": ["tessera.dev"], "resources": ["nodedenials"],
+                            "verbs": ["list", "watch"]}]),
+        "tessera-authority",
+    )
+    .await;
     // The API server's first write of a kind it has just established takes
     // about 2 s (measured: 2.01 s, then 5-10 ms); a cluster's CRD is there
     // long before its first revocation, so pay it here, not in the figures.

@@ -622,6 +622,26 @@ impl KubeApi {
         name
     }
 
+    /// Creates the Role `name` in `ns` with `rules` and binds it to the
+    /// service account `sa` of `ns`.
+    pub async fn grant_role(&self, ns: &str, name: &str, rules: Value, sa: &str) {
+        let rbac = "/apis/rbac.authorization.k8s.io/v1";
+        self.create(
+            &format!("{rbac}/namespaces/{ns}/roles"),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                   "metadata": {"name": name}, "rules": rules}),
+        )
+        .await;
+        self.create(
+            &format!("{rbac}/namespaces/{ns}/rolebindings"),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                   "metadata": {"name": name},
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                   "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]}),
+        )
+        .await;
+    }
+
     pub async fn service_account(&self, ns: &str, name: &str) {
         self.create(
             &format!("/api/v1/namespaces/{ns}/serviceaccounts"),

@@ -73,36 +73,19 @@ async fn approvals_store(dir: &Path) -> (String, String, String, String) {
     assert!(ok, "{out}{err}");
     // An operator with exactly the rights the docs tell operators to get.
     api.service_account(ns, "operator").await;
-    let role = serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": "approvers"},
-        "rules": [{"apiGroups": ["tessera.dev"], "resources": ["approvalrequests"], "verbs": ["get", "list", "patch"]}]});
-    api.create(
-        &format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles"),
-        role,
-    )
-    .await;
-    api.create(
-        &format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings"),
-        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-          "metadata": {"name": "approvers"},
-          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "approvers"},
-          "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": ns}]}),
+    api.grant_role(
+        ns,
+        "approvers",
+        serde_json::json!([{"apiGroups": ["tessera.dev"], "resources": ["approvalrequests"], "verbs": ["get", "list", "patch"]}]),
+        "operator",
     )
     .await;
     // What the chart grants the authority with `authority.operators`.
-    api.create(
-        &format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles"),
-        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-            "metadata": {"name": "tessera-authority-operators"},
-            "rules": [{"apiGroups": ["tessera.dev"], "resources": ["approvalrequests"], "verbs": ["get", "patch"]}]}),
-    )
-    .await;
-    api.create(
-        &format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings"),
-        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-          "metadata": {"name": "tessera-authority-operators"},
-          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tessera-authority-operators"},
-          "subjects": [{"kind": "ServiceAccount", "name": "tessera-authority", "namespace": ns}]}),
+    api.grant_role(
+        ns,
+        "tessera-authority-operators",
+        serde_json::json!([{"apiGroups": ["tessera.dev"], "resources": ["approvalrequests"], "verbs": ["get", "patch"]}]),
+        "tessera-authority",
     )
     .await;
     let operator = api.token(ns, "operator", SA_ISSUER, None).await;

@@ -465,26 +465,18 @@ async fn federation_cluster(api: &KubeApi, dir: &Path) -> (String, String) {
           "subjects": [{"kind": "ServiceAccount", "name": "tessera-authority", "namespace": ns}]}),
     )
     .await;
-    api.create(
-        &format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles"),
-        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-          "metadata": {"name": "tessera-authority"},
-          "rules": [{"apiGroups": ["tessera.dev"], "resources": ["revocationbatches"],
-                     "verbs": ["create", "list", "watch", "deletecollection"]},
-                    {"apiGroups": ["tessera.dev"], "resources": ["jointokens"],
-                     "verbs": ["get", "list", "delete"]},
-                    {"apiGroups": ["tessera.dev"], "resources": ["nodedenials"],
-                     "verbs": ["list", "watch"]},
-                    {"apiGroups": ["tessera.dev"], "resources": ["federatedbundles"],
-                     "verbs": ["list", "create", "patch", "delete"]}]}),
-    )
-    .await;
-    api.create(
-        &format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings"),
-        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-          "metadata": {"name": "tessera-authority"},
-          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tessera-authority"},
-          "subjects": [{"kind": "ServiceAccount", "name": "tessera-authority", "namespace": ns}]}),
+    api.grant_role(
+        &ns,
+        "tessera-authority",
+        serde_json::json!([{"apiGroups": ["tessera.dev"], "resources": ["revocationbatches"],
+                            "verbs": ["create", "list", "watch", "deletecollection"]},
+                           {"apiGroups": ["tessera.dev"], "resources": ["jointokens"],
+                            "verbs": ["get", "list", "delete"]},
+                           {"apiGroups": ["tessera.dev"], "resources": ["nodedenials"],
+                            "verbs": ["list", "watch"]},
+                           {"apiGroups": ["tessera.dev"], "resources": ["federatedbundles"],
+                            "verbs": ["list", "create", "patch", "delete"]}]),
+        "tessera-authority",
     )
     .await;
     let token = api.token(&ns, "tessera-authority", SA_ISSUER, None).await;
