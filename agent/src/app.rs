@@ -446,10 +446,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
     // Workload API requests are a few hundred bytes; anything past 64 KiB is
     // refused without buffering more than that.
     let api = WorkloadApiRoutes::new(
-        WorkloadApi::new(Arc::new(ApiState {
-            callers: callers.clone(),
-            cache: cache.clone(),
-        })),
+        WorkloadApi::new(ApiState::new(callers.clone(), cache.clone())),
         64 * 1024,
     );
     let incoming = crate::transport::grpc::incoming(

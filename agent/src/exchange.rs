@@ -780,6 +780,7 @@ impl Exchange {
                             format!("could not get the caller's X509-SVID: {e}"),
                         )
                     })?
+                    .rx
                     .borrow()
                     .clone()
                     .ok_or_else(|| {

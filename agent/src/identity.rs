@@ -31,7 +31,7 @@ pub mod svid;
 pub mod trust_store;
 pub mod wit;
 
-pub use cache::SvidCache;
+pub use cache::{Subscription, SvidCache};
 pub use local::{AuthoritySettings, LocalAuthority};
 pub use signer::{SignError, SignFuture, Signer};
 pub use spiffe_bundle::ForeignBundle;

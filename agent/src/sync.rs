@@ -5,6 +5,11 @@
 //! workload must never be able to turn one panic into a dead agent).
 //! `std::sync::Mutex` is banned elsewhere (`clippy.toml`) so this rule is
 //! written once.
+//!
+//! [`wakers`] holds the wake-ups of tasks that wait on a value without a
+//! future (the idle Workload API streams).
+
+pub mod wakers;
 
 #[allow(clippy::disallowed_types)]
 type StdMutex<T> = std::sync::Mutex<T>;

@@ -22,6 +22,7 @@ use super::wit::WorkloadKey;
 use crate::clock::{Clock, until};
 use crate::metrics::Metrics;
 use crate::sync::Mutex;
+use crate::sync::wakers::WakerSet;
 
 /// Retry delay when issuance fails (the still-valid SVID keeps being served).
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
@@ -65,6 +66,9 @@ struct Slot<T> {
     id: spiffe::SpiffeId,
     ttl: Duration,
     tx: watch::Sender<Option<Arc<T>>>,
+    /// Woken after every value `tx` sends, for subscribers that hold no
+    /// future on their receiver ([`Subscription`]).
+    changes: Arc<WakerSet>,
     first_issue: OnceCell<()>,
     refresh_at: Mutex<SystemTime>,
 }
@@ -81,6 +85,7 @@ fn slot_for<T>(slots: &Slots<T>, id: &spiffe::SpiffeId, ttl: Duration) -> Arc<Sl
                 id: id.clone(),
                 ttl,
                 tx: watch::Sender::new(None),
+                changes: WakerSet::new(),
                 first_issue: OnceCell::new(),
                 refresh_at: Mutex::new(SystemTime::UNIX_EPOCH),
             })
@@ -92,6 +97,25 @@ fn slot_for<T>(slots: &Slots<T>, id: &spiffe::SpiffeId, ttl: Duration) -> Arc<Sl
 fn install<T: Lifetime>(slot: &Slot<T>, value: T) {
     *slot.refresh_at.lock() = refresh_time(value.issued_at(), value.not_after());
     slot.tx.send_replace(Some(Arc::new(value)));
+    slot.changes.wake_all();
+}
+
+/// One identity's credential of one kind, as a subscriber sees it: `rx`
+/// always holds the current one, and `changes` wakes the tasks registered
+/// in it after each replacement (for a task polled by hand, which keeps no
+/// `rx.changed()` future while it waits).
+pub struct Subscription<T> {
+    pub rx: watch::Receiver<Option<Arc<T>>>,
+    pub changes: Arc<WakerSet>,
+}
+
+impl<T> Slot<T> {
+    fn subscription(&self) -> Subscription<T> {
+        Subscription {
+            rx: self.tx.subscribe(),
+            changes: self.changes.clone(),
+        }
+    }
 }
 
 /// Forgets the slots of `slots` nobody subscribes to any more, and returns
@@ -173,15 +197,15 @@ impl SvidCache {
         &self.trust
     }
 
-    /// A receiver that always holds the current SVID for `id`, issuing it
+    /// A subscription that always holds the current SVID for `id`, issuing it
     /// first if nobody held it yet.
     pub async fn subscribe(
         &self,
         id: &spiffe::SpiffeId,
         ttl: Duration,
-    ) -> Result<watch::Receiver<Option<Arc<X509Svid>>>, SignError> {
+    ) -> Result<Subscription<X509Svid>, SignError> {
         let slot = slot_for(&self.slots, id, ttl);
-        let rx = slot.tx.subscribe();
+        let subscription = slot.subscription();
         // Boxed: issuance may go through the fleet client, whose future is
         // kilobytes; inline, it would size every caller's future (each idle
         // Workload API stream task) for a step that runs once per identity.
@@ -201,19 +225,19 @@ impl SvidCache {
                 })
             })
             .await?;
-        Ok(rx)
+        Ok(subscription)
     }
 
-    /// A receiver that always holds the current WIT-SVID for `id`, issuing
+    /// A subscription that always holds the current WIT-SVID for `id`, issuing
     /// it first if nobody held it yet. Fails with
     /// [`SignError::Unsupported`] when the signer has no WIT-SVID keys.
     pub async fn subscribe_wit(
         &self,
         id: &spiffe::SpiffeId,
         ttl: Duration,
-    ) -> Result<watch::Receiver<Option<Arc<WitSvid>>>, SignError> {
+    ) -> Result<Subscription<WitSvid>, SignError> {
         let slot = slot_for(&self.wits, id, ttl);
-        let rx = slot.tx.subscribe();
+        let subscription = slot.subscription();
         slot.first_issue
             .get_or_try_init(|| {
                 Box::pin(async {
@@ -224,7 +248,7 @@ impl SvidCache {
                 })
             })
             .await?;
-        Ok(rx)
+        Ok(subscription)
     }
 
     /// A WIT-SVID for `id` over a key generated here, now: the signer sees
@@ -430,6 +454,7 @@ mod tests {
     use super::*;
     use crate::clock::TokioClock;
     use crate::identity::{AuthoritySettings, LocalAuthority};
+    use crate::sync::wakers::{Registration, WakeCount};
 
     fn cache(clock: Arc<dyn Clock>) -> Arc<SvidCache> {
         let authority = LocalAuthority::load(
@@ -464,16 +489,22 @@ mod tests {
         let shutdown = CancellationToken::new();
         tokio::spawn(cache.clone().run_rotation(shutdown.clone()));
         let id = spiffe::SpiffeId::new("spiffe://example.org/w").unwrap();
-        let mut rx = cache
+        let subscription = cache
             .subscribe(&id, Duration::from_secs(100))
             .await
             .unwrap();
+        let mut rx = subscription.rx;
+        // A task waiting without a future is woken by the renewal.
+        let woken = Arc::new(WakeCount::default());
+        let mut registration = Registration::new(subscription.changes);
+        registration.register(&std::task::Waker::from(woken.clone()));
         let first = rx.borrow_and_update().clone().unwrap();
         // Shared: a second subscriber gets the very same certificate.
         let rx2 = cache
             .subscribe(&id, Duration::from_secs(100))
             .await
-            .unwrap();
+            .unwrap()
+            .rx;
         assert!(Arc::ptr_eq(&first, rx2.borrow().as_ref().unwrap()));
         tokio::time::advance(Duration::from_secs(39)).await;
         tokio::task::yield_now().await;
@@ -483,6 +514,7 @@ mod tests {
             .expect("renewed by 60% of life")
             .unwrap();
         let second = rx.borrow_and_update().clone().unwrap();
+        assert_eq!(woken.count(), 1, "one renewal, one wake-up");
         assert_ne!(first.chain_der, second.chain_der);
         assert!(second.not_after > first.not_after);
         // Each SVID verifies with the spiffe crate.
@@ -498,9 +530,9 @@ mod tests {
         tokio::spawn(cache.clone().run_rotation(shutdown.clone()));
         let id = spiffe::SpiffeId::new("spiffe://example.org/w").unwrap();
         let ttl = Duration::from_secs(100);
-        let mut rx = cache.subscribe_wit(&id, ttl).await.unwrap();
+        let mut rx = cache.subscribe_wit(&id, ttl).await.unwrap().rx;
         let first = rx.borrow_and_update().clone().unwrap();
-        let rx2 = cache.subscribe_wit(&id, ttl).await.unwrap();
+        let rx2 = cache.subscribe_wit(&id, ttl).await.unwrap().rx;
         assert!(Arc::ptr_eq(&first, rx2.borrow().as_ref().unwrap()));
         assert_eq!(until(first.issued_at, first.not_after), ttl);
         tokio::time::advance(Duration::from_secs(39)).await;

@@ -183,7 +183,7 @@ impl Svids {
             .retain(|(id, _)| needed.iter().any(|i| &i.spiffe_id == id));
         for ident in needed {
             if !self.held.iter().any(|(id, _)| *id == ident.spiffe_id) {
-                let rx = cache.subscribe(&ident.spiffe_id, ident.x509_ttl).await?;
+                let rx = cache.subscribe(&ident.spiffe_id, ident.x509_ttl).await?.rx;
                 self.held.push((ident.spiffe_id.clone(), rx));
             }
         }

@@ -32,6 +32,37 @@ impl Outcome {
     }
 }
 
+/// A stream's [`Outcome`] until its first message: recorded then, or as
+/// Cancelled if the stream is dropped before it has any (boxed: an idle
+/// stream keeps a pointer).
+pub struct FirstOutcome(Option<Box<Outcome>>);
+
+impl FirstOutcome {
+    pub fn new(outcome: Outcome) -> Self {
+        Self(Some(Box::new(outcome)))
+    }
+
+    /// Records `item`'s code if it is the stream's first message, and then
+    /// returns when the stream started.
+    pub fn first<M>(&mut self, item: &Result<M, Status>) -> Option<tokio::time::Instant> {
+        let outcome = self.0.take()?;
+        let started = outcome.started;
+        outcome.record(match item {
+            Ok(_) => tonic::Code::Ok,
+            Err(status) => status.code(),
+        });
+        Some(started)
+    }
+}
+
+impl Drop for FirstOutcome {
+    fn drop(&mut self) {
+        if let Some(outcome) = self.0.take() {
+            outcome.record(tonic::Code::Cancelled);
+        }
+    }
+}
+
 /// Runs `body` as a stream: it gets a sender and must send the first
 /// message as soon as it can. The stream ends only with an error status
 /// (client gone aside): PermissionDenied when identities vanish,
@@ -56,7 +87,7 @@ where
         slot,
         body: Some(Box::pin(body)),
         _open: open,
-        outcome: Some(Box::new(outcome)),
+        outcome: FirstOutcome::new(outcome),
     }
 }
 
@@ -79,27 +110,15 @@ struct Generated<M, Fut> {
     /// None once the body has returned.
     body: Option<Pin<Box<Fut>>>,
     _open: OpenStream,
-    /// Until the first message (boxed: an idle stream keeps a pointer).
-    outcome: Option<Box<Outcome>>,
+    outcome: FirstOutcome,
 }
 
 impl<M, Fut> Generated<M, Fut> {
     fn yielded(&mut self, item: Option<Result<M, Status>>) -> Option<Result<M, Status>> {
-        if let (Some(outcome), Some(item)) = (self.outcome.take(), item.as_ref()) {
-            outcome.record(match item {
-                Ok(_) => tonic::Code::Ok,
-                Err(status) => status.code(),
-            });
+        if let Some(item) = item.as_ref() {
+            self.outcome.first(item);
         }
         item
-    }
-}
-
-impl<M, Fut> Drop for Generated<M, Fut> {
-    fn drop(&mut self) {
-        if let Some(outcome) = self.outcome.take() {
-            outcome.record(tonic::Code::Cancelled);
-        }
     }
 }
 

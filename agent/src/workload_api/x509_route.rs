@@ -140,7 +140,7 @@ mod tests {
         });
         let cache = SvidCache::new(authority, trust, clock, metrics);
         WorkloadApiRoutes::new(
-            WorkloadApi::new(Arc::new(super::super::ApiState { callers, cache })),
+            WorkloadApi::new(super::super::ApiState::new(callers, cache)),
             max_request,
         )
     }
