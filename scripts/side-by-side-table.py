@@ -89,6 +89,14 @@ FIGURES: list[Figure] = [
         True,
     ),
     ("rotation pushed to 10,000 streams", "fanout", {}, field("all_updated_ms"), "ms", True),
+    (
+        "rotation: agent CPU per stream pushed",
+        "fanout",
+        {},
+        field("agent_cpu_us_per_op"),
+        "µs",
+        True,
+    ),
     ("agent RSS with no streams", "idle-memory", {}, field("baseline_rss_bytes", 1 / 1048576), "MiB", True),
     (
         "of which anonymous (heap, stacks: not the executable's pages)",

@@ -449,6 +449,22 @@ fn cpu_per_op_extra(
     extra
 }
 
+/// CPU time of `pid`'s live threads to the nanosecond (the scheduler's
+/// run time per thread), for windows too short for `/proc/<pid>/stat`'s
+/// clock ticks. Threads that exit within the window are not counted.
+fn thread_cpu_seconds_of(pid: u32) -> Option<f64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let schedstat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        ns += schedstat
+            .split_ascii_whitespace()
+            .next()?
+            .parse::<u64>()
+            .ok()?;
+    }
+    Some(ns as f64 * 1e-9)
+}
+
 fn rss_of(pid: u32) -> Option<u64> {
     status_bytes(pid, "VmRSS:")
 }
@@ -952,9 +968,14 @@ async fn fanout(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
         Arc::new(streams.iter().map(|(_, d)| *d).collect());
     let deadline = tokio::time::Instant::now() + p.rotation_timeout;
     let timeout = p.rotation_timeout;
+    // The agent's CPU from the first renewed message's arrival to the last:
+    // the push, without the wait for the renewal.
+    let pid = target.pid;
+    let cpu_at_first = Arc::new(std::sync::OnceLock::new());
     let mut tasks = Vec::with_capacity(streams.len());
     for (mut s, _) in streams {
         let seen = seen.clone();
+        let cpu_at_first = cpu_at_first.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 let m = tokio::time::timeout_at(deadline, s.message())
@@ -968,7 +989,9 @@ async fn fanout(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
                     .context("stream ended")?;
                 let digest = svids_digest(&m);
                 if !seen.contains(&digest) {
-                    return Ok::<_, anyhow::Error>((Instant::now(), digest));
+                    let arrived = Instant::now();
+                    cpu_at_first.get_or_init(|| pid.and_then(thread_cpu_seconds_of));
+                    return Ok::<_, anyhow::Error>((arrived, digest));
                 }
             }
         }));
@@ -977,6 +1000,7 @@ async fn fanout(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
     for t in tasks {
         arrivals.push(t.await??);
     }
+    let cpu_at_last = pid.and_then(thread_cpu_seconds_of);
     if arrivals.iter().any(|(_, d)| *d != arrivals[0].1) {
         bail!(
             "the SVID was renewed twice while the streams waited; lengthen its TTL beyond the push time"
@@ -993,6 +1017,12 @@ async fn fanout(p: &BenchParams) -> anyhow::Result<Vec<BenchResult>> {
         round3(all.as_secs_f64() * 1000.0).into(),
     );
     extra.insert("open_seconds".into(), round3(opened.as_secs_f64()).into());
+    insert_cpu_per_op(
+        &mut extra,
+        cpu_at_first.get().copied().flatten(),
+        cpu_at_last,
+        arrivals.len(),
+    );
     Ok(vec![BenchResult {
         scenario: "fanout".into(),
         params: params_map(&[("streams", p.streams.into())]),
