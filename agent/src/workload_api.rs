@@ -5,10 +5,12 @@
 //! * [`state`]: what the calls serve from; the node-wide change signal.
 //! * [`svid_stream`]: FetchX509SVID's and FetchWITSVID's stream, polled by
 //!   hand so an idle one costs little.
+//! * [`bundle_stream`]: the bundle streams, polled the same way.
 //! * [`messages`]: the response messages.
 //! * [`x509_route`]: FetchX509SVID's response framing (why it is separate
 //!   is written there).
 
+pub mod bundle_stream;
 pub mod messages;
 pub mod service;
 pub mod state;

@@ -1,6 +1,7 @@
 //! The SPIFFE Workload API service: header check → caller attestation (once
 //! per connection, liveness re-checked per call) → entries → SVID cache →
-//! response. Status codes follow the spec and are chosen here only:
+//! response. Status codes follow the spec; every one the API answers with is
+//! listed here (the SVID streams' are chosen in `svid_stream.rs`):
 //!
 //! | condition | code |
 //! |---|---|
@@ -15,20 +16,17 @@
 use std::sync::Arc;
 use tokio::time::Instant;
 
-use tessera_attestor::AttestedPeer;
 use tessera_workload_api as pb;
-use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use super::bundle_stream::BundleStream;
 use super::messages::{bundle_map, wit_bundles_response};
-use super::state::{ApiState, Opened, caller_gone, no_identity, refused_all};
+use super::state::{ApiState, Opened, no_identity, refused_all};
 use super::svid_stream::{SvidKind, SvidStream, WitKind, X509Kind};
-use crate::entries::{EntrySet, Identity, federated_domains};
+use crate::entries::{Identity, federated_domains};
 use crate::identity::{SignError, TrustBundle};
 use crate::metrics::OpenStream;
-use crate::transport::grpc_stream::{
-    self as stream, BoxStream, FirstOutcome, Outcome, StreamSender,
-};
+use crate::transport::grpc_stream::{BoxStream, FirstOutcome, Outcome};
 
 pub struct WorkloadApi {
     state: Arc<ApiState>,
@@ -111,29 +109,21 @@ fn svid_stream<K: SvidKind>(
     ))
 }
 
-/// A bundle stream ([`bundle_stream`]) of the messages `build` makes.
-fn bundles<M: Send + PartialEq + 'static>(
+/// A bundle stream of the messages `build` makes.
+fn bundles<M: Clone + PartialEq + Send + Unpin + 'static>(
     state: Arc<ApiState>,
     opened: Opened,
     open: OpenStream,
     outcome: Outcome,
-    build: impl Fn(&str, &[Identity], &TrustBundle) -> M + Send + 'static,
+    build: impl Fn(&str, &[Identity], &TrustBundle) -> M + Send + Unpin + 'static,
 ) -> BoxStream<M> {
-    let shutdown = state.callers.shutdown.clone();
-    Box::pin(stream::generated(
-        move |out| bundle_stream(state, opened, out, build),
-        shutdown,
+    Box::pin(BundleStream::new(
+        state,
+        opened,
+        build,
         open,
-        outcome,
+        FirstOutcome::new(outcome),
     ))
-}
-
-/// What woke a bundle stream.
-enum Wake {
-    Ended,
-    Entries,
-    /// The trust bundle (own or federated) changed.
-    Bundle,
 }
 
 #[tonic::async_trait]
@@ -339,81 +329,6 @@ impl WorkloadApi {
             Err(Status::unimplemented(
                 crate::identity::signer::WIT_UNSUPPORTED,
             ))
-        }
-    }
-}
-
-/// Waits for whichever comes first: stream end, an entry change, or a
-/// bundle change.
-async fn next_wake<M>(
-    out: &StreamSender<M>,
-    entries: &mut watch::Receiver<EntrySet>,
-    bundle: &mut watch::Receiver<Arc<TrustBundle>>,
-) -> Wake {
-    tokio::select! {
-        _ = out.ended() => Wake::Ended,
-        r = entries.changed() => if r.is_ok() { Wake::Entries } else { Wake::Ended },
-        r = bundle.changed() => if r.is_ok() { Wake::Bundle } else { Wake::Ended },
-    }
-}
-
-/// Whether the stream's caller is still the process that opened it (see
-/// [`caller_gone`]); if not, ends the stream with the status saying so.
-async fn still_the_caller<M>(peer: &AttestedPeer, out: &StreamSender<M>, release: u64) -> bool {
-    match caller_gone(peer, release) {
-        None => true,
-        Some(status) => {
-            out.send(Err(status)).await;
-            false
-        }
-    }
-}
-
-/// A bundle stream: the own trust domain's bundle and those of the foreign
-/// domains the caller's entries federate with, built by `build` from the
-/// own trust domain's SPIFFE ID, the caller's identities and the bundle.
-async fn bundle_stream<M: Send + PartialEq + 'static>(
-    state: Arc<ApiState>,
-    opened: Opened,
-    out: StreamSender<M>,
-    build: impl Fn(&str, &[Identity], &TrustBundle) -> M,
-) {
-    // Entitled at open (a caller with no identity gets no bundle either);
-    // re-matched only when the entries change.
-    let Opened {
-        peer,
-        mut entries,
-        mut identities,
-        ..
-    } = opened;
-    let mut bundle_rx = state.cache.trust_store().subscribe();
-    let td = state.cache.trust_store().trust_domain().id_string();
-    let mut last: Option<M> = None;
-    let mut entries_changed = false;
-    loop {
-        if last.is_some() && !still_the_caller(&peer, &out, 0).await {
-            return;
-        }
-        if entries_changed {
-            identities = entries.borrow_and_update().identities_for(&peer.selectors);
-            if identities.is_empty() {
-                out.send(Err(no_identity())).await;
-                return;
-            }
-        }
-        let message = build(&td, &identities, &bundle_rx.borrow_and_update());
-        // Identical consecutive bundles are not re-sent.
-        if last.as_ref() != Some(&message) {
-            let copy = build(&td, &identities, &bundle_rx.borrow());
-            if !out.send(Ok(message)).await {
-                return;
-            }
-            last = Some(copy);
-        }
-        match next_wake(&out, &mut entries, &mut bundle_rx).await {
-            Wake::Ended => return,
-            Wake::Entries => entries_changed = true,
-            Wake::Bundle => entries_changed = false,
         }
     }
 }
