@@ -376,7 +376,7 @@ async fn fleet_node(
 }
 
 /// Waits until the JWT bundles streamed to `agent`'s workload hold keys
-/// of `domain`; their key IDs.
+/// of `domain`; their key IDs, sorted.
 async fn jwt_kids_of(agent: &TestAgent, domain: &str) -> Vec<String> {
     let mut jwt_stream = agent
         .spiffe_client()
@@ -388,11 +388,12 @@ async fn jwt_kids_of(agent: &TestAgent, domain: &str) -> Vec<String> {
         loop {
             let set = jwt_stream.next().await.expect("stream open").unwrap();
             if let Some(b) = set.get(&td(domain)) {
-                let kids: Vec<String> = b
+                let mut kids: Vec<String> = b
                     .jwt_authorities()
                     .map(|a| a.key_id().to_string())
                     .collect();
                 if !kids.is_empty() {
+                    kids.sort();
                     return kids;
                 }
             }
@@ -400,6 +401,63 @@ async fn jwt_kids_of(agent: &TestAgent, domain: &str) -> Vec<String> {
     })
     .await
     .unwrap_or_else(|_| panic!("{domain}'s JWT-SVID keys on the workload's stream within 30 s"))
+}
+
+/// The `jwt-svid` key IDs of a JWKS bundle document, sorted.
+fn jwt_kids_in(doc: &serde_json::Value) -> Vec<String> {
+    let mut kids: Vec<String> = doc["keys"]
+        .as_array()
+        .expect("a JWKS document")
+        .iter()
+        .filter(|k| k["use"] == "jwt-svid")
+        .map(|k| k["kid"].as_str().unwrap().to_string())
+        .collect();
+    kids.sort();
+    kids
+}
+
+/// With the foreign endpoint down: a replica started now (nothing in
+/// memory) from `cfg`, and a node attached to it alone. The node's workload
+/// gets the kept bundle (the endpoint's JWT keys `kids` and CAs `cas`, not
+/// the bootstrap bundle, which has CAs only), and the replica never
+/// reached the endpoint.
+async fn replica_on_kept_bundle(
+    cfg: &Config,
+    d: &Path,
+    kids: &[String],
+    cas: &[Vec<u8>],
+) -> (tessera_agent::app::authority::RunningAuthority, TestAgent) {
+    let replica = tessera_agent::app::authority::start_authority(
+        cfg,
+        Arc::new(tessera_agent::clock::SystemClock),
+    )
+    .await
+    .unwrap();
+    let node = fleet_node(d, replica.server.addr, "node-b", &federated_entry("node-b")).await;
+    assert_eq!(
+        jwt_kids_of(&node, "partner.test").await,
+        kids,
+        "the kept bundle, not the bootstrap one (CAs only)"
+    );
+    let ctx = context_where(node.endpoint(), |c| cas_of(c, "partner.test").is_some()).await;
+    assert_eq!(cas_of(&ctx, "partner.test").unwrap(), cas);
+    let fetched = |result: &'static str| {
+        replica
+            .server
+            .federation_metrics
+            .refreshes
+            .get_or_create(&tessera_agent::metrics::FederationLabels {
+                trust_domain: "partner.test".into(),
+                result,
+            })
+            .get()
+    };
+    assert_eq!(
+        fetched("updated") + fetched("unchanged"),
+        0,
+        "the replica never reached the endpoint"
+    );
+    (replica, node)
 }
 
 /// Polls the object at `path` until its Ready condition has `reason` for
@@ -564,8 +622,7 @@ async fn federation_relationships_are_custom_resources_and_their_bundles_outlive
     assert_eq!(accepted["status"], "True", "{accepted}");
     let ctx = context_where(node_a.endpoint(), |c| cas_of(c, "partner.test").is_some()).await;
     assert_eq!(cas_of(&ctx, "partner.test").unwrap(), partner_cas);
-    let mut kids = jwt_kids_of(&node_a, "partner.test").await;
-    kids.sort();
+    let kids = jwt_kids_of(&node_a, "partner.test").await;
     assert_eq!(kids, partner_kids, "fetched from partner.test's endpoint");
 
     // Kept in the fleet store as the endpoint served it, as the API server
@@ -584,53 +641,13 @@ async fn federation_relationships_are_custom_resources_and_their_bundles_outlive
     assert_eq!(kept["spec"]["trustDomain"], "partner.test", "{kept}");
     let doc: serde_json::Value =
         serde_json::from_str(kept["spec"]["bundle"].as_str().unwrap()).unwrap();
-    let mut kept_kids: Vec<String> = doc["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|k| k["use"] == "jwt-svid")
-        .map(|k| k["kid"].as_str().unwrap().to_string())
-        .collect();
-    kept_kids.sort();
-    assert_eq!(kept_kids, partner_kids);
+    assert_eq!(jwt_kids_in(&doc), partner_kids);
 
     // partner.test's endpoint goes down; a replica started now (nothing
     // in memory) serves the kept bundle to a node attached to it alone.
     partner.agent.stop().await.unwrap();
-    let replica_b = tessera_agent::app::authority::start_authority(&cfg, clock.clone())
-        .await
-        .unwrap();
-    let mut node_b = fleet_node(
-        d,
-        replica_b.server.addr,
-        "node-b",
-        &federated_entry("node-b"),
-    )
-    .await;
-    let mut kids = jwt_kids_of(&node_b, "partner.test").await;
-    kids.sort();
-    assert_eq!(
-        kids, partner_kids,
-        "the kept bundle, not the bootstrap one (CAs only)"
-    );
-    let ctx = context_where(node_b.endpoint(), |c| cas_of(c, "partner.test").is_some()).await;
-    assert_eq!(cas_of(&ctx, "partner.test").unwrap(), partner_cas);
-    let fetched = |result: &'static str| {
-        replica_b
-            .server
-            .federation_metrics
-            .refreshes
-            .get_or_create(&tessera_agent::metrics::FederationLabels {
-                trust_domain: "partner.test".into(),
-                result,
-            })
-            .get()
-    };
-    assert_eq!(
-        fetched("updated") + fetched("unchanged"),
-        0,
-        "replica B never reached the endpoint"
-    );
+    let (replica_b, mut node_b) =
+        replica_on_kept_bundle(&cfg, d, &partner_kids, &partner_cas).await;
 
     // Deleted: withdrawn from the workloads of both replicas' nodes, and
     // the kept bundle goes too.
@@ -714,8 +731,7 @@ async fn bundles_kept_in_postgresql_outlive_the_endpoint() {
         &federated_entry("node-a"),
     )
     .await;
-    let mut kids = jwt_kids_of(&node_a, "partner.test").await;
-    kids.sort();
+    let kids = jwt_kids_of(&node_a, "partner.test").await;
     assert_eq!(kids, partner_kids, "fetched from partner.test's endpoint");
 
     // Kept as the endpoint served it, as PostgreSQL holds it.
@@ -731,51 +747,13 @@ async fn bundles_kept_in_postgresql_outlive_the_endpoint() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let doc: serde_json::Value = serde_json::from_str(kept.trim()).expect("a kept bundle row");
-    let mut kept_kids: Vec<String> = doc["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|k| k["use"] == "jwt-svid")
-        .map(|k| k["kid"].as_str().unwrap().to_string())
-        .collect();
-    kept_kids.sort();
-    assert_eq!(kept_kids, partner_kids);
+    assert_eq!(jwt_kids_in(&doc), partner_kids);
 
     // The endpoint goes down; a replica started now serves the kept bundle
     // and never reaches the endpoint.
     partner.agent.stop().await.unwrap();
-    let replica_b = tessera_agent::app::authority::start_authority(&cfg, clock.clone())
-        .await
-        .unwrap();
-    let mut node_b = fleet_node(
-        d,
-        replica_b.server.addr,
-        "node-b",
-        &federated_entry("node-b"),
-    )
-    .await;
-    let mut kids = jwt_kids_of(&node_b, "partner.test").await;
-    kids.sort();
-    assert_eq!(
-        kids, partner_kids,
-        "the kept bundle, not the bootstrap one (CAs only)"
-    );
-    let fetched = |result: &'static str| {
-        replica_b
-            .server
-            .federation_metrics
-            .refreshes
-            .get_or_create(&tessera_agent::metrics::FederationLabels {
-                trust_domain: "partner.test".into(),
-                result,
-            })
-            .get()
-    };
-    assert_eq!(
-        fetched("updated") + fetched("unchanged"),
-        0,
-        "replica B never reached the endpoint"
-    );
+    let (replica_b, mut node_b) =
+        replica_on_kept_bundle(&cfg, d, &partner_kids, &partner_cas).await;
 
     node_a.stop().await;
     node_b.stop().await;
