@@ -1,11 +1,13 @@
-//! A gRPC response stream (Workload API, SDS) as an async body that sends
-//! its messages, run inside the response stream itself.
+//! A gRPC response stream (SDS's) as an async body that sends its
+//! messages, run inside the response stream itself; and every stream's
+//! outcome metric ([`FirstOutcome`]).
 //!
 //! `body` runs inside the stream (see [`Generated`]), polled by the HTTP/2
 //! stream that carries it, not as a task of its own feeding a channel: an
-//! idle stream is then one boxed future, which is most of what a Workload
-//! API or SDS stream costs in memory. When the client resets the stream, the
-//! transport drops it, and `body` with it.
+//! idle stream is then one boxed future, which is most of what an SDS
+//! stream costs in memory. When the client resets the stream, the transport
+//! drops it, and `body` with it. (The Workload API's streams are smaller
+//! still: structs polled by hand, `workload_api/svid_stream.rs`.)
 
 use std::pin::Pin;
 use std::sync::Arc;
