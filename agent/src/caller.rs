@@ -143,6 +143,25 @@ impl Callers {
     }
 }
 
+/// The status for a caller no entry matches (also mid-stream, after an
+/// entry change), on the Workload API and SDS alike.
+pub fn no_identity() -> tonic::Status {
+    tonic::Status::permission_denied("no identity issued")
+}
+
+/// Before a stream sends an update (a renewed SVID, a new bundle), the
+/// process that opened it must still be the one that connected: otherwise a
+/// connection inherited by another program would keep receiving fresh keys.
+/// The status that ends the stream if not. `release` names the update's
+/// content (0: always check; see [`AttestedPeer::check_alive_to_release`]).
+pub fn stream_caller_gone(peer: &AttestedPeer, release: u64) -> Option<tonic::Status> {
+    let e = peer.check_alive_to_release(release).err()?;
+    tracing::info!(pid = peer.process.pid, error = %e, "stream caller failed liveness check; ending the stream");
+    Some(tonic::Status::unauthenticated(
+        "could not verify existence of the original caller",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

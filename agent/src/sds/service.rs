@@ -25,7 +25,7 @@ use super::bundles::BundleWatch;
 use super::config::SdsConfig;
 use super::resources;
 use super::xds::Xds;
-use crate::caller::Callers;
+use crate::caller::{Callers, no_identity, stream_caller_gone};
 use crate::entries::{EntrySet, Identity};
 use crate::identity::{SignError, SvidCache, X509Svid};
 use crate::metrics::{MethodLabels, OpenStream};
@@ -41,10 +41,6 @@ pub struct SdsState {
 
 pub struct Sds {
     state: Arc<SdsState>,
-}
-
-fn no_identity() -> Status {
-    Status::permission_denied("no identity issued")
 }
 
 impl Sds {
@@ -387,14 +383,10 @@ async fn secrets_stream(
 /// program would keep receiving fresh keys. Ends the stream with
 /// Unauthenticated if not.
 async fn still_the_caller<M>(peer: &AttestedPeer, out: &StreamSender<M>) -> bool {
-    match peer.check_alive() {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::info!(pid = peer.process.pid, error = %e, "SDS caller failed liveness check; ending the stream");
-            out.send(Err(Status::unauthenticated(
-                "could not verify existence of the original caller",
-            )))
-            .await;
+    match stream_caller_gone(peer, 0) {
+        None => true,
+        Some(status) => {
+            out.send(Err(status)).await;
             false
         }
     }

@@ -17,7 +17,8 @@ use tessera_attestor::AttestedPeer;
 use tokio::sync::watch;
 use tonic::Status;
 
-use super::state::{ApiState, Opened, caller_gone, no_identity};
+use super::state::{ApiState, Opened};
+use crate::caller::{no_identity, stream_caller_gone};
 use crate::entries::{EntrySet, Identity};
 use crate::identity::TrustBundle;
 use crate::metrics::OpenStream;
@@ -108,7 +109,7 @@ where
             if !entries_changed && !bundle_changed {
                 return Poll::Pending;
             }
-            if let Some(status) = caller_gone(&this.peer, 0) {
+            if let Some(status) = stream_caller_gone(&this.peer, 0) {
                 return this.end_with(status);
             }
         }

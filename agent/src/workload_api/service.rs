@@ -21,8 +21,9 @@ use tonic::{Request, Response, Status};
 
 use super::bundle_stream::BundleStream;
 use super::messages::{bundle_map, wit_bundles_response};
-use super::state::{ApiState, Opened, no_identity, refused_all};
+use super::state::{ApiState, Opened, refused_all};
 use super::svid_stream::{SvidKind, SvidStream, WitKind, X509Kind};
+use crate::caller::no_identity;
 use crate::entries::{Identity, federated_domains};
 use crate::identity::{SignError, TrustBundle};
 use crate::metrics::OpenStream;

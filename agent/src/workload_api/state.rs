@@ -80,29 +80,11 @@ pub(super) struct Opened {
     pub identities: Vec<Identity>,
 }
 
-/// A caller no entry matches (also mid-stream, after an entry change).
-pub(super) fn no_identity() -> Status {
-    Status::permission_denied("no identity issued")
-}
-
 /// Every identity the caller matches was refused by the fleet authority: a
 /// decision, not an outage, so the client is not told to retry.
 pub(super) fn refused_all(reasons: &[String]) -> Status {
     Status::permission_denied(format!(
         "no identity issued: the fleet authority refused {}",
         reasons.join("; ")
-    ))
-}
-
-/// Before a stream sends an update (a renewed SVID, a new bundle), the
-/// process that opened it must still be the one that connected: otherwise a
-/// connection inherited by another program would keep receiving fresh keys.
-/// The status that ends the stream if not. `release` names the update's
-/// content (0: always check; see [`AttestedPeer::check_alive_to_release`]).
-pub(super) fn caller_gone(peer: &AttestedPeer, release: u64) -> Option<Status> {
-    let e = peer.check_alive_to_release(release).err()?;
-    tracing::info!(pid = peer.process.pid, error = %e, "stream caller failed liveness check; ending the stream");
-    Some(Status::unauthenticated(
-        "could not verify existence of the original caller",
     ))
 }

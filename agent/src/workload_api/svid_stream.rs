@@ -28,7 +28,8 @@ use tokio::sync::watch;
 use tonic::Status;
 
 use super::messages::{wit_response, x509_response};
-use super::state::{ApiState, Opened, caller_gone, no_identity, refused_all};
+use super::state::{ApiState, Opened, refused_all};
+use crate::caller::{no_identity, stream_caller_gone};
 use crate::entries::{EntrySet, Identity, federated_domains};
 use crate::identity::{SignError, Subscription, TrustBundle, WitSvid, X509Svid};
 use crate::metrics::OpenStream;
@@ -229,7 +230,7 @@ impl<K: SvidKind> SvidStream<K> {
         }
         let bundle = self.bundle.borrow_and_update().clone();
         if self.shown.is_some()
-            && let Some(status) = caller_gone(&self.peer, K::release_key(&svids, &bundle))
+            && let Some(status) = stream_caller_gone(&self.peer, K::release_key(&svids, &bundle))
         {
             return Some(self.end_with(status));
         }
