@@ -44,16 +44,6 @@ impl WakerSet {
             waker.wake_by_ref();
         }
     }
-
-    /// How many tasks are registered (for tests and metrics).
-    pub fn len(&self) -> usize {
-        let slots = self.slots.lock();
-        slots.wakers.len() - slots.free.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// One task's place in a [`WakerSet`], left when this is dropped.
@@ -133,6 +123,12 @@ impl std::task::Wake for WakeCount {
 mod tests {
     use super::*;
 
+    /// How many tasks are registered.
+    fn registered(set: &WakerSet) -> usize {
+        let slots = set.slots.lock();
+        slots.wakers.len() - slots.free.len()
+    }
+
     fn counter() -> (Arc<WakeCount>, Waker) {
         let c = Arc::new(WakeCount::default());
         (c.clone(), Waker::from(c))
@@ -150,7 +146,7 @@ mod tests {
         ra.register(&wa);
         rb.register(&wb);
         ra.register(&wa);
-        assert_eq!(set.len(), 2, "registering again keeps one place");
+        assert_eq!(registered(&set), 2, "registering again keeps one place");
         set.wake_all();
         set.wake_all();
         assert_eq!(a.count(), 2);
@@ -159,7 +155,7 @@ mod tests {
         set.wake_all();
         assert_eq!(a.count(), 3);
         assert_eq!(b.count(), 2, "left, not woken");
-        assert_eq!(set.len(), 1);
+        assert_eq!(registered(&set), 1);
     }
 
     #[test]
