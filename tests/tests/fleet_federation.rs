@@ -144,13 +144,7 @@ async fn the_authority_federates_for_the_whole_fleet() {
 
     // The fleet authority of example.org: serves its bundle endpoint and
     // federates with partner.test.
-    tessera_agent::identity::key_files::init_key_dir(
-        &td("example.org"),
-        &d.join("keys"),
-        Duration::from_secs(30 * 24 * 3600),
-        SystemTime::now(),
-    )
-    .unwrap();
+    example_org_keys(d);
     // A key directory made before WIT-SVIDs (no wit.key): the fleet serves
     // no WIT profile, checked below.
     std::fs::remove_file(d.join("keys/wit.key")).unwrap();
@@ -329,11 +323,8 @@ fn federated_entry(node: &str) -> String {
     )
 }
 
-/// The config of an example.org authority replica with new keys in `d`,
-/// node-a's and node-b's [`federated_entry`], and `server_rest` (the fleet
-/// store, federation) after its `[server]` table. Every replica of a test
-/// starts from this one config.
-fn two_node_authority(d: &Path, server_rest: &str) -> Config {
+/// A new key directory for example.org's fleet authority in `d/keys`.
+fn example_org_keys(d: &Path) {
     tessera_agent::identity::key_files::init_key_dir(
         &td("example.org"),
         &d.join("keys"),
@@ -341,6 +332,14 @@ fn two_node_authority(d: &Path, server_rest: &str) -> Config {
         SystemTime::now(),
     )
     .unwrap();
+}
+
+/// The config of an example.org authority replica with new keys in `d`,
+/// node-a's and node-b's [`federated_entry`], and `server_rest` (the fleet
+/// store, federation) after its `[server]` table. Every replica of a test
+/// starts from this one config.
+fn two_node_authority(d: &Path, server_rest: &str) -> Config {
+    example_org_keys(d);
     let text = format!(
         "trust_domain = \"example.org\"\n{}{}[server]\nlisten = \"127.0.0.1:0\"\nkeys_dir = \"{k}/keys\"\njoin_token_dir = \"{k}/join\"\n{server_rest}",
         federated_entry("node-a"),
