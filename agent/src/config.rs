@@ -180,6 +180,9 @@ struct RawServerStore {
     url: Option<Spanned<String>>,
     password_file: Option<PathBuf>,
     migrate: Option<bool>,
+    tls_ca_file: Option<PathBuf>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1240,18 +1243,47 @@ impl Config {
                             "required with kind = \"postgres\", e.g. \"postgresql://tessera@db.example/tessera\"",
                         ));
                     };
-                    crate::fleet::store::postgres::check_url(url.get_ref())
+                    let client = match (&st.tls_cert_file, &st.tls_key_file) {
+                        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+                        (None, None) => None,
+                        (Some(_), None) | (None, Some(_)) => {
+                            return Err(cx.invalid(
+                                "server.store.tls_cert_file",
+                                &st.kind,
+                                "tls_cert_file and tls_key_file go together (a client certificate and its key)",
+                            ));
+                        }
+                    };
+                    let tls = match (&st.tls_ca_file, client) {
+                        (Some(ca_file), client) => Some(crate::fleet::store::postgres::TlsFiles {
+                            ca_file: ca_file.clone(),
+                            client,
+                        }),
+                        (None, None) => None,
+                        (None, Some(_)) => {
+                            return Err(cx.invalid(
+                                "server.store.tls_ca_file",
+                                &st.kind,
+                                "required with tls_cert_file: the CA the database's certificate is verified against",
+                            ));
+                        }
+                    };
+                    crate::fleet::store::postgres::check_url(url.get_ref(), tls.is_some())
                         .map_err(|m| cx.invalid("server.store.url", url, m))?;
                     Some(crate::fleet::store::postgres::DatabaseConfig {
                         url: url.get_ref().clone(),
                         password_file: st.password_file.clone(),
                         migrate: st.migrate.unwrap_or(true),
+                        tls,
                     })
                 } else {
                     for (key, set) in [
                         ("server.store.url", st.url.is_some()),
                         ("server.store.password_file", st.password_file.is_some()),
                         ("server.store.migrate", st.migrate.is_some()),
+                        ("server.store.tls_ca_file", st.tls_ca_file.is_some()),
+                        ("server.store.tls_cert_file", st.tls_cert_file.is_some()),
+                        ("server.store.tls_key_file", st.tls_key_file.is_some()),
                     ] {
                         if set {
                             return Err(cx.invalid(key, &st.kind, "only for kind = \"postgres\""));
@@ -2094,6 +2126,42 @@ mod tests {
             err(&srv(&format!("{pg}{url}namespace = \"x\"\n"))).contains("server.store.namespace")
         );
         assert!(err(&srv("[server.store]\nkind = \"etcd\"\n")).contains("\"postgres\""));
+        // TLS: the CA verifies the server; a client certificate comes with
+        // its key and needs the CA; sslmode must agree.
+        let tls =
+            "tls_ca_file = \"/ca.pem\"\ntls_cert_file = \"/c.pem\"\ntls_key_file = \"/c.key\"\n";
+        let db = Config::parse(&srv(&format!("{pg}{url}{tls}")), "t.toml")
+            .unwrap()
+            .server
+            .unwrap()
+            .store
+            .unwrap()
+            .database
+            .unwrap();
+        let files = db.tls.unwrap();
+        assert_eq!(files.ca_file, std::path::PathBuf::from("/ca.pem"));
+        assert_eq!(files.client, Some(("/c.pem".into(), "/c.key".into())));
+        assert!(
+            err(&srv(&format!("{pg}{url}tls_cert_file = \"/c.pem\"\n")))
+                .contains("server.store.tls_cert_file")
+        );
+        assert!(
+            err(&srv(&format!(
+                "{pg}{url}tls_cert_file = \"/c.pem\"\ntls_key_file = \"/c.key\"\n"
+            )))
+            .contains("server.store.tls_ca_file")
+        );
+        let e = err(&srv(&format!(
+            "{pg}url = \"postgresql://tessera@db.example/fleet?sslmode=require\"\n"
+        )));
+        assert!(
+            e.contains("server.store.url") && e.contains("tls_ca_file"),
+            "{e}"
+        );
+        let e = err(&srv(
+            "[server.kubernetes]\napi_server = \"https://k:6443\"\nallowed_service_accounts = [\"tessera:agent\"]\n[server.store]\nkind = \"kubernetes\"\ntls_ca_file = \"/ca.pem\"\n",
+        ));
+        assert!(e.contains("server.store.tls_ca_file"), "{e}");
         // Registration in the database needs the store there.
         let reg = "[server.registration]\nkind = \"postgres\"\n";
         assert!(err(&srv(reg)).contains("server.registration.kind"));

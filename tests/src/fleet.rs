@@ -493,6 +493,7 @@ pub async fn runtime_database(
         url: owner.url.clone(),
         password_file: Some(owner.password_file.clone()),
         migrate: true,
+        tls: None,
     })
     .await
     .unwrap();

@@ -76,6 +76,59 @@ fn as_server_user(program: &Path) -> Command {
 /// The superuser's password (loopback only, a throw-away cluster).
 const SUPERUSER_PASSWORD: &str = "tessera-test-superuser";
 
+/// TLS for a private server ([`PgServer::start_tls`]). Plain TCP is then
+/// refused (`hostnossl ... reject`); the Unix socket the tests' `psql`
+/// uses stays as it is.
+pub struct ServerTls {
+    /// PEM: the certificate the server presents, and its key.
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// PEM: the CA client certificates must chain to (`ssl_ca_file`).
+    pub client_ca_pem: String,
+    /// Roles that log in with a client certificate (the `cert` method,
+    /// its CN the role) instead of a password.
+    pub cert_roles: Vec<String>,
+}
+
+/// Writes the server's TLS files into `data` and turns TLS on.
+fn configure_tls(data: &Path, tls: &ServerTls) {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    for (name, pem) in [
+        ("server.crt", &tls.cert_pem),
+        ("server.key", &tls.key_pem),
+        ("client-ca.crt", &tls.client_ca_pem),
+    ] {
+        let path = data.join(name);
+        std::fs::write(&path, pem).unwrap();
+        // PostgreSQL refuses a key others can read.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if let Some(uid) = server_uid() {
+            let id = Some(nix::unistd::Uid::from_raw(uid));
+            let gid = Some(nix::unistd::Gid::from_raw(uid));
+            nix::unistd::chown(&path, id, gid).unwrap();
+        }
+    }
+    let mut conf = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("postgresql.conf"))
+        .unwrap();
+    writeln!(
+        conf,
+        "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'client-ca.crt'"
+    )
+    .unwrap();
+    // The first matching line decides: plain TCP is refused, the
+    // certificate roles use their certificates, the rest initdb's lines.
+    let hba = data.join("pg_hba.conf");
+    let mut lines = String::from("hostnossl all all all reject\n");
+    for role in &tls.cert_roles {
+        lines.push_str(&format!("hostssl all {role} all cert\n"));
+    }
+    lines.push_str(&std::fs::read_to_string(&hba).unwrap());
+    std::fs::write(&hba, lines).unwrap();
+}
+
 /// A running PostgreSQL server.
 pub struct PgServer {
     pub dir: PathBuf,
@@ -133,7 +186,7 @@ impl PgServer {
                 process_identity(std::process::id()).unwrap(),
             )
             .unwrap();
-            Self::start_at(dir, None)
+            Self::start_at(dir, None, None)
         })
     }
 
@@ -141,10 +194,17 @@ impl PgServer {
     pub fn start() -> PgServer {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        Self::start_at(dir, Some(tmp))
+        Self::start_at(dir, Some(tmp), None)
     }
 
-    fn start_at(dir: PathBuf, tmp: Option<tempfile::TempDir>) -> PgServer {
+    /// A private server that speaks TLS, stopped and deleted when dropped.
+    pub fn start_tls(tls: &ServerTls) -> PgServer {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        Self::start_at(dir, Some(tmp), Some(tls))
+    }
+
+    fn start_at(dir: PathBuf, tmp: Option<tempfile::TempDir>, tls: Option<&ServerTls>) -> PgServer {
         let bin = bin_dir();
         if let Some(uid) = server_uid() {
             let id = Some(nix::unistd::Uid::from_raw(uid));
@@ -178,6 +238,9 @@ impl PgServer {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some(tls) = tls {
+            configure_tls(&dir.join("data"), tls);
+        }
         let server = PgServer {
             dir,
             port: free_port(),

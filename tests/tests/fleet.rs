@@ -719,6 +719,7 @@ async fn replicas_starting_together_create_the_schema_once() {
         url: db.url.clone(),
         password_file: Some(db.password_file.clone()),
         migrate,
+        tls: None,
     };
     let refused = Database::open(config(false)).await.err().unwrap();
     assert!(
@@ -753,5 +754,157 @@ async fn replicas_starting_together_create_the_schema_once() {
             "SELECT DISTINCT tableowner FROM pg_tables WHERE tablename LIKE 'tessera_%'"
         ),
         db.role
+    );
+}
+
+/// A CA, and leaves it signs, for the TLS tests: (PEM certificate, PEM key).
+struct TestCa {
+    cert_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        TestCa {
+            cert_pem: cert.pem(),
+            issuer: rcgen::Issuer::from_ca_cert_der(cert.der(), key).unwrap(),
+        }
+    }
+
+    /// A leaf for `names` (DNS names), its subject's CN `cn`.
+    fn leaf(&self, names: &[&str], cn: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// TLS to the database, judged by PostgreSQL itself (a real server that
+/// refuses plain TCP): the store verifies the server's chain and host name
+/// like libpq's verify-full, binds the password exchange to the TLS session
+/// (`channel_binding=require`, which PostgreSQL checks), logs in with a
+/// client certificate where the role uses the `cert` method, and refuses a
+/// server it cannot verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_reaches_postgres_over_verified_tls() {
+    use tessera_agent::fleet::store::postgres::{Database, DatabaseConfig, TlsFiles};
+    use tessera_tests::postgres::{PgServer, ServerTls};
+    let ca = TestCa::new("tessera test database CA");
+    let (cert_pem, key_pem) = ca.leaf(&["db.example"], "db.example");
+    const CERT_ROLE: &str = "tessera_cert_owner";
+    let pg = PgServer::start_tls(&ServerTls {
+        cert_pem,
+        key_pem,
+        client_ca_pem: ca.cert_pem.clone(),
+        cert_roles: vec![CERT_ROLE.into()],
+    });
+    let db = pg.database("tls");
+    let files = tempfile::tempdir().unwrap();
+    let path = |name: &str, pem: &str| {
+        let p = files.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    };
+    let ca_file = path("ca.pem", &ca.cert_pem);
+    let stranger_ca = path("stranger.pem", &TestCa::new("another CA").cert_pem);
+    let by_name = |user: &str, dbname: &str| {
+        format!(
+            "host=db.example hostaddr=127.0.0.1 port={} user={user} dbname={dbname} channel_binding=require",
+            pg.port
+        )
+    };
+    let config = |url: String, ca_file: &Path| DatabaseConfig {
+        url,
+        password_file: Some(db.password_file.clone()),
+        migrate: true,
+        tls: Some(TlsFiles {
+            ca_file: ca_file.to_path_buf(),
+            client: None,
+        }),
+    };
+
+    // Verified, and the password bound to the session.
+    let store = Database::open(config(by_name(&db.role, &db.name), &ca_file))
+        .await
+        .expect("the store opens over TLS");
+    let _live = store.client().await.unwrap();
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT count(*) > 0 AND bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.usename = '{}'",
+            db.role
+        )),
+        "t",
+        "the server sees the store's connections encrypted"
+    );
+
+    // The certificate names db.example, not 127.0.0.1.
+    let e = Database::open(config(db.url.clone(), &ca_file))
+        .await
+        .err()
+        .expect("a certificate for another name is refused")
+        .to_string();
+    assert!(e.contains("certificate"), "{e}");
+    // A CA that did not sign the server's certificate.
+    let e = Database::open(config(by_name(&db.role, &db.name), &stranger_ca))
+        .await
+        .err()
+        .expect("an unverifiable server is refused")
+        .to_string();
+    assert!(e.contains("certificate"), "{e}");
+    // Without TLS the server turns the store away.
+    let e = Database::open(DatabaseConfig {
+        tls: None,
+        ..config(db.url.clone(), &ca_file)
+    })
+    .await
+    .err()
+    .expect("plain TCP is refused by this server")
+    .to_string();
+    assert!(e.contains("no encryption"), "{e}");
+
+    // A role that logs in with its certificate: no password at all.
+    pg.psql(&format!("CREATE ROLE {CERT_ROLE} LOGIN"));
+    pg.psql(&format!("CREATE DATABASE tls_cert OWNER {CERT_ROLE}"));
+    let (client_pem, client_key) = ca.leaf(&[], CERT_ROLE);
+    let by_cert = Database::open(DatabaseConfig {
+        url: by_name(CERT_ROLE, "tls_cert").replace(" channel_binding=require", ""),
+        password_file: None,
+        migrate: true,
+        tls: Some(TlsFiles {
+            ca_file: ca_file.clone(),
+            client: Some((
+                path("client.pem", &client_pem),
+                path("client.key", &client_key),
+            )),
+        }),
+    })
+    .await
+    .expect("the certificate role logs in");
+    let _live = by_cert.client().await.unwrap();
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT s.client_dn FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.usename = '{CERT_ROLE}' LIMIT 1"
+        )),
+        format!("/CN={CERT_ROLE}"),
+    );
+    assert_eq!(
+        pg.psql_in("tls_cert", "SELECT count(*) FROM tessera_schema_migrations")
+            .parse::<i32>()
+            .unwrap(),
+        tessera_agent::fleet::store::postgres::SCHEMA_VERSION,
+        "the certificate role created the schema"
     );
 }

@@ -696,6 +696,7 @@ async fn bundles_kept_in_postgresql_outlive_the_endpoint() {
         url: owner.url.clone(),
         password_file: Some(owner.password_file.clone()),
         migrate: true,
+        tls: None,
     })
     .await
     .unwrap();

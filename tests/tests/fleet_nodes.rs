@@ -354,6 +354,7 @@ async fn a_join_token_is_redeemed_once_across_replicas_and_a_denied_node_is_refu
             url: db.url.clone(),
             password_file: Some(db.password_file.clone()),
             migrate: db.migrate,
+            tls: None,
         })
         .await
         .unwrap();

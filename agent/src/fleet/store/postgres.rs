@@ -28,6 +28,7 @@ pub mod approvals;
 pub mod entries;
 pub mod foreign_bundles;
 pub mod nodes;
+pub mod tls;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -36,10 +37,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
 pub use self::nodes::PgNodes;
+pub use self::tls::TlsFiles;
 use super::{Backend, Batch, StoreError, StoreFuture, StoreMetrics, View};
 use crate::revocation::Record;
 
@@ -53,6 +56,9 @@ pub struct DatabaseConfig {
     /// Create or upgrade the schema at start (the role must own it); with
     /// `false` the schema must already be at this version.
     pub migrate: bool,
+    /// TLS to the database, the server verified against these files; `None`:
+    /// no TLS (a Unix socket or a private network).
+    pub tls: Option<TlsFiles>,
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -61,13 +67,21 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("url", &self.url)
             .field("password_file", &self.password_file)
             .field("migrate", &self.migrate)
+            .field("tls", &self.tls)
             .finish()
     }
 }
 
-/// Checks a `url` value: parses, carries no password, asks for no TLS
-/// (not built in). The error names what is wrong.
-pub fn check_url(url: &str) -> Result<(), String> {
+/// Checks a `url` value: parses, carries no password, and asks for TLS
+/// exactly when `tls` (`server.store.tls_ca_file`) is set. The error names
+/// what is wrong.
+pub fn check_url(url: &str, tls: bool) -> Result<(), String> {
+    if url.contains("sslmode=verify-") {
+        return Err(
+            "sslmode=verify-full and verify-ca are libpq's: set server.store.tls_ca_file instead (the server's certificate and host name are then always verified) and leave sslmode out or at require"
+                .into(),
+        );
+    }
     let parsed: tokio_postgres::Config = url
         .parse()
         .map_err(|e| format!("not a PostgreSQL connection string: {e}"))?;
@@ -77,16 +91,27 @@ pub fn check_url(url: &str) -> Result<(), String> {
                 .into(),
         );
     }
-    if parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-        return Err(
-            "sslmode=require: TLS to the database is not built in; connect over a Unix socket, a private network or a TLS tunnel (docs/postgres.md)"
-                .into(),
-        );
-    }
     if parsed.get_hosts().is_empty() {
         return Err("names no host (host=... or postgresql://HOST/...)".into());
     }
-    Ok(())
+    match (parsed.get_ssl_mode(), tls) {
+        (SslMode::Require, false) => Err(
+            "sslmode=require needs server.store.tls_ca_file, the CA the database's certificate is verified against (docs/postgres.md)"
+                .into(),
+        ),
+        (SslMode::Disable, true) => Err(
+            "sslmode=disable contradicts server.store.tls_ca_file: remove one of them".into(),
+        ),
+        (_, true)
+            if parsed
+                .get_hosts()
+                .iter()
+                .any(|h| matches!(h, tokio_postgres::config::Host::Unix(_))) =>
+        {
+            Err("names a Unix socket: TLS (server.store.tls_ca_file) is for TCP hosts; a local socket needs none".into())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Longest wait for one statement or one connection.
@@ -225,7 +250,17 @@ pub struct Database {
 fn db_error(e: tokio_postgres::Error) -> StoreError {
     let text = match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
+        // With its causes: "error performing TLS handshake" alone does not
+        // say which certificate check failed.
+        None => {
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                text = format!("{text}: {c}");
+                cause = c.source();
+            }
+            text
+        }
     };
     match e.code().map(|c| c.code()) {
         // Class 42 (a missing table, a missing privilege) and 28 (the role
@@ -247,6 +282,26 @@ async fn timed<T>(
     }
 }
 
+/// A connection's messages (notifications) as a stream; polling it drives
+/// the connection.
+fn messages_of<S, T>(mut connection: tokio_postgres::Connection<S, T>) -> Messages
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    Box::pin(futures_util::stream::poll_fn(move |cx| {
+        match connection.poll_message(cx) {
+            std::task::Poll::Ready(Some(Ok(m))) => std::task::Poll::Ready(Some(m)),
+            std::task::Poll::Ready(Some(Err(e))) => {
+                tracing::debug!(error = %e, "the database connection ended");
+                std::task::Poll::Ready(None)
+            }
+            std::task::Poll::Ready(None) => std::task::Poll::Ready(None),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }))
+}
+
 impl Database {
     /// Connects once (so a wrong URL, password or privilege fails the
     /// start, naming the key) and brings the schema to [`SCHEMA_VERSION`].
@@ -263,6 +318,12 @@ impl Database {
         }
         // A peer that vanished (no FIN) is noticed within a minute.
         parsed.keepalives_idle(Duration::from_secs(30));
+        if let Some(tls) = &config.tls {
+            // Never "prefer": a server that declines TLS is refused.
+            parsed.ssl_mode(SslMode::Require);
+            // Unreadable files fail the start, naming the key.
+            tls.client_config().map_err(StoreError::Refused)?;
+        }
         let db = Arc::new(Self {
             config,
             parsed,
@@ -279,22 +340,22 @@ impl Database {
     async fn connect(&self) -> Result<(Client, Messages), StoreError> {
         let mut config = self.parsed.clone();
         if let Some(path) = &self.config.password_file {
-            let text = std::fs::read_to_string(path).map_err(|e| {
+            let text = tokio::fs::read_to_string(path).await.map_err(|e| {
                 StoreError::Refused(format!("password_file {}: {e}", path.display()))
             })?;
             config.password(text.trim_end_matches(['\r', '\n']));
         }
-        let (client, mut connection) = timed("connect", config.connect(NoTls)).await?;
-        let messages = futures_util::stream::poll_fn(move |cx| match connection.poll_message(cx) {
-            std::task::Poll::Ready(Some(Ok(m))) => std::task::Poll::Ready(Some(m)),
-            std::task::Poll::Ready(Some(Err(e))) => {
-                tracing::debug!(error = %e, "the database connection ended");
-                std::task::Poll::Ready(None)
+        match &self.config.tls {
+            None => {
+                let (client, connection) = timed("connect", config.connect(NoTls)).await?;
+                Ok((client, messages_of(connection)))
             }
-            std::task::Poll::Ready(None) => std::task::Poll::Ready(None),
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        });
-        Ok((client, Box::pin(messages)))
+            Some(files) => {
+                let tls = tls::MakeRustls(files.client_config().map_err(StoreError::Unavailable)?);
+                let (client, connection) = timed("connect", config.connect(tls)).await?;
+                Ok((client, messages_of(connection)))
+            }
+        }
     }
 
     /// The connection for statements, reopened if it was lost.
@@ -708,17 +769,38 @@ mod tests {
 
     #[test]
     fn urls_are_checked_for_what_the_store_cannot_take() {
-        assert!(check_url("postgresql://tessera@db.example:5432/fleet").is_ok());
-        assert!(check_url("host=/run/postgresql user=tessera dbname=fleet").is_ok());
-        let e = check_url("postgresql://tessera:hunter2@db.example/fleet").unwrap_err();
+        assert!(check_url("postgresql://tessera@db.example:5432/fleet", false).is_ok());
+        assert!(check_url("host=/run/postgresql user=tessera dbname=fleet", false).is_ok());
+        let e = check_url("postgresql://tessera:hunter2@db.example/fleet", false).unwrap_err();
         assert!(e.contains("password_file") && !e.contains("hunter2"), "{e}");
         assert!(
-            check_url("postgresql://db.example/fleet?sslmode=require")
+            check_url("postgresql://db.example/fleet?sslmode=require", false)
                 .unwrap_err()
-                .contains("TLS")
+                .contains("tls_ca_file")
         );
-        assert!(check_url("postgres://").unwrap_err().contains("host"));
-        assert!(check_url("not a url ==").is_err());
+        assert!(check_url("postgresql://db.example/fleet?sslmode=require", true).is_ok());
+        assert!(check_url("postgresql://db.example/fleet", true).is_ok());
+        assert!(
+            check_url("postgresql://db.example/fleet?sslmode=disable", true)
+                .unwrap_err()
+                .contains("contradicts")
+        );
+        assert!(
+            check_url("postgresql://db.example/fleet?sslmode=verify-full", true)
+                .unwrap_err()
+                .contains("tls_ca_file")
+        );
+        assert!(
+            check_url("host=/run/postgresql dbname=fleet", true)
+                .unwrap_err()
+                .contains("Unix socket")
+        );
+        assert!(
+            check_url("postgres://", false)
+                .unwrap_err()
+                .contains("host")
+        );
+        assert!(check_url("not a url ==", false).is_err());
     }
 
     #[test]
