@@ -908,3 +908,132 @@ async fn the_store_reaches_postgres_over_verified_tls() {
         "the certificate role created the schema"
     );
 }
+
+/// An authority upgraded over a populated schema. A replica of an older
+/// release left the database at schema version 1, with rows in it: a
+/// revocation batch, a join token, a node denial. A run-time replica (no
+/// DDL) of this release refuses to start on it; the first owner replica
+/// brings it to the current version in place, once; and every old row is
+/// still read: the revocation reaches a replica's view, the token redeems
+/// once, the denial refuses its node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_populated_schema_from_an_older_release_is_upgraded_in_place() {
+    use tessera_agent::fleet::nodes::NodeControl;
+    use tessera_agent::fleet::store::postgres::{
+        Database, DatabaseConfig, PgBackend, PgNodes, SCHEMA_VERSION, nodes::join_token_insert,
+    };
+    use tessera_agent::fleet::store::{FleetState, StoreMetrics};
+    use tessera_agent::fleet::{Node, NodeKind};
+    let pg = tessera_tests::postgres::PgServer::shared();
+    let db = pg.database("upgrade");
+    let config = |migrate| DatabaseConfig {
+        url: db.url.clone(),
+        password_file: Some(db.password_file.clone()),
+        migrate,
+        tls: None,
+    };
+    Database::open_at_version(config(true), 1).await.unwrap();
+    let versions = || {
+        pg.psql_in(
+            &db.name,
+            "SELECT string_agg(version::text, ',' ORDER BY version) FROM tessera_schema_migrations",
+        )
+    };
+    assert_eq!(versions(), "1");
+    // What the older release's replicas and its operators wrote.
+    let until = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    pg.psql_in(
+        &db.name,
+        &format!(
+            "INSERT INTO tessera_revocation_batches (seq, expires, writer, entries) VALUES (nextval('tessera_revocation_seq'), {until}, 'old-replica', '[{{\"k\":\"jti\",\"id\":\"revoked-before-the-upgrade\",\"until\":{until}}}]')"
+        ),
+    );
+    pg.psql_in(
+        &db.name,
+        &join_token_insert("old-join-token", "vm-a", until),
+    );
+    pg.psql_in(
+        &db.name,
+        "INSERT INTO tessera_node_denials (name, node_name, node_kind, reason) VALUES ('retired', 'vm-b', 'join', 'decommissioned')",
+    );
+
+    let e = Database::open(config(false))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("version 1") && e.contains("migrate = true"),
+        "{e}"
+    );
+    let opens: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(Database::open(config(true))))
+        .collect();
+    let mut store = None;
+    for o in opens {
+        store = Some(o.await.unwrap().expect("the schema is upgraded"));
+    }
+    let store = store.unwrap();
+    assert_eq!(
+        versions(),
+        (1..=SCHEMA_VERSION)
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+        "each later migration once"
+    );
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let clock: Arc<dyn tessera_agent::clock::Clock> = Arc::new(tessera_agent::clock::SystemClock);
+    let metrics = StoreMetrics::default();
+    let state = FleetState::start(
+        Arc::new(PgBackend::new(store.clone(), metrics.clone())),
+        clock.clone(),
+        Duration::from_millis(20),
+        metrics,
+        shutdown.clone(),
+    );
+    let control = NodeControl::start_with(Arc::new(PgNodes::new(store)), clock, shutdown.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(control.is_synced()
+        && state
+            .view
+            .revocations
+            .is_token_revoked("revoked-before-the-upgrade", SystemTime::now()))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old rows never reached the replica"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let retired = Node {
+        kind: NodeKind::Joined,
+        name: "vm-b".into(),
+    };
+    assert!(
+        control
+            .denied(&retired, None)
+            .is_some_and(|why| why.contains("decommissioned")),
+        "the old denial refuses its node"
+    );
+    assert_eq!(
+        control
+            .redeem("old-join-token", SystemTime::now())
+            .await
+            .unwrap(),
+        "vm-a"
+    );
+    assert!(
+        control
+            .redeem("old-join-token", SystemTime::now())
+            .await
+            .is_err(),
+        "once"
+    );
+    shutdown.cancel();
+}

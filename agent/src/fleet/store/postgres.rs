@@ -306,6 +306,21 @@ impl Database {
     /// Connects once (so a wrong URL, password or privilege fails the
     /// start, naming the key) and brings the schema to [`SCHEMA_VERSION`].
     pub async fn open(config: DatabaseConfig) -> Result<Arc<Self>, StoreError> {
+        Self::open_at(config, SCHEMA_VERSION).await
+    }
+
+    /// [`open`](Self::open), with the schema brought no further than
+    /// `version`: the database as a replica of an older release leaves it,
+    /// for upgrade tests.
+    #[doc(hidden)]
+    pub async fn open_at_version(
+        config: DatabaseConfig,
+        version: i32,
+    ) -> Result<Arc<Self>, StoreError> {
+        Self::open_at(config, version.clamp(0, SCHEMA_VERSION)).await
+    }
+
+    async fn open_at(config: DatabaseConfig, version: i32) -> Result<Arc<Self>, StoreError> {
         let mut parsed: tokio_postgres::Config = config
             .url
             .parse()
@@ -331,7 +346,7 @@ impl Database {
         });
         let (mut client, messages) = db.connect().await?;
         drive(messages);
-        migrate(&mut client, db.config.migrate).await?;
+        migrate(&mut client, db.config.migrate, version).await?;
         Ok(db)
     }
 
@@ -539,9 +554,10 @@ impl TableFollower {
     }
 }
 
-/// Creates or upgrades the schema. Replicas starting together serialize on
-/// an advisory lock, so each migration runs once and none fails.
-async fn migrate(client: &mut Client, allowed: bool) -> Result<(), StoreError> {
+/// Brings the schema to `target` (normally [`SCHEMA_VERSION`]). Replicas
+/// starting together serialize on an advisory lock, so each migration runs
+/// once and none fails.
+async fn migrate(client: &mut Client, allowed: bool, target: i32) -> Result<(), StoreError> {
     let tx = timed("BEGIN", client.transaction()).await?;
     timed(
         "migration lock",
@@ -578,12 +594,12 @@ async fn migrate(client: &mut Client, allowed: bool) -> Result<(), StoreError> {
         );
         return Ok(());
     }
-    if current == SCHEMA_VERSION {
+    if current >= target {
         return Ok(());
     }
     if !allowed {
         return Err(StoreError::Refused(format!(
-            "the schema is at version {current}, this authority needs {SCHEMA_VERSION}: start one replica with migrate = true as the schema's owner first"
+            "the schema is at version {current}, this authority needs {target}: start one replica with migrate = true as the schema's owner first"
         )));
     }
     timed(
@@ -593,7 +609,12 @@ async fn migrate(client: &mut Client, allowed: bool) -> Result<(), StoreError> {
         ),
     )
     .await?;
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(target as usize)
+        .skip(current as usize)
+    {
         let version = i as i32 + 1;
         timed("migration", tx.batch_execute(sql)).await?;
         timed(
