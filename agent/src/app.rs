@@ -311,7 +311,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                 proc_root.clone(),
                 caps,
                 refused_counter(&metrics, "exchange"),
-            );
+            )?;
             extra_sockets.push(x.socket_path.clone());
             tracing::info!(
                 socket = %x.socket_path.display(),
@@ -376,7 +376,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                     proc_root.clone(),
                     ConnectionCaps::new(OPERATOR_CONNECTIONS, None, Some(OPERATOR_CONNECTIONS)),
                     refused_counter(&metrics, "operator"),
-                );
+                )?;
                 extra_sockets.push(path.clone());
                 tracing::info!(socket = %path.display(), "operator socket listening (approvals)");
                 let (ex, c, sd) = (ex.clone(), clock.clone(), shutdown.clone());
@@ -455,7 +455,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             proc_root,
             caps,
             refused_counter(&metrics, "workload_api"),
-        ),
+        )?,
         config.idle_timeout,
     );
     // Ready before the server runs: connections already waiting in the

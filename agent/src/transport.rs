@@ -4,6 +4,8 @@
 //! * [`accept`]: the one accept loop every socket uses (the Workload API,
 //!   the exchange, the operator socket): a connection cap, peer credentials
 //!   read at accept time, accept errors paused on instead of fatal.
+//! * [`conn`]: the accepted stream, watched for readability only (a Unix
+//!   socket otherwise wakes the server each time the client reads an answer).
 //! * [`peer`]: what the loop learns about a connection ([`PeerConnection`]).
 //! * [`grpc`]: the stream type tonic serves, carrying that connection's facts.
 //! * [`grpc_frames`]: gRPC messages framed by hand for long-lived streams
@@ -21,6 +23,7 @@
 
 pub mod accept;
 pub mod authority_header;
+pub mod conn;
 pub mod grpc;
 pub mod grpc_frames;
 pub mod grpc_stream;

@@ -14,9 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_attestor::ProcRoot;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
+#[cfg(test)]
+use tokio::net::UnixStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::conn::{Listener, UnixConn};
 use super::peer::PeerConnection;
 use crate::sync::Mutex;
 
@@ -88,7 +91,7 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// An accepted connection.
 pub struct Accepted {
-    pub stream: UnixStream,
+    pub stream: UnixConn,
     /// None when the kernel would not give the peer's credentials; each
     /// protocol decides what such a caller gets (nothing, in practice).
     pub peer: Option<PeerConnection>,
@@ -97,7 +100,7 @@ pub struct Accepted {
 }
 
 pub struct Acceptor {
-    listener: UnixListener,
+    listener: Listener,
     slots: Arc<Semaphore>,
     caps: ConnectionCaps,
     holders: Arc<Mutex<Holders>>,
@@ -111,15 +114,15 @@ impl Acceptor {
         proc_root: ProcRoot,
         caps: ConnectionCaps,
         on_refused: impl Fn() + Send + Sync + 'static,
-    ) -> Self {
-        Self {
-            listener,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            listener: Listener::new(listener)?,
             slots: Arc::new(Semaphore::new(caps.total)),
             caps,
             holders: Arc::default(),
             proc_root,
             on_refused: Box::new(on_refused),
-        }
+        })
     }
 
     /// Takes a share for a caller, unless it holds its part already.
@@ -147,7 +150,7 @@ impl Acceptor {
     pub async fn accept(&self) -> Accepted {
         loop {
             let stream = match self.listener.accept().await {
-                Ok((stream, _)) => stream,
+                Ok(stream) => stream,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed; pausing");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
@@ -173,6 +176,14 @@ impl Acceptor {
                 _permit: permit,
                 _share: share,
             };
+            let stream = match UnixConn::new(stream) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not register an accepted connection; pausing");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            };
             return Accepted { stream, peer, slot };
         }
     }
@@ -197,7 +208,8 @@ mod tests {
             move || {
                 counter.fetch_add(1, Ordering::SeqCst);
             },
-        );
+        )
+        .unwrap();
         let _first = UnixStream::connect(&path).await.unwrap();
         let held = acceptor.accept().await;
         let peer = held.peer.as_ref().expect("credentials of a local peer");
@@ -253,7 +265,8 @@ mod tests {
             ProcRoot::new("/proc"),
             ConnectionCaps::new(4, Some(4), Some(2)),
             || {},
-        );
+        )
+        .unwrap();
         let _a = UnixStream::connect(&path).await.unwrap();
         let _b = UnixStream::connect(&path).await.unwrap();
         let mut c = UnixStream::connect(&path).await.unwrap();

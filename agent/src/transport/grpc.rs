@@ -1,4 +1,4 @@
-//! gRPC over the agent's sockets: an accepted `UnixStream` wrapped so tonic
+//! gRPC over the agent's sockets: an accepted [`UnixConn`] wrapped so tonic
 //! hands the caller's [`PeerConnection`] to every request, with inbound
 //! bytes passing through the `:authority` shim.
 
@@ -7,10 +7,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::UnixStream;
 
 use super::accept::{Accepted, Acceptor};
 use super::authority_header::AuthorityRewriter;
+use super::conn::UnixConn;
 use super::idle::IdleStream;
 use super::peer::PeerConnection;
 
@@ -18,7 +18,7 @@ use super::peer::PeerConnection;
 /// through an [`AuthorityRewriter`] so clients that send the socket path as
 /// `:authority` are served (see `authority_header`).
 pub struct PeerStream {
-    inner: IdleStream<UnixStream>,
+    inner: IdleStream<UnixConn>,
     /// Held for the connection's life: the socket's connection cap.
     _slot: super::accept::Slot,
     info: PeerConnection,

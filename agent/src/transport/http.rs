@@ -149,7 +149,8 @@ mod tests {
             ProcRoot::new("/proc"),
             crate::transport::ConnectionCaps::new(8, Some(8), Some(8)),
             || {},
-        );
+        )
+        .unwrap();
         let app = Router::new()
             .route("/pid", get(peer_pid))
             .route(

@@ -23,7 +23,7 @@ impl PeerConnection {
     /// Reads the peer's kernel credentials (SO_PEERCRED and a pidfd) and
     /// notes its executable.
     pub fn from_stream(
-        stream: &tokio::net::UnixStream,
+        stream: &impl std::os::fd::AsFd,
         proc_root: &ProcRoot,
     ) -> Result<Self, PeerError> {
         let mut peer = PeerInfo::from_socket(stream)?;
