@@ -9,6 +9,10 @@
 #   cargo build --release --locked -p tessera-agent
 #   sudo scripts/bench-side-by-side.sh /tmp/spire-bin target/release/tessera 3 > side.jsonl
 #
+# PHASES picks the phases to run (default: all, "idle-memory calls fanout
+# new-entry"; "calls" is x509-first, jwt-fetch and jwt-validate), e.g. to
+# re-measure the per-call rows alone after a change to the request path.
+#
 # With a fourth argument, an older Tessera binary runs as a third agent
 # ("tessera-base") in the same rotation (SPIRE, old, new, SPIRE, ...), so a
 # change is measured before and after in the same run as SPIRE. The bench
@@ -37,6 +41,8 @@ tessera=$(realpath "${2:-target/release/tessera}")
 rounds=${3:-3}
 base=${4:+$(realpath "$4")}
 spire_bin=$(realpath "$spire_bin")
+phases=" ${PHASES:-idle-memory calls fanout new-entry} "
+phase() { [[ $phases == *" $1 "* ]]; }
 agents=(spire ${base:+tessera-base} tessera)
 # Streams held open by idle-memory and fanout, opened 32 at a time (the
 # bench's --opening): with a few hundred first messages outstanding, SPIRE's
@@ -217,33 +223,41 @@ bench() { # AGENT ROUND [setpriv args --] bench args...
 }
 
 for round in $(seq "$rounds"); do
-  for agent in "${stream_agents[@]}"; do
-    log "round $round: $agent idle-memory"
-    start "$agent"
-    bench "$agent" "$round" idle-memory --streams "$streams"
-    stop
-  done
-  for agent in "${agents[@]}"; do
-    log "round $round: $agent x509-first, jwt-fetch, jwt-validate"
-    start "$agent"
-    bench "$agent" "$round" x509-first --clients 1 --duration 5s
-    bench "$agent" "$round" x509-first --clients 100 --duration 5s
-    bench "$agent" "$round" jwt-fetch --clients 100 --duration 5s
-    bench "$agent" "$round" jwt-validate --clients 1 --duration 5s
-    stop
-  done
-  for agent in "${stream_agents[@]}"; do
-    log "round $round: $agent fanout"
-    start "$agent"
-    bench "$agent" "$round" nobody fanout --streams "$streams" --rotation-timeout 60s
-    stop
-  done
-  for agent in "${agents[@]}"; do
-    log "round $round: $agent new-entry"
-    start "$agent"
-    bench "$agent" "$round" new-entry --rounds 3 --rotation-timeout 60s \
-      --register-command "$(register_command "$agent")"
-    stop
-    if [ "$agent" = spire ]; then forget_new_entries; fi
-  done
+  if phase idle-memory; then
+    for agent in "${stream_agents[@]}"; do
+      log "round $round: $agent idle-memory"
+      start "$agent"
+      bench "$agent" "$round" idle-memory --streams "$streams"
+      stop
+    done
+  fi
+  if phase calls; then
+    for agent in "${agents[@]}"; do
+      log "round $round: $agent x509-first, jwt-fetch, jwt-validate"
+      start "$agent"
+      bench "$agent" "$round" x509-first --clients 1 --duration 5s
+      bench "$agent" "$round" x509-first --clients 100 --duration 5s
+      bench "$agent" "$round" jwt-fetch --clients 100 --duration 5s
+      bench "$agent" "$round" jwt-validate --clients 1 --duration 5s
+      stop
+    done
+  fi
+  if phase fanout; then
+    for agent in "${stream_agents[@]}"; do
+      log "round $round: $agent fanout"
+      start "$agent"
+      bench "$agent" "$round" nobody fanout --streams "$streams" --rotation-timeout 60s
+      stop
+    done
+  fi
+  if phase new-entry; then
+    for agent in "${agents[@]}"; do
+      log "round $round: $agent new-entry"
+      start "$agent"
+      bench "$agent" "$round" new-entry --rounds 3 --rotation-timeout 60s \
+        --register-command "$(register_command "$agent")"
+      stop
+      if [ "$agent" = spire ]; then forget_new_entries; fi
+    done
+  fi
 done
