@@ -45,30 +45,17 @@ impl TlsFiles {
         let read = |key: &str, path: &Path| {
             std::fs::read(path).map_err(|e| format!("server.store.{key} {}: {e}", path.display()))
         };
-        let ca = read("tls_ca_file", &self.ca_file)?;
-        let mut roots = rustls::RootCertStore::empty();
-        let certs = crate::identity::pem::decode_certs(&ca)
-            .map_err(|e| format!("server.store.tls_ca_file {}: {e}", self.ca_file.display()))?;
-        for der in certs {
-            roots.add(der.into()).map_err(|e| {
-                format!(
-                    "server.store.tls_ca_file {}: a certificate is not usable as a CA: {e}",
-                    self.ca_file.display()
-                )
-            })?;
-        }
-        if roots.is_empty() {
-            return Err(format!(
-                "server.store.tls_ca_file {}: no `BEGIN CERTIFICATE` block",
-                self.ca_file.display()
-            ));
-        }
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS configuration: {e}"))?
-        .with_root_certificates(roots);
+        let ca_error = |e: &dyn std::fmt::Display| {
+            format!("server.store.tls_ca_file {}: {e}", self.ca_file.display())
+        };
+        let certs = crate::identity::pem::decode_certs(&read("tls_ca_file", &self.ca_file)?)
+            .map_err(|e| ca_error(&e))?;
+        let roots =
+            crate::fleet::tls::roots(certs.iter().map(Vec::as_slice)).map_err(|e| ca_error(&e))?;
+        let builder = rustls::ClientConfig::builder_with_provider(crate::fleet::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS configuration: {e}"))?
+            .with_root_certificates(roots);
         let config = match &self.client {
             None => builder.with_no_client_auth(),
             Some((cert_path, key_path)) => {
@@ -260,7 +247,7 @@ mod tests {
         assert!(e.starts_with("server.store.tls_ca_file"), "{e}");
         std::fs::write(dir.path().join("ca.pem"), "not pem").unwrap();
         let e = missing.client_config().unwrap_err();
-        assert!(e.contains("no `BEGIN CERTIFICATE`"), "{e}");
+        assert!(e.contains("no CA certificate"), "{e}");
         let ca = cert_and_key();
         std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
         assert!(missing.client_config().is_ok());
